@@ -1,0 +1,24 @@
+# hybridmig: `make demo` migrates a process between two local network
+# namespaces; `make test` runs the whole test suite. Both set up first.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test demo bench bench-full clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/hybridmig demo
+
+bench: setup
+	$(PY) -m bench --quick
+
+bench-full: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build engine/_native*.so engine/_native.c

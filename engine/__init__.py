@@ -1,0 +1,2 @@
+"""hybridmig: live migration of Linux processes over CRIU."""
+__version__ = "0.1.0"

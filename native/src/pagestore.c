@@ -1,0 +1,567 @@
+/* RAM page store. A task's pages live in 2 MiB chunks, sorted by address;
+ * each chunk has a lazily mapped buffer and two bitmaps: pages held with
+ * data, and pages known to be zero (which need no buffer at all). */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "common.h"
+#include "store_internal.h"
+
+#define BITMAP_WORDS (CHUNK_PAGES / 64)
+
+struct chunk {
+	uint64_t base;
+	uint8_t *buf; /* CHUNK_SZ bytes, mapped while ndata > 0 */
+	uint64_t data[BITMAP_WORDS];
+	uint64_t zero[BITMAP_WORDS];
+	uint32_t ndata, nzero;
+};
+
+struct store_task {
+	uint64_t key;
+	pthread_mutex_t lock;
+	struct chunk **chunks; /* sorted by base */
+	uint64_t n, cap;
+	struct store_task *next;
+};
+
+struct hm_store {
+	pthread_mutex_t lock; /* guards the task list, not the tasks */
+	struct store_task *tasks;
+};
+
+static inline int bit_test(const uint64_t *bm, uint64_t i)
+{
+	return (bm[i / 64] >> (i % 64)) & 1;
+}
+
+static inline void bit_set(uint64_t *bm, uint64_t i)
+{
+	bm[i / 64] |= 1ULL << (i % 64);
+}
+
+static inline void bit_clear(uint64_t *bm, uint64_t i)
+{
+	bm[i / 64] &= ~(1ULL << (i % 64));
+}
+
+static int page_kind(const struct chunk *c, uint64_t i)
+{
+	if (bit_test(c->data, i))
+		return HM_PAGE_DATA;
+	if (bit_test(c->zero, i))
+		return HM_PAGE_ZERO;
+	return HM_PAGE_ABSENT;
+}
+
+/* Index of the first chunk with base >= `base`. */
+static uint64_t chunk_index(const struct store_task *t, uint64_t base)
+{
+	uint64_t lo = 0, hi = t->n;
+
+	while (lo < hi) {
+		uint64_t mid = (lo + hi) / 2;
+		if (t->chunks[mid]->base < base)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+static struct chunk *find_chunk(struct store_task *t, uint64_t addr, int create)
+{
+	uint64_t base = CHUNK_BASE(addr), i = chunk_index(t, base);
+	struct chunk *c;
+
+	if (i < t->n && t->chunks[i]->base == base)
+		return t->chunks[i];
+	if (!create)
+		return NULL;
+	if (t->n == t->cap) {
+		uint64_t cap = t->cap * 2 + 16;
+		struct chunk **v = realloc(t->chunks, cap * sizeof(*v));
+		if (!v)
+			return NULL;
+		t->chunks = v;
+		t->cap = cap;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c)
+		return NULL;
+	c->base = base;
+	memmove(&t->chunks[i + 1], &t->chunks[i], (t->n - i) * sizeof(*t->chunks));
+	t->chunks[i] = c;
+	t->n++;
+	return c;
+}
+
+static int chunk_buffer(struct chunk *c)
+{
+	void *p;
+
+	if (c->buf)
+		return 0;
+	/* NORESERVE: only the pages actually filled cost memory. */
+	p = mmap(NULL, CHUNK_SZ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (p == MAP_FAILED)
+		return -errno;
+	c->buf = p;
+	return 0;
+}
+
+/* Drop the buffer of a chunk without data and the chunk itself once empty. */
+static void chunk_trim(struct store_task *t, struct chunk *c)
+{
+	uint64_t i;
+
+	if (c->ndata == 0 && c->buf) {
+		munmap(c->buf, CHUNK_SZ);
+		c->buf = NULL;
+	}
+	if (c->ndata || c->nzero)
+		return;
+	i = chunk_index(t, c->base);
+	memmove(&t->chunks[i], &t->chunks[i + 1], (t->n - i - 1) * sizeof(c));
+	t->n--;
+	free(c);
+}
+
+/* Mark pages [first, first+n) of a chunk as `kind`. */
+static void mark(struct chunk *c, uint64_t first, uint64_t n, int kind)
+{
+	uint64_t i;
+
+	for (i = first; i < first + n; i++) {
+		if (bit_test(c->data, i)) {
+			bit_clear(c->data, i);
+			c->ndata--;
+		}
+		if (bit_test(c->zero, i)) {
+			bit_clear(c->zero, i);
+			c->nzero--;
+		}
+		if (kind == HM_PAGE_DATA) {
+			bit_set(c->data, i);
+			c->ndata++;
+		} else if (kind == HM_PAGE_ZERO) {
+			bit_set(c->zero, i);
+			c->nzero++;
+		}
+	}
+}
+
+struct store_task *store_task(hm_store *s, uint64_t key, int create)
+{
+	struct store_task *t;
+
+	pthread_mutex_lock(&s->lock);
+	for (t = s->tasks; t; t = t->next)
+		if (t->key == key)
+			break;
+	if (!t && create) {
+		t = calloc(1, sizeof(*t));
+		if (t) {
+			t->key = key;
+			pthread_mutex_init(&t->lock, NULL);
+			t->next = s->tasks;
+			s->tasks = t;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	return t;
+}
+
+void store_task_lock(struct store_task *t)
+{
+	pthread_mutex_lock(&t->lock);
+}
+
+void store_task_unlock(struct store_task *t)
+{
+	pthread_mutex_unlock(&t->lock);
+}
+
+static void task_clear(struct store_task *t)
+{
+	uint64_t i;
+
+	for (i = 0; i < t->n; i++) {
+		if (t->chunks[i]->buf)
+			munmap(t->chunks[i]->buf, CHUNK_SZ);
+		free(t->chunks[i]);
+	}
+	t->n = 0;
+}
+
+static int check_range(uint64_t vaddr, uint64_t npages)
+{
+	if (vaddr & (PAGE_SZ - 1))
+		return -EINVAL;
+	if (npages > (UINT64_MAX - vaddr) / PAGE_SZ)
+		return -ERANGE;
+	return 0;
+}
+
+int hm_store_new(hm_store **out)
+{
+	hm_store *s = calloc(1, sizeof(*s));
+
+	if (!s)
+		return -ENOMEM;
+	pthread_mutex_init(&s->lock, NULL);
+	*out = s;
+	return 0;
+}
+
+void hm_store_free(hm_store *s)
+{
+	struct store_task *t, *next;
+
+	if (!s)
+		return;
+	for (t = s->tasks; t; t = next) {
+		next = t->next;
+		task_clear(t);
+		free(t->chunks);
+		pthread_mutex_destroy(&t->lock);
+		free(t);
+	}
+	pthread_mutex_destroy(&s->lock);
+	free(s);
+}
+
+/*
+ * Walk [vaddr, vaddr + npages) chunk by chunk with the task locked for one
+ * chunk at a time, so that a bulk load never holds off the fault loop for
+ * longer than one chunk's worth of copying.
+ */
+typedef int (*chunk_fn)(struct store_task *t, struct chunk *c, uint64_t first, uint64_t n, uint64_t done, void *arg);
+
+static int for_each_chunk(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages, int create, chunk_fn fn, void *arg)
+{
+	struct store_task *t;
+	uint64_t done = 0;
+	int rc = check_range(vaddr, npages);
+
+	if (rc)
+		return rc;
+	t = store_task(s, key, create);
+	if (!t)
+		return create ? -ENOMEM : 0;
+	while (done < npages) {
+		uint64_t addr = vaddr + done * PAGE_SZ;
+		uint64_t first = PAGE_IN_CHUNK(addr);
+		uint64_t n = MIN(npages - done, CHUNK_PAGES - first);
+		struct chunk *c;
+
+		pthread_mutex_lock(&t->lock);
+		c = find_chunk(t, addr, create);
+		if (c)
+			rc = fn(t, c, first, n, done, arg);
+		else if (create)
+			rc = -ENOMEM;
+		pthread_mutex_unlock(&t->lock);
+		if (rc)
+			return rc;
+		done += n;
+	}
+	return 0;
+}
+
+static int put_chunk(struct store_task *t, struct chunk *c, uint64_t first, uint64_t n, uint64_t done, void *arg)
+{
+	const uint8_t *buf = arg;
+	int rc = chunk_buffer(c);
+
+	if (rc)
+		return rc;
+	memcpy(c->buf + first * PAGE_SZ, buf + done * PAGE_SZ, n * PAGE_SZ);
+	mark(c, first, n, HM_PAGE_DATA);
+	return 0;
+}
+
+int hm_store_put(hm_store *s, uint64_t key, uint64_t vaddr, const uint8_t *buf, uint64_t npages)
+{
+	return for_each_chunk(s, key, vaddr, npages, 1, put_chunk, (void *)buf);
+}
+
+static int put_zero_chunk(struct store_task *t, struct chunk *c, uint64_t first, uint64_t n, uint64_t done, void *arg)
+{
+	mark(c, first, n, HM_PAGE_ZERO);
+	chunk_trim(t, c);
+	return 0;
+}
+
+int hm_store_put_zero(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages)
+{
+	return for_each_chunk(s, key, vaddr, npages, 1, put_zero_chunk, NULL);
+}
+
+struct load_arg {
+	int fd;
+	uint64_t offset;
+};
+
+static int load_chunk(struct store_task *t, struct chunk *c, uint64_t first, uint64_t n, uint64_t done, void *arg)
+{
+	struct load_arg *la = arg;
+	uint64_t want = n * PAGE_SZ, got = 0;
+	int rc = chunk_buffer(c);
+
+	if (rc)
+		return rc;
+	while (got < want) {
+		ssize_t r = pread(la->fd, c->buf + first * PAGE_SZ + got, want - got, la->offset + done * PAGE_SZ + got);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0)
+			return -errno;
+		if (r == 0)
+			return -ENODATA; /* the file ends before the pages it should hold */
+		got += r;
+	}
+	mark(c, first, n, HM_PAGE_DATA);
+	return 0;
+}
+
+int hm_store_load_fd(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages, int fd, uint64_t offset)
+{
+	struct load_arg la = { fd, offset };
+
+	if (offset & (PAGE_SZ - 1))
+		return -EINVAL;
+	return for_each_chunk(s, key, vaddr, npages, 1, load_chunk, &la);
+}
+
+static int invalidate_chunk(struct store_task *t, struct chunk *c, uint64_t first, uint64_t n, uint64_t done, void *arg)
+{
+	mark(c, first, n, HM_PAGE_ABSENT);
+	if (c->buf && c->ndata)
+		madvise(c->buf + first * PAGE_SZ, n * PAGE_SZ, MADV_DONTNEED);
+	chunk_trim(t, c);
+	return 0;
+}
+
+int hm_store_invalidate(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages)
+{
+	return for_each_chunk(s, key, vaddr, npages, 0, invalidate_chunk, NULL);
+}
+
+int hm_store_get(hm_store *s, uint64_t key, uint64_t vaddr, uint8_t *out)
+{
+	struct store_task *t;
+	struct chunk *c;
+	int kind = HM_PAGE_ABSENT, rc = check_range(vaddr, 1);
+
+	if (rc)
+		return rc;
+	t = store_task(s, key, 0);
+	if (!t)
+		return HM_PAGE_ABSENT;
+	pthread_mutex_lock(&t->lock);
+	c = find_chunk(t, vaddr, 0);
+	if (c)
+		kind = page_kind(c, PAGE_IN_CHUNK(vaddr));
+	if (kind == HM_PAGE_DATA)
+		memcpy(out, c->buf + PAGE_IN_CHUNK(vaddr) * PAGE_SZ, PAGE_SZ);
+	pthread_mutex_unlock(&t->lock);
+	return kind;
+}
+
+struct counts {
+	uint64_t data, zero;
+};
+
+static int count_chunk(struct store_task *t, struct chunk *c, uint64_t first, uint64_t n, uint64_t done, void *arg)
+{
+	struct counts *cnt = arg;
+	uint64_t i;
+
+	for (i = first; i < first + n; i++) {
+		cnt->data += bit_test(c->data, i);
+		cnt->zero += bit_test(c->zero, i);
+	}
+	return 0;
+}
+
+int hm_store_count(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages, uint64_t *data, uint64_t *zero)
+{
+	struct counts cnt = { 0, 0 };
+	int rc = for_each_chunk(s, key, vaddr, npages, 0, count_chunk, &cnt);
+
+	*data = cnt.data;
+	*zero = cnt.zero;
+	return rc;
+}
+
+/* A forked child owes the same pages as its parent: it gets its own copy of
+ * the parent's pages, since each of the two releases them as it installs. */
+int hm_store_clone_task(hm_store *s, uint64_t src, uint64_t dst)
+{
+	struct store_task *from = store_task(s, src, 0), *to;
+	uint64_t i;
+	int rc = 0;
+
+	if (src == dst)
+		return -EINVAL;
+	to = store_task(s, dst, 1);
+	if (!to)
+		return -ENOMEM;
+	if (!from)
+		return 0;
+	pthread_mutex_lock(&from->lock);
+	pthread_mutex_lock(&to->lock);
+	task_clear(to);
+	for (i = 0; i < from->n && !rc; i++) {
+		struct chunk *sc = from->chunks[i], *dc = find_chunk(to, sc->base, 1);
+
+		if (!dc) {
+			rc = -ENOMEM;
+			break;
+		}
+		memcpy(dc->data, sc->data, sizeof(sc->data));
+		memcpy(dc->zero, sc->zero, sizeof(sc->zero));
+		dc->ndata = sc->ndata;
+		dc->nzero = sc->nzero;
+		if (sc->buf) {
+			rc = chunk_buffer(dc);
+			if (!rc)
+				memcpy(dc->buf, sc->buf, CHUNK_SZ);
+		}
+	}
+	pthread_mutex_unlock(&to->lock);
+	pthread_mutex_unlock(&from->lock);
+	return rc;
+}
+
+/* mremap moved pages: their contents follow them to the new address. */
+int hm_store_move(hm_store *s, uint64_t key, uint64_t from, uint64_t to, uint64_t npages)
+{
+	struct store_task *t;
+	uint64_t i;
+	int rc = check_range(from, npages) ?: check_range(to, npages);
+
+	if (rc)
+		return rc;
+	if (from == to)
+		return 0;
+	t = store_task(s, key, 0);
+	if (!t)
+		return 0;
+	pthread_mutex_lock(&t->lock);
+	/* Copy in the order that never overwrites a source page not yet moved. */
+	for (i = 0; i < npages && !rc; i++) {
+		uint64_t k = to > from ? npages - 1 - i : i;
+		uint64_t src = from + k * PAGE_SZ, dst = to + k * PAGE_SZ;
+		struct chunk *sc = find_chunk(t, src, 0), *dc;
+		int kind = sc ? page_kind(sc, PAGE_IN_CHUNK(src)) : HM_PAGE_ABSENT;
+
+		dc = find_chunk(t, dst, kind != HM_PAGE_ABSENT);
+		if (kind == HM_PAGE_DATA) {
+			rc = dc ? chunk_buffer(dc) : -ENOMEM;
+			if (rc)
+				break;
+			memcpy(dc->buf + PAGE_IN_CHUNK(dst) * PAGE_SZ, sc->buf + PAGE_IN_CHUNK(src) * PAGE_SZ, PAGE_SZ);
+		}
+		if (dc) {
+			mark(dc, PAGE_IN_CHUNK(dst), 1, kind);
+			chunk_trim(t, dc);
+		}
+	}
+	pthread_mutex_unlock(&t->lock);
+	if (rc)
+		return rc;
+	/* Source pages outside the destination range are gone from there. */
+	for (i = 0; i < npages; i++) {
+		uint64_t src = from + i * PAGE_SZ;
+		if (src >= to && src < to + npages * PAGE_SZ)
+			continue;
+		rc = hm_store_invalidate(s, key, src, 1);
+		if (rc)
+			return rc;
+	}
+	return 0;
+}
+
+int hm_store_drop_task(hm_store *s, uint64_t key)
+{
+	struct store_task **pp, *t = NULL;
+
+	pthread_mutex_lock(&s->lock);
+	for (pp = &s->tasks; *pp; pp = &(*pp)->next) {
+		if ((*pp)->key == key) {
+			t = *pp;
+			*pp = t->next;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	if (!t)
+		return -ENOENT;
+	task_clear(t);
+	free(t->chunks);
+	pthread_mutex_destroy(&t->lock);
+	free(t);
+	return 0;
+}
+
+void hm_store_stats(hm_store *s, struct hm_store_stats *out)
+{
+	struct store_task *t;
+	uint64_t i;
+
+	memset(out, 0, sizeof(*out));
+	pthread_mutex_lock(&s->lock);
+	for (t = s->tasks; t; t = t->next) {
+		out->tasks++;
+		pthread_mutex_lock(&t->lock);
+		for (i = 0; i < t->n; i++) {
+			out->chunks++;
+			out->pages_data += t->chunks[i]->ndata;
+			out->pages_zero += t->chunks[i]->nzero;
+			out->bytes_mapped += t->chunks[i]->buf ? CHUNK_SZ : 0;
+		}
+		pthread_mutex_unlock(&t->lock);
+	}
+	pthread_mutex_unlock(&s->lock);
+}
+
+int store_run(struct store_task *t, uint64_t vaddr, uint64_t max_pages, uint64_t *npages, const uint8_t **data)
+{
+	struct chunk *c = find_chunk(t, vaddr, 0);
+	uint64_t first = PAGE_IN_CHUNK(vaddr), i;
+	uint64_t limit = MIN(max_pages, CHUNK_PAGES - first);
+	int kind;
+
+	*data = NULL;
+	if (!c) {
+		*npages = limit;
+		return HM_PAGE_ABSENT;
+	}
+	kind = page_kind(c, first);
+	for (i = first + 1; i < first + limit && page_kind(c, i) == kind; i++)
+		;
+	*npages = i - first;
+	if (kind == HM_PAGE_DATA)
+		*data = c->buf + first * PAGE_SZ;
+	return kind;
+}
+
+void store_release(struct store_task *t, uint64_t vaddr, uint64_t npages)
+{
+	while (npages) {
+		uint64_t first = PAGE_IN_CHUNK(vaddr), n = MIN(npages, CHUNK_PAGES - first);
+		struct chunk *c = find_chunk(t, vaddr, 0);
+
+		if (c) {
+			mark(c, first, n, HM_PAGE_ABSENT);
+			chunk_trim(t, c);
+		}
+		vaddr += n * PAGE_SZ;
+		npages -= n;
+	}
+}

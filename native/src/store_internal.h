@@ -1,0 +1,24 @@
+/* What the fault loop needs of the store beyond the public API: direct
+ * access to a task's chunks under its lock, so that UFFDIO_COPY reads the
+ * page straight from the store with no intermediate copy. */
+#pragma once
+#include <pthread.h>
+#include <stdint.h>
+
+#include "pagestore.h"
+
+struct store_task;
+
+/* The task of `key`, created if `create`; NULL if absent (or -ENOMEM). Tasks
+ * live until hm_store_drop_task or hm_store_free. */
+struct store_task *store_task(hm_store *s, uint64_t key, int create);
+void store_task_lock(struct store_task *t);
+void store_task_unlock(struct store_task *t);
+
+/* With the task locked: the kind (HM_PAGE_*) of the page at vaddr and the
+ * number of following pages of the same kind, at most max_pages and never
+ * past the chunk; *data points at the first page's bytes for HM_PAGE_DATA. */
+int store_run(struct store_task *t, uint64_t vaddr, uint64_t max_pages, uint64_t *npages, const uint8_t **data);
+/* With the task locked: forget pages that are now installed in the process.
+ * A chunk's memory goes back to the system once it holds nothing. */
+void store_release(struct store_task *t, uint64_t vaddr, uint64_t npages);

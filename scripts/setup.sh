@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh machine: Debian packages, a working CRIU,
+# and .venv with hybridmig and pycriu installed. A second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+CRIU_VERSION=4.2.1
+CRIU_TARBALL=criu_${CRIU_VERSION}.orig.tar.xz
+CRIU_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
+CRIU_DIR=$ROOT/build/criu
+CRIU_SRC=$CRIU_DIR/criu-$CRIU_VERSION
+VENV=$ROOT/.venv
+
+# Build dependencies of CRIU, plus the tools the tests and demo use.
+DEB_PACKAGES=(
+    build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
+    libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
+    protobuf-c-compiler protobuf-compiler uuid-dev libaio-dev
+    iproute2 util-linux procps xz-utils dpkg-dev redis-server
+)
+
+say() { printf '== %s\n' "$*"; }
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: must run as root (CRIU and userfaultfd of other processes need it)" >&2
+    exit 1
+fi
+
+apt_updated=0
+apt_update_once() {
+    if [ $apt_updated = 0 ]; then apt-get update -qq; apt_updated=1; fi
+}
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    apt_update_once
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- CRIU source: always kept (pycriu is built from it, and criu/uffd.c is
+# the protocol reference). Fetched with apt's own tools from the suite that
+# carries 4.2.1 (sid), on the mirror this machine's apt sources already use.
+fetch_criu_source() {
+    local mirror lists
+    mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
+             | grep -oE '^(URIs:|deb) +https?://[^ ]+/debian/?( |$)' | grep -v security | awk '{print $2}' | head -n1 || true)
+    mirror=${mirror%/}
+    if [ -z "$mirror" ]; then
+        echo "setup: no Debian mirror found in /etc/apt/sources.list*; cannot fetch the CRIU source" >&2
+        exit 1
+    fi
+    lists=$CRIU_DIR/apt
+    mkdir -p "$lists/lists/partial"
+    echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror sid main" > "$lists/sources.list"
+    local aptopts=(-o Dir::Etc::SourceList="$lists/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                   -o Dir::State::Lists="$lists/lists" -o APT::Sandbox::User=root)
+    apt-get "${aptopts[@]}" update -qq
+    # apt-get source may fail on the debian/ tarball while the orig tarball
+    # arrives: the checksum below is what decides.
+    (cd "$CRIU_DIR" && apt-get "${aptopts[@]}" source --download-only "criu=${CRIU_VERSION}-*" >/dev/null 2>&1 || \
+        apt-get "${aptopts[@]}" source --download-only criu >/dev/null 2>&1 || true)
+}
+
+mkdir -p "$CRIU_DIR"
+if ! echo "$CRIU_SHA256  $CRIU_DIR/$CRIU_TARBALL" | sha256sum -c --status 2>/dev/null; then
+    say "fetching CRIU $CRIU_VERSION source"
+    fetch_criu_source
+    if ! echo "$CRIU_SHA256  $CRIU_DIR/$CRIU_TARBALL" | sha256sum -c --status 2>/dev/null; then
+        echo "setup: $CRIU_TARBALL missing or its sha256 is not $CRIU_SHA256" >&2
+        exit 1
+    fi
+fi
+if [ ! -f "$CRIU_SRC/Makefile" ]; then
+    tar -C "$CRIU_DIR" -xf "$CRIU_DIR/$CRIU_TARBALL"
+fi
+
+criu_ok() {
+    local v
+    command -v criu >/dev/null || return 1
+    v=$(criu --version 2>/dev/null | awk '/^Version:/ {print $2}')
+    [ -n "$v" ] || return 1
+    # >= 4.2: 3.17 fails on kernels >= 6.13, 4.1 cannot dump inet sockets on >= 6.16.
+    [ "$(printf '%s\n4.2\n' "$v" | sort -V | head -n1)" = 4.2 ] || return 1
+    criu check >/dev/null 2>&1
+}
+
+if ! criu_ok; then
+    say "building CRIU $CRIU_VERSION"
+    make -C "$CRIU_SRC" -j"$(nproc)" criu >"$CRIU_DIR/build.log" 2>&1 || { tail -20 "$CRIU_DIR/build.log"; exit 1; }
+    install -m 0755 "$CRIU_SRC/criu/criu" /usr/local/sbin/criu
+    hash -r
+    criu_ok || { echo "setup: the freshly built CRIU fails 'criu check'" >&2; criu check >&2 || true; exit 1; }
+fi
+if [ ! -f "$CRIU_SRC/lib/pycriu/rpc_pb2.py" ]; then
+    make -C "$CRIU_SRC" lib >"$CRIU_DIR/lib.log" 2>&1 || { tail -20 "$CRIU_DIR/lib.log"; exit 1; }
+fi
+
+# --- the virtualenv, reinstalled when the package or native sources change.
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    python3 -m venv "$VENV"
+fi
+stamp=$VENV/.hybridmig-installed
+newest=$(find pyproject.toml setup.py native -newer "$stamp" -print -quit 2>/dev/null || true)
+if [ ! -f "$stamp" ] || [ -n "$newest" ]; then
+    say "installing hybridmig into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "$CRIU_SRC/lib" >/dev/null
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
+    touch "$stamp"
+fi
+"$VENV/bin/python" -c 'import pycriu.images, hybridmig._native' || { echo "setup: pycriu or the native module does not import" >&2; exit 1; }
+say "ready: $VENV/bin/hybridmig, $(criu --version | head -n1 | tr -s ' ')"
