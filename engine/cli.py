@@ -1,8 +1,81 @@
 """The `hybridmig` command line."""
+import json
+import logging
+import os
+import sys
+
 import click
+
+from .errors import HybridmigError
 
 
 @click.group()
 @click.version_option(package_name="hybridmig")
 def main():
     """Live-migrate Linux processes with CRIU, pre-copy and a native userfaultfd handler."""
+
+
+def _setup_logging(verbosity, log_file):
+    # CRIU's scale: 0 errors only ... 4 debug.
+    level = {0: logging.ERROR, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def fail(message):
+    click.echo("hybridmig: error: %s" % message, err=True)
+    sys.exit(1)
+
+
+@main.command("lazy-pages")
+@click.option("-D", "--images-dir", required=True, type=click.Path(file_okay=False), help="CRIU images directory")
+@click.option("-W", "--work-dir", type=click.Path(file_okay=False), help="where lazy-pages.socket goes (default: images dir)")
+@click.option("--status-fd", type=int, help="write one NUL byte to this fd once listening")
+@click.option("-o", "--log-file", help="log file, relative to the work dir")
+@click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
+@click.option("--no-default-config", is_flag=True, help="accepted for CRIU compatibility (there is no config)")
+@click.option("--page-server", is_flag=True, help="fetch pages from a remote CRIU page server")
+@click.option("--address", help="page server address")
+@click.option("--port", type=int, help="page server port")
+@click.option("--stats-json", type=click.Path(dir_okay=False), help="write the stats here as JSON")
+@click.option("--timeout", type=float, default=None, help="seconds to wait for criu restore to connect")
+def lazy_pages(images_dir, work_dir, status_fd, log_file, verbosity, no_default_config, page_server, address, port,
+               stats_json, timeout):
+    """Serve `criu restore --lazy-pages` from a RAM page store (drop-in for `criu lazy-pages`)."""
+    from .lazypages import LazyPagesDaemon
+
+    work_dir = work_dir or images_dir
+    _setup_logging(verbosity, os.path.join(work_dir, log_file) if log_file else None)
+    if not os.path.isdir(images_dir):
+        fail("images dir %s does not exist" % images_dir)
+    source = None
+    if page_server:
+        if not address or not port:
+            fail("--page-server needs --address and --port")
+        from .pageserver import PageServerSource
+        source = PageServerSource(address, port)
+    daemon = None
+    try:
+        daemon = LazyPagesDaemon(images_dir, work_dir, source=source)
+        daemon.listen()
+        if status_fd is not None:
+            os.write(status_fd, b"\0")
+            os.close(status_fd)
+        stats = daemon.serve(timeout=timeout)
+    except HybridmigError as e:
+        fail(str(e))
+    finally:
+        if daemon is not None:
+            daemon.close()
+    if stats_json:
+        with open(stats_json, "w") as f:
+            json.dump(stats, f, indent=2)
+    lat = stats["fault_latency_us"]
+    click.echo(
+        "lazy-pages: %d tasks, %d pages: %d by fault, %d prefetched, %d zero; installed in %s; "
+        "fault latency p50 %.1f us, p99 %.1f us, max %.1f us"
+        % (stats["tasks"], stats["lazy_pages"], stats["pages_fault"], stats["pages_prefetch"], stats["pages_zero"],
+           "%.3f s" % stats["install_s"] if stats["install_s"] is not None else "-", lat["p50"], lat["p99"], lat["max"]),
+        err=True,
+    )

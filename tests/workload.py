@@ -114,6 +114,7 @@ class Workload:
         self.procs = procs
         self._popen = popen
         self._owned_dir = owned_dir
+        self._root_reaped = False
         self._root: Optional[psutil.Process]
         try:
             self._root = psutil.Process(host_pid)
@@ -382,8 +383,8 @@ class Workload:
         killed it), reaping what is ours to reap."""
         deadline = time.monotonic() + timeout
         while True:
-            self._reap()
-            if not any(_running(p) for p in self._known.values()):
+            root_settled = self._reap()
+            if root_settled and not any(_running(p) for p in self._known.values()):
                 break
             if time.monotonic() > deadline:
                 raise WorkloadError(f"workload {self.host_pid} still alive after {timeout}s")
@@ -419,17 +420,25 @@ class Workload:
         finally:
             self._cleanup_dir()
 
-    def _reap(self) -> None:
-        """Reap the root if it is our child (started here, or inherited as a
-        subreaper after a restore).  Only this pid: a waitpid(-1) would steal
-        exit statuses from unrelated subprocesses."""
+    def _reap(self) -> bool:
+        """Reap unshare, and the root if it is our child: inherited as a
+        subreaper after a restore, or after unshare died before it.  Only
+        these pids: a waitpid(-1) would steal exit statuses from unrelated
+        subprocesses.  Returns False while the root is our child and not yet
+        reaped (a multi-threaded root can look like a zombie while its other
+        threads still exit, before waitpid can take it)."""
         if self._popen is not None:
             self._popen.poll()
-        if self._root is not None and self._popen is None:
-            try:
-                os.waitpid(self.host_pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+        if self._root is None or self._root_reaped:
+            return True
+        try:
+            pid, _ = os.waitpid(self.host_pid, os.WNOHANG)
+        except ChildProcessError:
+            return True  # not ours (still unshare's, or init's)
+        if pid == 0:
+            return False
+        self._root_reaped = True
+        return True
 
     def _cleanup_dir(self) -> None:
         if self._owned_dir:

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -306,24 +307,23 @@ struct load_arg {
 	uint64_t offset;
 };
 
+/*
+ * Pages of a file are mapped into the chunk, not copied: a private mapping of
+ * the page cache costs no allocation and no copy here, and UFFDIO_COPY reads
+ * straight from it. A later put() of the same page copies on write as usual.
+ */
 static int load_chunk(struct store_task *t, struct chunk *c, uint64_t first, uint64_t n, uint64_t done, void *arg)
 {
 	struct load_arg *la = arg;
-	uint64_t want = n * PAGE_SZ, got = 0;
+	void *p;
 	int rc = chunk_buffer(c);
 
 	if (rc)
 		return rc;
-	while (got < want) {
-		ssize_t r = pread(la->fd, c->buf + first * PAGE_SZ + got, want - got, la->offset + done * PAGE_SZ + got);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r < 0)
-			return -errno;
-		if (r == 0)
-			return -ENODATA; /* the file ends before the pages it should hold */
-		got += r;
-	}
+	p = mmap(c->buf + first * PAGE_SZ, n * PAGE_SZ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, la->fd,
+		 la->offset + done * PAGE_SZ);
+	if (p == MAP_FAILED)
+		return -errno;
 	mark(c, first, n, HM_PAGE_DATA);
 	return 0;
 }
@@ -331,9 +331,15 @@ static int load_chunk(struct store_task *t, struct chunk *c, uint64_t first, uin
 int hm_store_load_fd(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages, int fd, uint64_t offset)
 {
 	struct load_arg la = { fd, offset };
+	struct stat st;
 
 	if (offset & (PAGE_SZ - 1))
 		return -EINVAL;
+	if (fstat(fd, &st))
+		return -errno;
+	/* A mapping past the end of the file would fault when installed. */
+	if ((uint64_t)st.st_size < offset || ((uint64_t)st.st_size - offset) / PAGE_SZ < npages)
+		return -ENODATA;
 	return for_each_chunk(s, key, vaddr, npages, 1, load_chunk, &la);
 }
 

@@ -506,9 +506,11 @@ static void do_verify(void)
 static void do_fork_verify(void)
 {
 	pid_t pid;
+	int err;
 
 	pause_writers();
 	pid = fork();
+	err = errno;
 	if (pid == 0) {
 		/* Only this thread exists here; the writers were parked, so the
 		 * inherited snapshot is consistent with the inherited generations. */
@@ -530,7 +532,7 @@ static void do_fork_verify(void)
 		struct buf b;
 		report_begin(&b, "fork-verify");
 		bprintf(&b, ",\"parent\":%d,\"error\":\"fork: %s\"", (int)getpid(),
-			strerror(errno));
+			strerror(err));
 		report_line(&b);
 		free(b.p);
 	}
@@ -551,7 +553,9 @@ static void do_fork_verify(void)
  *   [s + 16, s + 32)  munmap'ed: PS_UNMAPPED, no longer written nor verified.
  *   [s + 32, s + 48)  madvise(MADV_DONTNEED): PS_ZEROED, no longer written,
  *                     and from now on must read as all zeros.
- * Then everything is verified and one "churn-verify" line is appended.
+ * Then everything is verified and one "churn-verify" line is appended; its
+ * "churn" object gives the first page index and the addresses (as integers)
+ * of the three ranges.
  */
 static void do_churn(void)
 {
@@ -561,6 +565,7 @@ static void do_churn(void)
 	struct buf b;
 	const char *err = NULL;
 	void *dst = NULL;
+	uintptr_t moved_from = 0;
 
 	pause_writers();
 	for (size_t k = 0; k < g_npages && !found && g_npages >= W; k++) {
@@ -581,6 +586,7 @@ static void do_churn(void)
 	}
 	if (found) {
 		size_t len = CHURN_PAGES * g_psize;
+		moved_from = g_addr[s];
 		void *res = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 		if (res == MAP_FAILED) {
 			err = "mmap reservation failed";
@@ -611,8 +617,13 @@ static void do_churn(void)
 	}
 	verify_all(&r);
 	report_begin(&b, "churn-verify");
-	bprintf(&b, ",\"churn\":{\"done\":%s,\"first\":%ld,\"moved_to\":\"%p\",\"count\":%u",
-		found && !err ? "true" : "false", found ? (long)s : -1L, dst, g_churns);
+	bprintf(&b, ",\"churn\":{\"done\":%s,\"first\":%ld,\"count\":%u", found && !err ? "true" : "false",
+		found ? (long)s : -1L, g_churns);
+	if (found && !err)
+		bprintf(&b, ",\"moved_from\":%lu,\"moved_to\":%lu,\"unmapped_at\":%lu,\"zeroed_at\":%lu",
+			(unsigned long)moved_from, (unsigned long)dst,
+			(unsigned long)(moved_from + CHURN_PAGES * g_psize),
+			(unsigned long)(moved_from + 2 * CHURN_PAGES * g_psize));
 	if (err)
 		bprintf(&b, ",\"error\":\"%s: %s\"", err, strerror(errno));
 	bprintf(&b, "}");
@@ -795,9 +806,9 @@ int main(int argc, char **argv)
 	{
 		struct buf b;
 		report_begin(&b, "ready");
-		bprintf(&b, ",\"pages\":%zu,\"page_size\":%zu,\"threads\":%d,\"procs\":%d,"
-			   "\"children\":[",
-			g_npages, g_psize, g_threads, g_procs);
+		bprintf(&b, ",\"pages\":%zu,\"page_size\":%zu,\"region\":%lu,\"threads\":%d,"
+			   "\"procs\":%d,\"children\":[",
+			g_npages, g_psize, (unsigned long)g_region, g_threads, g_procs);
 		for (int k = 0; k < g_nchildren; k++)
 			bprintf(&b, "%s%d", k ? "," : "", (int)g_children[k]);
 		bprintf(&b, "],\"churn_signal\":%d,\"rate\":%g", churn_signal(), g_rate);

@@ -1,0 +1,79 @@
+"""The native userfaultfd fault loop (native/api/faultloop.h)."""
+import os
+import struct
+
+from ..errors import UffdError
+from ._ffi import check, check_range, ffi, lib
+
+_MISS = struct.Struct("=QQ")
+_STATS = (
+    "faults", "pages_fault", "pages_prefetch", "pages_zero", "bytes_copied", "pages_owed",
+    "pages_waiting", "tasks", "tasks_exited", "events_fork", "events_remap", "events_remove",
+    "events_unmap", "eager_ns", "done_ns", "lat_p50_ns", "lat_p99_ns", "lat_max_ns", "error",
+)
+
+
+def _check(rc, origin):
+    return check(rc, origin, UffdError)
+
+
+class FaultLoop:
+    """A native thread serving the faults of every registered uffd from a PageStore."""
+
+    def __init__(self, store):
+        self._store = store  # the loop reads the store: keep it alive as long
+        out = ffi.new("hm_loop **")
+        _check(lib.hm_loop_new(store.handle, out), "hm_loop_new")
+        self._l = ffi.gc(out[0], lib.hm_loop_free)
+
+    def add_task(self, uffd, key, pid):
+        """Serve uffd (the loop owns and closes the fd from now on) for store task `key`."""
+        _check(lib.hm_loop_add_task(self._l, uffd, key, pid), "hm_loop_add_task")
+
+    def add_owed(self, key, vaddr, npages):
+        """Pages [vaddr, vaddr + npages) of task `key` are to be installed."""
+        check_range(vaddr, npages)
+        _check(lib.hm_loop_add_owed(self._l, key, vaddr, npages), "hm_loop_add_owed")
+
+    def start(self):
+        _check(lib.hm_loop_start(self._l), "hm_loop_start")
+
+    def begin_eager(self):
+        """Restore has finished: install every owed page, faults first."""
+        _check(lib.hm_loop_begin_eager(self._l), "hm_loop_begin_eager")
+
+    def notify(self):
+        """New pages are in the store: retry the faults waiting for them."""
+        _check(lib.hm_loop_notify(self._l), "hm_loop_notify")
+
+    @property
+    def miss_fd(self):
+        """Readable when a fault needs a page the store lacks (see read_misses)."""
+        return lib.hm_loop_miss_fd(self._l)
+
+    def read_misses(self):
+        """[(key, vaddr), ...] of faults waiting for data, without blocking."""
+        try:
+            data = os.read(self.miss_fd, _MISS.size * 256)
+        except BlockingIOError:
+            return []
+        return [_MISS.unpack_from(data, i) for i in range(0, len(data) - len(data) % _MISS.size, _MISS.size)]
+
+    def wait(self, timeout):
+        """True once every owed page is installed or its task exited; False on timeout."""
+        return bool(_check(lib.hm_loop_wait(self._l, int(timeout * 1000)), "hm_loop_wait (fault loop)"))
+
+    def stop(self):
+        _check(lib.hm_loop_stop(self._l), "hm_loop_stop")
+
+    def stats(self):
+        st = ffi.new("struct hm_loop_stats *")
+        lib.hm_loop_get_stats(self._l, st)
+        return {f: getattr(st, f) for f in _STATS}
+
+    def close(self):
+        """Stop the thread and close every uffd; the tasks keep what was installed."""
+        if self._l is not None:
+            lib.hm_loop_stop(self._l)
+            ffi.release(self._l)
+            self._l = None

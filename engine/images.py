@@ -1,0 +1,123 @@
+"""What hybridmig reads of a CRIU image directory: the process tree, and per
+task its VMAs and the pages its pagemap says are lazy, with where each run of
+pages lies in the pages image. Everything is checked before any page is
+served, so that a broken image fails the restore instead of leaving a process
+running on zero-filled memory."""
+import os
+from dataclasses import dataclass, field
+
+import pycriu.images
+
+from .errors import ImageError
+
+PAGE_SIZE = 4096
+
+# Pagemap entry flags (criu/include/pagemap.h).
+PE_PARENT = 1 << 0
+PE_LAZY = 1 << 1
+PE_PRESENT = 1 << 2
+
+
+@dataclass(frozen=True)
+class LazyRun:
+    """Lazy pages [vaddr, vaddr + npages pages) of one VMA; `offset` is their
+    place in the pages image, or None when they are not in the images (a lazy
+    dump keeps them on the source's page server)."""
+
+    vaddr: int
+    npages: int
+    offset: int = None
+
+    @property
+    def end(self):
+        return self.vaddr + self.npages * PAGE_SIZE
+
+
+@dataclass
+class TaskImages:
+    pid: int
+    pages_path: str
+    runs: list = field(default_factory=list)
+
+    @property
+    def lazy_pages(self):
+        return sum(r.npages for r in self.runs)
+
+
+def _load(path, what):
+    if not os.path.exists(path):
+        raise ImageError("%s: missing (%s)" % (path, what))
+    try:
+        with open(path, "rb") as f:
+            return pycriu.images.load(f)
+    except ImageError:
+        raise
+    except Exception as e:  # pycriu raises bare exceptions of several kinds
+        raise ImageError("%s: unreadable or corrupted %s image (%s)" % (path, what, e or type(e).__name__)) from e
+
+
+def task_pids(images_dir):
+    """Pids of the dumped processes, in pstree order (zombies included)."""
+    img = _load(os.path.join(images_dir, "pstree.img"), "pstree")
+    pids = [e["pid"] for e in img["entries"]]
+    if not pids:
+        raise ImageError("%s: no processes" % os.path.join(images_dir, "pstree.img"))
+    return pids
+
+
+def _vmas(images_dir, pid):
+    path = os.path.join(images_dir, "mm-%d.img" % pid)
+    img = _load(path, "mm")
+    try:
+        return sorted((v["start"], v["end"]) for v in img["entries"][0].get("vmas", []))
+    except (IndexError, KeyError) as e:
+        raise ImageError("%s: no mm entry" % path) from e
+
+
+def read_task(images_dir, pid):
+    """The lazy pages of task `pid`, split at VMA boundaries (one UFFDIO_COPY
+    cannot cross VMAs), with their place in the pages image checked."""
+    pm_path = os.path.join(images_dir, "pagemap-%d.img" % pid)
+    pm = _load(pm_path, "pagemap")
+    entries = pm.get("entries") or []
+    if not entries or "pages_id" not in entries[0]:
+        raise ImageError("%s: no pagemap head" % pm_path)
+    pages_path = os.path.join(images_dir, "pages-%d.img" % entries[0]["pages_id"])
+    vmas = _vmas(images_dir, pid)
+
+    task = TaskImages(pid, pages_path)
+    offset = 0
+    vi = 0
+    for e in entries[1:]:
+        vaddr, flags = e.get("vaddr"), e.get("flags", 0)
+        npages = e.get("nr_pages") or e.get("compat_nr_pages", 0)
+        if vaddr is None or vaddr % PAGE_SIZE or npages <= 0:
+            raise ImageError("%s: malformed entry %r" % (pm_path, e))
+        if flags & PE_PARENT:
+            raise ImageError("%s: pages in a parent snapshot (pre-dump images) are not supported" % pm_path)
+        here = offset if flags & PE_PRESENT else None
+        if flags & PE_PRESENT:
+            offset += npages * PAGE_SIZE
+        if not flags & PE_LAZY:
+            continue
+        start, end = vaddr, vaddr + npages * PAGE_SIZE
+        while start < end:
+            while vi < len(vmas) and vmas[vi][1] <= start:
+                vi += 1
+            if vi == len(vmas) or vmas[vi][0] > start:
+                raise ImageError("%s: lazy pages at 0x%x lie outside every VMA of %s"
+                                 % (pm_path, start, os.path.basename(images_dir) or images_dir))
+            stop = min(end, vmas[vi][1])
+            n = (stop - start) // PAGE_SIZE
+            task.runs.append(LazyRun(start, n, None if here is None else here + (start - vaddr)))
+            start = stop
+
+    if any(r.offset is not None for r in task.runs):
+        try:
+            size = os.path.getsize(pages_path)
+        except OSError as e:
+            raise ImageError("%s: missing (pages image of pid %d)" % (pages_path, pid)) from e
+        if size < offset:
+            raise ImageError("%s: truncated: holds %d pages, %s lists %d"
+                             % (pages_path, size // PAGE_SIZE, os.path.basename(pm_path), offset // PAGE_SIZE))
+    return task

@@ -1,0 +1,180 @@
+"""`hybridmig lazy-pages`: a drop-in for `criu lazy-pages`.
+
+CRIU's side of the protocol (criu/uffd.c): `criu restore --lazy-pages`
+connects to lazy-pages.socket in its work dir and sends, for each process of
+the pstree in turn, its pid as an int followed by its userfaultfd over
+SCM_RIGHTS (a zombie sends -pid and no fd). When the restore is complete, it
+sends LAZY_PAGES_RESTORE_FINISHED on the same socket; if it cannot (we closed
+the socket), the restore fails and CRIU kills the tasks. See docs/lazy-pages.md.
+"""
+import array
+import errno
+import logging
+import os
+import resource
+import socket
+import struct
+import time
+
+from . import images
+from .bindings.faultloop import FaultLoop
+from .bindings.pagestore import PageStore
+from .errors import HybridmigError, ProtocolError, SetupError
+from .fetcher import Fetcher
+from .sources import LocalImages
+
+SOCKET_NAME = "lazy-pages.socket"
+RESTORE_FINISHED = 0x52535446  # "RSTF"
+_INT = struct.Struct("=i")
+
+log = logging.getLogger("hybridmig.lazy-pages")
+
+
+def listen(work_dir):
+    """Bind lazy-pages.socket in work_dir, refusing one a live daemon holds."""
+    path = os.path.join(os.path.abspath(work_dir), SOCKET_NAME)
+    if not os.path.isdir(work_dir):
+        raise SetupError("work dir %s does not exist" % work_dir)
+    if not os.access(work_dir, os.W_OK | os.X_OK):
+        raise SetupError("work dir %s is not writable" % work_dir)
+    if len(path.encode()) >= 108:
+        raise SetupError("socket path %s is too long for a UNIX socket (max 107 bytes)" % path)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise SetupError("%s is in use: another lazy-pages daemon is listening there" % path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale socket of a daemon that is gone
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(1)
+    return sock
+
+
+def _recv_exact(conn, n, what):
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise ProtocolError("criu restore closed the lazy-pages socket while sending %s" % what)
+        data += chunk
+    return data
+
+
+def _recv_uffd(conn, pid):
+    fds = array.array("i")
+    msg, anc, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(fds.itemsize))
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if not msg or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError("criu restore sent no userfaultfd for pid %d" % pid)
+    return fds[0]
+
+
+class LazyPagesDaemon:
+    """Serves the lazy pages of one `criu restore --lazy-pages` from a RAM page store."""
+
+    def __init__(self, images_dir, work_dir, source=None, store=None):
+        self.images_dir = images_dir
+        self.work_dir = work_dir
+        self.store = store or PageStore()
+        self.source = source or LocalImages()
+        self.loop = FaultLoop(self.store)
+        self.fetcher = Fetcher(self.store, self.loop, self.source)
+        self.sock = None
+        self.tasks = {}  # pid -> lazy pages
+        self.zombies = []
+        self.restore_finished_at = None
+
+    def listen(self):
+        self.sock = listen(self.work_dir)
+
+    def _accept_task(self, conn, pid):
+        """Register one restored task: its uffd, what it is owed, where the pages come from."""
+        uffd = _recv_uffd(conn, pid)
+        try:
+            task = images.read_task(self.images_dir, pid)
+            self.source.add_task(pid, task)
+        except Exception:
+            os.close(uffd)
+            raise
+        self.loop.add_task(uffd, pid, pid)
+        for run in task.runs:
+            self.loop.add_owed(pid, run.vaddr, run.npages)
+        self.fetcher.add_task(pid, task.runs)
+        self.tasks[pid] = task.lazy_pages
+        log.info("pid %d: %d lazy pages", pid, task.lazy_pages)
+
+    def serve(self, timeout=None):
+        """Run one restore to the end; returns the stats. Raises on any
+        failure before the restore finished, which makes it fail."""
+        pids = images.task_pids(self.images_dir)  # fail before CRIU sends anything
+        self.sock.settimeout(timeout)
+        try:
+            conn, _ = self.sock.accept()
+        except socket.timeout as e:
+            raise ProtocolError("no criu restore connected to %s within %ss" % (SOCKET_NAME, timeout)) from e
+        self.sock.close()
+        conn.settimeout(None)
+        self.loop.start()
+        self.fetcher.start()
+        with conn:
+            for _ in pids:
+                (pid,) = _INT.unpack(_recv_exact(conn, _INT.size, "a pid"))
+                if pid < 0:
+                    self.zombies.append(-pid)
+                    continue
+                self._accept_task(conn, pid)
+            self.fetcher.no_more_tasks()
+            (fin,) = struct.unpack("=I", _recv_exact(conn, 4, "restore-finished"))
+            if fin != RESTORE_FINISHED:
+                raise ProtocolError("unexpected message 0x%x instead of restore-finished" % fin)
+            self.restore_finished_at = time.monotonic_ns()
+            self.loop.begin_eager()
+            while not self.loop.wait(0.2):
+                if self.fetcher.error is not None:
+                    raise HybridmigError("reading pages failed after restore: %s" % self.fetcher.error) \
+                        from self.fetcher.error
+        return self.stats()
+
+    def stats(self):
+        st = self.loop.stats()
+        installed = st["done_ns"] - st["eager_ns"] if st["done_ns"] and st["eager_ns"] else None
+        return {
+            "tasks": len(self.tasks),
+            "zombies": len(self.zombies),
+            "lazy_pages": sum(self.tasks.values()),
+            "pages_fault": st["pages_fault"],
+            "pages_prefetch": st["pages_prefetch"],
+            "pages_zero": st["pages_zero"],
+            "bytes_copied": st["bytes_copied"],
+            "faults": st["faults"],
+            "forks": st["events_fork"],
+            "install_s": installed / 1e9 if installed is not None else None,
+            "fault_latency_us": {
+                "p50": st["lat_p50_ns"] / 1e3,
+                "p99": st["lat_p99_ns"] / 1e3,
+                "max": st["lat_max_ns"] / 1e3,
+            },
+            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        }
+
+    def close(self):
+        self.fetcher.stop()
+        if self.fetcher.is_alive():
+            self.fetcher.join(5)
+        self.loop.close()
+        self.source.close()
+        if self.sock is not None:
+            try:
+                self.sock.close()
+                os.unlink(os.path.join(os.path.abspath(self.work_dir), SOCKET_NAME))
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise

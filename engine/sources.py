@@ -1,0 +1,48 @@
+"""Where lazy pages come from: the local pages images of a CRIU dump.
+
+A page source fills the page store for a range of one task's lazy pages;
+the Fetcher decides the order. (The remote source, CRIU's page server,
+lives in pageserver.py.)"""
+import bisect
+import os
+
+from .errors import ImageError
+from .images import PAGE_SIZE
+
+
+class LocalImages:
+    """Pages read straight from pages-N.img into the store (no Python copy)."""
+
+    def __init__(self):
+        self._tasks = {}  # key -> (fd, [LazyRun] sorted, [vaddr])
+
+    def add_task(self, key, task):
+        missing = [r for r in task.runs if r.offset is None]
+        if missing:
+            raise ImageError("%s: pid %d has %d lazy pages that are not in the images (a lazy dump?): "
+                             "serve them with --page-server" % (task.pages_path, task.pid,
+                                                                 sum(r.npages for r in missing)))
+        try:
+            fd = os.open(task.pages_path, os.O_RDONLY | os.O_CLOEXEC) if task.runs else -1
+        except OSError as e:
+            raise ImageError("%s: cannot open (%s)" % (task.pages_path, e.strerror)) from e
+        runs = sorted(task.runs, key=lambda r: r.vaddr)
+        self._tasks[key] = (fd, runs, [r.vaddr for r in runs])
+
+    def read_into(self, store, key, vaddr, npages):
+        fd, runs, starts = self._tasks[key]
+        end = vaddr + npages * PAGE_SIZE
+        i = max(bisect.bisect_right(starts, vaddr) - 1, 0)
+        while vaddr < end and i < len(runs):
+            run = runs[i]
+            lo, hi = max(vaddr, run.vaddr), min(end, run.end)
+            if lo < hi:
+                store.load_file(key, lo, (hi - lo) // PAGE_SIZE, fd, run.offset + (lo - run.vaddr))
+                vaddr = hi
+            i += 1
+
+    def close(self):
+        for fd, _, _ in self._tasks.values():
+            if fd >= 0:
+                os.close(fd)
+        self._tasks.clear()
