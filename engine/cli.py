@@ -40,8 +40,10 @@ def fail(message):
 @click.option("--port", type=int, help="page server port")
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="write the stats here as JSON")
 @click.option("--timeout", type=float, default=None, help="seconds to wait for criu restore to connect")
+@click.option("--eager-delay", type=float, default=0.0, show_default=True,
+              help="seconds after restore during which pages go in only on fault (experiments)")
 def lazy_pages(images_dir, work_dir, status_fd, log_file, verbosity, no_default_config, page_server, address, port,
-               stats_json, timeout):
+               stats_json, timeout, eager_delay):
     """Serve `criu restore --lazy-pages` from a RAM page store (drop-in for `criu lazy-pages`)."""
     from .lazypages import LazyPagesDaemon
 
@@ -57,12 +59,14 @@ def lazy_pages(images_dir, work_dir, status_fd, log_file, verbosity, no_default_
         source = PageServerSource(address, port)
     daemon = None
     try:
+        if source is not None:
+            source.connect()  # fail before criu restore starts, not halfway
         daemon = LazyPagesDaemon(images_dir, work_dir, source=source)
         daemon.listen()
         if status_fd is not None:
             os.write(status_fd, b"\0")
             os.close(status_fd)
-        stats = daemon.serve(timeout=timeout)
+        stats = daemon.serve(timeout=timeout, eager_delay=eager_delay)
     except HybridmigError as e:
         fail(str(e))
     finally:
@@ -79,3 +83,6 @@ def lazy_pages(images_dir, work_dir, status_fd, log_file, verbosity, no_default_
            "%.3f s" % stats["install_s"] if stats["install_s"] is not None else "-", lat["p50"], lat["p99"], lat["max"]),
         err=True,
     )
+
+from .doctor import doctor  # noqa: E402
+main.add_command(doctor)

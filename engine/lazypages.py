@@ -91,6 +91,7 @@ class LazyPagesDaemon:
         self.tasks = {}  # pid -> lazy pages
         self.zombies = []
         self.restore_finished_at = None
+        self.completed = False
 
     def listen(self):
         self.sock = listen(self.work_dir)
@@ -111,9 +112,11 @@ class LazyPagesDaemon:
         self.tasks[pid] = task.lazy_pages
         log.info("pid %d: %d lazy pages", pid, task.lazy_pages)
 
-    def serve(self, timeout=None):
+    def serve(self, timeout=None, eager_delay=0.0):
         """Run one restore to the end; returns the stats. Raises on any
-        failure before the restore finished, which makes it fail."""
+        failure before the restore finished, which makes it fail.
+        eager_delay: seconds between restore-finished and eager install,
+        during which pages go in only when faulted (experiments, tests)."""
         pids = images.task_pids(self.images_dir)  # fail before CRIU sends anything
         self.sock.settimeout(timeout)
         try:
@@ -136,12 +139,23 @@ class LazyPagesDaemon:
             if fin != RESTORE_FINISHED:
                 raise ProtocolError("unexpected message 0x%x instead of restore-finished" % fin)
             self.restore_finished_at = time.monotonic_ns()
+            if eager_delay:
+                self._watch_fetcher(eager_delay)
             self.loop.begin_eager()
             while not self.loop.wait(0.2):
-                if self.fetcher.error is not None:
-                    raise HybridmigError("reading pages failed after restore: %s" % self.fetcher.error) \
-                        from self.fetcher.error
+                self._watch_fetcher(0)
+        self.completed = True
         return self.stats()
+
+    def _watch_fetcher(self, seconds):
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.fetcher.error is not None:
+                raise HybridmigError("reading pages failed after restore: %s" % self.fetcher.error) \
+                    from self.fetcher.error
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(min(0.05, deadline - time.monotonic()))
 
     def stats(self):
         st = self.loop.stats()
@@ -170,7 +184,12 @@ class LazyPagesDaemon:
         if self.fetcher.is_alive():
             self.fetcher.join(5)
         self.loop.close()
-        self.source.close()
+        # A source told of failure makes a lazy dump resume the original
+        # process rather than end it: it must never be lost.
+        if self.completed:
+            self.source.close()
+        else:
+            self.source.abort()
         if self.sock is not None:
             try:
                 self.sock.close()

@@ -41,6 +41,10 @@ class LocalImages:
                 vaddr = hi
             i += 1
 
+    def abort(self):
+        """End after a failure; local images need no one told."""
+        self.close()
+
     def close(self):
         for fd, _, _ in self._tasks.values():
             if fd >= 0:

@@ -308,22 +308,17 @@ static int serve_fault(hm_loop *l, struct task *t, uint64_t addr, uint64_t since
 	return 0;
 }
 
+/* Serve the queued faults again; those still unservable queue up anew. */
 static void retry_waiting(hm_loop *l, struct task *t)
 {
-	uint64_t i, kept = 0;
+	struct waiting *w = t->waiting;
+	uint64_t i, n = t->nwaiting;
 
-	for (i = 0; i < t->nwaiting; i++) {
-		struct waiting w = t->waiting[i];
-		int rc;
-
-		t->nwaiting = i; /* serve_fault may re-queue into the slot we left */
-		rc = serve_fault(l, t, w.addr, w.since_ns);
-		if (t->exited)
-			return;
-		if (rc == 0)
-			t->waiting[kept++] = w;
-	}
-	t->nwaiting = kept;
+	t->waiting = NULL;
+	t->nwaiting = t->capwaiting = 0;
+	for (i = 0; i < n && !t->exited; i++)
+		serve_fault(l, t, w[i].addr, w[i].since_ns);
+	free(w);
 }
 
 /* --- uffd events ---------------------------------------------------------- */

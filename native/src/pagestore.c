@@ -322,8 +322,11 @@ static int load_chunk(struct store_task *t, struct chunk *c, uint64_t first, uin
 		return rc;
 	p = mmap(c->buf + first * PAGE_SZ, n * PAGE_SZ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, la->fd,
 		 la->offset + done * PAGE_SZ);
-	if (p == MAP_FAILED)
-		return -errno;
+	if (p == MAP_FAILED) {
+		rc = -errno;
+		chunk_trim(t, c);
+		return rc;
+	}
 	mark(c, first, n, HM_PAGE_DATA);
 	return 0;
 }
@@ -433,10 +436,14 @@ int hm_store_clone_task(hm_store *s, uint64_t src, uint64_t dst)
 		memcpy(dc->zero, sc->zero, sizeof(sc->zero));
 		dc->ndata = sc->ndata;
 		dc->nzero = sc->nzero;
-		if (sc->buf) {
+		if (sc->ndata) {
+			uint64_t p;
+
 			rc = chunk_buffer(dc);
-			if (!rc)
-				memcpy(dc->buf, sc->buf, CHUNK_SZ);
+			/* only the pages held: the rest of a chunk costs nothing */
+			for (p = 0; !rc && p < CHUNK_PAGES; p++)
+				if (bit_test(sc->data, p))
+					memcpy(dc->buf + p * PAGE_SZ, sc->buf + p * PAGE_SZ, PAGE_SZ);
 		}
 	}
 	pthread_mutex_unlock(&to->lock);

@@ -155,7 +155,8 @@ int hm_ranges_move(hm_ranges *r, uint64_t from, uint64_t to, uint64_t len)
 		moved[n].end = MIN(r->v[i].end, from + len) - from + to;
 		n++;
 	}
-	rc = hm_ranges_remove(r, from, from + len);
+	/* like mremap, the move replaces whatever was at the destination */
+	rc = hm_ranges_remove(r, from, from + len) ?: hm_ranges_remove(r, to, to + len);
 	for (i = 0; !rc && i < n; i++)
 		rc = hm_ranges_add(r, moved[i].start, moved[i].end);
 	free(moved);

@@ -1,0 +1,545 @@
+"""`hybridmig doctor`: can this machine run the engine, and which way.
+
+Every fact is found by trying it: the native probes (bindings/probe.py)
+exercise userfaultfd, PAGEMAP_SCAN, soft-dirty, process_vm_readv and
+pidfd_getfd on this process's own memory, and CRIU is run. Version numbers
+only explain a failure; distribution kernels backport and configure things
+away, so they cannot decide one.
+
+The check_* functions return a Check and never raise; each is computed once
+per process (refresh() forgets them). The *_path() functions combine checks
+into what the engine needs, and require_*() raise SetupError for the
+engine's own start-up.
+"""
+import errno
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Tuple
+
+import click
+
+from .errors import SetupError
+
+MIN_CRIU = (4, 2)
+MIN_KERNEL = (4, 11)  # userfaultfd's non-cooperative events, which lazy restore needs
+WP_ASYNC_KERNEL = (6, 7)  # UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN
+PAGE_SERVER_PIPE_SIZE = 4 << 20  # CRIU's page server sets its pipes to ~3.2 MiB, rounded up
+CRIU_FALLBACKS = ("/usr/local/sbin/criu", "/usr/sbin/criu")  # root's PATH may lack them
+MAKE_SETUP = "install CRIU >= 4.2: make setup"
+
+# CRIU's lazy restore asks for exactly these (NEED_UFFD_API_FEATURES in criu/uffd.c).
+LAZY_FEATURES = ("EVENT_FORK", "EVENT_REMAP", "EVENT_REMOVE", "EVENT_UNMAP")
+WP_FEATURES = ("PAGEFAULT_FLAG_WP", "WP_ASYNC", "WP_UNPOPULATED")
+
+CAPS = {"CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_CHECKPOINT_RESTORE": 40}
+
+LAZY_RESTORE = "lazy restore"
+UFFD_WP = "uffd-wp dirty tracking"
+SOFT_DIRTY = "soft-dirty dirty tracking"
+PAGE_SERVER = "criu page server"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Path:
+    ok: bool
+    reason: str
+
+
+_memos = []
+
+
+def _memo(fn):
+    """Compute once per process: the machine does not change under us."""
+    cached = functools.lru_cache(maxsize=None)(fn)
+    _memos.append(cached)
+    return cached
+
+
+def refresh():
+    """Forget every result, e.g. after the machine was fixed."""
+    for cached in _memos:
+        cached.cache_clear()
+
+
+# --- plain facts -------------------------------------------------------------
+
+def kernel_version(release=None) -> Tuple[int, ...]:
+    """(major, minor, patch) of os.uname().release, or of `release`."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release or os.uname().release)
+    return tuple(int(x or 0) for x in m.groups()) if m else (0, 0, 0)
+
+
+def capabilities() -> dict:
+    """{name: present} for CAPS, from CapEff of /proc/self/status."""
+    eff = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                eff = int(line.split()[1], 16)
+    return {name: bool(eff >> bit & 1) for name, bit in CAPS.items()}
+
+
+def find_criu() -> Optional[str]:
+    """The criu binary the engine runs: $CRIU, else PATH, else CRIU_FALLBACKS."""
+    env = os.environ.get("CRIU")
+    if env:
+        return shutil.which(env)
+    found = shutil.which("criu")
+    if found:
+        return found
+    return next((p for p in CRIU_FALLBACKS if os.access(p, os.X_OK)), None)
+
+
+def criu_version(path) -> Optional[Tuple[int, ...]]:
+    """Version of the criu at path from `criu --version`, None if it will not say."""
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"^Version:\s*(\d+(?:\.\d+)*)", out, re.M)
+    return tuple(int(x) for x in m.group(1).split(".")) if m else None
+
+
+def _dotted(version):
+    return ".".join(map(str, version))
+
+
+def _read_int(path) -> Optional[int]:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _probe(call):
+    """(call(bindings.probe), None), or (None, the OSError or ImportError).
+
+    Imported here, not at the top: `hybridmig --help` and the checks that
+    need no native code must work before the native module is built."""
+    try:
+        from .bindings import probe
+        return call(probe), None
+    except (ImportError, OSError) as e:
+        return None, e
+
+
+def _explain(err, meanings):
+    """One line for a probe error: what its errno means here, else strerror."""
+    if isinstance(err, ImportError):
+        return "native module not built (%s) — run: make setup" % err
+    return meanings.get(err.errno) or (err.strerror or str(err)).split(" (originated")[0]
+
+
+# --- checks ------------------------------------------------------------------
+
+@_memo
+def check_kernel() -> Check:
+    release = os.uname().release
+    version = kernel_version(release)
+    ok = version >= MIN_KERNEL
+    note = ("uffd-wp async and PAGEMAP_SCAN are possible" if version >= WP_ASYNC_KERNEL
+            else "uffd-wp async and PAGEMAP_SCAN need >= %s" % _dotted(WP_ASYNC_KERNEL))
+    if not ok:
+        note = "lazy restore needs >= %s" % _dotted(MIN_KERNEL)
+    return Check("kernel", ok, "%s %s; %s" % (release, os.uname().machine, note))
+
+
+@_memo
+def check_root() -> Check:
+    uid = os.geteuid()
+    if uid == 0:
+        return Check("root", True, "running as uid 0")
+    return Check("root", False, "running as uid %d — run as root" % uid)
+
+
+@_memo
+def check_capabilities() -> Check:
+    caps = capabilities()
+    have = [n for n, v in caps.items() if v]
+    missing = [n for n, v in caps.items() if not v]
+    detail = "present: %s" % (", ".join(have) or "none")
+    if missing:
+        detail += "; missing: %s" % ", ".join(missing)
+    # CRIU dumps and restores with CAP_SYS_ADMIN; CAP_SYS_PTRACE lets it
+    # seize the tasks and open a full userfaultfd.
+    ok = caps["CAP_SYS_ADMIN"] and caps["CAP_SYS_PTRACE"]
+    if not ok:
+        detail += " — run as root (in a container, with these capabilities)"
+    return Check("capabilities", ok, detail)
+
+
+@_memo
+def check_sys_resource() -> Check:
+    if capabilities()["CAP_SYS_RESOURCE"]:
+        return Check("CAP_SYS_RESOURCE", True, "present")
+    pipes = "which it is" if check_pipe_max_size().ok else "which it is not"
+    return Check("CAP_SYS_RESOURCE", False,
+                 "missing (a container?): CRIU cannot dump processes of other uids, and its page server "
+                 "needs fs.pipe-max-size >= 4 MiB, %s" % pipes)
+
+
+@_memo
+def check_pipe_max_size() -> Check:
+    size = _read_int("/proc/sys/fs/pipe-max-size")
+    if size is None:
+        return Check("fs.pipe-max-size", False, "cannot read /proc/sys/fs/pipe-max-size")
+    detail = "%d bytes (%.3g MiB)" % (size, size / (1 << 20))
+    if size >= PAGE_SERVER_PIPE_SIZE:
+        return Check("fs.pipe-max-size", True, detail)
+    if capabilities()["CAP_SYS_RESOURCE"]:
+        return Check("fs.pipe-max-size", True, detail + "; CAP_SYS_RESOURCE lifts the limit")
+    return Check("fs.pipe-max-size", False,
+                 detail + "; without CAP_SYS_RESOURCE CRIU's page server needs >= 4 MiB"
+                 " — sysctl -w fs.pipe-max-size=%d" % PAGE_SERVER_PIPE_SIZE)
+
+
+@_memo
+def check_ptrace() -> Check:
+    scope = _read_int("/proc/sys/kernel/yama/ptrace_scope")
+    if scope is None:
+        return Check("ptrace", True, "no Yama restrictions")
+    if scope >= 3:
+        return Check("ptrace", False, "kernel.yama.ptrace_scope=3 forbids ptrace until reboot: CRIU cannot dump")
+    return Check("ptrace", True, "kernel.yama.ptrace_scope=%d (root with CAP_SYS_PTRACE may attach)" % scope)
+
+
+_UFFD_ERRORS = {
+    errno.ENOSYS: "kernel built without CONFIG_USERFAULTFD",
+    errno.EPERM: "not permitted (needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)",
+}
+
+
+@_memo
+def check_uffd_syscall() -> Check:
+    """The full userfaultfd(2), as CRIU's lazy restore opens it."""
+    info, err = _probe(lambda p: p.probe_uffd_open(p.SYSCALL))
+    if info:
+        return Check("userfaultfd syscall", True, "works; API ioctls %s" % ", ".join(info.ioctls))
+    detail = _explain(err, _UFFD_ERRORS)
+    if _probe(lambda p: p.probe_uffd_open(p.USER_ONLY))[0]:
+        detail += ", only with UFFD_USER_MODE_ONLY, which CRIU's lazy restore does not use"
+    if getattr(err, "errno", None) == errno.EPERM:
+        detail += " — run as root"
+    return Check("userfaultfd syscall", False, detail)
+
+
+@_memo
+def check_uffd_dev() -> Check:
+    """/dev/userfaultfd (6.1+): the way for processes allowed by the node's mode."""
+    info, err = _probe(lambda p: p.probe_uffd_open(p.DEV))
+    if info:
+        return Check("/dev/userfaultfd", True, "works (USERFAULTFD_IOC_NEW)")
+    return Check("/dev/userfaultfd", False, _explain(err, {
+        errno.ENOENT: "no /dev/userfaultfd (kernel < 6.1 or no device node)",
+        errno.EACCES: "no access to /dev/userfaultfd — run as root",
+        errno.ENOTTY: "kernel lacks USERFAULTFD_IOC_NEW (< 6.1)",
+    }))
+
+
+@_memo
+def check_uffd_features() -> Check:
+    """Every feature the kernel supports, as UFFDIO_API reports them."""
+    info, err = _probe(lambda p: p.probe_uffd())
+    if not info:
+        return Check("userfaultfd features", False, _explain(err, _UFFD_ERRORS))
+    return Check("userfaultfd features", True,
+                 "0x%x via %s: %s" % (info.feature_mask, info.via, " ".join(info.features)))
+
+
+@_memo
+def check_uffd_feature(name) -> Check:
+    """Is feature `name` granted to this process, asked for on its own?
+
+    Supported is not enough: the kernel refuses EVENT_FORK (EPERM) to a
+    process without CAP_SYS_PTRACE, so each is really asked for."""
+    label = "uffd feature " + name
+    errors = []
+    for way in ("SYSCALL", "USER_ONLY", "DEV"):
+        info, err = _probe(lambda p: p.probe_uffd_open(getattr(p, way), (name,)))
+        if info:
+            return Check(label, True, "granted (%s)" % info.via)
+        if isinstance(err, ImportError):
+            return Check(label, False, _explain(err, {}))
+        errors.append(err)
+    supported, _ = _probe(lambda p: p.probe_uffd())
+    if supported and name not in supported.features:
+        return Check(label, False, "not offered by this kernel")
+    if any(e.errno == errno.EPERM for e in errors):
+        return Check(label, False, "refused to this process (EVENT_FORK needs CAP_SYS_PTRACE) — run as root")
+    return Check(label, False, _explain(errors[0], _UFFD_ERRORS))
+
+
+@_memo
+def check_pagemap_scan() -> Check:
+    _, err = _probe(lambda p: p.probe_pagemap_scan())
+    if not err:
+        return Check("PAGEMAP_SCAN", True, "uffd-wp async write reported as PAGE_IS_WRITTEN")
+    return Check("PAGEMAP_SCAN", False, _explain(err, {
+        errno.ENOTTY: "kernel lacks the PAGEMAP_SCAN ioctl (needs 6.7+)",
+        errno.EOPNOTSUPP: "kernel lacks UFFD_FEATURE_WP_ASYNC (needs 6.7+)",
+        errno.EIO: "PAGEMAP_SCAN ran but reported the wrong pages",
+        errno.EPERM: "userfaultfd not permitted — run as root",
+    }))
+
+
+@_memo
+def check_soft_dirty() -> Check:
+    _, err = _probe(lambda p: p.probe_soft_dirty())
+    if not err:
+        return Check("soft-dirty", True, "clear_refs 4 clears and a write sets pagemap bit 55")
+    return Check("soft-dirty", False, _explain(err, {
+        errno.EOPNOTSUPP: "kernel built without CONFIG_MEM_SOFT_DIRTY",
+        errno.ENOENT: "no /proc/self/clear_refs (kernel without CONFIG_PROC_PAGE_MONITOR)",
+    }))
+
+
+@_memo
+def check_process_vm_readv() -> Check:
+    _, err = _probe(lambda p: p.probe_process_vm_readv())
+    if not err:
+        return Check("process_vm_readv", True, "reads this process's memory")
+    return Check("process_vm_readv", False, _explain(err, {
+        errno.ENOSYS: "kernel built without CONFIG_CROSS_MEMORY_ATTACH",
+        errno.EPERM: "denied (a seccomp profile?) — run outside a restricted container",
+    }))
+
+
+@_memo
+def check_pidfd_getfd() -> Check:
+    _, err = _probe(lambda p: p.probe_pidfd_getfd())
+    if not err:
+        return Check("pidfd_getfd", True, "duplicates a file descriptor of a process")
+    return Check("pidfd_getfd", False, _explain(err, {
+        errno.ENOSYS: "kernel lacks pidfd_open/pidfd_getfd (needs 5.6+)",
+        errno.EPERM: "denied (ptrace access check or seccomp) — run as root",
+    }))
+
+
+@_memo
+def check_criu() -> Check:
+    path = find_criu()
+    if not path and os.environ.get("CRIU"):
+        return Check("criu", False, "$CRIU=%s is not an executable (unset it to search PATH) — %s"
+                     % (os.environ["CRIU"], MAKE_SETUP))
+    if not path:
+        return Check("criu", False, "not found on PATH or in %s — %s" % (", ".join(CRIU_FALLBACKS), MAKE_SETUP))
+    version = criu_version(path)
+    if version is None:
+        return Check("criu", False, "%s does not report a version — %s" % (path, MAKE_SETUP))
+    if version < MIN_CRIU:
+        return Check("criu", False,
+                     "%s is %s, older than %s (3.17 fails on kernels >= 6.13 \"Unexpected rt vDSO area bounds\", "
+                     "4.1 cannot dump inet sockets on kernels >= 6.16) — %s"
+                     % (path, _dotted(version), _dotted(MIN_CRIU), MAKE_SETUP))
+    return Check("criu", True, "%s, version %s" % (path, _dotted(version)))
+
+
+def _run_criu_check(*args):
+    """(ok, the last meaningful lines of output) of `criu check ARGS`."""
+    path = find_criu()
+    if not path:
+        return False, "no criu binary — " + MAKE_SETUP
+    try:
+        proc = subprocess.run([path, "check", *args], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, "could not run: %s" % e
+    lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines
+    return proc.returncode == 0, " | ".join(errors[-3:]) or "exit status %d" % proc.returncode
+
+
+@_memo
+def check_criu_check() -> Check:
+    ok, out = _run_criu_check()
+    if ok or not find_criu():
+        return Check("criu check", ok, out)
+    if not check_criu().ok:
+        return Check("criu check", False, out + " — " + MAKE_SETUP)
+    if not check_root().ok:
+        return Check("criu check", False, out + " — run as root")
+    return Check("criu check", False, out + " — if CRIU was built for another kernel, " + MAKE_SETUP)
+
+
+@_memo
+def check_criu_uffd() -> Check:
+    """CRIU's own view of userfaultfd (its kerndat), which is what lazy restore uses."""
+    ok, out = _run_criu_check("--feature", "uffd-noncoop")
+    return Check("criu uffd-noncoop", ok, out)
+
+
+# --- paths -------------------------------------------------------------------
+
+def _path(checks, ok_note="", caveats=()) -> Path:
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        return Path(False, "; ".join("%s: %s" % (c.name, c.detail) for c in failed))
+    notes = [ok_note] + ["caveat: %s: %s" % (c.name, c.detail) for c in caveats if not c.ok]
+    return Path(True, "; ".join(n for n in notes if n))
+
+
+def lazy_restore_path() -> Path:
+    """CRIU restores with --lazy-pages and the engine serves the faults."""
+    checks = [check_root(), check_capabilities(), check_ptrace(), check_uffd_syscall()]
+    checks += [check_uffd_feature(n) for n in LAZY_FEATURES]
+    checks += [check_criu(), check_criu_check(), check_criu_uffd()]
+    return _path(checks, "userfaultfd with %s; %s" % ("/".join(LAZY_FEATURES), check_criu().detail),
+                 caveats=[check_sys_resource()])
+
+
+def uffd_wp_path() -> Path:
+    """Pre-copy rounds find written pages with uffd-wp async + PAGEMAP_SCAN."""
+    checks = [check_uffd_feature(n) for n in WP_FEATURES]
+    checks += [check_pagemap_scan(), check_pidfd_getfd(), check_process_vm_readv()]
+    return _path(checks, "WP_ASYNC + PAGEMAP_SCAN, uffd taken with pidfd_getfd, pages read with process_vm_readv")
+
+
+def soft_dirty_path() -> Path:
+    """Pre-copy rounds find written pages with clear_refs 4 + pagemap bit 55."""
+    return _path([check_soft_dirty(), check_process_vm_readv()],
+                 "clear_refs + pagemap bit 55, pages read with process_vm_readv")
+
+
+def page_server_path() -> Path:
+    """CRIU's page server, which needs ~4 MiB pipes."""
+    return _path([check_criu(), check_pipe_max_size()], "pipes of 4 MiB allowed")
+
+
+def paths() -> dict:
+    return {LAZY_RESTORE: lazy_restore_path(), UFFD_WP: uffd_wp_path(),
+            SOFT_DIRTY: soft_dirty_path(), PAGE_SERVER: page_server_path()}
+
+
+def dirty_tracker() -> Optional[str]:
+    """'uffd-wp' (preferred), 'soft-dirty', or None when neither works."""
+    if uffd_wp_path().ok:
+        return "uffd-wp"
+    if soft_dirty_path().ok:
+        return "soft-dirty"
+    return None
+
+
+def all_checks() -> List[Check]:
+    checks = [check_kernel(), check_root(), check_capabilities(), check_sys_resource(), check_pipe_max_size(),
+              check_ptrace(), check_uffd_syscall(), check_uffd_dev(), check_uffd_features()]
+    checks += [check_uffd_feature(n) for n in LAZY_FEATURES + WP_FEATURES]
+    checks += [check_pagemap_scan(), check_soft_dirty(), check_process_vm_readv(), check_pidfd_getfd(),
+               check_criu(), check_criu_check(), check_criu_uffd()]
+    return checks
+
+
+def remedies(reasons) -> List[str]:
+    """The distinct fixes (the text after ' — ') named in path reasons."""
+    fixes = []
+    for reason in reasons:
+        for part in reason.split("; "):
+            fix = part.split(" — ", 1)[1] if " — " in part else None
+            if not fix or any(f.startswith(fix) for f in fixes):
+                continue
+            # "run as root (in a container, ...)" supersedes "run as root"
+            fixes = [f for f in fixes if not fix.startswith(f)] + [fix]
+    return fixes
+
+
+def problems() -> List[str]:
+    """Why the engine cannot run here, with what to do; empty when it can."""
+    out = []
+    lazy = lazy_restore_path()
+    if not lazy.ok:
+        out.append("%s: %s" % (LAZY_RESTORE, lazy.reason))
+    if dirty_tracker() is None:
+        out.append("no dirty tracker: %s: %s; %s: %s"
+                   % (UFFD_WP, uffd_wp_path().reason, SOFT_DIRTY, soft_dirty_path().reason))
+    return out
+
+
+# --- for the engine ----------------------------------------------------------
+
+def require_lazy_restore():
+    """Raise SetupError unless CRIU lazy restore with our fault handler can run."""
+    path = lazy_restore_path()
+    if not path.ok:
+        raise SetupError("lazy restore cannot run on this machine: " + path.reason)
+
+
+def require_dirty_tracker() -> str:
+    """The dirty tracker to use ('uffd-wp' or 'soft-dirty'); SetupError if none works."""
+    tracker = dirty_tracker()
+    if tracker is None:
+        raise SetupError("no dirty tracker works on this machine: %s: %s; %s: %s"
+                         % (UFFD_WP, uffd_wp_path().reason, SOFT_DIRTY, soft_dirty_path().reason))
+    return tracker
+
+
+def require_criu() -> str:
+    """Path of a working CRIU >= 4.2; SetupError otherwise."""
+    for check in (check_criu(), check_criu_check()):
+        if not check.ok:
+            raise SetupError("%s: %s" % (check.name, check.detail))
+    return find_criu()
+
+
+# --- the command -------------------------------------------------------------
+
+def report() -> dict:
+    """Everything `doctor --json` prints."""
+    return {"checks": [asdict(c) for c in all_checks()],
+            "paths": {name: asdict(p) for name, p in paths().items()},
+            "tracker": dirty_tracker()}
+
+
+def _render(rep):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    mark = {True: "[green]ok[/]", False: "[red]FAIL[/]"}
+    table = Table(title="hybridmig doctor: checks", title_justify="left")
+    table.add_column("", no_wrap=True)
+    table.add_column("check", no_wrap=True)
+    table.add_column("detail", overflow="fold")
+    for c in rep["checks"]:
+        table.add_row(mark[c["ok"]], c["name"], c["detail"])
+    console.print(table)
+
+    table = Table(title="what can run here", title_justify="left")
+    table.add_column("", no_wrap=True)
+    table.add_column("path", no_wrap=True)
+    table.add_column("why", overflow="fold")
+    for name, p in rep["paths"].items():
+        table.add_row(mark[p["ok"]], name, p["reason"])
+    console.print(table)
+    console.print("dirty tracker: [bold]%s[/]" % (rep["tracker"] or "none"))
+
+
+@click.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.pass_context
+def doctor(ctx, as_json):
+    """Check that this machine can run hybridmig, and which paths it will take."""
+    rep = report()
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+    else:
+        _render(rep)
+    trouble = problems()
+    if trouble:
+        click.echo("hybridmig cannot run on this machine:", err=True)
+        for line in trouble:
+            click.echo("  - " + line, err=True)
+        fixes = remedies(trouble)
+        if fixes:
+            click.echo("what to do: " + "; ".join(fixes), err=True)
+        ctx.exit(1)

@@ -1,0 +1,181 @@
+"""`hybridmig lazy-pages` serving real `criu restore --lazy-pages` runs of the
+self-verifying workload: every page of every process must verify after the
+restore, whatever the process does while pages are still pending."""
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+from criu_util import CriuError, criu_dump, criu_restore
+from lazy_util import LazyDaemon, lazy_restore, restored_alive, wait_for
+from workload import Workload
+
+pytestmark = pytest.mark.usefixtures("criu_ready")
+
+
+def dump(wl, tmp_path):
+    images = tmp_path / "images"
+    criu_dump(wl.host_pid, images)
+    wl.wait_gone()
+    return images
+
+
+def assert_clean(reports):
+    assert reports, "no verify report"
+    for r in reports:
+        assert r["bad"] == 0 and r.get("zero_pages_bad", 0) == 0, r
+
+
+def migrate_and_verify(tmp_path, size_mb, threads=1, procs=1, daemon_args=()):
+    with Workload.start(size_mb, threads=threads, procs=procs) as wl:
+        wl.verify()
+        images = dump(wl, tmp_path)
+        pid, daemon = lazy_restore(images, *daemon_args)
+        with daemon, Workload.adopt(pid, report=wl) as restored:
+            assert daemon.wait(120) == 0, daemon.output()
+            assert_clean(restored.verify())
+            return daemon.stats(), restored.reports("verify")
+
+
+def test_one_gib_single_thread(tmp_path):
+    stats, _ = migrate_and_verify(tmp_path, 1024)
+    assert stats["tasks"] == 1
+    # every dumped page went in through the fault loop, none is left over
+    assert stats["pages_fault"] + stats["pages_prefetch"] >= 1024 * 256
+    assert stats["bytes_copied"] >= 1 << 30
+
+
+def test_eight_writing_threads(tmp_path):
+    stats, reports = migrate_and_verify(tmp_path, 256, threads=8)
+    assert stats["tasks"] == 1
+    assert len(reports[-1]["ops_per_thread"]) == 8
+
+
+def test_tree_of_three_processes(tmp_path):
+    stats, reports = migrate_and_verify(tmp_path, 128, procs=3)
+    assert stats["tasks"] == 3
+    assert len({r["pid"] for r in reports[-3:]}) == 3
+
+
+def pending_restore(tmp_path, size_mb, procs=1, delay=3.0):
+    """A restored workload whose pages are mostly still pending: the daemon
+    installs only on fault for `delay` seconds."""
+    wl = Workload.start(size_mb, procs=procs, rate=200)
+    try:
+        images = dump(wl, tmp_path)
+        pid, daemon = lazy_restore(images, "--eager-delay", str(delay))
+    except BaseException:
+        wl.stop()
+        raise
+    return wl, pid, daemon
+
+
+def test_fork_after_restore_reads_pending_pages(tmp_path):
+    wl, pid, daemon = pending_restore(tmp_path, 256)
+    with daemon, Workload.adopt(pid, report=wl) as restored:
+        # The child is forked while nearly every page is still pending: it
+        # must read the pages it inherited, served through its own uffd.
+        assert_clean(restored.fork_verify())
+        assert daemon.wait(120) == 0, daemon.output()
+        stats = daemon.stats()
+        assert stats["forks"] >= 1
+        assert stats["tasks"] == 1
+        assert_clean(restored.verify())
+
+
+def test_mremap_munmap_madvise_after_restore(tmp_path):
+    wl, pid, daemon = pending_restore(tmp_path, 256)
+    with daemon, Workload.adopt(pid, report=wl) as restored:
+        # mremap moves pending pages, munmap drops some, MADV_DONTNEED drops
+        # others which must then read as zeros, never as the old data.
+        assert_clean(restored.churn_verify())
+        assert daemon.wait(120) == 0, daemon.output()
+        assert_clean(restored.verify())
+        assert_clean(restored.churn_verify())
+
+
+def test_workload_exits_while_pages_pending(tmp_path):
+    wl, pid, daemon = pending_restore(tmp_path, 256, delay=5.0)
+    with daemon:
+        restored = Workload.adopt(pid, report=wl)
+        restored.stop()
+        assert daemon.wait(60) == 0, daemon.output()
+        assert not restored.alive()
+
+
+# --- bad input -------------------------------------------------------------
+
+
+@pytest.fixture
+def dumped(tmp_path):
+    """Images of a small dumped workload, and the report path its processes carry."""
+    wl = Workload.start(32)
+    report_dir = tmp_path / "report"
+    shutil.copytree(wl.report_path.parent, report_dir)
+    images = dump(wl, tmp_path)
+    yield images, wl.report_path
+    for pid in restored_alive(wl.report_path):
+        os.kill(pid, signal.SIGKILL)
+    wl.stop()
+
+
+def failed_restore(images, report_path, expect):
+    """The daemon must refuse with a message naming `expect`, and the restore
+    must fail without leaving a process running on zero-filled memory."""
+    daemon = LazyDaemon(images)
+    with daemon:
+        assert daemon.wait_listening(), daemon.output()
+        with pytest.raises(CriuError):
+            criu_restore(images, extra=["--lazy-pages"], timeout=60)
+        rc = daemon.wait(30)
+        out = daemon.output()
+    assert rc != 0
+    assert expect in out, out
+    wait_for(lambda: not restored_alive(report_path), 10, "the failed restore's processes to go")
+
+
+def test_missing_pagemap(dumped):
+    images, report = dumped
+    os.unlink(images / "pagemap-1.img")
+    failed_restore(images, report, "pagemap-1.img: missing")
+
+
+def test_truncated_pages_image(dumped):
+    images, report = dumped
+    pages = next(images.glob("pages-*.img"))
+    os.truncate(pages, os.path.getsize(pages) // 2)
+    failed_restore(images, report, "%s: truncated" % pages.name)
+
+
+def test_corrupted_pagemap(dumped):
+    images, report = dumped
+    path = images / "pagemap-1.img"
+    data = bytearray(path.read_bytes())
+    data[8:] = b"\xff" * (len(data) - 8)  # keep the magic, garble the entries
+    path.write_bytes(bytes(data))
+    failed_restore(images, report, "pagemap-1.img")
+
+
+def test_socket_in_use(tmp_path):
+    first = LazyDaemon(tmp_path)
+    with first:
+        assert first.wait_listening()
+        with LazyDaemon(tmp_path / ".." / tmp_path.name) as second:
+            assert second.wait(30) != 0
+            assert "is in use" in second.output()
+    # the first daemon is gone: its socket is stale and may be taken over
+    with LazyDaemon(tmp_path) as third:
+        assert third.wait_listening()
+
+
+def test_work_dir_not_writable(tmp_path):
+    work = tmp_path / "ro"
+    work.mkdir()
+    os.chmod(work, 0o500)
+    with LazyDaemon(tmp_path, work_dir=work) as daemon:
+        if os.access(work, os.W_OK):
+            pytest.skip("root without CAP_DAC_OVERRIDE restrictions writes anywhere: cannot test")
+        assert daemon.wait(30) != 0
+        assert "not writable" in daemon.output()
