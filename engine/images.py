@@ -56,6 +56,9 @@ def _load(path, what):
         raise ImageError("%s: unreadable or corrupted %s image (%s)" % (path, what, e or type(e).__name__)) from e
 
 
+TASK_ZOMBIE = 0x06  # compel/include/uapi/task-state.h
+
+
 def task_pids(images_dir):
     """Pids of the dumped processes, in pstree order (zombies included)."""
     img = _load(os.path.join(images_dir, "pstree.img"), "pstree")
@@ -63,6 +66,16 @@ def task_pids(images_dir):
     if not pids:
         raise ImageError("%s: no processes" % os.path.join(images_dir, "pstree.img"))
     return pids
+
+
+def is_zombie(images_dir, pid):
+    """A zombie has no memory: CRIU sends -pid for it and no uffd."""
+    path = os.path.join(images_dir, "core-%d.img" % pid)
+    core = _load(path, "core")
+    try:
+        return core["entries"][0]["tc"]["task_state"] == TASK_ZOMBIE
+    except (IndexError, KeyError) as e:
+        raise ImageError("%s: no task state" % path) from e
 
 
 def _vmas(images_dir, pid):

@@ -49,7 +49,11 @@ def listen(work_dir):
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise SetupError("cannot create %s: %s (is the work dir writable?)" % (path, e.strerror)) from e
     sock.listen(1)
     return sock
 
@@ -88,23 +92,34 @@ class LazyPagesDaemon:
         self.loop = FaultLoop(self.store)
         self.fetcher = Fetcher(self.store, self.loop, self.source)
         self.sock = None
-        self.tasks = {}  # pid -> lazy pages
+        self._images = {}  # pid -> images.TaskImages of the live tasks, read by prepare()
+        self._nr_tasks = 0
+        self.tasks = {}  # pid -> lazy pages of the tasks restored
         self.zombies = []
         self.restore_finished_at = None
         self.completed = False
 
+    def prepare(self):
+        """Read and check every task's images before CRIU is let in: a broken
+        image fails here, naming the file, before anything is restored."""
+        pids = images.task_pids(self.images_dir)
+        self._nr_tasks = len(pids)  # CRIU sends one message per pstree entry
+        self._images = {pid: images.read_task(self.images_dir, pid) for pid in pids
+                        if not images.is_zombie(self.images_dir, pid)}
+        for pid, task in self._images.items():
+            self.source.add_task(pid, task)
+
     def listen(self):
+        self.prepare()
         self.sock = listen(self.work_dir)
 
     def _accept_task(self, conn, pid):
         """Register one restored task: its uffd, what it is owed, where the pages come from."""
         uffd = _recv_uffd(conn, pid)
-        try:
-            task = images.read_task(self.images_dir, pid)
-            self.source.add_task(pid, task)
-        except Exception:
+        task = self._images.get(pid)
+        if task is None:
             os.close(uffd)
-            raise
+            raise ProtocolError("criu restore sent pid %d, which is not in %s/pstree.img" % (pid, self.images_dir))
         self.loop.add_task(uffd, pid, pid)
         for run in task.runs:
             self.loop.add_owed(pid, run.vaddr, run.npages)
@@ -117,7 +132,6 @@ class LazyPagesDaemon:
         failure before the restore finished, which makes it fail.
         eager_delay: seconds between restore-finished and eager install,
         during which pages go in only when faulted (experiments, tests)."""
-        pids = images.task_pids(self.images_dir)  # fail before CRIU sends anything
         self.sock.settimeout(timeout)
         try:
             conn, _ = self.sock.accept()
@@ -128,7 +142,7 @@ class LazyPagesDaemon:
         self.loop.start()
         self.fetcher.start()
         with conn:
-            for _ in pids:
+            for _ in range(self._nr_tasks):
                 (pid,) = _INT.unpack(_recv_exact(conn, _INT.size, "a pid"))
                 if pid < 0:
                     self.zombies.append(-pid)

@@ -23,11 +23,12 @@ def wait_for(predicate, timeout, what):
 class LazyDaemon:
     """`hybridmig lazy-pages` as a child process, stopped by pid on exit."""
 
-    def __init__(self, images, *args, work_dir=None):
+    def __init__(self, images, *args, work_dir=None, log_dir=None):
         self.images = Path(images)
         self.work_dir = Path(work_dir or images)
-        self.stats_path = self.work_dir / "lazy-stats.json"
-        self.log_path = self.work_dir / "lazy-daemon.log"
+        log_dir = Path(log_dir or self.work_dir)
+        self.stats_path = log_dir / "lazy-stats.json"
+        self.log_path = log_dir / "lazy-daemon.log"
         cmd = HYBRIDMIG + ["lazy-pages", "-D", str(images), "-W", str(self.work_dir),
                            "--stats-json", str(self.stats_path), "--timeout", "60", *args]
         self.log = open(self.log_path, "w")

@@ -141,26 +141,59 @@ static void task_exited(hm_loop *l, struct task *t)
 	t->nwaiting = 0;
 }
 
-/* Interpret the result of UFFDIO_COPY/ZEROPAGE: `progress` is the ioctl's
- * copy/zeropage field, which holds the bytes done even when it fails half-way
- * (the ioctl then reports EAGAIN). Returns the pages dealt with, or <0. */
-static int64_t ioctl_outcome(int rc, int err, int64_t progress, uint64_t npages)
+/*
+ * One UFFDIO_COPY (data) or UFFDIO_ZEROPAGE (data NULL) of up to npages at
+ * addr. Returns the pages dealt with, of which *installed went in by us, or
+ * -errno. The ioctls report the bytes done even when they fail half-way (the
+ * ioctl then says EAGAIN), so progress always counts.
+ */
+static int64_t fill(struct task *t, uint64_t addr, uint64_t npages, const uint8_t *data, uint64_t *installed)
 {
-	if (rc == 0)
-		return npages;
-	if (progress > 0)
-		return progress / PAGE_SZ;
-	switch (err) {
-	case EEXIST:
-		/* Already mapped: another thread faulted it in a moment ago, or a
-		 * fault-around overlapped. Either way the page is there. */
-		return 1;
-	case ENOENT:
-		/* The VMA went away under us; its UNMAP event is on its way and the
-		 * pages are no longer owed. */
-		return npages;
-	default:
-		return -err;
+	*installed = 0;
+	for (;;) {
+		int64_t progress;
+		int rc;
+
+		if (data) {
+			struct uffdio_copy c = { .dst = addr, .src = (uint64_t)(uintptr_t)data, .len = npages * PAGE_SZ };
+			rc = ioctl(t->uffd, UFFDIO_COPY, &c);
+			progress = c.copy;
+		} else {
+			struct uffdio_zeropage z = { .range = { .start = addr, .len = npages * PAGE_SZ } };
+			rc = ioctl(t->uffd, UFFDIO_ZEROPAGE, &z);
+			progress = z.zeropage;
+		}
+		if (rc == 0)
+			progress = npages * PAGE_SZ;
+		if (progress > 0) {
+			*installed = progress / PAGE_SZ;
+			return *installed;
+		}
+		switch (errno) {
+		case EEXIST: {
+			/* Already mapped: another thread faulted it in a moment ago, or
+			 * a fault-around overlapped. Either way the page is there, but
+			 * a failed ioctl wakes no one: a thread still waiting on it
+			 * would sleep forever, so wake the page explicitly. */
+			struct uffdio_range wake = { .start = addr, .len = PAGE_SZ };
+			ioctl(t->uffd, UFFDIO_WAKE, &wake);
+			return 1;
+		}
+		case ENOENT:
+			/* The range leaves its VMA. An owed range may span two VMAs
+			 * (adjacent lazy VMAs merge in the interval list, and mprotect
+			 * splits VMAs after restore), but one ioctl works within one
+			 * VMA: halve until the range fits. A single page outside any
+			 * registered VMA is no longer owed; its UNMAP event is on its
+			 * way or already read. */
+			if (npages > 1) {
+				npages /= 2;
+				continue;
+			}
+			return 1;
+		default:
+			return -errno;
+		}
 	}
 }
 
@@ -172,9 +205,10 @@ static enum install_result install(hm_loop *l, struct task *t, uint64_t addr, ui
 				   uint64_t *done)
 {
 	uint64_t start, end, npages;
+	uint64_t installed;
 	const uint8_t *data;
 	int64_t n;
-	int kind, rc, err;
+	int kind;
 
 	*done = 0;
 	if (t->exited)
@@ -185,20 +219,11 @@ static enum install_result install(hm_loop *l, struct task *t, uint64_t addr, ui
 
 	store_task_lock(t->st);
 	kind = store_run(t->st, addr, max_pages, &npages, &data);
-	if (kind == HM_PAGE_DATA) {
-		struct uffdio_copy c = { .dst = addr, .src = (uint64_t)(uintptr_t)data, .len = npages * PAGE_SZ };
-		rc = ioctl(t->uffd, UFFDIO_COPY, &c);
-		err = errno;
-		n = ioctl_outcome(rc, err, c.copy, npages);
-	} else if (kind == HM_PAGE_ZERO) {
-		struct uffdio_zeropage z = { .range = { .start = addr, .len = npages * PAGE_SZ } };
-		rc = ioctl(t->uffd, UFFDIO_ZEROPAGE, &z);
-		err = errno;
-		n = ioctl_outcome(rc, err, z.zeropage, npages);
-	} else {
+	if (kind == HM_PAGE_ABSENT) {
 		store_task_unlock(t->st);
 		return ABSENT;
 	}
+	n = fill(t, addr, npages, data, &installed);
 	if (n > 0)
 		store_release(t->st, addr, n);
 	store_task_unlock(t->st);
@@ -217,14 +242,12 @@ static enum install_result install(hm_loop *l, struct task *t, uint64_t addr, ui
 	}
 	hm_ranges_remove(t->owed, addr, addr + n * PAGE_SZ);
 	*done = n;
-	if (rc == 0 || err != ENOENT) {
-		if (kind == HM_PAGE_ZERO) {
-			l->st.pages_zero += n;
-		} else {
-			l->st.bytes_copied += n * PAGE_SZ;
-			l->st.pages_fault += faulted ? 1 : 0;
-			l->st.pages_prefetch += faulted ? n - 1 : n;
-		}
+	if (kind == HM_PAGE_ZERO) {
+		l->st.pages_zero += installed;
+	} else if (installed) {
+		l->st.bytes_copied += installed * PAGE_SZ;
+		l->st.pages_fault += faulted ? 1 : 0;
+		l->st.pages_prefetch += faulted ? installed - 1 : installed;
 	}
 	return INSTALLED;
 }
@@ -232,9 +255,8 @@ static enum install_result install(hm_loop *l, struct task *t, uint64_t addr, ui
 /* A fault outside what is owed: the page was never lazy, or was dropped. */
 static enum install_result install_zero(hm_loop *l, struct task *t, uint64_t addr)
 {
-	struct uffdio_zeropage z = { .range = { .start = addr, .len = PAGE_SZ } };
-	int rc = ioctl(t->uffd, UFFDIO_ZEROPAGE, &z);
-	int64_t n = ioctl_outcome(rc, errno, z.zeropage, 1);
+	uint64_t installed;
+	int64_t n = fill(t, addr, 1, NULL, &installed);
 
 	if (n == -EAGAIN) {
 		t->blocked = 1;
@@ -248,8 +270,7 @@ static enum install_result install_zero(hm_loop *l, struct task *t, uint64_t add
 		l->st.error = n;
 		return GONE;
 	}
-	if (rc == 0)
-		l->st.pages_zero++;
+	l->st.pages_zero += installed;
 	return INSTALLED;
 }
 
@@ -274,7 +295,7 @@ static int add_waiting(struct task *t, uint64_t addr, uint64_t since_ns)
 	return 0;
 }
 
-/* Serve one faulted page; 1 if served, 0 if it must wait, <0 on error. */
+/* Serve one faulted page, or queue it until it can be: 0, or -errno. */
 static int serve_fault(hm_loop *l, struct task *t, uint64_t addr, uint64_t since_ns)
 {
 	enum install_result r;
@@ -290,9 +311,9 @@ static int serve_fault(hm_loop *l, struct task *t, uint64_t addr, uint64_t since
 		record_latency(l, since_ns);
 		l->hint_task = t;
 		l->hint_addr = addr;
-		return 1;
+		return 0;
 	case GONE:
-		return l->st.error ? (int)l->st.error : 1;
+		return (int)l->st.error;
 	case ABSENT:
 		if (l->miss_wr >= 0) {
 			struct hm_miss m = { t->key, addr };
@@ -303,7 +324,7 @@ static int serve_fault(hm_loop *l, struct task *t, uint64_t addr, uint64_t since
 		}
 		/* fall through */
 	case BLOCKED:
-		return add_waiting(t, addr, since_ns) ?: 0;
+		return add_waiting(t, addr, since_ns);
 	}
 	return 0;
 }
@@ -458,7 +479,7 @@ static int handle_uffd(hm_loop *l, struct task *t)
 	}
 	if (!rc && !t->blocked && t->nwaiting)
 		retry_waiting(l, t);
-	return rc < 0 ? rc : 0;
+	return rc;
 }
 
 /* --- eager install -------------------------------------------------------- */
@@ -573,9 +594,15 @@ static void *loop_main(void *arg)
 			}
 			l->idle = 0;
 		}
+		/* EAGAIN with no event to read: mmap_changing is raised while the
+		 * kernel waits for us to read an event on another uffd (a fork
+		 * holds the parent's), so retry after the pause. */
 		if (timeout == 1)
-			for (struct task *t = l->tasks; t; t = t->next)
+			for (struct task *t = l->tasks; t; t = t->next) {
 				t->blocked = 0;
+				if (t->nwaiting && !t->exited)
+					retry_waiting(l, t);
+			}
 		if (l->eager && !l->idle && !l->st.error)
 			l->idle = !install_batch(l);
 		if (!l->done && all_done(l)) {
