@@ -84,5 +84,75 @@ def lazy_pages(images_dir, work_dir, status_fd, log_file, verbosity, no_default_
         err=True,
     )
 
+def _size(text):
+    """A byte count with an optional K/M/G suffix (powers of 1024)."""
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("b").rstrip("i")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise click.BadParameter("%r is not a size such as 100M" % text)
+
+
+@main.command()
+@click.option("--listen", required=True, help="ADDRESS:PORT to accept sources on")
+@click.option("--dir", "base_dir", required=True, type=click.Path(file_okay=False), help="work directory for sessions")
+@click.option("--key-file", required=True, type=click.Path(dir_okay=False), help="shared secret, as on the source")
+@click.option("--once", is_flag=True, help="exit after the first migration (0 if it committed)")
+@click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
+def serve(listen, base_dir, key_file, once, verbosity):
+    """Destination: keep pre-copied pages in RAM and restore migrated processes."""
+    from . import serve as destination
+    from . import wire
+
+    _setup_logging(verbosity, None)
+    try:
+        outcome = destination.serve(listen, base_dir, wire.read_key(key_file), once=once)
+    except HybridmigError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if once and outcome != "committed":
+        fail("the migration did not complete: %s" % outcome)
+
+
+@main.command()
+@click.argument("pid", type=int)
+@click.option("--to", required=True, help="ADDRESS:PORT of `hybridmig serve`")
+@click.option("--key-file", required=True, type=click.Path(dir_okay=False), help="shared secret, as on the destination")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--max-rounds", type=int, default=30, show_default=True, help="pre-copy rounds at most")
+@click.option("--target-downtime", type=float, default=300.0, show_default=True,
+              help="ms: stop pre-copy once the last transfer is estimated to fit")
+@click.option("--bandwidth-limit", default="0", help="bytes/s for pre-copy, e.g. 100M (0: no limit)")
+@click.option("--criu-opt", "criu_opts", multiple=True, help="extra CRIU option for dump and restore (repeatable)")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds for the dump and for the restore")
+@click.option("--no-compress", is_flag=True, help="send pages without lz4")
+@click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
+def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit, criu_opts, timeout, no_compress,
+        verbosity):
+    """Source: live-migrate process tree PID to a destination."""
+    from . import wire
+    from .progress import RunProgress
+    from .run import Migration
+
+    _setup_logging(verbosity, None)
+    show = RunProgress(enabled=not as_json)
+    try:
+        report = Migration(pid, to, wire.read_key(key_file), max_rounds=max_rounds,
+                           target_downtime_ms=target_downtime, bandwidth_limit=_size(bandwidth_limit),
+                           criu_opts=criu_opts, timeout=timeout, progress=show.update,
+                           compress=not no_compress).run()
+    except HybridmigError as e:
+        if as_json:
+            click.echo(json.dumps({"result": "failed", "error": str(e), "pid": pid}))
+        fail("%s (pid %d keeps running on the source)" % (e, pid))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        show.summary(report)
+
+
 from .doctor import doctor  # noqa: E402
 main.add_command(doctor)

@@ -1,0 +1,84 @@
+"""Running CRIU: where it is, what its logs say, and the lazy dump of the
+switch-over with its post-dump hook."""
+import os
+import socket
+import subprocess
+import sys
+
+from . import doctor
+from .errors import CriuError
+
+HOOK_ENV = "HYBRIDMIG_HOOK_SOCKET"
+PAGE_SERVER_ENV = "HYBRIDMIG_PAGE_SERVER_PORT"
+
+
+def criu_binary():
+    return doctor.require_criu()
+
+
+def log_tail(path, errors=8, tail=6):
+    """The error lines and last lines of a CRIU log, for messages."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        return "(no log %s: %s)" % (path, e.strerror)
+    errs = [line for line in lines if "Error" in line and "RLIMIT_NOFILE" not in line]
+    picked = errs[:errors] + [line for line in lines[-tail:] if line not in errs]
+    return "\n  ".join([""] + picked)
+
+
+def hook_path():
+    """The action-script CRIU runs: hybridmig's hook, beside this interpreter."""
+    path = os.path.join(os.path.dirname(sys.executable), "hybridmig-criu-hook")
+    if not os.access(path, os.X_OK):
+        raise CriuError("the CRIU hook %s is missing: reinstall hybridmig (make setup)" % path)
+    return path
+
+
+class LazyDump:
+    """`criu dump --lazy-pages` whose post-dump step asks us what to do.
+
+    CRIU runs the hook once the images are written and the tasks frozen; the
+    hook connects to `hook_sock` and exits with the verdict we send: 0 lets
+    the dump finish (the tasks end once its page server is closed), anything
+    else makes CRIU resume them (criu/cr-dump.c, cr_dump_finish)."""
+
+    def __init__(self, pid, images_dir, port, hook_sock, criu_opts=(), netns=None):
+        self.images_dir = images_dir
+        self.log = os.path.join(images_dir, "dump.log")
+        cmd = ["nsenter", "--net=/run/netns/%s" % netns] if netns else []
+        cmd += [criu_binary(), "dump", "-t", str(pid), "-D", images_dir, "-W", images_dir,
+                "--lazy-pages", "--address", "127.0.0.1", "--port", str(port),
+                "--action-script", hook_path(), "-o", "dump.log", "-v4", *criu_opts]
+        env = dict(os.environ, **{HOOK_ENV: hook_sock, PAGE_SERVER_ENV: str(port)})
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env=env, text=True)
+
+    def failed(self):
+        """None while running or after success, else the reason."""
+        rc = self.proc.poll()
+        if rc in (None, 0):
+            return None
+        return "criu dump failed (exit %d):%s" % (rc, log_tail(self.log))
+
+    def wait(self, timeout):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def hook_listener(path):
+    """The unix socket the hook connects to."""
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(1)
+    return sock

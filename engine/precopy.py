@@ -1,0 +1,190 @@
+"""Pre-copy on the source: ship the memory of a running process tree to the
+destination, then what was written since, round after round, until what is
+left is small enough for the switch-over.
+
+What the destination holds is mirrored here as one interval list per task
+(`held`): pages sent, minus ranges invalidated. Round 0 sends every tracked
+VMA whole; each later round sends the pages the tracker saw written."""
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import wire
+from .bindings.ranges import Ranges
+from .tracker import read_pages
+from .wire import Msg
+
+PAGE_SIZE = 4096
+BATCH_PAGES = 256  # 1 MiB of pages per PAGES frame
+
+
+@dataclass
+class Round:
+    number: int
+    pages_scanned: int = 0
+    pages_written: int = 0
+    pages_sent: int = 0
+    pages_zero: int = 0
+    bytes_raw: int = 0
+    bytes_wire: int = 0
+    duration_s: float = 0.0
+    scan_s: float = 0.0
+    dirty_rate_pps: float = 0.0
+    bandwidth_bps: float = 0.0
+    est_downtime_ms: float = 0.0
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def ns_pid(host_pid):
+    """The pid of host_pid in its own (innermost) pid namespace: CRIU's images,
+    and so the destination's store, know tasks by that pid."""
+    with open("/proc/%d/status" % host_pid) as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    return host_pid
+
+
+def _pages(ranges):
+    return sum((e - s) // PAGE_SIZE for s, e in ranges)
+
+
+class Throttle:
+    """--bandwidth-limit as a token bucket over bytes put on the wire."""
+
+    def __init__(self, bytes_per_s):
+        self.rate = bytes_per_s
+        self.t = time.monotonic()
+        self.sent = 0
+
+    def account(self, n):
+        if not self.rate:
+            return
+        self.sent += n
+        ahead = self.sent / self.rate - (time.monotonic() - self.t)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+@dataclass
+class Sender:
+    """Reads pages of the source tasks and sends them as PAGES frames."""
+
+    channel: wire.Channel
+    keys: dict  # host pid -> ns pid (store key)
+    compress: bool = True
+    throttle: Throttle = None
+    held: dict = field(default_factory=dict)  # ns pid -> Ranges held by the destination
+
+    def send_ranges(self, pid, ranges, rnd):
+        key = self.keys[pid]
+        held = self.held.setdefault(key, Ranges())
+        for start, end in ranges:
+            for vaddr, data, zero_bitmap, npages, nzero in read_pages(pid, start, end, BATCH_PAGES):
+                body = wire.encode_pages(key, vaddr, data, zero_bitmap, npages, self.compress)
+                self.channel.send(Msg.PAGES, body)
+                held.add(vaddr, vaddr + npages * PAGE_SIZE)
+                rnd.pages_sent += npages
+                rnd.pages_zero += nzero
+                rnd.bytes_raw += (npages - nzero) * PAGE_SIZE
+                rnd.bytes_wire += len(body)
+                if self.throttle:
+                    self.throttle.account(len(body))
+
+    def invalidate(self, pid, ranges):
+        key = self.keys[pid]
+        held = self.held.setdefault(key, Ranges())
+        for start, end in ranges:
+            self.channel.send(Msg.INVALIDATE, wire.encode_range(key, start, (end - start) // PAGE_SIZE))
+            held.remove(start, end)
+
+
+class PreCopy:
+    """Rounds until convergence. `progress(round)` is called after each."""
+
+    def __init__(self, tracker, sender, max_rounds=30, target_downtime_ms=300.0, progress=None):
+        self.tracker = tracker
+        self.sender = sender
+        self.max_rounds = max_rounds
+        self.target_downtime_ms = target_downtime_ms
+        self.progress = progress or (lambda rnd: None)
+        self.rounds = []
+        self.pending = {}  # host pid -> dirty ranges seen but not sent (carried to the final round)
+        self.bandwidth = 0.0
+
+    def _ack(self, rnd):
+        """A round marker the destination acknowledges once all before it is stored."""
+        self.sender.channel.send(Msg.ROUND, wire.encode_round(rnd.number, rnd.as_dict()))
+        while True:
+            kind, payload = self.sender.channel.recv()
+            if kind == Msg.ROUND_ACK and wire.decode_ack(payload)[0] == rnd.number:
+                return
+            raise wire.ProtocolError("expected the ack of round %d, got %s" % (rnd.number, kind.name))
+
+    def _finish(self, rnd, t0):
+        self._ack(rnd)
+        rnd.duration_s = time.monotonic() - t0
+        if rnd.bytes_wire and rnd.duration_s > 0:
+            self.bandwidth = rnd.bytes_wire / rnd.duration_s
+        rnd.bandwidth_bps = self.bandwidth
+        self.rounds.append(rnd)
+        self.progress(rnd)
+
+    def first_round(self):
+        rnd = Round(0)
+        t0 = time.monotonic()
+        for pid, vmas in self.tracker.vmas().items():
+            rnd.pages_scanned += _pages(vmas)
+            self.sender.send_ranges(pid, vmas, rnd)
+        rnd.pages_written = rnd.pages_scanned
+        self._finish(rnd, t0)
+        return rnd
+
+    def scan(self, rnd):
+        t = time.monotonic()
+        results = self.tracker.scan()
+        rnd.scan_s = time.monotonic() - t
+        dirty = {}
+        for pid, res in results.items():
+            if res.removed:
+                self.sender.invalidate(pid, res.removed)
+            rnd.pages_scanned += res.pages_scanned
+            dirty[pid] = res.dirty
+            rnd.pages_written += _pages(res.dirty)
+        return dirty
+
+    def next_round(self, number):
+        """Scan; decide. Returns (round, converged); a converged round sends
+        nothing and leaves its dirty pages in self.pending for the final round."""
+        rnd = Round(number)
+        t0 = time.monotonic()
+        since = self.rounds[-1].duration_s if self.rounds else 0
+        dirty = self.scan(rnd)
+        rnd.dirty_rate_pps = rnd.pages_written / since if since else 0.0
+        rnd.est_downtime_ms = (rnd.pages_written * PAGE_SIZE / self.bandwidth * 1000) if self.bandwidth else 0.0
+        prev = self.rounds[-1].pages_written if self.rounds else None
+        converged = (
+            rnd.est_downtime_ms <= self.target_downtime_ms
+            or number >= self.max_rounds
+            or (number >= 2 and prev is not None and rnd.pages_written >= 0.95 * prev)
+        )
+        if converged:
+            self.pending = dirty
+            rnd.duration_s = time.monotonic() - t0
+            self.rounds.append(rnd)
+            self.progress(rnd)
+            return rnd, True
+        for pid, ranges in dirty.items():
+            self.sender.send_ranges(pid, ranges, rnd)
+        self._finish(rnd, t0)
+        return rnd, False
+
+    def run(self):
+        self.first_round()
+        number = 1
+        while True:
+            _, converged = self.next_round(number)
+            if converged:
+                return self.rounds
+            number += 1

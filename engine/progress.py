@@ -1,0 +1,35 @@
+"""What `hybridmig run` shows on a terminal: one line per pre-copy round,
+then the downtime breakdown."""
+from rich.console import Console
+from rich.table import Table
+
+
+def _mib(n):
+    return n / (1 << 20)
+
+
+class RunProgress:
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+
+    def update(self, kind, rnd):
+        if not self.enabled or kind != "round":
+            return
+        self.console.print(
+            "round %2d: %8d pages written, %8d sent (%7.1f MiB raw, %7.1f MiB on the wire) in %6.3f s; "
+            "dirty %8.0f pages/s; est. downtime %7.1f ms"
+            % (rnd.number, rnd.pages_written, rnd.pages_sent, _mib(rnd.bytes_raw), _mib(rnd.bytes_wire),
+               rnd.duration_s, rnd.dirty_rate_pps, rnd.est_downtime_ms))
+
+    def summary(self, report):
+        t = Table(title="migrated pid %d to %s" % (report["pid"], report["to"]))
+        t.add_column("step")
+        t.add_column("ms", justify="right")
+        for name, ms in report["breakdown"].items():
+            t.add_row(name.replace("_ms", "").replace("_", " "), "%.1f" % ms)
+        t.add_row("[b]downtime[/b]", "[b]%.1f[/b]" % report["downtime_ms"])
+        self.console.print(t)
+        self.console.print("%d rounds, %.1f MiB sent, %d remote faults; restored as pid %s"
+                           % (len(report["rounds"]), _mib(report["bytes_sent"]), report["remote_faults"],
+                              report["restored_pid"]))

@@ -1,0 +1,267 @@
+"""`hybridmig run`: live-migrate a process tree to a `hybridmig serve`.
+
+Pre-copy rounds while the tree runs; then `criu dump --lazy-pages`, whose
+post-dump hook (tasks frozen, images written) sends the last dirty pages and
+the images; the destination restores from its page store and reports; only a
+reported success lets CRIU end the source. Anything else resumes it."""
+import os
+import select
+import socket
+import tempfile
+import time
+import shutil
+
+import psutil
+
+from . import images, wire
+from .criu import LazyDump, hook_listener
+from .errors import CriuError, HybridmigError, ProtocolError, SetupError
+from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid
+from .tracker import TreeTracker, read_pages
+from .wire import Msg
+
+
+def boot_id():
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def check_target(pid):
+    """Refuse what cannot be migrated, before touching anything."""
+    try:
+        proc = psutil.Process(pid)
+        proc.status()
+    except psutil.NoSuchProcess as e:
+        raise SetupError("no process with pid %d" % pid) from e
+    if pid == os.getpid() or pid in (p.pid for p in psutil.Process().parents()):
+        raise SetupError("pid %d is hybridmig itself or one of its parents" % pid)
+    if not os.path.exists("/proc/%d/exe" % pid) or not open("/proc/%d/maps" % pid).read():
+        raise SetupError("pid %d is a kernel thread: it has no memory to migrate" % pid)
+    return proc
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Migration:
+    def __init__(self, pid, to, key, max_rounds=30, target_downtime_ms=300.0, bandwidth_limit=0,
+                 criu_opts=(), work_dir=None, timeout=120.0, progress=None, compress=True):
+        self.pid = pid
+        self.to = to
+        self.key = key
+        self.max_rounds = max_rounds
+        self.target_downtime_ms = target_downtime_ms
+        self.bandwidth_limit = bandwidth_limit
+        self.criu_opts = list(criu_opts)
+        self.work_dir = work_dir
+        self.timeout = timeout
+        self.progress = progress or (lambda kind, obj: None)
+        self.compress = compress
+        self.times = {}
+        self.rounds = []
+        self.final = Round(-1)
+        self.remote_faults = 0
+        self.result = None
+        self.channel = None
+        self.tracker = None
+
+    # --- the steps --------------------------------------------------------------
+
+    def run(self):
+        """Migrate; returns the report. Raises HybridmigError with the source
+        running and intact on any failure before the destination confirmed."""
+        check_target(self.pid)
+        same_host_init_check = self._connect()
+        if same_host_init_check and ns_pid(self.pid) != 1:
+            raise SetupError(
+                "pid %d is not the init of its own pid namespace, and the destination is this same machine: "
+                "CRIU restores the tree with its pids, which the frozen source still holds until the "
+                "destination confirms; start the workload with `unshare -p -f setsid ...`" % self.pid)
+        self.times["start"] = time.time()
+        tree = [self.pid] + [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
+        self.tracker = TreeTracker(self.pid)
+        self.times["attach_stop_ms"] = self.tracker.attach()
+        try:
+            self.sender = Sender(self.channel, {p: ns_pid(p) for p in tree}, self.compress,
+                                 Throttle(self.bandwidth_limit) if self.bandwidth_limit else None)
+            precopy = PreCopy(self.tracker, self.sender, self.max_rounds, self.target_downtime_ms,
+                              progress=lambda rnd: self.progress("round", rnd))
+            self.rounds = precopy.run()
+            self.pending = precopy.pending
+            self.times["precopy_done"] = time.time()
+            self._switch_over()
+        finally:
+            if self.tracker is not None:
+                self.tracker.detach()
+            self.channel.close()
+        return self.report()
+
+    def _connect(self):
+        self.channel = wire.connect(self.to, self.key)
+        kind, payload = self.channel.recv()
+        if kind != Msg.HOST:
+            raise ProtocolError("%s did not describe itself" % self.channel.peer)
+        host = wire.decode_json(payload)
+        return host.get("boot_id") == boot_id()
+
+    def _switch_over(self):
+        work = self.work_dir or tempfile.mkdtemp(prefix="hybridmig-run-")
+        images_dir = os.path.join(work, "images")
+        os.makedirs(images_dir, exist_ok=True)
+        hook_sock_path = os.path.join(work, "hook.sock")
+        hook_sock = hook_listener(hook_sock_path)
+        dump = None
+        try:
+            self.times["freeze"] = time.time()
+            dump = LazyDump(self.pid, images_dir, _free_port(), hook_sock_path, self.criu_opts)
+            conn = self._wait_for_hook(hook_sock, dump)
+            self.times["dumped"] = time.time()
+            with conn:
+                verdict = self._final(images_dir)
+                conn.sendall(b"0" if verdict else b"1")
+            rc = dump.wait(self.timeout)
+            self.times["source_done"] = time.time()
+            if rc == 0 and verdict:
+                self.channel.send(Msg.COMMIT)
+                self._expect_done()
+                return
+            if verdict:
+                # The destination runs, but CRIU failed after our confirmation and
+                # resumed the source: keep exactly one copy, the source.
+                self.channel.send(Msg.ABORT)
+                self._expect_done()
+                raise CriuError(dump.failed() or "criu dump did not finish: the source was resumed")
+            self._abort_destination()
+            raise HybridmigError("the destination did not restore the process: %s; the source was resumed"
+                                 % (self.result or {}).get("error", "no result"))
+        except BaseException:
+            if dump is not None and dump.proc.poll() is None and "dumped" not in self.times:
+                dump.kill()  # CRIU resumes what it froze when it dies before post-dump
+            raise
+        finally:
+            hook_sock.close()
+            if dump is not None:
+                dump.wait(self.timeout)
+            if not self.work_dir:
+                shutil.rmtree(work, ignore_errors=True)
+
+    def _wait_for_hook(self, hook_sock, dump):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if select.select([hook_sock], [], [], 0.05)[0]:
+                conn, _ = hook_sock.accept()
+                conn.recv(64)
+                return conn
+            failed = dump.failed()
+            if failed:
+                raise CriuError("%s; the source keeps running" % failed)
+            if time.monotonic() > deadline:
+                raise CriuError("criu dump did not reach post-dump within %ss" % self.timeout)
+
+    def _final(self, images_dir):
+        """Tasks frozen: the last dirty pages, the pages CRIU lists that the
+        destination lacks, the images; then restore. True once confirmed."""
+        try:
+            final = self.final = Round(len(self.rounds))
+            dirty = {}
+            for pid, res in self.tracker.scan().items():
+                if res.removed:
+                    self.sender.invalidate(pid, res.removed)
+                dirty[pid] = list(res.dirty) + list(self.pending.get(pid, []))
+                final.pages_written += sum((e - s) // PAGE_SIZE for s, e in dirty[pid])
+            self.tracker.detach()
+            for pid, key in self.sender.keys.items():
+                need = self._lacking(images_dir, key, dirty.get(pid, []))
+                self.sender.send_ranges(pid, need, final)
+            self.times["final_sent"] = time.time()
+            for name in sorted(os.listdir(images_dir)):
+                if name.endswith(".log"):
+                    continue
+                with open(os.path.join(images_dir, name), "rb") as f:
+                    self.channel.send(Msg.FILE, wire.encode_file(name, f.read()))
+            self.channel.send_json(Msg.RESTORE, {"criu_opts": self.criu_opts})
+            self.times["images_sent"] = time.time()
+            self.result = self._await_result()
+            self.times["restored"] = time.time()
+            return bool(self.result.get("ok"))
+        except HybridmigError as e:
+            self.result = {"ok": False, "error": str(e)}
+            return False
+
+    def _lacking(self, images_dir, key, dirty):
+        """Dirty pages, and lazy pages of the final images the destination lacks."""
+        from .bindings.ranges import Ranges
+
+        need = Ranges(dirty)
+        held = self.sender.held.get(key) or Ranges()
+        try:
+            task = images.read_task(images_dir, key)
+        except HybridmigError:
+            return list(need)  # a zombie, or a task that has no memory
+        for run in task.runs:
+            start = run.vaddr
+            while start < run.end:
+                nxt = held.next(start)
+                if not nxt or nxt[0] >= run.end:
+                    need.add(start, run.end)
+                    break
+                if nxt[0] > start:
+                    need.add(start, nxt[0])
+                start = nxt[1]
+        return list(need)
+
+    def _await_result(self):
+        """Serve remote faults until the destination reports."""
+        host_of = {key: pid for pid, key in self.sender.keys.items()}
+        while True:
+            kind, payload = self.channel.recv()
+            if kind == Msg.FETCH:
+                key, vaddr, npages = wire.decode_range(payload)
+                self.remote_faults += npages
+                self.sender.send_ranges(host_of[key], [(vaddr, vaddr + npages * PAGE_SIZE)], self.final)
+            elif kind == Msg.RESULT:
+                return wire.decode_json(payload)
+            else:
+                raise ProtocolError("unexpected %s while the destination restores" % kind.name)
+
+    def _expect_done(self):
+        kind, _ = self.channel.recv()
+        if kind != Msg.DONE:
+            raise ProtocolError("expected DONE, got %s" % kind.name)
+
+    def _abort_destination(self):
+        try:
+            self.channel.send(Msg.ABORT)
+            self._expect_done()
+        except ProtocolError:
+            pass  # the destination is gone: it ends an unconfirmed restore itself
+
+    # --- report --------------------------------------------------------------------
+
+    def report(self):
+        t = self.times
+        downtime = (t.get("restored", 0) - t["freeze"]) if "restored" in t else None
+        breakdown = {
+            "freeze_to_dumped_ms": (t["dumped"] - t["freeze"]) * 1000,
+            "final_pages_ms": (t["final_sent"] - t["dumped"]) * 1000,
+            "images_ms": (t["images_sent"] - t["final_sent"]) * 1000,
+            "restore_ms": (t["restored"] - t["images_sent"]) * 1000,
+        }
+        rounds = [r.as_dict() for r in self.rounds] + [dict(self.final.as_dict(), final=True)]
+        return {
+            "result": "migrated",
+            "pid": self.pid,
+            "to": self.to,
+            "rounds": rounds,
+            "downtime_ms": downtime * 1000 if downtime is not None else None,
+            "breakdown": breakdown,
+            "bytes_sent": self.channel.bytes_sent,
+            "remote_faults": self.remote_faults,
+            "attach_stop_ms": t.get("attach_stop_ms"),
+            "precopy_s": t["precopy_done"] - t["start"],
+            "restored_pid": (self.result or {}).get("restored_pid"),
+            "destination": self.result,
+        }

@@ -1,0 +1,252 @@
+"""`hybridmig serve`: the destination.
+
+It keeps the pages that pre-copy rounds send resident in a RAM page store,
+takes the final CRIU images, restores them with `criu restore --lazy-pages`
+while its own fault loop serves every page from that store, and reports the
+result to the source, which only then lets go of its copy (docs/design.md).
+"""
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+from . import wire
+from .bindings.pagestore import PageStore
+from .criu import criu_binary, log_tail
+from .errors import HybridmigError, ProtocolError
+from .lazypages import LazyPagesDaemon
+from .wire import Msg
+
+log = logging.getLogger("hybridmig.serve")
+PAGE_SIZE = 4096
+
+
+def store_pages(store, key, vaddr, npages, zero, data):
+    """Put one PAGES body into the store: runs of zero pages as flags."""
+    data = memoryview(data)
+    i = off = 0
+    while i < npages:
+        is_zero = zero[i >> 3] >> (i & 7) & 1
+        j = i + 1
+        while j < npages and (zero[j >> 3] >> (j & 7) & 1) == is_zero:
+            j += 1
+        if is_zero:
+            store.put_zero(key, vaddr + i * PAGE_SIZE, j - i)
+        else:
+            n = (j - i) * PAGE_SIZE
+            store.put(key, vaddr + i * PAGE_SIZE, data[off:off + n])
+            off += n
+        i = j
+
+
+class RemotePages:
+    """The lazy daemon's page source on the destination: pages are already in
+    the store; any that are not (a remote fault, which pre-copy should make
+    impossible) are fetched from the frozen source over the session."""
+
+    def __init__(self, channel, store, timeout=60.0):
+        self.channel, self.store, self.timeout = channel, store, timeout
+        self.arrived = threading.Condition()
+        self.remote_pages = 0
+
+    def add_task(self, key, task):
+        pass  # every lazy run is owed; presence is checked per request
+
+    def _complete(self, key, vaddr, npages):
+        data, zero = self.store.count(key, vaddr, npages)
+        return data + zero == npages
+
+    def read_into(self, store, key, vaddr, npages):
+        if self._complete(key, vaddr, npages):
+            return
+        self.remote_pages += npages
+        log.warning("remote fault: pid %d, %d pages at 0x%x", key, npages, vaddr)
+        self.channel.send(Msg.FETCH, wire.encode_range(key, vaddr, npages))
+        deadline = time.monotonic() + self.timeout
+        with self.arrived:
+            while not self._complete(key, vaddr, npages):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ProtocolError("source did not send %d pages at 0x%x of pid %d in %ss"
+                                        % (npages, vaddr, key, self.timeout))
+                self.arrived.wait(left)
+
+    def pages_arrived(self):
+        with self.arrived:
+            self.arrived.notify_all()
+
+    def abort(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class Session:
+    """One migration from one source, from the first page to COMMIT/ABORT."""
+
+    def __init__(self, channel, base_dir, restore_timeout=120.0):
+        self.channel = channel
+        self.store = PageStore()
+        self.dir = tempfile.mkdtemp(prefix="session-", dir=base_dir)
+        self.images = os.path.join(self.dir, "images")
+        os.mkdir(self.images)
+        self.remote = RemotePages(channel, self.store)
+        self.restore_timeout = restore_timeout
+        self.restored_pid = None
+        self.result = None
+        self.rounds = 0
+        self._restorer = None
+
+    def run(self):
+        """Serve frames until the source commits or aborts; returns 'committed' or 'aborted'."""
+        while True:
+            kind, payload = self.channel.recv()
+            if kind == Msg.PAGES:
+                store_pages(self.store, *wire.decode_pages(payload))
+                self.remote.pages_arrived()
+            elif kind == Msg.INVALIDATE:
+                self.store.invalidate(*wire.decode_range(payload))
+            elif kind == Msg.ROUND:
+                self.rounds, _ = wire.decode_round(payload)
+                st = self.store.stats()
+                self.channel.send(Msg.ROUND_ACK, wire.encode_ack(self.rounds, st["pages_data"] + st["pages_zero"]))
+            elif kind == Msg.FILE:
+                name, data = wire.decode_file(payload)
+                with open(os.path.join(self.images, name), "wb") as f:
+                    f.write(data)
+            elif kind == Msg.RESTORE:
+                opts = wire.decode_json(payload)
+                self._restorer = threading.Thread(target=self._restore, args=(opts,), name="restore", daemon=True)
+                self._restorer.start()
+            elif kind == Msg.COMMIT:
+                self._join_restorer()
+                self.channel.send(Msg.DONE)
+                return "committed"
+            elif kind == Msg.ABORT:
+                self._join_restorer()
+                self.kill_restored()
+                self.channel.send(Msg.DONE)
+                return "aborted"
+            else:
+                raise ProtocolError("unexpected %s from the source" % kind.name)
+
+    def _join_restorer(self):
+        if self._restorer is not None:
+            self._restorer.join(self.restore_timeout + 60)
+
+    def _restore(self, opts):
+        """criu restore --lazy-pages served from the store; RESULT to the source."""
+        t0 = time.time()
+        result = {"ok": False}
+        daemon = None
+        try:
+            daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store)
+            daemon.listen()
+            served = {}
+            server = threading.Thread(target=lambda: served.update(stats=daemon.serve(timeout=30)),
+                                      name="lazy-pages", daemon=True)
+            server.start()
+            pidfile = os.path.join(self.dir, "restore.pid")
+            cmd = [criu_binary(), "restore", "-D", self.images, "-W", self.images, "--lazy-pages", "-d",
+                   "--pidfile", pidfile, "-o", "restore.log", "-v4", *opts.get("criu_opts", [])]
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=self.restore_timeout)
+            t_restored = time.time()
+            if os.path.exists(pidfile):
+                self.restored_pid = int(open(pidfile).read().strip() or 0) or None
+            if proc.returncode != 0:
+                self.kill_restored()
+                raise HybridmigError("criu restore failed (exit %d): %s"
+                                     % (proc.returncode, log_tail(os.path.join(self.images, "restore.log"))))
+            server.join(self.restore_timeout)
+            if server.is_alive() or "stats" not in served:
+                raise HybridmigError("the restored process's pages were not all installed")
+            result = {"ok": True, "restored_pid": self.restored_pid, "restore_s": t_restored - t0,
+                      "installed_s": time.time() - t0, "remote_pages": self.remote.remote_pages,
+                      "lazy": served["stats"]}
+        except Exception as e:  # reported to the source, which then resumes its copy
+            log.error("restore failed: %s", e)
+            self.kill_restored()
+            result = {"ok": False, "error": str(e)}
+        finally:
+            if daemon is not None:
+                daemon.close()
+        self.result = result
+        try:
+            self.channel.send_json(Msg.RESULT, result)
+        except ProtocolError as e:
+            log.error("could not report the restore result: %s", e)
+
+    def kill_restored(self):
+        """End a restored copy the source did not commit to, by its pid."""
+        if self.restored_pid:
+            try:
+                os.kill(self.restored_pid, 9)
+            except ProcessLookupError:
+                pass
+            self.restored_pid = None
+
+    def cleanup(self, keep=False):
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _boot_id():
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def serve(listen, base_dir, key, once=False, ready=None):
+    """Accept sources one at a time; with `once`, return after the first session's outcome."""
+    host, port = wire.parse_addr(listen)
+    if not os.path.isdir(base_dir) or not os.access(base_dir, os.W_OK):
+        raise HybridmigError("--dir %s is not a writable directory" % base_dir)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    lsock = socket.socket(family, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        lsock.bind((host, port))
+    except OSError as e:
+        raise HybridmigError("cannot listen on %s: %s" % (listen, e.strerror)) from e
+    lsock.listen(4)
+    log.info("listening on %s", listen)
+    if ready is not None:
+        ready()
+    outcome = None
+    try:
+        while True:
+            sock, peer = lsock.accept()
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            channel = wire.Channel(sock, "%s:%d" % peer[:2])
+            try:
+                channel.server_handshake(key)
+            except ProtocolError as e:
+                log.warning("%s", e)
+                channel.close()
+                continue
+            session = Session(channel, base_dir)
+            try:
+                channel.send_json(Msg.HOST, {"boot_id": _boot_id(), "kernel": os.uname().release})
+                outcome = session.run()
+                log.info("session from %s %s", channel.peer, outcome)
+            except ProtocolError as e:
+                # The source is gone. A restore it never confirmed is ended;
+                # one whose success was reported keeps running: between two
+                # copies and none, two is the one that loses nothing.
+                log.error("session from %s broke: %s", channel.peer, e)
+                if not (session.result and session.result.get("ok")):
+                    session.kill_restored()
+                outcome = "broken"
+            finally:
+                channel.close()
+                session.cleanup(keep=outcome != "committed" and logging.getLogger().isEnabledFor(logging.DEBUG))
+            if once:
+                return outcome
+    finally:
+        lsock.close()

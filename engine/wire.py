@@ -1,0 +1,302 @@
+"""hybridmig's wire protocol between `run` (source) and `serve` (destination).
+
+Frames over one TCP connection (docs/protocol.md): a 16-byte header
+(type, flags, payload length, sequence number), the payload, and, once both
+sides proved they hold the shared key, a 16-byte HMAC-SHA256 over header and
+payload under a per-session key. A peer without the key can neither feed
+pages (its frames fail the MAC) nor read them (the source sends nothing to a
+destination that did not prove the key first).
+"""
+import enum
+import hashlib
+import hmac
+import json
+import os
+import socket
+import ssl
+import struct
+import threading
+
+import lz4.block
+
+from .errors import ProtocolError
+
+MAGIC = b"HMIG"
+VERSION = 1
+PAGE_SIZE = 4096
+MAC_SIZE = 16
+MAX_PAYLOAD = 64 << 20
+
+_HEADER = struct.Struct("!BBHIQ")  # type, flags, reserved, length, sequence
+_HELLO_S = struct.Struct("!4sH32s")
+_HELLO_C = struct.Struct("!4sH32s32s")
+_PAGES = struct.Struct("!QQIB")  # key, vaddr, npages, encoding
+_RANGE = struct.Struct("!QQQ")  # key, vaddr, npages
+_ROUND = struct.Struct("!I")
+_ACK = struct.Struct("!IQ")
+
+RAW, LZ4 = 0, 1
+
+
+class Msg(enum.IntEnum):
+    HELLO = 1
+    AUTH_OK = 2
+    ERROR = 3
+    PAGES = 10
+    INVALIDATE = 11
+    ROUND = 12
+    ROUND_ACK = 13
+    FETCH = 14
+    FILE = 20
+    RESTORE = 21
+    RESULT = 22
+    COMMIT = 23
+    ABORT = 24
+    DONE = 25
+    HOST = 26
+
+
+def read_key(path):
+    """The shared secret: the whole key file, which must not be empty."""
+    try:
+        with open(path, "rb") as f:
+            key = f.read()
+    except OSError as e:
+        raise ProtocolError("cannot read key file %s: %s" % (path, e.strerror)) from e
+    if len(key.strip()) < 16:
+        raise ProtocolError("key file %s holds fewer than 16 bytes: not a usable secret" % path)
+    return key
+
+
+def parse_addr(text):
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError("%r is not ADDRESS:PORT" % text)
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Channel:
+    """One authenticated, framed connection. send() may be called from
+    several threads; recv() from one."""
+
+    def __init__(self, sock, peer):
+        self.sock = sock
+        self.peer = peer
+        self._mac_key = None
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._send_lock = threading.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # --- authentication ------------------------------------------------------
+
+    def _start_macs(self, key, nonce_s, nonce_c):
+        self._mac_key = hmac.new(key, b"session" + nonce_s + nonce_c, hashlib.sha256).digest()
+
+    def server_handshake(self, key):
+        nonce_s = os.urandom(32)
+        self.send(Msg.HELLO, _HELLO_S.pack(MAGIC, VERSION, nonce_s))
+        kind, payload = self.recv()
+        if kind != Msg.HELLO or len(payload) != _HELLO_C.size:
+            raise ProtocolError("%s did not start with a hybridmig hello" % self.peer)
+        magic, version, nonce_c, mac = _HELLO_C.unpack(payload)
+        if magic != MAGIC or version != VERSION:
+            self.send_error("protocol version %d not supported (this is %d)" % (version, VERSION))
+            raise ProtocolError("%s speaks protocol version %d, not %d" % (self.peer, version, VERSION))
+        if not hmac.compare_digest(mac, hmac.new(key, b"client" + nonce_s + nonce_c, hashlib.sha256).digest()):
+            self.send_error("authentication failed: wrong key")
+            raise ProtocolError("%s failed authentication (wrong key)" % self.peer)
+        self.send(Msg.AUTH_OK, hmac.new(key, b"server" + nonce_c + nonce_s, hashlib.sha256).digest())
+        self._start_macs(key, nonce_s, nonce_c)
+
+    def client_handshake(self, key):
+        kind, payload = self.recv()
+        if kind != Msg.HELLO or len(payload) != _HELLO_S.size:
+            raise ProtocolError("%s is not a hybridmig destination" % self.peer)
+        magic, version, nonce_s = _HELLO_S.unpack(payload)
+        if magic != MAGIC or version != VERSION:
+            raise ProtocolError("%s speaks protocol version %d, not %d" % (self.peer, version, VERSION))
+        nonce_c = os.urandom(32)
+        mac = hmac.new(key, b"client" + nonce_s + nonce_c, hashlib.sha256).digest()
+        self.send(Msg.HELLO, _HELLO_C.pack(MAGIC, VERSION, nonce_c, mac))
+        kind, payload = self.recv()
+        if kind == Msg.ERROR:
+            raise ProtocolError("%s refused us: %s" % (self.peer, payload.decode(errors="replace")))
+        expect = hmac.new(key, b"server" + nonce_c + nonce_s, hashlib.sha256).digest()
+        if kind != Msg.AUTH_OK or not hmac.compare_digest(payload, expect):
+            raise ProtocolError("%s failed authentication (wrong key): nothing was sent" % self.peer)
+        self._start_macs(key, nonce_s, nonce_c)
+
+    # --- frames ------------------------------------------------------------------
+
+    def _mac(self, header, payload):
+        m = hmac.new(self._mac_key, header, hashlib.sha256)
+        m.update(payload)
+        return m.digest()[:MAC_SIZE]
+
+    def send(self, kind, payload=b"", flags=0):
+        with self._send_lock:
+            header = _HEADER.pack(kind, flags, 0, len(payload), self._send_seq)
+            self._send_seq += 1
+            frame = header + payload
+            if self._mac_key is not None:
+                frame += self._mac(header, payload)
+            try:
+                self.sock.sendall(frame)
+            except (OSError, ssl.SSLError) as e:
+                raise ProtocolError("connection to %s lost while sending: %s" % (self.peer, e)) from e
+            self.bytes_sent += len(frame)
+
+    def _recv_exact(self, n):
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                r = self.sock.recv_into(view[got:], n - got)
+            except socket.timeout as e:
+                raise ProtocolError("%s sent nothing for too long" % self.peer) from e
+            except (OSError, ssl.SSLError) as e:
+                raise ProtocolError("connection to %s lost: %s" % (self.peer, e)) from e
+            if r == 0:
+                raise ProtocolError("%s closed the connection" % self.peer)
+            got += r
+        return buf
+
+    def recv(self):
+        header = bytes(self._recv_exact(_HEADER.size))
+        kind, _flags, _res, length, seq = _HEADER.unpack(header)
+        if length > MAX_PAYLOAD:
+            raise ProtocolError("%s sent a %d-byte frame (limit %d)" % (self.peer, length, MAX_PAYLOAD))
+        if seq != self._recv_seq:
+            raise ProtocolError("%s sent frame %d where %d was due" % (self.peer, seq, self._recv_seq))
+        self._recv_seq += 1
+        payload = self._recv_exact(length)
+        if self._mac_key is not None:
+            mac = bytes(self._recv_exact(MAC_SIZE))
+            if not hmac.compare_digest(mac, self._mac(header, payload)):
+                raise ProtocolError("frame %d from %s failed its MAC: refused" % (seq, self.peer))
+        self.bytes_received += _HEADER.size + length + (MAC_SIZE if self._mac_key else 0)
+        try:
+            kind = Msg(kind)
+        except ValueError as e:
+            raise ProtocolError("%s sent unknown message type %d" % (self.peer, kind)) from e
+        if kind == Msg.ERROR and self._mac_key is not None:
+            raise ProtocolError("%s reports: %s" % (self.peer, bytes(payload).decode(errors="replace")))
+        return kind, payload
+
+    def send_error(self, text):
+        try:
+            self.send(Msg.ERROR, text.encode())
+        except ProtocolError:
+            pass  # the peer is gone already: nothing more to tell
+
+    def send_json(self, kind, obj):
+        self.send(kind, json.dumps(obj).encode())
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# --- message bodies -----------------------------------------------------------
+
+
+def encode_pages(key, vaddr, data, zero_bitmap, npages, compress=True):
+    """A PAGES body: npages pages at vaddr; zero pages are a bit in
+    zero_bitmap and travel as nothing; `data` holds the other pages in order."""
+    body = bytes(data)
+    enc = RAW
+    if compress and body:
+        packed = lz4.block.compress(body, store_size=False)
+        if len(packed) < len(body):
+            body, enc = packed, LZ4
+    return _PAGES.pack(key, vaddr, npages, enc) + bytes(zero_bitmap) + body
+
+
+def decode_pages(payload):
+    """(key, vaddr, npages, zero_bitmap bytes, data of the non-zero pages)."""
+    key, vaddr, npages, enc = _PAGES.unpack_from(payload)
+    nbm = (npages + 7) // 8
+    zero = bytes(payload[_PAGES.size:_PAGES.size + nbm])
+    if len(zero) != nbm:
+        raise ProtocolError("PAGES frame too short for %d pages" % npages)
+    nonzero = npages - sum(bin(b).count("1") for b in zero)
+    body = memoryview(payload)[_PAGES.size + nbm:]
+    if enc == LZ4:
+        try:
+            body = lz4.block.decompress(body, uncompressed_size=nonzero * PAGE_SIZE)
+        except lz4.block.LZ4BlockError as e:
+            raise ProtocolError("PAGES frame at 0x%x does not decompress: %s" % (vaddr, e)) from e
+    elif enc != RAW:
+        raise ProtocolError("PAGES frame with unknown encoding %d" % enc)
+    if len(body) != nonzero * PAGE_SIZE:
+        raise ProtocolError("PAGES frame at 0x%x holds %d bytes for %d pages" % (vaddr, len(body), nonzero))
+    return key, vaddr, npages, zero, body
+
+
+def decode_json(payload):
+    try:
+        return json.loads(bytes(payload))
+    except ValueError as e:
+        raise ProtocolError("malformed JSON message: %s" % e) from e
+
+
+def encode_range(key, vaddr, npages):
+    return _RANGE.pack(key, vaddr, npages)
+
+
+def decode_range(payload):
+    return _RANGE.unpack(bytes(payload))
+
+
+def encode_round(n, stats):
+    return _ROUND.pack(n) + json.dumps(stats).encode()
+
+
+def decode_round(payload):
+    (n,) = _ROUND.unpack_from(payload)
+    return n, json.loads(bytes(payload[_ROUND.size:]) or b"{}")
+
+
+def encode_ack(n, pages):
+    return _ACK.pack(n, pages)
+
+
+def decode_ack(payload):
+    return _ACK.unpack(bytes(payload))
+
+
+def encode_file(name, data):
+    raw = name.encode()
+    return struct.pack("!H", len(raw)) + raw + data
+
+
+def decode_file(payload):
+    (n,) = struct.unpack_from("!H", payload)
+    name = bytes(payload[2:2 + n]).decode()
+    if not name or "/" in name or name in (".", ".."):
+        raise ProtocolError("refusing image file name %r" % name)
+    return name, bytes(payload[2 + n:])
+
+
+def connect(addr, key, timeout=10.0, tls_context=None):
+    host, port = parse_addr(addr) if isinstance(addr, str) else addr
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise ProtocolError("cannot connect to %s:%d: %s" % (host, port, e.strerror or e)) from e
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls_context is not None:
+        sock = tls_context.wrap_socket(sock, server_hostname=host)
+    sock.settimeout(None)
+    ch = Channel(sock, "%s:%d" % (host, port))
+    try:
+        ch.client_handshake(key)
+    except BaseException:
+        ch.close()
+        raise
+    return ch
