@@ -156,3 +156,5 @@ def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit
 
 from .doctor import doctor  # noqa: E402
 main.add_command(doctor)
+from .dirtyrate import dirty_rate  # noqa: E402
+main.add_command(dirty_rate)

@@ -21,26 +21,16 @@ class Fetcher(threading.Thread):
         self._pending = {}  # key -> Ranges of pages not fetched yet
         self._order = []
         self._lock = threading.Lock()
-        self._more = threading.Condition(self._lock)
-        self._closed = False
         self._stopping = False
 
     def add_task(self, key, runs):
         with self._lock:
             self._pending[key] = Ranges((r.vaddr, r.end) for r in runs)
             self._order.append(key)
-            self._more.notify()
-
-    def no_more_tasks(self):
-        with self._lock:
-            self._closed = True
-            self._more.notify()
 
     def stop(self):
         with self._lock:
             self._stopping = True
-            self._closed = True
-            self._more.notify()
 
     def _fetch(self, key, start, end):
         npages = (end - start) // PAGE_SIZE
@@ -51,13 +41,23 @@ class Fetcher(threading.Thread):
         self.loop.notify()
 
     def _serve_misses(self):
-        """Fetch the windows faults wait on; the loop re-sends nothing, so
-        every miss read here is fetched now."""
-        for key, vaddr in self.loop.read_misses():
+        """Fetch what the fault loop asks for now. A key the fetcher does not
+        know is a task forked after restore (it owes what its parent, the
+        images' pid, owed); a src that is not vaddr, pages mremap moved before
+        their data came. Those get only what they ask for."""
+        for key, vaddr, npages, pid, src in self.loop.read_misses():
             pending = self._pending.get(key)
-            nxt = pending.next(vaddr) if pending is not None else None
+            if pending is None or src != vaddr:
+                # the rest of the chunk: faults come in runs
+                n = min(npages, ((vaddr // CHUNK + 1) * CHUNK - vaddr) // PAGE_SIZE) if src != vaddr \
+                    else ((vaddr // CHUNK + 1) * CHUNK - vaddr) // PAGE_SIZE
+                self.source.read_into(self.store, key, vaddr, n, pid, src)
+                self.pages_fetched += n
+                self.loop.notify()
+                continue
+            nxt = pending.next(vaddr)
             if nxt and nxt[0] == vaddr:
-                self._fetch(key, vaddr, min(nxt[1], vaddr + FAULT_WINDOW * PAGE_SIZE,
+                self._fetch(key, vaddr, min(nxt[1], vaddr + max(npages, FAULT_WINDOW) * PAGE_SIZE,
                                             (vaddr // CHUNK + 1) * CHUNK))
 
     def _next_batch(self):
@@ -82,10 +82,8 @@ class Fetcher(threading.Thread):
                 if batch:
                     self._fetch(*batch)
                     continue
-                with self._lock:
-                    if self._closed:
-                        return
-                # all fetched so far: wait for a new task or a miss
+                # All fetched so far: wait for a new task, or for a miss (a
+                # task forked after restore asks for its pages until the end).
                 select.select([self.loop.miss_fd], [], [], 0.05)
         except Exception as e:  # surfaced by the daemon, which fails the restore
             self.error = e

@@ -120,9 +120,7 @@ class LazyPagesDaemon:
         if task is None:
             os.close(uffd)
             raise ProtocolError("criu restore sent pid %d, which is not in %s/pstree.img" % (pid, self.images_dir))
-        self.loop.add_task(uffd, pid, pid)
-        for run in task.runs:
-            self.loop.add_owed(pid, run.vaddr, run.npages)
+        self.loop.add_task(uffd, pid, pid, [(run.vaddr, run.npages) for run in task.runs])
         self.fetcher.add_task(pid, task.runs)
         self.tasks[pid] = task.lazy_pages
         log.info("pid %d: %d lazy pages", pid, task.lazy_pages)
@@ -148,7 +146,6 @@ class LazyPagesDaemon:
                     self.zombies.append(-pid)
                     continue
                 self._accept_task(conn, pid)
-            self.fetcher.no_more_tasks()
             (fin,) = struct.unpack("=I", _recv_exact(conn, 4, "restore-finished"))
             if fin != RESTORE_FINISHED:
                 raise ProtocolError("unexpected message 0x%x instead of restore-finished" % fin)

@@ -179,13 +179,16 @@ class PageServerSource:
             raise ProtocolError("%s: not connected" % self.where)
 
     # --- pages ----------------------------------------------------------------
-    def read_into(self, store, key, vaddr, npages):
-        pid, runs, starts = self._tasks[key]
-        end = vaddr + npages * PAGE_SIZE
+    def read_into(self, store, key, vaddr, npages, pid=None, src=None):
+        """Task `pid`'s (default: key) lazy pages at `src` (default: vaddr),
+        into store task `key` at `vaddr`."""
+        pid, runs, starts = self._tasks[key if pid is None else pid]
+        src = vaddr if src is None else src
+        end = src + npages * PAGE_SIZE
         pieces = []  # (vaddr, npages): the lazy pages of the range, never anything else
-        i = max(bisect.bisect_right(starts, vaddr) - 1, 0)
+        i = max(bisect.bisect_right(starts, src) - 1, 0)
         while i < len(runs) and runs[i].vaddr < end:
-            lo, hi = max(vaddr, runs[i].vaddr), min(end, runs[i].end)
+            lo, hi = max(src, runs[i].vaddr), min(end, runs[i].end)
             if lo < hi:
                 pieces.append((lo, (hi - lo) // PAGE_SIZE))
             i += 1
@@ -205,7 +208,7 @@ class PageServerSource:
                 self.requests += len(batch)
                 for lo, n in batch:
                     nr = self._recv_reply(pid, lo, n)
-                    off = lo - vaddr
+                    off = lo - src
                     self._recv_into(view[off: off + nr * PAGE_SIZE],
                                     "%d pages at 0x%x of pid %d" % (nr, lo, pid))
                     self.bytes_received += nr * PAGE_SIZE
@@ -219,7 +222,7 @@ class PageServerSource:
                 if lo == span_hi:
                     span_hi = hi
                     continue
-                store.put(key, span_lo, view[span_lo - vaddr: span_hi - vaddr])
+                store.put(key, vaddr + (span_lo - src), view[span_lo - src: span_hi - src])
                 span_lo, span_hi = lo, hi
 
     # --- the end ------------------------------------------------------------

@@ -61,20 +61,34 @@ class RemotePages:
         data, zero = self.store.count(key, vaddr, npages)
         return data + zero == npages
 
-    def read_into(self, store, key, vaddr, npages):
+    def read_into(self, store, key, vaddr, npages, pid=None, src=None):
+        """Fetch what the store lacks from the source. A task forked after
+        restore (pid != key) owes its parent's pages: they are fetched for the
+        parent's pid and copied to the child's key. (Pages mremap moved before
+        their data came, src != vaddr, cannot happen here: every page is in
+        the store before the restore starts.)"""
         if self._complete(key, vaddr, npages):
             return
-        self.remote_pages += npages
-        log.warning("remote fault: pid %d, %d pages at 0x%x", key, npages, vaddr)
-        self.channel.send(Msg.FETCH, wire.encode_range(key, vaddr, npages))
-        deadline = time.monotonic() + self.timeout
-        with self.arrived:
-            while not self._complete(key, vaddr, npages):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ProtocolError("source did not send %d pages at 0x%x of pid %d in %ss"
-                                        % (npages, vaddr, key, self.timeout))
-                self.arrived.wait(left)
+        src = key if pid is None else pid
+        if not self._complete(src, vaddr, npages):
+            self.remote_pages += npages
+            log.warning("remote fault: pid %d, %d pages at 0x%x", src, npages, vaddr)
+            self.channel.send(Msg.FETCH, wire.encode_range(src, vaddr, npages))
+            deadline = time.monotonic() + self.timeout
+            with self.arrived:
+                while not self._complete(src, vaddr, npages):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ProtocolError("source did not send %d pages at 0x%x of pid %d in %ss"
+                                            % (npages, vaddr, src, self.timeout))
+                    self.arrived.wait(left)
+        for i in range(npages if src != key else 0):
+            addr = vaddr + i * PAGE_SIZE
+            kind, data = self.store.get(src, addr)
+            if data is not None:
+                self.store.put(key, addr, data)
+            else:
+                self.store.put_zero(key, addr, 1)
 
     def pages_arrived(self):
         with self.arrived:

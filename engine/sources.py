@@ -29,16 +29,18 @@ class LocalImages:
         runs = sorted(task.runs, key=lambda r: r.vaddr)
         self._tasks[key] = (fd, runs, [r.vaddr for r in runs])
 
-    def read_into(self, store, key, vaddr, npages):
-        fd, runs, starts = self._tasks[key]
-        end = vaddr + npages * PAGE_SIZE
-        i = max(bisect.bisect_right(starts, vaddr) - 1, 0)
-        while vaddr < end and i < len(runs):
+    def read_into(self, store, key, vaddr, npages, pid=None, src=None):
+        """The images' pages of task `pid` (default: key) at `src` (default:
+        vaddr), into store task `key` at `vaddr`."""
+        fd, runs, starts = self._tasks[key if pid is None else pid]
+        src = vaddr if src is None else src
+        end = src + npages * PAGE_SIZE
+        i = max(bisect.bisect_right(starts, src) - 1, 0)
+        while src < end and i < len(runs):
             run = runs[i]
-            lo, hi = max(vaddr, run.vaddr), min(end, run.end)
+            lo, hi = max(src, run.vaddr), min(end, run.end)
             if lo < hi:
-                store.load_file(key, lo, (hi - lo) // PAGE_SIZE, fd, run.offset + (lo - run.vaddr))
-                vaddr = hi
+                store.load_file(key, vaddr + (lo - src), (hi - lo) // PAGE_SIZE, fd, run.offset + (lo - run.vaddr))
             i += 1
 
     def abort(self):

@@ -5,7 +5,7 @@ import struct
 from ..errors import UffdError
 from ._ffi import check, check_range, ffi, lib
 
-_MISS = struct.Struct("=QQ")
+_MISS = struct.Struct("=QQQqQ")
 _STATS = (
     "faults", "pages_fault", "pages_prefetch", "pages_zero", "bytes_copied", "pages_owed",
     "pages_waiting", "tasks", "tasks_exited", "events_fork", "events_remap", "events_remove",
@@ -26,14 +26,15 @@ class FaultLoop:
         _check(lib.hm_loop_new(store.handle, out), "hm_loop_new")
         self._l = ffi.gc(out[0], lib.hm_loop_free)
 
-    def add_task(self, uffd, key, pid):
-        """Serve uffd (the loop owns and closes the fd from now on) for store task `key`."""
-        _check(lib.hm_loop_add_task(self._l, uffd, key, pid), "hm_loop_add_task")
-
-    def add_owed(self, key, vaddr, npages):
-        """Pages [vaddr, vaddr + npages) of task `key` are to be installed."""
-        check_range(vaddr, npages)
-        _check(lib.hm_loop_add_owed(self._l, key, vaddr, npages), "hm_loop_add_owed")
+    def add_task(self, uffd, key, pid, runs):
+        """Serve uffd (the loop owns and closes the fd from now on) for store
+        task `key`, which is owed `runs`: (vaddr, npages) pairs."""
+        flat = []
+        for vaddr, npages in runs:
+            check_range(vaddr, npages)
+            flat += (vaddr, npages)
+        _check(lib.hm_loop_add_task(self._l, uffd, key, pid, ffi.new("uint64_t[]", flat), len(runs)),
+               "hm_loop_add_task")
 
     def start(self):
         _check(lib.hm_loop_start(self._l), "hm_loop_start")
@@ -52,7 +53,8 @@ class FaultLoop:
         return lib.hm_loop_miss_fd(self._l)
 
     def read_misses(self):
-        """[(key, vaddr), ...] of faults waiting for data, without blocking."""
+        """[(key, vaddr, npages, pid, src), ...]: pages wanted that the store
+        lacks: those of images task pid at src, for store task key at vaddr."""
         try:
             data = os.read(self.miss_fd, _MISS.size * 256)
         except BlockingIOError:

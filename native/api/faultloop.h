@@ -20,15 +20,22 @@ struct hm_loop_stats {
 	int64_t error;           /* -errno of a fatal loop error, else 0 */
 };
 
-/* A fault on a page owed but not (yet) in the store; read from miss_fd. */
+/* Pages owed but not (yet) in the store, wanted now: read from miss_fd.
+ * They are the images' pages of task `pid` at `src`, to be stored for task
+ * `key` at `vaddr`: key differs from pid for a task forked after restore
+ * (it owes what its parent owed at the fork), src from vaddr for pages that
+ * mremap moved before their data arrived. */
 struct hm_miss {
 	uint64_t key;
 	uint64_t vaddr;
+	uint64_t npages;
+	int64_t pid;
+	uint64_t src;
 };
 
 int hm_loop_new(hm_store *store, hm_loop **out);
-int hm_loop_add_task(hm_loop *l, int uffd, uint64_t key, int32_t pid);
-int hm_loop_add_owed(hm_loop *l, uint64_t key, uint64_t vaddr, uint64_t npages);
+/* runs: nruns pairs (vaddr, npages) of pages the task is owed. */
+int hm_loop_add_task(hm_loop *l, int uffd, uint64_t key, int32_t pid, const uint64_t *runs, uint64_t nruns);
 int hm_loop_start(hm_loop *l);
 int hm_loop_begin_eager(hm_loop *l);
 int hm_loop_notify(hm_loop *l);

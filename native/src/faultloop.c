@@ -33,11 +33,22 @@
 /* Eager install near the last fault, within this distance, comes first. */
 #define NEIGHBOURHOOD (8UL << 20)
 #define FORK_KEY_BASE (1ULL << 40)
+/* Eager batches: a whole chunk when the process is quiet; while it faults,
+ * small ones, so that no fault waits behind more than ~100 us of copying. */
+#define BATCH_QUIET CHUNK_PAGES
+#define BATCH_BUSY 32
+#define BUSY_NS 5000000
 #define LAT_BUCKETS (48 * 8)
 
 struct waiting {
 	uint64_t addr;
 	uint64_t since_ns;
+};
+
+/* An mremap, remembered so that pages moved before their data arrived can
+ * still be asked for at their address in the images. */
+struct remap {
+	uint64_t from, to, len;
 };
 
 struct task {
@@ -49,8 +60,11 @@ struct task {
 	int exited;
 	int blocked;     /* EAGAIN: the kernel has events for us to read first */
 	uint64_t cursor; /* where eager install goes on in this task */
+	uint64_t asked_until; /* absent pages below this were asked for in this pass */
 	struct waiting *waiting;
 	uint64_t nwaiting, capwaiting;
+	struct remap *remaps;
+	uint64_t nremaps;
 	struct task *next;
 };
 
@@ -69,6 +83,7 @@ struct hm_loop {
 	int eager, stop, done, idle;
 	struct task *hint_task;
 	uint64_t hint_addr;
+	uint64_t last_fault_ns;
 	struct hm_loop_stats st;
 	uint64_t lat[LAT_BUCKETS];
 };
@@ -274,6 +289,27 @@ static enum install_result install_zero(hm_loop *l, struct task *t, uint64_t add
 	return INSTALLED;
 }
 
+/* Ask the fetcher for pages the store lacks. A full pipe only loses a hint:
+ * the fetcher fetches every task's pages anyway, and eager install asks
+ * again for what is still missing. */
+static void ask_for(hm_loop *l, struct task *t, uint64_t addr, uint64_t npages)
+{
+	struct hm_miss m = { t->key, addr, npages, t->pid, addr };
+	uint64_t i;
+
+	/* back through the mremaps, latest first, to the address in the images */
+	for (i = t->nremaps; i-- > 0;) {
+		struct remap *r = &t->remaps[i];
+		if (m.src >= r->to && m.src < r->to + r->len) {
+			m.npages = MIN(m.npages, (r->to + r->len - m.src) / PAGE_SZ);
+			m.src = m.src - r->to + r->from;
+		}
+	}
+
+	if (write(l->miss_wr, &m, sizeof(m)) < 0) {
+	}
+}
+
 static int add_waiting(struct task *t, uint64_t addr, uint64_t since_ns)
 {
 	uint64_t i;
@@ -315,13 +351,7 @@ static int serve_fault(hm_loop *l, struct task *t, uint64_t addr, uint64_t since
 	case GONE:
 		return (int)l->st.error;
 	case ABSENT:
-		if (l->miss_wr >= 0) {
-			struct hm_miss m = { t->key, addr };
-			/* A full pipe only loses a hint: the fetcher fetches everything
-			 * anyway, and the fault stays queued here until the data comes. */
-			if (write(l->miss_wr, &m, sizeof(m)) < 0) {
-			}
-		}
+		ask_for(l, t, addr, FAULT_AROUND_PAGES);
 		/* fall through */
 	case BLOCKED:
 		return add_waiting(t, addr, since_ns);
@@ -344,7 +374,9 @@ static void retry_waiting(hm_loop *l, struct task *t)
 
 /* --- uffd events ---------------------------------------------------------- */
 
-static struct task *new_task(hm_loop *l, int uffd, uint64_t key, int32_t pid)
+/* A task starts served: what it owes is in place before its uffd joins the
+ * epoll set, or a fault read in between would get a zero page. Takes `owed`. */
+static struct task *new_task(hm_loop *l, int uffd, uint64_t key, int32_t pid, hm_ranges *owed)
 {
 	struct task *t = calloc(1, sizeof(*t));
 	struct epoll_event ev = { .events = EPOLLIN };
@@ -354,22 +386,30 @@ static struct task *new_task(hm_loop *l, int uffd, uint64_t key, int32_t pid)
 	t->uffd = uffd;
 	t->key = key;
 	t->pid = pid;
+	t->owed = owed;
 	t->st = store_task(l->store, key, 1);
-	if (!t->st || hm_ranges_new(&t->owed)) {
-		free(t);
-		return NULL;
-	}
 	fcntl(uffd, F_SETFL, fcntl(uffd, F_GETFL) | O_NONBLOCK);
 	ev.data.ptr = t;
-	if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, uffd, &ev)) {
-		hm_ranges_free(t->owed);
+	if (!t->st || epoll_ctl(l->epfd, EPOLL_CTL_ADD, uffd, &ev)) {
 		free(t);
 		return NULL;
 	}
 	t->next = l->tasks;
 	l->tasks = t;
 	l->st.tasks++;
+	l->idle = 0;
 	return t;
+}
+
+static int add_remap(struct task *t, uint64_t from, uint64_t to, uint64_t len)
+{
+	struct remap *v = realloc(t->remaps, (t->nremaps + 1) * sizeof(*v));
+
+	if (!v)
+		return -ENOMEM;
+	t->remaps = v;
+	t->remaps[t->nremaps++] = (struct remap){ from, to, len };
+	return 0;
 }
 
 /* The child of a fork owes what its parent owed at the fork, with the same
@@ -377,18 +417,27 @@ static struct task *new_task(hm_loop *l, int uffd, uint64_t key, int32_t pid)
  * kernel until we have read the event, so nothing of the child runs yet. */
 static int handle_fork(hm_loop *l, struct task *parent, struct uffd_msg *msg)
 {
-	uint64_t key = l->next_fork_key++;
-	struct task *child;
+	uint64_t key = l->next_fork_key++, i;
+	struct task *child = NULL;
+	hm_ranges *owed;
 	int rc;
 
 	l->st.events_fork++;
 	rc = hm_store_clone_task(l->store, parent->key, key);
+	if (!rc)
+		rc = hm_ranges_new(&owed);
 	if (rc)
 		return rc;
-	child = new_task(l, (int)msg->arg.fork.ufd, key, parent->pid);
-	if (!child)
-		return -ENOMEM;
-	return hm_ranges_copy(parent->owed, child->owed);
+	rc = hm_ranges_copy(parent->owed, owed);
+	if (!rc && !(child = new_task(l, (int)msg->arg.fork.ufd, key, parent->pid, owed)))
+		rc = -ENOMEM;
+	if (rc) {
+		hm_ranges_free(owed);
+		return rc;
+	}
+	for (i = 0; !rc && i < parent->nremaps; i++)
+		rc = add_remap(child, parent->remaps[i].from, parent->remaps[i].to, parent->remaps[i].len);
+	return rc;
 }
 
 /* mremap moved pages: what was owed at `from` is now owed at `to`. */
@@ -399,7 +448,9 @@ static int handle_remap(hm_loop *l, struct task *t, struct uffd_msg *msg)
 
 	l->st.events_remap++;
 	rc = hm_store_move(l->store, t->key, from, to, len / PAGE_SZ);
-	return rc ?: hm_ranges_move(t->owed, from, to, len);
+	if (!rc)
+		rc = hm_ranges_move(t->owed, from, to, len);
+	return rc ?: add_remap(t, from, to, len);
 }
 
 /*
@@ -433,6 +484,7 @@ static int handle_remove(hm_loop *l, struct task *t, struct uffd_msg *msg)
 static int handle_pagefault(hm_loop *l, struct task *t, struct uffd_msg *msg, uint64_t read_ns)
 {
 	l->st.faults++;
+	l->last_fault_ns = read_ns;
 	return serve_fault(l, t, msg->arg.pagefault.address & ~(PAGE_SZ - 1), read_ns);
 }
 
@@ -489,18 +541,25 @@ static int eager_from(hm_loop *l, struct task *t, uint64_t from)
 {
 	uint64_t start, end, done;
 
+	uint64_t batch = now_ns() - l->last_fault_ns < BUSY_NS ? BATCH_BUSY : BATCH_QUIET;
+
 	while (!t->exited && !t->blocked && hm_ranges_next(t->owed, from, &start, &end)) {
-		switch (install(l, t, start, CHUNK_PAGES, 0, &done)) {
+		switch (install(l, t, start, batch, 0, &done)) {
 		case INSTALLED:
 			t->cursor = start + done * PAGE_SZ;
 			return 1;
 		case ABSENT: {
-			/* skip the absent run: it waits for the data to arrive */
+			/* skip the absent run: it waits for its data, asked for once
+			 * per pass (a forked child's pages come only when asked) */
 			uint64_t npages;
 			const uint8_t *data;
 			store_task_lock(t->st);
 			store_run(t->st, start, (end - start) / PAGE_SZ, &npages, &data);
 			store_task_unlock(t->st);
+			if (start >= t->asked_until) {
+				ask_for(l, t, start, npages);
+				t->asked_until = start + npages * PAGE_SZ;
+			}
 			from = start + npages * PAGE_SZ;
 			break;
 		}
@@ -529,6 +588,9 @@ static int install_batch(hm_loop *l)
 		if (eager_from(l, t, t->cursor) || eager_from(l, t, 0))
 			return 1;
 	}
+	/* Nothing to install until data arrives: the next pass asks anew. */
+	for (t = l->tasks; t; t = t->next)
+		t->asked_until = 0;
 	return 0;
 }
 
@@ -660,37 +722,33 @@ int hm_loop_new(hm_store *store, hm_loop **out)
 	return 0;
 }
 
-int hm_loop_add_task(hm_loop *l, int uffd, uint64_t key, int32_t pid)
+int hm_loop_add_task(hm_loop *l, int uffd, uint64_t key, int32_t pid, const uint64_t *runs, uint64_t nruns)
 {
+	hm_ranges *owed;
 	struct task *t;
-	int rc = 0;
+	uint64_t i;
+	int rc;
 
 	if (key >= FORK_KEY_BASE)
 		return -ERANGE;
+	rc = hm_ranges_new(&owed);
+	for (i = 0; !rc && i < nruns; i++) {
+		uint64_t vaddr = runs[2 * i], npages = runs[2 * i + 1];
+
+		if (vaddr & (PAGE_SZ - 1) || npages > (UINT64_MAX - vaddr) / PAGE_SZ)
+			rc = -EINVAL;
+		else
+			rc = hm_ranges_add(owed, vaddr, vaddr + npages * PAGE_SZ);
+	}
 	pthread_mutex_lock(&l->lock);
-	for (t = l->tasks; t; t = t->next)
+	for (t = l->tasks; !rc && t; t = t->next)
 		if (t->key == key)
 			rc = -EEXIST;
-	if (!rc && !new_task(l, uffd, key, pid))
+	if (!rc && !new_task(l, uffd, key, pid, owed))
 		rc = -errno ?: -ENOMEM;
 	pthread_mutex_unlock(&l->lock);
-	return rc;
-}
-
-int hm_loop_add_owed(hm_loop *l, uint64_t key, uint64_t vaddr, uint64_t npages)
-{
-	struct task *t;
-	int rc = -ENOENT;
-
-	if (vaddr & (PAGE_SZ - 1) || npages > (UINT64_MAX - vaddr) / PAGE_SZ)
-		return -EINVAL;
-	pthread_mutex_lock(&l->lock);
-	for (t = l->tasks; t; t = t->next)
-		if (t->key == key)
-			rc = hm_ranges_add(t->owed, vaddr, vaddr + npages * PAGE_SZ);
-	l->idle = 0;
-	pthread_mutex_unlock(&l->lock);
-	kick(l);
+	if (rc)
+		hm_ranges_free(owed);
 	return rc;
 }
 
@@ -791,6 +849,7 @@ void hm_loop_free(hm_loop *l)
 		close(t->uffd);
 		hm_ranges_free(t->owed);
 		free(t->waiting);
+		free(t->remaps);
 		free(t);
 	}
 	if (l->epfd >= 0)

@@ -311,6 +311,8 @@ struct load_arg {
  * Pages of a file are mapped into the chunk, not copied: a private mapping of
  * the page cache costs no allocation and no copy here, and UFFDIO_COPY reads
  * straight from it. A later put() of the same page copies on write as usual.
+ * The file must not shrink while mapped: reading a page past its new end
+ * raises SIGBUS (the daemon serves images that no one else writes).
  */
 static int load_chunk(struct store_task *t, struct chunk *c, uint64_t first, uint64_t n, uint64_t done, void *arg)
 {
@@ -320,8 +322,10 @@ static int load_chunk(struct store_task *t, struct chunk *c, uint64_t first, uin
 
 	if (rc)
 		return rc;
-	p = mmap(c->buf + first * PAGE_SZ, n * PAGE_SZ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, la->fd,
-		 la->offset + done * PAGE_SZ);
+	/* POPULATE: map the page cache here, in the loader's thread, rather than
+	 * one minor fault at a time inside the fault loop's UFFDIO_COPY. */
+	p = mmap(c->buf + first * PAGE_SZ, n * PAGE_SZ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_POPULATE,
+		 la->fd, la->offset + done * PAGE_SZ);
 	if (p == MAP_FAILED) {
 		rc = -errno;
 		chunk_trim(t, c);

@@ -1,0 +1,201 @@
+"""Dirty-page tracking and page reading of another process (native/api/tracker.h).
+
+Plain wrappers: ranges are (start, end) tuples of page-aligned addresses,
+errors are NativeError carrying the kernel's errno. Calls release the GIL.
+"""
+import errno
+import struct
+
+from ._ffi import PAGE_SIZE, check, check_range, ffi, lib
+
+#: regions fetched per PAGEMAP_SCAN / pagemap pass; the scan goes on from
+#: where a full buffer stopped it.
+SCAN_BATCH = 4096
+#: soft-dirty bit of a /proc/PID/pagemap entry
+SOFT_DIRTY = 1 << lib.HM_PAGEMAP_SOFT_DIRTY_BIT
+
+
+def _check_pid(pid):
+    if not isinstance(pid, int) or pid <= 0:
+        raise ValueError("bad pid %r" % (pid,))
+
+
+def _check_span(start, end):
+    check_range(start, 0)
+    check_range(end, 0)
+    if end <= start:
+        raise ValueError("empty range 0x%x-0x%x" % (start, end))
+
+
+_REGION = struct.Struct("=QQQ")  # struct hm_page_region
+
+
+def _append(out, regions, n):
+    """Append n native regions to out, merging with out[-1] when adjacent."""
+    for start, end, _ in _REGION.iter_unpack(ffi.buffer(regions, n * _REGION.size)):
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+
+
+def _progress(at, nxt, origin):
+    """Where a scan resumes; an error rather than a silently partial answer
+    if it did not advance."""
+    if nxt <= at:
+        check(-errno.EIO, origin)
+    return nxt
+
+
+class Tracker:
+    """A userfaultfd taken from process `pid` (uffd-wp async tracking).
+
+    Attaching stops one thread of the target briefly (stop_ns); closing, or
+    this object's collection, or this process's death, drops every
+    registration in the kernel.
+    """
+
+    def __init__(self, pid):
+        _check_pid(pid)
+        out, stop = ffi.new("hm_tracker **"), ffi.new("uint64_t *")
+        check(lib.hm_tracker_attach(pid, out, stop), "hm_tracker_attach")
+        self._t = ffi.gc(out[0], lib.hm_tracker_detach)
+        self._regions = ffi.new("struct hm_page_region[]", SCAN_BATCH)
+        self.pid = pid
+        #: how long attaching held the target's thread, in ns
+        self.stop_ns = stop[0]
+
+    def _handle(self):
+        if self._t is None:
+            raise ValueError("tracker of pid %d is closed" % self.pid)
+        return self._t
+
+    def register(self, start, end):
+        """Track [start, end) (whole VMAs), write-protected from now on."""
+        _check_span(start, end)
+        check(lib.hm_tracker_register(self._handle(), start, end - start), "hm_tracker_register")
+
+    def unregister(self, start, end):
+        _check_span(start, end)
+        check(lib.hm_tracker_unregister(self._handle(), start, end - start), "hm_tracker_unregister")
+
+    def scan(self, start, end):
+        """[(start, end)] of the pages of [start, end) written since the last
+        scan (or registration), each protected again in the same step.
+        NativeError EPERM: part of the range is no longer registered."""
+        _check_span(start, end)
+        t = self._handle()
+        n, nxt = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        out = []
+        at = start
+        while at < end:
+            check(lib.hm_tracker_scan(t, at, end, self._regions, SCAN_BATCH, n, nxt), "hm_tracker_scan")
+            _append(out, self._regions, n[0])
+            at = _progress(at, nxt[0], "hm_tracker_scan")
+        return out
+
+    def close(self):
+        if self._t is not None:
+            ffi.release(self._t)  # runs hm_tracker_detach now
+            self._t = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def remote_syscall(pid, nr, *args):
+    """(return value, stop ns) of system call nr(*args) run inside pid."""
+    _check_pid(pid)
+    if len(args) > 6:
+        raise ValueError("a system call takes at most 6 arguments")
+    argv = ffi.new("int64_t[6]", list(args) + [0] * (6 - len(args)))
+    ret, stop = ffi.new("int64_t *"), ffi.new("uint64_t *")
+    check(lib.hm_remote_syscall(pid, nr, argv, ret, stop), "hm_remote_syscall")
+    return ret[0], stop[0]
+
+
+def read_pages_into(pid, vaddr, buf):
+    """Read len(buf) // 4096 pages of pid at vaddr into the writable buffer
+    buf: (pages read, zero bitmap bytes, bit i = page i is all zeros).
+    Fewer pages than asked means the next page could not be read."""
+    _check_pid(pid)
+    view = memoryview(buf)
+    if view.readonly:
+        raise ValueError("buffer is read-only")
+    npages = view.nbytes // PAGE_SIZE
+    check_range(vaddr, npages)
+    data = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+    bitmap = ffi.new("uint8_t[]", (npages + 7) // 8)
+    got = check(lib.hm_read_pages(pid, vaddr, npages, data, bitmap), "hm_read_pages")
+    return got, bytes(ffi.buffer(bitmap, (got + 7) // 8))
+
+
+def softdirty_clear(pid):
+    _check_pid(pid)
+    check(lib.hm_softdirty_clear(pid), "hm_softdirty_clear")
+
+
+def softdirty_scan(pid, start, end):
+    """[(start, end)] of the pages of [start, end) with the soft-dirty bit."""
+    _check_pid(pid)
+    _check_span(start, end)
+    regions = ffi.new("struct hm_page_region[]", SCAN_BATCH)
+    n, nxt = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    out = []
+    at = start
+    while at < end:
+        check(lib.hm_softdirty_scan(pid, at, end, regions, SCAN_BATCH, n, nxt), "hm_softdirty_scan")
+        _append(out, regions, n[0])
+        at = _progress(at, nxt[0], "hm_softdirty_scan")
+    return out
+
+
+def pagemap_ranges(entries, base, mask=SOFT_DIRTY, max_regions=SCAN_BATCH):
+    """[(start, end)] of the pages whose pagemap entry (a sequence of ints,
+    the first for the page at base) has a bit of mask; the native parser."""
+    check_range(base, len(entries))
+    arr = ffi.new("uint64_t[]", list(entries))
+    regions = ffi.new("struct hm_page_region[]", max(1, max_regions))
+    n, consumed = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    out, done = [], 0
+    while done < len(entries):
+        n[0] = 0
+        check(lib.hm_pagemap_ranges(arr + done, len(entries) - done, base + done * PAGE_SIZE, mask,
+                                    regions, max(1, max_regions), n, consumed), "hm_pagemap_ranges")
+        _append(out, regions, n[0])
+        done += consumed[0]
+    return out
+
+
+class Frozen:
+    """Every thread of pid held in a ptrace stop until thaw()."""
+
+    def __init__(self, pid):
+        _check_pid(pid)
+        out, threads = ffi.new("hm_frozen **"), ffi.new("uint32_t *")
+        check(lib.hm_freeze_process(pid, out, threads), "hm_freeze_process")
+        self._f = out[0]
+        self.pid = pid
+        self.threads = threads[0]
+
+    def thaw(self):
+        """Let the process run again: how long it was frozen, in ns."""
+        if self._f is None:
+            return 0
+        stop = ffi.new("uint64_t *")
+        f, self._f = self._f, None
+        check(lib.hm_thaw_process(f, stop), "hm_thaw_process")
+        return stop[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.thaw()
+
+    def __del__(self):
+        if getattr(self, "_f", None) is not None:
+            self.thaw()

@@ -1,0 +1,599 @@
+"""Dirty-page tracking of live processes for pre-copy rounds.
+
+A DirtyTracker follows one process (one mm, however many threads): it
+tracks every private anonymous writable VMA and, on each scan(), returns
+what must travel again since the previous scan:
+
+  - pages written (uffd-wp async + PAGEMAP_SCAN, get-and-reprotect in one
+    atomic kernel step; or soft-dirty on kernels without it),
+  - VMAs that appeared (mmap, brk growth, mremap moves them), whole,
+  - VMAs that disappeared, so the destination can drop them.
+
+Anonymous pages dropped with MADV_DONTNEED count as written: their content
+changed to zeros (read_pages() then marks them zero).
+
+Ranges are sorted, merged (start, end) tuples of page addresses. Errors are
+NativeError with the errno that says what happened: ESRCH the process does
+not exist or exited, EPERM not permitted, EINVAL a kernel thread.
+TreeTracker follows a process and all its descendants.
+"""
+import errno
+import os
+import select
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import psutil
+
+from .bindings import tracker as native
+from .errors import HybridmigError, NativeError
+
+PAGE_SIZE = 4096
+Range = Tuple[int, int]
+
+UFFD_WP = "uffd-wp"
+SOFT_DIRTY = "soft-dirty"
+METHODS = (UFFD_WP, SOFT_DIRTY)
+
+_PF_KTHREAD = 0x00200000  # task flag of kernel threads (include/linux/sched.h)
+_NOT_TRACKED = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[uprobes]")
+READ_BATCH_PAGES = 1024  # 4 MiB per read_pages() batch
+
+
+# --- ranges -------------------------------------------------------------------
+
+def merge(ranges) -> List[Range]:
+    """Sorted, disjoint, non-adjacent union of ranges."""
+    out: List[Range] = []
+    for start, end in sorted(r for r in ranges if r[1] > r[0]):
+        if out and start <= out[-1][1]:
+            if end > out[-1][1]:
+                out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+def subtract(ranges, minus) -> List[Range]:
+    """merge(ranges) with every address of `minus` taken out (one sweep)."""
+    out: List[Range] = []
+    cut = merge(minus)
+    j = 0
+    for start, end in merge(ranges):
+        while j < len(cut) and cut[j][1] <= start:
+            j += 1
+        k = j
+        while k < len(cut) and cut[k][0] < end:
+            if cut[k][0] > start:
+                out.append((start, cut[k][0]))
+            start = max(start, cut[k][1])
+            k += 1
+        if start < end:
+            out.append((start, end))
+    return out
+
+
+def intersect(ranges, other) -> List[Range]:
+    return subtract(ranges, subtract(ranges, other))
+
+
+def clip(vmas, ranges) -> List[Range]:
+    """Every non-empty intersection of a VMA (vmas: sorted, disjoint) with
+    ranges: ranges cut at VMA boundaries, as the kernel registers per VMA."""
+    out: List[Range] = []
+    cut = merge(ranges)
+    j = 0
+    for vs, ve in vmas:
+        while j < len(cut) and cut[j][1] <= vs:
+            j += 1
+        k = j
+        while k < len(cut) and cut[k][0] < ve:
+            s, e = max(vs, cut[k][0]), min(ve, cut[k][1])
+            if s < e:
+                out.append((s, e))
+            k += 1
+    return out
+
+
+def pages_in(ranges) -> int:
+    return sum(end - start for start, end in ranges) // PAGE_SIZE
+
+
+# --- processes ------------------------------------------------------------------
+
+def parse_maps(text) -> List[Range]:
+    """The trackable VMAs of a /proc/PID/maps text: private, writable and
+    anonymous (no backing file; [heap], [stack], [anon:NAME] count as
+    anonymous; [vdso] and friends do not)."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) < 5:
+            continue
+        perms, inode = fields[1], fields[4]
+        path = fields[5].strip() if len(fields) > 5 else ""
+        if len(perms) < 4 or perms[1] != "w" or perms[3] != "p" or inode != "0":
+            continue
+        if path in _NOT_TRACKED or (path and path != "[heap]" and not path.startswith(("[stack", "[anon:"))):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        out.append((start, end))
+    return out
+
+
+def _gone(pid, why="exited"):
+    return NativeError(errno.ESRCH, "process %d %s" % (pid, why))
+
+
+def _stat(pid):
+    """(state letter, task flags) of pid, or raise ESRCH."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise _gone(pid, "does not exist") from None
+    fields = text[text.rfind(")") + 2:].split()
+    return fields[0], int(fields[6])
+
+
+def _live_thread(pid) -> Optional[int]:
+    """A thread of pid that has not exited: the leader, or another when the
+    leader called pthread_exit (a zombie whose threads run on); None if none."""
+    try:
+        tids = sorted(int(t) for t in os.listdir("/proc/%d/task" % pid))
+    except FileNotFoundError:
+        return None
+    for tid in [pid] + [t for t in tids if t != pid]:
+        try:
+            with open("/proc/%d/task/%d/stat" % (pid, tid)) as f:
+                text = f.read()
+        except FileNotFoundError:
+            continue
+        if text[text.rfind(")") + 2:].split()[0] not in "ZX":
+            return tid
+    return None
+
+
+def check_process(pid) -> None:
+    """Raise a clear NativeError unless pid is a live user-space process
+    other than this one."""
+    if not isinstance(pid, int) or pid <= 0:
+        raise NativeError(errno.EINVAL, "bad pid %r" % (pid,))
+    if pid == os.getpid():
+        raise NativeError(errno.EINVAL, "process %d is this process: it cannot trace itself" % pid)
+    state, flags = _stat(pid)
+    if flags & _PF_KTHREAD:
+        raise NativeError(errno.EINVAL, "process %d is a kernel thread: it has no user memory to track" % pid)
+    if state in "ZX" and _live_thread(pid) is None:
+        raise _gone(pid, "has exited (zombie)")
+    tgid = _tgid(pid)
+    if tgid != pid:
+        raise NativeError(errno.EINVAL, "%d is a thread of process %d: track the process" % (pid, tgid))
+
+
+def _tgid(pid) -> int:
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        raise _gone(pid) from None
+    return pid
+
+
+def _read_maps(pid) -> str:
+    """/proc/PID/maps, through a live thread if the leader is a zombie."""
+    with open("/proc/%d/maps" % pid) as f:
+        text = f.read()
+    if not text:
+        tid = _live_thread(pid)
+        if tid is not None and tid != pid:
+            with open("/proc/%d/task/%d/maps" % (pid, tid)) as f:
+                text = f.read()
+    return text
+
+
+def read_vmas(pid) -> List[Range]:
+    """The trackable VMAs of pid, in address order."""
+    try:
+        text = _read_maps(pid)
+    except FileNotFoundError:
+        raise _gone(pid) from None
+    except PermissionError as e:
+        raise NativeError(errno.EPERM, "cannot read /proc/%d/maps: not permitted" % pid) from e
+    if not text:
+        check_process(pid)  # a kernel thread or a zombie: say which
+        raise _gone(pid)
+    return parse_maps(text)
+
+
+class PageBatch(NamedTuple):
+    """Pages [vaddr, vaddr + npages * 4096) of a process, as they travel:
+    zero pages are only a bit in zero_bitmap (bit i, little-endian within
+    each byte, for page i), data holds the other pages in order."""
+    vaddr: int
+    data: bytes  # bytes-like (a memoryview when no page is zero)
+    zero_bitmap: bytes
+    npages: int
+    nzero: int
+
+
+def read_pages(pid, start, end, batch_pages=READ_BATCH_PAGES) -> Iterator[PageBatch]:
+    """Yield PageBatch(vaddr, data, zero_bitmap, npages, nzero) for the pages
+    of [start, end) of pid, at most batch_pages at a time. Pages that cannot
+    be read (unmapped meanwhile) are skipped: the next scan reports them
+    removed. NativeError ESRCH when the process is gone."""
+    if start % PAGE_SIZE or end % PAGE_SIZE:
+        raise ValueError("range 0x%x-0x%x is not page aligned" % (start, end))
+    at = start
+    while at < end:
+        npages = min(batch_pages, (end - at) // PAGE_SIZE)
+        buf = bytearray(npages * PAGE_SIZE)
+        got, zero = native.read_pages_into(pid, at, buf)
+        if got:
+            yield _batch(at, buf, got, zero)
+        at += got * PAGE_SIZE
+        if got < npages:
+            at = _next_mapped(pid, at + PAGE_SIZE, end)
+
+
+def _batch(vaddr, buf, npages, zero) -> PageBatch:
+    nzero = sum(bin(b).count("1") for b in zero)
+    view = memoryview(buf)
+    if not nzero:
+        return PageBatch(vaddr, view[:npages * PAGE_SIZE], zero, npages, 0)
+    # Keep the runs of non-zero pages, in order.
+    kept, run = [], None
+    for i in range(npages):
+        if zero[i // 8] >> (i % 8) & 1:
+            if run is not None:
+                kept.append(view[run * PAGE_SIZE:i * PAGE_SIZE])
+                run = None
+        elif run is None:
+            run = i
+    if run is not None:
+        kept.append(view[run * PAGE_SIZE:npages * PAGE_SIZE])
+    return PageBatch(vaddr, b"".join(kept), zero, npages, nzero)
+
+
+def _next_mapped(pid, addr, end) -> int:
+    """The first mapped address >= addr (end if none before it)."""
+    try:
+        text = _read_maps(pid)
+    except FileNotFoundError:
+        raise _gone(pid) from None
+    for line in text.splitlines():
+        s, e = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
+        if e > addr:
+            return min(max(s, addr), end)
+    return end
+
+
+# --- one process ------------------------------------------------------------------
+
+@dataclass
+class ScanResult:
+    """What changed in one process since the previous scan."""
+    dirty: List[Range]          # to send again: written + new + untrackable
+    removed: List[Range]        # no longer mapped (or no longer trackable)
+    pages_scanned: int          # pages of the VMAs scanned
+    scan_s: float               # wall time of the scan
+    new: List[Range] = field(default_factory=list)      # VMAs that appeared, whole (in dirty)
+    written: List[Range] = field(default_factory=list)  # pages the scan found written (in dirty)
+    stop_s: float = 0.0         # time the target was held (soft-dirty freezes it)
+
+    @property
+    def dirty_pages(self) -> int:
+        return pages_in(self.dirty)
+
+    @property
+    def written_pages(self) -> int:
+        return pages_in(self.written)
+
+
+def choose_method(method=None) -> str:
+    """The tracking method: `method` if given, else the one the doctor found
+    working here (SetupError if none)."""
+    if method is None:
+        from .doctor import require_dirty_tracker
+        return require_dirty_tracker()
+    if method not in METHODS:
+        raise ValueError("unknown dirty tracking method %r (one of %s)" % (method, ", ".join(METHODS)))
+    return method
+
+
+class DirtyTracker:
+    """Dirty-page tracking of one process (all its threads share the mm).
+
+    attach() stops one thread for a fraction of a millisecond to take a
+    userfaultfd from it (uffd-wp); detach() — or this process dying — leaves
+    nothing behind in the target. Use from one thread.
+    """
+
+    def __init__(self, pid: int, method: Optional[str] = None):
+        self.pid = pid
+        self.method = choose_method(method)
+        self._tracker: Optional[native.Tracker] = None
+        self._pidfd: Optional[int] = None
+        self._vmas: List[Range] = []
+        self._tracked: List[Range] = []    # registered (or untrackable) addresses
+        self._untracked: List[Range] = []  # could not be registered: always dirty
+        self.attached = False
+        #: how long attach() stopped the target, in ms
+        self.stop_ms = 0.0
+
+    # --- life cycle ---
+    def attach(self) -> float:
+        """Start tracking; returns how long the target was stopped, in ms."""
+        if self.attached:
+            raise HybridmigError("already tracking process %d" % self.pid)
+        check_process(self.pid)
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError as e:
+            raise NativeError(e.errno, "cannot open a pidfd of process %d: %s" % (self.pid, e.strerror)) from e
+        try:
+            vmas = read_vmas(self.pid)
+            stop_ns = self._attach_native()
+            self._vmas = vmas
+            self._tracked = merge(vmas)
+            self._untracked = []
+            self._register(vmas)
+            self.attached = True
+            self.stop_ms = stop_ns / 1e6
+            return self.stop_ms
+        except BaseException:
+            self._release()
+            raise
+
+    def _attach_native(self) -> int:
+        try:
+            if self.method == UFFD_WP:
+                self._tracker = native.Tracker(self.pid)
+                return self._tracker.stop_ns
+            native.softdirty_clear(self.pid)
+            return 0
+        except NativeError as e:
+            self._raise_if_gone()
+            hint = {errno.EPERM: " — needs root (CAP_SYS_PTRACE), and no other tracer (debugger, CRIU) attached",
+                    errno.EOPNOTSUPP: " — the kernel lacks UFFD_FEATURE_WP_ASYNC (6.7+): use soft-dirty"}
+            raise NativeError(e.errno, "cannot track process %d: %s%s"
+                              % (self.pid, e.strerror, hint.get(e.errno, ""))) from e
+
+    def detach(self) -> None:
+        """Stop tracking (idempotent); the target keeps running untouched."""
+        self.attached = False
+        self._release()
+
+    def _release(self):
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def __enter__(self) -> "DirtyTracker":
+        if not self.attached:
+            self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def alive(self) -> bool:
+        """False once the process has exited (even if not yet reaped)."""
+        if self._pidfd is None:
+            return False
+        return not select.select([self._pidfd], [], [], 0)[0]
+
+    def _raise_if_gone(self):
+        if not self.alive():
+            raise _gone(self.pid)
+
+    # --- tracking ---
+    def vmas(self) -> List[Range]:
+        """The tracked VMAs as of the last attach() or scan()."""
+        return list(self._vmas)
+
+    def _register(self, ranges):
+        """Register ranges (pieces of VMAs) for tracking; a piece the kernel
+        refuses (another userfaultfd owns it, a VMA kind it cannot track, a
+        VMA that went away meanwhile) is sent every round instead."""
+        if self.method != UFFD_WP:
+            return
+        for start, end in ranges:
+            try:
+                self._tracker.register(start, end)
+            except NativeError:
+                self._raise_if_gone()
+                self._untracked = merge(self._untracked + [(start, end)])
+
+    def scan(self) -> ScanResult:
+        """What must travel again since the previous scan (or attach)."""
+        if not self.attached:
+            raise HybridmigError("not tracking process %d: attach() first" % self.pid)
+        t0 = time.perf_counter()
+        self._raise_if_gone()
+        vmas = read_vmas(self.pid)
+        current = merge(vmas)
+        new = subtract(current, self._tracked)
+        removed = subtract(self._tracked, current)
+        self._untracked = intersect(self._untracked, current)
+        stop_s = 0.0
+        if self.method == UFFD_WP:
+            self._register(clip(vmas, new))
+            written = self._scan_uffd(vmas, new)
+        else:
+            written, stop_s = self._scan_soft_dirty(vmas, new)
+        self._raise_if_gone()  # what was read of a dying process means nothing
+        self._vmas = vmas
+        self._tracked = current
+        dirty = merge(written + new + self._untracked)
+        return ScanResult(dirty=dirty, removed=removed, pages_scanned=pages_in(current),
+                          scan_s=time.perf_counter() - t0, new=new, written=merge(written), stop_s=stop_s)
+
+    def _scan_uffd(self, vmas, new) -> List[Range]:
+        written: List[Range] = []
+        skip = merge(new + self._untracked)
+        for start, end in clip(vmas, subtract(merge(vmas), skip)):
+            try:
+                written += self._tracker.scan(start, end)
+            except NativeError as e:
+                self._raise_if_gone()
+                if e.errno != errno.EPERM:
+                    raise
+                # A VMA there was replaced (munmap + mmap at the same place)
+                # and is not registered: its content is new. What the scan
+                # protected before failing is lost, so all of it goes again.
+                self._register([(start, end)])
+                written.append((start, end))
+        return written
+
+    def _scan_soft_dirty(self, vmas, new):
+        """Soft-dirty bits read and cleared with every thread frozen: a write
+        between the read and the clear would otherwise be lost."""
+        written: List[Range] = []
+        with native.Frozen(self.pid) as frozen:
+            for start, end in subtract(merge(vmas), new):
+                written += native.softdirty_scan(self.pid, start, end)
+            native.softdirty_clear(self.pid)
+            stop_ns = frozen.thaw()
+        return written, stop_ns / 1e9
+
+
+# --- a process tree -------------------------------------------------------------------
+
+class TreeScanResult(dict):
+    """{pid: ScanResult} of every live process of the tree (new ones sent
+    whole), with the pids that appeared (new) and exited since the last scan."""
+
+    def __init__(self, results, new, exited):
+        super().__init__(results)
+        self.new: List[int] = new
+        self.exited: List[int] = exited
+
+    @property
+    def results(self) -> Dict[int, ScanResult]:
+        return dict(self)
+
+    @property
+    def dirty_pages(self) -> int:
+        return sum(r.dirty_pages for r in self.values())
+
+
+class TreeTracker:
+    """One DirtyTracker per process of the tree rooted at pid.
+
+    Children are found with psutil, recursively, at attach() and at each
+    scan(): a new one is attached and its VMAs returned whole; one that
+    exited is reported and forgotten. Processes re-parented out of the tree
+    stay tracked until they exit. The root exiting raises ESRCH. A new
+    child held by another tracer (CRIU freezing the tree) cannot be
+    attached: it is returned whole each time instead.
+    """
+
+    def __init__(self, pid: int, method: Optional[str] = None):
+        self.root = pid
+        self.method = choose_method(method)
+        self.trackers: Dict[int, DirtyTracker] = {}
+        #: {pid: ms the process was stopped when attached}
+        self.stop_ms: Dict[int, float] = {}
+
+    def pids(self) -> List[int]:
+        return sorted(self.trackers)
+
+    def vmas(self) -> Dict[int, List[Range]]:
+        """{pid: its tracked VMAs (merged)} as of the last attach() or scan()."""
+        return {pid: merge(t.vmas()) for pid, t in self.trackers.items()}
+
+    def attach(self) -> float:
+        """Attach to every process of the tree, one at a time; returns the
+        longest stop of a process in ms (all of them are in stop_ms)."""
+        try:
+            root = DirtyTracker(self.root, self.method)
+            self.stop_ms[self.root] = root.attach()
+            self.trackers[self.root] = root
+            for _ in self._attach_new({}):
+                pass
+        except BaseException:
+            self.detach()
+            raise
+        return max(self.stop_ms.values())
+
+    def _descendants(self) -> List[int]:
+        try:
+            return [p.pid for p in psutil.Process(self.root).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            raise _gone(self.root) from None
+
+    def _attach_new(self, results):
+        """Attach to descendants not tracked yet, putting a whole-VMAs
+        ScanResult for each in results; those that exit meanwhile are
+        skipped. Yields the new pids."""
+        for pid in self._descendants():
+            if pid in self.trackers:
+                continue
+            t0 = time.perf_counter()
+            tracker = DirtyTracker(pid, self.method)
+            try:
+                stop_ms = tracker.attach()
+                self.trackers[pid] = tracker
+                whole = merge(tracker.vmas())
+            except NativeError as e:
+                if e.errno == errno.ESRCH:
+                    continue  # exited (or a zombie) before we got to it
+                if e.errno != errno.EPERM or not _traced(pid):
+                    raise
+                try:
+                    stop_ms, whole = 0.0, merge(read_vmas(pid))
+                except NativeError as gone:
+                    if gone.errno == errno.ESRCH:
+                        continue
+                    raise
+            self.stop_ms[pid] = stop_ms
+            results[pid] = ScanResult(dirty=whole, removed=[], pages_scanned=0, new=whole,
+                                      scan_s=time.perf_counter() - t0, stop_s=stop_ms / 1e3)
+            yield pid
+
+    def scan(self) -> TreeScanResult:
+        results, exited = {}, []
+        for pid, tracker in list(self.trackers.items()):
+            try:
+                results[pid] = tracker.scan()
+            except NativeError as e:
+                if e.errno != errno.ESRCH or pid == self.root:
+                    raise
+                tracker.detach()
+                del self.trackers[pid]
+                self.stop_ms.pop(pid, None)
+                exited.append(pid)
+        new = list(self._attach_new(results))
+        return TreeScanResult(results, new, exited)
+
+    def detach(self) -> None:
+        for tracker in self.trackers.values():
+            tracker.detach()
+        self.trackers.clear()
+
+    def __enter__(self) -> "TreeTracker":
+        if not self.trackers:
+            self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def _traced(pid) -> bool:
+    """Is pid held by a ptrace tracer (a debugger, CRIU)?"""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1]) != 0
+    except FileNotFoundError:
+        pass
+    return False
