@@ -13,7 +13,7 @@ machine is quiet (--quiet-threshold busy CPUs, at most --quiet-timeout s),
 and it records the CPUs busy and stolen by the hypervisor during each run.
 --from-json re-renders the tables of an earlier results.json.
 
-For each size (MiB) a memwork workload (tests/workload/memwork.c: 1 writer
+For each size (MiB) a memwork workload (native/workload/memwork.c: 1 writer
 thread, ``--rate`` pages/s, so its memory is mostly stable) is started and
 dumped once with `criu dump`.  The same images are then restored again and
 again with `criu restore --lazy-pages -d`, once per repetition and daemon,
@@ -77,7 +77,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.criu_util import criu_binary, criu_dump, log_excerpt  # noqa: E402
-from tests.workload import (Workload, WorkloadError, become_subreaper,  # noqa: E402
+from hybridmig.workload import (Workload, WorkloadError, become_subreaper,  # noqa: E402
                             build_memwork)
 
 DAEMONS = ("criu", "hybridmig")

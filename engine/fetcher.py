@@ -24,6 +24,10 @@ class Fetcher(threading.Thread):
         self._stopping = False
 
     def add_task(self, key, runs):
+        # A source whose pages are all in the store already (hybridmig serve)
+        # is only asked for what the fault loop finds missing.
+        if not getattr(self.source, "prefetch", True):
+            runs = ()
         with self._lock:
             self._pending[key] = Ranges((r.vaddr, r.end) for r in runs)
             self._order.append(key)

@@ -15,6 +15,7 @@ from .wire import Msg
 
 PAGE_SIZE = 4096
 BATCH_PAGES = 256  # 1 MiB of pages per PAGES frame
+MAX_EXTENTS = 4096  # scattered dirty pages: one frame carries many runs
 
 
 @dataclass
@@ -67,9 +68,33 @@ class Throttle:
             time.sleep(ahead)
 
 
+class Compression:
+    """lz4 where it pays: after a run of frames it did not shrink, stop
+    trying for a while (a process's memory is often already dense)."""
+
+    SKIP_AFTER, SKIP_FOR = 8, 64
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.misses = 0
+        self.skip = 0
+
+    def wanted(self):
+        if self.skip:
+            self.skip -= 1
+            return False
+        return self.enabled
+
+    def result(self, shrank):
+        self.misses = 0 if shrank else self.misses + 1
+        if self.misses >= self.SKIP_AFTER:
+            self.misses, self.skip = 0, self.SKIP_FOR
+
+
 @dataclass
 class Sender:
-    """Reads pages of the source tasks and sends them as PAGES frames."""
+    """Reads pages of the source tasks and sends them in PAGES frames of up
+    to BATCH_PAGES pages, scattered pages gathered into one frame."""
 
     channel: wire.Channel
     keys: dict  # host pid -> ns pid (store key)
@@ -77,20 +102,35 @@ class Sender:
     throttle: Throttle = None
     held: dict = field(default_factory=dict)  # ns pid -> Ranges held by the destination
 
+    def __post_init__(self):
+        self.compression = Compression(self.compress)
+
+    def _flush(self, key, extents, parts, rnd):
+        body, packed = wire.encode_pages(key, extents, b"".join(parts), self.compression.wanted())
+        self.compression.result(packed)
+        self.channel.send(Msg.PAGES, body)
+        rnd.bytes_wire += len(body)
+        if self.throttle:
+            self.throttle.account(len(body))
+
     def send_ranges(self, pid, ranges, rnd):
         key = self.keys[pid]
         held = self.held.setdefault(key, Ranges())
+        extents, parts, npages = [], [], 0
         for start, end in ranges:
-            for vaddr, data, zero_bitmap, npages, nzero in read_pages(pid, start, end, BATCH_PAGES):
-                body = wire.encode_pages(key, vaddr, data, zero_bitmap, npages, self.compress)
-                self.channel.send(Msg.PAGES, body)
-                held.add(vaddr, vaddr + npages * PAGE_SIZE)
-                rnd.pages_sent += npages
-                rnd.pages_zero += nzero
-                rnd.bytes_raw += (npages - nzero) * PAGE_SIZE
-                rnd.bytes_wire += len(body)
-                if self.throttle:
-                    self.throttle.account(len(body))
+            for b in read_pages(pid, start, end, BATCH_PAGES):
+                extents.append((b.vaddr, b.npages, b.zero_bitmap))
+                parts.append(b.data)
+                npages += b.npages
+                held.add(b.vaddr, b.vaddr + b.npages * PAGE_SIZE)
+                rnd.pages_sent += b.npages
+                rnd.pages_zero += b.nzero
+                rnd.bytes_raw += (b.npages - b.nzero) * PAGE_SIZE
+                if npages >= BATCH_PAGES or len(extents) >= MAX_EXTENTS:
+                    self._flush(key, extents, parts, rnd)
+                    extents, parts, npages = [], [], 0
+        if extents:
+            self._flush(key, extents, parts, rnd)
 
     def invalidate(self, pid, ranges):
         key = self.keys[pid]

@@ -9,6 +9,7 @@ import select
 import socket
 import tempfile
 import time
+import logging
 import shutil
 
 import psutil
@@ -19,6 +20,8 @@ from .errors import CriuError, HybridmigError, ProtocolError, SetupError
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid
 from .tracker import TreeTracker, read_pages
 from .wire import Msg
+
+log = logging.getLogger("hybridmig.run")
 
 
 def boot_id():
@@ -173,10 +176,14 @@ class Migration:
                 dirty[pid] = list(res.dirty) + list(self.pending.get(pid, []))
                 final.pages_written += sum((e - s) // PAGE_SIZE for s, e in dirty[pid])
             self.tracker.detach()
+            t_scanned = time.time()
             for pid, key in self.sender.keys.items():
                 need = self._lacking(images_dir, key, dirty.get(pid, []))
                 self.sender.send_ranges(pid, need, final)
             self.times["final_sent"] = time.time()
+            log.info("final round: scan and detach %.1f ms, %d pages sent in %.1f ms",
+                     (t_scanned - self.times["dumped"]) * 1000, final.pages_sent,
+                     (self.times["final_sent"] - t_scanned) * 1000)
             for name in sorted(os.listdir(images_dir)):
                 if name.endswith(".log"):
                     continue
@@ -199,8 +206,10 @@ class Migration:
         held = self.sender.held.get(key) or Ranges()
         try:
             task = images.read_task(images_dir, key)
-        except HybridmigError:
+        except HybridmigError as e:
+            log.info("pid %d: no lazy pages in the final images (%s)", key, e)
             return list(need)  # a zombie, or a task that has no memory
+        dirty_pages = need.total() // PAGE_SIZE
         for run in task.runs:
             start = run.vaddr
             while start < run.end:
@@ -211,6 +220,8 @@ class Migration:
                 if nxt[0] > start:
                     need.add(start, nxt[0])
                 start = nxt[1]
+        log.info("pid %d: %d dirty pages, %d lazy pages in all, %d to send", key, dirty_pages, task.lazy_pages,
+                 need.total() // PAGE_SIZE)
         return list(need)
 
     def _await_result(self):

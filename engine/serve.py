@@ -26,28 +26,32 @@ log = logging.getLogger("hybridmig.serve")
 PAGE_SIZE = 4096
 
 
-def store_pages(store, key, vaddr, npages, zero, data):
+def store_pages(store, key, extents, data):
     """Put one PAGES body into the store: runs of zero pages as flags."""
     data = memoryview(data)
-    i = off = 0
-    while i < npages:
-        is_zero = zero[i >> 3] >> (i & 7) & 1
-        j = i + 1
-        while j < npages and (zero[j >> 3] >> (j & 7) & 1) == is_zero:
-            j += 1
-        if is_zero:
-            store.put_zero(key, vaddr + i * PAGE_SIZE, j - i)
-        else:
-            n = (j - i) * PAGE_SIZE
-            store.put(key, vaddr + i * PAGE_SIZE, data[off:off + n])
-            off += n
-        i = j
+    off = 0
+    for vaddr, npages, zero in extents:
+        i = 0
+        while i < npages:
+            is_zero = zero[i >> 3] >> (i & 7) & 1
+            j = i + 1
+            while j < npages and (zero[j >> 3] >> (j & 7) & 1) == is_zero:
+                j += 1
+            if is_zero:
+                store.put_zero(key, vaddr + i * PAGE_SIZE, j - i)
+            else:
+                n = (j - i) * PAGE_SIZE
+                store.put(key, vaddr + i * PAGE_SIZE, data[off:off + n])
+                off += n
+            i = j
 
 
 class RemotePages:
     """The lazy daemon's page source on the destination: pages are already in
     the store; any that are not (a remote fault, which pre-copy should make
     impossible) are fetched from the frozen source over the session."""
+
+    prefetch = False  # the store holds every page already: fetch only what a fault asks for
 
     def __init__(self, channel, store, timeout=60.0):
         self.channel, self.store, self.timeout = channel, store, timeout
@@ -70,8 +74,9 @@ class RemotePages:
         if self._complete(key, vaddr, npages):
             return
         src = key if pid is None else pid
-        if not self._complete(src, vaddr, npages):
-            self.remote_pages += npages
+        data, zero = self.store.count(src, vaddr, npages)
+        if data + zero < npages:
+            self.remote_pages += npages - data - zero
             log.warning("remote fault: pid %d, %d pages at 0x%x", src, npages, vaddr)
             self.channel.send(Msg.FETCH, wire.encode_range(src, vaddr, npages))
             deadline = time.monotonic() + self.timeout

@@ -30,7 +30,8 @@ MAX_PAYLOAD = 64 << 20
 _HEADER = struct.Struct("!BBHIQ")  # type, flags, reserved, length, sequence
 _HELLO_S = struct.Struct("!4sH32s")
 _HELLO_C = struct.Struct("!4sH32s32s")
-_PAGES = struct.Struct("!QQIB")  # key, vaddr, npages, encoding
+_PAGES = struct.Struct("!QHB")  # key, extents, encoding
+_EXTENT = struct.Struct("!QI")  # vaddr, npages
 _RANGE = struct.Struct("!QQQ")  # key, vaddr, npages
 _ROUND = struct.Struct("!I")
 _ACK = struct.Struct("!IQ")
@@ -205,37 +206,48 @@ class Channel:
 # --- message bodies -----------------------------------------------------------
 
 
-def encode_pages(key, vaddr, data, zero_bitmap, npages, compress=True):
-    """A PAGES body: npages pages at vaddr; zero pages are a bit in
-    zero_bitmap and travel as nothing; `data` holds the other pages in order."""
+def encode_pages(key, extents, data, compress=True):
+    """A PAGES body for store task `key`: extents are (vaddr, npages,
+    zero_bitmap) with bit i of zero_bitmap set for an all-zero page, which
+    travels as nothing; `data` holds every other page, extent after extent."""
     body = bytes(data)
     enc = RAW
     if compress and body:
         packed = lz4.block.compress(body, store_size=False)
         if len(packed) < len(body):
             body, enc = packed, LZ4
-    return _PAGES.pack(key, vaddr, npages, enc) + bytes(zero_bitmap) + body
+    head = [_PAGES.pack(key, len(extents), enc)]
+    for vaddr, npages, zero in extents:
+        head.append(_EXTENT.pack(vaddr, npages) + bytes(zero[:(npages + 7) // 8]))
+    return b"".join(head) + body, enc == LZ4
 
 
 def decode_pages(payload):
-    """(key, vaddr, npages, zero_bitmap bytes, data of the non-zero pages)."""
-    key, vaddr, npages, enc = _PAGES.unpack_from(payload)
-    nbm = (npages + 7) // 8
-    zero = bytes(payload[_PAGES.size:_PAGES.size + nbm])
-    if len(zero) != nbm:
-        raise ProtocolError("PAGES frame too short for %d pages" % npages)
-    nonzero = npages - sum(bin(b).count("1") for b in zero)
-    body = memoryview(payload)[_PAGES.size + nbm:]
+    """(key, [(vaddr, npages, zero_bitmap)], data of the non-zero pages)."""
+    view = memoryview(payload)
+    try:
+        key, n, enc = _PAGES.unpack_from(view)
+        off, extents, nonzero = _PAGES.size, [], 0
+        for _ in range(n):
+            vaddr, npages = _EXTENT.unpack_from(view, off)
+            off += _EXTENT.size
+            zero = bytes(view[off:off + (npages + 7) // 8])
+            off += (npages + 7) // 8
+            extents.append((vaddr, npages, zero))
+            nonzero += npages - sum(bin(b).count("1") for b in zero)
+    except struct.error as e:
+        raise ProtocolError("PAGES frame too short for its extents") from e
+    body = view[off:]
     if enc == LZ4:
         try:
             body = lz4.block.decompress(body, uncompressed_size=nonzero * PAGE_SIZE)
         except lz4.block.LZ4BlockError as e:
-            raise ProtocolError("PAGES frame at 0x%x does not decompress: %s" % (vaddr, e)) from e
+            raise ProtocolError("PAGES frame of pid %d does not decompress: %s" % (key, e)) from e
     elif enc != RAW:
         raise ProtocolError("PAGES frame with unknown encoding %d" % enc)
     if len(body) != nonzero * PAGE_SIZE:
-        raise ProtocolError("PAGES frame at 0x%x holds %d bytes for %d pages" % (vaddr, len(body), nonzero))
-    return key, vaddr, npages, zero, body
+        raise ProtocolError("PAGES frame of pid %d holds %d bytes for %d pages" % (key, len(body), nonzero))
+    return key, extents, body
 
 
 def decode_json(payload):

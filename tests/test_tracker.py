@@ -5,7 +5,7 @@ to, by plain stores, from several threads, by read(2), in fresh and moved
 mappings, and names them; the tracker must report exactly those pages in
 the test regions (the program's own stack, heap and libc data are real
 dirty pages too, so only the test regions are compared). memwork
-(tests/workload.py) checks that a target survives being tracked.
+(hybridmig.workload) checks that a target survives being tracked.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from hybridmig import doctor
 from hybridmig import tracker as trk
 from hybridmig.bindings import tracker as native
 from hybridmig.errors import NativeError
-from workload import BUILD_DIR, REPO_ROOT, Workload
+from hybridmig.workload import BUILD_DIR, REPO_ROOT, Workload
 
 PAGE = 4096
 DIRTYSET_SRC = REPO_ROOT / "tests" / "workload" / "dirtyset.c"

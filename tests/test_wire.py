@@ -95,24 +95,28 @@ def test_replayed_frame_is_refused():
 
 
 @pytest.mark.parametrize("compress", [True, False])
-def test_pages_roundtrip_with_zero_pages(compress):
-    npages = 10
-    zero = bytearray(2)
-    for i in (0, 3, 4, 9):
-        zero[i >> 3] |= 1 << (i & 7)
-    data = b"".join(bytes([i]) * 4096 for i in range(npages) if not zero[i >> 3] >> (i & 7) & 1)
-    body = wire.encode_pages(7, 0x200000, data, zero, npages, compress)
-    if compress:
-        assert len(body) < len(data)  # repeated bytes compress
-    key, vaddr, n, z, out = wire.decode_pages(body)
-    assert (key, vaddr, n, z) == (7, 0x200000, npages, bytes(zero))
-    assert bytes(out) == data
+def test_pages_roundtrip_with_zero_pages_and_extents(compress):
+    def extent(vaddr, npages, zeros, fill):
+        zero = bytearray((npages + 7) // 8)
+        for i in zeros:
+            zero[i >> 3] |= 1 << (i & 7)
+        data = b"".join(bytes([fill + i]) * 4096 for i in range(npages) if i not in zeros)
+        return (vaddr, npages, bytes(zero)), data
+
+    (e1, d1), (e2, d2) = extent(0x200000, 10, {0, 3, 4, 9}, 1), extent(0x900000, 3, set(), 50)
+    body, packed = wire.encode_pages(7, [e1, e2], d1 + d2, compress)
+    assert packed == compress  # repeated bytes compress
+    key, extents, out = wire.decode_pages(body)
+    assert (key, extents) == (7, [e1, e2])
+    assert bytes(out) == d1 + d2
 
 
 def test_truncated_pages_body_is_an_error():
-    body = wire.encode_pages(1, 0, b"a" * 8192, b"\x00", 2, compress=False)
+    body, _ = wire.encode_pages(1, [(0, 2, b"\x00")], b"a" * 8192, compress=False)
     with pytest.raises(ProtocolError):
         wire.decode_pages(body[:-1])
+    with pytest.raises(ProtocolError):
+        wire.decode_pages(body[:12])
 
 
 def test_file_names_cannot_escape():

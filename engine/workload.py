@@ -1,4 +1,4 @@
-"""Driver for the self-verifying test workload ``tests/workload/memwork.c``.
+"""Driver for memwork (``native/workload/memwork.c``), the self-verifying workload of the demo, the tests and the bench.
 
 A workload is a tree of ``procs`` memwork processes, the root being PID 1 of
 a PID namespace of its own (so that CRIU can dump and restore the tree with
@@ -29,8 +29,8 @@ from typing import Iterable, Optional
 import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MEMWORK_SRC = REPO_ROOT / "tests" / "workload" / "memwork.c"
-BUILD_DIR = REPO_ROOT / "build" / "tests"
+MEMWORK_SRC = REPO_ROOT / "native" / "workload" / "memwork.c"
+BUILD_DIR = REPO_ROOT / "build" / "workload"
 
 #: First header word of every written page ("MEMWORK1"), see memwork.c.
 PAGE_MAGIC = 0x4D454D574F524B31
