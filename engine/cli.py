@@ -129,9 +129,10 @@ def serve(listen, base_dir, key_file, once, verbosity):
 @click.option("--criu-opt", "criu_opts", multiple=True, help="extra CRIU option for dump and restore (repeatable)")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds for the dump and for the restore")
 @click.option("--no-compress", is_flag=True, help="send pages without lz4")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False), help="also write the JSON report here")
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
 def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit, criu_opts, timeout, no_compress,
-        verbosity):
+        report_file, verbosity):
     """Source: live-migrate process tree PID to a destination."""
     from . import wire
     from .progress import RunProgress
@@ -145,9 +146,16 @@ def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit
                            criu_opts=criu_opts, timeout=timeout, progress=show.update,
                            compress=not no_compress).run()
     except HybridmigError as e:
+        failed = {"result": "failed", "error": str(e), "pid": pid}
+        if report_file:
+            with open(report_file, "w") as f:
+                json.dump(failed, f, indent=2)
         if as_json:
-            click.echo(json.dumps({"result": "failed", "error": str(e), "pid": pid}))
+            click.echo(json.dumps(failed))
         fail("%s (pid %d keeps running on the source)" % (e, pid))
+    if report_file:
+        with open(report_file, "w") as f:
+            json.dump(report, f, indent=2)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -158,3 +166,5 @@ from .doctor import doctor  # noqa: E402
 main.add_command(doctor)
 from .dirtyrate import dirty_rate  # noqa: E402
 main.add_command(dirty_rate)
+from .demo import demo  # noqa: E402
+main.add_command(demo)

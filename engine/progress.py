@@ -26,9 +26,12 @@ class RunProgress:
         t = Table(title="migrated pid %d to %s" % (report["pid"], report["to"]))
         t.add_column("step")
         t.add_column("ms", justify="right")
-        for name, ms in report["breakdown"].items():
+        steps = dict(report["breakdown"])
+        after = steps.pop("installing_after_resume_ms")
+        for name, ms in steps.items():
             t.add_row(name.replace("_ms", "").replace("_", " "), "%.1f" % ms)
         t.add_row("[b]downtime[/b]", "[b]%.1f[/b]" % report["downtime_ms"])
+        t.add_row("(pages installing after resume)", "%.1f" % after)
         self.console.print(t)
         self.console.print("%d rounds, %.1f MiB sent, %d remote faults; restored as pid %s"
                            % (len(report["rounds"]), _mib(report["bytes_sent"]), report["remote_faults"],

@@ -253,21 +253,26 @@ class Migration:
     # --- report --------------------------------------------------------------------
 
     def report(self):
+        """The downtime runs from the freeze to the restored tasks running
+        (criu restore done on the destination); pages still installing by
+        then are served from the destination's RAM."""
         t = self.times
-        downtime = (t.get("restored", 0) - t["freeze"]) if "restored" in t else None
+        dest = self.result or {}
         breakdown = {
             "freeze_to_dumped_ms": (t["dumped"] - t["freeze"]) * 1000,
             "final_pages_ms": (t["final_sent"] - t["dumped"]) * 1000,
             "images_ms": (t["images_sent"] - t["final_sent"]) * 1000,
-            "restore_ms": (t["restored"] - t["images_sent"]) * 1000,
+            "restore_ms": dest.get("restore_s", 0.0) * 1000,
         }
+        downtime = sum(breakdown.values())
+        breakdown["installing_after_resume_ms"] = (dest.get("installed_s", 0.0) - dest.get("restore_s", 0.0)) * 1000
         rounds = [r.as_dict() for r in self.rounds] + [dict(self.final.as_dict(), final=True)]
         return {
             "result": "migrated",
             "pid": self.pid,
             "to": self.to,
             "rounds": rounds,
-            "downtime_ms": downtime * 1000 if downtime is not None else None,
+            "downtime_ms": downtime,
             "breakdown": breakdown,
             "bytes_sent": self.channel.bytes_sent,
             "remote_faults": self.remote_faults,
