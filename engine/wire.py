@@ -13,7 +13,6 @@ import hmac
 import json
 import os
 import socket
-import ssl
 import struct
 import threading
 
@@ -145,7 +144,7 @@ class Channel:
                 frame += self._mac(header, payload)
             try:
                 self.sock.sendall(frame)
-            except (OSError, ssl.SSLError) as e:
+            except OSError as e:
                 raise ProtocolError("connection to %s lost while sending: %s" % (self.peer, e)) from e
             self.bytes_sent += len(frame)
 
@@ -158,7 +157,7 @@ class Channel:
                 r = self.sock.recv_into(view[got:], n - got)
             except socket.timeout as e:
                 raise ProtocolError("%s sent nothing for too long" % self.peer) from e
-            except (OSError, ssl.SSLError) as e:
+            except OSError as e:
                 raise ProtocolError("connection to %s lost: %s" % (self.peer, e)) from e
             if r == 0:
                 raise ProtocolError("%s closed the connection" % self.peer)
@@ -295,15 +294,13 @@ def decode_file(payload):
     return name, bytes(payload[2 + n:])
 
 
-def connect(addr, key, timeout=10.0, tls_context=None):
+def connect(addr, key, timeout=10.0):
     host, port = parse_addr(addr) if isinstance(addr, str) else addr
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         raise ProtocolError("cannot connect to %s:%d: %s" % (host, port, e.strerror or e)) from e
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if tls_context is not None:
-        sock = tls_context.wrap_socket(sock, server_hostname=host)
     sock.settimeout(None)
     ch = Channel(sock, "%s:%d" % (host, port))
     try:
