@@ -109,8 +109,9 @@ stamp=$VENV/.hybridmig-installed
 newest=$(find pyproject.toml setup.py native -newer "$stamp" -print -quit 2>/dev/null || true)
 if [ ! -f "$stamp" ] || [ -n "$newest" ]; then
     say "installing hybridmig into $VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check "$CRIU_SRC/lib" >/dev/null
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
+    # (this machine's pip config names index folders that may not exist: drop that noise)
+    "$VENV/bin/pip" install -q --disable-pip-version-check "$CRIU_SRC/lib" >/dev/null 2> >(grep -v 'is ignored' >&2)
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]" 2> >(grep -v 'is ignored' >&2)
     touch "$stamp"
 fi
 "$VENV/bin/python" -c 'import pycriu.images, hybridmig._native' || { echo "setup: pycriu or the native module does not import" >&2; exit 1; }

@@ -280,6 +280,9 @@ static int put_chunk(struct store_task *t, struct chunk *c, uint64_t first, uint
 
 	if (rc)
 		return rc;
+	/* the pages may be mapped read-only from a file (load_chunk) */
+	if (mprotect(c->buf + first * PAGE_SZ, n * PAGE_SZ, PROT_READ | PROT_WRITE))
+		return -errno;
 	memcpy(c->buf + first * PAGE_SZ, buf + done * PAGE_SZ, n * PAGE_SZ);
 	mark(c, first, n, HM_PAGE_DATA);
 	return 0;
@@ -310,7 +313,8 @@ struct load_arg {
 /*
  * Pages of a file are mapped into the chunk, not copied: a private mapping of
  * the page cache costs no allocation and no copy here, and UFFDIO_COPY reads
- * straight from it. A later put() of the same page copies on write as usual.
+ * straight from it. A later put() of the same page makes it writable and
+ * copies on write as usual.
  * The file must not shrink while mapped: reading a page past its new end
  * raises SIGBUS (the daemon serves images that no one else writes).
  */
@@ -322,10 +326,11 @@ static int load_chunk(struct store_task *t, struct chunk *c, uint64_t first, uin
 
 	if (rc)
 		return rc;
-	/* POPULATE: map the page cache here, in the loader's thread, rather than
-	 * one minor fault at a time inside the fault loop's UFFDIO_COPY. */
-	p = mmap(c->buf + first * PAGE_SZ, n * PAGE_SZ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_POPULATE,
-		 la->fd, la->offset + done * PAGE_SZ);
+	/* POPULATE maps the page cache here, in the loader's thread, rather than
+	 * one minor fault at a time inside the fault loop's UFFDIO_COPY. Read
+	 * only: populating a writable private mapping would copy every page. */
+	p = mmap(c->buf + first * PAGE_SZ, n * PAGE_SZ, PROT_READ, MAP_PRIVATE | MAP_FIXED | MAP_POPULATE, la->fd,
+		 la->offset + done * PAGE_SZ);
 	if (p == MAP_FAILED) {
 		rc = -errno;
 		chunk_trim(t, c);
@@ -482,6 +487,11 @@ int hm_store_move(hm_store *s, uint64_t key, uint64_t from, uint64_t to, uint64_
 			rc = dc ? chunk_buffer(dc) : -ENOMEM;
 			if (rc)
 				break;
+			/* the old page there may be mapped read-only from a file */
+			if (mprotect(dc->buf + PAGE_IN_CHUNK(dst) * PAGE_SZ, PAGE_SZ, PROT_READ | PROT_WRITE)) {
+				rc = -errno;
+				break;
+			}
 			memcpy(dc->buf + PAGE_IN_CHUNK(dst) * PAGE_SZ, sc->buf + PAGE_IN_CHUNK(src) * PAGE_SZ, PAGE_SZ);
 		}
 		if (dc) {

@@ -1,0 +1,430 @@
+"""`hybridmig run` → `hybridmig serve` end to end: real CRIU, real process
+trees (memwork, which checks every one of its pages), two network
+namespaces joined by a veth as the two hosts.
+
+Successful migrations must leave exactly one copy, in the destination's
+network namespace, with every page intact and no remote fault; failed ones
+must leave the source running, untouched (no tracker left attached, not
+frozen) and intact, with nothing restored on the destination.
+"""
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hybridmig.netns import TwoHosts
+from hybridmig.workload import FORK_VERIFY_COMM, Workload
+from lazy_util import restored_alive
+from migrate_util import (PORT, BackgroundRun, Cleanup, Serve, net_ns_inode, netns_inode, run_migration, state,
+                          tracked, uffd_fds, wait_for)
+
+MIB = 1 << 20
+
+
+class Env:
+    """Two hosts, a key file, and everything started by a test (stopped at teardown)."""
+
+    def __init__(self, hosts, tmp_path, cleanup):
+        self.hosts = hosts
+        self.tmp = tmp_path
+        self.cleanup = cleanup
+        self.key = tmp_path / "key"
+        self.key.write_bytes(os.urandom(32))
+
+    def other_key(self):
+        path = self.tmp / "other-key"
+        path.write_bytes(os.urandom(32))
+        return path
+
+    def new_dir(self, name):
+        """A fresh directory, removed at teardown. Short, under /tmp: serve's
+        lazy-pages socket lives below its --dir (see test_serve_dir_with_long_path)."""
+        path = Path(tempfile.mkdtemp(prefix="hm-%s-" % name[:8], dir="/tmp"))
+        self.cleanup.add(shutil.rmtree, str(path), True)
+        return path
+
+    def workload(self, size_mb, ns=None, **kw):
+        wl = Workload.start(size_mb, netns=ns or self.hosts.src, **kw)
+        self.cleanup.add(wl.stop)
+        return wl
+
+    def adopt(self, pid, old):
+        self.cleanup.kill_pid_tree(pid)  # even if adopt itself fails
+        wl = Workload.adopt(pid, report=old)
+        self.cleanup.add(wl.stop)
+        return wl
+
+    def serve(self, ns=None, addr=None, key=None, base_dir=None, env=None):
+        ns = ns or self.hosts.dst
+        addr = addr or (self.hosts.dst_addr if ns == self.hosts.dst else self.hosts.src_addr)
+        base_dir = base_dir or self.new_dir("serve")
+        return Serve(self.hosts, ns, addr, base_dir, key or self.key, self.cleanup, self.tmp,
+                     env=env).wait_listening()
+
+    def to(self, ns=None):
+        ns = ns or self.hosts.dst
+        return "%s:%d" % (self.hosts.dst_addr if ns == self.hosts.dst else self.hosts.src_addr, PORT)
+
+    def run(self, pid, *extra, ns=None, to=None, key=None, timeout=180):
+        return run_migration(self.hosts, ns or self.hosts.src, pid, to or self.to(), key or self.key, *extra,
+                             timeout=timeout)
+
+    def run_background(self, pid, *extra, ns=None, to=None, key=None):
+        return BackgroundRun(self.hosts, ns or self.hosts.src, pid, to or self.to(), key or self.key, *extra,
+                             cleanup=self.cleanup, log_dir=self.tmp)
+
+
+@pytest.fixture
+def env(criu_ready, tmp_path):
+    cleanup = Cleanup()
+    with TwoHosts() as hosts:  # removed on exit, whatever happens
+        try:
+            yield Env(hosts, tmp_path, cleanup)
+        finally:
+            cleanup.run()
+
+
+# --- checks ----------------------------------------------------------------------------
+
+def assert_intact(results, procs):
+    assert len(results) == procs, results
+    for r in results:
+        assert r["bad"] == 0, r.get("bad_detail", r)
+        assert r["zero_pages_bad"] == 0, r
+        assert r["first_bad"] == -1, r
+    return results
+
+
+def assert_migrated(env, wl, rc, rep, err, serve, size_mb, procs=1, dst_ns=None):
+    """The checks of a successful migration of wl (size_mb MiB per process);
+    returns the restored Workload."""
+    dst_ns = dst_ns or env.hosts.dst
+    assert rc == 0, err
+    assert rep is not None, "no JSON report on stdout"
+    if rep.get("restored_pid"):
+        env.cleanup.kill_pid_tree(rep["restored_pid"])
+    assert rep["result"] == "migrated", rep
+    assert rep["pid"] == wl.host_pid
+    rounds = rep["rounds"]
+    assert isinstance(rounds, list) and len(rounds) >= 2, rounds
+    assert [bool(r.get("final")) for r in rounds] == [False] * (len(rounds) - 1) + [True], rounds
+    assert rounds[0]["number"] == 0 and rounds[0]["pages_sent"] >= procs * size_mb * MIB // 4096, rounds[0]
+    assert rep["downtime_ms"] is not None and rep["downtime_ms"] > 0, rep
+    assert rep["bytes_sent"] >= procs * size_mb * MIB, rep["bytes_sent"]
+    assert rep["remote_faults"] == 0, rep
+    assert rep["destination"]["ok"] is True, rep["destination"]
+    assert rep["destination"]["remote_pages"] == 0, rep["destination"]
+    print("migrated: downtime %.1f ms, %d rounds, %d bytes, breakdown %s"
+          % (rep["downtime_ms"], len(rounds), rep["bytes_sent"], rep["breakdown"]))
+
+    # exactly one copy: the source tree is gone ...
+    old_pids = list(wl._known)
+    wl.wait_gone(30)
+    assert not [p for p in old_pids if psutil.pid_exists(p) and state(p) != "Z"], old_pids
+
+    # ... and the restored one is whole, intact, in the destination's network namespace
+    new = env.adopt(rep["restored_pid"], wl)
+    assert len(new.pids()) == procs, new.pids()
+    assert sorted(new.ns_pids().values()) == list(range(1, procs + 1))
+    for pid in new.pids():
+        assert net_ns_inode(pid) == netns_inode(dst_ns), "pid %d is not in %s" % (pid, dst_ns)
+        assert not tracked(pid) and not uffd_fds(pid), "pid %d still carries a userfaultfd" % pid
+    assert_intact(new.verify(), procs)
+    time.sleep(0.3)  # it keeps running: writes after the restore check out too
+    assert_intact(new.verify(), procs)
+
+    assert serve.wait(60) == 0, serve.log()
+    assert os.listdir(serve.base_dir) == [], "serve left its session dir behind after a commit"
+    return new
+
+
+def assert_rolled_back(env, wl, pids_before, rc, rep, err, procs=1):
+    """A failed run: non-zero, a reason, the JSON failure, the source untouched and intact."""
+    assert rc != 0
+    assert "error" in err, err
+    assert rep is not None, "no JSON on stdout"
+    assert rep["result"] == "failed" and rep["error"], rep
+    assert rep["pid"] == wl.host_pid
+    assert wl.alive(), "the source is gone"
+    assert wl.pids() == pids_before, (wl.pids(), pids_before)
+    for pid in pids_before:
+        assert state(pid) not in ("T", "t", "Z", "X"), "pid %d is %s" % (pid, state(pid))
+        assert not uffd_fds(pid), "pid %d was left a userfaultfd" % pid
+        assert not tracked(pid), "pid %d was left write-protected (uffd-wp)" % pid
+    assert_intact(wl.verify(), procs)
+    time.sleep(0.2)
+    assert_intact(wl.verify(), procs)  # and it is running, not frozen
+    # nothing restored anywhere: the only processes of this workload are the source's
+    ours = set(pids_before) | ({wl._popen.pid} if wl._popen else set())
+    assert set(restored_alive(wl.report_path)) <= ours, restored_alive(wl.report_path)
+    return rep["error"]
+
+
+# --- successful migrations ------------------------------------------------------------------
+
+@pytest.mark.timeout(240)
+def test_one_thread(env):
+    wl = env.workload(256, threads=1, rate=2000)
+    serve = env.serve()
+    rc, rep, err = env.run(wl.host_pid)
+    assert_migrated(env, wl, rc, rep, err, serve, 256)
+
+
+@pytest.mark.timeout(240)
+def test_eight_threads(env):
+    wl = env.workload(128, threads=8, rate=1000)
+    serve = env.serve()
+    rc, rep, err = env.run(wl.host_pid)
+    assert_migrated(env, wl, rc, rep, err, serve, 128)
+
+
+@pytest.mark.timeout(240)
+def test_tree_of_three(env):
+    wl = env.workload(64, threads=2, procs=3, rate=1000)
+    assert len(wl.pids()) == 3
+    serve = env.serve()
+    rc, rep, err = env.run(wl.host_pid)
+    assert_migrated(env, wl, rc, rep, err, serve, 64, procs=3)
+
+
+def _wait_in_precopy(wl, run):
+    """Until run's dirty tracker is attached to the root (it is pre-copying)."""
+    wait_for(lambda: tracked(wl.host_pid) or not run.running(), 30, "run to attach its tracker")
+    assert run.running(), "run ended before its rounds could be observed"
+
+
+@pytest.mark.timeout(240)
+def test_churn_during_precopy(env):
+    wl = env.workload(128, threads=2, rate=2000)
+    serve = env.serve()
+    # rate-limited rounds that do not converge on their own estimate: the
+    # churns land in round 0 and in later rounds
+    run = env.run_background(wl.host_pid, "--max-rounds", "50", "--target-downtime", "1",
+                             "--bandwidth-limit", "60M")
+    _wait_in_precopy(wl, run)
+    churned = 0
+    t_end = time.monotonic() + 30
+    while run.running() and time.monotonic() < t_end:
+        res = wl.churn_verify()
+        if not run.running():
+            break  # this one may have raced the switch-over: still checked below
+        for r in assert_intact(res, 1):
+            assert r["churn"]["done"], r
+        churned += 1
+        time.sleep(0.3)
+    assert churned >= 2, "only %d churns happened during pre-copy" % churned
+    rc, rep, err = run.wait(180)
+    new = assert_migrated(env, wl, rc, rep, err, serve, 128)
+    # the restored mappings can be churned in turn
+    for r in assert_intact(new.churn_verify(), 1):
+        assert r["churn"]["done"], r
+    assert_intact(new.verify(), 1)
+
+
+@pytest.mark.timeout(240)
+def test_fork_during_precopy(env):
+    wl = env.workload(128, threads=2, procs=2, rate=2000)
+    serve = env.serve()
+    run = env.run_background(wl.host_pid, "--max-rounds", "50", "--target-downtime", "1",
+                             "--bandwidth-limit", "60M")
+    _wait_in_precopy(wl, run)
+    forked = 0
+    t_end = time.monotonic() + 30
+    while run.running() and time.monotonic() < t_end:
+        res = wl.fork_verify()
+        if not run.running():
+            break
+        assert_intact(res, 2)
+        forked += 1
+        time.sleep(0.2)
+    assert forked >= 2, "only %d fork-verifies happened during pre-copy" % forked
+    rc, rep, err = run.wait(180)
+    new = assert_migrated(env, wl, rc, rep, err, serve, 128, procs=2)
+    assert_intact(new.fork_verify(), 2)
+    assert_intact(new.verify(), 2)
+    assert not [p for p in psutil.process_iter(["name"]) if p.info["name"] == FORK_VERIFY_COMM
+                and p.status() != psutil.STATUS_ZOMBIE and p.ppid() in new.pids()]
+
+
+@pytest.mark.timeout(300)
+def test_migrate_there_and_back(env):
+    h = env.hosts
+    wl = env.workload(128, threads=2, rate=2000)
+    serve = env.serve(h.dst)
+    rc, rep, err = env.run(wl.host_pid)
+    there = assert_migrated(env, wl, rc, rep, err, serve, 128)
+
+    back_serve = env.serve(h.src)
+    rc, rep, err = env.run(there.host_pid, ns=h.dst, to=env.to(h.src))
+    assert_migrated(env, there, rc, rep, err, back_serve, 128, dst_ns=h.src)
+
+
+# --- rollback ------------------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_wrong_key(env):
+    wl = env.workload(64, rate=2000)
+    pids = wl.pids()
+    serve = env.serve()
+    rc, rep, err = env.run(wl.host_pid, key=env.other_key(), timeout=60)
+    error = assert_rolled_back(env, wl, pids, rc, rep, err)
+    assert "key" in error.lower() or "authentic" in error.lower(), error
+    # serve refused that source and keeps waiting for a good one (or gave up)
+    time.sleep(0.5)
+    assert serve.proc.poll() in (None, 1, 2), serve.log()
+    assert "failed authentication" in serve.log(), serve.log()
+    assert os.listdir(serve.base_dir) == [], "a session was opened for a source without the key"
+
+
+@pytest.mark.timeout(120)
+def test_destination_unreachable(env):
+    wl = env.workload(64, rate=2000)
+    pids = wl.pids()
+    rc, rep, err = env.run(wl.host_pid, timeout=60)  # nobody listens on the destination
+    error = assert_rolled_back(env, wl, pids, rc, rep, err)
+    assert "connect" in error.lower(), error
+
+
+@pytest.mark.timeout(180)
+def test_destination_killed_during_rounds(env):
+    wl = env.workload(256, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve()
+    run = env.run_background(wl.host_pid, "--bandwidth-limit", "40M")  # round 0 alone takes ~6 s
+    _wait_in_precopy(wl, run)
+    time.sleep(1.0)
+    assert run.running()
+    serve.kill()
+    rc, rep, err = run.wait(120)
+    assert_rolled_back(env, wl, pids, rc, rep, err)
+
+
+FAIL_STAGE_HOOK = """#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = "{stage}" ] && {{ echo "injected failure at $CRTOOLS_SCRIPT_ACTION" >&2; exit 1; }}
+exit 0
+"""
+CRIU_WRAPPER = """#!/bin/sh
+# the real criu, with an action script that fails restores at one stage
+if [ "$1" = restore ]; then exec {criu} "$@" --action-script {hook}; fi
+exec {criu} "$@"
+"""
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("stage", ["pre-restore", "post-restore", "pre-resume"])
+def test_restore_fails(env, stage):
+    """criu restore fails on the destination (an action script of its fails
+    at `stage`): the destination reports it and the source resumes."""
+    from hybridmig.doctor import find_criu
+
+    tools = env.new_dir("criu-wrapper")
+    hook = tools / "fail-hook"
+    hook.write_text(FAIL_STAGE_HOOK.format(stage=stage))
+    wrapper = tools / "criu"
+    wrapper.write_text(CRIU_WRAPPER.format(criu=find_criu(), hook=hook))
+    os.chmod(hook, 0o755)
+    os.chmod(wrapper, 0o755)
+
+    wl = env.workload(128, threads=2, procs=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve(env=({"CRIU": str(wrapper)}))
+    rc, rep, err = env.run(wl.host_pid, timeout=150)
+    error = assert_rolled_back(env, wl, pids, rc, rep, err, procs=2)
+    assert "restore" in error, error
+    assert serve.wait(60) not in (0, None), serve.log()
+    assert "injected failure" in serve.log() or "criu restore failed" in serve.log(), serve.log()
+
+
+@pytest.mark.timeout(180)
+def test_destination_cannot_store_images(env):
+    """The destination fails to write the images at the switch-over (its
+    session's images dir is replaced by a file during the rounds)."""
+    wl = env.workload(128, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve()
+    run = env.run_background(wl.host_pid, "--bandwidth-limit", "60M")
+    _wait_in_precopy(wl, run)
+    sessions = wait_for(lambda: [d for d in serve.base_dir.glob("session-*/images")], 10, "the session dir")
+    images = sessions[0]
+    os.rmdir(images)
+    images.write_text("not a directory\n")
+    assert run.running(), "run ended before the images dir could be spoiled"
+    rc, rep, err = run.wait(150)
+    assert_rolled_back(env, wl, pids, rc, rep, err)
+    assert serve.wait(60) not in (0, None), serve.log()
+
+
+@pytest.mark.timeout(60)
+def test_unknown_pid(env):
+    serve = env.serve()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert not psutil.pid_exists(gone.pid)
+    rc, rep, err = env.run(gone.pid, timeout=30)
+    assert rc != 0 and rep == {"result": "failed", "error": rep["error"], "pid": gone.pid}, rep
+    assert "no process" in rep["error"], rep
+    assert "error" in err
+    time.sleep(0.3)
+    assert serve.proc.poll() is None and "session" not in serve.log(), serve.log()
+
+
+@pytest.mark.timeout(60)
+def test_kernel_thread(env):
+    serve = env.serve()
+    assert psutil.Process(2).name() == "kthreadd"
+    rc, rep, err = env.run(2, timeout=30)
+    assert rc != 0 and rep["result"] == "failed", rep
+    assert "kernel thread" in rep["error"], rep
+    assert "error" in err
+    assert psutil.Process(2).status() != psutil.STATUS_STOPPED
+    time.sleep(0.3)
+    assert serve.proc.poll() is None and "session" not in serve.log(), serve.log()
+
+
+@pytest.mark.timeout(60)
+def test_not_pid_namespace_init_on_same_machine(env):
+    """A plain process (no pid namespace of its own) cannot be restored with
+    its pid on this same machine while the source holds it: refused."""
+    serve = env.serve()
+    sleeper = subprocess.Popen(env.hosts.run_in(env.hosts.src) + ["sleep", "600"])
+    env.cleanup.add(lambda: (sleeper.kill(), sleeper.wait(10)))
+    wait_for(lambda: psutil.Process(sleeper.pid).name() == "sleep", 10, "sleep to start")
+    rc, rep, err = env.run(sleeper.pid, timeout=30)
+    assert rc != 0 and rep["result"] == "failed", rep
+    assert "not the init of its own pid namespace" in rep["error"], rep
+    assert "unshare" in rep["error"], rep
+    assert "error" in err
+    assert sleeper.poll() is None and state(sleeper.pid) == "S", state(sleeper.pid)
+    assert not uffd_fds(sleeper.pid) and not tracked(sleeper.pid)
+    # serve saw a source that went away before sending anything: nothing restored
+    assert serve.wait(30) not in (0,), serve.log()
+    assert os.listdir(serve.base_dir) == [], os.listdir(serve.base_dir)
+
+
+@pytest.mark.timeout(120)
+def test_serve_dir_with_long_path(env):
+    """serve's --dir is any writable directory: one with a long path must
+    either be refused when serve starts or work. (The lazy-pages socket is
+    bound at DIR/session-XXXXXXXX/images/lazy-pages.socket, and a UNIX socket
+    path is at most 107 bytes.)"""
+    base = env.new_dir("long")
+    deep = base / ("d" * (100 - len(str(base))))
+    deep.mkdir()
+    wl = env.workload(64, rate=2000)
+    pids = wl.pids()
+    serve = Serve(env.hosts, env.hosts.dst, env.hosts.dst_addr, deep, env.key, env.cleanup, env.tmp)
+    wait_for(lambda: "listening on" in serve.log() or serve.proc.poll() is not None, 30, "serve to start")
+    if serve.proc.poll() is not None:
+        assert serve.proc.returncode != 0 and "error" in serve.log(), serve.log()
+        return  # refused up front, with a reason: fine
+    rc, rep, err = env.run(wl.host_pid)
+    if rc != 0:
+        assert_rolled_back(env, wl, pids, rc, rep, err)
+    assert rc == 0, "serve accepted --dir %s (%d bytes) but the migration failed at the switch-over: %s" % (
+        deep, len(str(deep)), rep["error"])
+    assert_migrated(env, wl, rc, rep, err, serve, 64)
