@@ -100,15 +100,20 @@ def _size(text):
 @click.option("--dir", "base_dir", required=True, type=click.Path(file_okay=False), help="work directory for sessions")
 @click.option("--key-file", required=True, type=click.Path(dir_okay=False), help="shared secret, as on the source")
 @click.option("--once", is_flag=True, help="exit after the first migration (0 if it committed)")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS certificate (with --tls-key): encrypt the session")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS private key")
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
-def serve(listen, base_dir, key_file, once, verbosity):
+def serve(listen, base_dir, key_file, once, tls_cert, tls_key, verbosity):
     """Destination: keep pre-copied pages in RAM and restore migrated processes."""
     from . import serve as destination
     from . import wire
 
     _setup_logging(verbosity, None)
+    if bool(tls_cert) != bool(tls_key):
+        fail("--tls-cert and --tls-key go together")
     try:
-        outcome = destination.serve(listen, base_dir, wire.read_key(key_file), once=once)
+        tls = wire.tls_server_context(tls_cert, tls_key) if tls_cert else None
+        outcome = destination.serve(listen, base_dir, wire.read_key(key_file), once=once, tls=tls)
     except HybridmigError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -130,9 +135,10 @@ def serve(listen, base_dir, key_file, once, verbosity):
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds for the dump and for the restore")
 @click.option("--no-compress", is_flag=True, help="send pages without lz4")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False), help="also write the JSON report here")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), help="use TLS; the destination's certificate (or its CA)")
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
 def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit, criu_opts, timeout, no_compress,
-        report_file, verbosity):
+        report_file, tls_ca, verbosity):
     """Source: live-migrate process tree PID to a destination."""
     from . import wire
     from .progress import RunProgress
@@ -144,7 +150,7 @@ def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit
         report = Migration(pid, to, wire.read_key(key_file), max_rounds=max_rounds,
                            target_downtime_ms=target_downtime, bandwidth_limit=_size(bandwidth_limit),
                            criu_opts=criu_opts, timeout=timeout, progress=show.update,
-                           compress=not no_compress).run()
+                           compress=not no_compress, tls=wire.tls_client_context(tls_ca) if tls_ca else None).run()
     except HybridmigError as e:
         failed = {"result": "failed", "error": str(e), "pid": pid}
         if report_file:

@@ -51,7 +51,7 @@ def _free_port():
 
 class Migration:
     def __init__(self, pid, to, key, max_rounds=30, target_downtime_ms=300.0, bandwidth_limit=0,
-                 criu_opts=(), work_dir=None, timeout=120.0, progress=None, compress=True):
+                 criu_opts=(), work_dir=None, timeout=120.0, progress=None, compress=True, tls=None):
         self.pid = pid
         self.to = to
         self.key = key
@@ -63,6 +63,7 @@ class Migration:
         self.timeout = timeout
         self.progress = progress or (lambda kind, obj: None)
         self.compress = compress
+        self.tls = tls
         self.times = {}
         self.rounds = []
         self.final = Round(-1)
@@ -103,7 +104,7 @@ class Migration:
         return self.report()
 
     def _connect(self):
-        self.channel = wire.connect(self.to, self.key)
+        self.channel = wire.connect(self.to, self.key, tls=self.tls)
         kind, payload = self.channel.recv()
         if kind != Msg.HOST:
             raise ProtocolError("%s did not describe itself" % self.channel.peer)

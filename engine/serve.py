@@ -221,7 +221,7 @@ def _boot_id():
         return f.read().strip()
 
 
-def serve(listen, base_dir, key, once=False, ready=None):
+def serve(listen, base_dir, key, once=False, ready=None, tls=None):
     """Accept sources one at a time; with `once`, return after the first session's outcome."""
     host, port = wire.parse_addr(listen)
     if not os.path.isdir(base_dir) or not os.access(base_dir, os.W_OK):
@@ -242,12 +242,16 @@ def serve(listen, base_dir, key, once=False, ready=None):
         while True:
             sock, peer = lsock.accept()
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            channel = wire.Channel(sock, "%s:%d" % peer[:2])
             try:
+                if tls is not None:
+                    sock.settimeout(30)
+                    sock = tls.wrap_socket(sock, server_side=True)
+                    sock.settimeout(None)
+                channel = wire.Channel(sock, "%s:%d" % peer[:2])
                 channel.server_handshake(key)
-            except ProtocolError as e:
-                log.warning("%s", e)
-                channel.close()
+            except (ProtocolError, OSError) as e:
+                log.warning("refused %s:%d: %s", peer[0], peer[1], e)
+                sock.close()
                 continue
             session = Session(channel, base_dir)
             try:

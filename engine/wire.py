@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import socket
+import ssl
 import struct
 import threading
 
@@ -294,13 +295,42 @@ def decode_file(payload):
     return name, bytes(payload[2 + n:])
 
 
-def connect(addr, key, timeout=10.0):
+def tls_server_context(cert, key_file):
+    """TLS for `serve` (optional: the HMAC handshake authenticates either
+    way; TLS also hides the pages)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise ProtocolError("cannot load TLS certificate %s / key %s: %s" % (cert, key_file, e)) from e
+    return ctx
+
+
+def tls_client_context(ca):
+    """TLS for `run`: the destination must present this certificate (or one
+    signed by it). Peers are addresses, not names: no host name check."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    try:
+        ctx.load_verify_locations(ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ProtocolError("cannot load TLS CA %s: %s" % (ca, e)) from e
+    return ctx
+
+
+def connect(addr, key, timeout=10.0, tls=None):
     host, port = parse_addr(addr) if isinstance(addr, str) else addr
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         raise ProtocolError("cannot connect to %s:%d: %s" % (host, port, e.strerror or e)) from e
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock)
+        except (OSError, ssl.SSLError) as e:
+            sock.close()
+            raise ProtocolError("TLS with %s:%d failed: %s" % (host, port, e)) from e
     sock.settimeout(None)
     ch = Channel(sock, "%s:%d" % (host, port))
     try:

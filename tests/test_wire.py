@@ -1,6 +1,7 @@
 """The wire protocol over real sockets: authentication, integrity, page bodies."""
 import os
 import socket
+import subprocess
 import threading
 
 import pytest
@@ -131,3 +132,62 @@ def test_key_file_must_hold_a_secret(tmp_path):
         wire.read_key(short)
     with pytest.raises(ProtocolError, match="cannot read"):
         wire.read_key(tmp_path / "missing")
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    proc = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                           "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=hybridmig"],
+                          capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip("openssl cannot make a test certificate: %s" % proc.stderr.decode()[-200:])
+    return str(cert), str(key)
+
+
+def tls_server(ctx, key):
+    """A one-connection TLS server on loopback; returns (port, thread, result)."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    result = {}
+
+    def serve():
+        conn, _ = lsock.accept()
+        lsock.close()
+        try:
+            ch = wire.Channel(ctx.wrap_socket(conn, server_side=True), "source")
+            ch.server_handshake(key)
+            result["frame"] = ch.recv()
+            result["cipher"] = ch.sock.cipher()
+        except (ProtocolError, OSError) as e:
+            result["error"] = e
+            conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    return lsock.getsockname()[1], t, result
+
+
+def test_tls_session(certificate):
+    port, t, result = tls_server(wire.tls_server_context(*certificate), KEY)
+    ch = wire.connect(("127.0.0.1", port), KEY, tls=wire.tls_client_context(certificate[0]))
+    ch.send(Msg.COMMIT)
+    t.join(10)
+    ch.close()
+    assert result["frame"] == (Msg.COMMIT, bytearray())
+    assert result["cipher"] is not None
+
+
+def test_tls_refuses_an_unknown_certificate(certificate, tmp_path):
+    other_cert = tmp_path / "other"
+    other_cert.mkdir()
+    other = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                            "-nodes", "-keyout", str(other_cert / "k"), "-out", str(other_cert / "c"), "-days", "1",
+                            "-subj", "/CN=other"], capture_output=True)
+    assert other.returncode == 0
+    port, t, result = tls_server(wire.tls_server_context(*certificate), KEY)
+    with pytest.raises(ProtocolError, match="TLS"):
+        wire.connect(("127.0.0.1", port), KEY, tls=wire.tls_client_context(str(other_cert / "c")))
+    t.join(10)
+    assert "frame" not in result
