@@ -16,6 +16,7 @@ class Fetcher(threading.Thread):
         super().__init__(name="hybridmig-fetcher", daemon=True)
         self.store, self.loop, self.source = store, loop, source
         self.batch_pages = max(batch_bytes // PAGE_SIZE, 1)
+        self.prefetch = getattr(source, "prefetch", True)
         self.error = None
         self.pages_fetched = 0
         self._pending = {}  # key -> Ranges of pages not fetched yet
@@ -26,7 +27,7 @@ class Fetcher(threading.Thread):
     def add_task(self, key, runs):
         # A source whose pages are all in the store already (hybridmig serve)
         # is only asked for what the fault loop finds missing.
-        if not getattr(self.source, "prefetch", True):
+        if not self.prefetch:
             runs = ()
         with self._lock:
             self._pending[key] = Ranges((r.vaddr, r.end) for r in runs)
@@ -51,7 +52,7 @@ class Fetcher(threading.Thread):
         their data came. Those get only what they ask for."""
         for key, vaddr, npages, pid, src in self.loop.read_misses():
             pending = self._pending.get(key)
-            if pending is None or src != vaddr:
+            if pending is None or src != vaddr or not self.prefetch:
                 # the rest of the chunk: faults come in runs
                 n = min(npages, ((vaddr // CHUNK + 1) * CHUNK - vaddr) // PAGE_SIZE) if src != vaddr \
                     else ((vaddr // CHUNK + 1) * CHUNK - vaddr) // PAGE_SIZE

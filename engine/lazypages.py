@@ -120,7 +120,11 @@ class LazyPagesDaemon:
         if task is None:
             os.close(uffd)
             raise ProtocolError("criu restore sent pid %d, which is not in %s/pstree.img" % (pid, self.images_dir))
-        self.loop.add_task(uffd, pid, pid, [(run.vaddr, run.npages) for run in task.runs])
+        try:
+            self.loop.add_task(uffd, pid, pid, [(run.vaddr, run.npages) for run in task.runs])
+        except Exception:
+            os.close(uffd)  # the loop owns the fd only once it took the task
+            raise
         self.fetcher.add_task(pid, task.runs)
         self.tasks[pid] = task.lazy_pages
         log.info("pid %d: %d lazy pages", pid, task.lazy_pages)

@@ -132,6 +132,11 @@ class Sender:
         if extents:
             self._flush(key, extents, parts, rnd)
 
+    def adopt(self, pid):
+        """A process that joined the tree since the start (a fork)."""
+        if pid not in self.keys:
+            self.keys[pid] = ns_pid(pid)
+
     def invalidate(self, pid, ranges):
         key = self.keys[pid]
         held = self.held.setdefault(key, Ranges())
@@ -156,10 +161,8 @@ class PreCopy:
     def _ack(self, rnd):
         """A round marker the destination acknowledges once all before it is stored."""
         self.sender.channel.send(Msg.ROUND, wire.encode_round(rnd.number, rnd.as_dict()))
-        while True:
-            kind, payload = self.sender.channel.recv()
-            if kind == Msg.ROUND_ACK and wire.decode_ack(payload)[0] == rnd.number:
-                return
+        kind, payload = self.sender.channel.recv()
+        if kind != Msg.ROUND_ACK or wire.decode_ack(payload)[0] != rnd.number:
             raise wire.ProtocolError("expected the ack of round %d, got %s" % (rnd.number, kind.name))
 
     def _finish(self, rnd, t0):
@@ -187,6 +190,7 @@ class PreCopy:
         rnd.scan_s = time.monotonic() - t
         dirty = {}
         for pid, res in results.items():
+            self.sender.adopt(pid)
             if res.removed:
                 self.sender.invalidate(pid, res.removed)
             rnd.pages_scanned += res.pages_scanned

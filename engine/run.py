@@ -43,6 +43,13 @@ def check_target(pid):
     return proc
 
 
+def _alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -128,13 +135,18 @@ class Migration:
                 conn.sendall(b"0" if verdict else b"1")
             rc = dump.wait(self.timeout)
             self.times["source_done"] = time.time()
-            if rc == 0 and verdict:
+            if verdict and (rc == 0 or rc is None or not _alive(self.pid)):
+                # Committed: the destination's copy is the one. A CRIU still
+                # running here ends the source once its page server is closed.
+                if rc is None:
+                    log.warning("criu dump has not finished %ss after the commit; the source ends with it",
+                                self.timeout)
                 self.channel.send(Msg.COMMIT)
                 self._expect_done()
                 return
             if verdict:
-                # The destination runs, but CRIU failed after our confirmation and
-                # resumed the source: keep exactly one copy, the source.
+                # CRIU failed after our confirmation and resumed the source:
+                # keep exactly one copy, the source.
                 self.channel.send(Msg.ABORT)
                 self._expect_done()
                 raise CriuError(dump.failed() or "criu dump did not finish: the source was resumed")
@@ -172,6 +184,7 @@ class Migration:
             final = self.final = Round(len(self.rounds))
             dirty = {}
             for pid, res in self.tracker.scan().items():
+                self.sender.adopt(pid)
                 if res.removed:
                     self.sender.invalidate(pid, res.removed)
                 dirty[pid] = list(res.dirty) + list(self.pending.get(pid, []))
@@ -226,8 +239,10 @@ class Migration:
         return list(need)
 
     def _await_result(self):
-        """Serve remote faults until the destination reports."""
+        """Serve remote faults until the destination reports; the source is
+        frozen meanwhile, so a silent destination is given up on."""
         host_of = {key: pid for pid, key in self.sender.keys.items()}
+        self.channel.sock.settimeout(self.timeout)
         while True:
             kind, payload = self.channel.recv()
             if kind == Msg.FETCH:

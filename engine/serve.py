@@ -24,6 +24,7 @@ from .wire import Msg
 
 log = logging.getLogger("hybridmig.serve")
 PAGE_SIZE = 4096
+HANDSHAKE_TIMEOUT = 30
 
 
 def store_pages(store, key, extents, data):
@@ -196,11 +197,14 @@ class Session:
         finally:
             if daemon is not None:
                 daemon.close()
-        self.result = result
         try:
             self.channel.send_json(Msg.RESULT, result)
         except ProtocolError as e:
+            # the source never learns of the success: it resumes its copy
             log.error("could not report the restore result: %s", e)
+            self.kill_restored()
+            result = {"ok": False, "error": str(e)}
+        self.result = result
 
     def kill_restored(self):
         """End a restored copy the source did not commit to, by its pid."""
@@ -243,12 +247,12 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None):
             sock, peer = lsock.accept()
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
+                sock.settimeout(HANDSHAKE_TIMEOUT)  # an idle peer must not hold the server
                 if tls is not None:
-                    sock.settimeout(30)
                     sock = tls.wrap_socket(sock, server_side=True)
-                    sock.settimeout(None)
                 channel = wire.Channel(sock, "%s:%d" % peer[:2])
                 channel.server_handshake(key)
+                sock.settimeout(None)
             except (ProtocolError, OSError) as e:
                 log.warning("refused %s:%d: %s", peer[0], peer[1], e)
                 sock.close()
@@ -258,11 +262,13 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None):
                 channel.send_json(Msg.HOST, {"boot_id": _boot_id(), "kernel": os.uname().release})
                 outcome = session.run()
                 log.info("session from %s %s", channel.peer, outcome)
-            except ProtocolError as e:
-                # The source is gone. A restore it never confirmed is ended;
-                # one whose success was reported keeps running: between two
-                # copies and none, two is the one that loses nothing.
+            except Exception as e:  # noqa: BLE001 -- any failure ends this session, not the server
+                # The source is gone. A restore it never confirmed is ended
+                # (once it has run its course); one whose success was reported
+                # keeps running: between two copies and none, two is the one
+                # that loses nothing.
                 log.error("session from %s broke: %s", channel.peer, e)
+                session._join_restorer()
                 if not (session.result and session.result.get("ok")):
                     session.kill_restored()
                 outcome = "broken"

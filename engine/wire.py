@@ -83,7 +83,8 @@ class Channel:
     def __init__(self, sock, peer):
         self.sock = sock
         self.peer = peer
-        self._mac_key = None
+        self._mac_key = None  # ours; the peer's frames carry _peer_mac_key
+        self._peer_mac_key = None
         self._send_seq = 0
         self._recv_seq = 0
         self._send_lock = threading.Lock()
@@ -92,8 +93,13 @@ class Channel:
 
     # --- authentication ------------------------------------------------------
 
-    def _start_macs(self, key, nonce_s, nonce_c):
-        self._mac_key = hmac.new(key, b"session" + nonce_s + nonce_c, hashlib.sha256).digest()
+    def _start_macs(self, key, nonce_s, nonce_c, server):
+        # one key per direction: a frame cannot be reflected back to its sender
+        def derive(label):
+            return hmac.new(key, b"session " + label + nonce_s + nonce_c, hashlib.sha256).digest()
+
+        to_client, to_server = derive(b"s2c"), derive(b"c2s")
+        self._mac_key, self._peer_mac_key = (to_client, to_server) if server else (to_server, to_client)
 
     def server_handshake(self, key):
         nonce_s = os.urandom(32)
@@ -109,7 +115,7 @@ class Channel:
             self.send_error("authentication failed: wrong key")
             raise ProtocolError("%s failed authentication (wrong key)" % self.peer)
         self.send(Msg.AUTH_OK, hmac.new(key, b"server" + nonce_c + nonce_s, hashlib.sha256).digest())
-        self._start_macs(key, nonce_s, nonce_c)
+        self._start_macs(key, nonce_s, nonce_c, server=True)
 
     def client_handshake(self, key):
         kind, payload = self.recv()
@@ -127,12 +133,12 @@ class Channel:
         expect = hmac.new(key, b"server" + nonce_c + nonce_s, hashlib.sha256).digest()
         if kind != Msg.AUTH_OK or not hmac.compare_digest(payload, expect):
             raise ProtocolError("%s failed authentication (wrong key): nothing was sent" % self.peer)
-        self._start_macs(key, nonce_s, nonce_c)
+        self._start_macs(key, nonce_s, nonce_c, server=False)
 
     # --- frames ------------------------------------------------------------------
 
-    def _mac(self, header, payload):
-        m = hmac.new(self._mac_key, header, hashlib.sha256)
+    def _mac(self, header, payload, key=None):
+        m = hmac.new(key or self._mac_key, header, hashlib.sha256)
         m.update(payload)
         return m.digest()[:MAC_SIZE]
 
@@ -176,7 +182,7 @@ class Channel:
         payload = self._recv_exact(length)
         if self._mac_key is not None:
             mac = bytes(self._recv_exact(MAC_SIZE))
-            if not hmac.compare_digest(mac, self._mac(header, payload)):
+            if not hmac.compare_digest(mac, self._mac(header, payload, self._peer_mac_key)):
                 raise ProtocolError("frame %d from %s failed its MAC: refused" % (seq, self.peer))
         self.bytes_received += _HEADER.size + length + (MAC_SIZE if self._mac_key else 0)
         try:

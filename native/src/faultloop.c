@@ -156,6 +156,14 @@ static void task_exited(hm_loop *l, struct task *t)
 	t->nwaiting = 0;
 }
 
+/* Threads waiting on a range we will not install retry their access. */
+static void wake(struct task *t, uint64_t addr, uint64_t len)
+{
+	struct uffdio_range r = { .start = addr, .len = len };
+
+	ioctl(t->uffd, UFFDIO_WAKE, &r);
+}
+
 /*
  * One UFFDIO_COPY (data) or UFFDIO_ZEROPAGE (data NULL) of up to npages at
  * addr. Returns the pages dealt with, of which *installed went in by us, or
@@ -185,15 +193,13 @@ static int64_t fill(struct task *t, uint64_t addr, uint64_t npages, const uint8_
 			return *installed;
 		}
 		switch (errno) {
-		case EEXIST: {
+		case EEXIST:
 			/* Already mapped: another thread faulted it in a moment ago, or
 			 * a fault-around overlapped. Either way the page is there, but
 			 * a failed ioctl wakes no one: a thread still waiting on it
 			 * would sleep forever, so wake the page explicitly. */
-			struct uffdio_range wake = { .start = addr, .len = PAGE_SZ };
-			ioctl(t->uffd, UFFDIO_WAKE, &wake);
+			wake(t, addr, PAGE_SZ);
 			return 1;
-		}
 		case ENOENT:
 			/* The range leaves its VMA. An owed range may span two VMAs
 			 * (adjacent lazy VMAs merge in the interval list, and mprotect
@@ -205,6 +211,7 @@ static int64_t fill(struct task *t, uint64_t addr, uint64_t npages, const uint8_
 				npages /= 2;
 				continue;
 			}
+			wake(t, addr, PAGE_SZ);
 			return 1;
 		default:
 			return -errno;
@@ -303,6 +310,8 @@ static void ask_for(hm_loop *l, struct task *t, uint64_t addr, uint64_t npages)
 		if (m.src >= r->to && m.src < r->to + r->len) {
 			m.npages = MIN(m.npages, (r->to + r->len - m.src) / PAGE_SZ);
 			m.src = m.src - r->to + r->from;
+		} else if (m.src < r->to && m.src + m.npages * PAGE_SZ > r->to) {
+			m.npages = (r->to - m.src) / PAGE_SZ; /* stop where the moved pages start */
 		}
 	}
 
@@ -426,12 +435,15 @@ static int handle_fork(hm_loop *l, struct task *parent, struct uffd_msg *msg)
 	rc = hm_store_clone_task(l->store, parent->key, key);
 	if (!rc)
 		rc = hm_ranges_new(&owed);
-	if (rc)
+	if (rc) {
+		close((int)msg->arg.fork.ufd);
 		return rc;
+	}
 	rc = hm_ranges_copy(parent->owed, owed);
 	if (!rc && !(child = new_task(l, (int)msg->arg.fork.ufd, key, parent->pid, owed)))
 		rc = -ENOMEM;
 	if (rc) {
+		close((int)msg->arg.fork.ufd);
 		hm_ranges_free(owed);
 		return rc;
 	}
@@ -454,12 +466,13 @@ static int handle_remap(hm_loop *l, struct task *t, struct uffd_msg *msg)
 }
 
 /*
- * munmap (UNMAP) or MADV_DONTNEED/REMOVE (REMOVE) of [start, end). The kernel
- * sends the event before it zaps the range and waits for us to read it, so
- * once the range is off the owed list no old data can go in there: a later
- * fault in it gets a zero page, as it would have without lazy restore. An
- * install racing with the zap fails with EAGAIN (mmap_changing) and is retried
- * only after this event is read.
+ * munmap (UNMAP) or MADV_DONTNEED/REMOVE (REMOVE) of [start, end). For
+ * REMOVE the kernel waits, before it zaps, for us to read the event; UNMAP
+ * comes after the unmap. In both cases mmap_changing is raised meanwhile, so
+ * an install racing with them fails with EAGAIN and is retried only after
+ * this event is read: once the range is off the owed list no old data can go
+ * in there, and a later fault in it gets a zero page, as it would have
+ * without lazy restore. Threads queued on the range are woken to retry.
  */
 static int handle_remove(hm_loop *l, struct task *t, struct uffd_msg *msg)
 {
@@ -477,6 +490,8 @@ static int handle_remove(hm_loop *l, struct task *t, struct uffd_msg *msg)
 	for (i = 0; i < t->nwaiting; i++)
 		if (t->waiting[i].addr < start || t->waiting[i].addr >= end)
 			t->waiting[kept++] = t->waiting[i];
+	if (kept != t->nwaiting)
+		wake(t, start, end - start);
 	t->nwaiting = kept;
 	return hm_store_invalidate(l->store, t->key, start, (end - start) / PAGE_SZ);
 }
@@ -624,8 +639,10 @@ static void *loop_main(void *arg)
 	pthread_mutex_lock(&l->lock);
 	while (!l->stop && !l->st.error) {
 		/* Sleep only when there is nothing to install; while the kernel
-		 * holds an install back (EAGAIN) poll briefly for its events. */
-		int timeout = (l->eager && !l->idle) ? 0 : any_blocked(l) ? 1 : -1;
+		 * holds an install back (EAGAIN) poll briefly for its events; idle
+		 * with pages still owed (their data asked for), look again now and
+		 * then, in case an ask was lost to a full pipe. */
+		int timeout = (l->eager && !l->idle) ? 0 : any_blocked(l) ? 1 : (l->eager && !l->done) ? 100 : -1;
 		int n, i;
 
 		pthread_mutex_unlock(&l->lock);
@@ -656,11 +673,16 @@ static void *loop_main(void *arg)
 			}
 			l->idle = 0;
 		}
-		/* EAGAIN with no event to read: mmap_changing is raised while the
-		 * kernel waits for us to read an event on another uffd (a fork
-		 * holds the parent's), so retry after the pause. */
-		if (timeout == 1)
+		if (n == 0 && timeout == 100)
+			l->idle = 0;
+		/* EAGAIN: mmap_changing is raised while an event waits to be read,
+		 * on this uffd or another (a fork holds the parent's). Retry after
+		 * the pause, and on every eager turn: a fault held back must not
+		 * wait behind the whole eager install. */
+		if (timeout == 0 || timeout == 1)
 			for (struct task *t = l->tasks; t; t = t->next) {
+				if (!t->blocked)
+					continue;
 				t->blocked = 0;
 				if (t->nwaiting && !t->exited)
 					retry_waiting(l, t);
