@@ -56,7 +56,9 @@ def _load(path, what):
         raise ImageError("%s: unreadable or corrupted %s image (%s)" % (path, what, e or type(e).__name__)) from e
 
 
-TASK_ZOMBIE = 0x06  # compel/include/uapi/task-state.h
+# compel/include/uapi/task-state.h: CRIU writes a zombie's state as TASK_DEAD
+# (2) in core-N.img; TASK_ZOMBIE (6) is taken as well.
+ZOMBIE_STATES = (0x02, 0x06)
 
 
 def task_pids(images_dir):
@@ -73,7 +75,7 @@ def is_zombie(images_dir, pid):
     path = os.path.join(images_dir, "core-%d.img" % pid)
     core = _load(path, "core")
     try:
-        return core["entries"][0]["tc"]["task_state"] == TASK_ZOMBIE
+        return core["entries"][0]["tc"]["task_state"] in ZOMBIE_STATES
     except (IndexError, KeyError) as e:
         raise ImageError("%s: no task state" % path) from e
 

@@ -37,23 +37,28 @@ def listen(work_dir):
         raise SetupError("work dir %s does not exist" % work_dir)
     if not os.access(work_dir, os.W_OK | os.X_OK):
         raise SetupError("work dir %s is not writable" % work_dir)
-    if len(path.encode()) >= 108:
-        raise SetupError("socket path %s is too long for a UNIX socket (max 107 bytes)" % path)
-    if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            raise SetupError("%s is in use: another lazy-pages daemon is listening there" % path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale socket of a daemon that is gone
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A UNIX socket path holds 107 bytes; a longer work dir is reached
+    # through a descriptor of it (CRIU itself connects with a relative name).
+    dirfd = os.open(work_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        sock.bind(path)
-    except OSError as e:
-        sock.close()
-        raise SetupError("cannot create %s: %s (is the work dir writable?)" % (path, e.strerror)) from e
+        short = "/proc/self/fd/%d/%s" % (dirfd, SOCKET_NAME)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(short)
+                raise SetupError("%s is in use: another lazy-pages daemon is listening there" % path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # stale socket of a daemon that is gone
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(short)
+        except OSError as e:
+            sock.close()
+            raise SetupError("cannot create %s: %s (is the work dir writable?)" % (path, e.strerror)) from e
+    finally:
+        os.close(dirfd)
     sock.listen(1)
     return sock
 

@@ -5,15 +5,19 @@ left is small enough for the switch-over.
 What the destination holds is mirrored here as one interval list per task
 (`held`): pages sent, minus ranges invalidated. Round 0 sends every tracked
 VMA whole; each later round sends the pages the tracker saw written."""
+import errno
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
 from . import wire
 from .bindings.ranges import Ranges
+from .errors import NativeError
 from .tracker import read_pages
 from .wire import Msg
 
 PAGE_SIZE = 4096
+log = logging.getLogger("hybridmig.precopy")
 BATCH_PAGES = 256  # 1 MiB of pages per PAGES frame
 MAX_EXTENTS = 4096  # scattered dirty pages: one frame carries many runs
 
@@ -98,6 +102,7 @@ class Sender:
 
     channel: wire.Channel
     keys: dict  # host pid -> ns pid (store key)
+    root: int = 0  # the tree's root: its exit is an error
     compress: bool = True
     throttle: Throttle = None
     held: dict = field(default_factory=dict)  # ns pid -> Ranges held by the destination
@@ -114,6 +119,16 @@ class Sender:
             self.throttle.account(len(body))
 
     def send_ranges(self, pid, ranges, rnd):
+        """Send the pages of ranges of process pid. A process of the tree that
+        exits meanwhile is skipped: it has nothing left to migrate."""
+        try:
+            self._send_ranges(pid, ranges, rnd)
+        except NativeError as e:
+            if e.errno != errno.ESRCH or pid == self.root:
+                raise
+            log.info("pid %d exited during pre-copy", pid)
+
+    def _send_ranges(self, pid, ranges, rnd):
         key = self.keys[pid]
         held = self.held.setdefault(key, Ranges())
         extents, parts, npages = [], [], 0

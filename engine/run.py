@@ -22,6 +22,7 @@ from .tracker import TreeTracker, read_pages
 from .wire import Msg
 
 log = logging.getLogger("hybridmig.run")
+FILE_PART = 16 << 20
 
 
 def boot_id():
@@ -96,7 +97,7 @@ class Migration:
         self.tracker = TreeTracker(self.pid)
         self.times["attach_stop_ms"] = self.tracker.attach()
         try:
-            self.sender = Sender(self.channel, {p: ns_pid(p) for p in tree}, self.compress,
+            self.sender = Sender(self.channel, {p: ns_pid(p) for p in tree}, self.pid, self.compress,
                                  Throttle(self.bandwidth_limit) if self.bandwidth_limit else None)
             precopy = PreCopy(self.tracker, self.sender, self.max_rounds, self.target_downtime_ms,
                               progress=lambda rnd: self.progress("round", rnd))
@@ -202,7 +203,13 @@ class Migration:
                 if name.endswith(".log"):
                     continue
                 with open(os.path.join(images_dir, name), "rb") as f:
-                    self.channel.send(Msg.FILE, wire.encode_file(name, f.read()))
+                    offset = 0
+                    while True:  # in parts: memory CRIU does not dump lazily can be large
+                        data = f.read(FILE_PART)
+                        self.channel.send(Msg.FILE, wire.encode_file(name, offset, data))
+                        offset += len(data)
+                        if len(data) < FILE_PART:
+                            break
             self.channel.send_json(Msg.RESTORE, {"criu_opts": self.criu_opts})
             self.times["images_sent"] = time.time()
             self.result = self._await_result()

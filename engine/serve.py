@@ -137,9 +137,12 @@ class Session:
                 st = self.store.stats()
                 self.channel.send(Msg.ROUND_ACK, wire.encode_ack(self.rounds, st["pages_data"] + st["pages_zero"]))
             elif kind == Msg.FILE:
-                name, data = wire.decode_file(payload)
-                with open(os.path.join(self.images, name), "wb") as f:
-                    f.write(data)
+                name, offset, data = wire.decode_file(payload)
+                fd = os.open(os.path.join(self.images, name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    os.pwrite(fd, data, offset)
+                finally:
+                    os.close(fd)
             elif kind == Msg.RESTORE:
                 opts = wire.decode_json(payload)
                 self._restorer = threading.Thread(target=self._restore, args=(opts,), name="restore", daemon=True)

@@ -288,17 +288,18 @@ def decode_ack(payload):
     return _ACK.unpack(bytes(payload))
 
 
-def encode_file(name, data):
+def encode_file(name, offset, data):
     raw = name.encode()
-    return struct.pack("!H", len(raw)) + raw + data
+    return struct.pack("!HQ", len(raw), offset) + raw + data
 
 
 def decode_file(payload):
-    (n,) = struct.unpack_from("!H", payload)
-    name = bytes(payload[2:2 + n]).decode()
+    """(name, offset, data): a part of an image file."""
+    n, offset = struct.unpack_from("!HQ", payload)
+    name = bytes(payload[10:10 + n]).decode()
     if not name or "/" in name or name in (".", ".."):
         raise ProtocolError("refusing image file name %r" % name)
-    return name, bytes(payload[2 + n:])
+    return name, offset, bytes(payload[10 + n:])
 
 
 def tls_server_context(cert, key_file):

@@ -9,15 +9,20 @@ from pathlib import Path
 from criu_util import criu_restore
 
 # the console script installed beside the interpreter running the tests
-HYBRIDMIG = [os.path.join(os.path.dirname(sys.executable), "hybridmig")]
+HYBRIDMIG_BIN = os.path.join(os.path.dirname(sys.executable), "hybridmig")
+HYBRIDMIG = [HYBRIDMIG_BIN]
 
 
-def wait_for(predicate, timeout, what):
+def wait_for(predicate, timeout, what, interval=0.02):
+    """Poll predicate until it returns something true (returned), or time out."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if value:
+            return value
         if time.monotonic() > deadline:
             raise TimeoutError("timed out after %ss waiting for %s" % (timeout, what))
-        time.sleep(0.02)
+        time.sleep(interval)
 
 
 class LazyDaemon:

@@ -11,26 +11,18 @@ from pathlib import Path
 
 import psutil
 
-# the console script installed beside the interpreter running the tests
-HYBRIDMIG = os.path.join(os.path.dirname(sys.executable), "hybridmig")
+from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
+from lazy_util import wait_for  # noqa: F401  (test_migrate takes it from here)
+
 PORT = 7777
-
-
-def wait_for(predicate, timeout, what, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("timed out after %ss waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 def kill_tree(proc):
     """SIGKILL a psutil.Process and its descendants (psutil refuses reused pids)."""
     try:
         procs = proc.children(recursive=True) + [proc]
+    except psutil.ZombieProcess:  # (a NoSuchProcess): still to be reaped
+        procs = [proc]
     except psutil.NoSuchProcess:
         return
     for p in procs:
@@ -90,6 +82,7 @@ class Serve:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, **(env or {})))
+        self._ps = psutil.Process(self.proc.pid)
         cleanup.add(self.close)
 
     def wait_listening(self, timeout=30):
@@ -115,7 +108,9 @@ class Serve:
             self.proc.wait(10)
 
     def close(self):
-        self.kill()
+        """At teardown: serve and whatever it started (a criu restore)."""
+        kill_tree(self._ps)
+        self.proc.poll()
         self._log.close()
 
 
@@ -151,6 +146,7 @@ class BackgroundRun:
         self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
         self.proc = subprocess.Popen(run_cmd(hosts, ns, pid, to, key_file, *extra), stdin=subprocess.DEVNULL,
                                      stdout=self._out, stderr=self._err)
+        self._ps = psutil.Process(self.proc.pid)
         cleanup.add(self.close)
 
     def running(self):
@@ -166,9 +162,9 @@ class BackgroundRun:
         return rc, _parse(out), err
 
     def close(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        """At teardown: run and whatever it started (a criu dump)."""
+        kill_tree(self._ps)
+        self.proc.poll()
         self._out.close()
         self._err.close()
 
@@ -198,6 +194,21 @@ def uffd_fds(pid):
     return out
 
 
+def kill_by_report(report_path):
+    """SIGKILL every process started with this memwork report path (a restored
+    copy nobody was told about), by pid, checking the cmdline again."""
+    needle = str(report_path).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            p = psutil.Process(int(entry))
+            if needle in "\0".join(p.cmdline()).encode():
+                kill_tree(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+
+
 def state(pid):
     with open("/proc/%d/stat" % pid) as f:
         return f.read().rsplit(")", 1)[1].split()[0]
@@ -209,3 +220,89 @@ def net_ns_inode(pid):
 
 def netns_inode(name):
     return os.stat("/run/netns/%s" % name).st_ino
+
+
+# --- small python trees for the shapes memwork does not take ----------------------
+
+PYTREE = r'''
+import hashlib, json, mmap, os, signal, sys, time
+report, private_mb, shared_mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+zombie, child_life = sys.argv[4] == "1", float(sys.argv[5])
+os.setsid()  # CRIU wants the session leader inside the pid namespace
+def line(**kw):
+    kw.update(pid=os.getpid(), realtime=time.time())
+    fd = os.open(report, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, (json.dumps(kw) + "\n").encode())
+    os.close(fd)
+private = bytearray(os.urandom(private_mb << 20))
+shared = mmap.mmap(-1, max(shared_mb, 1) << 20)  # MAP_SHARED | MAP_ANONYMOUS
+if shared_mb:
+    shared.write(os.urandom(shared_mb << 20))
+digest = lambda: [hashlib.sha256(private).hexdigest(), hashlib.sha256(shared).hexdigest()]
+expect = digest()
+children = []
+if zombie:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    children.append(pid)  # never reaped: a zombie until the end
+def on_usr1(*_):
+    line(event="check", ok=digest() == expect, children=children)
+def on_usr2(*_):
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        end = time.monotonic() + child_life if child_life > 0 else float("inf")
+        while time.monotonic() < end:
+            time.sleep(0.05)
+        os._exit(0)
+    children.append(pid)
+    line(event="forked", child=pid)
+    if child_life > 0:  # reap it once it is done, not before
+        signal.signal(signal.SIGCHLD, lambda *_: os.waitpid(pid, os.WNOHANG))
+signal.signal(signal.SIGUSR1, on_usr1)
+signal.signal(signal.SIGUSR2, on_usr2)
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+line(event="ready", children=children)
+while True:
+    private[(int(time.time() * 1000) % len(private)) & ~4095] ^= 0  # touch, do not change
+    time.sleep(0.01)
+'''
+
+
+class PyTree:
+    """A python process as the init of its own pid namespace (so CRIU can
+    restore it with its pids), holding private_mb MiB of random private
+    anonymous memory and shared_mb MiB of MAP_SHARED anonymous memory whose
+    digests it checks on SIGUSR1; optionally with a zombie child. On SIGUSR2
+    it forks a child that lives child_life seconds (0: for ever) and is
+    reaped as soon as it exits."""
+
+    def __init__(self, hosts, ns, workdir, cleanup, private_mb=32, shared_mb=0, zombie=False, child_life=0.0):
+        self.report = Path(workdir) / ("pytree-%d.jsonl" % time.monotonic_ns())
+        cmd = hosts.run_in(ns) + ["unshare", "--pid", "--fork", "python3", "-c", PYTREE, str(self.report),
+                                  str(private_mb), str(shared_mb), "1" if zombie else "0", str(child_life)]
+        self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        cleanup.add(kill_by_report, str(self.report))  # last: a restored copy left behind
+        cleanup.kill_pid_tree(self.popen.pid)
+        parent = psutil.Process(self.popen.pid)
+        self.pid = wait_for(lambda: parent.children() and parent.children()[0].pid, 30, "the pid namespace init")
+        cleanup.kill_pid_tree(self.pid)
+        self.wait_event("ready", 0, 60)
+
+    def lines(self):
+        try:
+            return [json.loads(x) for x in self.report.read_text().splitlines() if x.strip()]
+        except FileNotFoundError:
+            return []
+
+    def wait_event(self, event, after, timeout=30):
+        return wait_for(lambda: [x for x in self.lines()[after:] if x["event"] == event], timeout,
+                        "%s from the python tree" % event)[0]
+
+    def signal(self, pid, sig, event, timeout=30):
+        after = len(self.lines())
+        os.kill(pid, sig)
+        return self.wait_event(event, after, timeout)

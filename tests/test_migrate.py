@@ -9,6 +9,7 @@ frozen) and intact, with nothing restored on the destination.
 """
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -18,10 +19,10 @@ import psutil
 import pytest
 
 from hybridmig.netns import TwoHosts
-from hybridmig.workload import FORK_VERIFY_COMM, Workload
+from hybridmig.workload import Workload, WorkloadError
 from lazy_util import restored_alive
-from migrate_util import (PORT, BackgroundRun, Cleanup, Serve, net_ns_inode, netns_inode, run_migration, state,
-                          tracked, uffd_fds, wait_for)
+from migrate_util import (PORT, BackgroundRun, Cleanup, PyTree, Serve, kill_by_report, net_ns_inode, netns_inode,
+                          run_migration, state, tracked, uffd_fds, wait_for)
 
 MIB = 1 << 20
 
@@ -50,8 +51,15 @@ class Env:
 
     def workload(self, size_mb, ns=None, **kw):
         wl = Workload.start(size_mb, netns=ns or self.hosts.src, **kw)
+        self.cleanup.add(kill_by_report, str(wl.report_path))  # last: any copy left behind
         self.cleanup.add(wl.stop)
         return wl
+
+    def _restored(self, result):
+        rc, rep, err = result
+        if rep and rep.get("restored_pid"):
+            self.cleanup.kill_pid_tree(rep["restored_pid"])  # whatever the test expected
+        return result
 
     def adopt(self, pid, old):
         self.cleanup.kill_pid_tree(pid)  # even if adopt itself fails
@@ -71,12 +79,15 @@ class Env:
         return "%s:%d" % (self.hosts.dst_addr if ns == self.hosts.dst else self.hosts.src_addr, PORT)
 
     def run(self, pid, *extra, ns=None, to=None, key=None, timeout=180):
-        return run_migration(self.hosts, ns or self.hosts.src, pid, to or self.to(), key or self.key, *extra,
-                             timeout=timeout)
+        return self._restored(run_migration(self.hosts, ns or self.hosts.src, pid, to or self.to(),
+                                            key or self.key, *extra, timeout=timeout))
 
     def run_background(self, pid, *extra, ns=None, to=None, key=None):
-        return BackgroundRun(self.hosts, ns or self.hosts.src, pid, to or self.to(), key or self.key, *extra,
-                             cleanup=self.cleanup, log_dir=self.tmp)
+        run = BackgroundRun(self.hosts, ns or self.hosts.src, pid, to or self.to(), key or self.key, *extra,
+                            cleanup=self.cleanup, log_dir=self.tmp)
+        wait = run.wait
+        run.wait = lambda timeout=180: self._restored(wait(timeout))
+        return run
 
 
 @pytest.fixture
@@ -165,6 +176,21 @@ def assert_rolled_back(env, wl, pids_before, rc, rep, err, procs=1):
     return rep["error"]
 
 
+def assert_no_leftovers(serve, timeout=30):
+    """Once serve is done, nothing it started (criu restore and its helpers,
+    all named by the session dir on their command line) is left running."""
+    def leftovers():
+        out = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if p.info["pid"] != serve.proc.pid and str(serve.base_dir) in " ".join(p.info["cmdline"] or []):
+                out.append((p.info["pid"], " ".join(p.info["cmdline"])[:200]))
+        return out
+    try:
+        wait_for(lambda: not leftovers(), timeout, "serve's helpers to end")
+    except TimeoutError:
+        raise AssertionError("left behind by serve: %s" % leftovers()) from None
+
+
 # --- successful migrations ------------------------------------------------------------------
 
 @pytest.mark.timeout(240)
@@ -198,26 +224,44 @@ def _wait_in_precopy(wl, run):
     assert run.running(), "run ended before its rounds could be observed"
 
 
+def _during_precopy(wl, run, action, seconds=30):
+    """Call action() (a churn or fork verify of the source) again and again
+    while run pre-copies; returns the results of those that completed
+    before the switch-over began. One that races the switch-over (the
+    source is frozen, then gone, and the restored copy answers) is left out."""
+    done = []
+    t_end = time.monotonic() + seconds
+    while run.running() and time.monotonic() < t_end:
+        if any(state(p) in ("t", "T") for p in wl.pids()):
+            break  # CRIU holds the tree: the switch-over began
+        try:
+            res = action()
+        except WorkloadError:
+            if run.running() and wl.alive() and not any(state(p) in ("t", "T") for p in wl.pids()):
+                raise
+            break
+        if not run.running():
+            break
+        done.append(res)
+        time.sleep(0.2)
+    return done
+
+
 @pytest.mark.timeout(240)
 def test_churn_during_precopy(env):
-    wl = env.workload(128, threads=2, rate=2000)
+    """mremap/munmap/MADV_DONTNEED of the source's memory during its rounds."""
+    wl = env.workload(128, threads=2, rate=1000)
     serve = env.serve()
     # rate-limited rounds that do not converge on their own estimate: the
     # churns land in round 0 and in later rounds
     run = env.run_background(wl.host_pid, "--max-rounds", "50", "--target-downtime", "1",
                              "--bandwidth-limit", "60M")
     _wait_in_precopy(wl, run)
-    churned = 0
-    t_end = time.monotonic() + 30
-    while run.running() and time.monotonic() < t_end:
-        res = wl.churn_verify()
-        if not run.running():
-            break  # this one may have raced the switch-over: still checked below
+    churns = _during_precopy(wl, run, wl.churn_verify)
+    assert len(churns) >= 2, "only %d churns happened during pre-copy" % len(churns)
+    for res in churns:
         for r in assert_intact(res, 1):
             assert r["churn"]["done"], r
-        churned += 1
-        time.sleep(0.3)
-    assert churned >= 2, "only %d churns happened during pre-copy" % churned
     rc, rep, err = run.wait(180)
     new = assert_migrated(env, wl, rc, rep, err, serve, 128)
     # the restored mappings can be churned in turn
@@ -228,27 +272,21 @@ def test_churn_during_precopy(env):
 
 @pytest.mark.timeout(240)
 def test_fork_during_precopy(env):
-    wl = env.workload(128, threads=2, procs=2, rate=2000)
+    """Each process of the tree forks a short-lived child (which checks the
+    memory it inherited) again and again during the rounds."""
+    wl = env.workload(128, threads=1, procs=2, rate=1000)
     serve = env.serve()
     run = env.run_background(wl.host_pid, "--max-rounds", "50", "--target-downtime", "1",
                              "--bandwidth-limit", "60M")
     _wait_in_precopy(wl, run)
-    forked = 0
-    t_end = time.monotonic() + 30
-    while run.running() and time.monotonic() < t_end:
-        res = wl.fork_verify()
-        if not run.running():
-            break
+    forks = _during_precopy(wl, run, wl.fork_verify)
+    assert len(forks) >= 2, "only %d fork-verifies happened during pre-copy" % len(forks)
+    for res in forks:
         assert_intact(res, 2)
-        forked += 1
-        time.sleep(0.2)
-    assert forked >= 2, "only %d fork-verifies happened during pre-copy" % forked
     rc, rep, err = run.wait(180)
     new = assert_migrated(env, wl, rc, rep, err, serve, 128, procs=2)
     assert_intact(new.fork_verify(), 2)
     assert_intact(new.verify(), 2)
-    assert not [p for p in psutil.process_iter(["name"]) if p.info["name"] == FORK_VERIFY_COMM
-                and p.status() != psutil.STATUS_ZOMBIE and p.ppid() in new.pids()]
 
 
 @pytest.mark.timeout(300)
@@ -316,7 +354,7 @@ exec {criu} "$@"
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("stage", ["pre-restore", "post-restore", "pre-resume"])
+@pytest.mark.parametrize("stage", ["pre-restore", "post-restore"])  # CRIU ignores a failing pre-resume
 def test_restore_fails(env, stage):
     """criu restore fails on the destination (an action script of its fails
     at `stage`): the destination reports it and the source resumes."""
@@ -338,6 +376,7 @@ def test_restore_fails(env, stage):
     assert "restore" in error, error
     assert serve.wait(60) not in (0, None), serve.log()
     assert "injected failure" in serve.log() or "criu restore failed" in serve.log(), serve.log()
+    assert_no_leftovers(serve)
 
 
 @pytest.mark.timeout(180)
@@ -357,6 +396,7 @@ def test_destination_cannot_store_images(env):
     rc, rep, err = run.wait(150)
     assert_rolled_back(env, wl, pids, rc, rep, err)
     assert serve.wait(60) not in (0, None), serve.log()
+    assert_no_leftovers(serve)
 
 
 @pytest.mark.timeout(60)
@@ -428,3 +468,79 @@ def test_serve_dir_with_long_path(env):
     assert rc == 0, "serve accepted --dir %s (%d bytes) but the migration failed at the switch-over: %s" % (
         deep, len(str(deep)), rep["error"])
     assert_migrated(env, wl, rc, rep, err, serve, 64)
+
+
+# --- tree shapes beyond memwork (python processes, each init of its pid namespace) ----------
+
+def assert_pytree_migrated(env, tree, rc, rep, err, serve, nprocs):
+    assert rc == 0, err
+    assert rep["result"] == "migrated", rep
+    env.cleanup.kill_pid_tree(rep["restored_pid"])
+    assert rep["remote_faults"] == 0, rep
+    wait_for(lambda: not psutil.pid_exists(tree.pid) or state(tree.pid) == "Z", 30, "the source to end")
+    new = psutil.Process(rep["restored_pid"])
+    procs = [new] + new.children(recursive=True)
+    assert len(procs) == nprocs, procs
+    for p in procs:
+        if p.status() != psutil.STATUS_ZOMBIE:  # a zombie has no namespaces left to show
+            assert net_ns_inode(p.pid) == netns_inode(env.hosts.dst)
+    check = tree.signal(new.pid, signal.SIGUSR1, "check")
+    assert check["ok"], "the restored memory differs from the source's"
+    assert serve.wait(60) == 0, serve.log()
+    return new
+
+
+@pytest.mark.timeout(120)
+def test_tree_with_zombie(env):
+    """A zombie child (exited, not yet reaped) is part of the tree CRIU dumps."""
+    tree = PyTree(env.hosts, env.hosts.src, env.tmp, env.cleanup, private_mb=32, zombie=True)
+    kids = psutil.Process(tree.pid).children()
+    assert len(kids) == 1
+    wait_for(lambda: kids[0].status() == psutil.STATUS_ZOMBIE, 10, "the child to exit")
+    serve = env.serve()
+    rc, rep, err = env.run(tree.pid)
+    new = assert_pytree_migrated(env, tree, rc, rep, err, serve, 2)
+    assert [p.status() for p in new.children()] == [psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.timeout(120)
+def test_child_forked_during_precopy(env):
+    """The root forks a long-lived child while run is in its rounds: the child
+    is part of the tree at the switch-over and must come along."""
+    tree = PyTree(env.hosts, env.hosts.src, env.tmp, env.cleanup, private_mb=96)
+    serve = env.serve()
+    run = env.run_background(tree.pid, "--bandwidth-limit", "40M")  # round 0 alone takes ~2.5 s
+    wait_for(lambda: tracked(tree.pid) or not run.running(), 30, "run to attach its tracker")
+    assert run.running()
+    tree.signal(tree.pid, signal.SIGUSR2, "forked")
+    rc, rep, err = run.wait(120)
+    assert_pytree_migrated(env, tree, rc, rep, err, serve, 2)
+
+
+@pytest.mark.timeout(120)
+def test_child_exits_during_precopy(env):
+    """The root forks a child during round 0 that exits (and is reaped) while
+    the next round is sending its memory: the tree lost a process, which
+    is no reason to give up; the root migrates alone."""
+    tree = PyTree(env.hosts, env.hosts.src, env.tmp, env.cleanup, private_mb=96, child_life=4.0)
+    serve = env.serve()
+    # 40 MB/s: round 0 (the root's ~100 MiB) ends after ~2.5 s, round 1 then
+    # takes the child whole (~2.5 s more); the child ends 4 s after its fork
+    run = env.run_background(tree.pid, "--bandwidth-limit", "40M")
+    wait_for(lambda: tracked(tree.pid) or not run.running(), 30, "run to attach its tracker")
+    assert run.running()
+    tree.signal(tree.pid, signal.SIGUSR2, "forked")
+    rc, rep, err = run.wait(120)
+    assert_pytree_migrated(env, tree, rc, rep, err, serve, 1)
+
+
+@pytest.mark.timeout(120)
+def test_shared_memory_larger_than_a_frame(env):
+    """MAP_SHARED anonymous memory is not lazy: CRIU writes it into the
+    images, here 96 MiB of them, more than one wire frame (64 MiB) holds."""
+    tree = PyTree(env.hosts, env.hosts.src, env.tmp, env.cleanup, private_mb=16, shared_mb=96)
+    serve = env.serve()
+    rc, rep, err = env.run(tree.pid)
+    if rc != 0:
+        print("serve log:\n" + serve.log())
+    assert_pytree_migrated(env, tree, rc, rep, err, serve, 1)

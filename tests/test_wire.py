@@ -122,7 +122,8 @@ def test_truncated_pages_body_is_an_error():
 
 def test_file_names_cannot_escape():
     with pytest.raises(ProtocolError):
-        wire.decode_file(wire.encode_file("../etc/passwd", b""))
+        wire.decode_file(wire.encode_file("../etc/passwd", 0, b""))
+    assert wire.decode_file(wire.encode_file("pages-1.img", 1 << 40, b"x")) == ("pages-1.img", 1 << 40, b"x")
 
 
 def test_key_file_must_hold_a_secret(tmp_path):
