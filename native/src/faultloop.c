@@ -60,7 +60,7 @@ struct task {
 	int exited;
 	int blocked;     /* EAGAIN: the kernel has events for us to read first */
 	uint64_t cursor; /* where eager install goes on in this task */
-	uint64_t asked_until; /* absent pages below this were asked for in this pass */
+	uint64_t first_absent, first_absent_pages; /* seen by this eager pass */
 	struct waiting *waiting;
 	uint64_t nwaiting, capwaiting;
 	struct remap *remaps;
@@ -319,6 +319,8 @@ static void ask_for(hm_loop *l, struct task *t, uint64_t addr, uint64_t npages)
 	}
 }
 
+/* Queue a fault until it can be served: 1 if newly queued, 0 if it already
+ * was, or -errno. */
 static int add_waiting(struct task *t, uint64_t addr, uint64_t since_ns)
 {
 	uint64_t i;
@@ -337,7 +339,7 @@ static int add_waiting(struct task *t, uint64_t addr, uint64_t since_ns)
 	t->waiting[t->nwaiting].addr = addr;
 	t->waiting[t->nwaiting].since_ns = since_ns;
 	t->nwaiting++;
-	return 0;
+	return 1;
 }
 
 /* Serve one faulted page, or queue it until it can be: 0, or -errno. */
@@ -345,6 +347,7 @@ static int serve_fault(hm_loop *l, struct task *t, uint64_t addr, uint64_t since
 {
 	enum install_result r;
 	uint64_t done;
+	int rc;
 
 	if (hm_ranges_contains(t->owed, addr))
 		r = install(l, t, addr, FAULT_AROUND_PAGES, 1, &done);
@@ -360,10 +363,14 @@ static int serve_fault(hm_loop *l, struct task *t, uint64_t addr, uint64_t since
 	case GONE:
 		return (int)l->st.error;
 	case ABSENT:
-		ask_for(l, t, addr, FAULT_AROUND_PAGES);
-		/* fall through */
+		/* asked for once, when first queued: retries must not flood the pipe */
+		rc = add_waiting(t, addr, since_ns);
+		if (rc == 1)
+			ask_for(l, t, addr, FAULT_AROUND_PAGES);
+		return rc < 0 ? rc : 0;
 	case BLOCKED:
-		return add_waiting(t, addr, since_ns);
+		rc = add_waiting(t, addr, since_ns);
+		return rc < 0 ? rc : 0;
 	}
 	return 0;
 }
@@ -564,17 +571,14 @@ static int eager_from(hm_loop *l, struct task *t, uint64_t from)
 			t->cursor = start + done * PAGE_SZ;
 			return 1;
 		case ABSENT: {
-			/* skip the absent run: it waits for its data, asked for once
-			 * per pass (a forked child's pages come only when asked) */
+			/* skip the absent run: it waits for its data */
 			uint64_t npages;
 			const uint8_t *data;
 			store_task_lock(t->st);
 			store_run(t->st, start, (end - start) / PAGE_SZ, &npages, &data);
 			store_task_unlock(t->st);
-			if (start >= t->asked_until) {
-				ask_for(l, t, start, npages);
-				t->asked_until = start + npages * PAGE_SZ;
-			}
+			if (!t->first_absent)
+				t->first_absent = start, t->first_absent_pages = npages;
 			from = start + npages * PAGE_SZ;
 			break;
 		}
@@ -603,9 +607,15 @@ static int install_batch(hm_loop *l)
 		if (eager_from(l, t, t->cursor) || eager_from(l, t, 0))
 			return 1;
 	}
-	/* Nothing to install until data arrives: the next pass asks anew. */
-	for (t = l->tasks; t; t = t->next)
-		t->asked_until = 0;
+	/* Nothing to install until data arrives: ask for each task's first
+	 * absent run (a forked child's pages, or pages mremap moved, come only
+	 * when asked; the fetcher brings the rest anyway). Once per idle pass,
+	 * that is after each arrival of data or every 100 ms. */
+	for (t = l->tasks; t; t = t->next) {
+		if (t->first_absent && !t->exited)
+			ask_for(l, t, t->first_absent, t->first_absent_pages);
+		t->first_absent = 0;
+	}
 	return 0;
 }
 
