@@ -1,0 +1,546 @@
+"""Benchmark: pre-copy — dirty tracking overhead, scan cost, and real
+migrations over a veth shaped to 1 Gbit/s.
+
+    cd /work/main && .venv/bin/python -m bench.precopy [--quick] [--out DIR]
+
+All parts run in one invocation, so every ratio is against a baseline of the
+same run (same machine load, same build).
+
+1. Tracking overhead.  A memwork workload (native/workload/memwork.c) of
+   --overhead-mb MiB (256), 1 writer thread, unthrottled (rate=0).  Windows of
+   --window s alternate untracked / tracked (a TreeTracker attached, scan()
+   every 0.5 s as pre-copy rounds would), --windows pairs.  Throughput of a
+   window = ops delta / realtime delta of the two verify() reports framing it
+   (verify pauses the writer to check every page: the same cost in both kinds
+   of window); also the median 100 ms bucket of memwork's own timeline inside
+   the window ("timeline" ops/s), which leaves out the verify pauses.
+   Reported: tracked/untracked ratio (target >= 95 %).
+2. Scan cost.  TreeTracker.scan() on a --scan-mb MiB (1024) workload:
+   (a) rate 100 pages/s: right after attach(), then every 0.5 s (few pages
+       written);
+   (b) rate 0 (unthrottled writer): attach, let the writer run 2 s, scan —
+       three times;
+   reported as ms per GiB of tracked VMAs.  Injection stop: the value
+   attach() returns (ms the target was held), 10 attach/detach cycles, on
+   both workloads.
+3. Migrations.  For each size of --sizes (1024,4096; --quick: 256,1024) and
+   each rate of --rates (500,20000 pages/s, 1 writer thread): TwoHosts
+   (rate="1gbit", tbf on both ends of the veth), `hybridmig serve --once`
+   in the destination namespace, the workload in the source one,
+   `hybridmig run PID --to ... --json` there; from its JSON report: rounds,
+   pages per round, bytes_sent, downtime and breakdown, remote_faults.  The
+   restored tree is adopted, verified (bad must be 0) and stopped.
+
+Results: OUT/results.json (raw, rewritten after each step) and OUT/results.md
+(the tables, also printed).  Everything started here is stopped by pid; temp
+dirs are removed; namespaces go with TwoHosts; also on failure or Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from hybridmig.netns import TwoHosts  # noqa: E402
+from hybridmig.tracker import PAGE_SIZE, TreeTracker  # noqa: E402
+from hybridmig.workload import Workload, become_subreaper, build_memwork  # noqa: E402
+
+HYBRIDMIG = str(REPO / ".venv" / "bin" / "hybridmig")
+GIB = 1 << 30
+TARGET_OVERHEAD = 0.95
+PORT = 7777
+SCAN_EVERY_S = 0.5
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt_mmm(vals, digits=1):
+    """median (min–max)"""
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "n/a"
+    m = statistics.median(vals)
+    if len(vals) == 1:
+        return "%.*f" % (digits, m)
+    return "%.*f (%.*f–%.*f)" % (digits, m, digits, min(vals), digits, max(vals))
+
+
+def kill_tree(pid_or_proc):
+    """SIGKILL a process and its descendants, by pid (psutil refuses reused pids)."""
+    try:
+        proc = pid_or_proc if isinstance(pid_or_proc, psutil.Process) else psutil.Process(pid_or_proc)
+        procs = proc.children(recursive=True) + [proc]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            p.wait(10)
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
+            pass
+
+
+def timeline_rate(verify: dict, t_from: float, t_to: float, how=statistics.median) -> Optional[float]:
+    """Median (or `how`) ops/s over the 100 ms buckets of memwork's timeline lying wholly in [t_from, t_to]."""
+    tl = verify.get("timeline") or {}
+    ops, start, bucket = tl.get("ops"), tl.get("start"), tl.get("bucket_ms", 100) / 1000.0
+    if not ops or start is None:
+        return None
+    vals = [n / bucket for i, n in enumerate(ops)
+            if start + i * bucket >= t_from and start + (i + 1) * bucket <= t_to]
+    return how(vals) if vals else None
+
+
+def machine_info() -> dict:
+    info = {"kernel": platform.release(), "nproc": os.cpu_count()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info["mem_total_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    try:
+        info["git_head"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                          text=True, timeout=10).stdout.strip()
+        info["git_dirty"] = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "engine", "native"],
+                                           capture_output=True, text=True, timeout=10).stdout.splitlines()
+        info["criu"] = subprocess.run(["criu", "--version"], capture_output=True, text=True,
+                                      timeout=10).stdout.split("\n")[0].strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    info["loadavg_at_start"] = os.getloadavg()
+    return info
+
+
+class Results:
+    def __init__(self, out: Path, args):
+        self.out = out
+        self.data = {"command": " ".join([".venv/bin/python -m bench.precopy"] + (args or [])),
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "machine": machine_info(), "overhead": None, "scan": None, "migrations": [], "errors": []}
+
+    def save(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.out / "results.json")
+
+
+# --- 1. tracking overhead ---------------------------------------------------------------
+
+def window(wl: Workload, seconds: float, tracked: bool) -> dict:
+    """One measurement window; returns its throughput and, if tracked, the scans."""
+    tracker, scans, stop_ms = None, [], None
+    if tracked:
+        tracker = TreeTracker(wl.host_pid)
+        stop_ms = tracker.attach()
+    try:
+        v1 = wl.verify()[0]
+        t_end = time.monotonic() + seconds
+        nxt = time.monotonic() + SCAN_EVERY_S
+        while True:
+            now = time.monotonic()
+            if now >= t_end:
+                break
+            time.sleep(max(0.0, min(nxt, t_end) - now))
+            if tracker is not None and time.monotonic() >= nxt:
+                t = time.perf_counter()
+                res = tracker.scan()
+                scans.append({"ms": (time.perf_counter() - t) * 1000, "dirty_pages": res.dirty_pages})
+                nxt += SCAN_EVERY_S
+        t_signal = time.time()
+        v2 = wl.verify()[0]
+    finally:
+        if tracker is not None:
+            tracker.detach()
+    dt = v2["realtime"] - v1["realtime"]
+    return {
+        "tracked": tracked, "seconds": dt, "ops": v2["ops"] - v1["ops"],
+        "ops_per_s": (v2["ops"] - v1["ops"]) / dt,
+        "timeline_ops_per_s": timeline_rate(v2, v1["realtime"] + 0.2, t_signal - 0.05),
+        "timeline_mean_ops_per_s": timeline_rate(v2, v1["realtime"] + 0.2, t_signal - 0.05, statistics.mean),
+        "bad": v1["bad"] + v2["bad"], "attach_stop_ms": stop_ms, "scans": scans,
+    }
+
+
+def bench_overhead(res: Results, size_mb: int, seconds: float, pairs: int) -> None:
+    wl = Workload.start(size_mb, threads=1, rate=0)
+    try:
+        wl.verify()  # warm: every page written once
+        runs = []
+        for i in range(pairs):
+            # alternate which goes first, so a drift of the machine does not favour one
+            order = (False, True) if i % 2 == 0 else (True, False)
+            for tracked in order:
+                runs.append(window(wl, seconds, tracked))
+                print("  overhead %s: %.0f ops/s (timeline %s)" % (
+                    "tracked" if tracked else "untracked", runs[-1]["ops_per_s"], runs[-1]["timeline_ops_per_s"]),
+                    flush=True)
+    finally:
+        wl.stop()
+    un = [r["ops_per_s"] for r in runs if not r["tracked"]]
+    tr = [r["ops_per_s"] for r in runs if r["tracked"]]
+    un_tl = [r["timeline_ops_per_s"] for r in runs if not r["tracked"]]
+    tr_tl = [r["timeline_ops_per_s"] for r in runs if r["tracked"]]
+    res.data["overhead"] = {
+        "size_mb": size_mb, "window_s": seconds, "pairs": pairs, "runs": runs,
+        "ratio": med(tr) / med(un),
+        "ratio_timeline": (med(tr_tl) / med(un_tl)) if med(tr_tl) and med(un_tl) else None,
+        "ratio_timeline_mean": (med([r.get("timeline_mean_ops_per_s") for r in runs if r["tracked"]])
+                                / med([r.get("timeline_mean_ops_per_s") for r in runs if not r["tracked"]]))
+        if all(r.get("timeline_mean_ops_per_s") for r in runs) else None,
+        "scan_ms": [s["ms"] for r in runs for s in r["scans"]],
+    }
+
+
+# --- 2. scan cost and stop time ------------------------------------------------------------
+
+def scan_record(res, t_ms):
+    pages = sum(r.pages_scanned for r in res.values())
+    return {"ms": t_ms, "pages_scanned": pages, "dirty_pages": res.dirty_pages,
+            "ms_per_gib": t_ms / (pages * PAGE_SIZE / GIB) if pages else None}
+
+
+def timed_scan(tracker):
+    t = time.perf_counter()
+    r = tracker.scan()
+    return scan_record(r, (time.perf_counter() - t) * 1000)
+
+
+def stop_times(pid, n=10):
+    out = []
+    for _ in range(n):
+        t = TreeTracker(pid)
+        try:
+            out.append(t.attach())
+        finally:
+            t.detach()
+        time.sleep(0.05)
+    return out
+
+
+def bench_scan(res: Results, size_mb: int) -> None:
+    out = {"size_mb": size_mb}
+    wl = Workload.start(size_mb, threads=1, rate=100)
+    try:
+        tracker = TreeTracker(wl.host_pid)
+        tracker.attach()
+        try:
+            few = [timed_scan(tracker)]
+            for _ in range(5):
+                time.sleep(SCAN_EVERY_S)
+                few.append(timed_scan(tracker))
+        finally:
+            tracker.detach()
+        out["few_writes"] = few
+        out["stop_ms_idle"] = stop_times(wl.host_pid)
+        out["bad_idle"] = wl.verify()[0]["bad"]
+    finally:
+        wl.stop()
+    print("  scan few writes: %s ms/GiB" % [round(s["ms_per_gib"], 1) for s in few], flush=True)
+    wl = Workload.start(size_mb, threads=1, rate=0)
+    try:
+        out["stop_ms_busy"] = stop_times(wl.host_pid)
+        many = []
+        for _ in range(3):
+            tracker = TreeTracker(wl.host_pid)
+            tracker.attach()
+            try:
+                time.sleep(2.0)
+                many.append(timed_scan(tracker))
+            finally:
+                tracker.detach()
+        out["many_writes"] = many
+        out["bad_busy"] = wl.verify()[0]["bad"]
+    finally:
+        wl.stop()
+    print("  scan many writes: %s ms/GiB, dirty %s" % ([round(s["ms_per_gib"], 1) for s in many],
+                                                       [s["dirty_pages"] for s in many]), flush=True)
+    res.data["scan"] = out
+
+
+# --- 3. migrations --------------------------------------------------------------------------
+
+def wait_log(path: Path, needle: str, proc: subprocess.Popen, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if needle in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError("serve exited (%s): %s" % (proc.returncode, path.read_text(errors="replace")[-2000:]))
+        time.sleep(0.05)
+    raise RuntimeError("serve did not listen within %ss" % timeout)
+
+
+def one_migration(size_mb: int, rate: float, tmp_root: Path, logs: Path, timeout: float) -> dict:
+    rec = {"size_mb": size_mb, "rate": rate, "threads": 1}
+    tag = "%dM-r%d" % (size_mb, rate)
+    work = Path(tempfile.mkdtemp(prefix="pc-%s-" % tag, dir=str(tmp_root)))
+    kills, wls = [], []
+
+    def cleanup():
+        for wl in reversed(wls):
+            try:
+                wl.stop()
+            except Exception as e:  # noqa: BLE001
+                rec.setdefault("cleanup_errors", []).append(repr(e))
+        for p in reversed(kills):
+            kill_tree(p)
+        del wls[:], kills[:]
+
+    try:
+        key = work / "key"
+        key.write_bytes(os.urandom(32))
+        serve_dir = work / "serve"
+        serve_dir.mkdir()
+        with TwoHosts(prefix="pc", rate="1gbit") as h, contextlib.ExitStack() as stack:
+            stack.callback(cleanup)  # processes end before the namespaces go
+            rec["link"] = "veth %s <-> %s, tbf 1gbit burst 256kb latency 50ms" % (h.src, h.dst)
+            serve_log = logs / ("serve-%s.log" % tag)
+            with open(serve_log, "w") as slog:
+                listen = "%s:%d" % (h.dst_addr, PORT)
+                serve = subprocess.Popen(h.run_in(h.dst) + [HYBRIDMIG, "serve", "--listen", listen, "--dir",
+                                                            str(serve_dir), "--key-file", str(key), "--once", "-v3"],
+                                         stdin=subprocess.DEVNULL, stdout=slog, stderr=subprocess.STDOUT)
+                kills.append(psutil.Process(serve.pid))
+                wait_log(serve_log, "listening on", serve, 30)
+                t = time.monotonic()
+                wl = Workload.start(size_mb, threads=1, rate=rate, netns=h.src, timeout=120)
+                wls.append(wl)
+                rec["workload_start_s"] = time.monotonic() - t
+                kills.append(psutil.Process(wl.host_pid))
+                time.sleep(1.0)  # the writer settles at its rate
+                cmd = h.run_in(h.src) + [HYBRIDMIG, "run", str(wl.host_pid), "--to", listen, "--key-file", str(key),
+                                         "--json", "--timeout", "120", "-v3"]
+                t = time.monotonic()
+                run_err = logs / ("run-%s.err" % tag)
+                with open(run_err, "w") as err:
+                    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+                    kills.append(psutil.Process(proc.pid))
+                    try:
+                        out, _ = proc.communicate(timeout=timeout)
+                    except subprocess.TimeoutExpired:
+                        kill_tree(kills[-1])
+                        raise RuntimeError("hybridmig run did not finish within %ss" % timeout)
+                rec["run_wall_s"] = time.monotonic() - t
+                rec["run_rc"] = proc.returncode
+                try:
+                    rep = json.loads(out)
+                except ValueError:
+                    rep = {"result": "no-json", "stdout": out[-2000:]}
+                rec["report"] = rep
+                if proc.returncode != 0 or rep.get("result") != "migrated":
+                    rec["error"] = rep.get("error") or "run rc %s" % proc.returncode
+                    rec["run_stderr_tail"] = run_err.read_text(errors="replace")[-3000:]
+                    return rec
+                rounds = rep["rounds"]
+                pre = [r for r in rounds if not r.get("final")]
+                fin = [r for r in rounds if r.get("final")]
+                rec.update({
+                    "precopy_rounds": len(pre),
+                    "pages_sent_per_round": [r["pages_sent"] for r in pre],
+                    "pages_written_per_round": [r["pages_written"] for r in pre],
+                    "final_pages_sent": fin[0]["pages_sent"] if fin else None,
+                    "bytes_sent": rep["bytes_sent"],
+                    "bytes_per_workload_byte": rep["bytes_sent"] / (size_mb << 20),
+                    "downtime_ms": rep["downtime_ms"], "breakdown": rep["breakdown"],
+                    "remote_faults": rep["remote_faults"], "precopy_s": rep["precopy_s"],
+                    "attach_stop_ms": rep["attach_stop_ms"],
+                    "dest_remote_pages": (rep.get("destination") or {}).get("remote_pages"),
+                })
+                new_pid = rep.get("restored_pid")
+                if new_pid:
+                    kills.append(psutil.Process(new_pid))
+                try:
+                    wl.wait_gone(30)
+                except Exception as e:  # noqa: BLE001
+                    rec["source_not_gone"] = str(e)
+                new = Workload.adopt(new_pid, report=wl)
+                wls.append(new)
+                v = new.verify(timeout=120)
+                rec["verify"] = [{k: x.get(k) for k in ("pages", "bad", "first_bad", "zero_pages_bad", "max_gap_ms",
+                                                        "ops")} for x in v]
+                rec["bad"] = sum(x["bad"] + x["zero_pages_bad"] for x in v)
+                rec["workload_max_gap_ms"] = max(x["max_gap_ms"] for x in v)
+                rec["serve_rc"] = serve.wait(60)
+        return rec
+    finally:
+        cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- summary ----------------------------------------------------------------------------------
+
+def summarize(d: dict) -> str:
+    m = d["machine"]
+    lines = ["# Pre-copy benchmark", "",
+             "Machine: Linux %s, %s CPUs (%s), %s GiB RAM; criu %s; git %s%s" % (
+                 m.get("kernel"), m.get("nproc"), m.get("cpu"), m.get("mem_total_gib"), m.get("criu"),
+                 (m.get("git_head") or "")[:12], " (engine/native modified)" if m.get("git_dirty") else ""),
+             "", "Command: `%s`" % d["command"], ""]
+    o = d.get("overhead")
+    if o:
+        un = [r for r in o["runs"] if not r["tracked"]]
+        tr = [r for r in o["runs"] if r["tracked"]]
+        lines += ["## 1. Tracking overhead (memwork %d MiB, 1 writer, unthrottled; %d x %.0f s windows each)" % (
+            o["size_mb"], o["pairs"], o["window_s"]), "",
+            "| | ops/s (verify delta) median (min–max) | ops/s (timeline, mean of 100 ms buckets) "
+            "| ops/s (timeline, median 100 ms bucket) |",
+            "|---|---|---|---|",
+            "| untracked | %s | %s | %s |" % (fmt_mmm([r["ops_per_s"] for r in un], 0),
+                                             fmt_mmm([r.get("timeline_mean_ops_per_s") for r in un], 0),
+                                             fmt_mmm([r["timeline_ops_per_s"] for r in un], 0)),
+            "| tracked (scan every 0.5 s) | %s | %s | %s |" % (fmt_mmm([r["ops_per_s"] for r in tr], 0),
+                                                              fmt_mmm([r.get("timeline_mean_ops_per_s") for r in tr], 0),
+                                                              fmt_mmm([r["timeline_ops_per_s"] for r in tr], 0)),
+            "| **tracked / untracked** | **%.1f %%** (target >= 95 %%: %s) | %s | %s |" % (
+                o["ratio"] * 100, "met" if o["ratio"] >= TARGET_OVERHEAD else "NOT met",
+                "%.1f %%" % (o["ratio_timeline_mean"] * 100) if o.get("ratio_timeline_mean") else "n/a",
+                "%.1f %%" % (o["ratio_timeline"] * 100) if o["ratio_timeline"] else "n/a"),
+            "", "Scan time during tracked windows: %s ms." % fmt_mmm(o["scan_ms"], 1), ""]
+    s = d.get("scan")
+    if s:
+        lines += ["## 2. Scan cost and injection stop (memwork %d MiB)" % s["size_mb"], "",
+                  "| | scan ms | ms per GiB | dirty pages per scan |", "|---|---|---|---|"]
+        few = s.get("few_writes") or []
+        if few:
+            lines.append("| right after attach (rate 100 pages/s) | %s | %s | %s |" % (
+                fmt_mmm([few[0]["ms"]], 1), fmt_mmm([few[0]["ms_per_gib"]], 1), few[0]["dirty_pages"]))
+            lines.append("| later scans every 0.5 s, few writes (%d) | %s | %s | %s |" % (
+                len(few) - 1, fmt_mmm([x["ms"] for x in few[1:]], 1), fmt_mmm([x["ms_per_gib"] for x in few[1:]], 1),
+                fmt_mmm([x["dirty_pages"] for x in few[1:]], 0)))
+        many = s.get("many_writes") or []
+        if many:
+            lines.append("| 2 s of unthrottled writes (%d) | %s | %s | %s |" % (
+                len(many), fmt_mmm([x["ms"] for x in many], 1), fmt_mmm([x["ms_per_gib"] for x in many], 1),
+                fmt_mmm([x["dirty_pages"] for x in many], 0)))
+        lines += ["", "attach() stop time, 10 attach/detach: idle writer %s ms; busy writer %s ms (median (min–max))." % (
+            fmt_mmm(s.get("stop_ms_idle", []), 3), fmt_mmm(s.get("stop_ms_busy", []), 3)), ""]
+    migs = d.get("migrations") or []
+    if migs:
+        lines += ["## 3. Migrations over veth + tbf 1 Gbit/s (1 writer thread)", "",
+                  "| size | rate pages/s | pre-copy rounds | pages sent per round | final pages | bytes sent (x size) "
+                  "| pre-copy s | downtime ms | freeze→dumped / final pages / images / restore ms | remote faults "
+                  "| bad | writer max gap ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in migs:
+            if r.get("error"):
+                lines.append("| %d MiB | %d | FAILED: %s | | | | | | | | | |" % (
+                    r["size_mb"], r["rate"], str(r["error"]).replace("|", "/")[:200]))
+                continue
+            b = r["breakdown"]
+            lines.append("| %d MiB | %d | %d | %s | %s | %.1f MiB (%.2f) | %.1f | %.0f | %.0f / %.0f / %.0f / %.0f | %d | %s | %s |" % (
+                r["size_mb"], r["rate"], r["precopy_rounds"], ", ".join(str(x) for x in r["pages_sent_per_round"]),
+                r["final_pages_sent"], r["bytes_sent"] / 2**20, r["bytes_per_workload_byte"], r["precopy_s"],
+                r["downtime_ms"], b["freeze_to_dumped_ms"], b["final_pages_ms"], b["images_ms"], b["restore_ms"],
+                r["remote_faults"], r.get("bad"), "%.0f" % r["workload_max_gap_ms"] if r.get("workload_max_gap_ms")
+                is not None else "n/a"))
+        lines.append("")
+    if d.get("errors"):
+        lines += ["## Errors", ""] + ["- %s" % e.splitlines()[-1] for e in d["errors"]] + [""]
+    return "\n".join(lines)
+
+
+# --- main -------------------------------------------------------------------------------------
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt("signal %d" % signum)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m bench.precopy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="migrations of 256 and 1024 MiB, shorter windows")
+    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "precopy"))
+    ap.add_argument("--sizes", default=None, help="migration sizes, MiB (default 1024,4096; --quick 256,1024)")
+    ap.add_argument("--rates", default="500,20000", help="writer rates of the migrations, pages/s/thread")
+    ap.add_argument("--overhead-mb", type=int, default=256)
+    ap.add_argument("--scan-mb", type=int, default=1024)
+    ap.add_argument("--window", type=float, default=None, help="overhead window, s (default 5; --quick 3)")
+    ap.add_argument("--pairs", type=int, default=None, help="untracked/tracked window pairs (default 3; --quick 2)")
+    ap.add_argument("--parts", default="overhead,scan,migrate")
+    ap.add_argument("--timeout", type=float, default=300, help="per `hybridmig run`, s")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("needs root (namespaces, CRIU, userfaultfd)", file=sys.stderr)
+        return 2
+    sizes = [int(x) for x in (args.sizes or ("256,1024" if args.quick else "1024,4096")).split(",")]
+    rates = [float(x) for x in args.rates.split(",")]
+    window_s = args.window or (3.0 if args.quick else 5.0)
+    pairs = args.pairs or (2 if args.quick else 3)
+    parts = set(args.parts.split(","))
+    out = Path(args.out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _sigterm)
+    become_subreaper()  # restored trees are re-parented to us: reap them
+    build_memwork()
+    res = Results(out, argv)
+    tmp_root = Path(tempfile.mkdtemp(prefix="hm-pc-", dir="/tmp"))  # short: serve's socket lives below
+    try:
+        for name, fn in (("overhead", lambda: bench_overhead(res, args.overhead_mb, window_s, pairs)),
+                         ("scan", lambda: bench_scan(res, args.scan_mb))):
+            if name not in parts:
+                continue
+            print("== %s" % name, flush=True)
+            try:
+                fn()
+            except Exception:  # noqa: BLE001
+                res.data["errors"].append("%s: %s" % (name, traceback.format_exc()))
+                print(traceback.format_exc(), file=sys.stderr)
+            res.save()
+        if "migrate" in parts:
+            for size in sizes:
+                for rate in rates:
+                    print("== migrate %d MiB at %d pages/s" % (size, rate), flush=True)
+                    try:
+                        rec = one_migration(size, rate, tmp_root, logs, args.timeout)
+                    except Exception:  # noqa: BLE001
+                        rec = {"size_mb": size, "rate": rate, "error": traceback.format_exc().splitlines()[-1],
+                               "traceback": traceback.format_exc()}
+                    res.data["migrations"].append(rec)
+                    print("  %s" % {k: rec.get(k) for k in ("precopy_rounds", "pages_sent_per_round", "bytes_sent",
+                                                              "downtime_ms", "remote_faults", "bad", "error")},
+                          flush=True)
+                    res.save()
+    finally:
+        res.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        res.save()
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        md = summarize(res.data)
+        (out / "results.md").write_text(md)
+        print(md)
+    return 0 if not res.data["errors"] and not any(m.get("error") or m.get("bad") for m in res.data["migrations"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
