@@ -222,12 +222,11 @@ class PreCopy:
         dirty = self.scan(rnd)
         rnd.dirty_rate_pps = rnd.pages_written / since if since else 0.0
         rnd.est_downtime_ms = (rnd.pages_written * PAGE_SIZE / self.bandwidth * 1000) if self.bandwidth else 0.0
-        prev = self.rounds[-1].pages_written if self.rounds else None
-        converged = (
-            rnd.est_downtime_ms <= self.target_downtime_ms
-            or number >= self.max_rounds
-            or (number >= 2 and prev is not None and rnd.pages_written >= 0.95 * prev)
-        )
+        # Not shrinking: two rounds in a row with no less to send than the one
+        # before (one slow round alone lets more pages get dirty).
+        written = [r.pages_written for r in self.rounds[1:]] + [rnd.pages_written]
+        stalled = len(written) >= 3 and written[-1] >= 0.95 * written[-2] and written[-2] >= 0.95 * written[-3]
+        converged = rnd.est_downtime_ms <= self.target_downtime_ms or number >= self.max_rounds or stalled
         if converged:
             self.pending = dirty
             rnd.duration_s = time.monotonic() - t0

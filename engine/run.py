@@ -15,6 +15,7 @@ import shutil
 import psutil
 
 from . import images, wire
+from .bindings.ranges import Ranges
 from .criu import LazyDump, hook_listener
 from .errors import CriuError, HybridmigError, ProtocolError, SetupError
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid
@@ -188,8 +189,9 @@ class Migration:
                 self.sender.adopt(pid)
                 if res.removed:
                     self.sender.invalidate(pid, res.removed)
-                dirty[pid] = list(res.dirty) + list(self.pending.get(pid, []))
-                final.pages_written += sum((e - s) // PAGE_SIZE for s, e in dirty[pid])
+                merged = Ranges(list(res.dirty) + list(self.pending.get(pid, [])))
+                dirty[pid] = list(merged)
+                final.pages_written += merged.total() // PAGE_SIZE
             self.tracker.detach()
             t_scanned = time.time()
             for pid, key in self.sender.keys.items():
@@ -221,8 +223,6 @@ class Migration:
 
     def _lacking(self, images_dir, key, dirty):
         """Dirty pages, and lazy pages of the final images the destination lacks."""
-        from .bindings.ranges import Ranges
-
         need = Ranges(dirty)
         held = self.sender.held.get(key) or Ranges()
         try:
@@ -243,6 +243,10 @@ class Migration:
                 start = nxt[1]
         log.info("pid %d: %d dirty pages, %d lazy pages in all, %d to send", key, dirty_pages, task.lazy_pages,
                  need.total() // PAGE_SIZE)
+        if not task.lazy_pages and held.total():
+            # CRIU wrote the memory into the images: it all travels while frozen
+            log.warning("pid %d: CRIU dumped no page lazily (%d MiB pre-copied in vain): the downtime will carry "
+                        "the whole memory", key, held.total() >> 20)
         return list(need)
 
     def _await_result(self):
