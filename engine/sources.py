@@ -36,7 +36,7 @@ class LocalImages:
         src = vaddr if src is None else src
         end = src + npages * PAGE_SIZE
         i = max(bisect.bisect_right(starts, src) - 1, 0)
-        while src < end and i < len(runs):
+        while i < len(runs) and runs[i].vaddr < end:
             run = runs[i]
             lo, hi = max(src, run.vaddr), min(end, run.end)
             if lo < hi:

@@ -83,6 +83,7 @@ struct hm_loop {
 	struct task *tasks;
 	uint64_t next_fork_key;
 	int eager, stop, done, idle;
+	int ask_absent; /* idle for 100 ms: ask for absent pages */
 	struct task *hint_task;
 	uint64_t hint_addr;
 	uint64_t last_fault_ns;
@@ -609,15 +610,16 @@ static int install_batch(hm_loop *l)
 		if (eager_from(l, t, t->cursor) || eager_from(l, t, 0))
 			return 1;
 	}
-	/* Nothing to install until data arrives: ask for each task's first
-	 * absent run (a forked child's pages, or pages mremap moved, come only
-	 * when asked; the fetcher brings the rest anyway). Once per idle pass,
-	 * that is after each arrival of data or every 100 ms. */
+	/* Nothing to install until data arrives. After 100 ms of that, ask for
+	 * each task's first absent run: a forked child's pages, or pages mremap
+	 * moved, come only when asked. (Asking on every idle pass would race the
+	 * fetcher, which brings the rest in order anyway, and slow it down.) */
 	for (t = l->tasks; t; t = t->next) {
-		if (t->first_absent && !t->exited)
+		if (l->ask_absent && t->first_absent && !t->exited)
 			ask_for(l, t, t->first_absent, t->first_absent_pages);
 		t->first_absent = 0;
 	}
+	l->ask_absent = 0;
 	return 0;
 }
 
@@ -686,7 +688,7 @@ static void *loop_main(void *arg)
 			l->idle = 0;
 		}
 		if (n == 0 && timeout == 100)
-			l->idle = 0;
+			l->idle = 0, l->ask_absent = 1;
 		/* EAGAIN: mmap_changing is raised while an event waits to be read,
 		 * on this uffd or another (a fork holds the parent's). Retry after
 		 * the pause, and on every eager turn: a fault held back must not

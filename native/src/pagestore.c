@@ -326,10 +326,10 @@ static int load_chunk(struct store_task *t, struct chunk *c, uint64_t first, uin
 
 	if (rc)
 		return rc;
-	/* POPULATE maps the page cache here, in the loader's thread, rather than
-	 * one minor fault at a time inside the fault loop's UFFDIO_COPY. Read
-	 * only: populating a writable private mapping would copy every page. */
-	p = mmap(c->buf + first * PAGE_SZ, n * PAGE_SZ, PROT_READ, MAP_PRIVATE | MAP_FIXED | MAP_POPULATE, la->fd,
+	/* Read only: nothing writes through it (put() makes a page writable
+	 * first). Not MAP_POPULATE: populating here, under the task lock, kept
+	 * the fault loop waiting; the loop's UFFDIO_COPY maps each page itself. */
+	p = mmap(c->buf + first * PAGE_SZ, n * PAGE_SZ, PROT_READ, MAP_PRIVATE | MAP_FIXED, la->fd,
 		 la->offset + done * PAGE_SZ);
 	if (p == MAP_FAILED) {
 		rc = -errno;
