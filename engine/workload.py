@@ -46,35 +46,40 @@ class WorkloadError(RuntimeError):
     """The workload did not start, died, or did not answer in time."""
 
 
-def build_memwork(dest_dir: Optional[os.PathLike] = None) -> str:
-    """Compile memwork.c into ``dest_dir`` (default build/tests) and return
-    the binary's path.  The binary is rebuilt only when the source is newer:
-    a dumped image refers to the binary, which must not change under it."""
+def build_program(src: os.PathLike, name: str, dest_dir: Optional[os.PathLike] = None) -> str:
+    """Compile the C program src into ``dest_dir`` (default build/workload)
+    as ``name`` and return the binary's path.  It is rebuilt only when the
+    source is newer: a dumped image refers to the binary, which must not
+    change under it."""
     dest = Path(dest_dir) if dest_dir else BUILD_DIR
     dest.mkdir(parents=True, exist_ok=True)
-    binary = dest / "memwork"
+    binary = dest / name
     try:
-        if binary.stat().st_mtime >= MEMWORK_SRC.stat().st_mtime:
+        if binary.stat().st_mtime >= Path(src).stat().st_mtime:
             return str(binary)
     except FileNotFoundError:
         pass
     cc = os.environ.get("CC", "cc")
     # Built under a temporary name and renamed: concurrent builders and
     # running instances never see a half-written binary.
-    fd, tmp = tempfile.mkstemp(prefix=".memwork.", dir=dest)
+    fd, tmp = tempfile.mkstemp(prefix=".%s." % name, dir=dest)
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, "-O2", "-pthread", "-Wall", "-o", tmp, str(MEMWORK_SRC)],
+            [cc, "-O2", "-pthread", "-Wall", "-o", tmp, str(src)],
             capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise WorkloadError(f"building memwork failed:\n{proc.stderr}")
+            raise WorkloadError(f"building {name} failed:\n{proc.stderr}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, binary)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return str(binary)
+
+
+def build_memwork(dest_dir: Optional[os.PathLike] = None) -> str:
+    return build_program(MEMWORK_SRC, "memwork", dest_dir)
 
 
 def become_subreaper() -> None:

@@ -27,7 +27,7 @@ from hybridmig import doctor
 from hybridmig import tracker as trk
 from hybridmig.bindings import tracker as native
 from hybridmig.errors import NativeError
-from hybridmig.workload import BUILD_DIR, REPO_ROOT, Workload
+from hybridmig.workload import REPO_ROOT, Workload, build_program
 
 PAGE = 4096
 DIRTYSET_SRC = REPO_ROOT / "tests" / "workload" / "dirtyset.c"
@@ -53,28 +53,7 @@ def _need_uffd_wp():
 
 
 def build_dirtyset() -> str:
-    """Compile dirtyset.c into build/tests (only when the source is newer),
-    the way workload.build_memwork does."""
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    binary = BUILD_DIR / "dirtyset"
-    try:
-        if binary.stat().st_mtime >= DIRTYSET_SRC.stat().st_mtime:
-            return str(binary)
-    except FileNotFoundError:
-        pass
-    fd, tmp = tempfile.mkstemp(prefix=".dirtyset.", dir=BUILD_DIR)
-    os.close(fd)
-    try:
-        proc = subprocess.run([os.environ.get("CC", "cc"), "-O2", "-pthread", "-Wall", "-o", tmp, str(DIRTYSET_SRC)],
-                              capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError("building dirtyset failed:\n" + proc.stderr)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, binary)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return str(binary)
+    return build_program(DIRTYSET_SRC, "dirtyset")
 
 
 class DirtySet:
