@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -61,7 +60,9 @@ if str(REPO) not in sys.path:
 
 from hybridmig.netns import TwoHosts  # noqa: E402
 from hybridmig.tracker import PAGE_SIZE, TreeTracker  # noqa: E402
-from hybridmig.workload import Workload, become_subreaper, build_memwork  # noqa: E402
+from hybridmig.workload import Workload, become_subreaper, build_memwork, kill_tree  # noqa: E402
+
+from . import lazy_pages  # noqa: E402  (machine_info)
 
 HYBRIDMIG = str(REPO / ".venv" / "bin" / "hybridmig")
 GIB = 1 << 30
@@ -88,25 +89,6 @@ def fmt_mmm(vals, digits=1):
     return "%.*f (%.*f–%.*f)" % (digits, m, digits, min(vals), digits, max(vals))
 
 
-def kill_tree(pid_or_proc):
-    """SIGKILL a process and its descendants, by pid (psutil refuses reused pids)."""
-    try:
-        proc = pid_or_proc if isinstance(pid_or_proc, psutil.Process) else psutil.Process(pid_or_proc)
-        procs = proc.children(recursive=True) + [proc]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    for p in procs:
-        try:
-            p.wait(10)
-        except (psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
-            pass
-
-
 def timeline_rate(verify: dict, t_from: float, t_to: float, how=statistics.median) -> Optional[float]:
     """Median (or `how`) ops/s over the 100 ms buckets of memwork's timeline lying wholly in [t_from, t_to]."""
     tl = verify.get("timeline") or {}
@@ -119,24 +101,7 @@ def timeline_rate(verify: dict, t_from: float, t_to: float, how=statistics.media
 
 
 def machine_info() -> dict:
-    info = {"kernel": platform.release(), "nproc": os.cpu_count()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info["mem_total_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    try:
-        info["git_head"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                          text=True, timeout=10).stdout.strip()
-        info["git_dirty"] = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "engine", "native"],
-                                           capture_output=True, text=True, timeout=10).stdout.splitlines()
-        info["criu"] = subprocess.run(["criu", "--version"], capture_output=True, text=True,
-                                      timeout=10).stdout.split("\n")[0].strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    info = lazy_pages.machine_info()
     info["loadavg_at_start"] = os.getloadavg()
     return info
 

@@ -242,33 +242,15 @@ class PageServerSource:
         dump (and kills the dumped tasks). On a connection that broke, ends
         it as abort() does instead. Raises ProtocolError if the page server
         does not acknowledge."""
-        if self._done:
-            return
-        self._done = True
-        if self._sock is None:
-            return
-        locked = self._acquire_for_end()
-        try:
-            if self._broken is not None:
-                self._send_abort()
-                return
-            self._send(_PSI.pack(PS_IOV_CLOSE, 0, 0, 0), "PS_IOV_CLOSE")
-            status = bytearray(_STATUS.size)
-            self._recv_into(memoryview(status), "the status answering PS_IOV_CLOSE")
-            (st,) = _STATUS.unpack(status)
-            if st != 0:
-                raise ProtocolError("%s: PS_IOV_CLOSE answered with status %d" % (self.where, st))
-            log.info("closed the %s: %d requests, %d short replies, %d bytes",
-                     self.where, self.requests, self.short_replies, self.bytes_received)
-        finally:
-            self._sock.close()
-            if locked:
-                self._lock.release()
+        self._end(self._send_close)
 
     def abort(self):
         """End the session as a failure (once): the dump then fails and the
         dumped tasks resume where they were, rather than being killed. For a
         restore that did not finish."""
+        self._end(self._send_abort)
+
+    def _end(self, how):
         if self._done:
             return
         self._done = True
@@ -276,11 +258,24 @@ class PageServerSource:
             return
         locked = self._acquire_for_end()
         try:
-            self._send_abort()
+            how()
         finally:
             self._sock.close()
             if locked:
                 self._lock.release()
+
+    def _send_close(self):
+        if self._broken is not None:
+            self._send_abort()
+            return
+        self._send(_PSI.pack(PS_IOV_CLOSE, 0, 0, 0), "PS_IOV_CLOSE")
+        status = bytearray(_STATUS.size)
+        self._recv_into(memoryview(status), "the status answering PS_IOV_CLOSE")
+        (st,) = _STATUS.unpack(status)
+        if st != 0:
+            raise ProtocolError("%s: PS_IOV_CLOSE answered with status %d" % (self.where, st))
+        log.info("closed the %s: %d requests, %d short replies, %d bytes",
+                 self.where, self.requests, self.short_replies, self.bytes_received)
 
     def _send_abort(self):
         # An unknown command fails page_server_serve(); if the server is

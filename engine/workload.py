@@ -82,6 +82,28 @@ def build_memwork(dest_dir: Optional[os.PathLike] = None) -> str:
     return build_program(MEMWORK_SRC, "memwork", dest_dir)
 
 
+def kill_tree(pid_or_proc) -> None:
+    """SIGKILL a process and its descendants, by pid (psutil refuses reused
+    pids), and reap what is ours to reap."""
+    try:
+        proc = pid_or_proc if isinstance(pid_or_proc, psutil.Process) else psutil.Process(pid_or_proc)
+        procs = proc.children(recursive=True) + [proc]
+    except psutil.ZombieProcess:  # (a NoSuchProcess): still to be reaped
+        procs = [proc]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            p.wait(10)
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
+            pass
+
+
 def become_subreaper() -> None:
     """Make the calling process a child subreaper.
 

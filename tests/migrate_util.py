@@ -11,30 +11,11 @@ from pathlib import Path
 
 import psutil
 
+from hybridmig.workload import kill_tree
 from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
 from lazy_util import wait_for  # noqa: F401  (test_migrate takes it from here)
 
 PORT = 7777
-
-
-def kill_tree(proc):
-    """SIGKILL a psutil.Process and its descendants (psutil refuses reused pids)."""
-    try:
-        procs = proc.children(recursive=True) + [proc]
-    except psutil.ZombieProcess:  # (a NoSuchProcess): still to be reaped
-        procs = [proc]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    for p in procs:
-        try:
-            p.wait(10)
-        except (psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
-            pass
 
 
 class Cleanup:
