@@ -155,11 +155,12 @@ class Workload:
     # --- construction -------------------------------------------------------
     @classmethod
     def start(cls, size_mb: int, threads: int = 1, procs: int = 1, rate: float = 0,
-              netns: Optional[str] = None, report: Optional[os.PathLike] = None,
+              hot: float = 100, netns: Optional[str] = None, report: Optional[os.PathLike] = None,
               timeout: float = 60, binary: Optional[str] = None) -> "Workload":
         """Start a tree of ``procs`` processes of ``size_mb`` MiB and
         ``threads`` writers each, rate-limited to ``rate`` pages/s/thread
-        (0: unlimited), in a new PID namespace, optionally inside network
+        (0: unlimited) over the first ``hot`` percent of each writer's
+        slice, in a new PID namespace, optionally inside network
         namespace /run/netns/``netns``.  Returns once every process reported
         "ready"."""
         binary = binary or build_memwork()
@@ -184,7 +185,7 @@ class Workload:
         # and delivered as soon as `criu restore -d` exits.
         cmd += ["unshare", "--pid", "--fork", binary,
                 "--size-mb", str(size_mb), "--threads", str(threads),
-                "--procs", str(procs), "--rate", repr(float(rate)),
+                "--procs", str(procs), "--rate", repr(float(rate)), "--hot", repr(float(hot)),
                 "--report", str(report)]
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL,

@@ -2,7 +2,7 @@
  * memwork: a self-verifying memory workload for migration tests.
  *
  *   memwork --size-mb N [--threads T] [--procs P] [--report FILE]
- *           [--rate PAGES_PER_S_PER_THREAD]
+ *           [--rate PAGES_PER_S_PER_THREAD] [--hot PERCENT]
  *
  * Every process of the tree owns one private anonymous region of N MiB and,
  * in separate memory, a generation counter per page.  Writer threads keep
@@ -57,7 +57,7 @@
 #include <unistd.h>
 
 #define MAGIC 0x4d454d574f524b31ULL /* "MEMWORK1" */
-#define TL_BUCKETS 600              /* timeline: last 60 s ... */
+#define TL_BUCKETS 6000             /* timeline: last 10 min ... */
 #define TL_BUCKET_NS 100000000ULL   /* ... in 100 ms buckets */
 #define MAX_BAD_DETAIL 8
 #define MAX_PROCS 64
@@ -99,6 +99,7 @@ static size_t g_size_mb = 64;
 static int g_threads = 1;
 static int g_procs = 1;
 static double g_rate;
+static double g_hot = 100; /* percent of each writer's slice it keeps rewriting */
 static const char *g_report;
 static int g_proc_index; /* 0 = root of the tree */
 
@@ -688,7 +689,7 @@ static void usage(const char *argv0)
 {
 	fprintf(stderr,
 		"usage: %s --size-mb N [--threads T] [--procs P] [--report FILE] "
-		"[--rate PAGES_PER_S_PER_THREAD]\n",
+		"[--rate PAGES_PER_S_PER_THREAD] [--hot PERCENT]\n",
 		argv0);
 	exit(2);
 }
@@ -710,13 +711,15 @@ static void parse_args(int argc, char **argv)
 			g_report = v;
 		else if (!strcmp(a, "--rate"))
 			g_rate = atof(v);
+		else if (!strcmp(a, "--hot"))
+			g_hot = atof(v);
 		else
 			usage(argv[0]);
 		k++;
 	}
 	/* At least 256 pages of 4 KiB and at most 256 threads: no slice is empty. */
 	if (g_size_mb < 1 || g_threads < 1 || g_threads > 256 || g_procs < 1 ||
-	    g_procs > MAX_PROCS || g_rate < 0)
+	    g_procs > MAX_PROCS || g_rate < 0 || g_hot <= 0 || g_hot > 100)
 		usage(argv[0]);
 }
 
@@ -751,6 +754,10 @@ static void start_writers(void)
 		w->idx = t;
 		w->first = g_npages * (size_t)t / (size_t)g_threads;
 		w->count = g_npages * (size_t)(t + 1) / (size_t)g_threads - w->first;
+		/* The hot set: the writer only rewrites the start of its slice; the
+		 * rest keeps its first generation (the whole region is still verified). */
+		size_t hot = (size_t)((double)w->count * g_hot / 100.0);
+		w->count = hot ? hot : 1;
 		/* A stride coprime with the slice visits every page once per lap
 		 * while not walking memory strictly sequentially. */
 		w->stride = w->count > 7 ? w->count / 7 * 3 + 1 : 1;

@@ -1,0 +1,1 @@
+"""Workloads of the research bench (`hybridmig bench`); see base.py."""
