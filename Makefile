@@ -15,10 +15,10 @@ demo: setup
 	$(VENV)/bin/hybridmig demo
 
 bench: setup
-	$(PY) -m bench --quick
+	$(VENV)/bin/hybridmig bench --quick
 
 bench-full: setup
-	$(PY) -m bench
+	$(VENV)/bin/hybridmig bench
 
 clean:
 	rm -rf $(VENV) build engine/_native*.so engine/_native.c

@@ -1,12 +1,9 @@
-"""`python -m bench [--quick] [ARGS...]` (what `make bench` / `make bench-full` run):
-the lazy-pages benchmark, bench/lazy_pages.py.  --quick: one 256 MiB round
-(--sizes 256 --repeat 1); other arguments go to bench.lazy_pages."""
+"""`python -m bench [ARGS...]`: the research bench, as `hybridmig bench`
+(bench/research.py). The lazy-pages and pre-copy benchmarks have their own
+entry points: `python -m bench.lazy_pages`, `python -m bench.precopy`."""
 import sys
 
-from .lazy_pages import main
+from .research import main
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--quick" in args:
-        args = ["--sizes", "256", "--repeat", "1"] + [a for a in args if a != "--quick"]
-    sys.exit(main(args))
+    sys.exit(main(sys.argv[1:]))

@@ -168,6 +168,15 @@ def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit
         show.summary(report)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args):
+    """Compare migration strategies side by side, with plots (--help for the options)."""
+    from .bench.research import main as research
+
+    sys.exit(research(list(args)))
+
+
 from .doctor import doctor  # noqa: E402
 main.add_command(doctor)
 from .dirtyrate import dirty_rate  # noqa: E402

@@ -111,8 +111,8 @@ if [ ! -f "$stamp" ] || [ -n "$newest" ]; then
     say "installing hybridmig into $VENV"
     # (this machine's pip config names index folders that may not exist: drop that noise)
     "$VENV/bin/pip" install -q --disable-pip-version-check "$CRIU_SRC/lib" >/dev/null 2> >(grep -v 'is ignored' >&2)
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]" 2> >(grep -v 'is ignored' >&2)
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test,bench]" 2> >(grep -v 'is ignored' >&2)
     touch "$stamp"
 fi
-"$VENV/bin/python" -c 'import pycriu.images, hybridmig._native' || { echo "setup: pycriu or the native module does not import" >&2; exit 1; }
+"$VENV/bin/python" -c 'import pycriu.images, hybridmig._native, matplotlib' || { echo "setup: pycriu or the native module does not import" >&2; exit 1; }
 say "ready: $VENV/bin/hybridmig, $(criu --version | head -n1 | tr -s ' ')"
