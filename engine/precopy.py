@@ -20,6 +20,7 @@ PAGE_SIZE = 4096
 log = logging.getLogger("hybridmig.precopy")
 BATCH_PAGES = 256  # 1 MiB of pages per PAGES frame
 MAX_EXTENTS = 4096  # scattered dirty pages: one frame carries many runs
+WORTHWHILE_MS = 5.0  # a final transfer estimated shorter than this is not worth another round
 
 
 @dataclass
@@ -226,7 +227,14 @@ class PreCopy:
         # before (one slow round alone lets more pages get dirty).
         written = [r.pages_written for r in self.rounds[1:]] + [rnd.pages_written]
         stalled = len(written) >= 3 and written[-1] >= 0.95 * written[-2] and written[-2] >= 0.95 * written[-3]
-        converged = rnd.est_downtime_ms <= self.target_downtime_ms or number >= self.max_rounds or stalled
+        # Fitting the target is not reason enough to stop: after the long
+        # first round the dirty set often fits, yet sending it as one more
+        # round (while the process runs) leaves only what gets dirty during
+        # that short round. Stop once another round would not halve it.
+        expected_next = rnd.dirty_rate_pps * rnd.est_downtime_ms / 1000
+        worth_another = (rnd.est_downtime_ms > WORTHWHILE_MS and expected_next < 0.5 * rnd.pages_written)
+        fits = rnd.est_downtime_ms <= self.target_downtime_ms
+        converged = (fits and not worth_another) or number >= self.max_rounds or stalled
         if converged:
             self.pending = dirty
             rnd.duration_s = time.monotonic() - t0
