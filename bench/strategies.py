@@ -240,7 +240,7 @@ class Hybridmig(Strategy):
         h = trial.hosts
         key = trial.work / "key"
         key.write_bytes(os.urandom(32))
-        serve_dir = trial.work / "serve"
+        serve_dir = trial.logs / "serve"  # CRIU's restore log is kept
         serve_dir.mkdir()
         listen = "%s:%d" % (h.dst_addr, SERVE_PORT)
         serve = trial.spawn("dst", [HYBRIDMIG, "serve", "--listen", listen, "--dir", serve_dir, "--key-file", key,
@@ -249,7 +249,8 @@ class Hybridmig(Strategy):
         opts = ["--criu-opt=%s" % o for o in trial.workload.criu_opts()]
         t0 = time.time()
         run = trial.spawn("src", [HYBRIDMIG, "run", trial.workload.host_pid, "--to", listen, "--key-file", key,
-                                  "--json", "--timeout", int(trial.timeout), "-v3", *opts], "run.err",
+                                  "--json", "--timeout", int(trial.timeout), "-v3", "--work-dir", trial.logs / "run",
+                                  *opts], "run.err",
                           stdout=open(trial.logs / "run.json", "wb"))
         rc = trial.wait(run, trial.timeout * 3, "hybridmig run")
         t1 = time.time()

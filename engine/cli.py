@@ -135,10 +135,12 @@ def serve(listen, base_dir, key_file, once, tls_cert, tls_key, verbosity):
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds for the dump and for the restore")
 @click.option("--no-compress", is_flag=True, help="send pages without lz4")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False), help="also write the JSON report here")
+@click.option("--work-dir", type=click.Path(file_okay=False),
+              help="keep CRIU's images and dump.log here (default: a temp dir, removed)")
 @click.option("--tls-ca", type=click.Path(dir_okay=False), help="use TLS; the destination's certificate (or its CA)")
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
 def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit, criu_opts, timeout, no_compress,
-        report_file, tls_ca, verbosity):
+        report_file, work_dir, tls_ca, verbosity):
     """Source: live-migrate process tree PID to a destination."""
     from . import wire
     from .progress import RunProgress
@@ -149,7 +151,7 @@ def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit
     try:
         report = Migration(pid, to, wire.read_key(key_file), max_rounds=max_rounds,
                            target_downtime_ms=target_downtime, bandwidth_limit=_size(bandwidth_limit),
-                           criu_opts=criu_opts, timeout=timeout, progress=show.update,
+                           criu_opts=criu_opts, work_dir=work_dir, timeout=timeout, progress=show.update,
                            compress=not no_compress, tls=wire.tls_client_context(tls_ca) if tls_ca else None).run()
     except HybridmigError as e:
         failed = {"result": "failed", "error": str(e), "pid": pid}

@@ -7,9 +7,8 @@ import sys
 
 from . import doctor
 from .errors import CriuError
-
-HOOK_ENV = "HYBRIDMIG_HOOK_SOCKET"
-PAGE_SERVER_ENV = "HYBRIDMIG_PAGE_SERVER_PORT"
+from . import hook
+from .hook import HOOK_ENV, PAGE_SERVER_ENV
 
 
 def criu_binary():
@@ -28,11 +27,16 @@ def log_tail(path, errors=8, tail=6):
     return "\n  ".join([""] + picked)
 
 
-def hook_path():
-    """The action-script CRIU runs: hybridmig's hook, beside this interpreter."""
-    path = os.path.join(os.path.dirname(sys.executable), "hybridmig-criu-hook")
-    if not os.access(path, os.X_OK):
-        raise CriuError("the CRIU hook %s is missing: reinstall hybridmig (make setup)" % path)
+def write_hook(directory):
+    """The action script CRIU runs, written into ``directory``: hook.py run
+    by this interpreter with -S (no site-packages: it starts while the tasks
+    are frozen, and needs only the standard library)."""
+    path = os.path.join(directory, "criu-hook")
+    with open(path, "w") as f:
+        f.write("#!%s -S\n" % sys.executable)
+        f.write("exec(compile(open(%r, 'rb').read(), %r, 'exec'), {'__name__': '__main__'})\n"
+                % (hook.__file__, hook.__file__))
+    os.chmod(path, 0o700)
     return path
 
 
@@ -44,13 +48,13 @@ class LazyDump:
     the dump finish (the tasks end once its page server is closed), anything
     else makes CRIU resume them (criu/cr-dump.c, cr_dump_finish)."""
 
-    def __init__(self, pid, images_dir, port, hook_sock, criu_opts=(), netns=None):
+    def __init__(self, pid, images_dir, port, hook_sock, hook_dir, criu_opts=(), netns=None):
         self.images_dir = images_dir
         self.log = os.path.join(images_dir, "dump.log")
         cmd = ["nsenter", "--net=/run/netns/%s" % netns] if netns else []
         cmd += [criu_binary(), "dump", "-t", str(pid), "-D", images_dir, "-W", images_dir,
                 "--lazy-pages", "--address", "127.0.0.1", "--port", str(port),
-                "--action-script", hook_path(), "-o", "dump.log", "-v4", *criu_opts]
+                "--action-script", write_hook(hook_dir), "-o", "dump.log", "-v4", *criu_opts]
         env = dict(os.environ, **{HOOK_ENV: hook_sock, PAGE_SERVER_ENV: str(port)})
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env=env, text=True)

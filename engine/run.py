@@ -129,7 +129,7 @@ class Migration:
         dump = None
         try:
             self.times["freeze"] = time.time()
-            dump = LazyDump(self.pid, images_dir, _free_port(), hook_sock_path, self.criu_opts)
+            dump = LazyDump(self.pid, images_dir, _free_port(), hook_sock_path, work, self.criu_opts)
             conn = self._wait_for_hook(hook_sock, dump)
             self.times["dumped"] = time.time()
             with conn:
