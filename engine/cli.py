@@ -131,6 +131,8 @@ def serve(listen, base_dir, key_file, once, tls_cert, tls_key, verbosity):
 @click.option("--target-downtime", type=float, default=300.0, show_default=True,
               help="ms: stop pre-copy once the last transfer is estimated to fit")
 @click.option("--bandwidth-limit", default="0", help="bytes/s for pre-copy, e.g. 100M (0: no limit)")
+@click.option("--auto-converge/--no-auto-converge", default=True, show_default=True,
+              help="hold the tree in ptrace stops a growing share of the time while rounds do not converge")
 @click.option("--criu-opt", "criu_opts", multiple=True, help="extra CRIU option for dump and restore (repeatable)")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds for the dump and for the restore")
 @click.option("--no-compress", is_flag=True, help="send pages without lz4")
@@ -139,8 +141,8 @@ def serve(listen, base_dir, key_file, once, tls_cert, tls_key, verbosity):
               help="keep CRIU's images and dump.log here (default: a temp dir, removed)")
 @click.option("--tls-ca", type=click.Path(dir_okay=False), help="use TLS; the destination's certificate (or its CA)")
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
-def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit, criu_opts, timeout, no_compress,
-        report_file, work_dir, tls_ca, verbosity):
+def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit, auto_converge, criu_opts, timeout,
+        no_compress, report_file, work_dir, tls_ca, verbosity):
     """Source: live-migrate process tree PID to a destination."""
     from . import wire
     from .progress import RunProgress
@@ -152,7 +154,8 @@ def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit
         report = Migration(pid, to, wire.read_key(key_file), max_rounds=max_rounds,
                            target_downtime_ms=target_downtime, bandwidth_limit=_size(bandwidth_limit),
                            criu_opts=criu_opts, work_dir=work_dir, timeout=timeout, progress=show.update,
-                           compress=not no_compress, tls=wire.tls_client_context(tls_ca) if tls_ca else None).run()
+                           compress=not no_compress, tls=wire.tls_client_context(tls_ca) if tls_ca else None,
+                           auto_converge=auto_converge).run()
     except HybridmigError as e:
         failed = {"result": "failed", "error": str(e), "pid": pid}
         if report_file:

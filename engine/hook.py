@@ -2,7 +2,9 @@
 executable CRIU runs: this file, run by this interpreter without
 site-packages).
 
-CRIU runs it at each stage with CRTOOLS_SCRIPT_ACTION set. At post-dump (the
+CRIU runs it at each stage with CRTOOLS_SCRIPT_ACTION set. At pre-dump,
+just before CRIU seizes the tasks, it tells `hybridmig run` (which then
+stops holding an auto-converged tree) and waits for its reply. At post-dump (the
 images are written and the tasks frozen) it hands over to `hybridmig run`
 through the socket in $HYBRIDMIG_HOOK_SOCKET and exits with its verdict:
 0 to let the dump finish, 1 to make CRIU resume the tasks. Any failure to
@@ -68,7 +70,7 @@ def main(argv=None):
         _end_page_server_session(int(argv[1]), argv[2] == "commit")
         return 0
     action = os.environ.get("CRTOOLS_SCRIPT_ACTION", "")
-    if action != "post-dump":
+    if action not in ("pre-dump", "post-dump"):
         return 0
     path = os.environ.get(HOOK_ENV)
     port = int(os.environ.get(PAGE_SERVER_ENV, "0"))
@@ -80,6 +82,11 @@ def main(argv=None):
             verdict = s.recv(1)
     except (OSError, TypeError) as e:
         print("hybridmig's CRIU hook: cannot reach hybridmig run at %s: %s" % (path, e), file=sys.stderr)
+    if action == "pre-dump":
+        # Only a signal that CRIU is about to seize the tree (hybridmig run
+        # lets go of it); whatever happens, the dump may go on: safety is
+        # the post-dump verdict's job.
+        return 0
     commit = verdict == b"0"
     if port:
         _detach_and_end_session(port, commit)

@@ -5,6 +5,7 @@ left is small enough for the switch-over.
 What the destination holds is mirrored here as one interval list per task
 (`held`): pages sent, minus ranges invalidated. Round 0 sends every tracked
 VMA whole; each later round sends the pages the tracker saw written."""
+import contextlib
 import errno
 import logging
 import time
@@ -37,6 +38,7 @@ class Round:
     dirty_rate_pps: float = 0.0
     bandwidth_bps: float = 0.0
     est_downtime_ms: float = 0.0
+    throttle_pct: float = 0.0  # auto-converge: share of the time the tree was held
 
     def as_dict(self):
         return asdict(self)
@@ -164,8 +166,9 @@ class Sender:
 class PreCopy:
     """Rounds until convergence. `progress(round)` is called after each."""
 
-    def __init__(self, tracker, sender, max_rounds=30, target_downtime_ms=300.0, progress=None):
+    def __init__(self, tracker, sender, max_rounds=30, target_downtime_ms=300.0, progress=None, converge=None):
         self.tracker = tracker
+        self.converge = converge  # an AutoConverge, or None
         self.sender = sender
         self.max_rounds = max_rounds
         self.target_downtime_ms = target_downtime_ms
@@ -202,7 +205,9 @@ class PreCopy:
 
     def scan(self, rnd):
         t = time.monotonic()
-        results = self.tracker.scan()
+        # (the tracker may inject into new children: not while they are held)
+        with self.converge.paused() if self.converge else contextlib.nullcontext():
+            results = self.tracker.scan()
         rnd.scan_s = time.monotonic() - t
         dirty = {}
         for pid, res in results.items():
@@ -234,8 +239,17 @@ class PreCopy:
         expected_next = rnd.dirty_rate_pps * rnd.est_downtime_ms / 1000
         worth_another = (rnd.est_downtime_ms > WORTHWHILE_MS and expected_next < 0.5 * rnd.pages_written)
         fits = rnd.est_downtime_ms <= self.target_downtime_ms
+        if self.converge is not None:
+            rnd.throttle_pct = self.converge.share * 100
+            if stalled and not self.converge.at_maximum:
+                stalled = False  # slow the tree down further instead of giving up
+            # QEMU's rule: more written during a round than half of what it sent
+            if not fits and rnd.pages_written > 0.5 * self.rounds[-1].pages_sent:
+                self.converge.raise_throttle()
         converged = (fits and not worth_another) or number >= self.max_rounds or stalled
         if converged:
+            if self.converge is not None:
+                self.converge.hold_all()
             self.pending = dirty
             rnd.duration_s = time.monotonic() - t0
             self.rounds.append(rnd)

@@ -18,6 +18,7 @@ from . import images, wire
 from .bindings.ranges import Ranges
 from .criu import LazyDump, hook_listener
 from .errors import CriuError, HybridmigError, ProtocolError, SetupError
+from .converge import AutoConverge
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid
 from .tracker import TreeTracker, read_pages
 from .wire import Msg
@@ -60,7 +61,8 @@ def _free_port():
 
 class Migration:
     def __init__(self, pid, to, key, max_rounds=30, target_downtime_ms=300.0, bandwidth_limit=0,
-                 criu_opts=(), work_dir=None, timeout=120.0, progress=None, compress=True, tls=None):
+                 criu_opts=(), work_dir=None, timeout=120.0, progress=None, compress=True, tls=None,
+                 auto_converge=True):
         self.pid = pid
         self.to = to
         self.key = key
@@ -73,6 +75,8 @@ class Migration:
         self.progress = progress or (lambda kind, obj: None)
         self.compress = compress
         self.tls = tls
+        self.auto_converge = auto_converge
+        self.converge = None
         self.times = {}
         self.rounds = []
         self.final = Round(-1)
@@ -100,13 +104,17 @@ class Migration:
         try:
             self.sender = Sender(self.channel, {p: ns_pid(p) for p in tree}, self.pid, self.compress,
                                  Throttle(self.bandwidth_limit) if self.bandwidth_limit else None)
+            if self.auto_converge:
+                self.converge = AutoConverge(self.tracker.pids)
             precopy = PreCopy(self.tracker, self.sender, self.max_rounds, self.target_downtime_ms,
-                              progress=lambda rnd: self.progress("round", rnd))
+                              progress=lambda rnd: self.progress("round", rnd), converge=self.converge)
             self.rounds = precopy.run()
             self.pending = precopy.pending
             self.times["precopy_done"] = time.time()
             self._switch_over()
         finally:
+            if self.converge is not None:
+                self.converge.stop()
             if self.tracker is not None:
                 self.tracker.detach()
             self.channel.close()
@@ -124,7 +132,10 @@ class Migration:
         work = self.work_dir or tempfile.mkdtemp(prefix="hybridmig-run-")
         images_dir = os.path.join(work, "images")
         os.makedirs(images_dir, exist_ok=True)
-        hook_sock_path = os.path.join(work, "hook.sock")
+        # The socket lives apart from the work dir: a UNIX socket path has
+        # at most 107 bytes, a --work-dir can be longer.
+        sock_dir = tempfile.mkdtemp(prefix="hybridmig-hook-")
+        hook_sock_path = os.path.join(sock_dir, "hook.sock")
         hook_sock = hook_listener(hook_sock_path)
         dump = None
         try:
@@ -161,6 +172,7 @@ class Migration:
             raise
         finally:
             hook_sock.close()
+            shutil.rmtree(sock_dir, ignore_errors=True)
             if dump is not None:
                 dump.wait(self.timeout)
             if not self.work_dir:
@@ -171,7 +183,15 @@ class Migration:
         while True:
             if select.select([hook_sock], [], [], 0.05)[0]:
                 conn, _ = hook_sock.accept()
-                conn.recv(64)
+                if conn.recv(64).startswith(b"pre-dump"):
+                    # CRIU seizes the tree next: let go of it only now, so
+                    # that an auto-converged tree does not run at full speed
+                    # through CRIU's start-up and dirty it all again.
+                    if self.converge is not None:
+                        self.converge.stop()
+                    with conn:
+                        conn.sendall(b"0")
+                    continue
                 return conn
             failed = dump.failed()
             if failed:
@@ -189,6 +209,9 @@ class Migration:
                 self.sender.adopt(pid)
                 if res.removed:
                     self.sender.invalidate(pid, res.removed)
+                log.info("final scan of %d: %d pages written since the last round, %d carried from it", pid,
+                         sum(e - s for s, e in res.dirty) // PAGE_SIZE,
+                         sum(e - s for s, e in self.pending.get(pid, [])) // PAGE_SIZE)
                 merged = Ranges(list(res.dirty) + list(self.pending.get(pid, [])))
                 dirty[pid] = list(merged)
                 final.pages_written += merged.total() // PAGE_SIZE
@@ -304,6 +327,7 @@ class Migration:
             "bytes_sent": self.channel.bytes_sent,
             "remote_faults": self.remote_faults,
             "attach_stop_ms": t.get("attach_stop_ms"),
+            "auto_converge_held_s": self.converge.held_s if self.converge else 0.0,
             "precopy_s": t["precopy_done"] - t["start"],
             "restored_pid": (self.result or {}).get("restored_pid"),
             "destination": self.result,
