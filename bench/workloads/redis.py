@@ -4,7 +4,6 @@ by DEBUG POPULATE, a GET/SET client in a process of its own
 destination, and DEBUG DIGEST before and after the migration."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,10 +18,14 @@ import psutil
 from hybridmig.workload import kill_tree
 
 from .base import BenchWorkload, Finish
+from .progkit import read_lines
 from .nsproc import NsProc, adopt_root, netns_path, running
 
 CLIENT = Path(__file__).with_name("redis_client.py")
 SYSTEM_PYTHON = "/usr/bin/python3"
+# No environment, no user site-packages, no .pyc written; not -I, which
+# would drop the program's directory (progkit.py) from sys.path.
+PYTHON_FLAGS = ("-E", "-s", "-B")
 KEY_OVERHEAD = 100  # bytes redis spends per key besides its value (dictEntry, robj, key sds)
 
 
@@ -172,7 +175,7 @@ class Redis(BenchWorkload):
         return Path(self._dir, "client.jsonl")
 
     def _start_client(self) -> None:
-        cmd = [SYSTEM_PYTHON, "-I", str(CLIENT), "--netns", self.hosts.src, "--netns", self.hosts.dst,
+        cmd = [SYSTEM_PYTHON, *PYTHON_FLAGS, str(CLIENT), "--netns", self.hosts.src, "--netns", self.hosts.dst,
                "--port", str(self.port), "--keys", str(self.keys), "--value-size", str(self.value_size),
                "--rate", repr(float(self.rate)), "--report", str(self._report)]
         with open(Path(self._dir, "client.log"), "wb") as log:
@@ -182,12 +185,7 @@ class Redis(BenchWorkload):
         self._wait_line(lambda r: r["event"] == "ready", 30, "ready")
 
     def _lines(self) -> list:
-        try:
-            data = self._report.read_bytes()
-        except FileNotFoundError:
-            return []
-        complete = data[:data.rfind(b"\n") + 1]  # a line being written waits for the next look
-        return [json.loads(raw) for raw in complete.split(b"\n") if raw.strip()]
+        return read_lines(self._report)
 
     def _wait_line(self, match, timeout: float, what: str, since: int = 0) -> dict:
         deadline = time.monotonic() + timeout

@@ -22,7 +22,6 @@ two successful replies.
 """
 import argparse
 import ctypes
-import json
 import os
 import random
 import signal
@@ -30,8 +29,8 @@ import socket
 import sys
 import time
 
-BUCKET_S = 0.1
-MAX_BUCKETS = 36000  # one hour of timeline
+from progkit import Pacer, Timeline, append_line
+
 CLONE_NEWNET = 0x40000000
 RECV_TIMEOUT_S = 120  # only a safety net: a frozen redis may legitimately take long
 
@@ -130,51 +129,23 @@ class NetnsConnector:
         return Conn(sock)
 
 
-class Stats:
+class Stats(Timeline):
     def __init__(self):
-        self.start = None
-        self.buckets = []
-        self.ops = self.gets = self.sets = 0
+        super().__init__()
+        self.gets = self.sets = 0
         self.bad_reads = 0
         self.first_bad = None
         self.reconnects = 0
         self.errors = 0
         self.last_error = None
-        self.last_ok = None
-        self.max_gap = 0.0
-        self.max_gap_end = None
         self.netns = None
-
-    def ok(self, now):
-        if self.start is None:
-            self.start = now
-        if self.last_ok is not None and now - self.last_ok > self.max_gap:
-            self.max_gap, self.max_gap_end = now - self.last_ok, now
-        self.last_ok = now
-        self.ops += 1
-        b = int((now - self.start) / BUCKET_S)
-        if b < MAX_BUCKETS:
-            if b >= len(self.buckets):
-                self.buckets.extend([0] * (b + 1 - len(self.buckets)))
-            self.buckets[b] += 1
 
     def report(self, event):
         return {"event": event, "pid": os.getpid(), "time": time.time(),
-                "ops": self.ops, "gets": self.gets, "sets": self.sets,
+                "gets": self.gets, "sets": self.sets,
                 "bad_reads": self.bad_reads, "first_bad": self.first_bad,
                 "reconnects": self.reconnects, "errors": self.errors, "last_error": self.last_error,
-                "netns": self.netns, "last_ok": self.last_ok,
-                "max_gap_ms": self.max_gap * 1000, "max_gap_at": self.max_gap_end,
-                "timeline": {"start": self.start, "bucket_s": BUCKET_S, "ops": self.buckets}}
-
-
-def append_line(path, obj):
-    # Opened and closed each time; one write() per line.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(obj) + "\n").encode())
-    finally:
-        os.close(fd)
+                "netns": self.netns, "last_ok": self.last, **super().report()}
 
 
 def main():
@@ -204,8 +175,7 @@ def main():
 
     conn = None
     ready = False
-    period = 1.0 / args.rate if args.rate > 0 else 0.0
-    next_at = time.time()
+    pacer = Pacer(args.rate)
     turn = 0
     while True:
         if conn is None:
@@ -242,16 +212,11 @@ def main():
             continue
         turn ^= 1
         now = time.time()
-        stats.ok(now)
+        stats.tick(now)
         if not ready:
             ready = True
             append_line(args.report, stats.report("ready"))
-        if period:
-            next_at += period
-            if next_at < now - 0.1:  # behind after a pause: do not burst to catch up
-                next_at = now
-            elif next_at > now:
-                time.sleep(next_at - now)
+        pacer.wait(now)
 
 
 if __name__ == "__main__":
