@@ -29,11 +29,15 @@ class NsProc:
     nsenter and not `ip netns exec` (which adds a mount namespace that CRIU
     refuses to dump); no --mount-proc (the same); no --kill-child (CRIU
     would restore the pdeath signal and fire it when `criu restore -d`
-    exits).  ``host_pid`` is the program, the namespace's init."""
+    exits).  ``host_pid`` is the program, the namespace's init.
 
-    def __init__(self, argv: list, netns: str, stdout=subprocess.DEVNULL, timeout: float = 10):
+    Its output goes to /dev/null: unshare writes to it when the
+    dump kills its child, and CRIU refuses to restore an open file whose
+    size changed, so never a log file the program also holds."""
+
+    def __init__(self, argv: list, netns: str, timeout: float = 10):
         cmd = ["nsenter", "--net=%s" % netns_path(netns), "unshare", "--pid", "--fork", "setsid", *argv]
-        self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT,
+        self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       start_new_session=True, close_fds=True)
         # Held as psutil objects from now on: they refuse to signal a reused pid.
         self.unshare = psutil.Process(self.popen.pid)

@@ -64,8 +64,7 @@ class PyHeap(BenchWorkload):
         self._dir = tempfile.mkdtemp(prefix="hm-pyheap-")
         argv = [SYSTEM_PYTHON, *PYTHON_FLAGS, str(PROGRAM), "--items", str(self.items),
                 "--rate", repr(float(self.rate)), "--seed", str(self.seed), "--report", str(self.report_path)]
-        with open(Path(self._dir, "prog.log"), "wb") as log:
-            self._proc = NsProc(argv, hosts.src, stdout=log)
+        self._proc = NsProc(argv, hosts.src)  # errors come as "error" lines of the report
         self._root = self._proc.root
         self.host_pid = self._proc.host_pid
         self.ready = self._wait_event("ready", 0, 60 + self.size_mb / 5)
@@ -142,6 +141,8 @@ class PyHeap(BenchWorkload):
             for r in self._lines()[since:]:
                 if r["event"] == event:
                     return r
+                if r["event"] == "error":
+                    raise PyHeapError("pyheap %s failed: %s" % (self.host_pid, r["traceback"]))
             if not running(self._root):
                 raise PyHeapError("pyheap %s exited while waiting for %r: %s" % (
                     self.host_pid, event, self._log_tail()))
@@ -150,8 +151,5 @@ class PyHeap(BenchWorkload):
             time.sleep(0.02)
 
     def _log_tail(self) -> str:
-        try:
-            return Path(self._dir, "prog.log").read_text()[-1000:] or "(empty log)"
-        except OSError as exc:
-            return "(no log: %s)" % exc
-
+        errors = [r["traceback"] for r in self._lines() if r["event"] == "error"]
+        return errors[-1] if errors else "(no error reported)"

@@ -21,6 +21,7 @@ import signal
 import struct
 import sys
 import time
+import traceback
 from array import array
 
 from progkit import Pacer, Timeline, append_line
@@ -135,5 +136,18 @@ def main():
         pacer.wait(now)
 
 
+def main_reporting_errors():
+    # Its stdout and stderr are /dev/null: a log file would be written to
+    # by unshare when the dump kills its child, and CRIU refuses to restore
+    # an open file whose size changed.  A failure goes to the report.
+    try:
+        main()
+    except Exception:
+        report = sys.argv[sys.argv.index("--report") + 1] if "--report" in sys.argv else None
+        if report:
+            append_line(report, {"event": "error", "pid": os.getpid(), "traceback": traceback.format_exc()})
+        raise
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_reporting_errors())
