@@ -70,10 +70,10 @@ class PyHeap(BenchWorkload):
         self.ready = self._wait_event("ready", 0, 60 + self.size_mb / 5)
 
     def adopt(self, host_pid: int) -> None:
+        self._root = adopt_root(host_pid)  # first: stop() must know it whatever happens next
+        self.host_pid = host_pid
         if self._proc is not None and not self._proc.wait_gone(30):
             raise PyHeapError("source pyheap %d still alive 30 s after the migration" % self._proc.host_pid)
-        self._root = adopt_root(host_pid)
-        self.host_pid = host_pid
 
     def verify(self) -> dict:
         """The program checks every item; its "verify" report."""
@@ -138,12 +138,13 @@ class PyHeap(BenchWorkload):
     def _wait_event(self, event: str, since: int, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         while True:
+            gone = not running(self._root)  # before reading: its last line may come with its end
             for r in self._lines()[since:]:
                 if r["event"] == event:
                     return r
                 if r["event"] == "error":
                     raise PyHeapError("pyheap %s failed: %s" % (self.host_pid, r["traceback"]))
-            if not running(self._root):
+            if gone:
                 raise PyHeapError("pyheap %s exited while waiting for %r: %s" % (
                     self.host_pid, event, self._log_tail()))
             if time.monotonic() > deadline:

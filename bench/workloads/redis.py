@@ -97,11 +97,11 @@ class Redis(BenchWorkload):
     def adopt(self, host_pid: int) -> None:
         # The source redis is gone once the migration committed; the client
         # carries on with the restored one in the destination.
-        if self._redis is not None and not self._redis.wait_gone(30):
-            raise RedisError("source redis %d still alive 30 s after the migration" % self._redis.host_pid)
-        self._root = adopt_root(host_pid)
+        self._root = adopt_root(host_pid)  # first: stop() must know it whatever happens next
         self.host_pid = host_pid
         self.netns = self.hosts.dst
+        if self._redis is not None and not self._redis.wait_gone(30):
+            raise RedisError("source redis %d still alive 30 s after the migration" % self._redis.host_pid)
 
     def finish(self) -> Finish:
         reconnected = self._wait_client_ok(30)
@@ -190,10 +190,11 @@ class Redis(BenchWorkload):
     def _wait_line(self, match, timeout: float, what: str, since: int = 0) -> dict:
         deadline = time.monotonic() + timeout
         while True:
+            exited = self._client.poll() is not None  # before reading: its last line may come with its exit
             for r in self._lines()[since:]:
                 if match(r):
                     return r
-            if self._client.poll() is not None:
+            if exited:
                 raise RedisError("redis client exited (%s) waiting for %s: %s" % (
                     self._client.returncode, what, self._client_log()))
             if time.monotonic() > deadline:
