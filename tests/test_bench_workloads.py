@@ -10,11 +10,14 @@ import os
 import shutil
 import subprocess
 import time
+import types
 
+import psutil
 import pytest
 
 from criu_util import criu_dump, criu_restore
 from hybridmig.bench.workloads.base import BUCKET_S
+from hybridmig.bench.workloads.nsproc import NsProcError
 from hybridmig.bench.workloads.pyheap import PyHeap
 from hybridmig.bench.workloads.redis import Redis
 from hybridmig.netns import TwoHosts
@@ -88,6 +91,8 @@ def test_redis_untouched_run_is_ok(hosts, started):
     assert "digest same" in res.detail and " 0 bad" in res.detail, res.detail
     assert_sane_timeline(res, began, 500)
     assert res.unit == "GETs+SETs"
+    again = wl.finish()  # the client is stopped now: same report, the digest taken again
+    assert again.ok and again.timeline_ops == res.timeline_ops, again
 
 
 @pytest.mark.parametrize("change", [("SET", "hm-intruder", "1"), ("RENAME", "key:7", "key:7-renamed")],
@@ -171,3 +176,27 @@ def test_pyheap_survives_criu_migration(criu_ready, hosts, started, tmp_path):
     assert res.ok, res.detail
     assert t0 < res.max_gap_end, (res.max_gap_end, t0, t1)
     assert res.max_gap_ms >= (t1 - t0) * 1000 * 0.5, (res.max_gap_ms, t1 - t0)
+
+
+# --- the end ----------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda: Redis(4), lambda: PyHeap(4)], ids=["redis", "pyheap"])
+def test_stop_after_a_failed_start_cleans_up_and_is_idempotent(make):
+    wl = make()
+    wl.stop()  # before start: nothing to do
+    nowhere = types.SimpleNamespace(src="hw-no-such-netns", dst="hw-no-such-netns-either")
+    with pytest.raises(NsProcError, match="does not exist"):
+        wl.start(nowhere)
+    left = wl._dir
+    assert left and os.path.isdir(left)
+    wl.stop()
+    assert not os.path.exists(left)
+    wl.stop()
+
+
+def test_stop_ends_every_process(hosts, started):
+    _need_redis()
+    wl = started(Redis(4, rate=100), hosts)
+    procs = [psutil.Process(pid) for pid in (wl.host_pid, wl._client.pid, wl._redis.unshare.pid)]
+    wl.stop()
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+    wl.stop()
