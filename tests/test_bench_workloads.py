@@ -18,6 +18,7 @@ import pytest
 from criu_util import criu_dump, criu_restore
 from hybridmig.bench.workloads.base import BUCKET_S
 from hybridmig.bench.workloads.nsproc import NsProcError
+from hybridmig.bench.workloads.progkit import SYSTEM_PYTHON
 from hybridmig.bench.workloads.pyheap import PyHeap
 from hybridmig.bench.workloads.redis import Redis
 from hybridmig.netns import TwoHosts
@@ -34,8 +35,8 @@ def hosts():
     for tool in ("ip", "nsenter", "unshare", "setsid"):
         if not shutil.which(tool):
             pytest.skip("needs %r on PATH" % tool)
-    if not os.access("/usr/bin/python3", os.X_OK):
-        pytest.skip("the workload programs run with /usr/bin/python3, which is missing")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("the workload programs run with %s, which is missing" % SYSTEM_PYTHON)
     with TwoHosts(prefix="hw") as h:
         yield h
 

@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+SYSTEM_PYTHON = "/usr/bin/python3"  # not the venv's: the programs need nothing of it
 BUCKET_S = 0.1       # as base.BUCKET_S: operations per 100 ms
 MAX_BUCKETS = 36000  # one hour of timeline
 
@@ -81,3 +82,10 @@ def read_lines(path):
         return []
     complete = data[:data.rfind(b"\n") + 1]
     return [json.loads(raw) for raw in complete.split(b"\n") if raw.strip()]
+
+
+def python_argv(program):
+    """The command line that runs ``program`` (a path): no environment, no
+    user site-packages, no .pyc written; not -I, which would drop the
+    program's directory (and so this module) from sys.path."""
+    return [SYSTEM_PYTHON, "-E", "-s", "-B", str(program)]

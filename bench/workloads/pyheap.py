@@ -3,7 +3,6 @@
 item after the migration."""
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import struct
@@ -17,14 +16,10 @@ import psutil
 from hybridmig.workload import _anon_rw_mappings as anon_rw_mappings, kill_tree
 
 from .base import BenchWorkload, Finish
-from .progkit import read_lines
+from .progkit import python_argv, read_lines
 from .nsproc import NsProc, adopt_root, running
 
 PROGRAM = Path(__file__).with_name("pyheap_prog.py")
-SYSTEM_PYTHON = "/usr/bin/python3"
-# No environment, no user site-packages, no .pyc written; not -I, which
-# would drop the program's directory (progkit.py) from sys.path.
-PYTHON_FLAGS = ("-E", "-s", "-B")
 ITEM_BYTES = 1500   # resident bytes per item, measured (2 blobs, a list, a record per 4 items)
 BLOB_MAGIC = b"PYHEAP01"  # as in pyheap_prog.py
 
@@ -62,7 +57,7 @@ class PyHeap(BenchWorkload):
     # --- life cycle -------------------------------------------------------------
     def start(self, hosts) -> None:
         self._dir = tempfile.mkdtemp(prefix="hm-pyheap-")
-        argv = [SYSTEM_PYTHON, *PYTHON_FLAGS, str(PROGRAM), "--items", str(self.items),
+        argv = [*python_argv(PROGRAM), "--items", str(self.items),
                 "--rate", repr(float(self.rate)), "--seed", str(self.seed), "--report", str(self.report_path)]
         self._proc = NsProc(argv, hosts.src)  # errors come as "error" lines of the report
         self._root = self._proc.root

@@ -18,14 +18,10 @@ import psutil
 from hybridmig.workload import kill_tree
 
 from .base import BenchWorkload, Finish
-from .progkit import read_lines
+from .progkit import python_argv, read_lines
 from .nsproc import NsProc, adopt_root, netns_path, running
 
 CLIENT = Path(__file__).with_name("redis_client.py")
-SYSTEM_PYTHON = "/usr/bin/python3"
-# No environment, no user site-packages, no .pyc written; not -I, which
-# would drop the program's directory (progkit.py) from sys.path.
-PYTHON_FLAGS = ("-E", "-s", "-B")
 KEY_OVERHEAD = 100  # bytes redis spends per key besides its value (dictEntry, robj, key sds)
 
 
@@ -74,6 +70,9 @@ class Redis(BenchWorkload):
 
     # --- life cycle -------------------------------------------------------------
     def start(self, hosts) -> None:
+        for tool in ("redis-server", "redis-cli"):
+            if not shutil.which(tool):
+                raise RedisError("%s not found: install Debian's redis-server (scripts/setup.sh does)" % tool)
         self.hosts, self.netns = hosts, hosts.src
         self._dir = tempfile.mkdtemp(prefix="hm-redis-")
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
@@ -178,7 +177,7 @@ class Redis(BenchWorkload):
         return Path(self._dir, "client.jsonl")
 
     def _start_client(self) -> None:
-        cmd = [SYSTEM_PYTHON, *PYTHON_FLAGS, str(CLIENT), "--netns", self.hosts.src, "--netns", self.hosts.dst,
+        cmd = [*python_argv(CLIENT), "--netns", self.hosts.src, "--netns", self.hosts.dst,
                "--port", str(self.port), "--keys", str(self.keys), "--value-size", str(self.value_size),
                "--rate", repr(float(self.rate)), "--report", str(self._report)]
         with open(Path(self._dir, "client.log"), "wb") as log:
