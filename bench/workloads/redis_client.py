@@ -137,6 +137,7 @@ class Stats(Timeline):
         self.first_bad = None
         self.reconnects = 0
         self.errors = 0
+        self.call_errors = []  # the first few errors of established connections
         self.last_error = None
         self.netns = None
 
@@ -144,7 +145,7 @@ class Stats(Timeline):
         return {"event": event, "pid": os.getpid(), "time": time.time(),
                 "gets": self.gets, "sets": self.sets,
                 "bad_reads": self.bad_reads, "first_bad": self.first_bad,
-                "reconnects": self.reconnects, "errors": self.errors, "last_error": self.last_error,
+                "reconnects": self.reconnects, "errors": self.errors, "call_errors": self.call_errors, "last_error": self.last_error,
                 "netns": self.netns, "last_ok": self.last, **super().report()}
 
 
@@ -205,7 +206,9 @@ def main():
                 stats.sets += 1
         except (OSError, RedisReplyError) as exc:
             stats.errors += 1
-            stats.last_error = "%s: %s" % (type(exc).__name__, exc)
+            stats.last_error = "%.3f %s: %s" % (time.time(), type(exc).__name__, exc)
+            if len(stats.call_errors) < 10:
+                stats.call_errors.append(stats.last_error)
             conn.close()
             conn = None
             stats.reconnects += 1
