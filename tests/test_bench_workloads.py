@@ -201,3 +201,18 @@ def test_stop_ends_every_process(hosts, started):
     wl.stop()
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
     wl.stop()
+
+
+def test_redis_checks_on_the_source_when_it_resumes(criu_ready, hosts, started, tmp_path):
+    # A failed strategy resumes the source and calls finish() without adopt():
+    # here a dump that leaves redis running, its client connection untouched.
+    _need_redis()
+    wl = started(Redis(16, rate=500), hosts)
+    wl.before()
+    time.sleep(0.5)
+    criu_dump(wl.host_pid, tmp_path / "images", extra=[*wl.criu_opts(), "--leave-running"],
+              netns=hosts.src, timeout=120)
+    time.sleep(0.5)
+    res = wl.finish()
+    assert res.ok, res.detail
+    assert "digest same (%s)" % hosts.src in res.detail and " 0 reconnects" in res.detail, res.detail
