@@ -84,7 +84,7 @@ def test_clean_at_start(memwork, workdir, threads, procs):
             assert len(b["ops_per_thread"]) == threads
             assert all(n > 0 for n in b["ops_per_thread"])
             assert b["timeline"]["bucket_ms"] == 100
-            assert len(b["timeline"]["ops"]) == 600
+            assert len(b["timeline"]["ops"]) == 6000  # 10 min of 100 ms buckets (TL_BUCKETS in memwork.c)
         assert_clean(w.fork_verify(), procs, 64 * PAGES_PER_MB)
         churned = w.churn_verify()
         for r in churned:
