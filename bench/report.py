@@ -97,7 +97,7 @@ def plot_blackout(groups, path: Path):
 
 
 def plot_throughput(config, link, strategies, path: Path):
-    """The workload's throughput around resume (relative to before the freeze), first repetition."""
+    """The workload's throughput around resume (relative to before the migration), first repetition."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, runs in strategies.items():
         good = [r for r in runs if r.get("ok") and r["throughput"]["series"]]
@@ -108,7 +108,7 @@ def plot_throughput(config, link, strategies, path: Path):
         ax.plot(xs, tp["series"], label=name, drawstyle="steps-post")
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("seconds since resume")
-    ax.set_ylabel("throughput / throughput before the freeze")
+    ax.set_ylabel("throughput / throughput before the migration")
     ax.set_title("%s over %s: throughput around resume" % (config, link))
     ax.grid(True, alpha=0.3)
     if ax.lines:

@@ -12,7 +12,7 @@ Metrics per run: the blackout the workload saw (its longest loop gap on
 CLOCK_REALTIME), the phases (dump, copy, restore, pre-copy), total migration
 time (until every page is on the destination), bytes on the wire (veth
 counters, both directions), remote faults, throughput over the first
-seconds after resume relative to the 2 s before the freeze, CPU time of the
+seconds after resume relative to the 2 s before the migration started, CPU time of the
 source's and the destination's tools, the destination tools' peak RSS.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .trial import Trial
 from .workloads.base import BUCKET_S
 
 PIPE_MAX = 4 << 20    # CRIU's page server needs pipes this big (post-copy, floor)
-BEFORE_S = 2.0        # throughput reference: the 2 s before the freeze
+BEFORE_S = 2.0        # throughput reference: the 2 s before the migration starts
 AFTER_S = 2.0         # ... compared with the first 2 s after resume
 SERIES_S = (-1.0, 4.0)  # throughput series kept per run, seconds around resume
 
@@ -83,11 +83,13 @@ def ops_rate(fin, t_from: float, t_to: float):
     return done / (t_to - t_from)
 
 
-def throughput(fin, resumed_at: float) -> dict:
-    """Before/after rates around the blackout, and a series relative to before."""
+def throughput(fin, resumed_at: float, started_at: float) -> dict:
+    """The rate before the migration started (before pre-copy, which may
+    throttle the workload), the rate after resume, and a series around
+    resume relative to the rate before."""
     resume = fin.max_gap_end or resumed_at
     freeze = resume - fin.max_gap_ms / 1000
-    before = ops_rate(fin, freeze - BEFORE_S - BUCKET_S, freeze - BUCKET_S)
+    before = ops_rate(fin, started_at - BEFORE_S - BUCKET_S, started_at - BUCKET_S)
     after = ops_rate(fin, resume, resume + AFTER_S)
     series = []
     if before:
@@ -141,7 +143,7 @@ def one_run(make, strategy_name, link_rate, rep, out: Path, timeout: float) -> d
                 fin = wl.finish()
                 rec["check"] = {"ok": fin.ok, "detail": fin.detail}
                 rec["blackout_ms"] = fin.max_gap_ms
-                rec["throughput"] = throughput(fin, outcome.resumed_at if outcome else time.time())
+                rec["throughput"] = throughput(fin, outcome.resumed_at if outcome else time.time(), t0)
                 if outcome is not None:
                     rec["ok"] = fin.ok
                     if not fin.ok:

@@ -37,7 +37,7 @@ def test_throughput_around_the_blackout():
     # 4 s at 100 ops/s, a 1 s blackout, then 50 ops/s for 3 s.
     ops = [10] * 40 + [0] * 10 + [5] * 30
     fin = _finish(ops, gap_ms=1000.0, gap_end=1005.0)
-    tp = throughput(fin, resumed_at=0)
+    tp = throughput(fin, resumed_at=0, started_at=1004.0)
     assert tp["freeze"] == pytest.approx(1004.0) and tp["resume"] == pytest.approx(1005.0)
     assert tp["ops_per_s_before"] == pytest.approx(100)
     assert tp["ops_per_s_after"] == pytest.approx(50)

@@ -544,3 +544,46 @@ def test_shared_memory_larger_than_a_frame(env):
     if rc != 0:
         print("serve log:\n" + serve.log())
     assert_pytree_migrated(env, tree, rc, rep, err, serve, 1)
+
+
+# --- auto-converge ----------------------------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_auto_converge_brings_a_fast_writer_to_a_small_final_round(env):
+    """A writer dirties 64 MiB at 20000 pages/s, four times what a 20 MB/s
+    link carries: rounds alone never shrink. Auto-converge holds the tree a
+    growing share of the time until they do; the final round is small and
+    the memory arrives intact."""
+    wl = env.workload(64, rate=20000)
+    serve = env.serve()
+    rc, rep, err = env.run(wl.host_pid, "--bandwidth-limit", "20M", timeout=240)
+    assert_migrated(env, wl, rc, rep, err, serve, 64)
+    rounds = rep["rounds"]
+    throttle = [r["throttle_pct"] for r in rounds[:-1]]
+    assert throttle == sorted(throttle) and throttle[-1] >= 50, throttle
+    assert rep["auto_converge_held_s"] > 1
+    assert rounds[-1]["pages_written"] < 0.25 * 64 * 256, rounds
+
+
+@pytest.mark.timeout(300)
+def test_run_killed_while_holding_the_tree_leaves_it_running(env):
+    """The tree is held in ptrace stops, which end with their tracer: when
+    `hybridmig run` is SIGKILLed in the middle of a hold, the kernel lets
+    the tree go, and nothing of the tracking is left in it."""
+    wl = env.workload(64, rate=0)
+    pids = wl.pids()
+    env.serve()
+    run = env.run_background(wl.host_pid, "--bandwidth-limit", "10M")
+    wait_for(lambda: "auto-converge" in run.err_path.read_text() or not run.running(), 120,
+             "auto-converge to start holding the tree")
+    wait_for(lambda: state(wl.host_pid) == "t" or not run.running(), 30, "a hold")
+    assert run.running(), run.err_path.read_text()
+    os.kill(run.proc.pid, signal.SIGKILL)
+    run.proc.wait(10)
+    wait_for(lambda: all(state(p) not in ("t", "T") for p in pids), 5, "the tree to run again")
+    for pid in pids:
+        assert not uffd_fds(pid) and not tracked(pid), pid
+    ops = wl.verify()[0]["ops"]
+    time.sleep(0.3)
+    after = assert_intact(wl.verify(), 1)[0]
+    assert after["ops"] > ops, "the writer does not write any more"
