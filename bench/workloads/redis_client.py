@@ -33,6 +33,7 @@ from progkit import Pacer, Timeline, append_line
 
 CLONE_NEWNET = 0x40000000
 RECV_TIMEOUT_S = 120  # only a safety net: a frozen redis may legitimately take long
+STALL_S = 0.05  # a reply this late: look whether redis answers in another namespace
 
 
 def populated_value(index, size):
@@ -49,15 +50,40 @@ def command(*args):
     return b"".join(out)
 
 
-class Conn:
-    """One RESP connection; raises OSError when it breaks."""
+class Moved(ConnectionError):
+    """redis answers in another namespace while this connection waits."""
 
-    def __init__(self, sock):
+    def __init__(self, conn, name):
+        super().__init__("redis answers in %s" % name)
+        self.conn, self.name = conn, name
+
+
+class Conn:
+    """One RESP connection; raises OSError when it breaks. ``on_stall()`` is
+    called whenever a reply is STALL_S late: it raises Moved when redis
+    answers elsewhere. A real deployment moves the address with the process,
+    and the old peer's retransmission then meets a reset at once; here the
+    namespaces have different addresses, and the frozen source's socket
+    stays silent until the source ends, which for post-copy is only once
+    all its memory is gone."""
+
+    def __init__(self, sock, on_stall=lambda: None):
         self.sock = sock
         self.buf = b""
+        self.on_stall = on_stall
+        self.sock.settimeout(STALL_S)
 
     def _fill(self):
-        data = self.sock.recv(1 << 16)
+        waited = 0.0
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+                break
+            except socket.timeout:
+                waited += STALL_S
+                if waited >= RECV_TIMEOUT_S:
+                    raise
+                self.on_stall()
         if not data:
             raise ConnectionResetError("redis closed the connection")
         self.buf += data
@@ -121,12 +147,35 @@ class NetnsConnector:
         try:
             sock.settimeout(1.0)
             sock.connect(("127.0.0.1", self.port))
-            sock.settimeout(RECV_TIMEOUT_S)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except BaseException:
             sock.close()
             raise
-        return Conn(sock)
+        return Conn(sock, lambda: self.probe_others(name))
+
+    def probe_others(self, current):
+        """Raise Moved with a connection to redis in another namespace if
+        it answers a PING there within STALL_S."""
+        for name in self.names:
+            if name == current:
+                continue
+            try:
+                conn = self.connect(name)
+            except OSError:
+                continue
+            conn.on_stall = _no_answer
+            try:
+                answered = conn.call(b"PING") == b"PONG"
+            except (OSError, RedisReplyError):
+                answered = False
+            if answered:
+                conn.on_stall = lambda: self.probe_others(name)
+                raise Moved(conn, name)
+            conn.close()
+
+
+def _no_answer():
+    raise socket.timeout("no answer within %s s" % STALL_S)
 
 
 class Stats(Timeline):
@@ -204,6 +253,11 @@ def main():
             else:
                 conn.call(b"SET", key, want)
                 stats.sets += 1
+        except Moved as moved:
+            conn.close()
+            conn, stats.netns = moved.conn, moved.name
+            stats.reconnects += 1
+            continue
         except (OSError, RedisReplyError) as exc:
             stats.errors += 1
             stats.last_error = "%.3f %s: %s" % (time.time(), type(exc).__name__, exc)
