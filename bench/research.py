@@ -18,12 +18,15 @@ source's and the destination's tools, the destination tools' peak RSS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -216,6 +219,9 @@ def parse(argv):
     p.add_argument("--link-rate", help="tbf rate(s) of the veth, comma-separated (default 1gbit; e.g. 10gbit)")
     p.add_argument("--repeat", type=int, help="repetitions (quick 1; full 3)")
     p.add_argument("--timeout", type=float, default=0, help="seconds per step (default: 120 + MiB/20)")
+    p.add_argument("--lock", help="a file to flock around each run (machines shared with other benchmarks)")
+    p.add_argument("--summarize", action="store_true",
+                   help="only rewrite the summary and plots from OUT/results.json (e.g. of a run cut short)")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
@@ -227,6 +233,7 @@ def parse(argv):
         "hot": args.hot, "app_size": args.app_size or base["app_size"],
         "link_rates": args.link_rate.split(",") if args.link_rate else base["link_rates"],
         "repeat": args.repeat or base["repeat"], "timeout": args.timeout, "quick": args.quick,
+        "summarize": args.summarize, "lock": args.lock,
     }
     unknown = [s for s in cfg["strategies"] if s not in STRATEGIES]
     if unknown:
@@ -234,8 +241,17 @@ def parse(argv):
     return cfg, Path(args.out)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # clean-up as for Ctrl-C: processes, namespaces, temp dirs
+
+
 def main(argv=None) -> int:
     cfg, out = parse(argv)
+    if cfg["summarize"]:
+        results = json.loads((out / "results.json").read_text())
+        print(report.write(results, out))
+        return 0
+    signal.signal(signal.SIGTERM, _interrupt)
     if os.geteuid() != 0:
         raise SystemExit("hybridmig bench: needs root (CRIU, network namespaces)")
     from hybridmig import doctor
@@ -243,7 +259,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     become_subreaper()  # restored workloads are re-parented to us
     makers = make_workloads(cfg["workloads"], cfg["sizes"], cfg["rates"], cfg["hot"], cfg["app_size"])
-    plan = [(make, link, rep, s) for make in makers for link in cfg["link_rates"] for rep in range(cfg["repeat"])
+    # Repetitions outermost: a run cut short still covers every configuration.
+    plan = [(make, link, rep, s) for rep in range(cfg["repeat"]) for make in makers for link in cfg["link_rates"]
             for s in _rotated(cfg["strategies"], rep)]
     results = {"machine": machine(), "config": cfg, "command": "hybridmig bench " + " ".join(argv or []),
                "started": datetime.datetime.now().isoformat(timespec="seconds"), "runs": []}
@@ -253,7 +270,8 @@ def main(argv=None) -> int:
         task = progress.add_task("bench", total=len(plan))
         for make, link, rep, strategy in plan:
             progress.update(task, description="%s %s %s #%d" % (make().label, link, strategy, rep))
-            rec = one_run(make, strategy, link, rep, out, cfg["timeout"])
+            with _machine_lock(cfg["lock"]):
+                rec = one_run(make, strategy, link, rep, out, cfg["timeout"])
             results["runs"].append(rec)
             progress.console.print(_line(rec))
             (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -263,6 +281,21 @@ def main(argv=None) -> int:
     summary = report.write(results, out)
     print(summary)
     return 0
+
+
+@contextlib.contextmanager
+def _machine_lock(path):
+    """flock(path) around one run: other benchmarks that take the same lock
+    on a shared machine run between ours, not during them."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _rotated(strategies, rep):

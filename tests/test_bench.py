@@ -96,3 +96,10 @@ def test_quick_bench_end_to_end(criu_ready, tmp_path):
     for png in pngs:
         data = png.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10000, png
+    # --summarize draws it all again from results.json alone
+    for path in pngs + [out / "summary.md"]:
+        path.unlink()
+    proc = subprocess.run([*HYBRIDMIG, "bench", "--summarize", "--out", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "summary.md").read_text() == summary and len(list(out.glob("*.png"))) == 3
