@@ -154,9 +154,11 @@ def one_run(make, strategy_name, link_rate, rep, out: Path, timeout: float) -> d
                 elif not fin.ok:
                     rec["error"] += "; and the source did not check out afterwards: %s" % fin.detail
             finally:
-                if trial is not None:
-                    trial.close()
-                wl.stop()
+                try:
+                    if trial is not None:
+                        trial.close()
+                finally:
+                    wl.stop()  # even if closing the trial failed: never leave the workload behind
     except Exception as e:  # noqa: BLE001  (a broken run is a result; the bench goes on)
         rec.setdefault("ok", False)
         rec["error"] = "%s%s: %s" % (rec.get("error", "") + "; " if rec.get("error") else "", type(e).__name__, e)

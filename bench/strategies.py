@@ -262,7 +262,7 @@ class Hybridmig(Strategy):
             raise StrategyError("hybridmig run failed (exit %d): %s" % (rc, report.get("error")))
         trial.wait(serve, 60, "hybridmig serve")
         b = report["breakdown"]
-        phases = {"pre-copy": report["precopy_s"], "dump": b["freeze_to_dumped_ms"] / 1000,
+        phases = {"pre-copy": report["precopy_s"], "dump": (b["criu_startup_ms"] + b["freeze_to_dumped_ms"]) / 1000,
                   "copy": (b["final_pages_ms"] + b["images_ms"]) / 1000,
                   "restore": b["restore_ms"] / 1000}
         return Outcome(report["restored_pid"], phases, t1,

@@ -126,11 +126,11 @@ class Trial:
 
     def close(self) -> None:
         """Kill what is still running (by pid, with descendants) and reap it."""
-        self.dst_memory.stop()
-        for side, proc in self._live:
+        for side, proc in list(self._live):
             kill_tree(proc.pid)
             try:
                 self.wait(proc, 10, "clean-up")
             except (StrategyError, ChildProcessError):
                 pass
         self._live = []
+        self.dst_memory.stop()

@@ -184,6 +184,7 @@ class Migration:
             if select.select([hook_sock], [], [], 0.05)[0]:
                 conn, _ = hook_sock.accept()
                 if conn.recv(64).startswith(b"pre-dump"):
+                    self.times["criu_started"] = time.time()
                     # CRIU seizes the tree next: let go of it only now, so
                     # that an auto-converged tree does not run at full speed
                     # through CRIU's start-up and dirty it all again.
@@ -308,8 +309,12 @@ class Migration:
         then are served from the destination's RAM."""
         t = self.times
         dest = self.result or {}
+        started = t.get("criu_started", t["freeze"])
         breakdown = {
-            "freeze_to_dumped_ms": (t["dumped"] - t["freeze"]) * 1000,
+            # CRIU's start-up, until it is about to seize the tree (the tree
+            # still runs, unless auto-converge holds it)
+            "criu_startup_ms": (started - t["freeze"]) * 1000,
+            "freeze_to_dumped_ms": (t["dumped"] - started) * 1000,
             "final_pages_ms": (t["final_sent"] - t["dumped"]) * 1000,
             "images_ms": (t["images_sent"] - t["final_sent"]) * 1000,
             "restore_ms": dest.get("restore_s", 0.0) * 1000,
