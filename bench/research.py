@@ -191,17 +191,24 @@ def machine() -> dict:
 
 
 class PipeMaxSize:
-    """fs.pipe-max-size raised for the run (CRIU's page server), then restored."""
+    """fs.pipe-max-size raised for the bench (CRIU's page server), then
+    restored; ensure() again before each run, in case something else on
+    the machine restored its own saved value meanwhile."""
 
     path = "/proc/sys/fs/pipe-max-size"
 
     def __enter__(self):
         with open(self.path) as f:
             self.saved = int(f.read())
-        if self.saved < PIPE_MAX:
-            with open(self.path, "w") as f:
-                f.write(str(PIPE_MAX))
+        self.ensure()
         return self
+
+    def ensure(self):
+        with open(self.path) as f:
+            if int(f.read()) >= PIPE_MAX:
+                return
+        with open(self.path, "w") as f:
+            f.write(str(PIPE_MAX))
 
     def __exit__(self, *exc):
         with open(self.path, "w") as f:
@@ -267,12 +274,13 @@ def main(argv=None) -> int:
     results = {"machine": machine(), "config": cfg, "command": "hybridmig bench " + " ".join(argv or []),
                "started": datetime.datetime.now().isoformat(timespec="seconds"), "runs": []}
     console = Console(stderr=True)
-    with PipeMaxSize(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    with PipeMaxSize() as pipes, Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("bench", total=len(plan))
         for make, link, rep, strategy in plan:
             progress.update(task, description="%s %s %s #%d" % (make().label, link, strategy, rep))
             with _machine_lock(cfg["lock"]):
+                pipes.ensure()
                 rec = one_run(make, strategy, link, rep, out, cfg["timeout"])
             results["runs"].append(rec)
             progress.console.print(_line(rec))
