@@ -422,7 +422,7 @@ def dump_workload(size_mb: int, images: Path, report: Path, rate: float, binary:
 
 def one_run(size_mb: int, rep: int, daemon: str, images: Path, report: Path, tmp_root: Path,
             logs_dir: Path, order: int, rate: float, verbosity: Optional[int],
-            hybridmig: tuple[list[str], Optional[dict]], quiet: tuple[float, float]) -> dict:
+            hybridmig: tuple[list[str], Optional[dict], list[str]], quiet: tuple[float, float]) -> dict:
     work = tmp_root / f"work-{size_mb}-{rep}-{daemon}"
     work.mkdir()
     run: dict = {"size_mb": size_mb, "rep": rep, "daemon": daemon, "order": order, "ok": False,
@@ -441,7 +441,8 @@ def one_run(size_mb: int, rep: int, daemon: str, images: Path, report: Path, tmp
         if daemon == "criu":
             argv = [criu, *common]
         else:
-            argv = [*hybridmig[0], *common, "--stats-json", str(work / "stats.json"), "--timeout", "120"]
+            argv = [*hybridmig[0], *common, "--stats-json", str(work / "stats.json"), "--timeout", "120",
+                    *hybridmig[2]]
         if verbosity is not None:
             argv.append(f"-v{verbosity}")
         run["daemon_argv"] = argv
@@ -726,6 +727,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hybridmig-rev", metavar="REV",
                     help="benchmark hybridmig as of this git revision, built apart under build/bench "
                          "(default: the working tree through .venv/bin/hybridmig)")
+    ap.add_argument("--hybridmig-args", default="",
+                    help="extra arguments to `hybridmig lazy-pages`, e.g. '--installers 1 --batch-pages 64'")
     ap.add_argument("--quiet-threshold", type=float, default=0.3,
                     help="before each restore wait for a second with fewer busy CPUs than this (others' jobs)")
     ap.add_argument("--quiet-timeout", type=float, default=120, help="... but no longer than this (s)")
@@ -747,7 +750,8 @@ def main(argv=None) -> int:
     if not os.access(HYBRIDMIG, os.X_OK):
         print(f"{HYBRIDMIG} missing: run make setup", file=sys.stderr)
         return 2
-    hybridmig: tuple[list[str], Optional[dict]] = ([HYBRIDMIG], None)
+    hm_extra = args.hybridmig_args.split()
+    hybridmig: tuple[list[str], Optional[dict], list[str]] = ([HYBRIDMIG], None, hm_extra)
     pinned = None
     if args.hybridmig_rev:
         try:
@@ -755,7 +759,7 @@ def main(argv=None) -> int:
         except (BenchError, subprocess.SubprocessError) as e:
             print(f"cannot build hybridmig {args.hybridmig_rev}: {e}", file=sys.stderr)
             return 2
-        hybridmig = (cmd, env)
+        hybridmig = (cmd, env, hm_extra)
         print(f"hybridmig pinned at {pinned[:12]} ({PINNED_ROOT / ('hybridmig-' + pinned[:12])})", flush=True)
     signal.signal(signal.SIGTERM, _sigterm)
     become_subreaper()

@@ -1,6 +1,7 @@
 """The Fetcher: a thread that fills the page store with every lazy page of
 every task from a page source, in large batches, the pages that faults are
 waiting for first."""
+import os
 import select
 import threading
 
@@ -23,6 +24,9 @@ class Fetcher(threading.Thread):
         self._order = []
         self._lock = threading.Lock()
         self._stopping = False
+        # stop() wakes the thread from its select at once: the daemon joins
+        # it before it exits, and the exit is when a restore counts as done
+        self._wake_rd, self._wake_wr = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def add_task(self, key, runs):
         # A source whose pages are all in the store already (hybridmig serve)
@@ -36,6 +40,15 @@ class Fetcher(threading.Thread):
     def stop(self):
         with self._lock:
             self._stopping = True
+        try:
+            os.write(self._wake_wr, b"x")
+        except BlockingIOError:
+            pass  # already woken
+
+    def close(self):
+        """After stop() and the thread's end."""
+        for fd in (self._wake_rd, self._wake_wr):
+            os.close(fd)
 
     def _fetch(self, key, start, end):
         npages = (end - start) // PAGE_SIZE
@@ -89,7 +102,7 @@ class Fetcher(threading.Thread):
                     continue
                 # All fetched so far: wait for a new task, or for a miss (a
                 # task forked after restore asks for its pages until the end).
-                select.select([self.loop.miss_fd], [], [], 0.05)
+                select.select([self.loop.miss_fd, self._wake_rd], [], [], 0.05)
         except Exception as e:  # surfaced by the daemon, which fails the restore
             self.error = e
             self.loop.notify()

@@ -89,16 +89,17 @@ def _recv_uffd(conn, pid):
 class LazyPagesDaemon:
     """Serves the lazy pages of one `criu restore --lazy-pages` from a RAM page store."""
 
-    def __init__(self, images_dir, work_dir, source=None, store=None):
+    def __init__(self, images_dir, work_dir, source=None, store=None, installers=None, batch_pages=None):
         self.images_dir = images_dir
         self.work_dir = work_dir
         self.store = store or PageStore()
         self.source = source or LocalImages()
-        self.loop = FaultLoop(self.store)
+        self.loop = FaultLoop(self.store, installers=installers, batch_pages=batch_pages)
         self.fetcher = Fetcher(self.store, self.loop, self.source)
         self.sock = None
         self._images = {}  # pid -> images.TaskImages of the live tasks, read by prepare()
         self._nr_tasks = 0
+        self._preloaded = set()  # pids whose pages are all in the store before CRIU connects
         self.tasks = {}  # pid -> lazy pages of the tasks restored
         self.zombies = []
         self.restore_finished_at = None
@@ -113,6 +114,14 @@ class LazyPagesDaemon:
                         if not images.is_zombie(self.images_dir, pid)}
         for pid, task in self._images.items():
             self.source.add_task(pid, task)
+            if getattr(self.source, "preload", False):
+                # Local pages images are mapped into the store, not read: a
+                # few milliseconds per GiB, spent before CRIU connects, and
+                # then no fault ever waits for a loader to reach its page.
+                for run in task.runs:
+                    self.source.read_into(self.store, pid, run.vaddr, run.npages)
+                self.store.populate(pid)
+                self._preloaded.add(pid)
 
     def listen(self):
         self.prepare()
@@ -130,7 +139,9 @@ class LazyPagesDaemon:
         except Exception:
             os.close(uffd)  # the loop owns the fd only once it took the task
             raise
-        self.fetcher.add_task(pid, task.runs)
+        # The fetcher still serves what the loop asks for (pages of a task
+        # forked after restore, pages moved by mremap before they came).
+        self.fetcher.add_task(pid, () if pid in self._preloaded else task.runs)
         self.tasks[pid] = task.lazy_pages
         log.info("pid %d: %d lazy pages", pid, task.lazy_pages)
 
@@ -189,6 +200,12 @@ class LazyPagesDaemon:
             "pages_zero": st["pages_zero"],
             "bytes_copied": st["bytes_copied"],
             "faults": st["faults"],
+            "faults_during_install": st["faults_during_install"],
+            "faults_absent": st["faults_absent"],
+            "faults_blocked": st["faults_blocked"],
+            "installers": st["installers"],
+            "batch_pages": st["batch_pages"],
+            "fault_thread_rt": bool(st["fault_thread_rt"]),
             "forks": st["events_fork"],
             "install_s": installed / 1e9 if installed is not None else None,
             "fault_latency_us": {
@@ -203,6 +220,8 @@ class LazyPagesDaemon:
         self.fetcher.stop()
         if self.fetcher.is_alive():
             self.fetcher.join(5)
+        if not self.fetcher.is_alive():
+            self.fetcher.close()
         self.loop.close()
         # A source told of failure makes a lazy dump resume the original
         # process rather than end it: it must never be lost.

@@ -11,7 +11,12 @@ from .images import PAGE_SIZE
 
 
 class LocalImages:
-    """Pages read straight from pages-N.img into the store (no Python copy)."""
+    """Pages read straight from pages-N.img into the store (no Python copy).
+
+    preload: the daemon maps every page into the store before restore starts
+    (store.load_file maps the file, so that costs no copy and no memory)."""
+
+    preload = True
 
     def __init__(self):
         self._tasks = {}  # key -> (fd, [LazyRun] sorted, [vaddr])

@@ -7,9 +7,10 @@ from ._ffi import check, check_range, ffi, lib
 
 _MISS = struct.Struct("=QQQqQ")
 _STATS = (
-    "faults", "pages_fault", "pages_prefetch", "pages_zero", "bytes_copied", "pages_owed",
+    "faults", "faults_during_install", "faults_absent", "faults_blocked", "pages_fault", "pages_prefetch", "pages_zero", "bytes_copied", "pages_owed",
     "pages_waiting", "tasks", "tasks_exited", "events_fork", "events_remap", "events_remove",
     "events_unmap", "eager_ns", "done_ns", "lat_p50_ns", "lat_p99_ns", "lat_max_ns", "error",
+    "installers", "batch_pages", "fault_thread_rt",
 )
 
 
@@ -20,11 +21,17 @@ def _check(rc, origin):
 class FaultLoop:
     """A native thread serving the faults of every registered uffd from a PageStore."""
 
-    def __init__(self, store):
+    def __init__(self, store, installers=None, batch_pages=None):
+        """installers: threads installing pages eagerly (default 2, or fewer
+        CPUs); batch_pages: pages per installer copy (default 16)."""
         self._store = store  # the loop reads the store: keep it alive as long
         out = ffi.new("hm_loop **")
         _check(lib.hm_loop_new(store.handle, out), "hm_loop_new")
         self._l = ffi.gc(out[0], lib.hm_loop_free)
+        if installers is not None or batch_pages is not None:
+            st = self.stats()
+            _check(lib.hm_loop_configure(self._l, installers or st["installers"], batch_pages or st["batch_pages"]),
+                   "hm_loop_configure")
 
     def add_task(self, uffd, key, pid, runs):
         """Serve uffd (the loop owns and closes the fd from now on) for store

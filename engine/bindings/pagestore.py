@@ -72,6 +72,11 @@ class PageStore:
         check_range(dst, npages)
         _check(lib.hm_store_move(self._s, key, src, dst, npages), "hm_store_move")
 
+    def populate(self, key):
+        """Map every file-mapped page of task `key` into the page tables now,
+        so that installing it never faults on the source (see pagestore.c)."""
+        _check(lib.hm_store_populate(self._s, key), "hm_store_populate")
+
     def drop_task(self, key):
         _check(lib.hm_store_drop_task(self._s, key), "hm_store_drop_task")
 

@@ -1,10 +1,15 @@
-/* The userfaultfd fault loop: one native thread, epoll over the uffds of all
- * restored tasks, serving every fault from the page store with no Python and
- * no GIL on the way. Functions return 0 or -errno unless said otherwise. */
+/* The userfaultfd fault loop: native threads serving the uffds of all
+ * restored tasks from the page store with no Python and no GIL on the way.
+ * A fault thread reads every uffd (epoll) and serves faults and events at
+ * once; installer threads install every owed page once restore finished.
+ * Functions return 0 or -errno unless said otherwise. */
 typedef struct hm_loop hm_loop;
 
 struct hm_loop_stats {
 	uint64_t faults;         /* page-fault messages read */
+	uint64_t faults_during_install; /* of which read while an installer copy was in flight */
+	uint64_t faults_absent;  /* of which waited for their data to come */
+	uint64_t faults_blocked; /* of which waited for the kernel (EAGAIN: an event pending) */
 	uint64_t pages_fault;    /* faulted pages installed from the store */
 	uint64_t pages_prefetch; /* pages installed ahead of any fault */
 	uint64_t pages_zero;     /* pages installed as zero pages */
@@ -16,8 +21,11 @@ struct hm_loop_stats {
 	uint64_t events_fork, events_remap, events_remove, events_unmap;
 	uint64_t eager_ns;       /* CLOCK_MONOTONIC when eager install began, 0 if not */
 	uint64_t done_ns;        /* CLOCK_MONOTONIC when all was installed, 0 if not */
-	uint64_t lat_p50_ns, lat_p99_ns, lat_max_ns; /* fault read -> page installed */
+	uint64_t lat_p50_ns, lat_p99_ns, lat_max_ns; /* fault thread woke for it -> page installed */
 	int64_t error;           /* -errno of a fatal loop error, else 0 */
+	uint64_t installers;     /* installer threads */
+	uint64_t batch_pages;    /* pages per installer copy */
+	uint64_t fault_thread_rt; /* 1 if the fault thread got SCHED_FIFO */
 };
 
 /* Pages owed but not (yet) in the store, wanted now: read from miss_fd.
@@ -34,6 +42,10 @@ struct hm_miss {
 };
 
 int hm_loop_new(hm_store *store, hm_loop **out);
+/* Before start: installer threads (default 2, at most the CPUs online) and
+ * pages per installer copy (default 16): a fault waits for at most one
+ * installer copy into its task. */
+int hm_loop_configure(hm_loop *l, int installers, int batch_pages);
 /* runs: nruns pairs (vaddr, npages) of pages the task is owed. */
 int hm_loop_add_task(hm_loop *l, int uffd, uint64_t key, int32_t pid, const uint64_t *runs, uint64_t nruns);
 int hm_loop_start(hm_loop *l);

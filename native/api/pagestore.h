@@ -27,4 +27,7 @@ int hm_store_count(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages, u
 int hm_store_clone_task(hm_store *s, uint64_t src, uint64_t dst);
 int hm_store_move(hm_store *s, uint64_t key, uint64_t from, uint64_t to, uint64_t npages);
 int hm_store_drop_task(hm_store *s, uint64_t key);
+/* Map the task's file-mapped pages into the page tables now: installing
+ * them then never faults on the source. */
+int hm_store_populate(hm_store *s, uint64_t key);
 void hm_store_stats(hm_store *s, struct hm_store_stats *out);

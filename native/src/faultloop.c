@@ -1,19 +1,34 @@
 /*
- * The userfaultfd fault loop.
+ * The userfaultfd fault loop: one fault thread and a few installer threads.
  *
- * One thread owns every uffd of the restored tasks. Each turn it first reads
- * all pending uffd messages (faults and the non-cooperative events FORK,
- * REMAP, REMOVE, UNMAP), and only then, once restore has finished, installs
- * one batch of the pages still owed: faults always go first, the batch never
- * holds off a fault for more than one chunk's copy.
+ * The fault thread owns every uffd of the restored tasks: it alone reads
+ * them, in handle_uffd(), and serves what it reads at once: page faults
+ * (handle_pagefault) from the store, and the non-cooperative events FORK,
+ * REMAP, REMOVE and UNMAP (handle_fork, handle_remap, handle_remove). It
+ * never copies more than a fault's own few pages, so a fault never waits
+ * behind the eager install of the whole memory.
+ *
+ * The installer threads (installer_main) install, once restore has finished,
+ * every page still owed, in batches of batch_pages pages: each claims a run
+ * of owed pages under the loop lock, copies it with the lock dropped, and
+ * settles it under the lock again. Two installers on two cores copy twice
+ * as fast as one: UFFDIO_COPY takes only the per-VMA lock of the target's
+ * mm, and most of its cost is allocating and filling the target's pages.
  *
  * What a task is owed is an interval list (its lazy ranges minus what was
- * installed, unmapped or dropped). A fault outside it gets a zero page, which
- * is what the process would see had the memory never been lazy; a fault
- * inside it gets the store's data, or waits for the data to arrive.
+ * installed, unmapped, dropped, or is being copied right now by an
+ * installer). A fault outside it gets a zero page, which is what the process
+ * would see had the memory never been lazy; a fault inside it gets the
+ * store's data, or waits for the data to arrive.
+ *
+ * The one rule that ties the threads together (the "gate", see gate_close):
+ * the fault thread reads or serves a task only while no installer copy into
+ * that task is in flight, and installers start no copy into a task while the
+ * fault thread has it. The reasons are kernel races, explained there.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <linux/userfaultfd.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,13 +48,20 @@
 /* Eager install near the last fault, within this distance, comes first. */
 #define NEIGHBOURHOOD (8UL << 20)
 #define FORK_KEY_BASE (1ULL << 40)
-/* Eager batches: a whole chunk when the process is quiet; while it faults
- * (within the last millisecond), 512 KiB, so that a fault waits behind a few
- * hundred microseconds of copying at most; much smaller batches cost more in
- * loop turns than they save. */
-#define BATCH_QUIET CHUNK_PAGES
-#define BATCH_BUSY 128
-#define BUSY_NS 1000000
+/* Installer batch: a fault on a task waits for the installer copies in
+ * flight into it (the gate), so a batch is what a fault may wait for. 16
+ * pages (64 KiB) take ~20 us to copy here (~1.2 us a page, most of it the
+ * target's page allocation); bigger batches copy only ~10 % faster, as one
+ * ioctl costs a page's worth or two. */
+#define BATCH_PAGES_DEFAULT 16
+#define INSTALLERS_DEFAULT 2
+#define INSTALLERS_MAX 8
+/* An installer with nothing to install looks again after this long: to ask
+ * for pages whose data has not come, and to retry tasks held back by EAGAIN. */
+#define IDLE_ASK_MS 100
+#define BLOCKED_RETRY_MS 1
+/* At the gate, the fault thread spins this long before it sleeps. */
+#define GATE_SPIN_NS 40000
 #define LAT_BUCKETS (48 * 8)
 
 struct waiting {
@@ -58,11 +80,14 @@ struct task {
 	uint64_t key;
 	int32_t pid;
 	struct store_task *st;
-	hm_ranges *owed;
+	hm_ranges *owed; /* owed, and not claimed by an installer copy in flight */
 	int exited;
-	int blocked;     /* EAGAIN: the kernel has events for us to read first */
-	uint64_t cursor; /* where eager install goes on in this task */
-	uint64_t first_absent, first_absent_pages; /* seen by this eager pass */
+	int blocked;      /* EAGAIN: the kernel has events for us to read first */
+	unsigned copying; /* installer copies in flight into this task */
+	int gated;        /* the fault thread has the task: no new copies */
+	int install_seen; /* copies were in flight when the fault thread came */
+	uint64_t cursor;  /* where eager install goes on in this task */
+	uint64_t first_absent, first_absent_pages; /* seen by an idle pass */
 	struct waiting *waiting;
 	uint64_t nwaiting, capwaiting;
 	struct remap *remaps;
@@ -70,23 +95,43 @@ struct task {
 	struct task *next;
 };
 
+/* A run of pages an installer copies with the loop lock dropped. */
+struct claim {
+	struct task *t;
+	uint64_t addr, npages;
+	const uint8_t *data; /* NULL: zero pages */
+};
+
 struct hm_loop {
 	hm_store *store;
 	int epfd, ctlfd, miss_rd, miss_wr;
-	pthread_t thread;
+	pthread_t fault_thread;
+	struct installer {
+		hm_loop *l;
+		pthread_t thread;
+		/* Held (priority inheritance) from a claim to its settling; the
+		 * fault thread waiting at the gate locks it too, which lends the
+		 * installer its real-time priority until the claim is settled.
+		 * Lock order: loop lock, then copy lock at a claim; copy lock,
+		 * then loop lock at settling: no cycle, as the fault thread holds
+		 * nothing else while it waits for a copy lock. */
+		pthread_mutex_t copy_lock;
+		struct task *copying; /* the task copied into, under lock */
+	} installers[INSTALLERS_MAX];
+	int ninstallers, batch_pages;
 	int started;
 
-	/* Everything below is guarded by lock; the loop thread drops it only
-	 * while it sleeps in epoll_wait. */
+	/* Everything below is guarded by lock. The fault thread drops it only
+	 * in epoll_wait and at the gate; installers while they copy and wait. */
 	pthread_mutex_t lock;
-	pthread_cond_t cond;
+	pthread_cond_t cond;   /* done or error: hm_loop_wait */
+	pthread_cond_t work;   /* installers: there may be something to install */
 	struct task *tasks;
 	uint64_t next_fork_key;
-	int eager, stop, done, idle;
-	int ask_absent; /* idle for 100 ms: ask for absent pages */
+	int eager, stop, done;
+	unsigned inflight; /* installer copies in flight, all tasks */
 	struct task *hint_task;
 	uint64_t hint_addr;
-	uint64_t last_fault_ns;
 	struct hm_loop_stats st;
 	uint64_t lat[LAT_BUCKETS];
 };
@@ -133,14 +178,80 @@ static uint64_t lat_percentile(const hm_loop *l, double p)
 	return l->st.lat_max_ns;
 }
 
-/* --- installing pages ---------------------------------------------------- */
+/* --- the gate between the fault thread and the installers --------------- */
 
-enum install_result {
-	INSTALLED,   /* some pages went in (or turned out to be there already) */
-	ABSENT,      /* owed, but the store does not hold the data yet */
-	BLOCKED,     /* the kernel wants its events read first (EAGAIN) */
-	GONE,        /* the task exited */
-};
+/*
+ * The fault thread takes task t: it waits until no installer copy into t is
+ * in flight, and no installer starts one until gate_open. Called with the
+ * loop lock held; returns with it held.
+ *
+ * Why the fault thread must not read t's uffd while an installer copy into t
+ * may be *starting*: reading an event lets the kernel go on with what raised
+ * it. For UFFD_EVENT_REMOVE (MADV_DONTNEED) the kernel raises the uffd's
+ * mmap_changing, queues the event, waits until we have read it, drops
+ * mmap_changing, and only then zaps the range. A UFFDIO_COPY checks
+ * mmap_changing once, at its start, under the uffd's map_changing_lock,
+ * which the kernel takes for writing to raise it (Linux >= 6.8): a copy that
+ * started before the raise has finished before the event can be read, and
+ * one that starts while it is raised fails with EAGAIN. Both are safe. The
+ * unsafe copy is one that starts *after* our read and before we took the
+ * range off the owed list: nothing stops it any more, and if it lands after
+ * the zap the process reads its old data where it must read zeros. An
+ * installer that claimed the range before the event decides to copy
+ * outside any lock, so the only way to exclude it is to have no installer
+ * copy into t start between the read and the processing of what was read:
+ * hence the gate, closed around every read of a uffd. Waiting for the copies
+ * already in flight (rather than only forbidding new ones) is the only way
+ * to know that none of them is between its claim and its ioctl.
+ *
+ * It also keeps the fault thread from answering a fault with a zero page
+ * while the page is claimed (off the owed list) but not yet copied: once
+ * the gate is closed every claim of t is settled, installed or owed again.
+ *
+ * The price: a fault waits for at most one installer batch per installer.
+ */
+static void gate_close(hm_loop *l, struct task *t)
+{
+	int i;
+
+	t->gated = 1;
+	if (t->copying) {
+		/* First spin, the lock dropped, for about one batch's copy: on
+		 * this kind of VM a blocking handoff costs a cross-CPU wakeup, an
+		 * IPI and often a halted vCPU brought back: 50-200 us, several
+		 * times a copy of 16 pages. */
+		uint64_t until = now_ns() + GATE_SPIN_NS;
+
+		pthread_mutex_unlock(&l->lock);
+		while (__atomic_load_n(&t->copying, __ATOMIC_ACQUIRE) && now_ns() < until)
+			__builtin_ia32_pause();
+		pthread_mutex_lock(&l->lock);
+	}
+	while (t->copying) {
+		/* An installer copying into t holds its copy lock from the claim
+		 * to the settling of the claim. Locking it lends the installer
+		 * our real-time priority (priority inheritance): if it was
+		 * preempted it runs at once and finishes, instead of when its
+		 * time slice comes round again; a condition variable left faults
+		 * waiting for milliseconds on a busy machine. */
+		for (i = 0; i < l->ninstallers && l->installers[i].copying != t; i++)
+			;
+		if (i == l->ninstallers)
+			break; /* cannot be: copying and ins->copying change together */
+		pthread_mutex_unlock(&l->lock);
+		pthread_mutex_lock(&l->installers[i].copy_lock);
+		pthread_mutex_unlock(&l->installers[i].copy_lock);
+		pthread_mutex_lock(&l->lock);
+	}
+}
+
+static void gate_open(hm_loop *l, struct task *t)
+{
+	t->gated = 0;
+	pthread_cond_broadcast(&l->work);
+}
+
+/* --- installing pages ---------------------------------------------------- */
 
 static void task_exited(hm_loop *l, struct task *t)
 {
@@ -152,7 +263,7 @@ static void task_exited(hm_loop *l, struct task *t)
 	l->st.tasks_exited++;
 	store_task_lock(t->st);
 	while (hm_ranges_next(t->owed, 0, &start, &end)) {
-		store_release(t->st, start, (end - start) / PAGE_SZ);
+		store_release(t->st, start, (end - start) / PAGE_SZ, NULL);
 		hm_ranges_remove(t->owed, start, end);
 	}
 	store_task_unlock(t->st);
@@ -171,7 +282,8 @@ static void wake(struct task *t, uint64_t addr, uint64_t len)
  * One UFFDIO_COPY (data) or UFFDIO_ZEROPAGE (data NULL) of up to npages at
  * addr. Returns the pages dealt with, of which *installed went in by us, or
  * -errno. The ioctls report the bytes done even when they fail half-way (the
- * ioctl then says EAGAIN), so progress always counts.
+ * ioctl then says EAGAIN), so progress always counts. Needs no lock: the
+ * uffd is only closed once every thread has stopped.
  */
 static int64_t fill(struct task *t, uint64_t addr, uint64_t npages, const uint8_t *data, uint64_t *installed)
 {
@@ -197,10 +309,10 @@ static int64_t fill(struct task *t, uint64_t addr, uint64_t npages, const uint8_
 		}
 		switch (errno) {
 		case EEXIST:
-			/* Already mapped: another thread faulted it in a moment ago, or
-			 * a fault-around overlapped. Either way the page is there, but
-			 * a failed ioctl wakes no one: a thread still waiting on it
-			 * would sleep forever, so wake the page explicitly. */
+			/* Already mapped: the fault thread served it, or the other
+			 * side of a fault-around overlapped. Either way the page is
+			 * there, but a failed ioctl wakes no one: a thread still
+			 * waiting on it would sleep forever, so wake it explicitly. */
 			wake(t, addr, PAGE_SZ);
 			return 1;
 		case ENOENT:
@@ -222,20 +334,54 @@ static int64_t fill(struct task *t, uint64_t addr, uint64_t npages, const uint8_
 	}
 }
 
-/*
- * Install up to max_pages owed pages of t from addr on. *done gets the number
- * of pages dealt with. Faulted pages count as "fault", the rest as prefetch.
- */
-static enum install_result install(hm_loop *l, struct task *t, uint64_t addr, uint64_t max_pages, int faulted,
-				   uint64_t *done)
+static void count_installed(hm_loop *l, int kind, uint64_t installed, int faulted)
 {
-	uint64_t start, end, npages;
-	uint64_t installed;
+	if (kind == HM_PAGE_ZERO) {
+		l->st.pages_zero += installed;
+	} else if (installed) {
+		l->st.bytes_copied += installed * PAGE_SZ;
+		l->st.pages_fault += faulted ? 1 : 0;
+		l->st.pages_prefetch += faulted ? installed - 1 : installed;
+	}
+}
+
+enum install_result {
+	INSTALLED,   /* some pages went in (or turned out to be there already) */
+	ABSENT,      /* owed, but the store does not hold the data yet */
+	BLOCKED,     /* the kernel wants its events read first (EAGAIN) */
+	GONE,        /* the task exited, or a fatal error (l->st.error) */
+};
+
+/* What a failed fill means for the task. */
+static enum install_result fill_failed(hm_loop *l, struct task *t, int64_t n)
+{
+	if (n == -EAGAIN) {
+		t->blocked = 1;
+		return BLOCKED;
+	}
+	if (n == -ESRCH) {
+		task_exited(l, t);
+		return GONE;
+	}
+	l->st.error = n;
+	return GONE;
+}
+
+/*
+ * The fault thread installs up to max_pages owed pages of t from addr on,
+ * with the gate of t closed: no installer copies into t meanwhile. The
+ * store's task lock is held across the copy (a few pages) so that the
+ * fetcher cannot replace them half-way.
+ */
+static enum install_result install_faulted(hm_loop *l, struct task *t, uint64_t addr, uint64_t max_pages,
+					   int faulted)
+{
+	uint64_t start, end, npages, installed;
+	struct store_garbage g = { .n = 0 };
 	const uint8_t *data;
 	int64_t n;
 	int kind;
 
-	*done = 0;
 	if (t->exited)
 		return GONE;
 	if (!hm_ranges_next(t->owed, addr, &start, &end) || start != addr)
@@ -250,30 +396,13 @@ static enum install_result install(hm_loop *l, struct task *t, uint64_t addr, ui
 	}
 	n = fill(t, addr, npages, data, &installed);
 	if (n > 0)
-		store_release(t->st, addr, n);
+		store_release(t->st, addr, n, &g);
 	store_task_unlock(t->st);
-
-	if (n == -EAGAIN) {
-		t->blocked = 1;
-		return BLOCKED;
-	}
-	if (n == -ESRCH) {
-		task_exited(l, t);
-		return GONE;
-	}
-	if (n < 0) {
-		l->st.error = n;
-		return GONE;
-	}
+	store_garbage_free(&g);
+	if (n < 0)
+		return fill_failed(l, t, n);
 	hm_ranges_remove(t->owed, addr, addr + n * PAGE_SZ);
-	*done = n;
-	if (kind == HM_PAGE_ZERO) {
-		l->st.pages_zero += installed;
-	} else if (installed) {
-		l->st.bytes_copied += installed * PAGE_SZ;
-		l->st.pages_fault += faulted ? 1 : 0;
-		l->st.pages_prefetch += faulted ? installed - 1 : installed;
-	}
+	count_installed(l, kind, installed, faulted);
 	return INSTALLED;
 }
 
@@ -283,24 +412,14 @@ static enum install_result install_zero(hm_loop *l, struct task *t, uint64_t add
 	uint64_t installed;
 	int64_t n = fill(t, addr, 1, NULL, &installed);
 
-	if (n == -EAGAIN) {
-		t->blocked = 1;
-		return BLOCKED;
-	}
-	if (n == -ESRCH) {
-		task_exited(l, t);
-		return GONE;
-	}
-	if (n < 0) {
-		l->st.error = n;
-		return GONE;
-	}
+	if (n < 0)
+		return fill_failed(l, t, n);
 	l->st.pages_zero += installed;
 	return INSTALLED;
 }
 
 /* Ask the fetcher for pages the store lacks. A full pipe only loses a hint:
- * the fetcher fetches every task's pages anyway, and eager install asks
+ * the fetcher fetches every task's pages anyway, and idle installers ask
  * again for what is still missing. */
 static void ask_for(hm_loop *l, struct task *t, uint64_t addr, uint64_t npages)
 {
@@ -345,21 +464,26 @@ static int add_waiting(struct task *t, uint64_t addr, uint64_t since_ns)
 	return 1;
 }
 
-/* Serve one faulted page, or queue it until it can be: 0, or -errno. */
+/* Serve one faulted page (gate closed), or queue it until it can be: 0, or
+ * -errno. */
 static int serve_fault(hm_loop *l, struct task *t, uint64_t addr, uint64_t since_ns)
 {
 	enum install_result r;
-	uint64_t done;
 	int rc;
 
 	if (hm_ranges_contains(t->owed, addr))
-		r = install(l, t, addr, FAULT_AROUND_PAGES, 1, &done);
+		r = install_faulted(l, t, addr, 1, 1);
 	else
 		r = install_zero(l, t, addr);
 
 	switch (r) {
 	case INSTALLED:
 		record_latency(l, since_ns);
+		/* The faulted page alone first: its copy wakes the thread at once;
+		 * the pages after it follow, as likely next (a copy of all of
+		 * them at once would wake it only at the end). */
+		if (FAULT_AROUND_PAGES > 1 && hm_ranges_contains(t->owed, addr + PAGE_SZ))
+			install_faulted(l, t, addr + PAGE_SZ, FAULT_AROUND_PAGES - 1, 0);
 		l->hint_task = t;
 		l->hint_addr = addr;
 		return 0;
@@ -368,17 +492,21 @@ static int serve_fault(hm_loop *l, struct task *t, uint64_t addr, uint64_t since
 	case ABSENT:
 		/* asked for once, when first queued: retries must not flood the pipe */
 		rc = add_waiting(t, addr, since_ns);
-		if (rc == 1)
+		if (rc == 1) {
+			l->st.faults_absent++;
 			ask_for(l, t, addr, FAULT_AROUND_PAGES);
+		}
 		return rc < 0 ? rc : 0;
 	case BLOCKED:
 		rc = add_waiting(t, addr, since_ns);
+		l->st.faults_blocked += rc == 1;
 		return rc < 0 ? rc : 0;
 	}
 	return 0;
 }
 
-/* Serve the queued faults again; those still unservable queue up anew. */
+/* Serve the queued faults again (gate closed); those still unservable queue
+ * up anew. */
 static void retry_waiting(hm_loop *l, struct task *t)
 {
 	struct waiting *w = t->waiting;
@@ -391,7 +519,7 @@ static void retry_waiting(hm_loop *l, struct task *t)
 	free(w);
 }
 
-/* --- uffd events ---------------------------------------------------------- */
+/* --- uffd events (fault thread, gate closed) ------------------------------ */
 
 /* A task starts served: what it owes is in place before its uffd joins the
  * epoll set, or a fault read in between would get a zero page. Takes `owed`. */
@@ -416,7 +544,7 @@ static struct task *new_task(hm_loop *l, int uffd, uint64_t key, int32_t pid, hm
 	t->next = l->tasks;
 	l->tasks = t;
 	l->st.tasks++;
-	l->idle = 0;
+	pthread_cond_broadcast(&l->work);
 	return t;
 }
 
@@ -433,7 +561,9 @@ static int add_remap(struct task *t, uint64_t from, uint64_t to, uint64_t len)
 
 /* The child of a fork owes what its parent owed at the fork, with the same
  * contents. Its uffd arrives with the event; the parent's fork() waits in the
- * kernel until we have read the event, so nothing of the child runs yet. */
+ * kernel until we have read the event, so nothing of the child runs yet. The
+ * parent's gate is closed: none of its pages is claimed, so "owed" is all
+ * the parent still lacks, and the store holds all of it that has come. */
 static int handle_fork(hm_loop *l, struct task *parent, struct uffd_msg *msg)
 {
 	uint64_t key = l->next_fork_key++, i;
@@ -462,7 +592,10 @@ static int handle_fork(hm_loop *l, struct task *parent, struct uffd_msg *msg)
 	return rc;
 }
 
-/* mremap moved pages: what was owed at `from` is now owed at `to`. */
+/* mremap moved pages: what was owed at `from` is now owed at `to`. The
+ * kernel moved the page tables before it sent the event, and an installer
+ * copy into `from` that starts now finds no registered VMA there (ENOENT):
+ * only the bookkeeping follows. */
 static int handle_remap(hm_loop *l, struct task *t, struct uffd_msg *msg)
 {
 	uint64_t from = msg->arg.remap.from, to = msg->arg.remap.to, len = msg->arg.remap.len;
@@ -479,10 +612,11 @@ static int handle_remap(hm_loop *l, struct task *t, struct uffd_msg *msg)
  * munmap (UNMAP) or MADV_DONTNEED/REMOVE (REMOVE) of [start, end). For
  * REMOVE the kernel waits, before it zaps, for us to read the event; UNMAP
  * comes after the unmap. In both cases mmap_changing is raised meanwhile, so
- * an install racing with them fails with EAGAIN and is retried only after
- * this event is read: once the range is off the owed list no old data can go
- * in there, and a later fault in it gets a zero page, as it would have
- * without lazy restore. Threads queued on the range are woken to retry.
+ * a fault-thread install racing with them fails with EAGAIN and is retried
+ * only after this event is read; installers are kept out by the gate (see
+ * gate_close). Once the range is off the owed list no old data can go in
+ * there, and a later fault in it gets a zero page, as it would have without
+ * lazy restore. Threads queued on the range are woken to retry.
  */
 static int handle_remove(hm_loop *l, struct task *t, struct uffd_msg *msg)
 {
@@ -506,29 +640,34 @@ static int handle_remove(hm_loop *l, struct task *t, struct uffd_msg *msg)
 	return hm_store_invalidate(l->store, t->key, start, (end - start) / PAGE_SZ);
 }
 
-static int handle_pagefault(hm_loop *l, struct task *t, struct uffd_msg *msg, uint64_t read_ns)
+static int handle_pagefault(hm_loop *l, struct task *t, struct uffd_msg *msg, uint64_t since_ns)
 {
 	l->st.faults++;
-	l->last_fault_ns = read_ns;
-	return serve_fault(l, t, msg->arg.pagefault.address & ~(PAGE_SZ - 1), read_ns);
+	l->st.faults_during_install += l->eager && t->install_seen;
+	return serve_fault(l, t, msg->arg.pagefault.address & ~(PAGE_SZ - 1), since_ns);
 }
 
-static int handle_uffd(hm_loop *l, struct task *t)
+/* Read and serve everything pending on t's uffd. since_ns: when the fault
+ * thread woke for it, the start of every fault's latency. */
+static int handle_uffd(hm_loop *l, struct task *t, uint64_t since_ns)
 {
 	struct uffd_msg msgs[32];
 	int rc = 0;
 
+	t->install_seen = t->copying > 0;
+	gate_close(l, t);
 	while (!rc) {
 		ssize_t n = read(t->uffd, msgs, sizeof(msgs));
-		uint64_t read_ns = now_ns();
 		size_t i;
 
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0 && errno == EAGAIN)
 			break;
-		if (n < 0)
-			return -errno;
+		if (n < 0) {
+			rc = -errno;
+			break;
+		}
 		if (n == 0)
 			break;
 		t->blocked = 0;
@@ -537,7 +676,7 @@ static int handle_uffd(hm_loop *l, struct task *t)
 
 			switch (m->event) {
 			case UFFD_EVENT_PAGEFAULT:
-				rc = handle_pagefault(l, t, m, read_ns);
+				rc = handle_pagefault(l, t, m, since_ns);
 				break;
 			case UFFD_EVENT_FORK:
 				rc = handle_fork(l, t, m);
@@ -556,78 +695,17 @@ static int handle_uffd(hm_loop *l, struct task *t)
 	}
 	if (!rc && !t->blocked && t->nwaiting)
 		retry_waiting(l, t);
+	gate_open(l, t);
 	return rc;
 }
 
-/* --- eager install -------------------------------------------------------- */
-
-/* One batch from task t, starting at its cursor; 1 if something went in. */
-static int eager_from(hm_loop *l, struct task *t, uint64_t from)
-{
-	uint64_t start, end, done;
-
-	uint64_t batch = now_ns() - l->last_fault_ns < BUSY_NS ? BATCH_BUSY : BATCH_QUIET;
-
-	while (!t->exited && !t->blocked && hm_ranges_next(t->owed, from, &start, &end)) {
-		switch (install(l, t, start, batch, 0, &done)) {
-		case INSTALLED:
-			t->cursor = start + done * PAGE_SZ;
-			return 1;
-		case ABSENT: {
-			/* skip the absent run: it waits for its data */
-			uint64_t npages;
-			const uint8_t *data;
-			store_task_lock(t->st);
-			store_run(t->st, start, (end - start) / PAGE_SZ, &npages, &data);
-			store_task_unlock(t->st);
-			if (!t->first_absent)
-				t->first_absent = start, t->first_absent_pages = npages;
-			from = start + npages * PAGE_SZ;
-			break;
-		}
-		case BLOCKED:
-		case GONE:
-			return 0;
-		}
-	}
-	return 0;
-}
-
-static int install_batch(hm_loop *l)
-{
-	struct task *t;
-
-	if (l->hint_task && !l->hint_task->exited) {
-		uint64_t start, end;
-		if (hm_ranges_next(l->hint_task->owed, l->hint_addr, &start, &end) &&
-		    start - l->hint_addr < NEIGHBOURHOOD && eager_from(l, l->hint_task, start)) {
-			l->hint_addr = l->hint_task->cursor;
-			return 1;
-		}
-		l->hint_task = NULL;
-	}
-	for (t = l->tasks; t; t = t->next) {
-		if (eager_from(l, t, t->cursor) || eager_from(l, t, 0))
-			return 1;
-	}
-	/* Nothing to install until data arrives. After 100 ms of that, ask for
-	 * each task's first absent run: a forked child's pages, or pages mremap
-	 * moved, come only when asked. (Asking on every idle pass would race the
-	 * fetcher, which brings the rest in order anyway, and slow it down.) */
-	for (t = l->tasks; t; t = t->next) {
-		if (l->ask_absent && t->first_absent && !t->exited)
-			ask_for(l, t, t->first_absent, t->first_absent_pages);
-		t->first_absent = 0;
-	}
-	l->ask_absent = 0;
-	return 0;
-}
+/* --- done ------------------------------------------------------------------ */
 
 static int all_done(hm_loop *l)
 {
 	struct task *t;
 
-	if (!l->eager)
+	if (!l->eager || l->inflight)
 		return 0;
 	for (t = l->tasks; t; t = t->next)
 		if (!t->exited && (hm_ranges_count(t->owed) || t->nwaiting))
@@ -635,38 +713,242 @@ static int all_done(hm_loop *l)
 	return 1;
 }
 
-static int any_blocked(hm_loop *l)
+static void check_done(hm_loop *l)
+{
+	if (!l->done && all_done(l)) {
+		l->done = 1;
+		l->st.done_ns = now_ns();
+	}
+	if (l->done || l->st.error)
+		pthread_cond_broadcast(&l->cond);
+}
+
+/* --- eager install (installer threads) ------------------------------------ */
+
+/* Claim the next run of t from `from` on: taken off the owed list, to be
+ * copied with the loop lock dropped. 1 if claimed. Runs whose data has not
+ * come are skipped (the first is remembered, to be asked for when idle). */
+static int claim_from(hm_loop *l, struct task *t, uint64_t from, struct claim *c)
+{
+	uint64_t start, end, npages;
+	const uint8_t *data;
+	int kind;
+
+	while (hm_ranges_next(t->owed, from, &start, &end)) {
+		store_task_lock(t->st);
+		kind = store_run(t->st, start, MIN((uint64_t)l->batch_pages, (end - start) / PAGE_SZ), &npages, &data);
+		store_task_unlock(t->st);
+		if (kind == HM_PAGE_ABSENT) {
+			if (!t->first_absent)
+				t->first_absent = start, t->first_absent_pages = npages;
+			from = start + npages * PAGE_SZ;
+			continue;
+		}
+		/* The data stays where it is until we release it: the store unmaps
+		 * a chunk only once none of its pages holds data, and only the
+		 * fault thread (behind the gate) invalidates or moves pages. */
+		hm_ranges_remove(t->owed, start, start + npages * PAGE_SZ);
+		*c = (struct claim){ t, start, npages, data };
+		t->cursor = start + npages * PAGE_SZ;
+		return 1;
+	}
+	return 0;
+}
+
+static int installable(const struct task *t)
+{
+	return !t->exited && !t->blocked && !t->gated;
+}
+
+/* Pick the next batch: near the last fault first, then task by task in
+ * address order. */
+static int claim_next(hm_loop *l, struct claim *c)
 {
 	struct task *t;
 
+	if (l->hint_task && installable(l->hint_task)) {
+		uint64_t start, end;
+		if (hm_ranges_next(l->hint_task->owed, l->hint_addr, &start, &end) &&
+		    start - l->hint_addr < NEIGHBOURHOOD && claim_from(l, l->hint_task, start, c)) {
+			l->hint_addr = c->addr + c->npages * PAGE_SZ;
+			return 1;
+		}
+		l->hint_task = NULL;
+	}
 	for (t = l->tasks; t; t = t->next)
-		if (t->blocked && !t->exited)
+		if (installable(t) && (claim_from(l, t, t->cursor, c) || claim_from(l, t, 0, c)))
 			return 1;
 	return 0;
 }
 
-static void *loop_main(void *arg)
+/* A claimed copy ended: the pages it did not install are owed again. */
+static void settle(hm_loop *l, struct claim *c, int64_t n, uint64_t installed, struct store_garbage *g)
+{
+	struct task *t = c->t;
+	uint64_t done = n > 0 ? (uint64_t)n : 0;
+
+	if (done) {
+		store_task_lock(t->st);
+		store_release(t->st, c->addr, done, g);
+		store_task_unlock(t->st);
+		count_installed(l, c->data ? HM_PAGE_DATA : HM_PAGE_ZERO, installed, 0);
+	}
+	if (n < 0)
+		fill_failed(l, t, n);
+	if (t->exited && done < c->npages) {
+		/* task_exited released what was owed, not what we held */
+		store_task_lock(t->st);
+		store_release(t->st, c->addr + done * PAGE_SZ, c->npages - done, g);
+		store_task_unlock(t->st);
+	}
+	if (done < c->npages && !t->exited && hm_ranges_add(t->owed, c->addr + done * PAGE_SZ,
+							   c->addr + c->npages * PAGE_SZ))
+		l->st.error = -ENOMEM;
+	if (n < 0 && t->cursor > c->addr)
+		t->cursor = c->addr;
+}
+
+/* Nothing to install now: ask for absent data after IDLE_ASK_MS with
+ * nothing to do (a forked child's pages, or pages mremap moved, come only
+ * when asked; asking on every pass would race the fetcher, which brings the
+ * rest in order anyway), and let tasks held back by EAGAIN try again. */
+static void installer_idle(hm_loop *l)
+{
+	struct timespec ts;
+	struct task *t;
+	int blocked = 0, ms;
+
+	for (t = l->tasks; t; t = t->next)
+		blocked |= t->blocked && !t->exited;
+	ms = blocked ? BLOCKED_RETRY_MS : IDLE_ASK_MS;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_nsec += ms * 1000000L;
+	ts.tv_sec += ts.tv_nsec / 1000000000L;
+	ts.tv_nsec %= 1000000000L;
+	if (pthread_cond_timedwait(&l->work, &l->lock, &ts) != ETIMEDOUT)
+		return;
+	for (t = l->tasks; t; t = t->next) {
+		/* EAGAIN with no event of its own to read: the event was on
+		 * another uffd (a fork holds its parent's mmap_changing) */
+		t->blocked = 0;
+		if (!blocked && l->eager && t->first_absent && !t->exited)
+			ask_for(l, t, t->first_absent, t->first_absent_pages);
+		t->first_absent = 0;
+	}
+}
+
+static void *installer_main(void *arg)
+{
+	struct installer *ins = arg;
+	hm_loop *l = ins->l;
+	struct store_garbage g = { .n = 0 };
+	struct claim c;
+
+	pthread_mutex_lock(&l->lock);
+	while (!l->stop && !l->st.error) {
+		uint64_t installed = 0;
+		int64_t n;
+
+		if (!l->eager || !claim_next(l, &c)) {
+			check_done(l);
+			installer_idle(l);
+			continue;
+		}
+		__atomic_add_fetch(&c.t->copying, 1, __ATOMIC_RELEASE);
+		l->inflight++;
+		ins->copying = c.t;
+		/* taken before the loop lock is dropped: whoever sees
+		 * ins->copying under the loop lock finds the copy lock held */
+		pthread_mutex_lock(&ins->copy_lock);
+		pthread_mutex_unlock(&l->lock);
+
+		n = fill(c.t, c.addr, c.npages, c.data, &installed);
+
+		pthread_mutex_lock(&l->lock);
+		ins->copying = NULL;
+		settle(l, &c, n, installed, &g);
+		__atomic_sub_fetch(&c.t->copying, 1, __ATOMIC_RELEASE);
+		l->inflight--;
+		pthread_mutex_unlock(&ins->copy_lock);
+		check_done(l);
+		if (g.n) {
+			pthread_mutex_unlock(&l->lock);
+			store_garbage_free(&g);
+			pthread_mutex_lock(&l->lock);
+		}
+	}
+	pthread_cond_broadcast(&l->cond);
+	pthread_mutex_unlock(&l->lock);
+	return NULL;
+}
+
+/* --- the fault thread ------------------------------------------------------ */
+
+static int any_blocked_waiting(hm_loop *l)
+{
+	struct task *t;
+
+	for (t = l->tasks; t; t = t->next)
+		if (t->blocked && t->nwaiting && !t->exited)
+			return 1;
+	return 0;
+}
+
+/* New data in the store (hm_loop_notify), or an EAGAIN's pause is over:
+ * serve the faults queued on it. */
+static void retry_all_waiting(hm_loop *l, int blocked_only)
+{
+	struct task *t;
+
+	for (t = l->tasks; t; t = t->next) {
+		if (!t->nwaiting || t->exited || (blocked_only && !t->blocked))
+			continue;
+		gate_close(l, t);
+		t->blocked = 0;
+		retry_waiting(l, t);
+		gate_open(l, t);
+	}
+}
+
+/*
+ * The fault thread runs SCHED_FIFO when it may (root, or RLIMIT_RTPRIO): the
+ * installers keep every CPU busy, and a fault thread of normal priority that
+ * wakes for a fault, or at the gate, waits for a time slice (hundreds of
+ * microseconds to milliseconds) before it can serve. It never spins: it
+ * sleeps in epoll_wait or at the gate, and serves a fault in microseconds
+ * (a fork's store clone is the one long job; RT throttling bounds it).
+ */
+static void fault_thread_priority(hm_loop *l)
+{
+	struct sched_param sp = { .sched_priority = 1 };
+
+	l->st.fault_thread_rt = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) == 0;
+}
+
+static void *fault_main(void *arg)
 {
 	hm_loop *l = arg;
 	struct epoll_event evs[64];
 
 	pthread_mutex_lock(&l->lock);
+	fault_thread_priority(l);
 	while (!l->stop && !l->st.error) {
-		/* Sleep only when there is nothing to install; while the kernel
-		 * holds an install back (EAGAIN) poll briefly for its events; idle
-		 * with pages still owed (their data asked for), look again now and
-		 * then, in case an ask was lost to a full pipe. */
-		int timeout = (l->eager && !l->idle) ? 0 : any_blocked(l) ? 1 : (l->eager && !l->done) ? 100 : -1;
+		/* While the kernel holds a waiting fault back (EAGAIN), poll
+		 * briefly for its events; otherwise sleep until a uffd or the
+		 * control eventfd has something. */
+		int timeout = any_blocked_waiting(l) ? BLOCKED_RETRY_MS : -1;
+		uint64_t woke;
 		int n, i;
 
 		pthread_mutex_unlock(&l->lock);
 		n = epoll_wait(l->epfd, evs, 64, timeout);
+		woke = now_ns();
 		pthread_mutex_lock(&l->lock);
 		if (n < 0 && errno != EINTR) {
 			l->st.error = -errno;
 			break;
 		}
-		for (i = 0; i < n; i++) {
+		for (i = 0; i < n && !l->stop; i++) {
 			struct task *t = evs[i].data.ptr;
 			int rc;
 
@@ -674,43 +956,21 @@ static void *loop_main(void *arg)
 				uint64_t v;
 				if (read(l->ctlfd, &v, sizeof(v)) < 0) {
 				}
-				l->idle = 0;
-				for (t = l->tasks; t; t = t->next)
-					if (t->nwaiting && !t->exited)
-						retry_waiting(l, t);
+				retry_all_waiting(l, 0);
 				continue;
 			}
-			rc = handle_uffd(l, t);
+			rc = handle_uffd(l, t, woke);
 			if (rc) {
 				l->st.error = rc;
 				break;
 			}
-			l->idle = 0;
 		}
-		if (n == 0 && timeout == 100)
-			l->idle = 0, l->ask_absent = 1;
-		/* EAGAIN: mmap_changing is raised while an event waits to be read,
-		 * on this uffd or another (a fork holds the parent's). Retry after
-		 * the pause, and on every eager turn: a fault held back must not
-		 * wait behind the whole eager install. */
-		if (timeout == 0 || timeout == 1)
-			for (struct task *t = l->tasks; t; t = t->next) {
-				if (!t->blocked)
-					continue;
-				t->blocked = 0;
-				if (t->nwaiting && !t->exited)
-					retry_waiting(l, t);
-			}
-		if (l->eager && !l->idle && !l->st.error)
-			l->idle = !install_batch(l);
-		if (!l->done && all_done(l)) {
-			l->done = 1;
-			l->st.done_ns = now_ns();
-		}
-		if (l->done || l->st.error)
-			pthread_cond_broadcast(&l->cond);
+		if (n == 0)
+			retry_all_waiting(l, 1);
+		check_done(l);
 	}
 	pthread_cond_broadcast(&l->cond);
+	pthread_cond_broadcast(&l->work);
 	pthread_mutex_unlock(&l->lock);
 	return NULL;
 }
@@ -729,12 +989,16 @@ int hm_loop_new(hm_store *store, hm_loop **out)
 {
 	hm_loop *l = calloc(1, sizeof(*l));
 	struct epoll_event ev = { .events = EPOLLIN, .data.ptr = NULL };
-	int pipefd[2], rc = 0;
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	pthread_mutexattr_t ma;
+	int pipefd[2], rc = 0, i;
 
 	if (!l)
 		return -ENOMEM;
 	l->store = store;
 	l->next_fork_key = FORK_KEY_BASE;
+	l->ninstallers = ncpu > 0 && ncpu < INSTALLERS_DEFAULT ? (int)ncpu : INSTALLERS_DEFAULT;
+	l->batch_pages = BATCH_PAGES_DEFAULT;
 	l->epfd = epoll_create1(EPOLL_CLOEXEC);
 	l->ctlfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (pipe2(pipefd, O_CLOEXEC | O_NONBLOCK) == 0) {
@@ -748,13 +1012,35 @@ int hm_loop_new(hm_store *store, hm_loop **out)
 		rc = -errno;
 	if (!rc && epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->ctlfd, &ev))
 		rc = -errno;
-	pthread_mutex_init(&l->lock, NULL);
+	/* Priority inheritance: an installer holding the lock runs at the
+	 * fault thread's priority while the fault thread waits for it, instead
+	 * of waiting for a time slice among the other threads. */
+	pthread_mutexattr_init(&ma);
+	pthread_mutexattr_setprotocol(&ma, PTHREAD_PRIO_INHERIT);
+	pthread_mutex_init(&l->lock, &ma);
+	for (i = 0; i < INSTALLERS_MAX; i++) {
+		l->installers[i].l = l;
+		pthread_mutex_init(&l->installers[i].copy_lock, &ma);
+	}
+	pthread_mutexattr_destroy(&ma);
 	pthread_cond_init(&l->cond, NULL);
+	pthread_cond_init(&l->work, NULL);
 	if (rc) {
 		hm_loop_free(l);
 		return rc;
 	}
 	*out = l;
+	return 0;
+}
+
+int hm_loop_configure(hm_loop *l, int installers, int batch_pages)
+{
+	if (l->started)
+		return -EBUSY;
+	if (installers < 1 || installers > INSTALLERS_MAX || batch_pages < 1 || batch_pages > (int)CHUNK_PAGES)
+		return -EINVAL;
+	l->ninstallers = installers;
+	l->batch_pages = batch_pages;
 	return 0;
 }
 
@@ -788,13 +1074,32 @@ int hm_loop_add_task(hm_loop *l, int uffd, uint64_t key, int32_t pid, const uint
 	return rc;
 }
 
+static void join_all(hm_loop *l, int ninstallers)
+{
+	int i;
+
+	pthread_mutex_lock(&l->lock);
+	l->stop = 1;
+	pthread_cond_broadcast(&l->work);
+	pthread_mutex_unlock(&l->lock);
+	kick(l);
+	pthread_join(l->fault_thread, NULL);
+	for (i = 0; i < ninstallers; i++)
+		pthread_join(l->installers[i].thread, NULL);
+}
+
 int hm_loop_start(hm_loop *l)
 {
-	int rc;
+	int rc, i;
 
 	if (l->started)
 		return -EALREADY;
-	rc = -pthread_create(&l->thread, NULL, loop_main, l);
+	rc = -pthread_create(&l->fault_thread, NULL, fault_main, l);
+	for (i = 0; !rc && i < l->ninstallers; i++) {
+		rc = -pthread_create(&l->installers[i].thread, NULL, installer_main, &l->installers[i]);
+		if (rc)
+			join_all(l, i);
+	}
 	if (!rc)
 		l->started = 1;
 	return rc;
@@ -807,6 +1112,7 @@ int hm_loop_begin_eager(hm_loop *l)
 		l->eager = 1;
 		l->st.eager_ns = now_ns();
 	}
+	pthread_cond_broadcast(&l->work);
 	pthread_mutex_unlock(&l->lock);
 	kick(l);
 	return 0;
@@ -814,6 +1120,9 @@ int hm_loop_begin_eager(hm_loop *l)
 
 int hm_loop_notify(hm_loop *l)
 {
+	pthread_mutex_lock(&l->lock);
+	pthread_cond_broadcast(&l->work);
+	pthread_mutex_unlock(&l->lock);
 	kick(l);
 	return 0;
 }
@@ -847,11 +1156,7 @@ int hm_loop_stop(hm_loop *l)
 {
 	if (!l->started)
 		return 0;
-	pthread_mutex_lock(&l->lock);
-	l->stop = 1;
-	pthread_mutex_unlock(&l->lock);
-	kick(l);
-	pthread_join(l->thread, NULL);
+	join_all(l, l->ninstallers);
 	l->started = 0;
 	return 0;
 }
@@ -870,6 +1175,8 @@ void hm_loop_get_stats(hm_loop *l, struct hm_loop_stats *out)
 	}
 	out->lat_p50_ns = lat_percentile(l, 0.50);
 	out->lat_p99_ns = lat_percentile(l, 0.99);
+	out->installers = l->ninstallers;
+	out->batch_pages = l->batch_pages;
 	pthread_mutex_unlock(&l->lock);
 }
 
@@ -897,6 +1204,9 @@ void hm_loop_free(hm_loop *l)
 	if (l->miss_wr >= 0)
 		close(l->miss_wr);
 	pthread_cond_destroy(&l->cond);
+	for (int i = 0; i < INSTALLERS_MAX; i++)
+		pthread_mutex_destroy(&l->installers[i].copy_lock);
+	pthread_cond_destroy(&l->work);
 	pthread_mutex_destroy(&l->lock);
 	free(l);
 }

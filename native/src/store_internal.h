@@ -19,6 +19,17 @@ void store_task_unlock(struct store_task *t);
  * number of following pages of the same kind, at most max_pages and never
  * past the chunk; *data points at the first page's bytes for HM_PAGE_DATA. */
 int store_run(struct store_task *t, uint64_t vaddr, uint64_t max_pages, uint64_t *npages, const uint8_t **data);
+/* Chunk buffers to unmap once no lock is held: munmap of a 2 MiB chunk
+ * mapped from a file takes ~50 us here (zap, TLB shootdown on every CPU the
+ * daemon runs on), and holds this process's mmap lock for writing. */
+#define STORE_GARBAGE_MAX 4
+struct store_garbage {
+	void *bufs[STORE_GARBAGE_MAX];
+	int n;
+};
+void store_garbage_free(struct store_garbage *g);
+
 /* With the task locked: forget pages that are now installed in the process.
- * A chunk's memory goes back to the system once it holds nothing. */
-void store_release(struct store_task *t, uint64_t vaddr, uint64_t npages);
+ * A chunk's memory goes back to the system once it holds nothing: its buffer
+ * goes into g if given (then store_garbage_free it), or is unmapped now. */
+void store_release(struct store_task *t, uint64_t vaddr, uint64_t npages, struct store_garbage *g);
