@@ -207,6 +207,10 @@ class LazyPagesDaemon:
             "batch_pages": st["batch_pages"],
             "fault_thread_rt": bool(st["fault_thread_rt"]),
             "forks": st["events_fork"],
+            "events_remap": st["events_remap"],
+            "events_remove": st["events_remove"],
+            "events_unmap": st["events_unmap"],
+            "events_during_install": st["events_during_install"],
             "install_s": installed / 1e9 if installed is not None else None,
             "fault_latency_us": {
                 "p50": st["lat_p50_ns"] / 1e3,

@@ -105,6 +105,57 @@ def test_workload_exits_while_pages_pending(tmp_path):
         assert not restored.alive()
 
 
+# --- the fault thread and the installers at once ---------------------------
+
+
+def test_faults_served_while_installers_copy(tmp_path):
+    """Four unthrottled writers fault on pages the two installers have not
+    reached yet: the fault thread serves them while copies are in flight."""
+    with Workload.start(512, threads=4) as wl:
+        images = dump(wl, tmp_path)
+        pid, daemon = lazy_restore(images)
+        with daemon, Workload.adopt(pid, report=wl) as restored:
+            assert daemon.wait(120) == 0, daemon.output()
+            stats = daemon.stats()
+            assert stats["installers"] == min(2, os.cpu_count())
+            assert stats["faults_during_install"] > 0, stats
+            assert stats["pages_fault"] + stats["pages_prefetch"] >= 512 * 256
+            assert_clean(restored.verify())
+
+
+@pytest.mark.parametrize("installers", [1, 2])
+def test_mremap_munmap_madvise_and_fork_while_installing(tmp_path, installers):
+    """The mappings change under the installers' feet: pages moved, unmapped
+    and zapped while copies into the task are in flight must end as the
+    process expects (zapped pages read zeros, never old data), and a child
+    forked meanwhile must read what it inherited. One page per copy keeps
+    the install going for a while."""
+    with Workload.start(1024, threads=2, rate=2000) as wl:
+        images = dump(wl, tmp_path)
+        pid, daemon = lazy_restore(images, "--installers", str(installers), "--batch-pages", "1")
+        with daemon, Workload.adopt(pid, report=wl) as restored:
+            # the fork first: the child owes all its parent still did, which
+            # keeps the installers busy while the parent churns
+            assert_clean(restored.fork_verify())
+            assert_clean(restored.churn_verify())
+            assert daemon.wait(120) == 0, daemon.output()
+            stats = daemon.stats()
+            assert stats["installers"] == installers
+            assert stats["events_remove"] > 0 and stats["events_remap"] > 0 and stats["forks"] >= 1, stats
+            # the events did come while installer copies were in flight,
+            # or this test proved nothing about the two threads
+            assert stats["events_during_install"] > 0, stats
+            assert_clean(restored.verify())
+            assert_clean(restored.churn_verify())
+
+
+def test_installer_options_are_checked(dumped):
+    images, _ = dumped
+    with LazyDaemon(images, "--installers", "0") as daemon:
+        assert daemon.wait(30) != 0
+        assert "--installers" in daemon.output()
+
+
 # --- bad input -------------------------------------------------------------
 
 

@@ -587,6 +587,16 @@ def test_loaded_pages_move_clone_and_invalidate(s, image):
     assert path.read_bytes() == pages(50, 0, n)
 
 
+def test_populate_keeps_contents(s, image):
+    path, fd, n = image
+    s.load_file(1, BASE, n, fd, 0)
+    s.put(1, BASE + P, page(7))
+    s.populate(1)
+    s.populate(99)  # an unknown task: nothing to do
+    assert_data(s, 1, BASE, page(50, 0) + page(7) + pages(50, 2, n - 2))
+    assert path.read_bytes() == pages(50, 0, n)
+
+
 def test_load_file_invalidate_returns_memory(s, image):
     path, fd, n = image
     s.load_file(1, BASE, n, fd, 0)

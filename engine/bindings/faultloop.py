@@ -9,7 +9,7 @@ _MISS = struct.Struct("=QQQqQ")
 _STATS = (
     "faults", "faults_during_install", "faults_absent", "faults_blocked", "pages_fault", "pages_prefetch", "pages_zero", "bytes_copied", "pages_owed",
     "pages_waiting", "tasks", "tasks_exited", "events_fork", "events_remap", "events_remove",
-    "events_unmap", "eager_ns", "done_ns", "lat_p50_ns", "lat_p99_ns", "lat_max_ns", "error",
+    "events_unmap", "events_during_install", "eager_ns", "done_ns", "lat_p50_ns", "lat_p99_ns", "lat_max_ns", "error",
     "installers", "batch_pages", "fault_thread_rt",
 )
 

@@ -19,6 +19,7 @@ struct hm_loop_stats {
 	uint64_t tasks;          /* tasks served, forked children included */
 	uint64_t tasks_exited;
 	uint64_t events_fork, events_remap, events_remove, events_unmap;
+	uint64_t events_during_install; /* of those, read between restore-finished and all installed */
 	uint64_t eager_ns;       /* CLOCK_MONOTONIC when eager install began, 0 if not */
 	uint64_t done_ns;        /* CLOCK_MONOTONIC when all was installed, 0 if not */
 	uint64_t lat_p50_ns, lat_p99_ns, lat_max_ns; /* fault thread woke for it -> page installed */

@@ -475,58 +475,110 @@ int hm_store_clone_task(hm_store *s, uint64_t src, uint64_t dst)
 	return rc;
 }
 
+/*
+ * Move n pages from src to dst, where neither side crosses a chunk end (the
+ * two may be the same chunk, overlapping). The kinds are read first, data
+ * goes over in runs of consecutive data pages (memmove: overlap is fine),
+ * with one mprotect for the whole destination run (a page may be mapped
+ * read-only from a file): per page, mprotect split the chunk's mapping into
+ * as many VMAs, and a large mremap cost a syscall a page.
+ */
+static int move_run(struct store_task *t, uint64_t src, uint64_t dst, uint64_t n)
+{
+	struct chunk *sc = find_chunk(t, src, 0), *dc;
+	uint64_t si = PAGE_IN_CHUNK(src), di = PAGE_IN_CHUNK(dst), i, j;
+	uint8_t kinds[CHUNK_PAGES];
+	int any = 0, any_data = 0;
+
+	for (i = 0; i < n; i++) {
+		kinds[i] = sc ? page_kind(sc, si + i) : HM_PAGE_ABSENT;
+		any |= kinds[i] != HM_PAGE_ABSENT;
+		any_data |= kinds[i] == HM_PAGE_DATA;
+	}
+	/* chunks are allocated one by one: sc stays valid if this grows the array */
+	dc = find_chunk(t, dst, any);
+	if (!dc)
+		return any ? -ENOMEM : 0;
+	if (any_data) {
+		int rc = chunk_buffer(dc);
+
+		if (rc)
+			return rc;
+		if (mprotect(dc->buf + di * PAGE_SZ, n * PAGE_SZ, PROT_READ | PROT_WRITE))
+			return -errno;
+		/* run by run, in the order that never overwrites source pages of
+		 * a run not moved yet (the same chunk may be both sides) */
+		int up = dst > src;
+
+		for (i = 0; i < n; i = j) {
+			uint64_t a, b; /* [a, b): a run of data pages, taken from the end when moving up */
+
+			for (j = i + 1; j < n && (kinds[up ? n - 1 - j : j] == HM_PAGE_DATA) ==
+					       (kinds[up ? n - 1 - i : i] == HM_PAGE_DATA); j++)
+				;
+			a = up ? n - j : i;
+			b = up ? n - i : j;
+			if (kinds[a] == HM_PAGE_DATA)
+				memmove(dc->buf + (di + a) * PAGE_SZ, sc->buf + (si + a) * PAGE_SZ, (b - a) * PAGE_SZ);
+		}
+	}
+	for (i = 0; i < n; i = j) {
+		for (j = i + 1; j < n && kinds[j] == kinds[i]; j++)
+			;
+		mark(dc, di + i, j - i, kinds[i]);
+	}
+	chunk_trim(t, dc);
+	return 0;
+}
+
 /* mremap moved pages: their contents follow them to the new address. */
 int hm_store_move(hm_store *s, uint64_t key, uint64_t from, uint64_t to, uint64_t npages)
 {
 	struct store_task *t;
-	uint64_t i;
+	uint64_t done = 0, len = npages * PAGE_SZ, gone, ngone;
 	int rc = check_range(from, npages) ?: check_range(to, npages);
 
 	if (rc)
 		return rc;
-	if (from == to)
+	if (from == to || !npages)
 		return 0;
 	t = store_task(s, key, 0);
 	if (!t)
 		return 0;
 	pthread_mutex_lock(&t->lock);
-	/* Copy in the order that never overwrites a source page not yet moved. */
-	for (i = 0; i < npages && !rc; i++) {
-		uint64_t k = to > from ? npages - 1 - i : i;
-		uint64_t src = from + k * PAGE_SZ, dst = to + k * PAGE_SZ;
-		struct chunk *sc = find_chunk(t, src, 0), *dc;
-		int kind = sc ? page_kind(sc, PAGE_IN_CHUNK(src)) : HM_PAGE_ABSENT;
+	/* In runs that cross no chunk end on either side, in the order that
+	 * never overwrites a source page not yet moved: from the end when
+	 * moving up, from the start when moving down. */
+	while (done < npages && !rc) {
+		uint64_t left = npages - done, n, off;
 
-		dc = find_chunk(t, dst, kind != HM_PAGE_ABSENT);
-		if (kind == HM_PAGE_DATA) {
-			rc = dc ? chunk_buffer(dc) : -ENOMEM;
-			if (rc)
-				break;
-			/* the old page there may be mapped read-only from a file */
-			if (mprotect(dc->buf + PAGE_IN_CHUNK(dst) * PAGE_SZ, PAGE_SZ, PROT_READ | PROT_WRITE)) {
-				rc = -errno;
-				break;
-			}
-			memcpy(dc->buf + PAGE_IN_CHUNK(dst) * PAGE_SZ, sc->buf + PAGE_IN_CHUNK(src) * PAGE_SZ, PAGE_SZ);
+		if (to > from) {
+			uint64_t s_end = from + left * PAGE_SZ, d_end = to + left * PAGE_SZ;
+			uint64_t s_room = PAGE_IN_CHUNK(s_end - 1) + 1, d_room = PAGE_IN_CHUNK(d_end - 1) + 1;
+
+			n = MIN(left, MIN(s_room, d_room));
+			off = (left - n) * PAGE_SZ;
+		} else {
+			uint64_t s_room = CHUNK_PAGES - PAGE_IN_CHUNK(from + done * PAGE_SZ);
+			uint64_t d_room = CHUNK_PAGES - PAGE_IN_CHUNK(to + done * PAGE_SZ);
+
+			n = MIN(left, MIN(s_room, d_room));
+			off = done * PAGE_SZ;
 		}
-		if (dc) {
-			mark(dc, PAGE_IN_CHUNK(dst), 1, kind);
-			chunk_trim(t, dc);
-		}
+		rc = move_run(t, from + off, to + off, n);
+		done += n;
 	}
 	pthread_mutex_unlock(&t->lock);
 	if (rc)
 		return rc;
 	/* Source pages outside the destination range are gone from there. */
-	for (i = 0; i < npages; i++) {
-		uint64_t src = from + i * PAGE_SZ;
-		if (src >= to && src < to + npages * PAGE_SZ)
-			continue;
-		rc = hm_store_invalidate(s, key, src, 1);
-		if (rc)
-			return rc;
-	}
-	return 0;
+	if (to >= from + len || to + len <= from)
+		gone = from, ngone = npages;
+	else if (to > from)
+		gone = from, ngone = (to - from) / PAGE_SZ;
+	else
+		gone = to + len, ngone = (from - to) / PAGE_SZ;
+	return hm_store_invalidate(s, key, gone, ngone);
 }
 
 /*
