@@ -358,7 +358,10 @@ class DirtyTracker:
         except NativeError as e:
             self._raise_if_gone()
             hint = {errno.EPERM: " — needs root (CAP_SYS_PTRACE), and no other tracer (debugger, CRIU) attached",
-                    errno.EOPNOTSUPP: " — the kernel lacks UFFD_FEATURE_WP_ASYNC (6.7+): use soft-dirty"}
+                    errno.EOPNOTSUPP: " — the kernel lacks UFFD_FEATURE_WP_ASYNC (6.7+): use soft-dirty",
+                    errno.ECANCELED: " — it has a seccomp filter, which could kill it for the injected"
+                    " userfaultfd(), and this process may not suspend it (that needs CAP_SYS_ADMIN and no"
+                    " seccomp filter of its own); nothing was run in it"}
             raise NativeError(e.errno, "cannot track process %d: %s%s"
                               % (self.pid, e.strerror, hint.get(e.errno, ""))) from e
 

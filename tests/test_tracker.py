@@ -464,6 +464,121 @@ def test_not_permitted_is_clear_and_harmless():
         assert_clean(ds.pid)
 
 
+def _status(pid, key):
+    """An integer field of /proc/PID/status (0 if absent)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _seccomp_mode(pid):
+    return _status(pid, "Seccomp")
+
+
+def _traced_by(pid):
+    return _status(pid, "TracerPid")
+
+
+def _in_child_under_seccomp(fn):
+    """fn() run in a forked child that has a seccomp filter of its own (one
+    that allows everything): such a tracer may not suspend its target's
+    seccomp. Returns what fn returned (a str), or the error it raised."""
+    import ctypes
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read)
+            libc = ctypes.CDLL(None, use_errno=True)
+
+            class SockFilter(ctypes.Structure):
+                _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                            ("k", ctypes.c_uint32)]
+
+            class SockFprog(ctypes.Structure):
+                _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter))]
+
+            allow = (SockFilter * 1)(SockFilter(0x06, 0, 0, 0x7fff0000))  # BPF_RET|BPF_K, SECCOMP_RET_ALLOW
+            prog = SockFprog(1, allow)
+            assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+            assert libc.syscall(317, 1, 0, ctypes.byref(prog)) == 0  # seccomp(SET_MODE_FILTER)
+            assert _seccomp_mode(os.getpid()) == 2
+            try:
+                out = "ok " + fn()
+            except NativeError as e:
+                out = "%d %s" % (e.errno, e)
+            except BaseException as e:  # noqa: BLE001
+                out = "unexpected %r" % e
+            os.write(write, out.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        answer = f.read()
+    os.waitpid(child, 0)
+    return answer
+
+
+def test_seccomp_filtered_target_is_tracked_with_its_filter_suspended():
+    """A target whose filter kills it at userfaultfd(2) survives tracking:
+    the injection suspends its seccomp (PTRACE_O_SUSPEND_SECCOMP). The filter
+    is real: the target's own userfaultfd() kills it at the end."""
+    _need_uffd_wp()
+    with DirtySet() as ds:
+        rid, region = ds.map(16)
+        assert ds.cmd("seccomp") == []
+        assert _seccomp_mode(ds.pid) == 2
+        with trk.DirtyTracker(ds.pid, trk.UFFD_WP) as tracker:
+            tracker.scan()
+            written = ds.pages("touch %d 1,5,9" % rid)
+            assert page_set(tracker.scan().dirty, [region]) == written
+        assert ds.cmd("pid") == [str(ds.pid)]
+        assert_clean(ds.pid)
+        assert _traced_by(ds.pid) == 0 and _seccomp_mode(ds.pid) == 2
+        ds.proc.stdin.write("uffd\n")
+        ds.proc.stdin.flush()
+        assert ds.proc.wait(10) == -signal.SIGSYS
+
+
+def test_seccomp_filtered_target_is_refused_when_seccomp_cannot_be_suspended():
+    """A tracker that may not suspend the target's seccomp (it has a filter
+    itself) refuses with a clear error and runs nothing in the target, which
+    carries on; a target without seccomp is still tracked by it."""
+    _need_uffd_wp()
+    with DirtySet() as filtered, DirtySet() as plain:
+        rid, region = filtered.map(4)
+        assert filtered.cmd("seccomp") == []
+
+        def attach_filtered():
+            trk.DirtyTracker(filtered.pid, trk.UFFD_WP).attach()
+            return "attached"
+
+        answer = _in_child_under_seccomp(attach_filtered)
+        assert answer.startswith("%d " % errno.ECANCELED), answer
+        assert "seccomp filter" in answer and "CAP_SYS_ADMIN" in answer and "nothing was run" in answer, answer
+        answer = _in_child_under_seccomp(
+            lambda: "%d" % native.remote_syscall(filtered.pid, SYS_getpid)[0])
+        assert answer.startswith("%d " % errno.ECANCELED), answer
+        # Untouched: still filtered, not traced, no userfaultfd; it runs on.
+        assert filtered.cmd("pid") == [str(filtered.pid)]
+        assert filtered.pages("touch %d 0" % rid) == {region[0]}
+        assert _traced_by(filtered.pid) == 0 and _seccomp_mode(filtered.pid) == 2
+        assert_clean(filtered.pid)
+
+        def track_plain():
+            rid, region = plain.map(8)
+            with trk.DirtyTracker(plain.pid, trk.UFFD_WP) as tracker:
+                tracker.scan()
+                written = plain.pages("touch %d 2,3" % rid)
+                found = page_set(tracker.scan().dirty, [region])
+                return "exact" if found == written and len(found) == 2 else "%s != %s" % (found, written)
+
+        assert _in_child_under_seccomp(track_plain) == "ok exact"
+        assert_clean(plain.pid)
+
+
 def test_target_exiting_mid_round():
     _need_uffd_wp()
     # Exits between scans: a zombie first (not reaped), then gone.

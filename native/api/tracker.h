@@ -27,7 +27,10 @@ struct hm_page_region {
 
 /* Open a userfaultfd in process pid and keep it: -ESRCH no such process,
  * -EPERM not permitted (ptrace or userfaultfd), -EOPNOTSUPP the kernel lacks
- * UFFD_FEATURE_WP_ASYNC / WP_UNPOPULATED. The leader thread is borrowed, or
+ * UFFD_FEATURE_WP_ASYNC / WP_UNPOPULATED, -ECANCELED the thread has a
+ * seccomp filter (or strict mode) that this process may not suspend while
+ * injecting (it needs CAP_SYS_ADMIN and no seccomp of its own): nothing was
+ * run in the target, whose filter might have killed it. The leader thread is borrowed, or
  * another thread if the leader is a zombie. *stop_ns: how long the thread
  * was held, from PTRACE_INTERRUPT to PTRACE_DETACH (an upper bound). */
 int hm_tracker_attach(int32_t pid, hm_tracker **out, uint64_t *stop_ns);
@@ -50,7 +53,8 @@ int hm_tracker_detach(hm_tracker *t);
 
 /* Run one system call nr(args[0..5]) inside pid by injection; *ret is its
  * return value (-errno from the target's kernel), *stop_ns how long the
- * thread was held. For tests and diagnostics. */
+ * thread was held; -ECANCELED as for hm_tracker_attach. For tests and
+ * diagnostics. */
 int hm_remote_syscall(int32_t pid, int64_t nr, const int64_t *args, int64_t *ret, uint64_t *stop_ns);
 
 /* Read npages pages of pid at vaddr into buf (npages * 4096 bytes) with

@@ -27,8 +27,13 @@
  *    stop), never at a syscall-exit stop: the kernel applies the restart
  *    (rip -= 2, rax = orig_rax) only on its way out of get_signal(), so the
  *    interrupted syscall resumes exactly as if we had not been there.
- *  - PTRACE_O_SUSPEND_SECCOMP when permitted: a seccomp filter of the target
- *    must not kill it for a syscall it never made.
+ *  - Seccomp: a filter of the target must not kill it (or trap, or hand the
+ *    call to a supervisor) for a syscall it never made. PTRACE_O_SUSPEND_SECCOMP
+ *    turns every filter of the seized thread off until we detach (the kernel
+ *    skips seccomp entirely for it); it needs CAP_SYS_ADMIN and a tracer
+ *    without seccomp of its own. Without it, a thread in seccomp mode 1 or 2
+ *    (/proc/PID/task/TID/status "Seccomp:") is refused with -ECANCELED
+ *    before any syscall is injected: the thread only sees a stop.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -152,17 +157,38 @@ static int wait_interrupt_stop(pid_t tid)
 	}
 }
 
-/* PTRACE_SEIZE, asking for seccomp to be suspended where we may. */
+/* PTRACE_SEIZE, asking for seccomp to be suspended where we may; 1 if it
+ * is, 0 if not, or -errno. */
 static int seize(pid_t tid, long options)
 {
 	if (ptrace(PTRACE_SEIZE, tid, 0, (void *)(options | PTRACE_O_SUSPEND_SECCOMP)) == 0)
-		return 0;
-	if (errno != EPERM)
+		return 1;
+	/* Suspending seccomp needs CAP_SYS_ADMIN, no seccomp of our own, and
+	 * CONFIG_CHECKPOINT_RESTORE (EINVAL without). */
+	if (errno != EPERM && errno != EINVAL)
 		return -errno;
-	/* Suspending seccomp needs CAP_SYS_ADMIN and no seccomp of our own. */
 	if (ptrace(PTRACE_SEIZE, tid, 0, (void *)options) == 0)
 		return 0;
 	return -errno;
+}
+
+/* The seccomp mode of a thread (0 none, 1 strict, 2 filter), 0 on a kernel
+ * without seccomp (no such line), or -errno. */
+static int seccomp_mode(pid_t pid, pid_t tid)
+{
+	char path[64], line[256];
+	int mode = 0;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/task/%d/status", pid, tid);
+	f = fopen(path, "re");
+	if (!f)
+		return errno == ENOENT ? -ESRCH : -errno;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "Seccomp: %d", &mode) == 1)
+			break;
+	fclose(f);
+	return mode;
 }
 
 #if defined(__x86_64__)
@@ -261,6 +287,7 @@ int hm_inject_begin(pid_t pid, struct hm_inject *s)
 	if (rc < 0)
 		return rc;
 	s->attached = 1;
+	s->seccomp_suspended = rc;
 	s->t_begin = now_ns();
 	if (ptrace(PTRACE_INTERRUPT, s->tid, 0, 0) < 0) {
 		rc = -errno;
@@ -269,6 +296,15 @@ int hm_inject_begin(pid_t pid, struct hm_inject *s)
 	rc = wait_interrupt_stop(s->tid);
 	if (rc < 0)
 		goto fail;
+	/* Read once stopped: a stopped thread installs no filter itself (a
+	 * sibling's SECCOMP_FILTER_FLAG_TSYNC still could, right now). */
+	if (!s->seccomp_suspended) {
+		rc = seccomp_mode(pid, s->tid);
+		if (rc > 0)
+			rc = -ECANCELED;
+		if (rc < 0)
+			goto fail;
+	}
 	if (ptrace(PTRACE_GETREGS, s->tid, 0, &s->saved) < 0) {
 		rc = -errno;
 		goto fail;
@@ -424,7 +460,9 @@ static int freeze_pass(struct hm_freeze_set *f)
 		pid_t tid = (pid_t)atoi(d->d_name);
 		if (tid <= 0 || in_set(f, tid))
 			continue;
-		rc = seize(tid, 0);
+		rc = seize(tid, 0); /* freezing injects nothing: seccomp is no matter */
+		if (rc > 0)
+			rc = 0;
 		if (rc == -ESRCH) {
 			rc = 0; /* exited meanwhile */
 			continue;

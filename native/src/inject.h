@@ -17,6 +17,7 @@ struct hm_inject {
 	uint64_t t_begin;     /* CLOCK_MONOTONIC just before PTRACE_INTERRUPT */
 	int attached;         /* PTRACE_SEIZE succeeded: must detach */
 	int moved;            /* resumed since the first stop: regs no longer as saved */
+	int seccomp_suspended; /* PTRACE_O_SUSPEND_SECCOMP was granted */
 	uint64_t saved_mask;  /* the thread's signal mask */
 #if defined(__x86_64__)
 	struct user_regs_struct saved;
@@ -24,7 +25,10 @@ struct hm_inject {
 };
 
 /* Seize a thread of pid (the leader, or another if the leader is a zombie),
- * stop it and save its state. On failure nothing is left attached. */
+ * stop it and save its state. On failure nothing is left attached.
+ * -ECANCELED: the thread has seccomp (mode 1 or 2) and this process may not
+ * suspend it (needs CAP_SYS_ADMIN, no seccomp of its own): a syscall run
+ * there could be killed, trapped or sent to a supervisor. */
 int hm_inject_begin(pid_t pid, struct hm_inject *s);
 /* Run syscall nr(args[0..5]) in the stopped thread; *ret is its raw return
  * value (-errno on failure, as the kernel gives it). */

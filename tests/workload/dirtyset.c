@@ -28,6 +28,10 @@
  *                             becomes a zombie, the process runs on): "ok"
  *   pid                       "ok PID"
  *   sleep MS                  sleep, then "ok" (blocks in nanosleep)
+ *   seccomp                   install a seccomp filter on every thread that
+ *                             kills the process at userfaultfd(2): "ok"
+ *   uffd                      call userfaultfd(2) itself: "ok FD" or
+ *                             "err ERRNO" (or die of SIGSYS under the filter)
  *   exit                      exit(0)
  *
  * ADDR values are hex page addresses, in the order the pages were named.
@@ -44,7 +48,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -176,6 +186,26 @@ static void cmd_read(struct region *r, size_t first, size_t n, const char *path)
 	for (size_t i = 0; i < n; i++)
 		pages[i] = first + i;
 	answer_pages(r, pages, (int)n);
+}
+
+/* SECCOMP_RET_KILL_PROCESS at userfaultfd(2), every other syscall allowed;
+ * on all threads. */
+static int kill_at_userfaultfd(void)
+{
+	struct sock_filter code[] = {
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_userfaultfd, 0, 1),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+	};
+	struct sock_fprog prog = { sizeof(code) / sizeof(code[0]), code };
+
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+		return -1;
+	return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog);
 }
 
 static void *command_loop(void *announce)
@@ -310,6 +340,19 @@ static void *command_loop(void *announce)
 			while (nanosleep(&ts, &ts) && errno == EINTR)
 				;
 			answer("ok");
+		} else if (!strcmp(cmd, "seccomp")) {
+			if (kill_at_userfaultfd())
+				answer("err seccomp %d", errno);
+			else
+				answer("ok");
+		} else if (!strcmp(cmd, "uffd")) {
+			int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC);
+			if (fd < 0) {
+				answer("err %d", errno);
+			} else {
+				close(fd);
+				answer("ok %d", fd);
+			}
 		} else if (!strcmp(cmd, "exit")) {
 			exit(0);
 		} else {
