@@ -457,14 +457,33 @@ class DirtyTracker:
 
     def _scan_soft_dirty(self, vmas, new):
         """Soft-dirty bits read and cleared with every thread frozen: a write
-        between the read and the clear would otherwise be lost."""
-        written: List[Range] = []
-        with native.Frozen(self.pid) as frozen:
-            for start, end in subtract(merge(vmas), new):
-                written += native.softdirty_scan(self.pid, start, end)
-            native.softdirty_clear(self.pid)
+        between the read and the clear would otherwise be lost. A process
+        another tracer already holds stopped (CRIU at post-dump) cannot be
+        frozen again, nor does it need to be: it cannot write."""
+        tracer = _held_stopped(self.pid)
+        if tracer:
+            return self._soft_dirty_pass(vmas, new), 0.0
+        try:
+            frozen = native.Frozen(self.pid)
+        except NativeError as e:
+            self._raise_if_gone()
+            tracer = _tracer(self.pid)
+            if e.errno != errno.EPERM or not tracer:
+                raise
+            raise NativeError(errno.EBUSY, "cannot scan process %d for soft-dirty pages: it must be frozen for"
+                              " the scan, and process %d (%s) traces it without holding all its threads stopped"
+                              % (self.pid, tracer, _comm(tracer))) from e
+        with frozen:
+            written = self._soft_dirty_pass(vmas, new)
             stop_ns = frozen.thaw()
         return written, stop_ns / 1e9
+
+    def _soft_dirty_pass(self, vmas, new) -> List[Range]:
+        written: List[Range] = []
+        for start, end in subtract(merge(vmas), new):
+            written += native.softdirty_scan(self.pid, start, end)
+        native.softdirty_clear(self.pid)
+        return written
 
 
 # --- a process tree -------------------------------------------------------------------
@@ -548,7 +567,7 @@ class TreeTracker:
             except NativeError as e:
                 if e.errno == errno.ESRCH:
                     continue  # exited (or a zombie) before we got to it
-                if e.errno != errno.EPERM or not _traced(pid):
+                if e.errno != errno.EPERM or not _tracer(pid):
                     raise
                 try:
                     stop_ms, whole = 0.0, merge(read_vmas(pid))
@@ -590,13 +609,44 @@ class TreeTracker:
         self.detach()
 
 
-def _traced(pid) -> bool:
-    """Is pid held by a ptrace tracer (a debugger, CRIU)?"""
+def _tracer(pid) -> int:
+    """The pid of the ptrace tracer holding pid (a debugger, CRIU), or 0."""
     try:
         with open("/proc/%d/status" % pid) as f:
             for line in f:
                 if line.startswith("TracerPid:"):
-                    return int(line.split()[1]) != 0
+                    return int(line.split()[1])
     except FileNotFoundError:
         pass
-    return False
+    return 0
+
+
+def _comm(pid) -> str:
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return "gone"
+
+
+def _held_stopped(pid) -> int:
+    """The tracer (not this process) that holds every thread of pid in a
+    ptrace stop, as CRIU does while dumping; 0 if there is none."""
+    tracer = _tracer(pid)
+    if not tracer or tracer == os.getpid():
+        return 0
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except FileNotFoundError:
+        return 0
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                text = f.read()
+            with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+                held = any(line.startswith("TracerPid:") and int(line.split()[1]) == tracer for line in f)
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        if text[text.rfind(")") + 2:].split()[0] != "t" or not held:
+            return 0
+    return tracer

@@ -692,6 +692,69 @@ def test_soft_dirty_plumbing_freezes_and_thaws():
         verified(wl)
 
 
+def _held_by_child(pid, freeze):
+    """A forked child that traces pid, every thread frozen (as CRIU holds a
+    tree it dumps) or only the leader seized and running; it lets go when
+    the returned function is called."""
+    import ctypes
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            if freeze:
+                held = native.Frozen(pid)
+            else:
+                assert ctypes.CDLL(None).ptrace(0x4206, pid, 0, 0) == 0  # PTRACE_SEIZE
+            os.write(ready_w, b"x")
+            os.read(go_r, 1)
+            if freeze:
+                held.thaw()
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(go_r)
+    assert os.read(ready_r, 1) == b"x"
+    os.close(ready_r)
+
+    def release():
+        os.write(go_w, b"x")
+        os.close(go_w)
+        os.waitpid(child, 0)
+    return child, release
+
+
+def test_soft_dirty_scan_of_a_process_another_tracer_holds():
+    """The final scan runs while CRIU holds the tree frozen: no second
+    freeze (impossible, and needless). A tracer that holds the process
+    without stopping it makes the scan fail, saying so."""
+    _need_root()
+    with Workload.start(16, threads=2) as wl:
+        pid = wl.host_pid
+        tracker = trk.DirtyTracker(pid, trk.SOFT_DIRTY)
+        tracker.attach()
+        tracer, release = _held_by_child(pid, freeze=True)
+        try:
+            assert _traced_by(pid) == tracer
+            result = tracker.scan()
+            assert result.removed == [] and result.stop_s == 0.0
+        finally:
+            release()
+        assert tracker.scan().stop_s > 0  # frozen by the tracker itself again
+        tracer, release = _held_by_child(pid, freeze=False)
+        try:
+            with pytest.raises(NativeError) as exc:
+                tracker.scan()
+            assert exc.value.errno == errno.EBUSY, exc.value
+            assert "must be frozen" in str(exc.value) and "process %d" % tracer in str(exc.value), exc.value
+        finally:
+            release()
+        tracker.detach()
+        verified(wl)
+
+
 # --- the command ----------------------------------------------------------------------------
 
 def test_dirty_rate_command_json():
