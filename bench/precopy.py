@@ -7,14 +7,22 @@ All parts run in one invocation, so every ratio is against a baseline of the
 same run (same machine load, same build).
 
 1. Tracking overhead.  A memwork workload (native/workload/memwork.c) of
-   --overhead-mb MiB (256), 1 writer thread, unthrottled (rate=0).  Windows of
-   --window s alternate untracked / tracked (a TreeTracker attached, scan()
-   every 0.5 s as pre-copy rounds would), --windows pairs.  Throughput of a
-   window = ops delta / realtime delta of the two verify() reports framing it
-   (verify pauses the writer to check every page: the same cost in both kinds
-   of window); also the median 100 ms bucket of memwork's own timeline inside
-   the window ("timeline" ops/s), which leaves out the verify pauses.
-   Reported: tracked/untracked ratio (target >= 95 %).
+   --overhead-mb MiB (256), 1 writer thread, unthrottled (rate=0).  Windows
+   of --window s of each kind in MODES, --repeats times, interleaved (the
+   order rotates every repeat); the main kind is "per-round", pre-copy's
+   rhythm: round 0 reads every tracked VMA, each later round scans once and
+   reads the pages found written, reads paced to --link-mbit (1000), so a
+   scan comes once per round as in engine/precopy.py.  The others split the
+   cost: attached and never scanned; the scan's walk without re-protection
+   ("peek"); a scan every 0.5 s (the issue's original figure) and every 2 s,
+   nothing read.  Throughput of a window = ops delta / realtime delta of the
+   two verify() reports framing it (verify pauses the writer to check every
+   page: the same cost in every kind of window); also the mean 100 ms bucket
+   of memwork's own timeline, which leaves out the verify pauses, and ops per
+   CPU second the target got (other load on the 2 CPUs lowers ops/s, not
+   this).  Also: the target's minor faults per second (each write to a
+   re-protected page is one), the CPU time lost per extra fault, and its
+   AnonHugePages.  Target: per-round / untracked >= 95 %.
 2. Scan cost.  TreeTracker.scan() on a --scan-mb MiB (1024) workload:
    (a) rate 100 pages/s: right after attach(), then every 0.5 s (few pages
        written);
@@ -39,6 +47,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -59,7 +69,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from hybridmig.netns import TwoHosts  # noqa: E402
-from hybridmig.tracker import PAGE_SIZE, TreeTracker  # noqa: E402
+from hybridmig.tracker import PAGE_SIZE, TreeTracker, read_pages  # noqa: E402
 from hybridmig.workload import Workload, become_subreaper, build_memwork, kill_tree  # noqa: E402
 
 from . import lazy_pages  # noqa: E402  (machine_info)
@@ -122,68 +132,190 @@ class Results:
 
 # --- 1. tracking overhead ---------------------------------------------------------------
 
-def window(wl: Workload, seconds: float, tracked: bool) -> dict:
-    """One measurement window; returns its throughput and, if tracked, the scans."""
-    tracker, scans, stop_ms = None, [], None
-    if tracked:
-        tracker = TreeTracker(wl.host_pid)
+#: the kinds of overhead window, in the order of the first repeat
+MODES = ("untracked", "attached", "per-round", "peek-0.5s", "every-0.5s", "every-2s")
+MODE_DOC = {
+    "untracked": "no tracker",
+    "attached": "attached (every page write-protected once), never scanned",
+    "per-round": "one scan per pre-copy round; a round reads the pages it sends (read_pages, as the sender "
+                 "does) paced to the link rate",
+    "peek-0.5s": "attached; every 0.5 s the same PAGEMAP_SCAN walk without PM_SCAN_WP_MATCHING (nothing "
+                 "re-protected): the cost of the walk and its locks alone",
+    "every-0.5s": "a scan every 0.5 s, nothing read (the issue's original figure)",
+    "every-2s": "a scan every 2 s, nothing read",
+}
+INTERVALS = {"peek-0.5s": 0.5, "every-0.5s": 0.5, "every-2s": 2.0}
+TARGET_MODE = "per-round"
+
+
+def _minor_faults(pid: int) -> int:
+    """Minor faults of every thread of pid so far (field 10 of each task's stat)."""
+    total = 0
+    for tid in os.listdir("/proc/%d/task" % pid):
+        with contextlib.suppress(FileNotFoundError):
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                total += int(f.read().rsplit(")", 1)[1].split()[7])
+    return total
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU time of every thread of process pid so far, in s (its process
+    CPU clock: MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED), ns resolution)."""
+    return time.clock_gettime_ns(((~pid) << 3) | 2) / 1e9
+
+
+def _anon_huge_kib(pid: int) -> Optional[int]:
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        for line in f:
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return None
+
+
+class _PmScanArg(ctypes.Structure):
+    """struct pm_scan_arg (linux/fs.h)."""
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+_PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_PmScanArg) << 16) | (ord("f") << 8) | 16  # _IOWR('f', 16, ...)
+_PAGE_IS_WRITTEN = 1 << 1
+
+
+def _peek(tracker: TreeTracker) -> int:
+    """The written pages of every tracked VMA, as TreeTracker.scan() finds
+    them but without re-protecting them; their number."""
+    vec = (ctypes.c_uint64 * (3 * 4096))()
+    found = 0
+    for pid, ranges in tracker.vmas().items():
+        fd = os.open("/proc/%d/pagemap" % pid, os.O_RDONLY)
+        try:
+            for start, end in ranges:
+                arg = _PmScanArg(size=ctypes.sizeof(_PmScanArg), start=start, end=end, vec=ctypes.addressof(vec),
+                                 vec_len=4096, category_mask=_PAGE_IS_WRITTEN, return_mask=_PAGE_IS_WRITTEN)
+                while arg.start < end:
+                    got = fcntl.ioctl(fd, _PAGEMAP_SCAN, arg)
+                    found += sum((vec[3 * i + 1] - vec[3 * i]) // PAGE_SIZE for i in range(got))
+                    arg.start = arg.walk_end
+        finally:
+            os.close(fd)
+    return found
+
+
+def _rounds(tracker: TreeTracker, t_end: float, link_bytes_s: float, scans: list) -> None:
+    """Pre-copy's rhythm until t_end: round 0 reads every tracked VMA, each
+    later round scans once and reads what was written, every round paced to
+    link_bytes_s (what the wire would allow)."""
+    todo = tracker.vmas()
+    while time.monotonic() < t_end:
+        t0, sent = time.monotonic(), 0
+        for pid, ranges in todo.items():
+            for start, end in ranges:
+                for batch in read_pages(pid, start, end):
+                    sent += batch.npages * PAGE_SIZE
+                    time.sleep(max(0.0, t0 + sent / link_bytes_s - time.monotonic()))
+                    if time.monotonic() >= t_end:
+                        return
+        time.sleep(0.01 if not sent else 0)  # nothing was written: do not spin
+        t = time.perf_counter()
+        res = tracker.scan()
+        scans.append({"ms": (time.perf_counter() - t) * 1000, "dirty_pages": res.dirty_pages,
+                      "round_s": time.monotonic() - t0})
+        todo = {pid: r.dirty for pid, r in res.items()}
+
+
+def window(wl: Workload, seconds: float, mode: str, link_bytes_s: float) -> dict:
+    """One measurement window of the given MODE; returns its throughput, the
+    target's minor faults and its huge pages, and the scans."""
+    pid, tracker, scans, stop_ms = wl.host_pid, None, [], None
+    if mode != "untracked":
+        tracker = TreeTracker(pid)
         stop_ms = tracker.attach()
     try:
         v1 = wl.verify()[0]
+        cpu, faults = _cpu_s(pid), _minor_faults(pid)
         t_end = time.monotonic() + seconds
-        nxt = time.monotonic() + SCAN_EVERY_S
-        while True:
-            now = time.monotonic()
-            if now >= t_end:
-                break
-            time.sleep(max(0.0, min(nxt, t_end) - now))
-            if tracker is not None and time.monotonic() >= nxt:
+        if mode == "per-round":
+            _rounds(tracker, t_end, link_bytes_s, scans)
+        every = INTERVALS.get(mode)
+        nxt = time.monotonic() + (every or seconds)
+        while time.monotonic() < t_end:
+            time.sleep(max(0.0, min(nxt, t_end) - time.monotonic()))
+            if every and time.monotonic() >= nxt:
                 t = time.perf_counter()
-                res = tracker.scan()
-                scans.append({"ms": (time.perf_counter() - t) * 1000, "dirty_pages": res.dirty_pages})
-                nxt += SCAN_EVERY_S
+                dirty = _peek(tracker) if mode.startswith("peek") else tracker.scan().dirty_pages
+                scans.append({"ms": (time.perf_counter() - t) * 1000, "dirty_pages": dirty})
+                nxt += every
+        cpu = _cpu_s(pid) - cpu
         t_signal = time.time()
+        faults = _minor_faults(pid) - faults
+        huge = _anon_huge_kib(pid)
         v2 = wl.verify()[0]
     finally:
         if tracker is not None:
             tracker.detach()
     dt = v2["realtime"] - v1["realtime"]
     return {
-        "tracked": tracked, "seconds": dt, "ops": v2["ops"] - v1["ops"],
+        "mode": mode, "tracked": mode != "untracked", "seconds": dt, "ops": v2["ops"] - v1["ops"],
         "ops_per_s": (v2["ops"] - v1["ops"]) / dt,
+        # the writer's work per CPU second it got: other load on the machine
+        # (it shares 2 CPUs) lowers ops/s, not this
+        "ops_per_cpu_s": (v2["ops"] - v1["ops"]) / cpu if cpu > 0 else None,
+        "cpu_share": cpu / (t_signal - v1["realtime"]),
         "timeline_ops_per_s": timeline_rate(v2, v1["realtime"] + 0.2, t_signal - 0.05),
         "timeline_mean_ops_per_s": timeline_rate(v2, v1["realtime"] + 0.2, t_signal - 0.05, statistics.mean),
+        "faults_per_s": faults / (t_signal - v1["realtime"]), "anon_huge_kib": huge,
         "bad": v1["bad"] + v2["bad"], "attach_stop_ms": stop_ms, "scans": scans,
     }
 
 
-def bench_overhead(res: Results, size_mb: int, seconds: float, pairs: int) -> None:
+def bench_overhead(res: Results, size_mb: int, seconds: float, repeats: int, link_bytes_s: float) -> None:
+    """`repeats` times every mode, one window each, the order rotated each
+    repeat so that a drift of the machine favours none."""
     wl = Workload.start(size_mb, threads=1, rate=0)
     try:
         wl.verify()  # warm: every page written once
         runs = []
-        for i in range(pairs):
-            # alternate which goes first, so a drift of the machine does not favour one
-            order = (False, True) if i % 2 == 0 else (True, False)
-            for tracked in order:
-                runs.append(window(wl, seconds, tracked))
-                print("  overhead %s: %.0f ops/s (timeline %s)" % (
-                    "tracked" if tracked else "untracked", runs[-1]["ops_per_s"], runs[-1]["timeline_ops_per_s"]),
-                    flush=True)
+        for i in range(repeats):
+            for mode in MODES[i % len(MODES):] + MODES[:i % len(MODES)]:
+                runs.append(window(wl, seconds, mode, link_bytes_s))
+                runs[-1]["repeat"] = i
+                print("  overhead %-10s %9.0f ops/s, %7.0f faults/s%s" % (
+                    mode, runs[-1]["ops_per_s"], runs[-1]["faults_per_s"],
+                    ", %d scans" % len(runs[-1]["scans"]) if runs[-1]["scans"] else ""), flush=True)
     finally:
         wl.stop()
-    un = [r["ops_per_s"] for r in runs if not r["tracked"]]
-    tr = [r["ops_per_s"] for r in runs if r["tracked"]]
-    un_tl = [r["timeline_ops_per_s"] for r in runs if not r["tracked"]]
-    tr_tl = [r["timeline_ops_per_s"] for r in runs if r["tracked"]]
+    base = med([r["ops_per_s"] for r in runs if r["mode"] == "untracked"])
+    base_tl = med([r["timeline_mean_ops_per_s"] for r in runs if r["mode"] == "untracked"])
+    base_cpu = med([r["ops_per_cpu_s"] for r in runs if r["mode"] == "untracked"])
+    modes = {}
+    for mode in MODES:
+        mine = [r for r in runs if r["mode"] == mode]
+        ratio = med([r["ops_per_s"] for r in mine]) / base
+        faults = med([r["faults_per_s"] for r in mine])
+        # each repeat's window against that repeat's untracked window
+        pairs = [r["ops_per_s"] / u["ops_per_s"] for r in mine for u in runs
+                 if u["mode"] == "untracked" and u["repeat"] == r["repeat"]]
+        tl = med([r["timeline_mean_ops_per_s"] for r in mine])
+        modes[mode] = {
+            "ratio": ratio, "pair_ratios": pairs,
+            "ratio_per_cpu_s": med([r["ops_per_cpu_s"] for r in mine]) / base_cpu,
+            "cpu_share": [r["cpu_share"] for r in mine],
+            "ratio_timeline_mean": tl / base_tl if tl and base_tl else None,
+            "faults_per_s": faults,
+            # the throughput lost, as CPU time per fault taken beyond the untracked ones
+            "us_per_fault": (1 - ratio) / (faults - modes["untracked"]["faults_per_s"]) * 1e6
+            if mode != "untracked" and ratio < 1 and faults > modes["untracked"]["faults_per_s"] + 100 else None,
+            "scan_ms": [s["ms"] for r in mine for s in r["scans"]],
+            "round_s": [s["round_s"] for r in mine for s in r["scans"] if "round_s" in s],
+            "dirty_pages": [s["dirty_pages"] for r in mine for s in r["scans"]],
+            "anon_huge_kib": [r["anon_huge_kib"] for r in mine],
+        }
     res.data["overhead"] = {
-        "size_mb": size_mb, "window_s": seconds, "pairs": pairs, "runs": runs,
-        "ratio": med(tr) / med(un),
-        "ratio_timeline": (med(tr_tl) / med(un_tl)) if med(tr_tl) and med(un_tl) else None,
-        "ratio_timeline_mean": (med([r.get("timeline_mean_ops_per_s") for r in runs if r["tracked"]])
-                                / med([r.get("timeline_mean_ops_per_s") for r in runs if not r["tracked"]]))
-        if all(r.get("timeline_mean_ops_per_s") for r in runs) else None,
-        "scan_ms": [s["ms"] for r in runs for s in r["scans"]],
+        "size_mb": size_mb, "window_s": seconds, "repeats": repeats, "link_bytes_s": link_bytes_s, "runs": runs,
+        "modes": modes, "target_mode": TARGET_MODE, "ratio": modes[TARGET_MODE]["ratio"],
+        "ratio_per_cpu_s": modes[TARGET_MODE]["ratio_per_cpu_s"],
     }
 
 
@@ -373,25 +505,29 @@ def summarize(d: dict) -> str:
                  (m.get("git_head") or "")[:12], " (engine/native modified)" if m.get("git_dirty") else ""),
              "", "Command: `%s`" % d["command"], ""]
     o = d.get("overhead")
-    if o:
-        un = [r for r in o["runs"] if not r["tracked"]]
-        tr = [r for r in o["runs"] if r["tracked"]]
-        lines += ["## 1. Tracking overhead (memwork %d MiB, 1 writer, unthrottled; %d x %.0f s windows each)" % (
-            o["size_mb"], o["pairs"], o["window_s"]), "",
-            "| | ops/s (verify delta) median (min–max) | ops/s (timeline, mean of 100 ms buckets) "
-            "| ops/s (timeline, median 100 ms bucket) |",
-            "|---|---|---|---|",
-            "| untracked | %s | %s | %s |" % (fmt_mmm([r["ops_per_s"] for r in un], 0),
-                                             fmt_mmm([r.get("timeline_mean_ops_per_s") for r in un], 0),
-                                             fmt_mmm([r["timeline_ops_per_s"] for r in un], 0)),
-            "| tracked (scan every 0.5 s) | %s | %s | %s |" % (fmt_mmm([r["ops_per_s"] for r in tr], 0),
-                                                              fmt_mmm([r.get("timeline_mean_ops_per_s") for r in tr], 0),
-                                                              fmt_mmm([r["timeline_ops_per_s"] for r in tr], 0)),
-            "| **tracked / untracked** | **%.1f %%** (target >= 95 %%: %s) | %s | %s |" % (
-                o["ratio"] * 100, "met" if o["ratio"] >= TARGET_OVERHEAD else "NOT met",
-                "%.1f %%" % (o["ratio_timeline_mean"] * 100) if o.get("ratio_timeline_mean") else "n/a",
-                "%.1f %%" % (o["ratio_timeline"] * 100) if o["ratio_timeline"] else "n/a"),
-            "", "Scan time during tracked windows: %s ms." % fmt_mmm(o["scan_ms"], 1), ""]
+    if o and "modes" in o:
+        lines += ["## 1. Tracking overhead (memwork %d MiB, 1 writer, unthrottled; %d x %.0f s windows of each kind, "
+                  "interleaved)" % (o["size_mb"], o["repeats"], o["window_s"]), "",
+                  "| window | ops/s (verify delta) median (min–max) | **/ untracked** | per repeat "
+                  "| timeline mean / untracked | **ops per CPU-s / untracked** | CPU share of the target "
+                  "| target faults/s | µs per extra fault | scans: ms; s apart; dirty pages | AnonHugePages kB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for mode in MODES:
+            mine = [r for r in o["runs"] if r["mode"] == mode]
+            m = o["modes"][mode]
+            gaps = m["round_s"] or ([INTERVALS[mode]] if m["scan_ms"] else [])
+            lines.append("| %s | %s | **%.1f %%** | %s | %s | **%.1f %%** | %s | %.0f | %s | %s | %s |" % (
+                mode, fmt_mmm([r["ops_per_s"] for r in mine], 0), m["ratio"] * 100,
+                ", ".join("%.0f %%" % (x * 100) for x in m["pair_ratios"]),
+                "%.1f %%" % (m["ratio_timeline_mean"] * 100) if m["ratio_timeline_mean"] else "n/a",
+                m["ratio_per_cpu_s"] * 100, fmt_mmm(m["cpu_share"], 2),
+                m["faults_per_s"], "%.2f" % m["us_per_fault"] if m["us_per_fault"] else "n/a",
+                "%s; %s; %s" % (fmt_mmm(m["scan_ms"], 1), fmt_mmm(gaps, 2), fmt_mmm(m["dirty_pages"], 0))
+                if m["scan_ms"] else "none", fmt_mmm(m["anon_huge_kib"], 0)))
+        lines += [""] + ["- %s: %s" % (mode, MODE_DOC[mode]) for mode in MODES]
+        lines += ["", "Target (>= 95 %%, judged on the %s windows at %.0f MB/s): ops/s %s, ops per CPU-s %s." % (
+            o["target_mode"], o["link_bytes_s"] / 1e6, "**met**" if o["ratio"] >= TARGET_OVERHEAD else "**NOT met**",
+            "**met**" if o["ratio_per_cpu_s"] >= TARGET_OVERHEAD else "**NOT met**"), ""]
     s = d.get("scan")
     if s:
         lines += ["## 2. Scan cost and injection stop (memwork %d MiB)" % s["size_mb"], "",
@@ -451,7 +587,9 @@ def main(argv=None) -> int:
     ap.add_argument("--overhead-mb", type=int, default=256)
     ap.add_argument("--scan-mb", type=int, default=1024)
     ap.add_argument("--window", type=float, default=None, help="overhead window, s (default 5; --quick 3)")
-    ap.add_argument("--pairs", type=int, default=None, help="untracked/tracked window pairs (default 3; --quick 2)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="overhead windows of each kind, interleaved (default 5; --quick 2)")
+    ap.add_argument("--link-mbit", type=float, default=1000, help="the per-round windows' read rate, Mbit/s")
     ap.add_argument("--parts", default="overhead,scan,migrate")
     ap.add_argument("--timeout", type=float, default=300, help="per `hybridmig run`, s")
     args = ap.parse_args(argv)
@@ -461,7 +599,7 @@ def main(argv=None) -> int:
     sizes = [int(x) for x in (args.sizes or ("256,1024" if args.quick else "1024,4096")).split(",")]
     rates = [float(x) for x in args.rates.split(",")]
     window_s = args.window or (3.0 if args.quick else 5.0)
-    pairs = args.pairs or (2 if args.quick else 3)
+    repeats = args.repeats or (2 if args.quick else 5)
     parts = set(args.parts.split(","))
     out = Path(args.out)
     logs = out / "logs"
@@ -472,7 +610,7 @@ def main(argv=None) -> int:
     res = Results(out, argv)
     tmp_root = Path(tempfile.mkdtemp(prefix="hm-pc-", dir="/tmp"))  # short: serve's socket lives below
     try:
-        for name, fn in (("overhead", lambda: bench_overhead(res, args.overhead_mb, window_s, pairs)),
+        for name, fn in (("overhead", lambda: bench_overhead(res, args.overhead_mb, window_s, repeats, args.link_mbit * 1e6 / 8)),
                          ("scan", lambda: bench_scan(res, args.scan_mb))):
             if name not in parts:
                 continue
