@@ -12,8 +12,10 @@ same run (same machine load, same build).
    order rotates every repeat); the main kind is "per-round", pre-copy's
    rhythm: round 0 reads every tracked VMA, each later round scans once and
    reads the pages found written, reads paced to --link-mbit (1000), so a
-   scan comes once per round as in engine/precopy.py.  The others split the
-   cost: attached and never scanned; the scan's walk without re-protection
+   scan comes once per round as in engine/precopy.py, with hot pages kept
+   unprotected (keep_hot) as `hybridmig run` does; "per-round-exact" is the
+   same without keep_hot.  The others split the cost: reading alone, no
+   tracker; attached and never scanned; the scan's walk without re-protection
    ("peek"); a scan every 0.5 s (the issue's original figure) and every 2 s,
    nothing read.  Throughput of a window = ops delta / realtime delta of the
    two verify() reports framing it (verify pauses the writer to check every
@@ -47,8 +49,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import fcntl
 import json
 import os
 import shutil
@@ -69,7 +69,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from hybridmig.netns import TwoHosts  # noqa: E402
-from hybridmig.tracker import PAGE_SIZE, TreeTracker, read_pages  # noqa: E402
+from hybridmig.tracker import PAGE_SIZE, TreeTracker, merge, pages_in, read_pages, read_vmas  # noqa: E402
 from hybridmig.workload import Workload, become_subreaper, build_memwork, kill_tree  # noqa: E402
 
 from . import lazy_pages  # noqa: E402  (machine_info)
@@ -133,12 +133,15 @@ class Results:
 # --- 1. tracking overhead ---------------------------------------------------------------
 
 #: the kinds of overhead window, in the order of the first repeat
-MODES = ("untracked", "attached", "per-round", "peek-0.5s", "every-0.5s", "every-2s")
+MODES = ("untracked", "reading", "attached", "per-round", "per-round-exact", "peek-0.5s", "every-0.5s", "every-2s")
 MODE_DOC = {
     "untracked": "no tracker",
+    "reading": "no tracker; its memory read over and over at the link rate (read_pages, as the sender does): "
+               "the cost of sending alone",
     "attached": "attached (every page write-protected once), never scanned",
-    "per-round": "one scan per pre-copy round; a round reads the pages it sends (read_pages, as the sender "
-                 "does) paced to the link rate",
+    "per-round": "as pre-copy does: one scan per round, hot pages kept unprotected (keep_hot); a round reads "
+                 "the pages it sends (read_pages, as the sender does) paced to the link rate",
+    "per-round-exact": "the same without keep_hot: every page found written is protected again",
     "peek-0.5s": "attached; every 0.5 s the same PAGEMAP_SCAN walk without PM_SCAN_WP_MATCHING (nothing "
                  "re-protected): the cost of the walk and its locks alone",
     "every-0.5s": "a scan every 0.5 s, nothing read (the issue's original figure)",
@@ -172,72 +175,54 @@ def _anon_huge_kib(pid: int) -> Optional[int]:
     return None
 
 
-class _PmScanArg(ctypes.Structure):
-    """struct pm_scan_arg (linux/fs.h)."""
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
-        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
-
-
-_PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_PmScanArg) << 16) | (ord("f") << 8) | 16  # _IOWR('f', 16, ...)
-_PAGE_IS_WRITTEN = 1 << 1
-
-
 def _peek(tracker: TreeTracker) -> int:
     """The written pages of every tracked VMA, as TreeTracker.scan() finds
-    them but without re-protecting them; their number."""
-    vec = (ctypes.c_uint64 * (3 * 4096))()
+    them but without protecting them again; their number."""
     found = 0
     for pid, ranges in tracker.vmas().items():
-        fd = os.open("/proc/%d/pagemap" % pid, os.O_RDONLY)
-        try:
-            for start, end in ranges:
-                arg = _PmScanArg(size=ctypes.sizeof(_PmScanArg), start=start, end=end, vec=ctypes.addressof(vec),
-                                 vec_len=4096, category_mask=_PAGE_IS_WRITTEN, return_mask=_PAGE_IS_WRITTEN)
-                while arg.start < end:
-                    got = fcntl.ioctl(fd, _PAGEMAP_SCAN, arg)
-                    found += sum((vec[3 * i + 1] - vec[3 * i]) // PAGE_SIZE for i in range(got))
-                    arg.start = arg.walk_end
-        finally:
-            os.close(fd)
+        for start, end in ranges:
+            found += pages_in(tracker.trackers[pid]._tracker.scan(start, end, protect=False))
     return found
 
 
-def _rounds(tracker: TreeTracker, t_end: float, link_bytes_s: float, scans: list) -> None:
+def _rounds(tracker: Optional[TreeTracker], pid: int, t_end: float, link_bytes_s: float, scans: list) -> None:
     """Pre-copy's rhythm until t_end: round 0 reads every tracked VMA, each
     later round scans once and reads what was written, every round paced to
-    link_bytes_s (what the wire would allow)."""
-    todo = tracker.vmas()
+    link_bytes_s (what the wire would allow). Without a tracker every round
+    reads all of pid's VMAs."""
+    todo = tracker.vmas() if tracker else {pid: merge(read_vmas(pid))}
     while time.monotonic() < t_end:
         t0, sent = time.monotonic(), 0
-        for pid, ranges in todo.items():
+        for one, ranges in todo.items():
             for start, end in ranges:
-                for batch in read_pages(pid, start, end):
+                for batch in read_pages(one, start, end):
                     sent += batch.npages * PAGE_SIZE
                     time.sleep(max(0.0, t0 + sent / link_bytes_s - time.monotonic()))
                     if time.monotonic() >= t_end:
                         return
         time.sleep(0.01 if not sent else 0)  # nothing was written: do not spin
+        if tracker is None:
+            continue
         t = time.perf_counter()
         res = tracker.scan()
         scans.append({"ms": (time.perf_counter() - t) * 1000, "dirty_pages": res.dirty_pages,
-                      "round_s": time.monotonic() - t0})
-        todo = {pid: r.dirty for pid, r in res.items()}
+                      "hot_pages": sum(pages_in(r.hot) for r in res.values()), "round_s": time.monotonic() - t0})
+        todo = {one: r.dirty for one, r in res.items()}
 
 
 def window(wl: Workload, seconds: float, mode: str, link_bytes_s: float) -> dict:
     """One measurement window of the given MODE; returns its throughput, the
     target's minor faults and its huge pages, and the scans."""
     pid, tracker, scans, stop_ms = wl.host_pid, None, [], None
-    if mode != "untracked":
-        tracker = TreeTracker(pid)
+    if mode not in ("untracked", "reading"):
+        tracker = TreeTracker(pid, keep_hot=mode == "per-round")
         stop_ms = tracker.attach()
     try:
         v1 = wl.verify()[0]
         cpu, faults = _cpu_s(pid), _minor_faults(pid)
         t_end = time.monotonic() + seconds
-        if mode == "per-round":
-            _rounds(tracker, t_end, link_bytes_s, scans)
+        if mode in ("per-round", "per-round-exact", "reading"):
+            _rounds(tracker, pid, t_end, link_bytes_s, scans)
         every = INTERVALS.get(mode)
         nxt = time.monotonic() + (every or seconds)
         while time.monotonic() < t_end:
@@ -257,7 +242,7 @@ def window(wl: Workload, seconds: float, mode: str, link_bytes_s: float) -> dict
             tracker.detach()
     dt = v2["realtime"] - v1["realtime"]
     return {
-        "mode": mode, "tracked": mode != "untracked", "seconds": dt, "ops": v2["ops"] - v1["ops"],
+        "mode": mode, "tracked": tracker is not None, "seconds": dt, "ops": v2["ops"] - v1["ops"],
         "ops_per_s": (v2["ops"] - v1["ops"]) / dt,
         # the writer's work per CPU second it got: other load on the machine
         # (it shares 2 CPUs) lowers ops/s, not this
@@ -270,15 +255,16 @@ def window(wl: Workload, seconds: float, mode: str, link_bytes_s: float) -> dict
     }
 
 
-def bench_overhead(res: Results, size_mb: int, seconds: float, repeats: int, link_bytes_s: float) -> None:
-    """`repeats` times every mode, one window each, the order rotated each
-    repeat so that a drift of the machine favours none."""
+def bench_overhead(res: Results, size_mb: int, seconds: float, repeats: int, link_bytes_s: float,
+                   modes_run=MODES) -> None:
+    """`repeats` times every mode of modes_run, one window each, the order
+    rotated each repeat so that a drift of the machine favours none."""
     wl = Workload.start(size_mb, threads=1, rate=0)
     try:
         wl.verify()  # warm: every page written once
         runs = []
         for i in range(repeats):
-            for mode in MODES[i % len(MODES):] + MODES[:i % len(MODES)]:
+            for mode in modes_run[i % len(modes_run):] + modes_run[:i % len(modes_run)]:
                 runs.append(window(wl, seconds, mode, link_bytes_s))
                 runs[-1]["repeat"] = i
                 print("  overhead %-10s %9.0f ops/s, %7.0f faults/s%s" % (
@@ -290,7 +276,7 @@ def bench_overhead(res: Results, size_mb: int, seconds: float, repeats: int, lin
     base_tl = med([r["timeline_mean_ops_per_s"] for r in runs if r["mode"] == "untracked"])
     base_cpu = med([r["ops_per_cpu_s"] for r in runs if r["mode"] == "untracked"])
     modes = {}
-    for mode in MODES:
+    for mode in modes_run:
         mine = [r for r in runs if r["mode"] == mode]
         ratio = med([r["ops_per_s"] for r in mine]) / base
         faults = med([r["faults_per_s"] for r in mine])
@@ -310,12 +296,17 @@ def bench_overhead(res: Results, size_mb: int, seconds: float, repeats: int, lin
             "scan_ms": [s["ms"] for r in mine for s in r["scans"]],
             "round_s": [s["round_s"] for r in mine for s in r["scans"] if "round_s" in s],
             "dirty_pages": [s["dirty_pages"] for r in mine for s in r["scans"]],
+            "hot_pages": [s["hot_pages"] for r in mine for s in r["scans"] if "hot_pages" in s],
             "anon_huge_kib": [r["anon_huge_kib"] for r in mine],
         }
     res.data["overhead"] = {
         "size_mb": size_mb, "window_s": seconds, "repeats": repeats, "link_bytes_s": link_bytes_s, "runs": runs,
         "modes": modes, "target_mode": TARGET_MODE, "ratio": modes[TARGET_MODE]["ratio"],
         "ratio_per_cpu_s": modes[TARGET_MODE]["ratio_per_cpu_s"],
+        # tracking's own share: per-round against reading the same pages untracked
+        "ratio_vs_reading": (modes[TARGET_MODE]["ratio"] / modes["reading"]["ratio"]) if "reading" in modes else None,
+        "ratio_per_cpu_s_vs_reading": (modes[TARGET_MODE]["ratio_per_cpu_s"] / modes["reading"]["ratio_per_cpu_s"])
+        if "reading" in modes else None,
     }
 
 
@@ -507,12 +498,13 @@ def summarize(d: dict) -> str:
     o = d.get("overhead")
     if o and "modes" in o:
         lines += ["## 1. Tracking overhead (memwork %d MiB, 1 writer, unthrottled; %d x %.0f s windows of each kind, "
-                  "interleaved)" % (o["size_mb"], o["repeats"], o["window_s"]), "",
+                  "interleaved; reads at %.0f MB/s)" % (o["size_mb"], o["repeats"], o["window_s"],
+                                                         o["link_bytes_s"] / 1e6), "",
                   "| window | ops/s (verify delta) median (min–max) | **/ untracked** | per repeat "
                   "| timeline mean / untracked | **ops per CPU-s / untracked** | CPU share of the target "
                   "| target faults/s | µs per extra fault | scans: ms; s apart; dirty pages | AnonHugePages kB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for mode in MODES:
+        for mode in o["modes"]:
             mine = [r for r in o["runs"] if r["mode"] == mode]
             m = o["modes"][mode]
             gaps = m["round_s"] or ([INTERVALS[mode]] if m["scan_ms"] else [])
@@ -522,12 +514,16 @@ def summarize(d: dict) -> str:
                 "%.1f %%" % (m["ratio_timeline_mean"] * 100) if m["ratio_timeline_mean"] else "n/a",
                 m["ratio_per_cpu_s"] * 100, fmt_mmm(m["cpu_share"], 2),
                 m["faults_per_s"], "%.2f" % m["us_per_fault"] if m["us_per_fault"] else "n/a",
-                "%s; %s; %s" % (fmt_mmm(m["scan_ms"], 1), fmt_mmm(gaps, 2), fmt_mmm(m["dirty_pages"], 0))
+                "%s; %s; %s%s" % (fmt_mmm(m["scan_ms"], 1), fmt_mmm(gaps, 2), fmt_mmm(m["dirty_pages"], 0),
+                                  " (hot: %s)" % fmt_mmm(m["hot_pages"], 0) if any(m.get("hot_pages") or []) else "")
                 if m["scan_ms"] else "none", fmt_mmm(m["anon_huge_kib"], 0)))
-        lines += [""] + ["- %s: %s" % (mode, MODE_DOC[mode]) for mode in MODES]
+        lines += [""] + ["- %s: %s" % (mode, MODE_DOC[mode]) for mode in o["modes"]]
         lines += ["", "Target (>= 95 %%, judged on the %s windows at %.0f MB/s): ops/s %s, ops per CPU-s %s." % (
             o["target_mode"], o["link_bytes_s"] / 1e6, "**met**" if o["ratio"] >= TARGET_OVERHEAD else "**NOT met**",
-            "**met**" if o["ratio_per_cpu_s"] >= TARGET_OVERHEAD else "**NOT met**"), ""]
+            "**met**" if o["ratio_per_cpu_s"] >= TARGET_OVERHEAD else "**NOT met**"),
+            "Tracking's own share, %s / reading (both read the same way): ops/s %.1f %%, ops per CPU-s %.1f %%."
+            % (o["target_mode"], o["ratio_vs_reading"] * 100, o["ratio_per_cpu_s_vs_reading"] * 100)
+            if o.get("ratio_vs_reading") else "", ""]
     s = d.get("scan")
     if s:
         lines += ["## 2. Scan cost and injection stop (memwork %d MiB)" % s["size_mb"], "",
@@ -590,6 +586,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None,
                     help="overhead windows of each kind, interleaved (default 5; --quick 2)")
     ap.add_argument("--link-mbit", type=float, default=1000, help="the per-round windows' read rate, Mbit/s")
+    ap.add_argument("--modes", default=",".join(MODES), help="overhead window kinds (untracked and per-round needed)")
     ap.add_argument("--parts", default="overhead,scan,migrate")
     ap.add_argument("--timeout", type=float, default=300, help="per `hybridmig run`, s")
     args = ap.parse_args(argv)
@@ -610,7 +607,9 @@ def main(argv=None) -> int:
     res = Results(out, argv)
     tmp_root = Path(tempfile.mkdtemp(prefix="hm-pc-", dir="/tmp"))  # short: serve's socket lives below
     try:
-        for name, fn in (("overhead", lambda: bench_overhead(res, args.overhead_mb, window_s, repeats, args.link_mbit * 1e6 / 8)),
+        overhead = (lambda: bench_overhead(res, args.overhead_mb, window_s, repeats, args.link_mbit * 1e6 / 8,
+                                           tuple(args.modes.split(","))))
+        for name, fn in (("overhead", overhead),
                          ("scan", lambda: bench_scan(res, args.scan_mb))):
             if name not in parts:
                 continue

@@ -215,6 +215,66 @@ def _exactness_rounds(ds, tracker, payload):
     assert page_set(result.dirty, [b]) == set()
 
 
+def _minflt(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+def test_keep_hot_spares_pages_written_round_after_round():
+    """keep_hot: a run written in two scans in a row is left unprotected
+    after its next write (later writes do not fault; scans report it dirty
+    unseen); a probe protects it again, and it stays hot, unprotected, if
+    written before the next scan; once cold it is reported exactly again.
+    Short runs are tracked as without keep_hot throughout."""
+    _need_uffd_wp()
+    assert trk.HOT_PROBE_EVERY == 4 and trk.HOT_MIN_PAGES == 16
+    with DirtySet() as ds:
+        rid, region = ds.map(192)
+        hot_line = "touch %d %s" % (rid, ",".join(map(str, range(128))))  # one run of 128 pages
+        short_line = "touch %d 140,141,150" % rid                          # runs of 2 and 1
+        ds.pages("touch %d %s" % (rid, ",".join(map(str, range(192)))))   # all populated
+        with trk.DirtyTracker(ds.pid, trk.UFFD_WP, keep_hot=True) as tracker:
+
+            def touch(line, faults):
+                before = _minflt(ds.pid)
+                pages = ds.pages(line)
+                took = _minflt(ds.pid) - before
+                # (the command's own stack and buffers fault a little too)
+                assert (took >= len(pages)) if faults else (took < 32), (line, took)
+                return pages
+
+            def scan(number, dirty, written, kept):
+                result = tracker.scan()
+                assert tracker._scans == number
+                for name, got, want in (("dirty", result.dirty, dirty), ("written", result.written, written),
+                                        ("hot", result.hot, kept)):
+                    assert page_set(got, [region]) == want, "scan %d %s: %s" % (number, name, sorted(
+                        (a - region[0]) // PAGE for a in page_set(got, [region]) ^ want))
+
+            hot = touch(hot_line, faults=True)
+            short = touch(short_line, faults=True)
+            scan(1, hot | short, hot | short, set())
+            touch(hot_line, faults=True)
+            touch(short_line, faults=True)
+            scan(2, hot | short, hot | short, set())   # written twice in a row: hot from now on
+            touch(hot_line, faults=True)               # scan 2 protected it: one last fault each
+            touch(short_line, faults=True)
+            scan(3, hot | short, short, hot)           # hot: dirty, not looked at
+            touch(hot_line, faults=False)
+            touch(short_line, faults=True)
+            scan(4, hot | short, hot | short, set())   # the probe looks at (and protects) it
+            touch(hot_line, faults=True)
+            scan(5, hot, hot, set())                   # written since the probe: hot, left unprotected
+            touch(hot_line, faults=False)
+            scan(6, hot, set(), hot)
+            touch(hot_line, faults=False)
+            scan(7, hot, set(), hot)
+            scan(8, hot, hot, set())                   # the probe finds it written (before 7)
+            scan(9, set(), set(), set())               # not written since: cold, exact again
+            touch(hot_line, faults=True)
+            scan(10, hot, hot, set())
+
+
 def test_scan_resumes_when_the_region_buffer_fills():
     """More separate dirty regions than one PAGEMAP_SCAN call returns: the
     scan resumes at walk_end and loses nothing."""

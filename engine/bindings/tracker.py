@@ -79,17 +79,19 @@ class Tracker:
         _check_span(start, end)
         check(lib.hm_tracker_unregister(self._handle(), start, end - start), "hm_tracker_unregister")
 
-    def scan(self, start, end):
-        """[(start, end)] of the pages of [start, end) written since the last
-        scan (or registration), each protected again in the same step.
-        NativeError EPERM: part of the range is no longer registered."""
+    def scan(self, start, end, protect=True):
+        """[(start, end)] of the pages of [start, end) written since they
+        were last protected, each protected again in the same step (unless
+        not protect). NativeError EPERM: part of the range is no longer
+        registered."""
         _check_span(start, end)
         t = self._handle()
         n, nxt = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         out = []
         at = start
         while at < end:
-            check(lib.hm_tracker_scan(t, at, end, self._regions, SCAN_BATCH, n, nxt), "hm_tracker_scan")
+            check(lib.hm_tracker_scan(t, at, end, int(protect), self._regions, SCAN_BATCH, n, nxt),
+                  "hm_tracker_scan")
             _append(out, self._regions, n[0])
             at = _progress(at, nxt[0], "hm_tracker_scan")
         return out

@@ -41,13 +41,14 @@ int hm_tracker_attach(int32_t pid, hm_tracker **out, uint64_t *stop_ns);
 int hm_tracker_register(hm_tracker *t, uint64_t start, uint64_t len);
 int hm_tracker_unregister(hm_tracker *t, uint64_t start, uint64_t len);
 /* Pages of [start, end) written since they were last protected, protected
- * again atomically; up to max regions in out, *n of them. *next is where the
- * scan stopped: end when complete, else call again from *next (out was
- * full; pages from *next on were neither reported nor protected). -EPERM: a
- * part of the range is not registered (a VMA there was replaced): nothing
- * about the range can be trusted, re-register it and treat it as written. */
-int hm_tracker_scan(hm_tracker *t, uint64_t start, uint64_t end, struct hm_page_region *out, uint64_t max,
-		    uint64_t *n, uint64_t *next);
+ * again atomically if protect (else left as they are); up to max regions in
+ * out, *n of them. *next is where the scan stopped: end when complete, else
+ * call again from *next (out was full; pages from *next on were neither
+ * reported nor protected). -EPERM: a part of the range is not registered (a
+ * VMA there was replaced): nothing about the range can be trusted,
+ * re-register it and treat it as written. */
+int hm_tracker_scan(hm_tracker *t, uint64_t start, uint64_t end, int protect, struct hm_page_region *out,
+		    uint64_t max, uint64_t *n, uint64_t *next);
 /* Close the userfaultfd (the kernel unregisters everything) and free t. */
 int hm_tracker_detach(hm_tracker *t);
 

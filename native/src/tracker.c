@@ -237,12 +237,12 @@ int hm_tracker_unregister(hm_tracker *t, uint64_t start, uint64_t len)
 	return ioctl(t->uffd, UFFDIO_UNREGISTER, &range) < 0 ? -errno : 0;
 }
 
-int hm_tracker_scan(hm_tracker *t, uint64_t start, uint64_t end, struct hm_page_region *out, uint64_t max,
-		    uint64_t *n, uint64_t *next)
+int hm_tracker_scan(hm_tracker *t, uint64_t start, uint64_t end, int protect, struct hm_page_region *out,
+		    uint64_t max, uint64_t *n, uint64_t *next)
 {
 	struct pm_scan_arg arg = {
 		.size = sizeof(arg),
-		.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+		.flags = (protect ? PM_SCAN_WP_MATCHING : 0) | PM_SCAN_CHECK_WPASYNC,
 		.start = start,
 		.end = end,
 		.vec = (uintptr_t)out,
