@@ -151,9 +151,14 @@ class Sender:
             self._flush(key, extents, parts, rnd)
 
     def adopt(self, pid):
-        """A process that joined the tree since the start (a fork)."""
+        """A process that joined the tree since the start (a fork); False if
+        it has exited already (nothing of it to send)."""
         if pid not in self.keys:
-            self.keys[pid] = ns_pid(pid)
+            try:
+                self.keys[pid] = ns_pid(pid)
+            except FileNotFoundError:
+                return False
+        return True
 
     def invalidate(self, pid, ranges):
         key = self.keys[pid]
@@ -211,7 +216,8 @@ class PreCopy:
         rnd.scan_s = time.monotonic() - t
         dirty = {}
         for pid, res in results.items():
-            self.sender.adopt(pid)
+            if not self.sender.adopt(pid):
+                continue  # a fork that exited since the scan found it
             if res.removed:
                 self.sender.invalidate(pid, res.removed)
             rnd.pages_scanned += res.pages_scanned
