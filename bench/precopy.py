@@ -13,7 +13,7 @@ same run (same machine load, same build).
    rhythm: round 0 reads every tracked VMA, each later round scans once and
    reads the pages found written, reads paced to --link-mbit (1000), so a
    scan comes once per round as in engine/precopy.py, with hot pages kept
-   unprotected (keep_hot) as `hybridmig run` does; "per-round-exact" is the
+   unprotected (keep_hot, a tracker option); "per-round-exact" is the
    same without keep_hot.  The others split the cost: reading alone, no
    tracker; attached and never scanned; the scan's walk without re-protection
    ("peek"); a scan every 0.5 s (the issue's original figure) and every 2 s,
@@ -139,9 +139,10 @@ MODE_DOC = {
     "reading": "no tracker; its memory read over and over at the link rate (read_pages, as the sender does): "
                "the cost of sending alone",
     "attached": "attached (every page write-protected once), never scanned",
-    "per-round": "as pre-copy does: one scan per round, hot pages kept unprotected (keep_hot); a round reads "
+    "per-round": "pre-copy's rhythm: one scan per round, hot pages kept unprotected (keep_hot); a round reads "
                  "the pages it sends (read_pages, as the sender does) paced to the link rate",
-    "per-round-exact": "the same without keep_hot: every page found written is protected again",
+    "per-round-exact": "the same without keep_hot, as `hybridmig run` does: every page found written is "
+                       "protected again",
     "peek-0.5s": "attached; every 0.5 s the same PAGEMAP_SCAN walk without PM_SCAN_WP_MATCHING (nothing "
                  "re-protected): the cost of the walk and its locks alone",
     "every-0.5s": "a scan every 0.5 s, nothing read (the issue's original figure)",

@@ -99,7 +99,7 @@ class Migration:
                 "destination confirms; start the workload with `unshare -p -f setsid ...`" % self.pid)
         self.times["start"] = time.time()
         tree = [self.pid] + [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
-        self.tracker = TreeTracker(self.pid, keep_hot=True)
+        self.tracker = TreeTracker(self.pid)
         self.times["attach_stop_ms"] = self.tracker.attach()
         try:
             self.sender = Sender(self.channel, {p: ns_pid(p) for p in tree}, self.pid, self.compress,
