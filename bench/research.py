@@ -126,11 +126,14 @@ def one_run(make, strategy_name, link_rate, rep, out: Path, timeout: float) -> d
                 rec["before"] = wl.before()
                 trial = Trial(hosts, work, logs, timeout, wl)
                 bytes0, t0 = hosts.wire_bytes(), time.time()
+                outcome = None
                 try:
                     outcome = STRATEGIES[strategy_name]().migrate(trial)
                 except StrategyError as e:
                     rec.update(ok=False, error=str(e))
-                    outcome = None
+                finally:
+                    if outcome is None:
+                        trial.discard_restored()  # a copy restored before a later step failed
                 rec["wire_bytes"] = hosts.wire_bytes() - bytes0
                 if outcome is not None:
                     extra = dict(outcome.extra)

@@ -108,7 +108,9 @@ class Strategy:
                           "-o", "restore.log", "-v4", *trial.workload.criu_opts(), *opts],
                   "criu-restore.out", "criu restore")
         with open(pidfile) as f:
-            return int(f.read())
+            pid = int(f.read())
+        trial.restored.append(pid)
+        return pid
 
     @staticmethod
     def criu_error(trial: Trial, images, log, err: StrategyError) -> StrategyError:

@@ -81,6 +81,7 @@ class Trial:
         self.hosts, self.work, self.logs, self.timeout = hosts, work, logs, timeout
         self.workload = workload
         self.cpu_s = {"src": 0.0, "dst": 0.0}
+        self.restored: list[int] = []  # host pids of restored roots (criu restore -d detaches them)
         self._live: list[tuple[str, subprocess.Popen]] = []
         self.dst_memory = DestinationMemory([])
         self.dst_memory.start()
@@ -123,6 +124,13 @@ class Trial:
         rc = self.wait(proc, timeout, what)
         if rc != 0:
             raise StrategyError("%s failed (exit %d): %s" % (what, rc, log_tail(self.logs / log_name)))
+
+    def discard_restored(self) -> None:
+        """Kill, by pid, the restored copies of a strategy that failed after
+        restoring: nobody adopts them, and `criu restore -d` left them to us."""
+        for pid in self.restored:
+            kill_tree(pid)
+        self.restored = []
 
     def close(self) -> None:
         """Kill what is still running (by pid, with descendants) and reap it."""

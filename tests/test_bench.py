@@ -5,14 +5,17 @@ import json
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from hybridmig import doctor
-from hybridmig.bench.research import ops_rate, throughput
-from hybridmig.bench.strategies import STRATEGIES
+from hybridmig.bench.research import one_run, ops_rate, throughput
+from hybridmig.bench.strategies import STRATEGIES, StopAndCopy
+from hybridmig.bench.trial import StrategyError
 from hybridmig.bench.workloads.base import Finish
+from hybridmig.bench.workloads.memwork import Memwork
 from hybridmig.tracker import PAGE_SIZE, UFFD_WP, DirtyTracker
-from hybridmig.workload import Workload
+from hybridmig.workload import Workload, become_subreaper
 
 from lazy_util import HYBRIDMIG
 
@@ -103,3 +106,25 @@ def test_quick_bench_end_to_end(criu_ready, tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (out / "summary.md").read_text() == summary and len(list(out.glob("*.png"))) == 3
+
+
+class _FailsAfterRestore(StopAndCopy):
+    """Stop-and-copy that fails once the destination's copy runs."""
+    name = "test-fails-after-restore"
+    restored_pid = None
+
+    def migrate(self, trial):
+        outcome = super().migrate(trial)
+        type(self).restored_pid = outcome.new_pid
+        raise StrategyError("injected failure after the restore")
+
+
+@pytest.mark.timeout(300)
+def test_a_copy_restored_before_a_failure_is_not_left_running(criu_ready, tmp_path, monkeypatch):
+    monkeypatch.setitem(STRATEGIES, _FailsAfterRestore.name, _FailsAfterRestore)
+    become_subreaper()  # as the bench: restored roots are re-parented to us
+    rec = one_run(lambda: Memwork(32), _FailsAfterRestore.name, "1gbit", 0, tmp_path, 120)
+    assert not rec["ok"] and "injected failure after the restore" in rec["error"], rec
+    pid = _FailsAfterRestore.restored_pid
+    assert pid is not None
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
