@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import threading
+import time
 
 import pytest
 
@@ -37,6 +38,19 @@ def session(tmp_path):
     s.cleanup()
 
 
+def wait_stopped(pid, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for tid in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(st == "T" for st in states):
+            return
+        assert time.monotonic() < deadline, "pid %d did not stop: %s" % (pid, states)
+        time.sleep(0.001)
+
+
 def read_mem(pid, addr, n):
     with open("/proc/%d/mem" % pid, "rb") as f:
         f.seek(addr)
@@ -60,6 +74,8 @@ def test_store_equals_source_memory_after_rounds(session, threads):
             # was written since
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
+            for pid in pids:  # SIGSTOP is asynchronous: a write may still land until every thread stopped
+                wait_stopped(pid)
             final = Round(len(rounds))
             for pid, res in tracker.scan().items():
                 sender.send_ranges(pid, list(res.dirty) + list(precopy.pending.get(pid, [])), final)
