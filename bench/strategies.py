@@ -86,7 +86,7 @@ class Strategy:
         os.makedirs(images, exist_ok=True)
         trial.run("src", [criu_binary(), "dump", "-t", trial.workload.host_pid, "-D", images, "-o", "dump.log",
                           "-v4", *trial.workload.criu_opts(), *opts],
-                  "criu-dump.out", "criu dump")
+                  "criu-dump.out", "criu dump", criu_log=os.path.join(images, "dump.log"))
 
     @staticmethod
     def copy(trial: Trial, src_dir, dst_dir, tag="") -> None:
@@ -106,15 +106,12 @@ class Strategy:
         pidfile = os.path.join(images, "restore.pid")
         trial.run("dst", [criu_binary(), "restore", "-D", images, "-W", images, "-d", "--pidfile", pidfile,
                           "-o", "restore.log", "-v4", *trial.workload.criu_opts(), *opts],
-                  "criu-restore.out", "criu restore")
+                  "criu-restore.out", "criu restore", criu_log=os.path.join(images, "restore.log"))
         with open(pidfile) as f:
             pid = int(f.read())
         trial.restored.append(pid)
         return pid
 
-    @staticmethod
-    def criu_error(trial: Trial, images, log, err: StrategyError) -> StrategyError:
-        return StrategyError("%s; CRIU log: %s" % (err, log_tail(os.path.join(images, log))))
 
 
 class StopAndCopy(Strategy):
@@ -124,18 +121,12 @@ class StopAndCopy(Strategy):
     def migrate(self, trial):
         src, dst = trial.work / "src-images", trial.work / "dst-images"
         t0 = time.time()
-        try:
-            self.dump(trial, src)
-        except StrategyError as e:
-            raise self.criu_error(trial, src, "dump.log", e) from None
+        self.dump(trial, src)
         t1 = time.time()
         self.copy(trial, src, dst)
         t2 = time.time()
         daemon = self.before_restore(trial, dst)
-        try:
-            pid = self.restore(trial, dst, *self.restore_opts)
-        except StrategyError as e:
-            raise self.criu_error(trial, dst, "restore.log", e) from None
+        pid = self.restore(trial, dst, *self.restore_opts)
         t3 = time.time()
         extra = {}
         if daemon is not None:
@@ -179,10 +170,7 @@ class PostCopy(Strategy):
         t2 = time.time()
         daemon = _lazy_daemon(trial, ["-D", dst, "-W", dst, "--page-server", "--address", ps_addr,
                                       "--port", PAGE_PORT])
-        try:
-            pid = self.restore(trial, dst, "--lazy-pages")
-        except StrategyError as e:
-            raise self.criu_error(trial, dst, "restore.log", e) from None
+        pid = self.restore(trial, dst, "--lazy-pages")
         t3 = time.time()
         _reap_daemon(trial, daemon, dst)
         if trial.wait(dump, trial.timeout, "criu dump's page server") != 0:
@@ -207,18 +195,12 @@ class PreDump(Strategy):
         src, dst = trial.work / "src-images", trial.work / "dst-images"
         t0 = time.time()
         os.makedirs(pre_src)
-        try:
-            trial.run("src", [criu_binary(), "pre-dump", "-t", trial.workload.host_pid, "-D", pre_src, "-o",
-                              "pre-dump.log", "-v4", "--track-mem", *trial.workload.criu_opts()],
-                      "criu-pre-dump.out", "criu pre-dump")
-        except StrategyError as e:
-            raise self.criu_error(trial, pre_src, "pre-dump.log", e) from None
+        trial.run("src", [criu_binary(), "pre-dump", "-t", trial.workload.host_pid, "-D", pre_src, "-o",
+                          "pre-dump.log", "-v4", "--track-mem", *trial.workload.criu_opts()],
+                  "criu-pre-dump.out", "criu pre-dump", criu_log=pre_src / "pre-dump.log")
         self.copy(trial, pre_src, pre_dst, "-pre")
         t1 = time.time()
-        try:
-            self.dump(trial, src, "--track-mem", "--prev-images-dir", "../src-pre")
-        except StrategyError as e:
-            raise self.criu_error(trial, src, "dump.log", e) from None
+        self.dump(trial, src, "--track-mem", "--prev-images-dir", "../src-pre")
         t2 = time.time()
         self.copy(trial, src, dst)
         # The copied `parent` link names the source's pre-dump directory.
@@ -226,10 +208,7 @@ class PreDump(Strategy):
             os.unlink(dst / "parent")
         os.symlink("../dst-pre", dst / "parent")
         t3 = time.time()
-        try:
-            pid = self.restore(trial, dst)
-        except StrategyError as e:
-            raise self.criu_error(trial, dst, "restore.log", e) from None
+        pid = self.restore(trial, dst)
         t4 = time.time()
         return Outcome(pid, {"dump": t2 - t1, "copy": t3 - t2, "restore": t4 - t3}, t4,
                        {"pre_dump_s": t1 - t0})
@@ -250,10 +229,10 @@ class Hybridmig(Strategy):
         _wait_log(trial.logs / "serve.log", "listening on", serve, 30)
         opts = ["--criu-opt=%s" % o for o in trial.workload.criu_opts()]
         t0 = time.time()
-        run = trial.spawn("src", [HYBRIDMIG, "run", trial.workload.host_pid, "--to", listen, "--key-file", key,
-                                  "--json", "--timeout", int(trial.timeout), "-v3", "--work-dir", trial.logs / "run",
-                                  *opts], "run.err",
-                          stdout=open(trial.logs / "run.json", "wb"))
+        with open(trial.logs / "run.json", "wb") as report_out:  # (the child keeps its own copy)
+            run = trial.spawn("src", [HYBRIDMIG, "run", trial.workload.host_pid, "--to", listen, "--key-file", key,
+                                      "--json", "--timeout", int(trial.timeout), "-v3", "--work-dir",
+                                      trial.logs / "run", *opts], "run.err", stdout=report_out)
         rc = trial.wait(run, trial.timeout * 3, "hybridmig run")
         t1 = time.time()
         try:

@@ -117,13 +117,15 @@ class Trial:
         self._live = [(s, p) for s, p in self._live if p is not proc]
         return proc.returncode
 
-    def run(self, side: str, argv: list, log_name: str, what: str, timeout: Optional[float] = None) -> None:
+    def run(self, side: str, argv: list, log_name: str, what: str, timeout: Optional[float] = None,
+            criu_log=None) -> None:
         """spawn + wait; a non-zero exit is a StrategyError naming ``what``
-        with the log's last lines (``criu_log``: CRIU's own log file)."""
+        with the errors or last lines of ``criu_log`` (CRIU's own log file),
+        else of the output in logs/LOG_NAME."""
         proc = self.spawn(side, argv, log_name)
         rc = self.wait(proc, timeout, what)
         if rc != 0:
-            raise StrategyError("%s failed (exit %d): %s" % (what, rc, log_tail(self.logs / log_name)))
+            raise StrategyError("%s failed (exit %d): %s" % (what, rc, log_tail(criu_log or self.logs / log_name)))
 
     def discard_restored(self) -> None:
         """Kill, by pid, the restored copies of a strategy that failed after

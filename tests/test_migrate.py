@@ -507,14 +507,7 @@ def test_tree_with_zombie(env):
 def test_child_forked_during_precopy(env):
     """The root forks a long-lived child while run is in its rounds: the child
     is part of the tree at the switch-over and must come along."""
-    tree = PyTree(env.hosts, env.hosts.src, env.tmp, env.cleanup, private_mb=96)
-    serve = env.serve()
-    run = env.run_background(tree.pid, "--bandwidth-limit", "40M")  # round 0 alone takes ~2.5 s
-    wait_for(lambda: tracked(tree.pid) or not run.running(), 30, "run to attach its tracker")
-    assert run.running()
-    tree.signal(tree.pid, signal.SIGUSR2, "forked")
-    rc, rep, err = run.wait(120)
-    assert_pytree_migrated(env, tree, rc, rep, err, serve, 2)
+    _fork_during_rounds(env, PyTree(env.hosts, env.hosts.src, env.tmp, env.cleanup, private_mb=96), procs=2)
 
 
 @pytest.mark.timeout(120)
@@ -522,16 +515,22 @@ def test_child_exits_during_precopy(env):
     """The root forks a child during round 0 that exits (and is reaped) while
     the next round is sending its memory: the tree lost a process, which
     is no reason to give up; the root migrates alone."""
-    tree = PyTree(env.hosts, env.hosts.src, env.tmp, env.cleanup, private_mb=96, child_life=4.0)
-    serve = env.serve()
     # 40 MB/s: round 0 (the root's ~100 MiB) ends after ~2.5 s, round 1 then
     # takes the child whole (~2.5 s more); the child ends 4 s after its fork
+    _fork_during_rounds(env, PyTree(env.hosts, env.hosts.src, env.tmp, env.cleanup, private_mb=96, child_life=4.0),
+                        procs=1)
+
+
+def _fork_during_rounds(env, tree, procs):
+    """Migrate tree at 40 MB/s (round 0 alone takes ~2.5 s), its root
+    forking once the tracker is attached; procs processes arrive."""
+    serve = env.serve()
     run = env.run_background(tree.pid, "--bandwidth-limit", "40M")
     wait_for(lambda: tracked(tree.pid) or not run.running(), 30, "run to attach its tracker")
     assert run.running()
     tree.signal(tree.pid, signal.SIGUSR2, "forked")
     rc, rep, err = run.wait(120)
-    assert_pytree_migrated(env, tree, rc, rep, err, serve, 1)
+    assert_pytree_migrated(env, tree, rc, rep, err, serve, procs)
 
 
 @pytest.mark.timeout(120)
