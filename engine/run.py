@@ -216,13 +216,17 @@ class Migration:
                 merged = Ranges(list(res.dirty) + list(self.pending.get(pid, [])))
                 dirty[pid] = list(merged)
                 final.pages_written += merged.total() // PAGE_SIZE
-            self.tracker.detach()
+            # Not detached yet: closing the tracker's userfaultfd makes the
+            # kernel clear write-protection over all the tracked memory (200 ms
+            # at 4 GiB), frozen time better spent sending. run() detaches
+            # once the outcome is known; if committed, the source's memory is
+            # gone by then and the close costs nothing.
             t_scanned = time.time()
             for pid, key in self.sender.keys.items():
                 need = self._lacking(images_dir, key, dirty.get(pid, []))
                 self.sender.send_ranges(pid, need, final)
             self.times["final_sent"] = time.time()
-            log.info("final round: scan and detach %.1f ms, %d pages sent in %.1f ms",
+            log.info("final round: scan %.1f ms, %d pages sent in %.1f ms",
                      (t_scanned - self.times["dumped"]) * 1000, final.pages_sent,
                      (self.times["final_sent"] - t_scanned) * 1000)
             for name in sorted(os.listdir(images_dir)):
