@@ -4,11 +4,15 @@ pages lies in the pages image. Everything is checked before any page is
 served, so that a broken image fails the restore instead of leaving a process
 running on zero-filled memory."""
 import os
+import struct
 from dataclasses import dataclass, field
 
 import pycriu.images
+from pycriu.images import pb
 
 from .errors import ImageError
+
+_I32 = struct.Struct("<i")
 
 PAGE_SIZE = 4096
 
@@ -80,6 +84,42 @@ def is_zombie(images_dir, pid):
         raise ImageError("%s: no task state" % path) from e
 
 
+def _pagemap(path):
+    """pages_id and the (vaddr, npages, flags) entries of a pagemap image.
+    Parsed with the protobuf classes directly: pycriu's dict conversion
+    takes 60 ms for the 1000 entries of a 4 GiB task, and the source reads
+    this image while its tasks are frozen."""
+    if not os.path.exists(path):
+        raise ImageError("%s: missing (pagemap)" % path)
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 4
+    (magic,) = _I32.unpack_from(data, 0) if len(data) >= 4 else (None,)
+    if magic in (pycriu.images.magic.by_name["IMG_COMMON"], pycriu.images.magic.by_name["IMG_SERVICE"]):
+        (magic,) = _I32.unpack_from(data, 4) if len(data) >= 8 else (None,)
+        pos = 8
+    if magic != pycriu.images.magic.by_name["PAGEMAP"]:
+        raise ImageError("%s: not a pagemap image (magic %r)" % (path, magic))
+    messages = []
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise ImageError("%s: truncated at byte %d" % (path, pos))
+        (size,) = _I32.unpack_from(data, pos)
+        pos += 4
+        if size < 0 or pos + size > len(data):
+            raise ImageError("%s: truncated: an entry of %d bytes at byte %d" % (path, size, pos))
+        msg = pb.pagemap_entry() if messages else pb.pagemap_head()
+        try:
+            msg.ParseFromString(data[pos:pos + size])
+        except Exception as e:  # protobuf's DecodeError, and missing required fields
+            raise ImageError("%s: corrupted entry at byte %d (%s)" % (path, pos, e)) from e
+        messages.append(msg)
+        pos += size
+    if not messages:
+        raise ImageError("%s: no pagemap head" % path)
+    return messages[0].pages_id, [(e.vaddr, e.nr_pages or e.compat_nr_pages, e.flags) for e in messages[1:]]
+
+
 def _vmas(images_dir, pid):
     path = os.path.join(images_dir, "mm-%d.img" % pid)
     img = _load(path, "mm")
@@ -93,21 +133,16 @@ def read_task(images_dir, pid):
     """The lazy pages of task `pid`, split at VMA boundaries (one UFFDIO_COPY
     cannot cross VMAs), with their place in the pages image checked."""
     pm_path = os.path.join(images_dir, "pagemap-%d.img" % pid)
-    pm = _load(pm_path, "pagemap")
-    entries = pm.get("entries") or []
-    if not entries or "pages_id" not in entries[0]:
-        raise ImageError("%s: no pagemap head" % pm_path)
-    pages_path = os.path.join(images_dir, "pages-%d.img" % entries[0]["pages_id"])
+    pages_id, entries = _pagemap(pm_path)
+    pages_path = os.path.join(images_dir, "pages-%d.img" % pages_id)
     vmas = _vmas(images_dir, pid)
 
     task = TaskImages(pid, pages_path)
     offset = 0
     vi = 0
-    for e in entries[1:]:
-        vaddr, flags = e.get("vaddr"), e.get("flags", 0)
-        npages = e.get("nr_pages") or e.get("compat_nr_pages", 0)
-        if vaddr is None or vaddr % PAGE_SIZE or npages <= 0:
-            raise ImageError("%s: malformed entry %r" % (pm_path, e))
+    for vaddr, npages, flags in entries:
+        if vaddr % PAGE_SIZE or npages <= 0:
+            raise ImageError("%s: malformed entry: vaddr 0x%x, %d pages" % (pm_path, vaddr, npages))
         if flags & PE_PARENT:
             raise ImageError("%s: pages in a parent snapshot (pre-dump images) are not supported" % pm_path)
         here = offset if flags & PE_PRESENT else None
