@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from hybridmig.criu import criu_binary
+from hybridmig.criu import CRIU_LOG_LEVEL, criu_binary
 
 from .trial import StrategyError, Trial, log_tail
 
@@ -85,7 +85,7 @@ class Strategy:
     def dump(trial: Trial, images, *opts) -> None:
         os.makedirs(images, exist_ok=True)
         trial.run("src", [criu_binary(), "dump", "-t", trial.workload.host_pid, "-D", images, "-o", "dump.log",
-                          "-v4", *trial.workload.criu_opts(), *opts],
+                          CRIU_LOG_LEVEL, *trial.workload.criu_opts(), *opts],
                   "criu-dump.out", "criu dump", criu_log=os.path.join(images, "dump.log"))
 
     @staticmethod
@@ -105,7 +105,7 @@ class Strategy:
     def restore(trial: Trial, images, *opts) -> int:
         pidfile = os.path.join(images, "restore.pid")
         trial.run("dst", [criu_binary(), "restore", "-D", images, "-W", images, "-d", "--pidfile", pidfile,
-                          "-o", "restore.log", "-v4", *trial.workload.criu_opts(), *opts],
+                          "-o", "restore.log", CRIU_LOG_LEVEL, *trial.workload.criu_opts(), *opts],
                   "criu-restore.out", "criu restore", criu_log=os.path.join(images, "restore.log"))
         with open(pidfile) as f:
             pid = int(f.read())
@@ -160,7 +160,7 @@ class PostCopy(Strategy):
         # The dump writes everything but the lazy memory, then its page server
         # serves that memory until the destination's daemon has it all.
         dump = trial.spawn("src", [criu_binary(), "dump", "-t", trial.workload.host_pid, "-D", src, "-o",
-                                   "dump.log", "-v4", "--lazy-pages", "--address", ps_addr, "--port", PAGE_PORT,
+                                   "dump.log", CRIU_LOG_LEVEL, "--lazy-pages", "--address", ps_addr, "--port", PAGE_PORT,
                                    "--status-fd", wfd, *trial.workload.criu_opts()],
                            "criu-dump.out", pass_fds=(wfd,))
         os.close(wfd)
@@ -196,7 +196,7 @@ class PreDump(Strategy):
         t0 = time.time()
         os.makedirs(pre_src)
         trial.run("src", [criu_binary(), "pre-dump", "-t", trial.workload.host_pid, "-D", pre_src, "-o",
-                          "pre-dump.log", "-v4", "--track-mem", *trial.workload.criu_opts()],
+                          "pre-dump.log", CRIU_LOG_LEVEL, "--track-mem", *trial.workload.criu_opts()],
                   "criu-pre-dump.out", "criu pre-dump", criu_log=pre_src / "pre-dump.log")
         self.copy(trial, pre_src, pre_dst, "-pre")
         t1 = time.time()
@@ -225,7 +225,7 @@ class Hybridmig(Strategy):
         serve_dir.mkdir()
         listen = "%s:%d" % (h.dst_addr, SERVE_PORT)
         serve = trial.spawn("dst", [HYBRIDMIG, "serve", "--listen", listen, "--dir", serve_dir, "--key-file", key,
-                                    "--once", "-v3"], "serve.log")
+                                    "--once", "--keep", "-v3"], "serve.log")
         _wait_log(trial.logs / "serve.log", "listening on", serve, 30)
         opts = ["--criu-opt=%s" % o for o in trial.workload.criu_opts()]
         t0 = time.time()
@@ -262,7 +262,8 @@ def _wait_log(path, needle, proc, timeout):
 
 
 def _lazy_daemon(trial, args):
-    """The stock `criu lazy-pages` on the destination, ready to serve."""
+    """The stock `criu lazy-pages` on the destination, ready to serve. At
+    -v4: its "#PF at" debug lines are how remote faults are counted."""
     rfd, wfd = os.pipe()
     daemon = trial.spawn("dst", [criu_binary(), "lazy-pages", *args, "-o", "lazy-pages.log", "-v4",
                                  "--status-fd", wfd], "criu-lazy-pages.out", pass_fds=(wfd,))
