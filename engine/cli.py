@@ -113,8 +113,9 @@ def _size(text):
 @click.option("--once", is_flag=True, help="exit after the first migration (0 if it committed)")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS certificate (with --tls-key): encrypt the session")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS private key")
+@click.option("--keep", is_flag=True, help="keep each session's images and CRIU's restore.log in --dir")
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
-def serve(listen, base_dir, key_file, once, tls_cert, tls_key, verbosity):
+def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, verbosity):
     """Destination: keep pre-copied pages in RAM and restore migrated processes."""
     from . import serve as destination
     from . import wire
@@ -124,7 +125,7 @@ def serve(listen, base_dir, key_file, once, tls_cert, tls_key, verbosity):
         fail("--tls-cert and --tls-key go together")
     try:
         tls = wire.tls_server_context(tls_cert, tls_key) if tls_cert else None
-        outcome = destination.serve(listen, base_dir, wire.read_key(key_file), once=once, tls=tls)
+        outcome = destination.serve(listen, base_dir, wire.read_key(key_file), once=once, tls=tls, keep=keep)
     except HybridmigError as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ import time
 
 from . import wire
 from .bindings.pagestore import PageStore
-from .criu import criu_binary, log_tail
+from .criu import CRIU_LOG_LEVEL, criu_binary, log_tail
 from .errors import HybridmigError, ProtocolError
 from .lazypages import LazyPagesDaemon
 from .wire import Msg
@@ -165,22 +165,23 @@ class Session:
 
     def _restore(self, opts):
         """criu restore --lazy-pages served from the store; RESULT to the source."""
-        t0 = time.time()
+        t0 = time.monotonic()
         result = {"ok": False}
         daemon = None
         try:
             daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store)
             daemon.listen()
+            t_listening = time.monotonic()
             served = {}
             server = threading.Thread(target=lambda: served.update(stats=daemon.serve(timeout=30)),
                                       name="lazy-pages", daemon=True)
             server.start()
             pidfile = os.path.join(self.dir, "restore.pid")
             cmd = [criu_binary(), "restore", "-D", self.images, "-W", self.images, "--lazy-pages", "-d",
-                   "--pidfile", pidfile, "-o", "restore.log", "-v4", *opts.get("criu_opts", [])]
+                   "--pidfile", pidfile, "-o", "restore.log", CRIU_LOG_LEVEL, *opts.get("criu_opts", [])]
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                   timeout=self.restore_timeout)
-            t_restored = time.time()
+            t_restored = time.monotonic()
             if os.path.exists(pidfile):
                 self.restored_pid = int(open(pidfile).read().strip() or 0) or None
             if proc.returncode != 0:
@@ -190,9 +191,17 @@ class Session:
             server.join(self.restore_timeout)
             if server.is_alive() or "stats" not in served:
                 raise HybridmigError("the restored process's pages were not all installed")
+            # (read by the daemon's thread: it can come after CRIU's exit)
+            finished = min(daemon.restore_finished_at / 1e9, t_restored) if daemon.restore_finished_at \
+                else t_restored
             result = {"ok": True, "restored_pid": self.restored_pid, "restore_s": t_restored - t0,
-                      "installed_s": time.time() - t0, "remote_pages": self.remote.remote_pages,
-                      "lazy": served["stats"]}
+                      "installed_s": time.monotonic() - t0, "remote_pages": self.remote.remote_pages,
+                      "lazy": served["stats"],
+                      # where the restore's time goes: images read and socket up; CRIU
+                      # until its restore-finished message; CRIU's exit after it
+                      "restore_breakdown_ms": {"daemon_ready": (t_listening - t0) * 1000,
+                                               "criu_to_finished": (finished - t_listening) * 1000,
+                                               "finished_to_exit": (t_restored - finished) * 1000}}
         except Exception as e:  # reported to the source, which then resumes its copy
             log.error("restore failed: %s", e)
             self.kill_restored()
@@ -228,8 +237,9 @@ def _boot_id():
         return f.read().strip()
 
 
-def serve(listen, base_dir, key, once=False, ready=None, tls=None):
-    """Accept sources one at a time; with `once`, return after the first session's outcome."""
+def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
+    """Accept sources one at a time; with `once`, return after the first session's outcome.
+    `keep`: leave every session's directory (images, CRIU's restore.log) in base_dir."""
     host, port = wire.parse_addr(listen)
     if not os.path.isdir(base_dir) or not os.access(base_dir, os.W_OK):
         raise HybridmigError("--dir %s is not a writable directory" % base_dir)
@@ -277,7 +287,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None):
                 outcome = "broken"
             finally:
                 channel.close()
-                session.cleanup(keep=outcome != "committed" and logging.getLogger().isEnabledFor(logging.DEBUG))
+                session.cleanup(keep=keep or (outcome != "committed" and logging.getLogger().isEnabledFor(logging.DEBUG)))
             if once:
                 return outcome
     finally:

@@ -51,7 +51,7 @@ class Serve:
     """`hybridmig serve --once` in a namespace, logging to a file; killed by pid at teardown."""
 
     def __init__(self, hosts, ns, addr, base_dir, key_file, cleanup, log_dir, port=PORT, env=None, once=True,
-                 verbosity=3):
+                 verbosity=3, keep=False):
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = Path(log_dir) / ("serve-%s-%d.log" % (ns, time.monotonic_ns()))
@@ -60,6 +60,8 @@ class Serve:
                                   "--key-file", str(key_file), "-v%d" % verbosity]
         if once:
             cmd.append("--once")
+        if keep:
+            cmd.append("--keep")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, **(env or {})))

@@ -67,12 +67,12 @@ class Env:
         self.cleanup.add(wl.stop)
         return wl
 
-    def serve(self, ns=None, addr=None, key=None, base_dir=None, env=None):
+    def serve(self, ns=None, addr=None, key=None, base_dir=None, env=None, keep=False):
         ns = ns or self.hosts.dst
         addr = addr or (self.hosts.dst_addr if ns == self.hosts.dst else self.hosts.src_addr)
         base_dir = base_dir or self.new_dir("serve")
         return Serve(self.hosts, ns, addr, base_dir, key or self.key, self.cleanup, self.tmp,
-                     env=env).wait_listening()
+                     env=env, keep=keep).wait_listening()
 
     def to(self, ns=None):
         ns = ns or self.hosts.dst
@@ -111,9 +111,9 @@ def assert_intact(results, procs):
     return results
 
 
-def assert_migrated(env, wl, rc, rep, err, serve, size_mb, procs=1, dst_ns=None):
+def assert_migrated(env, wl, rc, rep, err, serve, size_mb, procs=1, dst_ns=None, kept=False):
     """The checks of a successful migration of wl (size_mb MiB per process);
-    returns the restored Workload."""
+    returns the restored Workload. kept: serve ran with --keep."""
     dst_ns = dst_ns or env.hosts.dst
     assert rc == 0, err
     assert rep is not None, "no JSON report on stdout"
@@ -130,6 +130,10 @@ def assert_migrated(env, wl, rc, rep, err, serve, size_mb, procs=1, dst_ns=None)
     assert rep["remote_faults"] == 0, rep
     assert rep["destination"]["ok"] is True, rep["destination"]
     assert rep["destination"]["remote_pages"] == 0, rep["destination"]
+    restore = rep["destination"]["restore_breakdown_ms"]
+    assert set(restore) == {"daemon_ready", "criu_to_finished", "finished_to_exit"}, restore
+    assert all(v >= 0 for v in restore.values()), restore
+    assert abs(sum(restore.values()) - rep["breakdown"]["restore_ms"]) < 1, (restore, rep["breakdown"])
     print("migrated: downtime %.1f ms, %d rounds, %d bytes, breakdown %s"
           % (rep["downtime_ms"], len(rounds), rep["bytes_sent"], rep["breakdown"]))
 
@@ -150,7 +154,12 @@ def assert_migrated(env, wl, rc, rep, err, serve, size_mb, procs=1, dst_ns=None)
     assert_intact(new.verify(), procs)
 
     assert serve.wait(60) == 0, serve.log()
-    assert os.listdir(serve.base_dir) == [], "serve left its session dir behind after a commit"
+    if kept:
+        (session,) = os.listdir(serve.base_dir)
+        restore_log = (serve.base_dir / session / "images" / "restore.log").read_text()
+        assert "Restore finished successfully" in restore_log, restore_log[-2000:]
+    else:
+        assert os.listdir(serve.base_dir) == [], "serve left its session dir behind after a commit"
     return new
 
 
@@ -297,9 +306,9 @@ def test_migrate_there_and_back(env):
     rc, rep, err = env.run(wl.host_pid)
     there = assert_migrated(env, wl, rc, rep, err, serve, 128)
 
-    back_serve = env.serve(h.src)
+    back_serve = env.serve(h.src, keep=True)  # and --keep leaves the session's images and logs
     rc, rep, err = env.run(there.host_pid, ns=h.dst, to=env.to(h.src))
-    assert_migrated(env, there, rc, rep, err, back_serve, 128, dst_ns=h.src)
+    assert_migrated(env, there, rc, rep, err, back_serve, 128, dst_ns=h.src, kept=True)
 
 
 # --- rollback ------------------------------------------------------------------------------
