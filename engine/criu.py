@@ -1,9 +1,13 @@
 """Running CRIU: where it is, what its logs say, and the lazy dump of the
 switch-over with its post-dump hook."""
 import os
+import select
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 from . import doctor
 from .errors import CriuError
@@ -47,16 +51,29 @@ def write_hook(directory):
 
 
 class LazyDump:
-    """`criu dump --lazy-pages` whose post-dump step asks us what to do.
+    """`criu dump --lazy-pages` that waits for us at both of its hook points.
 
-    CRIU runs the hook once the images are written and the tasks frozen; the
-    hook connects to `hook_sock` and exits with the verdict we send: 0 lets
-    the dump finish (the tasks end once its page server is closed), anything
-    else makes CRIU resume them (criu/cr-dump.c, cr_dump_finish)."""
+    Started at the beginning of pre-copy: CRIU's own start-up (80-450 ms
+    here) is over by the time pre-copy converges, and it waits in its
+    pre-dump hook, before it has looked at the tree. ``wait_hook("pre-dump")``
+    then ``go()`` let it seize the tree; ``cancel()`` instead makes it give up
+    without touching it. CRIU runs the post-dump hook once the images are
+    written and the tasks frozen: the verdict sent there (``conn`` of
+    ``wait_hook("post-dump")``) is 0 to let the dump finish (the tasks end
+    once its page server is closed), anything else makes CRIU resume them
+    (criu/cr-dump.c, cr_dump_finish)."""
 
-    def __init__(self, pid, images_dir, port, hook_sock, hook_dir, criu_opts=(), netns=None):
+    def __init__(self, pid, images_dir, port, hook_dir, criu_opts=(), netns=None):
         self.images_dir = images_dir
         self.log = os.path.join(images_dir, "dump.log")
+        # The socket lives apart from the work dir: a UNIX socket path has
+        # at most 107 bytes, a --work-dir can be longer.
+        self._sock_dir = tempfile.mkdtemp(prefix="hybridmig-hook-")
+        hook_sock = os.path.join(self._sock_dir, "hook.sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(hook_sock)
+        self._listener.listen(1)
+        self._pre_dump = None  # the pre-dump hook's connection, until go() or cancel()
         cmd = ["nsenter", "--net=/run/netns/%s" % netns] if netns else []
         cmd += [criu_binary(), "dump", "-t", str(pid), "-D", images_dir, "-W", images_dir,
                 "--lazy-pages", "--address", "127.0.0.1", "--port", str(port),
@@ -64,6 +81,46 @@ class LazyDump:
         env = dict(os.environ, **{HOOK_ENV: hook_sock, PAGE_SERVER_ENV: str(port)})
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env=env, text=True)
+
+    def wait_hook(self, stage, timeout):
+        """The connection of CRIU's hook at `stage` ("pre-dump" or
+        "post-dump"), once it calls; CriuError if CRIU fails or is silent."""
+        deadline = time.monotonic() + timeout
+        while not select.select([self._listener], [], [], 0.05)[0]:
+            failed = self.failed()
+            if failed:
+                raise CriuError("%s; the source keeps running" % failed)
+            if time.monotonic() > deadline:
+                raise CriuError("criu dump did not reach %s within %ss" % (stage, timeout))
+        conn, _ = self._listener.accept()
+        said = conn.recv(64).decode(errors="replace").strip()
+        if said != stage:
+            conn.close()
+            raise CriuError("criu dump's hook reported %r, expected %s" % (said, stage))
+        if stage == "pre-dump":
+            self._pre_dump = conn
+        return conn
+
+    def go(self):
+        """Let CRIU go on from its pre-dump hook: it seizes the tree next."""
+        self._answer_pre_dump(b"0")
+
+    def _answer_pre_dump(self, verdict):
+        if self._pre_dump is not None:
+            with self._pre_dump:
+                self._pre_dump.sendall(verdict)
+            self._pre_dump = None
+
+    def cancel(self, timeout=10):
+        """Make a CRIU that has not seized the tree yet give up (its pre-dump
+        hook fails: nothing of the tree is touched), and wait for it."""
+        try:
+            self._answer_pre_dump(b"1")
+        except OSError:
+            pass  # the hook is gone: CRIU ends anyway
+        self._listener.close()  # a hook still to call finds no one: it fails, CRIU gives up
+        if self.wait(timeout) is None:
+            self.kill()
 
     def failed(self):
         """None while running or after success, else the reason."""
@@ -83,12 +140,6 @@ class LazyDump:
             self.proc.kill()
             self.proc.wait(10)
 
-
-def hook_listener(path):
-    """The unix socket the hook connects to."""
-    if os.path.exists(path):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(1)
-    return sock
+    def close(self):
+        self._listener.close()
+        shutil.rmtree(self._sock_dir, ignore_errors=True)

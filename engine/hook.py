@@ -2,13 +2,13 @@
 executable CRIU runs: this file, run by this interpreter without
 site-packages).
 
-CRIU runs it at each stage with CRTOOLS_SCRIPT_ACTION set. At pre-dump,
-just before CRIU seizes the tasks, it tells `hybridmig run` (which then
-stops holding an auto-converged tree) and waits for its reply. At post-dump (the
-images are written and the tasks frozen) it hands over to `hybridmig run`
-through the socket in $HYBRIDMIG_HOOK_SOCKET and exits with its verdict:
-0 to let the dump finish, 1 to make CRIU resume the tasks. Any failure to
-ask means 1: the source is never lost.
+CRIU runs it at each stage with CRTOOLS_SCRIPT_ACTION set, and it asks
+`hybridmig run` through the socket in $HYBRIDMIG_HOOK_SOCKET. At pre-dump,
+before CRIU has looked at the tree (CRIU starts with pre-copy and waits
+here until it converged), the verdict is 0 to go on and seize the tree, 1
+to give up. At post-dump (the images are written and the tasks frozen) it
+is 0 to let the dump finish, 1 to make CRIU resume the tasks. Any failure
+to ask means 1: the source is never lost.
 
 After post-dump a lazy dump always starts its page server and waits, frozen,
 for one client (criu/cr-dump.c, cr_dump_finish). A detached child of the
@@ -82,12 +82,12 @@ def main(argv=None):
             verdict = s.recv(1)
     except (OSError, TypeError) as e:
         print("hybridmig's CRIU hook: cannot reach hybridmig run at %s: %s" % (path, e), file=sys.stderr)
-    if action == "pre-dump":
-        # Only a signal that CRIU is about to seize the tree (hybridmig run
-        # lets go of it); whatever happens, the dump may go on: safety is
-        # the post-dump verdict's job.
-        return 0
     commit = verdict == b"0"
+    if action == "pre-dump":
+        # CRIU waits here from the start of pre-copy until the switch-over:
+        # 0 lets it seize the tree; anything else (pre-copy failed, or
+        # `hybridmig run` is gone) makes it give up before touching it.
+        return 0 if commit else 1
     if port:
         _detach_and_end_session(port, commit)
     return 0 if commit else 1

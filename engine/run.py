@@ -5,7 +5,6 @@ post-dump hook (tasks frozen, images written) sends the last dirty pages and
 the images; the destination restores from its page store and reports; only a
 reported success lets CRIU end the source. Anything else resumes it."""
 import os
-import select
 import socket
 import tempfile
 import time
@@ -16,11 +15,11 @@ import psutil
 
 from . import images, wire
 from .bindings.ranges import Ranges
-from .criu import LazyDump, hook_listener
+from .criu import LazyDump
 from .errors import CriuError, HybridmigError, ProtocolError, SetupError
 from .converge import AutoConverge
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid
-from .tracker import TreeTracker, read_pages
+from .tracker import TreeTracker
 from .wire import Msg
 
 log = logging.getLogger("hybridmig.run")
@@ -84,6 +83,7 @@ class Migration:
         self.result = None
         self.channel = None
         self.tracker = None
+        self.dump = None
 
     # --- the steps --------------------------------------------------------------
 
@@ -99,9 +99,15 @@ class Migration:
                 "destination confirms; start the workload with `unshare -p -f setsid ...`" % self.pid)
         self.times["start"] = time.time()
         tree = [self.pid] + [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
+        work = self.work_dir or tempfile.mkdtemp(prefix="hybridmig-run-")
         self.tracker = TreeTracker(self.pid)
         self.times["attach_stop_ms"] = self.tracker.attach()
         try:
+            # CRIU starts now and waits at its pre-dump hook, so that its
+            # start-up is over when pre-copy converges.
+            images_dir = os.path.join(work, "images")
+            os.makedirs(images_dir, exist_ok=True)
+            self.dump = LazyDump(self.pid, images_dir, _free_port(), work, self.criu_opts)
             self.sender = Sender(self.channel, {p: ns_pid(p) for p in tree}, self.pid, self.compress,
                                  Throttle(self.bandwidth_limit) if self.bandwidth_limit else None)
             if self.auto_converge:
@@ -111,13 +117,20 @@ class Migration:
             self.rounds = precopy.run()
             self.pending = precopy.pending
             self.times["precopy_done"] = time.time()
-            self._switch_over()
+            self._switch_over(images_dir)
         finally:
             if self.converge is not None:
                 self.converge.stop()
+            if self.dump is not None:
+                if "go" not in self.times:
+                    self.dump.cancel()
+                self.dump.wait(self.timeout)
+                self.dump.close()
             if self.tracker is not None:
                 self.tracker.detach()
             self.channel.close()
+            if not self.work_dir:
+                shutil.rmtree(work, ignore_errors=True)
         return self.report()
 
     def _connect(self):
@@ -128,77 +141,44 @@ class Migration:
         host = wire.decode_json(payload)
         return host.get("boot_id") == boot_id()
 
-    def _switch_over(self):
-        work = self.work_dir or tempfile.mkdtemp(prefix="hybridmig-run-")
-        images_dir = os.path.join(work, "images")
-        os.makedirs(images_dir, exist_ok=True)
-        # The socket lives apart from the work dir: a UNIX socket path has
-        # at most 107 bytes, a --work-dir can be longer.
-        sock_dir = tempfile.mkdtemp(prefix="hybridmig-hook-")
-        hook_sock_path = os.path.join(sock_dir, "hook.sock")
-        hook_sock = hook_listener(hook_sock_path)
-        dump = None
+    def _switch_over(self, images_dir):
+        self.dump.wait_hook("pre-dump", self.timeout)
+        self.times["criu_ready"] = time.time()
+        # Let go of an auto-converged tree only now, as CRIU seizes it next:
+        # it runs free just for CRIU's few steps before the seizing.
+        if self.converge is not None:
+            self.converge.stop()
+        self.times["go"] = time.time()
+        self.dump.go()
         try:
-            self.times["freeze"] = time.time()
-            dump = LazyDump(self.pid, images_dir, _free_port(), hook_sock_path, work, self.criu_opts)
-            conn = self._wait_for_hook(hook_sock, dump)
-            self.times["dumped"] = time.time()
-            with conn:
-                verdict = self._final(images_dir)
-                conn.sendall(b"0" if verdict else b"1")
-            rc = dump.wait(self.timeout)
-            self.times["source_done"] = time.time()
-            if verdict and (rc == 0 or rc is None or not _alive(self.pid)):
-                # Committed: the destination's copy is the one. A CRIU still
-                # running here ends the source once its page server is closed.
-                if rc is None:
-                    log.warning("criu dump has not finished %ss after the commit; the source ends with it",
-                                self.timeout)
-                self.channel.send(Msg.COMMIT)
-                self._expect_done()
-                return
-            if verdict:
-                # CRIU failed after our confirmation and resumed the source:
-                # keep exactly one copy, the source.
-                self.channel.send(Msg.ABORT)
-                self._expect_done()
-                raise CriuError(dump.failed() or "criu dump did not finish: the source was resumed")
-            self._abort_destination()
-            raise HybridmigError("the destination did not restore the process: %s; the source was resumed"
-                                 % (self.result or {}).get("error", "no result"))
+            conn = self.dump.wait_hook("post-dump", self.timeout)
         except BaseException:
-            if dump is not None and dump.proc.poll() is None and "dumped" not in self.times:
-                dump.kill()  # CRIU resumes what it froze when it dies before post-dump
+            self.dump.kill()  # CRIU resumes what it froze when it dies before post-dump
             raise
-        finally:
-            hook_sock.close()
-            shutil.rmtree(sock_dir, ignore_errors=True)
-            if dump is not None:
-                dump.wait(self.timeout)
-            if not self.work_dir:
-                shutil.rmtree(work, ignore_errors=True)
-
-    def _wait_for_hook(self, hook_sock, dump):
-        deadline = time.monotonic() + self.timeout
-        while True:
-            if select.select([hook_sock], [], [], 0.05)[0]:
-                conn, _ = hook_sock.accept()
-                if conn.recv(64).startswith(b"pre-dump"):
-                    self.times["criu_started"] = time.time()
-                    # CRIU seizes the tree next: let go of it only now, so
-                    # that an auto-converged tree does not run at full speed
-                    # through CRIU's start-up and dirty it all again.
-                    if self.converge is not None:
-                        self.converge.stop()
-                    with conn:
-                        conn.sendall(b"0")
-                    continue
-                return conn
-            failed = dump.failed()
-            if failed:
-                raise CriuError("%s; the source keeps running" % failed)
-            if time.monotonic() > deadline:
-                raise CriuError("criu dump did not reach post-dump within %ss" % self.timeout)
+        self.times["dumped"] = time.time()
+        with conn:
+            verdict = self._final(images_dir)
+            conn.sendall(b"0" if verdict else b"1")
+        rc = self.dump.wait(self.timeout)
+        self.times["source_done"] = time.time()
+        if verdict and (rc == 0 or rc is None or not _alive(self.pid)):
+            # Committed: the destination's copy is the one. A CRIU still
+            # running here ends the source once its page server is closed.
+            if rc is None:
+                log.warning("criu dump has not finished %ss after the commit; the source ends with it",
+                            self.timeout)
+            self.channel.send(Msg.COMMIT)
+            self._expect_done()
+            return
+        if verdict:
+            # CRIU failed after our confirmation and resumed the source:
+            # keep exactly one copy, the source.
+            self.channel.send(Msg.ABORT)
+            self._expect_done()
+            raise CriuError(self.dump.failed() or "criu dump did not finish: the source was resumed")
+        self._abort_destination()
+        raise HybridmigError("the destination did not restore the process: %s; the source was resumed"
+                             % (self.result or {}).get("error", "no result"))
 
     def _final(self, images_dir):
         """Tasks frozen: the last dirty pages, the pages CRIU lists that the
@@ -313,12 +293,12 @@ class Migration:
         then are served from the destination's RAM."""
         t = self.times
         dest = self.result or {}
-        started = t.get("criu_started", t["freeze"])
         breakdown = {
-            # CRIU's start-up, until it is about to seize the tree (the tree
-            # still runs, unless auto-converge holds it)
-            "criu_startup_ms": (started - t["freeze"]) * 1000,
-            "freeze_to_dumped_ms": (t["dumped"] - started) * 1000,
+            # the part of CRIU's start-up (begun with pre-copy) still to go
+            # when pre-copy converged (the tree still runs, unless
+            # auto-converge holds it)
+            "criu_startup_ms": (t["criu_ready"] - t["precopy_done"]) * 1000,
+            "freeze_to_dumped_ms": (t["dumped"] - t["go"]) * 1000,
             "final_pages_ms": (t["final_sent"] - t["dumped"]) * 1000,
             "images_ms": (t["images_sent"] - t["final_sent"]) * 1000,
             "restore_ms": dest.get("restore_s", 0.0) * 1000,

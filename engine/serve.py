@@ -5,7 +5,6 @@ takes the final CRIU images, restores them with `criu restore --lazy-pages`
 while its own fault loop serves every page from that store, and reports the
 result to the source, which only then lets go of its copy (docs/design.md).
 """
-import json
 import logging
 import os
 import shutil

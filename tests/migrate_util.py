@@ -212,6 +212,11 @@ import hashlib, json, mmap, os, signal, sys, time
 report, private_mb, shared_mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 zombie, child_life = sys.argv[4] == "1", float(sys.argv[5])
 os.setsid()  # CRIU wants the session leader inside the pid namespace
+if sys.argv[6] == "1":  # a perf event fd (CPU clock of this process): a file CRIU cannot dump
+    import ctypes, struct
+    attr = ctypes.create_string_buffer(struct.pack("IIQ", 1, 128, 0) + bytes(112))  # SOFTWARE, size, CPU_CLOCK
+    if ctypes.CDLL(None, use_errno=True).syscall(298, attr, 0, -1, -1, 0) < 0:
+        raise OSError(ctypes.get_errno(), "perf_event_open")
 def line(**kw):
     kw.update(pid=os.getpid(), realtime=time.time())
     fd = os.open(report, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -258,14 +263,17 @@ class PyTree:
     """A python process as the init of its own pid namespace (so CRIU can
     restore it with its pids), holding private_mb MiB of random private
     anonymous memory and shared_mb MiB of MAP_SHARED anonymous memory whose
-    digests it checks on SIGUSR1; optionally with a zombie child. On SIGUSR2
+    digests it checks on SIGUSR1; optionally with a zombie child, or with a
+    perf event fd, which CRIU refuses to dump. On SIGUSR2
     it forks a child that lives child_life seconds (0: for ever) and is
     reaped as soon as it exits."""
 
-    def __init__(self, hosts, ns, workdir, cleanup, private_mb=32, shared_mb=0, zombie=False, child_life=0.0):
+    def __init__(self, hosts, ns, workdir, cleanup, private_mb=32, shared_mb=0, zombie=False, child_life=0.0,
+                 perf_event=False):
         self.report = Path(workdir) / ("pytree-%d.jsonl" % time.monotonic_ns())
         cmd = hosts.run_in(ns) + ["unshare", "--pid", "--fork", "python3", "-c", PYTREE, str(self.report),
-                                  str(private_mb), str(shared_mb), "1" if zombie else "0", str(child_life)]
+                                  str(private_mb), str(shared_mb), "1" if zombie else "0", str(child_life),
+                                  "1" if perf_event else "0"]
         self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True)
         cleanup.add(kill_by_report, str(self.report))  # last: a restored copy left behind

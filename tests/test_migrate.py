@@ -408,6 +408,23 @@ def test_destination_cannot_store_images(env):
     assert_no_leftovers(serve)
 
 
+@pytest.mark.timeout(120)
+def test_criu_refuses_the_process(env):
+    """CRIU, started with pre-copy, refuses the tree only once it seizes it
+    (a perf event fd): the error names CRIU's reason, and the source, which
+    CRIU resumes, runs on intact with no tracker left."""
+    tree = PyTree(env.hosts, env.hosts.src, env.tmp, env.cleanup, private_mb=32, perf_event=True)
+    serve = env.serve()
+    rc, rep, err = env.run(tree.pid)
+    assert rc != 0 and rep["result"] == "failed", rep
+    assert "criu dump failed" in rep["error"] and "perf_event" in rep["error"], rep["error"]
+    assert state(tree.pid) not in ("T", "t", "Z", "X"), state(tree.pid)
+    assert not uffd_fds(tree.pid) and not tracked(tree.pid)
+    assert tree.signal(tree.pid, signal.SIGUSR1, "check")["ok"]
+    assert serve.wait(60) not in (0, None), serve.log()
+    assert_no_leftovers(serve)
+
+
 @pytest.mark.timeout(60)
 def test_unknown_pid(env):
     serve = env.serve()
@@ -577,7 +594,8 @@ def test_auto_converge_brings_a_fast_writer_to_a_small_final_round(env):
 def test_run_killed_while_holding_the_tree_leaves_it_running(env):
     """The tree is held in ptrace stops, which end with their tracer: when
     `hybridmig run` is SIGKILLed in the middle of a hold, the kernel lets
-    the tree go, and nothing of the tracking is left in it."""
+    the tree go, and nothing of the tracking is left in it. The CRIU that
+    run started with pre-copy, waiting in its pre-dump hook, gives up."""
     wl = env.workload(64, rate=0)
     pids = wl.pids()
     env.serve()
@@ -586,11 +604,17 @@ def test_run_killed_while_holding_the_tree_leaves_it_running(env):
              "auto-converge to start holding the tree")
     wait_for(lambda: state(wl.host_pid) == "t" or not run.running(), 30, "a hold")
     assert run.running(), run.err_path.read_text()
+
+    def criu_dumps():
+        return [p for p in psutil.process_iter(["cmdline"])
+                if (p.info["cmdline"] or [])[1:4] == ["dump", "-t", str(wl.host_pid)]]
+    assert criu_dumps(), "run has no criu dump waiting"
     os.kill(run.proc.pid, signal.SIGKILL)
     run.proc.wait(10)
     wait_for(lambda: all(state(p) not in ("t", "T") for p in pids), 5, "the tree to run again")
     for pid in pids:
         assert not uffd_fds(pid) and not tracked(pid), pid
+    wait_for(lambda: not criu_dumps(), 10, "the waiting criu dump to give up")
     ops = wl.verify()[0]["ops"]
     time.sleep(0.3)
     after = assert_intact(wl.verify(), 1)[0]
