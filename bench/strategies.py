@@ -30,7 +30,6 @@ import select
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 from hybridmig.criu import CRIU_LOG_LEVEL, criu_binary
 
