@@ -1,5 +1,6 @@
 """Running CRIU: where it is, what its logs say, and the lazy dump of the
 switch-over with its post-dump hook."""
+import functools
 import os
 import select
 import shutil
@@ -21,7 +22,10 @@ from .hook import HOOK_ENV, PAGE_SERVER_ENV
 CRIU_LOG_LEVEL = "-v3"
 
 
+@functools.lru_cache(maxsize=None)
 def criu_binary():
+    """The checked CRIU, checked once per process: `criu check` takes 70 ms,
+    and the destination needs the binary while the process is down."""
     return doctor.require_criu()
 
 

@@ -102,6 +102,7 @@ class LazyPagesDaemon:
         self._preloaded = set()  # pids whose pages are all in the store before CRIU connects
         self.tasks = {}  # pid -> lazy pages of the tasks restored
         self.zombies = []
+        self.connected_at = None  # monotonic ns: criu restore connected
         self.restore_finished_at = None
         self.completed = False
 
@@ -155,6 +156,7 @@ class LazyPagesDaemon:
             conn, _ = self.sock.accept()
         except socket.timeout as e:
             raise ProtocolError("no criu restore connected to %s within %ss" % (SOCKET_NAME, timeout)) from e
+        self.connected_at = time.monotonic_ns()
         self.sock.close()
         conn.settimeout(None)
         self.loop.start()

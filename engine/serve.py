@@ -190,16 +190,19 @@ class Session:
             server.join(self.restore_timeout)
             if server.is_alive() or "stats" not in served:
                 raise HybridmigError("the restored process's pages were not all installed")
-            # (read by the daemon's thread: it can come after CRIU's exit)
+            # (read by the daemon's thread: they can come after CRIU's exit)
             finished = min(daemon.restore_finished_at / 1e9, t_restored) if daemon.restore_finished_at \
                 else t_restored
+            connected = min(daemon.connected_at / 1e9, finished) if daemon.connected_at else finished
             result = {"ok": True, "restored_pid": self.restored_pid, "restore_s": t_restored - t0,
                       "installed_s": time.monotonic() - t0, "remote_pages": self.remote.remote_pages,
                       "lazy": served["stats"],
                       # where the restore's time goes: images read and socket up; CRIU
-                      # until its restore-finished message; CRIU's exit after it
+                      # until it connects to the lazy-pages socket (its tasks forked),
+                      # then until its restore-finished message; CRIU's exit after it
                       "restore_breakdown_ms": {"daemon_ready": (t_listening - t0) * 1000,
-                                               "criu_to_finished": (finished - t_listening) * 1000,
+                                               "criu_to_connected": (connected - t_listening) * 1000,
+                                               "connected_to_finished": (finished - connected) * 1000,
                                                "finished_to_exit": (t_restored - finished) * 1000}}
         except Exception as e:  # reported to the source, which then resumes its copy
             log.error("restore failed: %s", e)
@@ -242,6 +245,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
     host, port = wire.parse_addr(listen)
     if not os.path.isdir(base_dir) or not os.access(base_dir, os.W_OK):
         raise HybridmigError("--dir %s is not a writable directory" % base_dir)
+    criu_binary()  # a CRIU that cannot restore is reported now, not to a source
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     lsock = socket.socket(family, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -131,11 +131,12 @@ def assert_migrated(env, wl, rc, rep, err, serve, size_mb, procs=1, dst_ns=None,
     assert rep["destination"]["ok"] is True, rep["destination"]
     assert rep["destination"]["remote_pages"] == 0, rep["destination"]
     restore = rep["destination"]["restore_breakdown_ms"]
-    assert set(restore) == {"daemon_ready", "criu_to_finished", "finished_to_exit"}, restore
+    assert set(restore) == {"daemon_ready", "criu_to_connected", "connected_to_finished", "finished_to_exit"}, \
+        restore
     assert all(v >= 0 for v in restore.values()), restore
     assert abs(sum(restore.values()) - rep["breakdown"]["restore_ms"]) < 1, (restore, rep["breakdown"])
-    print("migrated: downtime %.1f ms, %d rounds, %d bytes, breakdown %s"
-          % (rep["downtime_ms"], len(rounds), rep["bytes_sent"], rep["breakdown"]))
+    print("migrated: downtime %.1f ms, %d rounds, %d bytes, breakdown %s, restore %s"
+          % (rep["downtime_ms"], len(rounds), rep["bytes_sent"], rep["breakdown"], restore))
 
     # exactly one copy: the source tree is gone ...
     old_pids = list(wl._known)
