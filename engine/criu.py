@@ -131,7 +131,12 @@ class LazyDump:
         rc = self.proc.poll()
         if rc in (None, 0):
             return None
-        return "criu dump failed (exit %d):%s" % (rc, log_tail(self.log))
+        # CRIU complains on stderr before its log is open (bad options).
+        # Not read to its end: a detached child of the hook may hold it.
+        os.set_blocking(self.proc.stderr.fileno(), False)
+        said = (self.proc.stderr.read() or "").strip().splitlines()
+        return "criu dump failed (exit %d):%s" % (rc, log_tail(self.log) if os.path.exists(self.log)
+                                                  else "\n  " + "\n  ".join(said[:3]))
 
     def wait(self, timeout):
         try:

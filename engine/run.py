@@ -113,7 +113,7 @@ class Migration:
             if self.auto_converge:
                 self.converge = AutoConverge(self.tracker.pids)
             precopy = PreCopy(self.tracker, self.sender, self.max_rounds, self.target_downtime_ms,
-                              progress=lambda rnd: self.progress("round", rnd), converge=self.converge)
+                              progress=self._round_done, converge=self.converge)
             self.rounds = precopy.run()
             self.pending = precopy.pending
             self.times["precopy_done"] = time.time()
@@ -132,6 +132,12 @@ class Migration:
             if not self.work_dir:
                 shutil.rmtree(work, ignore_errors=True)
         return self.report()
+
+    def _round_done(self, rnd):
+        failed = self.dump.failed()
+        if failed:  # a CRIU that cannot start (options, permissions) ends pre-copy now, not at its end
+            raise CriuError("%s; the source keeps running" % failed)
+        self.progress("round", rnd)
 
     def _connect(self):
         self.channel = wire.connect(self.to, self.key, tls=self.tls)

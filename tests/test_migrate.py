@@ -426,6 +426,20 @@ def test_criu_refuses_the_process(env):
     assert_no_leftovers(serve)
 
 
+@pytest.mark.timeout(120)
+def test_criu_fails_to_start(env):
+    """CRIU starts with pre-copy: one that cannot (an option it does not
+    know) ends the migration, naming CRIU's complaint, with the source
+    running on."""
+    wl = env.workload(256, rate=1000)
+    pids = wl.pids()
+    serve = env.serve()
+    rc, rep, err = env.run(wl.host_pid, "--criu-opt=--no-such-option", "--bandwidth-limit", "40M")
+    assert_rolled_back(env, wl, pids, rc, rep, err)
+    assert "criu dump failed" in rep["error"] and "no-such-option" in rep["error"], rep["error"]
+    assert serve.wait(60) not in (0, None), serve.log()
+
+
 @pytest.mark.timeout(60)
 def test_unknown_pid(env):
     serve = env.serve()
