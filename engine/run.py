@@ -20,7 +20,6 @@ from .criu import LazyDump, hook_listener
 from .errors import CriuError, HybridmigError, ProtocolError, SetupError
 from .converge import AutoConverge
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
-from .tracker import read_pages
 from .wire import Msg
 
 log = logging.getLogger("hybridmig.run")
