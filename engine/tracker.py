@@ -478,7 +478,6 @@ class DirtyTracker:
         self._untracked = intersect(self._untracked, current)
         stop_s = 0.0
         released: List[Range] = []
-        hot = []
         if self.method == UFFD_WP:
             self._register(clip(vmas, new))
             if self._release_hot:
@@ -487,7 +486,7 @@ class DirtyTracker:
             written, hot, cooled = self._scan_uffd(vmas, current, new)
         else:
             written, stop_s = self._scan_soft_dirty(vmas, new)
-            cooled = []
+            hot, cooled = [], []
         self._raise_if_gone()  # what was read of a dying process means nothing
         dirty = merge(subtract(written, hot) + cooled + new + self._untracked + released)
         self._vmas = vmas
@@ -528,7 +527,7 @@ class DirtyTracker:
     def _take_probe(self, hot) -> List[Range]:
         """The next share of the hot set to protect again, from where the
         last probe ended, wrapping around: each hot page once in about
-        probe_period_s, taken in pieces of at least HOT_MIN_PAGES."""
+        probe_period_s, taken once at least HOT_MIN_PAGES pages are due."""
         now = time.monotonic()
         total = pages_in(hot)
         self._probe_credit = min(total, self._probe_credit + total * (now - self._last_scan) / self.probe_period_s)
