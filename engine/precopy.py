@@ -218,6 +218,8 @@ class PreCopy:
         rnd = Round(0)
         t0 = time.monotonic()
         for pid, vmas in self.tracker.vmas().items():
+            if not self.sender.adopt(pid):
+                continue  # forked while the tracker attached, exited since
             rnd.pages_scanned += _pages(vmas)
             self.sender.send_ranges(pid, vmas, rnd)
         rnd.pages_written = rnd.pages_scanned
