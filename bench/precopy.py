@@ -10,12 +10,16 @@ same run (same machine load, same build).
    --overhead-mb MiB (256), 1 writer thread, unthrottled (rate=0).  Windows
    of --window s of each kind in MODES, --repeats times, interleaved (the
    order rotates every repeat); the main kind is "per-round", pre-copy's
-   rhythm: round 0 reads every tracked VMA, each later round scans once and
-   reads the pages found written, reads paced to --link-mbit (1000), so a
-   scan comes once per round as in engine/precopy.py, with hot pages kept
-   unprotected (keep_hot, a tracker option); "per-round-exact" is the
-   same without keep_hot.  The others split the cost: reading alone, no
-   tracker; attached and never scanned; the scan's walk without re-protection
+   rhythm as `hybridmig run` has it: engine/precopy.py's own PreCopy and
+   Sender, with the tracker run uses (precopy.track: hot pages kept for the
+   final round), rounds one after the other (round 0 every tracked VMA,
+   then what each scan found to send), paced to --link-mbit (1000) by the
+   Sender's Throttle, into a sink that drops the frames and acknowledges
+   each round at once; no decision to stop (PreCopy.round).
+   "per-round-exact" is the same without hot pages (every page found
+   written is protected again and sent).  The others split the cost:
+   reading alone, no tracker (the Sender sending every VMA round after
+   round); attached and never scanned; the scan's walk without re-protection
    ("peek"); a scan every 0.5 s (the issue's original figure) and every 2 s,
    nothing read.  Throughput of a window = ops delta / realtime delta of the
    two verify() reports framing it (verify pauses the writer to check every
@@ -68,8 +72,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from hybridmig import wire  # noqa: E402
 from hybridmig.netns import TwoHosts  # noqa: E402
-from hybridmig.tracker import PAGE_SIZE, TreeTracker, merge, pages_in, read_pages, read_vmas  # noqa: E402
+from hybridmig.precopy import PreCopy, Round, Sender, Throttle, track  # noqa: E402
+from hybridmig.tracker import PAGE_SIZE, TreeTracker, merge, pages_in, read_vmas  # noqa: E402
 from hybridmig.workload import Workload, become_subreaper, build_memwork, kill_tree  # noqa: E402
 
 from . import lazy_pages  # noqa: E402  (machine_info)
@@ -79,6 +85,7 @@ GIB = 1 << 30
 TARGET_OVERHEAD = 0.95
 PORT = 7777
 SCAN_EVERY_S = 0.5
+MIN_ROUND_S = 0.1  # per-round windows: rounds at most this often
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -136,13 +143,13 @@ class Results:
 MODES = ("untracked", "reading", "attached", "per-round", "per-round-exact", "peek-0.5s", "every-0.5s", "every-2s")
 MODE_DOC = {
     "untracked": "no tracker",
-    "reading": "no tracker; its memory read over and over at the link rate (read_pages, as the sender does): "
-               "the cost of sending alone",
+    "reading": "no tracker; the Sender sends its whole memory over and over at the link rate: the cost of "
+               "sending alone",
     "attached": "attached (every page write-protected once), never scanned",
-    "per-round": "pre-copy's rhythm: one scan per round, hot pages kept unprotected (keep_hot); a round reads "
-                 "the pages it sends (read_pages, as the sender does) paced to the link rate",
-    "per-round-exact": "the same without keep_hot, as `hybridmig run` does: every page found written is "
-                       "protected again",
+    "per-round": "pre-copy's rounds as `hybridmig run` makes them (PreCopy, Sender, precopy.track): hot pages "
+                 "left unprotected and owed to the final round, the rest sent, paced to the link rate",
+    "per-round-exact": "the same without hot pages (before issue 3's last step): every page found written is "
+                       "protected again and sent",
     "peek-0.5s": "attached; every 0.5 s the same PAGEMAP_SCAN walk without PM_SCAN_WP_MATCHING (nothing "
                  "re-protected): the cost of the walk and its locks alone",
     "every-0.5s": "a scan every 0.5 s, nothing read (the issue's original figure)",
@@ -186,29 +193,43 @@ def _peek(tracker: TreeTracker) -> int:
     return found
 
 
+class SinkChannel:
+    """Where the bench's rounds go: frames counted and dropped, each round
+    marker acknowledged at once (a destination that stores instantly)."""
+
+    def __init__(self):
+        self.bytes_sent = 0
+        self._acks = []
+
+    def send(self, kind, body=b""):
+        self.bytes_sent += len(body)
+        if kind == wire.Msg.ROUND:
+            self._acks.append(wire.decode_round(body)[0])
+
+    def recv(self):
+        return wire.Msg.ROUND_ACK, wire.encode_ack(self._acks.pop(0), 0)
+
+
 def _rounds(tracker: Optional[TreeTracker], pid: int, t_end: float, link_bytes_s: float, scans: list) -> None:
-    """Pre-copy's rhythm until t_end: round 0 reads every tracked VMA, each
-    later round scans once and reads what was written, every round paced to
-    link_bytes_s (what the wire would allow). Without a tracker every round
-    reads all of pid's VMAs."""
-    todo = tracker.vmas() if tracker else {pid: merge(read_vmas(pid))}
+    """Pre-copy's rounds until t_end (the last one may end after it): with a
+    tracker, PreCopy's round 0 and then PreCopy.round() after round; without,
+    the Sender sends every VMA of pid round after round. Paced to link_bytes_s."""
+    sender = Sender(SinkChannel(), {pid: pid}, pid, throttle=Throttle(link_bytes_s))
+    if tracker is None:
+        while time.monotonic() < t_end:
+            sender.send_ranges(pid, merge(read_vmas(pid)), Round(0))
+        return
+    precopy = PreCopy(tracker, sender)
+    precopy.first_round()
+    number, t_round = 1, time.monotonic()
     while time.monotonic() < t_end:
-        t0, sent = time.monotonic(), 0
-        for one, ranges in todo.items():
-            for start, end in ranges:
-                for batch in read_pages(one, start, end):
-                    sent += batch.npages * PAGE_SIZE
-                    time.sleep(max(0.0, t0 + sent / link_bytes_s - time.monotonic()))
-                    if time.monotonic() >= t_end:
-                        return
-        time.sleep(0.01 if not sent else 0)  # nothing was written: do not spin
-        if tracker is None:
-            continue
-        t = time.perf_counter()
-        res = tracker.scan()
-        scans.append({"ms": (time.perf_counter() - t) * 1000, "dirty_pages": res.dirty_pages,
-                      "hot_pages": sum(pages_in(r.hot) for r in res.values()), "round_s": time.monotonic() - t0})
-        todo = {one: r.dirty for one, r in res.items()}
+        rnd = precopy.round(number)
+        scans.append({"ms": rnd.scan_s * 1000, "dirty_pages": rnd.pages_written, "hot_pages": rnd.pages_hot,
+                      "sent_pages": rnd.pages_sent, "round_s": time.monotonic() - t_round})
+        number, t_round = number + 1, time.monotonic()
+        # Little to send (the hot pages wait for the final round): a run
+        # would stop here, or throttle; the bench goes on, not spinning.
+        time.sleep(max(0.0, MIN_ROUND_S - rnd.duration_s))
 
 
 def window(wl: Workload, seconds: float, mode: str, link_bytes_s: float) -> dict:
@@ -216,7 +237,7 @@ def window(wl: Workload, seconds: float, mode: str, link_bytes_s: float) -> dict
     target's minor faults and its huge pages, and the scans."""
     pid, tracker, scans, stop_ms = wl.host_pid, None, [], None
     if mode not in ("untracked", "reading"):
-        tracker = TreeTracker(pid, keep_hot=mode == "per-round")
+        tracker = track(pid, keep_hot=mode == "per-round")
         stop_ms = tracker.attach()
     try:
         v1 = wl.verify()[0]

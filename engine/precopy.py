@@ -4,7 +4,11 @@ left is small enough for the switch-over.
 
 What the destination holds is mirrored here as one interval list per task
 (`held`): pages sent, minus ranges invalidated. Round 0 sends every tracked
-VMA whole; each later round sends the pages the tracker saw written."""
+VMA whole; each later round sends the pages the tracker saw written, but
+for the hot ones: pages written round after round stay unprotected in the
+tracker (keep_hot) and travel once, in the final round, with the tree
+frozen. They count in every estimate of that round; when auto-converge
+slows the tree down the tracker drops them, so that rounds show it."""
 import contextlib
 import errno
 import logging
@@ -14,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from . import wire
 from .bindings.ranges import Ranges
 from .errors import NativeError
-from .tracker import read_pages
+from .tracker import TreeTracker, read_pages
 from .wire import Msg
 
 PAGE_SIZE = 4096
@@ -28,7 +32,8 @@ WORTHWHILE_MS = 5.0  # a final transfer estimated shorter than this is not worth
 class Round:
     number: int
     pages_scanned: int = 0
-    pages_written: int = 0
+    pages_written: int = 0  # to send in this round (or carried to the final one)
+    pages_hot: int = 0      # also owed, left for the final round (hot pages)
     pages_sent: int = 0
     pages_zero: int = 0
     bytes_raw: int = 0
@@ -40,8 +45,19 @@ class Round:
     est_downtime_ms: float = 0.0
     throttle_pct: float = 0.0  # auto-converge: share of the time the tree was held
 
+    @property
+    def pages_owed(self):
+        """What the destination lacks after the scan: what the final round
+        would send if the rounds stopped here."""
+        return self.pages_written + self.pages_hot
+
     def as_dict(self):
         return asdict(self)
+
+
+def track(pid, keep_hot=True):
+    """The tracker pre-copy uses: hot pages kept for the final round."""
+    return TreeTracker(pid, keep_hot=keep_hot)
 
 
 def ns_pid(host_pid):
@@ -202,6 +218,8 @@ class PreCopy:
         rnd = Round(0)
         t0 = time.monotonic()
         for pid, vmas in self.tracker.vmas().items():
+            if not self.sender.adopt(pid):
+                continue  # forked while the tracker attached, exited since
             rnd.pages_scanned += _pages(vmas)
             self.sender.send_ranges(pid, vmas, rnd)
         rnd.pages_written = rnd.pages_scanned
@@ -223,35 +241,56 @@ class PreCopy:
             rnd.pages_scanned += res.pages_scanned
             dirty[pid] = res.dirty
             rnd.pages_written += _pages(res.dirty)
+            rnd.pages_hot += _pages(res.hot)
         return dirty
+
+    def _send(self, rnd, dirty, t0):
+        for pid, ranges in dirty.items():
+            self.sender.send_ranges(pid, ranges, rnd)
+        self._finish(rnd, t0)
+
+    def round(self, number):
+        """One round as next_round sends it, without deciding whether to stop
+        (the bench's steady state)."""
+        rnd, t0 = Round(number), time.monotonic()
+        self._send(rnd, self.scan(rnd), t0)
+        return rnd
 
     def next_round(self, number):
         """Scan; decide. Returns (round, converged); a converged round sends
-        nothing and leaves its dirty pages in self.pending for the final round."""
+        nothing and leaves its dirty pages in self.pending for the final round
+        (the tracker still holds the hot ones)."""
         rnd = Round(number)
         t0 = time.monotonic()
         since = self.rounds[-1].duration_s if self.rounds else 0
         dirty = self.scan(rnd)
+        owed = rnd.pages_owed
         rnd.dirty_rate_pps = rnd.pages_written / since if since else 0.0
-        rnd.est_downtime_ms = (rnd.pages_written * PAGE_SIZE / self.bandwidth * 1000) if self.bandwidth else 0.0
-        # Not shrinking: two rounds in a row with no less to send than the one
+        rnd.est_downtime_ms = (owed * PAGE_SIZE / self.bandwidth * 1000) if self.bandwidth else 0.0
+        # Not shrinking: two rounds in a row with no less owed than the one
         # before (one slow round alone lets more pages get dirty).
-        written = [r.pages_written for r in self.rounds[1:]] + [rnd.pages_written]
-        stalled = len(written) >= 3 and written[-1] >= 0.95 * written[-2] and written[-2] >= 0.95 * written[-3]
+        history = [r.pages_owed for r in self.rounds[1:]] + [owed]
+        stalled = len(history) >= 3 and history[-1] >= 0.95 * history[-2] and history[-2] >= 0.95 * history[-3]
         # Fitting the target is not reason enough to stop: after the long
         # first round the dirty set often fits, yet sending it as one more
         # round (while the process runs) leaves only what gets dirty during
-        # that short round. Stop once another round would not halve it.
-        expected_next = rnd.dirty_rate_pps * rnd.est_downtime_ms / 1000
-        worth_another = (rnd.est_downtime_ms > WORTHWHILE_MS and expected_next < 0.5 * rnd.pages_written)
+        # that short round, and the hot pages. Stop once another round would
+        # not halve what is owed.
+        send_s = rnd.pages_written * PAGE_SIZE / self.bandwidth if self.bandwidth else 0.0
+        expected_next = rnd.pages_hot + rnd.dirty_rate_pps * send_s
+        worth_another = (rnd.est_downtime_ms > WORTHWHILE_MS and expected_next < 0.5 * owed)
         fits = rnd.est_downtime_ms <= self.target_downtime_ms
         if self.converge is not None:
             rnd.throttle_pct = self.converge.share * 100
             if stalled and not self.converge.at_maximum:
                 stalled = False  # slow the tree down further instead of giving up
-            # QEMU's rule: more written during a round than half of what it sent
-            if not fits and rnd.pages_written > 0.5 * self.rounds[-1].pages_sent:
+            # QEMU's rule: the work left not halved by a round (hot pages
+            # count: they would be sent frozen)
+            if not fits and owed > 0.5 * self.rounds[-1].pages_owed:
                 self.converge.raise_throttle()
+                # hot pages are owed unseen: only exact tracking shows
+                # the dirty set shrink as the tree slows down
+                self.tracker.drop_hot()
         converged = (fits and not worth_another) or number >= self.max_rounds or stalled
         if converged:
             if self.converge is not None:
@@ -261,9 +300,7 @@ class PreCopy:
             self.rounds.append(rnd)
             self.progress(rnd)
             return rnd, True
-        for pid, ranges in dirty.items():
-            self.sender.send_ranges(pid, ranges, rnd)
-        self._finish(rnd, t0)
+        self._send(rnd, dirty, t0)
         return rnd, False
 
     def run(self):

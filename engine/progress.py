@@ -18,9 +18,10 @@ class RunProgress:
             return
         self.console.print(
             "round %2d: %8d pages written, %8d sent (%7.1f MiB raw, %7.1f MiB on the wire) in %6.3f s; "
-            "dirty %8.0f pages/s; est. downtime %7.1f ms%s"
+            "%sdirty %8.0f pages/s; est. downtime %7.1f ms%s"
             % (rnd.number, rnd.pages_written, rnd.pages_sent, _mib(rnd.bytes_raw), _mib(rnd.bytes_wire),
-               rnd.duration_s, rnd.dirty_rate_pps, rnd.est_downtime_ms,
+               rnd.duration_s, "%d hot (for the final round); " % rnd.pages_hot if rnd.pages_hot else "",
+               rnd.dirty_rate_pps, rnd.est_downtime_ms,
                "; throttled %.0f %%" % rnd.throttle_pct if rnd.throttle_pct else ""))
 
     def summary(self, report):

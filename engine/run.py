@@ -18,8 +18,7 @@ from .bindings.ranges import Ranges
 from .criu import LazyDump
 from .errors import CriuError, HybridmigError, ProtocolError, SetupError
 from .converge import AutoConverge
-from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid
-from .tracker import TreeTracker
+from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
 from .wire import Msg
 
 log = logging.getLogger("hybridmig.run")
@@ -100,7 +99,7 @@ class Migration:
         self.times["start"] = time.time()
         tree = [self.pid] + [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
         work = self.work_dir or tempfile.mkdtemp(prefix="hybridmig-run-")
-        self.tracker = TreeTracker(self.pid)
+        self.tracker = track(self.pid)
         self.times["attach_stop_ms"] = self.tracker.attach()
         try:
             # CRIU starts now and waits at its pre-dump hook, so that its
@@ -196,10 +195,11 @@ class Migration:
                 self.sender.adopt(pid)
                 if res.removed:
                     self.sender.invalidate(pid, res.removed)
-                log.info("final scan of %d: %d pages written since the last round, %d carried from it", pid,
-                         sum(e - s for s, e in res.dirty) // PAGE_SIZE,
+                log.info("final scan of %d: %d pages written since the last round, %d hot, %d carried from it",
+                         pid, res.dirty_pages, res.hot_pages,
                          sum(e - s for s, e in self.pending.get(pid, [])) // PAGE_SIZE)
-                merged = Ranges(list(res.dirty) + list(self.pending.get(pid, [])))
+                # hot pages were never sent in a round: they go now
+                merged = Ranges(res.owed + list(self.pending.get(pid, [])))
                 dirty[pid] = list(merged)
                 final.pages_written += merged.total() // PAGE_SIZE
             # Not detached yet: closing the tracker's userfaultfd makes the

@@ -40,11 +40,12 @@ _PF_KTHREAD = 0x00200000  # task flag of kernel threads (include/linux/sched.h)
 _NOT_TRACKED = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[uprobes]")
 READ_BATCH_PAGES = 1024  # 4 MiB per read_pages() batch
 #: keep_hot: a run of pages written in two scans in a row, at least this
-#: long, is hot: left unprotected and reported dirty without being looked at
+#: long, is hot: left unprotected, not looked at, owed to the final round
 HOT_MIN_PAGES = 16
-#: keep_hot: every this many scans the hot pages are protected again, and
-#: stay hot only if written before the next scan
-HOT_PROBE_EVERY = 4
+#: keep_hot: each hot page is protected again (probed) about once in this
+#: many seconds, a rotating share of the hot set at each scan, and stays hot
+#: only if written before the next scan
+HOT_PROBE_PERIOD_S = 8.0
 
 
 # --- ranges -------------------------------------------------------------------
@@ -282,18 +283,28 @@ def _next_mapped(pid, addr, end) -> int:
 @dataclass
 class ScanResult:
     """What changed in one process since the previous scan."""
-    dirty: List[Range]          # to send again: written + new + untrackable
+    dirty: List[Range]          # to send now: written + new + untrackable + cooled down
     removed: List[Range]        # no longer mapped (or no longer trackable)
     pages_scanned: int          # pages of the VMAs scanned
     scan_s: float               # wall time of the scan
     new: List[Range] = field(default_factory=list)      # VMAs that appeared, whole (in dirty)
-    written: List[Range] = field(default_factory=list)  # pages the scan found written (in dirty)
+    written: List[Range] = field(default_factory=list)  # pages the scan found written
     stop_s: float = 0.0         # time the target was held (soft-dirty freezes it)
-    hot: List[Range] = field(default_factory=list)      # kept unprotected, in dirty unseen (keep_hot)
+    hot: List[Range] = field(default_factory=list)      # owed but not in dirty: for the final round (keep_hot)
 
     @property
     def dirty_pages(self) -> int:
         return pages_in(self.dirty)
+
+    @property
+    def hot_pages(self) -> int:
+        return pages_in(self.hot)
+
+    @property
+    def owed(self) -> List[Range]:
+        """Everything the destination may lack: dirty and hot (the final,
+        frozen round sends this)."""
+        return merge(self.dirty + self.hot)
 
     @property
     def written_pages(self) -> int:
@@ -320,23 +331,31 @@ class DirtyTracker:
 
     Every write to a page protected again by a scan costs the target one
     write-protect fault (~1.5 µs here, more than the page write itself).
-    keep_hot (uffd-wp only) spares the pages that are written round after
-    round, which must travel again anyway: a run of at least HOT_MIN_PAGES
-    pages written in two scans in a row is left unprotected and reported
-    dirty by every later scan without being looked at; every
-    HOT_PROBE_EVERY scans the hot pages are protected again and stay hot
-    only if written before the next one. dirty is then a superset of what
-    was written (never a subset); written stays exact.
+    keep_hot (uffd-wp only) spares the pages written round after round:
+    a run of at least HOT_MIN_PAGES pages written in two scans in a row is
+    hot: left unprotected (its rewrites stop faulting), no longer looked at,
+    and reported in `hot`, not in `dirty`: pre-copy does not send it round
+    after round, the final (frozen) round sends it. Each scan probes a
+    rotating share of the hot set (each hot page about once per
+    probe_period_s): protects it again, and at the next scan looks at it
+    without protecting; pages written meanwhile stay hot, the others have
+    cooled down: they are in that scan's dirty and tracked exactly again.
+    dirty + hot is always a superset of what the destination lacks;
+    drop_hot() ends keep_hot, the hot pages going into the next dirty.
     """
 
     def __init__(self, pid: int, method: Optional[str] = None, keep_hot: bool = False):
         self.pid = pid
         self.method = choose_method(method)
         self.keep_hot = keep_hot and self.method == UFFD_WP
-        self._hot: List[Range] = []        # left unprotected (keep_hot)
-        self._probation: List[Range] = []  # hot until the last probe: looked at without protecting
-        self._last_written: List[Range] = []  # what the previous scan found written, or kept hot
-        self._scans = 0
+        self._hot: List[Range] = []        # left unprotected, not looked at, owed (keep_hot)
+        self._probation: List[Range] = []  # hot, protected again by the last scan's probe, owed
+        self._last_written: List[Range] = []  # runs the previous scan found written (hot candidates)
+        self._probe_at = 0                 # where in the hot set the next probe starts
+        self._probe_credit = 0.0           # hot pages due for a probe
+        self._last_scan = 0.0              # time.monotonic() of the last scan (or attach)
+        self._release_hot = False          # drop_hot() was called: hot pages go into the next dirty
+        self.probe_period_s = HOT_PROBE_PERIOD_S
         self._tracker: Optional[native.Tracker] = None
         self._pidfd: Optional[int] = None
         self._vmas: List[Range] = []
@@ -362,7 +381,8 @@ class DirtyTracker:
             self._vmas = vmas
             self._tracked = merge(vmas)
             self._untracked = []
-            self._hot, self._probation, self._last_written, self._scans = [], [], [], 0
+            self._hot, self._probation, self._last_written = [], [], []
+            self._probe_at, self._probe_credit, self._last_scan = 0, 0.0, time.monotonic()
             self._register(vmas)
             self.attached = True
             self.stop_ms = stop_ns / 1e6
@@ -437,6 +457,14 @@ class DirtyTracker:
                 self._raise_if_gone()
                 self._untracked = merge(self._untracked + [(start, end)])
 
+    def drop_hot(self) -> None:
+        """Track exactly from now on: the next scan protects the hot pages
+        again and puts them in its dirty (auto-converge slows the process
+        down; only exact tracking shows how much less it writes)."""
+        self._release_hot = self._release_hot or bool(self._hot or self._probation)
+        self.keep_hot = False
+        self._last_written = []
+
     def scan(self) -> ScanResult:
         """What must travel again since the previous scan (or attach)."""
         if not self.attached:
@@ -449,41 +477,83 @@ class DirtyTracker:
         removed = subtract(self._tracked, current)
         self._untracked = intersect(self._untracked, current)
         stop_s = 0.0
-        hot = intersect(self._hot, current)
-        probation = intersect(self._probation, current)
-        self._scans += 1
-        probe = self._scans % HOT_PROBE_EVERY == 0
-        kept = [] if probe else hot
+        released: List[Range] = []
         if self.method == UFFD_WP:
             self._register(clip(vmas, new))
-            written = self._scan_uffd(vmas, merge(new + kept), probation)
+            if self._release_hot:
+                released = intersect(self._hot + self._probation, current)
+                self._hot, self._probation, self._release_hot = [], [], False
+            written, hot, cooled = self._scan_uffd(vmas, current, new)
         else:
             written, stop_s = self._scan_soft_dirty(vmas, new)
+            hot, cooled = [], []
         self._raise_if_gone()  # what was read of a dying process means nothing
-        written = merge(written)
-        dirty = merge(written + new + self._untracked + kept)
-        if self.keep_hot:
-            again = [r for r in intersect(written, self._last_written) if r[1] - r[0] >= HOT_MIN_PAGES * PAGE_SIZE]
-            if probe:
-                # The probe protected the hot pages; the next scan looks at
-                # them without protecting: written by then, they stay hot
-                # (and unprotected: no second fault).
-                self._hot, self._probation = subtract(again, hot), hot
-            else:
-                self._hot, self._probation = merge(kept + again + intersect(written, probation)), []
-        self._last_written = merge(written + kept)
+        dirty = merge(subtract(written, hot) + cooled + new + self._untracked + released)
         self._vmas = vmas
         self._tracked = current
         return ScanResult(dirty=dirty, removed=removed, pages_scanned=pages_in(current),
-                          scan_s=time.perf_counter() - t0, new=new, written=written, stop_s=stop_s, hot=kept)
+                          scan_s=time.perf_counter() - t0, new=new, written=written, stop_s=stop_s, hot=hot)
 
-    def _scan_uffd(self, vmas, skip, peek) -> List[Range]:
-        """Written pages of the tracked VMAs but skip, protected again but
-        those in peek."""
+    def _scan_uffd(self, vmas, current, new):
+        """(written, hot, cooled): the pages found written; the hot set after
+        this scan (owed, not to be sent now); probed pages that cooled down."""
+        hot = intersect(self._hot, current)
+        probation = intersect(self._probation, current)
+        candidates = subtract(intersect(self._last_written, current), hot)
+        probe = self._take_probe(hot)
+        todo = subtract(current, merge(new + self._untracked + subtract(hot, probe)))
+        # Looked at without protecting: hot candidates (written at the last
+        # scan: if written again they stay unprotected, with no second fault)
+        # and the pages of the last probe.
+        peek = intersect(todo, merge(candidates + probation))
+        seen = merge(self._walk(vmas, peek, protect=False))
+        written = self._walk(vmas, subtract(todo, peek), protect=True)
+        again = [r for r in intersect(seen, candidates) if r[1] - r[0] >= HOT_MIN_PAGES * PAGE_SIZE]
+        # the candidates but the hot runs: written pages among them (in runs
+        # too short to be hot) are protected again, one walk per piece
+        written += self._walk(vmas, subtract(intersect(peek, candidates), again), protect=True)
+        written = merge(written + seen)
+        cooled = subtract(probation, seen)
+        if self.keep_hot:
+            self._hot = merge(subtract(hot, probe) + again + intersect(seen, probation))
+            self._probation = probe
+            owed = merge(self._hot + probe)
+        else:
+            self._hot, self._probation, owed = [], [], []
+        self._last_written = [r for r in subtract(written, owed) if r[1] - r[0] >= HOT_MIN_PAGES * PAGE_SIZE] \
+            if self.keep_hot else []
+        return written, owed, cooled
+
+    def _take_probe(self, hot) -> List[Range]:
+        """The next share of the hot set to protect again, from where the
+        last probe ended, wrapping around: each hot page once in about
+        probe_period_s, taken once at least HOT_MIN_PAGES pages are due."""
+        now = time.monotonic()
+        total = pages_in(hot)
+        self._probe_credit = min(total, self._probe_credit + total * (now - self._last_scan) / self.probe_period_s)
+        self._last_scan = now
+        if not total or self._probe_credit < min(total, HOT_MIN_PAGES):
+            return []
+        want = int(self._probe_credit) * PAGE_SIZE
+        self._probe_credit -= want // PAGE_SIZE
+        # hot ranges from the cursor on, then those before it
+        ordered = [(max(s, self._probe_at), e) for s, e in hot if e > self._probe_at] + \
+            [(s, min(e, self._probe_at)) for s, e in hot if s < self._probe_at]
+        out = []
+        for start, end in ordered:
+            take = min(end - start, want)
+            out.append((start, start + take))
+            want -= take
+            self._probe_at = start + take
+            if not want:
+                break
+        return merge(out)
+
+    def _walk(self, vmas, ranges, protect) -> List[Range]:
+        """The written pages of ranges (of tracked VMAs), protected again if
+        protect."""
         written: List[Range] = []
-        todo = subtract(merge(vmas), merge(skip + self._untracked))
-        for start, end, protect in sorted([r + (True,) for r in clip(vmas, subtract(todo, peek))]
-                                          + [r + (False,) for r in clip(vmas, intersect(todo, peek))]):
+        for start, end in clip(vmas, ranges):
             try:
                 written += self._tracker.scan(start, end, protect)
             except NativeError as e:
@@ -546,6 +616,10 @@ class TreeScanResult(dict):
     @property
     def dirty_pages(self) -> int:
         return sum(r.dirty_pages for r in self.values())
+
+    @property
+    def hot_pages(self) -> int:
+        return sum(r.hot_pages for r in self.values())
 
 
 class TreeTracker:
@@ -637,6 +711,13 @@ class TreeTracker:
                 exited.append(pid)
         new = list(self._attach_new(results))
         return TreeScanResult(results, new, exited)
+
+    def drop_hot(self) -> None:
+        """DirtyTracker.drop_hot() for every process, and no keep_hot for
+        the ones that join."""
+        self.keep_hot = False
+        for tracker in self.trackers.values():
+            tracker.drop_hot()
 
     def detach(self) -> None:
         for tracker in self.trackers.values():

@@ -10,10 +10,12 @@ import time
 import pytest
 
 from hybridmig import wire
-from hybridmig.precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid
+from hybridmig.converge import AutoConverge
+from hybridmig.precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
 from hybridmig.serve import Session
 from hybridmig.tracker import TreeTracker
 from hybridmig.workload import Workload
+from test_tracker import DirtySet, _need_uffd_wp
 
 KEY = b"s" * 32
 
@@ -57,46 +59,70 @@ def read_mem(pid, addr, n):
         return f.read(n)
 
 
+def final_round(tracker, sender, precopy, pids):
+    """Freeze the tree (SIGSTOP; SIGCONT is the caller's), then the last
+    round as `hybridmig run` sends it: what was carried, what was written
+    since, and the hot pages. Returns the tracked VMAs."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    for pid in pids:  # SIGSTOP is asynchronous: a write may still land until every thread stopped
+        wait_stopped(pid)
+    final = Round(len(precopy.rounds))
+    for pid, res in tracker.scan().items():
+        sender.send_ranges(pid, res.owed + list(precopy.pending.get(pid, [])), final)
+    return tracker.vmas()
+
+
+def precopy_then_final(channel, pid, throttle=None, auto_converge=False, **precopy_args):
+    """Pre-copy rounds of the tree pid as `hybridmig run` makes them, then
+    final_round(); returns (rounds, precopy, sender, vmas, pids)."""
+    tracker = track(pid)
+    tracker.attach()
+    converge = AutoConverge(tracker.pids) if auto_converge else None
+    try:
+        pids = tracker.pids()
+        sender = Sender(channel, {p: ns_pid(p) for p in pids}, throttle=throttle)
+        precopy = PreCopy(tracker, sender, converge=converge, **precopy_args)
+        rounds = precopy.run()
+        if converge is not None:
+            converge.stop()  # (a hold would keep SIGSTOP from stopping the tree)
+        vmas = final_round(tracker, sender, precopy, pids)
+    finally:
+        if converge is not None:
+            converge.stop()
+        tracker.detach()
+    return rounds, precopy, sender, vmas, pids
+
+
+def assert_store_equals_memory(store_session, channel, sender, vmas):
+    """Every tracked page of the (frozen) source is in the destination's
+    store, equal; returns how many were checked."""
+    # a round marker orders the check after every page is stored
+    channel.send(wire.Msg.ROUND, wire.encode_round(99, {}))
+    assert channel.recv()[0] == wire.Msg.ROUND_ACK
+    store = store_session.store
+    checked = 0
+    for pid, ranges in vmas.items():
+        key = sender.keys[pid]
+        for start, end in ranges:
+            for addr in range(start, end, PAGE_SIZE):
+                mem = read_mem(pid, addr, PAGE_SIZE)
+                kind, data = store.get(key, addr)
+                expect = data if data is not None else bytes(PAGE_SIZE)
+                assert kind != 0, "pid %d page 0x%x was never sent" % (pid, addr)
+                assert expect == mem, "pid %d page 0x%x differs from the source" % (pid, addr)
+                checked += 1
+    return checked
+
+
 @pytest.mark.usefixtures("criu_ready")
 @pytest.mark.parametrize("threads", [1, 4])
 def test_store_equals_source_memory_after_rounds(session, threads):
     store_session, channel = session
     with Workload.start(64, threads=threads, procs=2, rate=3000) as wl:
-        tracker = TreeTracker(wl.host_pid)
-        tracker.attach()
-        try:
-            pids = tracker.pids()
-            sender = Sender(channel, {p: ns_pid(p) for p in pids})
-            precopy = PreCopy(tracker, sender, max_rounds=4, target_downtime_ms=0.0)
-            rounds = precopy.run()
-            assert len(rounds) >= 2 and rounds[0].pages_sent > 0
-            # freeze the tree, then the last round: what was carried and what
-            # was written since
-            for pid in pids:
-                os.kill(pid, signal.SIGSTOP)
-            for pid in pids:  # SIGSTOP is asynchronous: a write may still land until every thread stopped
-                wait_stopped(pid)
-            final = Round(len(rounds))
-            for pid, res in tracker.scan().items():
-                sender.send_ranges(pid, list(res.dirty) + list(precopy.pending.get(pid, [])), final)
-            vmas = tracker.vmas()
-        finally:
-            tracker.detach()
-        # a round marker orders the check after every page is stored
-        channel.send(wire.Msg.ROUND, wire.encode_round(99, {}))
-        assert channel.recv()[0] == wire.Msg.ROUND_ACK
-        store = store_session.store
-        checked = 0
-        for pid, ranges in vmas.items():
-            key = sender.keys[pid]
-            for start, end in ranges:
-                for addr in range(start, end, PAGE_SIZE):
-                    mem = read_mem(pid, addr, PAGE_SIZE)
-                    kind, data = store.get(key, addr)
-                    expect = data if data is not None else bytes(PAGE_SIZE)
-                    assert kind != 0, "pid %d page 0x%x was never sent" % (pid, addr)
-                    assert expect == mem, "pid %d page 0x%x differs from the source" % (pid, addr)
-                    checked += 1
+        rounds, _, sender, vmas, pids = precopy_then_final(channel, wl.host_pid, max_rounds=4, target_downtime_ms=0.0)
+        assert len(rounds) >= 2 and rounds[0].pages_sent > 0
+        checked = assert_store_equals_memory(store_session, channel, sender, vmas)
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
         assert checked >= 2 * 64 * 256
@@ -124,3 +150,97 @@ def test_a_fitting_dirty_set_still_gets_its_own_round(session):
     first_dirty, last = rounds[1], rounds[-1]
     assert first_dirty.pages_sent == first_dirty.pages_written > 0  # sent, not carried
     assert last.pages_sent == 0 and last.pages_written < first_dirty.pages_written / 2
+
+
+# --- hot pages ---------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("criu_ready")
+def test_pages_written_continuously_travel_in_the_final_round_only(session):
+    """A writer rewrites a quarter of its 64 MiB without pause: once found
+    written in two scans in a row those 4096 pages are hot, owed and counted
+    in every estimate, but no round sends them again; the final round does,
+    and the destination ends with exactly the source's memory."""
+    store_session, channel = session
+    hot_pages = 64 * 256 // 4
+    with Workload.start(64, rate=0, hot=25) as wl:
+        rounds, precopy, sender, vmas, _ = precopy_then_final(channel, wl.host_pid, max_rounds=8,
+                                                              target_downtime_ms=0.0)
+        checked = assert_store_equals_memory(store_session, channel, sender, vmas)
+        os.kill(wl.host_pid, signal.SIGCONT)
+        assert checked >= 64 * 256
+        assert all(r["bad"] == 0 for r in wl.verify())
+    table = [r.as_dict() for r in rounds]
+    assert rounds[1].pages_sent >= hot_pages and rounds[1].pages_hot == 0, table  # found once: sent
+    later = rounds[2:]
+    assert later and all(r.pages_hot >= hot_pages for r in later), table
+    assert all(r.pages_sent < hot_pages / 8 for r in later), table  # not again
+    # the estimate of the final round counts them (at the bandwidth known when it was made)
+    assert all(r.est_downtime_ms == pytest.approx(r.pages_owed * PAGE_SIZE / prev.bandwidth_bps * 1000)
+               for prev, r in zip(rounds[1:], later)), table
+    assert len(rounds) <= 5, table  # the hot set does not shrink: stalled
+
+
+@pytest.mark.usefixtures("criu_ready")
+def test_a_hot_run_that_cools_is_sent_once_then_tracked_exactly(session):
+    """A run of 128 pages written round after round is hot (not sent); it
+    stops being written, a probe protects it, the next round finds it cold
+    and sends it, and from then on only the pages written are sent."""
+    _need_uffd_wp()
+    store_session, channel = session
+    with DirtySet() as ds:
+        rid, region = ds.map(192)
+        run = "touch %d %s" % (rid, ",".join(map(str, range(128))))
+        ds.pages(run)
+        tracker = track(ds.pid)
+        tracker.attach()
+        try:
+            sender = Sender(channel, {ds.pid: ds.pid})
+            precopy = PreCopy(tracker, sender)
+            precopy.first_round()
+            probe = tracker.trackers[ds.pid]
+            probe.probe_period_s = 1e9
+            sent = []
+            for number, write, period in ((1, run, 1e9), (2, run, 1e9), (3, run, 1e9), (4, None, 1e-9),
+                                          (5, None, 1e9), (6, "touch %d 3,4,100" % rid, 1e9)):
+                if write:
+                    ds.pages(write)
+                probe.probe_period_s = period
+                rnd = precopy.round(number)
+                sent.append((rnd.pages_sent, rnd.pages_hot))
+            vmas = final_round(tracker, sender, precopy, [ds.pid])
+        finally:
+            tracker.detach()
+        assert_store_equals_memory(store_session, channel, sender, {ds.pid: [region]})
+        os.kill(ds.pid, signal.SIGCONT)
+        assert vmas
+    # (the command loop's own stack and buffers add a few pages a round)
+    slack = 16
+    assert 128 <= sent[0][0] < 128 + slack and sent[0][1] == 0, sent  # written once: sent
+    assert sent[1][0] < slack and sent[1][1] == 128, sent             # twice: hot
+    assert sent[2][0] < slack and sent[2][1] == 128, sent
+    assert sent[3][0] < slack and sent[3][1] == 128, sent             # probed: still owed
+    assert 128 <= sent[4][0] < 128 + slack and sent[4][1] == 0, sent  # cold: sent once
+    assert 3 <= sent[5][0] < 3 + slack and sent[5][1] == 0, sent      # exact again
+
+
+@pytest.mark.usefixtures("criu_ready")
+@pytest.mark.timeout(120)
+def test_auto_converge_drops_the_hot_set_so_throttling_shows(session):
+    """A quarter of 64 MiB rewritten at 20000 pages/s over a 20 MB/s link:
+    the quarter gets hot, owed (16 MiB, 0.8 s: over the target), not
+    shrinking, so auto-converge throttles; the tracker then drops the hot
+    set, tracks exactly, and the rounds shrink as the holds grow until the
+    final round fits."""
+    store_session, channel = session
+    with Workload.start(64, rate=20000, hot=25) as wl:
+        rounds, _, sender, vmas, _ = precopy_then_final(channel, wl.host_pid, Throttle(20_000_000), True,
+                                                        max_rounds=30, target_downtime_ms=300.0)
+        assert_store_equals_memory(store_session, channel, sender, vmas)
+        os.kill(wl.host_pid, signal.SIGCONT)
+        assert all(r["bad"] == 0 for r in wl.verify())
+    table = [(r.number, r.pages_written, r.pages_hot, r.pages_sent, round(r.throttle_pct)) for r in rounds]
+    first_throttled = next(i for i, r in enumerate(rounds) if r.throttle_pct)
+    assert any(r.pages_hot for r in rounds[:first_throttled]), table  # hot before throttling
+    assert rounds[first_throttled].pages_sent >= 64 * 256 // 4, table  # dropped: sent, exact from then on
+    assert all(r.pages_hot == 0 for r in rounds[first_throttled:]), table
+    assert rounds[-1].pages_owed < 0.5 * 64 * 256 // 4, table  # shrunk under throttling

@@ -221,19 +221,22 @@ def _minflt(pid):
 
 
 def test_keep_hot_spares_pages_written_round_after_round():
-    """keep_hot: a run written in two scans in a row is left unprotected
-    after its next write (later writes do not fault; scans report it dirty
-    unseen); a probe protects it again, and it stays hot, unprotected, if
-    written before the next scan; once cold it is reported exactly again.
-    Short runs are tracked as without keep_hot throughout."""
+    """keep_hot: a run written in two scans in a row is hot: left
+    unprotected (later writes do not fault), not looked at, reported in
+    hot and not in dirty. A probe protects it again; written before the
+    next scan it stays hot, unprotected; once cold it is in dirty once and
+    tracked exactly again. drop_hot() puts the hot pages in the next dirty
+    and tracks exactly from then on. Short runs are never hot."""
     _need_uffd_wp()
-    assert trk.HOT_PROBE_EVERY == 4 and trk.HOT_MIN_PAGES == 16
+    assert trk.HOT_MIN_PAGES == 16
+    never, now = 1e9, 1e-9  # probe periods: no probe; the whole hot set at the next scan
     with DirtySet() as ds:
         rid, region = ds.map(192)
         hot_line = "touch %d %s" % (rid, ",".join(map(str, range(128))))  # one run of 128 pages
         short_line = "touch %d 140,141,150" % rid                          # runs of 2 and 1
         ds.pages("touch %d %s" % (rid, ",".join(map(str, range(192)))))   # all populated
         with trk.DirtyTracker(ds.pid, trk.UFFD_WP, keep_hot=True) as tracker:
+            tracker.probe_period_s = never
 
             def touch(line, faults):
                 before = _minflt(ds.pid)
@@ -243,9 +246,10 @@ def test_keep_hot_spares_pages_written_round_after_round():
                 assert (took >= len(pages)) if faults else (took < 32), (line, took)
                 return pages
 
-            def scan(number, dirty, written, kept):
+            def scan(number, dirty, written, kept, probe=never):
+                tracker.probe_period_s = probe
                 result = tracker.scan()
-                assert tracker._scans == number
+                tracker.probe_period_s = never
                 for name, got, want in (("dirty", result.dirty, dirty), ("written", result.written, written),
                                         ("hot", result.hot, kept)):
                     assert page_set(got, [region]) == want, "scan %d %s: %s" % (number, name, sorted(
@@ -256,23 +260,65 @@ def test_keep_hot_spares_pages_written_round_after_round():
             scan(1, hot | short, hot | short, set())
             touch(hot_line, faults=True)
             touch(short_line, faults=True)
-            scan(2, hot | short, hot | short, set())   # written twice in a row: hot from now on
-            touch(hot_line, faults=True)               # scan 2 protected it: one last fault each
-            touch(short_line, faults=True)
-            scan(3, hot | short, short, hot)           # hot: dirty, not looked at
+            scan(2, short, hot | short, hot)           # written twice in a row: hot, not protected again
             touch(hot_line, faults=False)
             touch(short_line, faults=True)
-            scan(4, hot | short, hot | short, set())   # the probe looks at (and protects) it
-            touch(hot_line, faults=True)
-            scan(5, hot, hot, set())                   # written since the probe: hot, left unprotected
+            scan(3, short, short, hot)                 # hot: not looked at, owed
             touch(hot_line, faults=False)
-            scan(6, hot, set(), hot)
-            touch(hot_line, faults=False)
-            scan(7, hot, set(), hot)
-            scan(8, hot, hot, set())                   # the probe finds it written (before 7)
-            scan(9, set(), set(), set())               # not written since: cold, exact again
+            scan(4, set(), hot, hot, probe=now)        # the probe protects it again (still owed)
             touch(hot_line, faults=True)
-            scan(10, hot, hot, set())
+            scan(5, set(), hot, hot)                   # written since the probe: hot, left unprotected
+            touch(hot_line, faults=False)
+            scan(6, set(), set(), hot)
+            scan(7, set(), hot, hot, probe=now)
+            scan(8, hot, set(), set())                 # not written since the probe: cooled, sent once
+            touch(hot_line, faults=True)
+            scan(9, hot, hot, set())                   # tracked exactly
+            touch(hot_line, faults=True)
+            scan(10, set(), hot, hot)                  # hot again
+            tracker.drop_hot()
+            touch(hot_line, faults=False)
+            scan(11, hot, hot, set())                  # dropped: in dirty, protected again
+            touch(hot_line, faults=True)
+            scan(12, hot, hot, set())
+            touch(hot_line, faults=True)
+            scan(13, hot, hot, set())                  # and never hot again
+
+
+def test_hot_probe_rotates_through_the_hot_set():
+    """Each scan probes the share of the hot set due since the last one,
+    from where the previous probe ended: over the period every hot page is
+    probed, none twice, and a cooled page is found by its probe."""
+    _need_uffd_wp()
+    with DirtySet() as ds:
+        rid, region = ds.map(256)
+        line = "touch %d %s" % (rid, ",".join(map(str, range(256))))
+        ds.pages(line)
+        with trk.DirtyTracker(ds.pid, trk.UFFD_WP, keep_hot=True) as tracker:
+            tracker.probe_period_s = 1e9
+            tracker.scan()
+            ds.pages(line)
+            tracker.scan()
+            ds.pages(line)
+            assert page_set(tracker.scan().hot, [region]) == page_set([region], [region])
+            tracker.probe_period_s = 1.0
+            probed, t0 = [], time.monotonic()
+            while time.monotonic() - t0 < 1.0:
+                time.sleep(0.1)
+                ds.pages("touch %d %s" % (rid, ",".join(map(str, range(128)))))  # the first half stays hot
+                result = tracker.scan()
+                probed.append(page_set(tracker._probation, [region]))
+            assert all(not (a & b) for i, a in enumerate(probed) for b in probed[i + 1:]), "a page probed twice"
+            assert 4 <= sum(1 for p in probed if p) <= 12, [len(p) for p in probed]
+            covered = set().union(*probed)
+            assert len(covered) >= 256 * 0.6, len(covered)
+            tracker.probe_period_s = 1e9
+            result = tracker.scan()  # the last probe is looked at
+            cold = page_set([(region[0] + 128 * PAGE, region[1])], [region])
+            hot_half = page_set([(region[0], region[0] + 128 * PAGE)], [region])
+            # probed in the cold half: sent (in some scan's dirty) and no longer hot
+            assert not (page_set(result.hot, [region]) & cold & covered)
+            assert page_set(result.hot, [region]) >= hot_half - covered
 
 
 def test_scan_resumes_when_the_region_buffer_fills():
