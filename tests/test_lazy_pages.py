@@ -121,6 +121,18 @@ def test_faults_served_while_installers_copy(tmp_path):
             assert stats["faults_during_install"] > 0, stats
             assert stats["pages_fault"] + stats["pages_prefetch"] >= 512 * 256
             assert_clean(restored.verify())
+    # where the faults' time went: one latency and one gate wait per fault
+    # served, the installers' ioctls, each on a CPU of its own
+    gate, parts = stats["gate"], stats["breakdown"]
+    assert parts["latency"]["count"] == parts["gate"]["count"] == stats["faults"], parts
+    assert parts["fault_copy"]["count"] == stats["pages_fault"]
+    assert parts["latency"]["p99_us"] == stats["fault_latency_us"]["p99"]
+    assert sum(parts["installer_copy"]["buckets_us"].values()) == parts["installer_copy"]["count"]
+    assert parts["installer_copy"]["count"] > 0
+    assert 0 < gate["gate_waits"] <= stats["faults"], gate
+    assert gate["claims_cut"] > 0, gate
+    if len(os.sched_getaffinity(0)) >= stats["installers"]:
+        assert gate["installers_pinned"] == stats["installers"], gate
 
 
 @pytest.mark.parametrize("installers", [1, 2])
