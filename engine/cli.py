@@ -45,7 +45,7 @@ def fail(message):
 @click.option("--installers", type=click.IntRange(1, 8), default=None,
               help="threads installing pages eagerly [default: 2, or 1 on one CPU]")
 @click.option("--batch-pages", type=click.IntRange(1, 512), default=None,
-              help="pages per eager copy; a fault waits for at most one [default: 16]")
+              help="pages per eager copy (ioctl); a fault waits for at most one [default: 8]")
 def lazy_pages(images_dir, work_dir, status_fd, log_file, verbosity, no_default_config, page_server, address, port,
                stats_json, timeout, eager_delay, installers, batch_pages):
     """Serve `criu restore --lazy-pages` from a RAM page store (drop-in for `criu lazy-pages`)."""

@@ -17,7 +17,7 @@ import struct
 import time
 
 from . import images
-from .bindings.faultloop import FaultLoop
+from .bindings.faultloop import FaultLoop, summarize
 from .bindings.pagestore import PageStore
 from .errors import HybridmigError, ProtocolError, SetupError
 from .fetcher import Fetcher
@@ -219,6 +219,8 @@ class LazyPagesDaemon:
                 "p99": st["lat_p99_ns"] / 1e3,
                 "max": st["lat_max_ns"] / 1e3,
             },
+            "gate": {k: st[k] for k in ("gate_waits", "gate_same_cpu", "gate_slept", "installers_pinned", "claims_cut")},
+            "breakdown": {name: summarize(h) for name, h in self.loop.histograms().items()},
             "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
 

@@ -121,6 +121,18 @@ def test_faults_served_while_installers_copy(tmp_path):
             assert stats["faults_during_install"] > 0, stats
             assert stats["pages_fault"] + stats["pages_prefetch"] >= 512 * 256
             assert_clean(restored.verify())
+    # where the faults' time went: a gate wait per fault read, a latency and
+    # a copy per fault served, the installers' ioctls, each installer on a
+    # CPU of its own; faults read while copies were in flight waited at the
+    # gate
+    gate, parts = stats["gate"], stats["breakdown"]
+    assert parts["gate"]["count"] == stats["faults"], parts
+    assert 0 < parts["fault_copy"]["count"] <= parts["latency"]["count"] <= stats["faults"], parts
+    assert parts["latency"]["p99_us"] == stats["fault_latency_us"]["p99"]
+    assert sum(parts["installer_copy"]["buckets_us"].values()) == parts["installer_copy"]["count"] > 0
+    assert gate["gate_waits"] > 0, gate
+    if len(os.sched_getaffinity(0)) >= stats["installers"]:
+        assert gate["installers_pinned"] == stats["installers"], gate
 
 
 @pytest.mark.parametrize("installers", [1, 2])
@@ -145,6 +157,8 @@ def test_mremap_munmap_madvise_and_fork_while_installing(tmp_path, installers):
             # the events did come while installer copies were in flight,
             # or this test proved nothing about the two threads
             assert stats["events_during_install"] > 0, stats
+            # and claims were cut short by the gate, their rest owed again
+            assert stats["gate"]["claims_cut"] > 0, stats["gate"]
             assert_clean(restored.verify())
             assert_clean(restored.churn_verify())
 

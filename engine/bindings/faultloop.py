@@ -10,8 +10,38 @@ _STATS = (
     "faults", "faults_during_install", "faults_absent", "faults_blocked", "pages_fault", "pages_prefetch", "pages_zero", "bytes_copied", "pages_owed",
     "pages_waiting", "tasks", "tasks_exited", "events_fork", "events_remap", "events_remove",
     "events_unmap", "events_during_install", "eager_ns", "done_ns", "lat_p50_ns", "lat_p99_ns", "lat_max_ns", "error",
-    "installers", "batch_pages", "fault_thread_rt",
+    "installers", "batch_pages", "fault_thread_rt", "gate_waits", "gate_same_cpu", "gate_slept", "installers_pinned", "claims_cut",
 )
+# hm_loop_histogram's histograms, by the names the stats give them
+HISTOGRAMS = {
+    "latency": lib.HM_HIST_LATENCY,
+    "gate": lib.HM_HIST_GATE,
+    "fault_copy": lib.HM_HIST_FAULT_COPY,
+    "installer_copy": lib.HM_HIST_INSTALLER_COPY,
+    "wake_lock": lib.HM_HIST_LOCK,
+}
+
+
+def summarize(hist, over_ns=50_000):
+    """count, p50/p90/p99/max (µs, lower bounds of their buckets), how many
+    over over_ns, and the buckets ({µs: count}) of one histogram."""
+    total = sum(hist.values())
+
+    def pct(p):
+        seen = 0
+        for ns in sorted(hist):
+            seen += hist[ns]
+            if seen >= p * total:
+                return ns / 1e3
+        return 0.0
+
+    return {
+        "count": total,
+        "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99),
+        "max_us": max(hist) / 1e3 if hist else 0.0,
+        "over_%dus" % (over_ns // 1000): sum(c for ns, c in hist.items() if ns >= over_ns),
+        "buckets_us": {"%g" % (ns / 1e3): c for ns, c in sorted(hist.items())},
+    }
 
 
 def _check(rc, origin):
@@ -23,7 +53,7 @@ class FaultLoop:
 
     def __init__(self, store, installers=None, batch_pages=None):
         """installers: threads installing pages eagerly (default 2, or fewer
-        CPUs); batch_pages: pages per installer copy (default 16)."""
+        CPUs); batch_pages: pages per installer ioctl (default 8)."""
         self._store = store  # the loop reads the store: keep it alive as long
         out = ffi.new("hm_loop **")
         _check(lib.hm_loop_new(store.handle, out), "hm_loop_new")
@@ -79,6 +109,15 @@ class FaultLoop:
         st = ffi.new("struct hm_loop_stats *")
         lib.hm_loop_get_stats(self._l, st)
         return {f: getattr(st, f) for f in _STATS}
+
+    def histograms(self):
+        """{name: {lower bound of a bucket in ns: count}} of HISTOGRAMS, empty buckets left out."""
+        counts = ffi.new("uint64_t[]", lib.HM_HIST_BUCKETS)
+        out = {}
+        for name, which in HISTOGRAMS.items():
+            _check(lib.hm_loop_histogram(self._l, which, counts, lib.HM_HIST_BUCKETS), "hm_loop_histogram")
+            out[name] = {lib.hm_loop_bucket_ns(b): counts[b] for b in range(lib.HM_HIST_BUCKETS) if counts[b]}
+        return out
 
     def close(self):
         """Stop the thread and close every uffd; the tasks keep what was installed."""

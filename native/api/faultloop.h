@@ -27,7 +27,22 @@ struct hm_loop_stats {
 	uint64_t installers;     /* installer threads */
 	uint64_t batch_pages;    /* pages per installer copy */
 	uint64_t fault_thread_rt; /* 1 if the fault thread got SCHED_FIFO */
+	uint64_t gate_waits;     /* reads of a uffd that waited for installer copies in flight */
+	uint64_t gate_same_cpu;  /* installers waited for that were last seen on the fault thread's CPU */
+	uint64_t gate_slept;     /* waits that outlasted the spin and slept on an installer's copy lock */
+	uint64_t installers_pinned; /* installers running on a CPU of their own */
+	uint64_t claims_cut;     /* installer claims stopped between two ioctls by a fault at the gate */
 };
+
+/* Histograms (hm_loop_histogram): HM_HIST_BUCKETS buckets, 8 per power of
+ * two of nanoseconds; hm_loop_bucket_ns(b) is the lower bound of bucket b. */
+#define HM_HIST_BUCKETS 384
+#define HM_HIST_LATENCY 0        /* a fault: fault thread woke -> page installed */
+#define HM_HIST_GATE 1           /* a fault: wait at the gate of the read that found it */
+#define HM_HIST_FAULT_COPY 2     /* a fault: the copy of the faulted page */
+#define HM_HIST_INSTALLER_COPY 3 /* an installer copy (batch_pages pages) */
+#define HM_HIST_LOCK 4           /* a wake-up of the fault thread: epoll_wait -> loop lock */
+#define HM_HIST_COUNT 5
 
 /* Pages owed but not (yet) in the store, wanted now: read from miss_fd.
  * They are the images' pages of task `pid` at `src`, to be stored for task
@@ -44,8 +59,8 @@ struct hm_miss {
 
 int hm_loop_new(hm_store *store, hm_loop **out);
 /* Before start: installer threads (default 2, at most the CPUs online) and
- * pages per installer copy (default 16): a fault waits for at most one
- * installer copy into its task. */
+ * pages per installer ioctl (default 8): a fault waits for at most one
+ * installer ioctl into its task. */
 int hm_loop_configure(hm_loop *l, int installers, int batch_pages);
 /* runs: nruns pairs (vaddr, npages) of pages the task is owed. */
 int hm_loop_add_task(hm_loop *l, int uffd, uint64_t key, int32_t pid, const uint64_t *runs, uint64_t nruns);
@@ -57,4 +72,6 @@ int hm_loop_miss_fd(hm_loop *l);
 int hm_loop_wait(hm_loop *l, int timeout_ms);
 int hm_loop_stop(hm_loop *l);
 void hm_loop_get_stats(hm_loop *l, struct hm_loop_stats *out);
+int hm_loop_histogram(hm_loop *l, int which, uint64_t *counts, int nbuckets);
+uint64_t hm_loop_bucket_ns(int bucket);
 void hm_loop_free(hm_loop *l);

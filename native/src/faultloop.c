@@ -9,11 +9,12 @@
  * behind the eager install of the whole memory.
  *
  * The installer threads (installer_main) install, once restore has finished,
- * every page still owed, in batches of batch_pages pages: each claims a run
- * of owed pages under the loop lock, copies it with the lock dropped, and
- * settles it under the lock again. Two installers on two cores copy twice
- * as fast as one: UFFDIO_COPY takes only the per-VMA lock of the target's
- * mm, and most of its cost is allocating and filling the target's pages.
+ * every page still owed: each claims a run of owed pages (CLAIM_PAGES)
+ * under the loop lock, copies it with the lock dropped, in ioctls of
+ * batch_pages, and settles it under the lock again. Two installers on two
+ * cores copy twice as fast as one: UFFDIO_COPY takes only the per-VMA lock
+ * of the target's mm, and most of its cost is allocating and filling the
+ * target's pages. Each runs on a CPU of its own when there are enough.
  *
  * What a task is owed is an interval list (its lazy ranges minus what was
  * installed, unmapped, dropped, or is being copied right now by an
@@ -48,12 +49,13 @@
 /* Eager install near the last fault, within this distance, comes first. */
 #define NEIGHBOURHOOD (8UL << 20)
 #define FORK_KEY_BASE (1ULL << 40)
-/* Installer batch: a fault on a task waits for the installer copies in
- * flight into it (the gate), so a batch is what a fault may wait for. 16
- * pages (64 KiB) take ~20 us to copy here (~1.2 us a page, most of it the
- * target's page allocation); bigger batches copy only ~10 % faster, as one
- * ioctl costs a page's worth or two. */
-#define BATCH_PAGES_DEFAULT 16
+/* Installer batch, pages per ioctl: a fault on a task waits for the
+ * installer ioctls in flight into it (the gate), so a batch is what a fault
+ * may wait for. 8 pages take ~11 us to copy here (~1.3 us a page, most of it
+ * the target's page allocation), 16 ~24 us; with the claim's locking paid
+ * once per CLAIM_PAGES, 8 installed 4 GiB as fast as 16 (1.21-1.23 s
+ * against 1.27-1.28 s, one run each) and halved the gate's p50 and p90. */
+#define BATCH_PAGES_DEFAULT 8
 #define INSTALLERS_DEFAULT 2
 #define INSTALLERS_MAX 8
 /* An installer with nothing to install looks again after this long: to ask
@@ -62,7 +64,13 @@
 #define BLOCKED_RETRY_MS 1
 /* At the gate, the fault thread spins this long before it sleeps. */
 #define GATE_SPIN_NS 40000
-#define LAT_BUCKETS (48 * 8)
+#define LOCK_SPIN_NS 20000
+/* An installer claims up to this many pages at once (or batch_pages if
+ * more) and copies them one ioctl of batch_pages at a time, stopping early
+ * when a fault comes: a fault still waits for one batch at most, and the
+ * claim's locking is paid once. */
+#define CLAIM_PAGES 64
+#define LAT_BUCKETS HM_HIST_BUCKETS
 
 struct waiting {
 	uint64_t addr;
@@ -123,6 +131,7 @@ struct hm_loop {
 		 * nothing else while it waits for a copy lock. */
 		pthread_mutex_t copy_lock;
 		struct task *copying; /* the task copied into, under lock */
+		int cpu; /* where it last started a copy (stats: same CPU as the fault thread?) */
 	} installers[INSTALLERS_MAX];
 	int ninstallers, batch_pages;
 	int started;
@@ -138,8 +147,10 @@ struct hm_loop {
 	unsigned inflight; /* installer copies in flight, all tasks */
 	struct task *hint_task;
 	uint64_t hint_addr;
+	uint64_t gate_ns; /* the fault thread's wait at the gate for its last read */
 	struct hm_loop_stats st;
-	uint64_t lat[LAT_BUCKETS];
+	/* HM_HIST_*: where a fault's time goes, and the installers' copies */
+	uint64_t hist[HM_HIST_COUNT][LAT_BUCKETS];
 };
 
 /* --- latency histogram: 8 sub-buckets per power of two ------------------ */
@@ -158,26 +169,32 @@ static uint64_t lat_bucket_value(unsigned b)
 	return msb >= 3 ? ((8ULL + sub) << (msb - 3)) : sub;
 }
 
+static void hist_add(hm_loop *l, int which, uint64_t ns)
+{
+	l->hist[which][lat_bucket(ns)]++;
+}
+
 static void record_latency(hm_loop *l, uint64_t since_ns)
 {
 	uint64_t ns = now_ns() - since_ns;
 
-	l->lat[lat_bucket(ns)]++;
+	hist_add(l, HM_HIST_LATENCY, ns);
 	if (ns > l->st.lat_max_ns)
 		l->st.lat_max_ns = ns;
 }
 
 static uint64_t lat_percentile(const hm_loop *l, double p)
 {
+	const uint64_t *h = l->hist[HM_HIST_LATENCY];
 	uint64_t total = 0, seen = 0;
 	unsigned b;
 
 	for (b = 0; b < LAT_BUCKETS; b++)
-		total += l->lat[b];
+		total += h[b];
 	if (!total)
 		return 0;
 	for (b = 0; b < LAT_BUCKETS; b++) {
-		seen += l->lat[b];
+		seen += h[b];
 		if (seen >= p * total)
 			return lat_bucket_value(b);
 	}
@@ -192,62 +209,140 @@ static uint64_t lat_percentile(const hm_loop *l, double p)
  * loop lock held; returns with it held.
  *
  * Why the fault thread must not read t's uffd while an installer copy into t
- * may be *starting*: reading an event lets the kernel go on with what raised
- * it. For UFFD_EVENT_REMOVE (MADV_DONTNEED) the kernel raises the uffd's
- * mmap_changing, queues the event, waits until we have read it, drops
- * mmap_changing, and only then zaps the range. A UFFDIO_COPY checks
- * mmap_changing once, at its start, under the uffd's map_changing_lock,
- * which the kernel takes for writing to raise it (Linux >= 6.8): a copy that
- * started before the raise has finished before the event can be read, and
- * one that starts while it is raised fails with EAGAIN. Both are safe. The
- * unsafe copy is one that starts *after* our read and before we took the
- * range off the owed list: nothing stops it any more, and if it lands after
- * the zap the process reads its old data where it must read zeros. An
- * installer that claimed the range before the event decides to copy
- * outside any lock, so the only way to exclude it is to have no installer
- * copy into t start between the read and the processing of what was read:
- * hence the gate, closed around every read of a uffd. Waiting for the copies
- * already in flight (rather than only forbidding new ones) is the only way
- * to know that none of them is between its claim and its ioctl.
+ * may be *starting*. What the kernel does (Linux 6.18; mm/userfaultfd.c
+ * mfill_atomic, fs/userfaultfd.c userfaultfd_remove and
+ * userfaultfd_event_wait_completion):
  *
- * It also keeps the fault thread from answering a fault with a zero page
- * while the page is claimed (off the owed list) but not yet copied: once
- * the gate is closed every claim of t is settled, installed or owed again.
+ * - UFFDIO_COPY/ZEROPAGE (mfill_atomic) takes the target VMA's lock, then
+ *   ctx->map_changing_lock for read, and fails with EAGAIN if
+ *   ctx->mmap_changing is raised. It holds map_changing_lock for read until
+ *   the whole range is done. It checks again only if it had to drop its
+ *   locks to fault in its source page (the ENOENT retry), which the
+ *   populated store avoids, and which re-checks anyway.
+ * - MADV_DONTNEED (userfaultfd_remove) takes map_changing_lock for write,
+ *   raises mmap_changing, drops the lock, queues UFFD_EVENT_REMOVE, and
+ *   sleeps until a read() of the uffd dequeues the event; then it lowers
+ *   mmap_changing, takes the mm lock again and zaps the range.
+ *   munmap (UNMAP), mremap (REMAP) and fork (FORK) raise it the same way
+ *   (under the mm write lock, before changing anything) and lower it once
+ *   their event is read.
  *
- * The price: a fault waits for at most one installer batch per installer.
+ * So a copy whose check ran before the raise holds map_changing_lock and
+ * has finished before the event is even queued: it landed before the zap,
+ * which removes it. A copy whose check runs between the raise and our read
+ * fails with EAGAIN. Both are safe. The copy that can land stale is one
+ * whose check runs *after our read* (mmap_changing is lowered again) with
+ * a range claimed before we took the event's range off the owed list: if it
+ * lands after the zap, the process reads old data where MADV_DONTNEED
+ * promised zeros; for REMAP it writes the old contents of `to` into pages
+ * moved there; for FORK, a copy into the parent that failed with EAGAIN, or
+ * landed after the fork, is missing in the child, whose owed list was made
+ * without the claimed pages. Which copies those are cannot be narrowed from
+ * user space:
+ *
+ * - the event is only known once read, and reading it is what releases the
+ *   kernel: the uffd's poll and fdinfo do not tell a fault from an event,
+ *   and read() returns events only when no fault is pending;
+ * - an installer between its claim and the kernel's check may be preempted
+ *   for any time, in user space or on its way in (uffd_mfill_lock may
+ *   sleep); a flag it sets before its ioctl says nothing about where the
+ *   check is, and from outside a thread inside the ioctl cannot be told
+ *   from one about to enter it.
+ *
+ * Hence the gate, closed around every read of a uffd: the fault thread
+ * reads t only once every claim of t is settled, and no claim of t is made
+ * until it has processed what it read. Waiting for the copies in flight
+ * (not only forbidding new ones) is the only way to know that none of them
+ * is between its claim and its check. The gate stays cheap by keeping what
+ * a fault waits for short: one ioctl of batch_pages per installer (claims
+ * of CLAIM_PAGES stop between ioctls when the gate closes, copy_claim), the
+ * installers pinned one per CPU (pin_installer) so that the one the fault
+ * thread preempted is known and handed the CPU at once, and a spin for the
+ * one running elsewhere.
+ *
+ * The gate also keeps the fault thread from answering a fault with a zero
+ * page while the page is claimed (off the owed list) but not yet copied:
+ * once the gate is closed every claim of t is settled, installed or owed
+ * again.
+ *
+ * The price: a fault waits for at most one installer ioctl per installer.
  */
-static void gate_close(hm_loop *l, struct task *t)
+
+/* The fault thread takes the loop lock, which installers hold for a
+ * microsecond or two at a time: spinning on it costs less than sleeping on
+ * it and being woken from another vCPU (50-200 us here). */
+static void lock_spinning(hm_loop *l)
+{
+	uint64_t until = now_ns() + LOCK_SPIN_NS;
+
+	while (pthread_mutex_trylock(&l->lock))
+		if (now_ns() > until) {
+			pthread_mutex_lock(&l->lock);
+			return;
+		}
+}
+
+/* The first installer with a copy into t in flight, and last seen on `cpu`
+ * unless cpu < 0; -1 if none. Loop lock held. */
+static int copier(hm_loop *l, struct task *t, int cpu)
 {
 	int i;
 
-	t->gated = 1;
+	for (i = 0; i < l->ninstallers; i++)
+		if (l->installers[i].copying == t && (cpu < 0 || __atomic_load_n(&l->installers[i].cpu, __ATOMIC_RELAXED) == cpu))
+			return i;
+	return -1;
+}
+
+/* Wait for installer i to settle its claim, lending it our real-time
+ * priority: it holds its copy lock, a priority-inheritance mutex, from the
+ * claim to its settling, so locking it runs the installer at once if it was
+ * preempted, instead of when its time slice comes round again (a condition
+ * variable left faults waiting for milliseconds on a busy machine). */
+static void wait_copier(hm_loop *l, int i)
+{
+	pthread_mutex_unlock(&l->lock);
+	pthread_mutex_lock(&l->installers[i].copy_lock);
+	pthread_mutex_unlock(&l->installers[i].copy_lock);
+	lock_spinning(l);
+}
+
+static void gate_close(hm_loop *l, struct task *t)
+{
+	int i, cpu;
+
+	__atomic_store_n(&t->gated, 1, __ATOMIC_RELEASE);
+	if (!t->copying)
+		return;
+	l->st.gate_waits++;
+	/* Installers last seen on our CPU: we woke there and most likely
+	 * preempted one of them half-way through its copy; it cannot finish
+	 * while we spin (we run SCHED_FIFO), so hand it the CPU at once: its
+	 * unlock then wakes us on this same CPU, which stayed busy and costs
+	 * no cross-CPU wake-up. Measured before the installers were pinned
+	 * and handed the CPU: 30 % of the gate waits at 4 GiB outlasted the
+	 * 40 us spin, then slept, and took 100-400 us in all. */
+	cpu = sched_getcpu();
+	while ((i = copier(l, t, cpu)) >= 0) {
+		l->st.gate_same_cpu++;
+		wait_copier(l, i);
+	}
+	/* The others run elsewhere: spin, the lock dropped, for about one
+	 * batch's copy; on this kind of VM a blocking hand-off costs a
+	 * cross-CPU wake-up, an IPI and often a halted vCPU brought back:
+	 * 50-200 us, several times a copy of 8 pages. */
 	if (t->copying) {
-		/* First spin, the lock dropped, for about one batch's copy: on
-		 * this kind of VM a blocking handoff costs a cross-CPU wakeup, an
-		 * IPI and often a halted vCPU brought back: 50-200 us, several
-		 * times a copy of 16 pages. */
 		uint64_t until = now_ns() + GATE_SPIN_NS;
 
 		pthread_mutex_unlock(&l->lock);
 		while (__atomic_load_n(&t->copying, __ATOMIC_ACQUIRE) && now_ns() < until)
 			__builtin_ia32_pause();
-		pthread_mutex_lock(&l->lock);
+		lock_spinning(l);
 	}
-	while (t->copying) {
-		/* An installer copying into t holds its copy lock from the claim
-		 * to the settling of the claim. Locking it lends the installer
-		 * our real-time priority (priority inheritance): if it was
-		 * preempted it runs at once and finishes, instead of when its
-		 * time slice comes round again; a condition variable left faults
-		 * waiting for milliseconds on a busy machine. */
-		for (i = 0; i < l->ninstallers && l->installers[i].copying != t; i++)
-			;
-		if (i == l->ninstallers)
-			break; /* cannot be: copying and ins->copying change together */
-		pthread_mutex_unlock(&l->lock);
-		pthread_mutex_lock(&l->installers[i].copy_lock);
-		pthread_mutex_unlock(&l->installers[i].copy_lock);
-		pthread_mutex_lock(&l->lock);
+	/* Preempted elsewhere, or slow: sleep on them. */
+	while ((i = copier(l, t, -1)) >= 0) {
+		l->st.gate_slept++;
+		wait_copier(l, i);
 	}
 }
 
@@ -386,7 +481,7 @@ static enum install_result fill_failed(hm_loop *l, struct task *t, int64_t n)
 static enum install_result install_faulted(hm_loop *l, struct task *t, uint64_t addr, uint64_t max_pages,
 					   int faulted)
 {
-	uint64_t start, end, npages, installed;
+	uint64_t start, end, npages, installed, copy_ns;
 	struct store_garbage g = { .n = 0 };
 	const uint8_t *data;
 	int64_t n;
@@ -405,14 +500,18 @@ static enum install_result install_faulted(hm_loop *l, struct task *t, uint64_t 
 		return ABSENT;
 	}
 	pthread_mutex_unlock(&l->lock);
+	copy_ns = now_ns();
 	n = fill(t, addr, npages, data, &installed);
+	copy_ns = now_ns() - copy_ns;
 	if (n > 0)
 		store_release(t->st, addr, n, &g);
 	store_task_unlock(t->st);
 	store_garbage_free(&g);
-	pthread_mutex_lock(&l->lock);
+	lock_spinning(l);
 	if (n < 0)
 		return fill_failed(l, t, n);
+	if (faulted)
+		hist_add(l, HM_HIST_FAULT_COPY, copy_ns);
 	hm_ranges_remove(t->owed, addr, addr + n * PAGE_SZ);
 	count_installed(l, kind, installed, faulted);
 	return INSTALLED;
@@ -426,7 +525,7 @@ static enum install_result install_zero(hm_loop *l, struct task *t, uint64_t add
 
 	pthread_mutex_unlock(&l->lock); /* the gate is closed: as install_faulted */
 	n = fill(t, addr, 1, NULL, &installed);
-	pthread_mutex_lock(&l->lock);
+	lock_spinning(l);
 	if (n < 0)
 		return fill_failed(l, t, n);
 	l->st.pages_zero += installed;
@@ -658,6 +757,7 @@ static int handle_remove(hm_loop *l, struct task *t, struct uffd_msg *msg)
 static int handle_pagefault(hm_loop *l, struct task *t, struct uffd_msg *msg, uint64_t since_ns)
 {
 	l->st.faults++;
+	hist_add(l, HM_HIST_GATE, l->gate_ns);
 	l->st.faults_during_install += l->eager && t->install_seen;
 	return serve_fault(l, t, msg->arg.pagefault.address & ~(PAGE_SZ - 1), since_ns);
 }
@@ -670,7 +770,9 @@ static int handle_uffd(hm_loop *l, struct task *t, uint64_t since_ns)
 	int rc = 0;
 
 	t->install_seen = t->copying > 0;
+	l->gate_ns = now_ns();
 	gate_close(l, t);
+	l->gate_ns = now_ns() - l->gate_ns;
 	while (!rc) {
 		ssize_t n = read(t->uffd, msgs, sizeof(msgs));
 		size_t i;
@@ -754,7 +856,8 @@ static int claim_from(hm_loop *l, struct task *t, uint64_t from, int k, struct c
 
 	while (hm_ranges_next(t->owed, from, &start, &end)) {
 		store_task_lock(t->st);
-		kind = store_run(t->st, start, MIN((uint64_t)l->batch_pages, (end - start) / PAGE_SZ), &npages, &data);
+		kind = store_run(t->st, start, MIN((uint64_t)MAX(l->batch_pages, CLAIM_PAGES), (end - start) / PAGE_SZ),
+				 &npages, &data);
 		store_task_unlock(t->st);
 		if (kind == HM_PAGE_ABSENT) {
 			if (!t->first_absent)
@@ -843,8 +946,8 @@ static void settle(hm_loop *l, struct claim *c, int64_t n, uint64_t installed, s
 	if (done < c->npages && !t->exited && hm_ranges_add(t->owed, c->addr + done * PAGE_SZ,
 							   c->addr + c->npages * PAGE_SZ))
 		l->st.error = -ENOMEM;
-	if (n < 0 && t->cursor[c->installer] > c->addr)
-		t->cursor[c->installer] = c->addr;
+	if (done < c->npages && t->cursor[c->installer] > c->addr + done * PAGE_SZ)
+		t->cursor[c->installer] = c->addr + done * PAGE_SZ; /* the rest, owed again, next */
 }
 
 /* Nothing to install now: ask for absent data after IDLE_ASK_MS with
@@ -898,17 +1001,87 @@ static int wait_gates(hm_loop *l)
 	return 1;
 }
 
+/*
+ * Copy claim c one batch (one ioctl of batch_pages) at a time, stopping
+ * early once the fault thread waits at the gate of its task: the fault then
+ * waits for one batch, not the whole claim. An installer that sees the gate
+ * open and copies on is safe even if the fault thread closes it meanwhile:
+ * the fault thread reads nothing until t->copying, which this claim holds,
+ * drops to zero. Returns the pages dealt with (as fill, the whole claim),
+ * or -errno if none; ns[] gets each ioctl's duration, *nb their number,
+ * *cut 1 if the gate stopped the claim short.
+ */
+static int64_t copy_claim(hm_loop *l, struct installer *ins, const struct claim *c, uint64_t *installed,
+			  uint64_t *ns, int *nb, int *cut)
+{
+	uint64_t done = 0;
+
+	*installed = 0;
+	*nb = *cut = 0;
+	while (done < c->npages && *nb < CLAIM_PAGES) {
+		uint64_t inst, t0;
+		int64_t n;
+
+		if (done && __atomic_load_n(&c->t->gated, __ATOMIC_ACQUIRE)) {
+			*cut = 1;
+			break;
+		}
+		__atomic_store_n(&ins->cpu, sched_getcpu(), __ATOMIC_RELAXED);
+		t0 = now_ns();
+		n = fill(c->t, c->addr + done * PAGE_SZ, MIN((uint64_t)l->batch_pages, c->npages - done),
+			 c->data ? c->data + done * PAGE_SZ : NULL, &inst);
+		ns[(*nb)++] = now_ns() - t0;
+		if (n < 0)
+			return done ? (int64_t)done : n; /* the rest is owed again, and fails anew */
+		done += (uint64_t)n;
+		*installed += inst;
+	}
+	return (int64_t)done;
+}
+
+/*
+ * Installer k runs on the k-th CPU it may use, when there are as many CPUs
+ * as installers: 1 if pinned. Left to the scheduler, the two installers
+ * often shared one CPU while the restored workload and the fault thread
+ * held the other; one of them then sat preempted half-way through a claim
+ * for a time slice, and a fault waited for it at the gate (100-400 us, and
+ * the SCHED_FIFO fault thread cannot tell which CPU that installer waits
+ * on). Pinned, the installer a fault waits for is either running on the
+ * other CPU, or preempted by the fault thread itself on this one, which
+ * then hands it the CPU at once (gate_close).
+ */
+static int pin_installer(hm_loop *l, int k)
+{
+	cpu_set_t allowed, one;
+	int cpu, seen = 0;
+
+	if (sched_getaffinity(0, sizeof(allowed), &allowed) || CPU_COUNT(&allowed) < l->ninstallers)
+		return 0;
+	for (cpu = 0; cpu < CPU_SETSIZE; cpu++) {
+		if (!CPU_ISSET(cpu, &allowed) || seen++ != k)
+			continue;
+		CPU_ZERO(&one);
+		CPU_SET(cpu, &one);
+		return sched_setaffinity(0, sizeof(one), &one) == 0;
+	}
+	return 0;
+}
+
 static void *installer_main(void *arg)
 {
 	struct installer *ins = arg;
 	hm_loop *l = ins->l;
 	struct store_garbage g = { .n = 0 };
 	struct claim c;
+	int pinned;
 
+	pinned = pin_installer(l, (int)(ins - l->installers));
 	pthread_mutex_lock(&l->lock);
+	l->st.installers_pinned += pinned;
 	while (!l->stop && !l->st.error) {
-		uint64_t installed = 0;
+		uint64_t installed = 0, copy_ns[CLAIM_PAGES];
 		int64_t n;
+		int nb, i, cut;
 
 		if (!l->eager || !claim_next(l, (int)(ins - l->installers), &c)) {
 			check_done(l);
@@ -919,25 +1092,29 @@ static void *installer_main(void *arg)
 		__atomic_add_fetch(&c.t->copying, 1, __ATOMIC_RELEASE);
 		l->inflight++;
 		ins->copying = c.t;
+		__atomic_store_n(&ins->cpu, sched_getcpu(), __ATOMIC_RELAXED);
 		/* taken before the loop lock is dropped: whoever sees
 		 * ins->copying under the loop lock finds the copy lock held */
 		pthread_mutex_lock(&ins->copy_lock);
 		pthread_mutex_unlock(&l->lock);
 
-		n = fill(c.t, c.addr, c.npages, c.data, &installed);
+		n = copy_claim(l, ins, &c, &installed, copy_ns, &nb, &cut);
 
 		pthread_mutex_lock(&l->lock);
+		l->st.claims_cut += cut;
+		for (i = 0; i < nb; i++)
+			hist_add(l, HM_HIST_INSTALLER_COPY, copy_ns[i]);
 		ins->copying = NULL;
 		settle(l, &c, n, installed, &g);
 		__atomic_sub_fetch(&c.t->copying, 1, __ATOMIC_RELEASE);
 		l->inflight--;
-		pthread_mutex_unlock(&ins->copy_lock);
 		check_done(l);
-		if (g.n) {
-			pthread_mutex_unlock(&l->lock);
-			store_garbage_free(&g);
-			pthread_mutex_lock(&l->lock);
-		}
+		/* the copy lock last: a fault thread woken by its unlock finds the
+		 * loop lock free */
+		pthread_mutex_unlock(&l->lock);
+		pthread_mutex_unlock(&ins->copy_lock);
+		store_garbage_free(&g);
+		pthread_mutex_lock(&l->lock);
 	}
 	pthread_cond_broadcast(&l->cond);
 	pthread_mutex_unlock(&l->lock);
@@ -1005,7 +1182,9 @@ static void *fault_main(void *arg)
 		pthread_mutex_unlock(&l->lock);
 		n = epoll_wait(l->epfd, evs, 64, timeout);
 		woke = now_ns();
-		pthread_mutex_lock(&l->lock);
+		lock_spinning(l);
+		if (n > 0)
+			hist_add(l, HM_HIST_LOCK, now_ns() - woke);
 		if (n < 0 && errno != EINTR) {
 			l->st.error = -errno;
 			break;
@@ -1240,6 +1419,21 @@ void hm_loop_get_stats(hm_loop *l, struct hm_loop_stats *out)
 	out->installers = l->ninstallers;
 	out->batch_pages = l->batch_pages;
 	pthread_mutex_unlock(&l->lock);
+}
+
+int hm_loop_histogram(hm_loop *l, int which, uint64_t *counts, int nbuckets)
+{
+	if (which < 0 || which >= HM_HIST_COUNT || nbuckets != LAT_BUCKETS)
+		return -EINVAL;
+	pthread_mutex_lock(&l->lock);
+	memcpy(counts, l->hist[which], sizeof(l->hist[which]));
+	pthread_mutex_unlock(&l->lock);
+	return 0;
+}
+
+uint64_t hm_loop_bucket_ns(int bucket)
+{
+	return lat_bucket_value((unsigned)bucket);
 }
 
 void hm_loop_free(hm_loop *l)
