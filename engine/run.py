@@ -98,7 +98,8 @@ class Migration:
                 "destination confirms; start the workload with `unshare -p -f setsid ...`" % self.pid)
         self.times["start"] = time.time()
         tree = [self.pid] + [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
-        work = self.work_dir or tempfile.mkdtemp(prefix="hybridmig-run-")
+        # absolute: CRIU runs the hook written there from its own working directory
+        work = os.path.abspath(self.work_dir) if self.work_dir else tempfile.mkdtemp(prefix="hybridmig-run-")
         self.tracker = track(self.pid)
         self.times["attach_stop_ms"] = self.tracker.attach()
         try:
