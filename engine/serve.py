@@ -243,6 +243,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
     """Accept sources one at a time; with `once`, return after the first session's outcome.
     `keep`: leave every session's directory (images, CRIU's restore.log) in base_dir."""
     host, port = wire.parse_addr(listen)
+    base_dir = os.path.abspath(base_dir)  # CRIU resolves the paths we pass it from its own working directory
     if not os.path.isdir(base_dir) or not os.access(base_dir, os.W_OK):
         raise HybridmigError("--dir %s is not a writable directory" % base_dir)
     criu_binary()  # a CRIU that cannot restore is reported now, not to a source

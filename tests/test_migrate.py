@@ -205,9 +205,10 @@ def assert_no_leftovers(serve, timeout=30):
 
 @pytest.mark.timeout(240)
 def test_one_thread(env):
-    """(--work-dir given as a relative path keeps CRIU's images and log)"""
+    """(with relative paths: serve's --dir, and run's --work-dir, which
+    keeps CRIU's images and log)"""
     wl = env.workload(256, threads=1, rate=2000)
-    serve = env.serve()
+    serve = env.serve(base_dir=os.path.relpath(env.new_dir("serve")))
     work = env.new_dir("work") / "run"
     rc, rep, err = env.run(wl.host_pid, "--work-dir", os.path.relpath(work))
     assert_migrated(env, wl, rc, rep, err, serve, 256)
