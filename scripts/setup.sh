@@ -17,7 +17,7 @@ DEB_PACKAGES=(
     build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev
     libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
     protobuf-c-compiler protobuf-compiler uuid-dev libaio-dev
-    iproute2 util-linux procps xz-utils dpkg-dev redis-server
+    iproute2 util-linux procps xz-utils dpkg-dev patch redis-server
 )
 
 say() { printf '== %s\n' "$*"; }
@@ -78,6 +78,18 @@ fi
 if [ ! -f "$CRIU_SRC/Makefile" ]; then
     tar -C "$CRIU_DIR" -xf "$CRIU_DIR/$CRIU_TARBALL"
 fi
+# Fixes of CRIU bugs that hybridmig runs into (each patch says which), applied
+# once to the source; the CRIU we install records which set it was built with.
+PATCHES_SUM=$(cat "$ROOT"/scripts/criu-patches/*.patch | sha256sum | cut -d' ' -f1)
+CRIU_STAMP=/usr/local/sbin/.criu-hybridmig-patches
+if [ "$(cat "$CRIU_SRC/.hybridmig-patches" 2>/dev/null)" != "$PATCHES_SUM" ]; then
+    for p in "$ROOT"/scripts/criu-patches/*.patch; do
+        patch -d "$CRIU_SRC" -p1 --forward --silent <"$p" >/dev/null || \
+            patch -d "$CRIU_SRC" -p1 --reverse --dry-run --silent <"$p" >/dev/null || \
+            { echo "setup: cannot apply $p to $CRIU_SRC" >&2; exit 1; }
+    done
+    echo "$PATCHES_SUM" >"$CRIU_SRC/.hybridmig-patches"
+fi
 
 criu_ok() {
     local v
@@ -86,6 +98,10 @@ criu_ok() {
     [ -n "$v" ] || return 1
     # >= 4.2: 3.17 fails on kernels >= 6.13, 4.1 cannot dump inet sockets on >= 6.16.
     [ "$(printf '%s\n4.2\n' "$v" | sort -V | head -n1)" = 4.2 ] || return 1
+    # a CRIU this set-up installed earlier is rebuilt when the patches changed
+    if [ "$(command -v criu)" = /usr/local/sbin/criu ] && [ "$v" = "$CRIU_VERSION" ]; then
+        [ "$(cat "$CRIU_STAMP" 2>/dev/null)" = "$PATCHES_SUM" ] || return 1
+    fi
     criu check >/dev/null 2>&1
 }
 
@@ -93,6 +109,7 @@ if ! criu_ok; then
     say "building CRIU $CRIU_VERSION"
     make -C "$CRIU_SRC" -j"$(nproc)" criu >"$CRIU_DIR/build.log" 2>&1 || { tail -20 "$CRIU_DIR/build.log"; exit 1; }
     install -m 0755 "$CRIU_SRC/criu/criu" /usr/local/sbin/criu
+    echo "$PATCHES_SUM" >"$CRIU_STAMP"
     hash -r
     criu_ok || { echo "setup: the freshly built CRIU fails 'criu check'" >&2; criu check >&2 || true; exit 1; }
 fi

@@ -1,0 +1,57 @@
+"""The CRIU that `make setup` builds carries fixes of CRIU bugs hybridmig
+runs into (scripts/criu-patches/); each is proven here against the CRIU on
+PATH, with a process that triggers the bug."""
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+from criu_util import criu_binary
+from hybridmig.run import _free_port as free_port
+from hybridmig import images
+from hybridmig.workload import build_program
+from lazy_util import wait_for
+
+pytestmark = pytest.mark.usefixtures("criu_ready")
+
+SRC = Path(__file__).parent / "workload" / "alignedsp.c"
+
+
+def test_lazy_dump_with_a_page_aligned_stack_pointer(tmp_path):
+    """A thread whose stack pointer is page-aligned when CRIU freezes it:
+    4.2.1 as released took every page for a stack page and dumped the whole
+    memory into pages.img; patched, the 16 MiB of data stay lazy."""
+    binary = build_program(SRC, "alignedsp")
+    out = tmp_path / "out"
+    with open(out, "w") as f:
+        proc = subprocess.Popen(["unshare", "--pid", "--fork", "setsid", binary], stdout=f,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    dump = None
+    try:
+        init = wait_for(lambda: "ready" in out.read_text() and psutil.Process(proc.pid).children()[0].pid,
+                        30, "alignedsp to start")
+        imgs = tmp_path / "images"
+        imgs.mkdir()
+        rfd, wfd = os.pipe()
+        dump = subprocess.Popen([criu_binary(), "dump", "-t", str(init), "-D", str(imgs), "-o", "dump.log",
+                                 "-v3", "--lazy-pages", "--address", "127.0.0.1", "--port", str(free_port()),
+                                 "--status-fd", str(wfd)], pass_fds=(wfd,), stdin=subprocess.DEVNULL)
+        os.close(wfd)
+        ready = os.read(rfd, 1)  # the page server is up: the images are written
+        os.close(rfd)
+        assert ready, (imgs / "dump.log").read_text()[-3000:]
+        task = images.read_task(str(imgs), 1)
+        assert task.lazy_pages >= 4096, "%d lazy pages: CRIU dumped the memory eagerly" % task.lazy_pages
+    finally:
+        if dump is not None and dump.poll() is None:
+            dump.kill()  # the frozen tree resumes; it is ended by pid below
+            dump.wait(30)
+        for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(30)
