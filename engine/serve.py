@@ -262,7 +262,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
     try:
         while True:
             sock, peer = lsock.accept()
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            wire.tune(sock)
             try:
                 sock.settimeout(HANDSHAKE_TIMEOUT)  # an idle peer must not hold the server
                 if tls is not None:

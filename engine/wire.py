@@ -325,13 +325,33 @@ def tls_client_context(ca):
     return ctx
 
 
+# A peer that stops answering (the link cut, the host gone without a FIN)
+# fails the session within this many seconds instead of after TCP's own
+# ~15 minutes of retries: unacknowledged data, or keepalive probes on an
+# idle connection (the source waiting for RESULT, the destination between
+# rounds), give up after it.
+DEAD_PEER_S = 30
+_KEEPALIVE_IDLE_S, _KEEPALIVE_INTERVAL_S = 10, 5
+
+
+def tune(sock):
+    """TCP options of a session socket, on both sides."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_S * 1000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _KEEPALIVE_IDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT,
+                    (DEAD_PEER_S - _KEEPALIVE_IDLE_S) // _KEEPALIVE_INTERVAL_S)
+
+
 def connect(addr, key, timeout=10.0, tls=None):
     host, port = parse_addr(addr) if isinstance(addr, str) else addr
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         raise ProtocolError("cannot connect to %s:%d: %s" % (host, port, e.strerror or e)) from e
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tune(sock)
     if tls is not None:
         try:
             sock = tls.wrap_socket(sock)

@@ -356,6 +356,28 @@ def test_destination_killed_during_rounds(env):
     assert_rolled_back(env, wl, pids, rc, rep, err)
 
 
+@pytest.mark.timeout(180)
+def test_link_cut_during_rounds(env):
+    """The link between the hosts goes down in the middle of pre-copy (no
+    FIN, no RST: packets just stop): both ends give up on the session within
+    wire.DEAD_PEER_S, and the source runs on intact."""
+    wl = env.workload(256, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve()
+    run = env.run_background(wl.host_pid, "--bandwidth-limit", "40M")  # round 0 alone takes ~6 s
+    _wait_in_precopy(wl, run)
+    h = env.hosts
+    subprocess.run(["ip", "-n", h.src, "link", "set", h.veth[0], "down"], check=True)
+    try:
+        t0 = time.monotonic()
+        rc, rep, err = run.wait(120)
+        assert time.monotonic() - t0 < 90, "run took TCP's own retries to notice"
+        assert_rolled_back(env, wl, pids, rc, rep, err)
+        assert serve.wait(90) not in (0, None), serve.log()
+    finally:
+        subprocess.run(["ip", "-n", h.src, "link", "set", h.veth[0], "up"], check=True)
+
+
 FAIL_STAGE_HOOK = """#!/bin/sh
 [ "$CRTOOLS_SCRIPT_ACTION" = "{stage}" ] && {{ echo "injected failure at $CRTOOLS_SCRIPT_ACTION" >&2; exit 1; }}
 exit 0
@@ -391,6 +413,42 @@ def test_restore_fails(env, stage):
     assert serve.wait(60) not in (0, None), serve.log()
     assert "injected failure" in serve.log() or "criu restore failed" in serve.log(), serve.log()
     assert_no_leftovers(serve)
+
+
+HANG_HOOK = """#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = pre-restore ] && sleep {seconds}
+exit 0
+"""
+
+
+@pytest.mark.timeout(240)
+def test_restore_outlasts_the_timeout(env):
+    """The destination's restore hangs (an action script sleeps at
+    pre-restore) longer than `run --timeout`: run gives up, the source
+    resumes intact, and the destination ends the copy it restores late."""
+    from hybridmig.doctor import find_criu
+
+    tools = env.new_dir("criu-wrapper")
+    hook = tools / "hang-hook"
+    hook.write_text(HANG_HOOK.format(seconds=20))
+    wrapper = tools / "criu"
+    wrapper.write_text(CRIU_WRAPPER.format(criu=find_criu(), hook=hook))
+    os.chmod(hook, 0o755)
+    os.chmod(wrapper, 0o755)
+
+    wl = env.workload(64, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve(env={"CRIU": str(wrapper)})
+    t0 = time.monotonic()
+    rc, rep, err = env.run(wl.host_pid, "--timeout", "5")
+    assert time.monotonic() - t0 < 20 + 10, "run waited for the hanging restore"
+    error = assert_rolled_back(env, wl, pids, rc, rep, err)
+    assert "sent nothing for too long" in error and "resumed" in error, error
+    assert serve.wait(120) not in (0, None), serve.log()
+    assert_no_leftovers(serve)
+    ours = set(pids) | ({wl._popen.pid} if wl._popen else set())
+    wait_for(lambda: set(restored_alive(wl.report_path)) <= ours, 10, "the late restored copy to be ended")
+    assert_intact(wl.verify(), 1)
 
 
 @pytest.mark.timeout(180)
