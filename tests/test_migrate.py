@@ -452,6 +452,41 @@ def test_restore_outlasts_the_timeout(env):
 
 
 @pytest.mark.timeout(180)
+def test_destination_killed_during_the_switch_over(env):
+    """serve is SIGKILLed while its criu restore runs (held in a pre-restore
+    action script): the source resumes intact, and the orphaned CRIU ends
+    too instead of restoring a second copy later."""
+    from hybridmig.doctor import find_criu
+
+    tools = env.new_dir("criu-wrapper")
+    hook = tools / "hang-hook"
+    hook.write_text(HANG_HOOK.format(seconds=15))
+    wrapper = tools / "criu"
+    wrapper.write_text(CRIU_WRAPPER.format(criu=find_criu(), hook=hook))
+    os.chmod(hook, 0o755)
+    os.chmod(wrapper, 0o755)
+
+    wl = env.workload(64, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve(env={"CRIU": str(wrapper)})
+    run = env.run_background(wl.host_pid)
+
+    def restoring():
+        return [p for p in psutil.process_iter(["cmdline"])
+                if "restore" in (p.info["cmdline"] or []) and str(serve.base_dir) in " ".join(p.info["cmdline"])]
+    wait_for(lambda: restoring() or not run.running(), 120, "serve's criu restore")
+    assert run.running(), run.err_path.read_text()
+    serve.kill()
+    rc, rep, err = run.wait(120)
+    assert_rolled_back(env, wl, pids, rc, rep, err)
+    wait_for(lambda: not restoring(), 3, "the orphaned criu restore to end (its action script sleeps 15 s)")
+    time.sleep(13)  # past the action script's sleep: nothing restores late
+    ours = set(pids) | ({wl._popen.pid} if wl._popen else set())
+    assert set(restored_alive(wl.report_path)) <= ours, restored_alive(wl.report_path)
+    assert_intact(wl.verify(), 1)
+
+
+@pytest.mark.timeout(180)
 def test_destination_cannot_store_images(env):
     """The destination fails to write the images at the switch-over (its
     session's images dir is replaced by a file during the rounds)."""
