@@ -176,7 +176,11 @@ class Session:
                                       name="lazy-pages", daemon=True)
             server.start()
             pidfile = os.path.join(self.dir, "restore.pid")
-            cmd = [criu_binary(), "restore", "-D", self.images, "-W", self.images, "--lazy-pages", "-d",
+            # setpriv: CRIU gets SIGKILL if serve dies before it is done,
+            # rather than restoring, unattended, a copy the source never
+            # committed to (the source resumes when serve is gone)
+            cmd = ["setpriv", "--pdeathsig", "KILL", "--",
+                   criu_binary(), "restore", "-D", self.images, "-W", self.images, "--lazy-pages", "-d",
                    "--pidfile", pidfile, "-o", "restore.log", CRIU_LOG_LEVEL, *opts.get("criu_opts", [])]
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                   timeout=self.restore_timeout)

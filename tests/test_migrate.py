@@ -389,20 +389,27 @@ exec {criu} "$@"
 """
 
 
+def criu_with_restore_hook(env, hook_text):
+    """A `criu` for serve's $CRIU: the real one, whose restores run hook_text
+    as their action script."""
+    from hybridmig.doctor import find_criu
+
+    tools = env.new_dir("criu-wrapper")
+    hook = tools / "restore-hook"
+    hook.write_text(hook_text)
+    wrapper = tools / "criu"
+    wrapper.write_text(CRIU_WRAPPER.format(criu=find_criu(), hook=hook))
+    os.chmod(hook, 0o755)
+    os.chmod(wrapper, 0o755)
+    return wrapper
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("stage", ["pre-restore", "post-restore"])  # CRIU ignores a failing pre-resume
 def test_restore_fails(env, stage):
     """criu restore fails on the destination (an action script of its fails
     at `stage`): the destination reports it and the source resumes."""
-    from hybridmig.doctor import find_criu
-
-    tools = env.new_dir("criu-wrapper")
-    hook = tools / "fail-hook"
-    hook.write_text(FAIL_STAGE_HOOK.format(stage=stage))
-    wrapper = tools / "criu"
-    wrapper.write_text(CRIU_WRAPPER.format(criu=find_criu(), hook=hook))
-    os.chmod(hook, 0o755)
-    os.chmod(wrapper, 0o755)
+    wrapper = criu_with_restore_hook(env, FAIL_STAGE_HOOK.format(stage=stage))
 
     wl = env.workload(128, threads=2, procs=2, rate=2000)
     pids = wl.pids()
@@ -426,15 +433,7 @@ def test_restore_outlasts_the_timeout(env):
     """The destination's restore hangs (an action script sleeps at
     pre-restore) longer than `run --timeout`: run gives up, the source
     resumes intact, and the destination ends the copy it restores late."""
-    from hybridmig.doctor import find_criu
-
-    tools = env.new_dir("criu-wrapper")
-    hook = tools / "hang-hook"
-    hook.write_text(HANG_HOOK.format(seconds=20))
-    wrapper = tools / "criu"
-    wrapper.write_text(CRIU_WRAPPER.format(criu=find_criu(), hook=hook))
-    os.chmod(hook, 0o755)
-    os.chmod(wrapper, 0o755)
+    wrapper = criu_with_restore_hook(env, HANG_HOOK.format(seconds=20))
 
     wl = env.workload(64, threads=2, rate=2000)
     pids = wl.pids()
@@ -454,17 +453,9 @@ def test_restore_outlasts_the_timeout(env):
 @pytest.mark.timeout(180)
 def test_destination_killed_during_the_switch_over(env):
     """serve is SIGKILLed while its criu restore runs (held in a pre-restore
-    action script): the source resumes intact, and the orphaned CRIU ends
-    too instead of restoring a second copy later."""
-    from hybridmig.doctor import find_criu
-
-    tools = env.new_dir("criu-wrapper")
-    hook = tools / "hang-hook"
-    hook.write_text(HANG_HOOK.format(seconds=15))
-    wrapper = tools / "criu"
-    wrapper.write_text(CRIU_WRAPPER.format(criu=find_criu(), hook=hook))
-    os.chmod(hook, 0o755)
-    os.chmod(wrapper, 0o755)
+    action script): the source resumes intact, and serve's CRIU dies with
+    it (a parent-death signal) instead of restoring a second copy later."""
+    wrapper = criu_with_restore_hook(env, HANG_HOOK.format(seconds=15))
 
     wl = env.workload(64, threads=2, rate=2000)
     pids = wl.pids()
@@ -479,7 +470,7 @@ def test_destination_killed_during_the_switch_over(env):
     serve.kill()
     rc, rep, err = run.wait(120)
     assert_rolled_back(env, wl, pids, rc, rep, err)
-    wait_for(lambda: not restoring(), 3, "the orphaned criu restore to end (its action script sleeps 15 s)")
+    wait_for(lambda: not restoring(), 3, "serve's criu restore to die (its action script sleeps 15 s)")
     time.sleep(13)  # past the action script's sleep: nothing restores late
     ours = set(pids) | ({wl._popen.pid} if wl._popen else set())
     assert set(restored_alive(wl.report_path)) <= ours, restored_alive(wl.report_path)
