@@ -17,7 +17,7 @@ import struct
 import time
 
 from . import images
-from .bindings.faultloop import FaultLoop, summarize
+from .bindings.faultloop import FaultLoop
 from .bindings.pagestore import PageStore
 from .errors import HybridmigError, ProtocolError, SetupError
 from .fetcher import Fetcher
@@ -84,6 +84,28 @@ def _recv_uffd(conn, pid):
             os.close(fd)
         raise ProtocolError("criu restore sent no userfaultfd for pid %d" % pid)
     return fds[0]
+
+
+def summarize_histogram(hist, over_ns=50_000):
+    """count, p50/p90/p99/max (µs, lower bounds of their buckets), how many
+    over over_ns, and the buckets ({µs: count}) of one histogram."""
+    total = sum(hist.values())
+
+    def pct(p):
+        seen = 0
+        for ns in sorted(hist):
+            seen += hist[ns]
+            if seen >= p * total:
+                return ns / 1e3
+        return 0.0
+
+    return {
+        "count": total,
+        "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99),
+        "max_us": max(hist) / 1e3 if hist else 0.0,
+        "over_%dus" % (over_ns // 1000): sum(c for ns, c in hist.items() if ns >= over_ns),
+        "buckets_us": {"%g" % (ns / 1e3): c for ns, c in sorted(hist.items())},
+    }
 
 
 class LazyPagesDaemon:
@@ -220,7 +242,7 @@ class LazyPagesDaemon:
                 "max": st["lat_max_ns"] / 1e3,
             },
             "gate": {k: st[k] for k in ("gate_waits", "gate_same_cpu", "gate_slept", "installers_pinned", "claims_cut")},
-            "breakdown": {name: summarize(h) for name, h in self.loop.histograms().items()},
+            "breakdown": {name: summarize_histogram(h) for name, h in self.loop.histograms().items()},
             "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
 

@@ -164,6 +164,13 @@ def assert_migrated(env, wl, rc, rep, err, serve, size_mb, procs=1, dst_ns=None,
     return new
 
 
+def restored_copies(wl, source_pids):
+    """Live processes of this workload (by its report path) other than the
+    source's own: restored copies."""
+    ours = set(source_pids) | ({wl._popen.pid} if wl._popen else set())
+    return set(restored_alive(wl.report_path)) - ours
+
+
 def assert_rolled_back(env, wl, pids_before, rc, rep, err, procs=1):
     """A failed run: non-zero, a reason, the JSON failure, the source untouched and intact."""
     assert rc != 0
@@ -181,8 +188,7 @@ def assert_rolled_back(env, wl, pids_before, rc, rep, err, procs=1):
     time.sleep(0.2)
     assert_intact(wl.verify(), procs)  # and it is running, not frozen
     # nothing restored anywhere: the only processes of this workload are the source's
-    ours = set(pids_before) | ({wl._popen.pid} if wl._popen else set())
-    assert set(restored_alive(wl.report_path)) <= ours, restored_alive(wl.report_path)
+    assert not restored_copies(wl, pids_before), restored_copies(wl, pids_before)
     return rep["error"]
 
 
@@ -445,8 +451,7 @@ def test_restore_outlasts_the_timeout(env):
     assert "sent nothing for too long" in error and "resumed" in error, error
     assert serve.wait(120) not in (0, None), serve.log()
     assert_no_leftovers(serve)
-    ours = set(pids) | ({wl._popen.pid} if wl._popen else set())
-    wait_for(lambda: set(restored_alive(wl.report_path)) <= ours, 10, "the late restored copy to be ended")
+    wait_for(lambda: not restored_copies(wl, pids), 10, "the late restored copy to be ended")
     assert_intact(wl.verify(), 1)
 
 
@@ -472,8 +477,7 @@ def test_destination_killed_during_the_switch_over(env):
     assert_rolled_back(env, wl, pids, rc, rep, err)
     wait_for(lambda: not restoring(), 3, "serve's criu restore to die (its action script sleeps 15 s)")
     time.sleep(13)  # past the action script's sleep: nothing restores late
-    ours = set(pids) | ({wl._popen.pid} if wl._popen else set())
-    assert set(restored_alive(wl.report_path)) <= ours, restored_alive(wl.report_path)
+    assert not restored_copies(wl, pids), restored_copies(wl, pids)
     assert_intact(wl.verify(), 1)
 
 

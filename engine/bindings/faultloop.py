@@ -22,28 +22,6 @@ HISTOGRAMS = {
 }
 
 
-def summarize(hist, over_ns=50_000):
-    """count, p50/p90/p99/max (µs, lower bounds of their buckets), how many
-    over over_ns, and the buckets ({µs: count}) of one histogram."""
-    total = sum(hist.values())
-
-    def pct(p):
-        seen = 0
-        for ns in sorted(hist):
-            seen += hist[ns]
-            if seen >= p * total:
-                return ns / 1e3
-        return 0.0
-
-    return {
-        "count": total,
-        "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99),
-        "max_us": max(hist) / 1e3 if hist else 0.0,
-        "over_%dus" % (over_ns // 1000): sum(c for ns, c in hist.items() if ns >= over_ns),
-        "buckets_us": {"%g" % (ns / 1e3): c for ns, c in sorted(hist.items())},
-    }
-
-
 def _check(rc, origin):
     return check(rc, origin, UffdError)
 
