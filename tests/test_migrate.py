@@ -468,9 +468,12 @@ def test_destination_killed_during_the_switch_over(env):
     run = env.run_background(wl.host_pid)
 
     def restoring():
-        return [p for p in psutil.process_iter(["cmdline"])
+        return [p for p in psutil.process_iter(["cmdline", "name"])
                 if "restore" in (p.info["cmdline"] or []) and str(serve.base_dir) in " ".join(p.info["cmdline"])]
-    wait_for(lambda: restoring() or not run.running(), 120, "serve's criu restore")
+    # criu itself, not setpriv or the wrapper before their exec: the
+    # parent-death signal is set from then on
+    wait_for(lambda: [p for p in restoring() if p.info["name"] == "criu"] or not run.running(), 120,
+             "serve's criu restore")
     assert run.running(), run.err_path.read_text()
     serve.kill()
     rc, rep, err = run.wait(120)
