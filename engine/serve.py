@@ -24,6 +24,18 @@ from .wire import Msg
 log = logging.getLogger("hybridmig.serve")
 PAGE_SIZE = 4096
 HANDSHAKE_TIMEOUT = 30
+# Run by setpriv once it has set the parent-death signal: a parent that died
+# before then is caught here, as the child has been reparented meanwhile.
+_PARENT_CHECK = 'test "$PPID" = "$1" || exit 111; shift; exec "$@"'
+
+
+def dies_with_me(cmd):
+    """`cmd` wrapped so that it gets SIGKILL when this process dies, and does
+    not start at all if this process is already gone by then. serve runs
+    criu restore so: a serve that dies must not leave a restore running to
+    bring up, unattended, a copy the source never committed to (the source
+    resumes when serve is gone)."""
+    return ["setpriv", "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _PARENT_CHECK, "sh", str(os.getpid()), *cmd]
 
 
 def store_pages(store, key, extents, data):
@@ -176,12 +188,9 @@ class Session:
                                       name="lazy-pages", daemon=True)
             server.start()
             pidfile = os.path.join(self.dir, "restore.pid")
-            # setpriv: CRIU gets SIGKILL if serve dies before it is done,
-            # rather than restoring, unattended, a copy the source never
-            # committed to (the source resumes when serve is gone)
-            cmd = ["setpriv", "--pdeathsig", "KILL", "--",
-                   criu_binary(), "restore", "-D", self.images, "-W", self.images, "--lazy-pages", "-d",
-                   "--pidfile", pidfile, "-o", "restore.log", CRIU_LOG_LEVEL, *opts.get("criu_opts", [])]
+            cmd = dies_with_me([criu_binary(), "restore", "-D", self.images, "-W", self.images, "--lazy-pages",
+                                "-d", "--pidfile", pidfile, "-o", "restore.log", CRIU_LOG_LEVEL,
+                                *opts.get("criu_opts", [])])
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                   timeout=self.restore_timeout)
             t_restored = time.monotonic()
