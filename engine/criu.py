@@ -67,7 +67,7 @@ class LazyDump:
     once its page server is closed), anything else makes CRIU resume them
     (criu/cr-dump.c, cr_dump_finish)."""
 
-    def __init__(self, pid, images_dir, port, hook_dir, criu_opts=(), netns=None):
+    def __init__(self, pid, images_dir, hook_dir, criu_opts=()):
         self.images_dir = images_dir
         self.log = os.path.join(images_dir, "dump.log")
         # The socket lives apart from the work dir: a UNIX socket path has
@@ -78,11 +78,10 @@ class LazyDump:
         self._listener.bind(hook_sock)
         self._listener.listen(1)
         self._pre_dump = None  # the pre-dump hook's connection, until go() or cancel()
-        cmd = ["nsenter", "--net=/run/netns/%s" % netns] if netns else []
-        cmd += [criu_binary(), "dump", "-t", str(pid), "-D", images_dir, "-W", images_dir,
-                "--lazy-pages", "--address", "127.0.0.1", "--port", str(port),
+        cmd = [criu_binary(), "dump", "-t", str(pid), "-D", images_dir, "-W", images_dir,
+                "--lazy-pages", "--address", "127.0.0.1",  # no --port: CRIU binds where it can (hook.py)
                 "--action-script", write_hook(hook_dir), "-o", "dump.log", CRIU_LOG_LEVEL, *criu_opts]
-        env = dict(os.environ, **{HOOK_ENV: hook_sock, PAGE_SERVER_ENV: str(port)})
+        env = dict(os.environ, **{HOOK_ENV: hook_sock, PAGE_SERVER_ENV: "1"})
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env=env, text=True)
 

@@ -14,13 +14,16 @@ After post-dump a lazy dump always starts its page server and waits, frozen,
 for one client (criu/cr-dump.c, cr_dump_finish). A detached child of the
 hook is that client: it closes the session well on a commit (the tasks then
 end) and fails it otherwise (they resume), so nothing stays frozen even if
-`hybridmig run` itself is gone by then.
+`hybridmig run` itself is gone by then. CRIU, given no --port, binds its
+page server to a port of the kernel's choosing only then: the child finds it
+among CRIU's listening sockets (a port picked in advance could be taken by
+another process in the minutes of pre-copy).
 
 CRIU runs the hook with the tasks frozen, so its start-up is blackout:
 `python -S` and the standard library only (about 15 ms, against 70 ms with
 site-packages and hybridmig's imports). The detached child, after the
-verdict, runs `python -m hybridmig.hook end-session PORT commit|abort` with
-everything.
+verdict, runs `python -m hybridmig.hook end-session CRIU_PID commit|abort`
+with everything.
 """
 import os
 import socket
@@ -28,37 +31,53 @@ import sys
 import time
 
 HOOK_ENV = "HYBRIDMIG_HOOK_SOCKET"
-PAGE_SERVER_ENV = "HYBRIDMIG_PAGE_SERVER_PORT"
+# Set by run: the hook of a dump with no page server (not lazy) skips it.
+PAGE_SERVER_ENV = "HYBRIDMIG_PAGE_SERVER"
 
 
-def _end_page_server_session(port, commit):
+def page_server_port(criu_pid, timeout=60.0):
+    """The port CRIU's page server listens on, once it does; None if CRIU
+    ends or does not listen within `timeout`."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for c in psutil.Process(criu_pid).net_connections("tcp"):
+                if c.status == psutil.CONN_LISTEN:
+                    return c.laddr.port
+        except psutil.NoSuchProcess:
+            return None
+        time.sleep(0.01)
+    return None
+
+
+def _end_page_server_session(criu_pid, commit):
     from .errors import ProtocolError
     from .pageserver import PageServerSource
 
-    deadline = time.monotonic() + 60
-    while True:
-        src = PageServerSource("127.0.0.1", port)
-        try:
-            src.connect()
-            break
-        except ProtocolError:
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.02)
+    port = page_server_port(criu_pid)
+    if port is None:
+        return
+    src = PageServerSource("127.0.0.1", port)
+    try:
+        src.connect()
+    except ProtocolError:
+        return  # CRIU is gone: nothing waits for the session
     if commit:
         src.close()
     else:
         src.abort()
 
 
-def _detach_and_end_session(port, commit):
+def _detach_and_end_session(criu_pid, commit):
     if os.fork():
         return
     os.setsid()
     if os.fork():
         os._exit(0)
     try:
-        os.execv(sys.executable, [sys.executable, "-m", "hybridmig.hook", "end-session", str(port),
+        os.execv(sys.executable, [sys.executable, "-m", "hybridmig.hook", "end-session", str(criu_pid),
                                   "commit" if commit else "abort"])
     finally:
         os._exit(0)
@@ -73,7 +92,6 @@ def main(argv=None):
     if action not in ("pre-dump", "post-dump"):
         return 0
     path = os.environ.get(HOOK_ENV)
-    port = int(os.environ.get(PAGE_SERVER_ENV, "0"))
     verdict = b""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -88,8 +106,8 @@ def main(argv=None):
         # 0 lets it seize the tree; anything else (pre-copy failed, or
         # `hybridmig run` is gone) makes it give up before touching it.
         return 0 if commit else 1
-    if port:
-        _detach_and_end_session(port, commit)
+    if os.environ.get(PAGE_SERVER_ENV):
+        _detach_and_end_session(os.getppid(), commit)  # CRIU runs its action script itself
     return 0 if commit else 1
 
 

@@ -5,7 +5,6 @@ post-dump hook (tasks frozen, images written) sends the last dirty pages and
 the images; the destination restores from its page store and reports; only a
 reported success lets CRIU end the source. Anything else resumes it."""
 import os
-import socket
 import tempfile
 import time
 import logging
@@ -49,12 +48,6 @@ def _alive(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Migration:
@@ -107,7 +100,7 @@ class Migration:
             # start-up is over when pre-copy converges.
             images_dir = os.path.join(work, "images")
             os.makedirs(images_dir, exist_ok=True)
-            self.dump = LazyDump(self.pid, images_dir, _free_port(), work, self.criu_opts)
+            self.dump = LazyDump(self.pid, images_dir, work, self.criu_opts)
             self.sender = Sender(self.channel, {p: ns_pid(p) for p in tree}, self.pid, self.compress,
                                  Throttle(self.bandwidth_limit) if self.bandwidth_limit else None)
             if self.auto_converge:

@@ -10,7 +10,6 @@ import psutil
 import pytest
 
 from criu_util import criu_binary
-from hybridmig.run import _free_port as free_port
 from hybridmig import images
 from hybridmig.workload import build_program
 from lazy_util import wait_for
@@ -37,7 +36,7 @@ def test_lazy_dump_with_a_page_aligned_stack_pointer(tmp_path):
         imgs.mkdir()
         rfd, wfd = os.pipe()
         dump = subprocess.Popen([criu_binary(), "dump", "-t", str(init), "-D", str(imgs), "-o", "dump.log",
-                                 "-v3", "--lazy-pages", "--address", "127.0.0.1", "--port", str(free_port()),
+                                 "-v3", "--lazy-pages", "--address", "127.0.0.1",
                                  "--status-fd", str(wfd)], pass_fds=(wfd,), stdin=subprocess.DEVNULL)
         os.close(wfd)
         ready = os.read(rfd, 1)  # the page server is up: the images are written
