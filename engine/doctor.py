@@ -31,6 +31,8 @@ WP_ASYNC_KERNEL = (6, 7)  # UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN
 PAGE_SERVER_PIPE_SIZE = 4 << 20  # CRIU's page server sets its pipes to ~3.2 MiB, rounded up
 CRIU_FALLBACKS = ("/usr/local/sbin/criu", "/usr/sbin/criu")  # root's PATH may lack them
 MAKE_SETUP = "install CRIU >= 4.2: make setup"
+LAST_UNPATCHED_CRIU = (4, 2, 1)  # the last release known to lack scripts/criu-patches' fixes
+CRIU_PATCH_STAMP = ".criu-hybridmig-patches"  # next to the criu scripts/setup.sh builds
 
 # CRIU's lazy restore asks for exactly these (NEED_UFFD_API_FEATURES in criu/uffd.c).
 LAZY_FEATURES = ("EVENT_FORK", "EVENT_REMAP", "EVENT_REMOVE", "EVENT_UNMAP")
@@ -347,6 +349,24 @@ def check_criu() -> Check:
     return Check("criu", True, "%s, version %s" % (path, _dotted(version)))
 
 
+@_memo
+def check_criu_patches() -> Check:
+    """CRIU up to 4.2.1 as released takes every page for a stack page as soon
+    as a thread's stack pointer is page-aligned at the freeze (is_stack() in
+    criu/mem.c): its lazy dump then makes no page lazy. `make setup` builds
+    CRIU with the fix and stamps it."""
+    path = find_criu()
+    version = criu_version(path) if path else None
+    if version is None or version > LAST_UNPATCHED_CRIU:
+        return Check("criu patches", True, "none needed" if version else "no CRIU")
+    if os.path.exists(os.path.join(os.path.dirname(os.path.realpath(path)), CRIU_PATCH_STAMP)):
+        return Check("criu patches", True, "built by make setup with scripts/criu-patches")
+    return Check("criu patches", False,
+                 "%s is %s as released: its lazy dump makes no page lazy when a thread's stack pointer is "
+                 "page-aligned at the freeze, and the switch-over then carries the whole memory while frozen "
+                 "— make setup builds a patched CRIU" % (path, _dotted(version)))
+
+
 def _run_criu_check(*args):
     """(ok, the last meaningful lines of output) of `criu check ARGS`."""
     path = find_criu()
@@ -396,7 +416,7 @@ def lazy_restore_path() -> Path:
     checks += [check_uffd_feature(n) for n in LAZY_FEATURES]
     checks += [check_criu(), check_criu_check(), check_criu_uffd()]
     return _path(checks, "userfaultfd with %s; %s" % ("/".join(LAZY_FEATURES), check_criu().detail),
-                 caveats=[check_sys_resource()])
+                 caveats=[check_sys_resource(), check_criu_patches()])
 
 
 def uffd_wp_path() -> Path:
@@ -436,7 +456,7 @@ def all_checks() -> List[Check]:
               check_ptrace(), check_uffd_syscall(), check_uffd_dev(), check_uffd_features()]
     checks += [check_uffd_feature(n) for n in LAZY_FEATURES + WP_FEATURES]
     checks += [check_pagemap_scan(), check_soft_dirty(), check_process_vm_readv(), check_pidfd_getfd(),
-               check_criu(), check_criu_check(), check_criu_uffd()]
+               check_criu(), check_criu_patches(), check_criu_check(), check_criu_uffd()]
     return checks
 
 

@@ -254,7 +254,8 @@ class Migration:
         if not task.lazy_pages and held.total():
             # CRIU wrote the memory into the images: it all travels while frozen
             log.warning("pid %d: CRIU dumped no page lazily (%d MiB pre-copied in vain): the downtime will carry "
-                        "the whole memory", key, held.total() >> 20)
+                        "the whole memory; a released CRIU <= 4.2.1 does so when a thread's stack pointer is "
+                        "page-aligned (`hybridmig doctor`: criu patches)", key, held.total() >> 20)
         return list(need)
 
     def _await_result(self):

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 CRIU_VERSION=4.2.1
+LAST_UNPATCHED_CRIU=4.2.1  # the last release known to lack the fixes of scripts/criu-patches
 CRIU_TARBALL=criu_${CRIU_VERSION}.orig.tar.xz
 CRIU_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 CRIU_DIR=$ROOT/build/criu
@@ -98,8 +99,11 @@ criu_ok() {
     [ -n "$v" ] || return 1
     # >= 4.2: 3.17 fails on kernels >= 6.13, 4.1 cannot dump inet sockets on >= 6.16.
     [ "$(printf '%s\n4.2\n' "$v" | sort -V | head -n1)" = 4.2 ] || return 1
-    # a CRIU this set-up installed earlier is rebuilt when the patches changed
-    if [ "$(command -v criu)" = /usr/local/sbin/criu ] && [ "$v" = "$CRIU_VERSION" ]; then
+    # Up to 4.2.1, only a CRIU this set-up built carries the fixes of
+    # scripts/criu-patches (it is rebuilt when they change): a released
+    # one is replaced by ours in /usr/local/sbin, ahead on PATH.
+    if [ "$(printf '%s\n%s\n' "$v" "$LAST_UNPATCHED_CRIU" | sort -V | tail -n1)" = "$LAST_UNPATCHED_CRIU" ]; then
+        [ "$(command -v criu)" = /usr/local/sbin/criu ] || return 1
         [ "$(cat "$CRIU_STAMP" 2>/dev/null)" = "$PATCHES_SUM" ] || return 1
     fi
     criu check >/dev/null 2>&1

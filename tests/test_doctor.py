@@ -176,6 +176,30 @@ def test_require_criu_explains(monkeypatch):
         doctor.refresh()
 
 
+def test_criu_without_the_patches_is_a_caveat(monkeypatch, tmp_path):
+    """A CRIU <= 4.2.1 that make setup did not build (no stamp next to it)
+    is named with what it does wrong and the fix; lazy restore still runs."""
+    criu = doctor.find_criu()
+    if not criu or doctor.criu_version(criu) is None or doctor.criu_version(criu) > doctor.LAST_UNPATCHED_CRIU:
+        pytest.skip("needs a CRIU <= %s" % ".".join(map(str, doctor.LAST_UNPATCHED_CRIU)))
+    released = tmp_path / "criu"
+    shutil.copy(os.path.realpath(criu), released)
+    monkeypatch.setenv("CRIU", str(released))
+    doctor.refresh()
+    try:
+        check = doctor.check_criu_patches()
+        assert not check.ok and "makes no page lazy" in check.detail and "make setup" in check.detail
+        if os.geteuid() == 0:
+            lazy = doctor.lazy_restore_path()
+            assert lazy.ok and "caveat: criu patches" in lazy.reason, lazy.reason
+        (tmp_path / doctor.CRIU_PATCH_STAMP).write_text("stamp\n")
+        doctor.refresh()
+        assert doctor.check_criu_patches().ok
+    finally:
+        monkeypatch.delenv("CRIU")
+        doctor.refresh()
+
+
 def test_capabilities_parse():
     caps = doctor.capabilities()
     assert set(caps) == set(doctor.CAPS)
