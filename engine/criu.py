@@ -7,12 +7,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 from . import doctor
 from .errors import CriuError
-from . import hook
+from . import hook, scratch
 from .hook import HOOK_ENV, PAGE_SERVER_ENV
 
 
@@ -72,7 +71,7 @@ class LazyDump:
         self.log = os.path.join(images_dir, "dump.log")
         # The socket lives apart from the work dir: a UNIX socket path has
         # at most 107 bytes, a --work-dir can be longer.
-        self._sock_dir = tempfile.mkdtemp(prefix="hybridmig-hook-")
+        self._sock_dir = scratch.make("hybridmig-hook-")
         hook_sock = os.path.join(self._sock_dir, "hook.sock")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(hook_sock)

@@ -5,14 +5,13 @@ post-dump hook (tasks frozen, images written) sends the last dirty pages and
 the images; the destination restores from its page store and reports; only a
 reported success lets CRIU end the source. Anything else resumes it."""
 import os
-import tempfile
 import time
 import logging
 import shutil
 
 import psutil
 
-from . import images, wire
+from . import images, scratch, wire
 from .bindings.ranges import Ranges
 from .criu import LazyDump
 from .errors import CriuError, HybridmigError, ProtocolError, SetupError
@@ -92,7 +91,7 @@ class Migration:
         self.times["start"] = time.time()
         tree = [self.pid] + [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
         # absolute: CRIU runs the hook written there from its own working directory
-        work = os.path.abspath(self.work_dir) if self.work_dir else tempfile.mkdtemp(prefix="hybridmig-run-")
+        work = os.path.abspath(self.work_dir) if self.work_dir else scratch.make("hybridmig-run-")
         self.tracker = track(self.pid)
         self.times["attach_stop_ms"] = self.tracker.attach()
         try:

@@ -10,11 +10,10 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 
-from . import wire
+from . import scratch, wire
 from .bindings.pagestore import PageStore
 from .criu import CRIU_LOG_LEVEL, criu_binary, log_tail
 from .errors import HybridmigError, ProtocolError
@@ -121,10 +120,13 @@ class RemotePages:
 class Session:
     """One migration from one source, from the first page to COMMIT/ABORT."""
 
-    def __init__(self, channel, base_dir, restore_timeout=120.0):
+    def __init__(self, channel, base_dir, restore_timeout=120.0, keep=False):
         self.channel = channel
         self.store = PageStore()
-        self.dir = tempfile.mkdtemp(prefix="session-", dir=base_dir)
+        # swept by a later serve if this one dies, unless kept (serve --keep)
+        self.dir = scratch.make("session-", base_dir)
+        if keep:
+            scratch.disown(self.dir)
         self.images = os.path.join(self.dir, "images")
         os.mkdir(self.images)
         self.remote = RemotePages(channel, self.store)
@@ -243,7 +245,9 @@ class Session:
             self.restored_pid = None
 
     def cleanup(self, keep=False):
-        if not keep:
+        if keep:
+            scratch.disown(self.dir)
+        else:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -287,7 +291,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
                 log.warning("refused %s:%d: %s", peer[0], peer[1], e)
                 sock.close()
                 continue
-            session = Session(channel, base_dir)
+            session = Session(channel, base_dir, keep=keep)
             try:
                 channel.send_json(Msg.HOST, {"boot_id": _boot_id(), "kernel": os.uname().release})
                 outcome = session.run()

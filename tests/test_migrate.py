@@ -705,10 +705,12 @@ def test_run_killed_while_holding_the_tree_leaves_it_running(env):
     """The tree is held in ptrace stops, which end with their tracer: when
     `hybridmig run` is SIGKILLed in the middle of a hold, the kernel lets
     the tree go, and nothing of the tracking is left in it. The CRIU that
-    run started with pre-copy, waiting in its pre-dump hook, gives up."""
+    run started with pre-copy, waiting in its pre-dump hook, gives up. The
+    next run migrates the tree, and removes the temp dirs the killed one
+    could not (its work dir and hook socket dir)."""
     wl = env.workload(64, rate=0)
     pids = wl.pids()
-    env.serve()
+    serve = env.serve()
     run = env.run_background(wl.host_pid, "--bandwidth-limit", "10M")
     wait_for(lambda: "auto-converge" in run.err_path.read_text() or not run.running(), 120,
              "auto-converge to start holding the tree")
@@ -719,10 +721,10 @@ def test_run_killed_while_holding_the_tree_leaves_it_running(env):
         return [p for p in psutil.process_iter(["cmdline"])
                 if (p.info["cmdline"] or [])[1:4] == ["dump", "-t", str(wl.host_pid)]]
     (dump,) = criu_dumps()
-    # what the killed run cannot remove itself: its work dir and hook socket dir
     cmd = dump.cmdline()
-    env.cleanup.add(shutil.rmtree, os.path.dirname(cmd[cmd.index("-D") + 1]), True)
-    env.cleanup.add(shutil.rmtree, os.path.dirname(dump.environ()["HYBRIDMIG_HOOK_SOCKET"]), True)
+    left = [os.path.dirname(cmd[cmd.index("-D") + 1]), os.path.dirname(dump.environ()["HYBRIDMIG_HOOK_SOCKET"])]
+    for d in left:  # in case the next run does not
+        env.cleanup.add(shutil.rmtree, d, True)
     os.kill(run.proc.pid, signal.SIGKILL)
     run.proc.wait(10)
     wait_for(lambda: all(state(p) not in ("t", "T") for p in pids), 5, "the tree to run again")
@@ -733,3 +735,9 @@ def test_run_killed_while_holding_the_tree_leaves_it_running(env):
     time.sleep(0.3)
     after = assert_intact(wl.verify(), 1)[0]
     assert after["ops"] > ops, "the writer does not write any more"
+    assert all(os.path.isdir(d) for d in left), left
+    assert serve.wait(60) not in (0, None), serve.log()
+    serve = env.serve()
+    rc, rep, err = env.run(wl.host_pid)
+    assert_migrated(env, wl, rc, rep, err, serve, 64)
+    assert not [d for d in left if os.path.exists(d)], left

@@ -1,0 +1,42 @@
+"""Scratch dirs: the next one made removes those whose owner died, and only those."""
+import os
+import subprocess
+import sys
+
+from hybridmig import scratch
+
+MAKE = "import sys; from hybridmig import scratch; print(scratch.make(sys.argv[1], sys.argv[2]), flush=True)"
+
+
+def test_dirs_of_dead_owners_are_swept(tmp_path):
+    # an owner that ended without removing its dir (as a SIGKILLed one does)
+    dead = subprocess.run([sys.executable, "-c", MAKE, "hm-", str(tmp_path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (tmp_path / os.path.basename(dead) / "images").mkdir()
+    # an owner still alive
+    live = subprocess.Popen([sys.executable, "-c", MAKE + "; sys.stdin.read()", "hm-", str(tmp_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        alive = live.stdout.readline().strip()
+        kept = scratch.make("hm-", str(tmp_path))
+        scratch.disown(kept)
+        other = tmp_path / "hm-not-ours"
+        other.mkdir()
+        mine = scratch.make("hm-", str(tmp_path))
+        assert not os.path.exists(dead)
+        assert all(os.path.isdir(d) for d in (alive, kept, other, mine))
+    finally:
+        live.stdin.close()
+        live.wait(10)
+    scratch.make("hm-", str(tmp_path))
+    assert not os.path.exists(alive) and os.path.isdir(mine) and os.path.isdir(kept)
+
+
+def test_a_reused_pid_is_not_its_owner(tmp_path):
+    """A dir whose owner's pid now belongs to another process (this one,
+    started at another time) is swept."""
+    d = tmp_path / "hm-reused"
+    d.mkdir()
+    (d / scratch.OWNER_FILE).write_text("%d 12.00" % os.getpid())
+    scratch.make("hm-", str(tmp_path))
+    assert not d.exists()
