@@ -7,10 +7,13 @@ every thread of the tree in a ptrace stop for a share of the time: runs of
 20 ms alternate with holds of share / (1 - share) x 20 ms, as QEMU sleeps a
 vCPU after each timeslice (5 ms held at 20 %, 180 ms at 90 %, 2 s at 99 %).
 The share starts at 20 % and goes up by 10 points per round that did not
-halve the work left, up to 99 %, as QEMU's defaults. Holds longer than a
-workload's own catch-up horizon matter: a paced writer that makes up for
-lost time (memwork catches up on up to 100 ms) is only slowed by holds
-longer than that.
+halve the work left, up to 99 %, as QEMU's defaults. Only holds longer
+than a workload's own catch-up horizon matter: a paced writer that makes up
+for lost time (memwork catches up on up to 100 ms) is only slowed by holds
+longer than that, and 10 points a round take 8 rounds to get there (180 ms
+at 90 %), minutes at 4 GiB. So a raise that did not slow the tree's writes
+by half of what its share should have is followed by holds 4 times as long
+instead (5, 20, 80, 320 ms: 20, 50, 80, 94 %).
 
 Why ptrace stops and not SIGSTOP/SIGCONT or a cgroup: a ptrace stop ends
 with its tracer. If `hybridmig run` dies, even by SIGKILL, the kernel
@@ -34,6 +37,25 @@ log = logging.getLogger("hybridmig.converge")
 
 RUN_SLICE_S = 0.02
 INITIAL, INCREMENT, MAXIMUM = 0.20, 0.10, 0.99
+LONGER = 4  # holds this many times longer after a raise that did not slow the writes
+
+
+def hold_s(share):
+    return RUN_SLICE_S * share / (1 - share)
+
+
+def share_of_hold(hold):
+    return hold / (hold + RUN_SLICE_S)
+
+
+def slowed_down(rate_before, share_before, rate_now, share_now):
+    """Whether raising the share from share_before to share_now slowed the
+    writes (pages/s) by at least half of what it should have, writes being
+    proportional to the time the tree runs."""
+    if share_now <= share_before or rate_before <= 0:
+        return True
+    expected = rate_before * (1 - share_now) / (1 - share_before)
+    return rate_now <= rate_before - 0.5 * (rate_before - expected)
 
 
 class AutoConverge(threading.Thread):
@@ -54,8 +76,15 @@ class AutoConverge(threading.Thread):
     def at_maximum(self):
         return self.share >= MAXIMUM
 
-    def raise_throttle(self):
-        self.share = INITIAL if self.share == 0 else min(MAXIMUM, self.share + INCREMENT)
+    def raise_throttle(self, slowed=True):
+        """Hold the tree longer: `slowed` is whether the last raise slowed
+        its writes (slowed_down); if not, holds get LONGER times longer."""
+        if self.share == 0:
+            self.share = INITIAL
+        elif slowed:
+            self.share = min(MAXIMUM, self.share + INCREMENT)
+        else:
+            self.share = min(MAXIMUM, share_of_hold(hold_s(self.share) * LONGER))
         log.info("auto-converge: the tree is held %.0f %% of the time", self.share * 100)
         if not self.is_alive():
             self.start()
@@ -80,7 +109,7 @@ class AutoConverge(threading.Thread):
     def run(self):
         while not self._done.is_set():
             share = self.share
-            hold = RUN_SLICE_S * share / (1 - share) if share < 1 else None  # None: until stop()
+            hold = hold_s(share) if share < 1 else None  # None: until stop()
             with self._lock:
                 if self._done.is_set():
                     break

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import wire
 from .bindings.ranges import Ranges
+from .converge import slowed_down
 from .errors import NativeError
 from .tracker import TreeTracker, read_pages
 from .wire import Msg
@@ -287,7 +288,10 @@ class PreCopy:
             # QEMU's rule: the work left not halved by a round (hot pages
             # count: they would be sent frozen)
             if not fits and owed > 0.5 * self.rounds[-1].pages_owed:
-                self.converge.raise_throttle()
+                # (a rate with hot pages left out cannot be compared with an exact one)
+                last = self.rounds[-1]
+                self.converge.raise_throttle(last.pages_hot > 0 or rnd.pages_hot > 0 or slowed_down(
+                    last.dirty_rate_pps, last.throttle_pct / 100, rnd.dirty_rate_pps, self.converge.share))
                 # hot pages are owed unseen: only exact tracking shows
                 # the dirty set shrink as the tree slows down
                 self.tracker.drop_hot()

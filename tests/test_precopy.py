@@ -10,7 +10,7 @@ import time
 import pytest
 
 from hybridmig import wire
-from hybridmig.converge import AutoConverge
+from hybridmig.converge import AutoConverge, hold_s, share_of_hold, slowed_down
 from hybridmig.precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
 from hybridmig.serve import Session
 from hybridmig.tracker import TreeTracker
@@ -244,3 +244,23 @@ def test_auto_converge_drops_the_hot_set_so_throttling_shows(session):
     assert rounds[first_throttled].pages_sent >= 64 * 256 // 4, table  # dropped: sent, exact from then on
     assert all(r.pages_hot == 0 for r in rounds[first_throttled:]), table
     assert rounds[-1].pages_owed < 0.5 * 64 * 256 // 4, table  # shrunk under throttling
+
+
+def test_throttle_steps():
+    """10 more points after a raise that slowed the writes as it should;
+    holds 4 times as long after one that did not (a writer catching up on
+    short holds), up to 99 %."""
+    assert slowed_down(10000, 0.2, 7000, 0.4)      # 0.75 expected, 0.7 seen
+    assert not slowed_down(10000, 0.2, 9500, 0.4)  # catching up
+    assert slowed_down(10000, 0.4, 12000, 0.4)     # no raise: nothing to judge
+    converge = AutoConverge(lambda: [])
+    try:
+        steps = []
+        for slowed in (True, True, False, False, True, False, False):
+            converge.raise_throttle(slowed)
+            steps.append(round(converge.share * 100))
+        # 20; +10; holds of 8.6 ms x 4 = 34 ms; x 4 = 137 ms; +10; x 4, capped
+        assert steps == [20, 30, 63, 87, 97, 99, 99], steps
+        assert hold_s(share_of_hold(0.08)) == pytest.approx(0.08)
+    finally:
+        converge.stop()
