@@ -161,6 +161,8 @@ def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit
     from .run import Migration
 
     _setup_logging(verbosity, None)
+    if report_file and not os.access(os.path.dirname(os.path.abspath(report_file)), os.W_OK):
+        fail("--report %s: its directory is not writable (checked before migrating, not after)" % report_file)
     show = RunProgress(enabled=not as_json)
     try:
         report = Migration(pid, to, wire.read_key(key_file), max_rounds=max_rounds,

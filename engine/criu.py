@@ -10,9 +10,9 @@ import sys
 import time
 
 from . import doctor
-from .errors import CriuError
+from .errors import CriuError, UsageError
 from . import hook, scratch
-from .hook import HOOK_ENV, PAGE_SERVER_ENV
+from .hook import HOOK_ENV
 
 
 # CRIU's log level for every dump and restore: info. Debug (-v4) also logs
@@ -26,6 +26,35 @@ def criu_binary():
     """The checked CRIU, checked once per process: `criu check` takes 70 ms,
     and the destination needs the binary while the process is down."""
     return doctor.require_criu()
+
+
+# CRIU options hybridmig sets itself for the dump and the restore, or that
+# change what a committed dump leaves behind (-R, -s: a second copy of the
+# process on the source): refused in --criu-opt. Long names, and the short
+# letters that stand for them.
+RESERVED_OPTS = {
+    "--leave-running": "R", "--leave-stopped": "s", "--tree": "t", "--images-dir": "D", "--work-dir": "W",
+    "--log-file": "o", "--restore-detached": "d", "--lazy-pages": None, "--page-server": None, "--address": None,
+    "--port": None, "--ps-socket": None, "--action-script": None, "--pidfile": None, "--track-mem": None,
+    "--prev-images-dir": None,
+}
+
+
+def check_criu_opts(opts):
+    """UsageError naming the first of `opts` that hybridmig must not be
+    given (RESERVED_OPTS)."""
+    short = {letter: name for name, letter in RESERVED_OPTS.items() if letter}
+    for opt in opts:
+        name = opt.split("=", 1)[0]
+        if name in RESERVED_OPTS:
+            reserved = name
+        elif opt.startswith("-") and not opt.startswith("--") and opt[1:2] in short:
+            reserved = short[opt[1:2]]
+        else:
+            continue
+        why = ("it would leave a second copy of the process on the source"
+               if reserved in ("--leave-running", "--leave-stopped") else "hybridmig sets it itself")
+        raise UsageError("--criu-opt %s (%s): %s" % (opt, reserved, why))
 
 
 def log_tail(path, errors=8, tail=6):
@@ -80,7 +109,7 @@ class LazyDump:
         cmd = [criu_binary(), "dump", "-t", str(pid), "-D", images_dir, "-W", images_dir,
                 "--lazy-pages", "--address", "127.0.0.1",  # no --port: CRIU binds where it can (hook.py)
                 "--action-script", write_hook(hook_dir), "-o", "dump.log", CRIU_LOG_LEVEL, *criu_opts]
-        env = dict(os.environ, **{HOOK_ENV: hook_sock, PAGE_SERVER_ENV: "1"})
+        env = dict(os.environ, **{HOOK_ENV: hook_sock})
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env=env, text=True)
 
@@ -131,8 +160,12 @@ class LazyDump:
             return None
         # CRIU complains on stderr before its log is open (bad options).
         # Not read to its end: a detached child of the hook may hold it.
-        os.set_blocking(self.proc.stderr.fileno(), False)
-        said = (self.proc.stderr.read() or "").strip().splitlines()
+        fd = self.proc.stderr.fileno()
+        os.set_blocking(fd, False)
+        try:
+            said = os.read(fd, 65536).decode(errors="replace").strip().splitlines()
+        except BlockingIOError:
+            said = []
         return "criu dump failed (exit %d):%s" % (rc, log_tail(self.log) if os.path.exists(self.log)
                                                   else "\n  " + "\n  ".join(said[:3]))
 

@@ -29,5 +29,9 @@ class ProtocolError(HybridmigError, ConnectionError):
     """A peer broke a protocol: CRIU's lazy-pages socket, its page server, or hybridmig's wire."""
 
 
+class UsageError(HybridmigError, ValueError):
+    """What the user asked for is malformed or not allowed (an address, an option)."""
+
+
 class SetupError(HybridmigError, RuntimeError):
     """This machine cannot run the engine (no root, no userfaultfd, ...)."""

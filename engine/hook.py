@@ -31,8 +31,6 @@ import sys
 import time
 
 HOOK_ENV = "HYBRIDMIG_HOOK_SOCKET"
-# Set by run: the hook of a dump with no page server (not lazy) skips it.
-PAGE_SERVER_ENV = "HYBRIDMIG_PAGE_SERVER"
 
 
 def page_server_port(criu_pid, timeout=60.0):
@@ -53,21 +51,46 @@ def page_server_port(criu_pid, timeout=60.0):
 
 
 def _end_page_server_session(criu_pid, commit):
-    from .errors import ProtocolError
     from .pageserver import PageServerSource
 
-    port = page_server_port(criu_pid)
-    if port is None:
-        return
-    src = PageServerSource("127.0.0.1", port)
     try:
-        src.connect()
-    except ProtocolError:
-        return  # CRIU is gone: nothing waits for the session
-    if commit:
-        src.close()
-    else:
-        src.abort()
+        port = page_server_port(criu_pid)
+        if port is not None:
+            src = PageServerSource("127.0.0.1", port)
+            src.connect()
+            if commit:
+                src.close()
+            else:
+                src.abort()
+            return
+    except Exception as e:  # noqa: BLE001 -- whatever it was, CRIU must not wait on
+        print("hybridmig's CRIU hook: cannot end CRIU's page server session: %s" % e, file=sys.stderr)
+    _end_without_page_server(criu_pid, commit)
+
+
+def _end_without_page_server(criu_pid, commit):
+    """What CRIU would do, without it: it waits for its page server's client
+    with no limit, the tree frozen. On a commit the tree ends (the
+    destination's copy is the one); then CRIU, whose ptrace stops end with
+    it: an uncommitted tree runs on."""
+    import psutil
+
+    procs = []
+    try:
+        if commit and os.environ.get("CRTOOLS_INIT_PID"):
+            root = psutil.Process(int(os.environ["CRTOOLS_INIT_PID"]))
+            procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    try:
+        procs.append(psutil.Process(criu_pid))
+    except psutil.NoSuchProcess:
+        pass
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass  # ended meanwhile
 
 
 def _detach_and_end_session(criu_pid, commit):
@@ -106,8 +129,7 @@ def main(argv=None):
         # 0 lets it seize the tree; anything else (pre-copy failed, or
         # `hybridmig run` is gone) makes it give up before touching it.
         return 0 if commit else 1
-    if os.environ.get(PAGE_SERVER_ENV):
-        _detach_and_end_session(os.getppid(), commit)  # CRIU runs its action script itself
+    _detach_and_end_session(os.getppid(), commit)  # CRIU runs its action script itself
     return 0 if commit else 1
 
 

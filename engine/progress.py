@@ -38,3 +38,5 @@ class RunProgress:
         self.console.print("%d rounds, %.1f MiB sent, %d remote faults; restored as pid %s"
                            % (len(report["rounds"]), _mib(report["bytes_sent"]), report["remote_faults"],
                               report["restored_pid"]))
+        for warning in report["warnings"]:  # migrated all the same
+            self.console.print("[yellow]warning:[/yellow] %s" % warning)

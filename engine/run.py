@@ -13,7 +13,7 @@ import psutil
 
 from . import images, scratch, wire
 from .bindings.ranges import Ranges
-from .criu import LazyDump
+from .criu import LazyDump, check_criu_opts
 from .errors import CriuError, HybridmigError, ProtocolError, SetupError
 from .converge import AutoConverge
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
@@ -23,18 +23,15 @@ log = logging.getLogger("hybridmig.run")
 FILE_PART = 16 << 20
 
 
-def boot_id():
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        return f.read().strip()
-
-
 def check_target(pid):
     """Refuse what cannot be migrated, before touching anything."""
     try:
         proc = psutil.Process(pid)
-        proc.status()
+        status = proc.status()
     except psutil.NoSuchProcess as e:
         raise SetupError("no process with pid %d" % pid) from e
+    if status == psutil.STATUS_ZOMBIE:
+        raise SetupError("pid %d is a zombie: it has exited, and has nothing left to migrate" % pid)
     if pid == os.getpid() or pid in (p.pid for p in psutil.Process().parents()):
         raise SetupError("pid %d is hybridmig itself or one of its parents" % pid)
     if not os.path.exists("/proc/%d/exe" % pid) or not open("/proc/%d/maps" % pid).read():
@@ -75,12 +72,14 @@ class Migration:
         self.channel = None
         self.tracker = None
         self.dump = None
+        self.warnings = []  # after a commit: what went wrong without undoing it
 
     # --- the steps --------------------------------------------------------------
 
     def run(self):
         """Migrate; returns the report. Raises HybridmigError with the source
         running and intact on any failure before the destination confirmed."""
+        check_criu_opts(self.criu_opts)
         check_target(self.pid)
         same_host_init_check = self._connect()
         if same_host_init_check and ns_pid(self.pid) != 1:
@@ -89,7 +88,10 @@ class Migration:
                 "CRIU restores the tree with its pids, which the frozen source still holds until the "
                 "destination confirms; start the workload with `unshare -p -f setsid ...`" % self.pid)
         self.times["start"] = time.time()
-        tree = [self.pid] + [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
+        try:
+            tree = [self.pid] + [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
+        except psutil.NoSuchProcess as e:
+            raise SetupError("pid %d exited before its migration started" % self.pid) from e
         # absolute: CRIU runs the hook written there from its own working directory
         work = os.path.abspath(self.work_dir) if self.work_dir else scratch.make("hybridmig-run-")
         self.tracker = track(self.pid)
@@ -137,7 +139,7 @@ class Migration:
         if kind != Msg.HOST:
             raise ProtocolError("%s did not describe itself" % self.channel.peer)
         host = wire.decode_json(payload)
-        return host.get("boot_id") == boot_id()
+        return host.get("boot_id") == wire.boot_id()
 
     def _switch_over(self, images_dir):
         self.dump.wait_hook("pre-dump", self.timeout)
@@ -155,7 +157,7 @@ class Migration:
             raise
         self.times["dumped"] = time.time()
         with conn:
-            verdict = self._final(images_dir)
+            verdict = self._final(images_dir) and self._commit()
             conn.sendall(b"0" if verdict else b"1")
         rc = self.dump.wait(self.timeout)
         self.times["source_done"] = time.time()
@@ -163,14 +165,16 @@ class Migration:
             # Committed: the destination's copy is the one. A CRIU still
             # running here ends the source once its page server is closed.
             if rc is None:
-                log.warning("criu dump has not finished %ss after the commit; the source ends with it",
-                            self.timeout)
-            self.channel.send(Msg.COMMIT)
-            self._expect_done()
+                self._warn("criu dump has not finished %ss after the commit; the source ends with it"
+                           % self.timeout)
+            try:
+                self.channel.send(Msg.ENDED)
+            except ProtocolError as e:  # the destination keeps its copy all the same
+                self._warn("could not tell the destination that the source has ended: %s" % e)
             return
         if verdict:
-            # CRIU failed after our confirmation and resumed the source:
-            # keep exactly one copy, the source.
+            # CRIU failed after the commit and resumed the source: keep
+            # exactly one copy, the source.
             self.channel.send(Msg.ABORT)
             self._expect_done()
             raise CriuError(self.dump.failed() or "criu dump did not finish: the source was resumed")
@@ -227,6 +231,24 @@ class Migration:
         except HybridmigError as e:
             self.result = {"ok": False, "error": str(e)}
             return False
+
+    def _commit(self):
+        """COMMIT, answered by DONE once the destination holds its copy as
+        the one: it keeps it from then on, even if the session breaks. Until
+        then a session that breaks (this process killed, the link cut) makes
+        it end its copy, while CRIU, given no verdict, resumes the source.
+        False if the destination does not answer: the source resumes."""
+        try:
+            self.channel.send(Msg.COMMIT)
+            self._expect_done()
+            return True
+        except ProtocolError as e:
+            self.result = {"ok": False, "error": "the destination did not take the commit: %s" % e}
+            return False
+
+    def _warn(self, text):
+        log.warning("%s", text)
+        self.warnings.append(text)
 
     def _lacking(self, images_dir, key, dirty):
         """Dirty pages, and lazy pages of the final images the destination lacks."""
@@ -320,4 +342,5 @@ class Migration:
             "precopy_s": t["precopy_done"] - t["start"],
             "restored_pid": (self.result or {}).get("restored_pid"),
             "destination": self.result,
+            "warnings": self.warnings,
         }

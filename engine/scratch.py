@@ -10,13 +10,20 @@ import psutil
 OWNER_FILE = ".hybridmig-owner"
 
 
+def _pid_namespace():
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
 def _identity(proc):
-    # the start time tells a live owner from a later process given its pid
-    return "%d %.2f" % (proc.pid, proc.create_time())
+    # the start time tells a live owner from a later process given its pid;
+    # pids are only comparable within one pid namespace
+    return "%d %.2f %d" % (proc.pid, proc.create_time(), _pid_namespace())
 
 
 def _owner_gone(identity):
-    pid, _ = identity.split()
+    pid, _, pidns = identity.split()
+    if int(pidns) != _pid_namespace():
+        return False  # another container's, sharing the dir: not ours to judge
     try:
         return _identity(psutil.Process(int(pid))) != identity
     except psutil.NoSuchProcess:

@@ -8,14 +8,17 @@ result to the source, which only then lets go of its copy (docs/design.md).
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
 
+import psutil
+
 from . import scratch, wire
 from .bindings.pagestore import PageStore
-from .criu import CRIU_LOG_LEVEL, criu_binary, log_tail
+from .criu import CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from .errors import HybridmigError, ProtocolError
 from .lazypages import LazyPagesDaemon
 from .wire import Msg
@@ -23,6 +26,9 @@ from .wire import Msg
 log = logging.getLogger("hybridmig.serve")
 PAGE_SIZE = 4096
 HANDSHAKE_TIMEOUT = 30
+# After COMMIT the source's CRIU ends its tasks (within its own --timeout)
+# and reports; no word for this long, and the session is over.
+END_WAIT_S = 600
 # Run by setpriv once it has set the parent-death signal: a parent that died
 # before then is caught here, as the child has been reparented meanwhile.
 _PARENT_CHECK = 'test "$PPID" = "$1" || exit 111; shift; exec "$@"'
@@ -133,6 +139,7 @@ class Session:
         self.restore_timeout = restore_timeout
         self.restored_pid = None
         self.result = None
+        self.committed = False  # COMMIT came: the restored copy stays, whatever happens to the session
         self.rounds = 0
         self._restorer = None
 
@@ -162,8 +169,11 @@ class Session:
                 self._restorer.start()
             elif kind == Msg.COMMIT:
                 self._join_restorer()
+                if not (self.result and self.result.get("ok")):
+                    raise ProtocolError("the source committed to a restore that failed")
+                self.committed = True
                 self.channel.send(Msg.DONE)
-                return "committed"
+                return self._await_end()
             elif kind == Msg.ABORT:
                 self._join_restorer()
                 self.kill_restored()
@@ -171,6 +181,25 @@ class Session:
                 return "aborted"
             else:
                 raise ProtocolError("unexpected %s from the source" % kind.name)
+
+    def _await_end(self):
+        """Committed: the copy here is the one. The source's CRIU now ends
+        its tasks, and the source says how that went: ENDED, or ABORT if
+        CRIU failed and resumed them. Not hearing from it, the copy stays:
+        the source may well be gone."""
+        self.channel.sock.settimeout(END_WAIT_S)
+        try:
+            kind, _ = self.channel.recv()
+        except ProtocolError as e:
+            log.warning("no word from the source after its commit (%s): the restored copy stays", e)
+            return "committed"
+        if kind == Msg.ABORT:
+            self.kill_restored()
+            self.channel.send(Msg.DONE)
+            return "aborted"
+        if kind != Msg.ENDED:
+            log.warning("unexpected %s from the source after its commit: the restored copy stays", kind.name)
+        return "committed"
 
     def _join_restorer(self):
         if self._restorer is not None:
@@ -180,8 +209,9 @@ class Session:
         """criu restore --lazy-pages served from the store; RESULT to the source."""
         t0 = time.monotonic()
         result = {"ok": False}
-        daemon = None
+        daemon = server = None
         try:
+            check_criu_opts(opts.get("criu_opts", []))
             daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store)
             daemon.listen()
             t_listening = time.monotonic()
@@ -223,9 +253,6 @@ class Session:
             log.error("restore failed: %s", e)
             self.kill_restored()
             result = {"ok": False, "error": str(e)}
-        finally:
-            if daemon is not None:
-                daemon.close()
         try:
             self.channel.send_json(Msg.RESULT, result)
         except ProtocolError as e:
@@ -234,26 +261,41 @@ class Session:
             self.kill_restored()
             result = {"ok": False, "error": str(e)}
         self.result = result
+        if daemon is not None:
+            # Freed only once its thread is out of the fault loop: after a
+            # failure it still serves the copy just killed, or waits for a
+            # CRIU that never connected (30 s at most).
+            if server is not None:
+                server.join(40)
+            if server is not None and server.is_alive():
+                log.error("the lazy-pages daemon did not stop: left as it is, not freed under its thread")
+            else:
+                daemon.close()
 
     def kill_restored(self):
-        """End a restored copy the source did not commit to, by its pid."""
-        if self.restored_pid:
+        """End a restored copy the source did not commit to: its whole tree
+        (only the init of a pid namespace takes its tree down with it), by
+        pid, stopped first so that none of it forks meanwhile."""
+        if not self.restored_pid:
+            return
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
             try:
-                os.kill(self.restored_pid, 9)
-            except ProcessLookupError:
-                pass
-            self.restored_pid = None
+                root = psutil.Process(self.restored_pid)
+                tree = [root] + root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+            for proc in tree:
+                try:
+                    proc.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+        self.restored_pid = None
 
     def cleanup(self, keep=False):
         if keep:
             scratch.disown(self.dir)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _boot_id():
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        return f.read().strip()
 
 
 def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
@@ -293,17 +335,17 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
                 continue
             session = Session(channel, base_dir, keep=keep)
             try:
-                channel.send_json(Msg.HOST, {"boot_id": _boot_id(), "kernel": os.uname().release})
+                channel.send_json(Msg.HOST, {"boot_id": wire.boot_id(), "kernel": os.uname().release})
                 outcome = session.run()
                 log.info("session from %s %s", channel.peer, outcome)
             except Exception as e:  # noqa: BLE001 -- any failure ends this session, not the server
-                # The source is gone. A restore it never confirmed is ended
-                # (once it has run its course); one whose success was reported
-                # keeps running: between two copies and none, two is the one
-                # that loses nothing.
+                # The source is gone. A restore it did not commit to is
+                # ended (once it has run its course): without COMMIT answered
+                # the source resumes its own copy. (After COMMIT the session
+                # ends in _await_end, which keeps the copy.)
                 log.error("session from %s broke: %s", channel.peer, e)
                 session._join_restorer()
-                if not (session.result and session.result.get("ok")):
+                if not session.committed:
                     session.kill_restored()
                 outcome = "broken"
             finally:

@@ -19,7 +19,7 @@ import threading
 
 import lz4.block
 
-from .errors import ProtocolError
+from .errors import ProtocolError, UsageError
 
 MAGIC = b"HMIG"
 VERSION = 1
@@ -55,6 +55,7 @@ class Msg(enum.IntEnum):
     ABORT = 24
     DONE = 25
     HOST = 26
+    ENDED = 27
 
 
 def read_key(path):
@@ -69,10 +70,17 @@ def read_key(path):
     return key
 
 
+def boot_id():
+    """This boot's id: HOST carries it, so that the source knows a
+    destination on its own machine."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
 def parse_addr(text):
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError("%r is not ADDRESS:PORT" % text)
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError("%r is not ADDRESS:PORT (a port from 1 to 65535)" % text)
     return host.strip("[]") or "0.0.0.0", int(port)
 
 

@@ -456,6 +456,30 @@ def test_restore_outlasts_the_timeout(env):
 
 
 @pytest.mark.timeout(180)
+def test_run_killed_while_the_destination_restores(env):
+    """`run` is SIGKILLed while the destination restores (held 5 s in a
+    pre-restore action script). CRIU, given no verdict, resumes the source;
+    the destination, never sent COMMIT, ends the copy it restores, though
+    that restore succeeds and its RESULT leaves. One copy: the source."""
+    wrapper = criu_with_restore_hook(env, HANG_HOOK.format(seconds=5))
+    wl = env.workload(64, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve(env={"CRIU": str(wrapper)})
+    run = env.run_background(wl.host_pid)
+    wait_for(lambda: [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "criu"
+                      and str(serve.base_dir) in " ".join(p.info["cmdline"] or [])] or not run.running(), 120,
+             "serve's criu restore")
+    assert run.running(), run.err_path.read_text()
+    os.kill(run.proc.pid, signal.SIGKILL)
+    run.proc.wait(10)
+    wait_for(lambda: all(state(p) not in ("t", "T") for p in pids), 30, "the source to run again")
+    assert serve.wait(60) not in (0, None), serve.log()
+    assert "restore failed" not in serve.log(), serve.log()  # the restore itself went well
+    assert not restored_copies(wl, pids), (restored_copies(wl, pids), serve.log())
+    assert_intact(wl.verify(), 1)
+
+
+@pytest.mark.timeout(180)
 def test_destination_killed_during_the_switch_over(env):
     """serve is SIGKILLed while its criu restore runs (held in a pre-restore
     action script): the source resumes intact, and serve's CRIU dies with
@@ -547,6 +571,32 @@ def test_unknown_pid(env):
     assert "error" in err
     time.sleep(0.3)
     assert serve.proc.poll() is None and "session" not in serve.log(), serve.log()
+
+
+@pytest.mark.timeout(60)
+def test_criu_options_that_would_keep_the_source_are_refused(env):
+    """--criu-opt=-R (leave running) would leave the source running after a
+    commit, and hybridmig sets --port itself: both refused, naming the
+    option, before anything is touched."""
+    wl = env.workload(32, rate=2000)
+    pids = wl.pids()
+    serve = env.serve()
+    for opt, why in (("-R", "second copy"), ("--port=1234", "sets it itself")):
+        rc, rep, err = env.run(wl.host_pid, "--criu-opt=%s" % opt, timeout=30)
+        error = assert_rolled_back(env, wl, pids, rc, rep, err)
+        assert opt in error and why in error, error
+    assert serve.proc.poll() is None and "session" not in serve.log(), serve.log()
+    assert_intact(wl.verify(), 1)
+
+
+@pytest.mark.timeout(60)
+def test_malformed_destination(env):
+    """--to without a port: a clear error, no traceback."""
+    wl = env.workload(32, rate=2000)
+    pids = wl.pids()
+    rc, rep, err = env.run(wl.host_pid, to=env.hosts.dst_addr, timeout=30)
+    error = assert_rolled_back(env, wl, pids, rc, rep, err)
+    assert "ADDRESS:PORT" in error and "Traceback" not in err, err
 
 
 @pytest.mark.timeout(60)

@@ -34,9 +34,15 @@ def test_dirs_of_dead_owners_are_swept(tmp_path):
 
 def test_a_reused_pid_is_not_its_owner(tmp_path):
     """A dir whose owner's pid now belongs to another process (this one,
-    started at another time) is swept."""
+    started at another time) is swept; one whose owner lives in another pid
+    namespace is left alone."""
     d = tmp_path / "hm-reused"
     d.mkdir()
-    (d / scratch.OWNER_FILE).write_text("%d 12.00" % os.getpid())
+    pidns = os.stat("/proc/self/ns/pid").st_ino
+    (d / scratch.OWNER_FILE).write_text("%d 12.00 %d" % (os.getpid(), pidns))
+    other_ns = tmp_path / "hm-other-pid-namespace"
+    other_ns.mkdir()
+    (other_ns / scratch.OWNER_FILE).write_text("%d 12.00 %d" % (os.getpid(), pidns + 1))
     scratch.make("hm-", str(tmp_path))
     assert not d.exists()
+    assert other_ns.exists()  # its owner's pid means nothing here
