@@ -75,22 +75,13 @@ def _end_without_page_server(criu_pid, commit):
     it: an uncommitted tree runs on."""
     import psutil
 
-    procs = []
-    try:
-        if commit and os.environ.get("CRTOOLS_INIT_PID"):
-            root = psutil.Process(int(os.environ["CRTOOLS_INIT_PID"]))
-            procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        pass
-    try:
-        procs.append(psutil.Process(criu_pid))
-    except psutil.NoSuchProcess:
-        pass
-    for proc in procs:
+    from .guard import end_tree
+
+    for pid in ([os.environ.get("CRTOOLS_INIT_PID")] if commit else []) + [criu_pid]:
         try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass  # ended meanwhile
+            end_tree(psutil.Process(int(pid)))
+        except (TypeError, psutil.NoSuchProcess):
+            pass  # no tree named, or ended meanwhile
 
 
 def _detach_and_end_session(criu_pid, commit):

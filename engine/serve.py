@@ -8,9 +8,9 @@ result to the source, which only then lets go of its copy (docs/design.md).
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -20,6 +20,7 @@ from . import scratch, wire
 from .bindings.pagestore import PageStore
 from .criu import CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from .errors import HybridmigError, ProtocolError
+from .guard import end_tree
 from .lazypages import LazyPagesDaemon
 from .wire import Msg
 
@@ -142,6 +143,11 @@ class Session:
         self.committed = False  # COMMIT came: the restored copy stays, whatever happens to the session
         self.rounds = 0
         self._restorer = None
+        # ends the restored copy if serve dies before the commit (engine/guard.py);
+        # started now, its start-up is not in the restore's time
+        self.pidfile = os.path.join(self.dir, "restore.pid")
+        self._guard = subprocess.Popen([sys.executable, "-m", "hybridmig.guard", self.pidfile],
+                                       stdin=subprocess.PIPE, start_new_session=True, text=True)
 
     def run(self):
         """Serve frames until the source commits or aborts; returns 'committed' or 'aborted'."""
@@ -172,6 +178,7 @@ class Session:
                 if not (self.result and self.result.get("ok")):
                     raise ProtocolError("the source committed to a restore that failed")
                 self.committed = True
+                self._tell_guard("commit")
                 self.channel.send(Msg.DONE)
                 return self._await_end()
             elif kind == Msg.ABORT:
@@ -219,15 +226,14 @@ class Session:
             server = threading.Thread(target=lambda: served.update(stats=daemon.serve(timeout=30)),
                                       name="lazy-pages", daemon=True)
             server.start()
-            pidfile = os.path.join(self.dir, "restore.pid")
             cmd = dies_with_me([criu_binary(), "restore", "-D", self.images, "-W", self.images, "--lazy-pages",
-                                "-d", "--pidfile", pidfile, "-o", "restore.log", CRIU_LOG_LEVEL,
+                                "-d", "--pidfile", self.pidfile, "-o", "restore.log", CRIU_LOG_LEVEL,
                                 *opts.get("criu_opts", [])])
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                   timeout=self.restore_timeout)
             t_restored = time.monotonic()
-            if os.path.exists(pidfile):
-                self.restored_pid = int(open(pidfile).read().strip() or 0) or None
+            if os.path.exists(self.pidfile):
+                self.restored_pid = int(open(self.pidfile).read().strip() or 0) or None
             if proc.returncode != 0:
                 self.kill_restored()
                 raise HybridmigError("criu restore failed (exit %d): %s"
@@ -274,24 +280,34 @@ class Session:
 
     def kill_restored(self):
         """End a restored copy the source did not commit to: its whole tree
-        (only the init of a pid namespace takes its tree down with it), by
-        pid, stopped first so that none of it forks meanwhile."""
+        (only the init of a pid namespace takes its tree down with it)."""
         if not self.restored_pid:
             return
-        for sig in (signal.SIGSTOP, signal.SIGKILL):
-            try:
-                root = psutil.Process(self.restored_pid)
-                tree = [root] + root.children(recursive=True)
-            except psutil.NoSuchProcess:
-                break
-            for proc in tree:
-                try:
-                    proc.send_signal(sig)
-                except psutil.NoSuchProcess:
-                    pass
+        try:
+            end_tree(psutil.Process(self.restored_pid))
+        except psutil.NoSuchProcess:
+            pass
         self.restored_pid = None
+        self._tell_guard("release")
+
+    def _tell_guard(self, word):
+        """"commit" or "release": the guard's work is over, either way."""
+        if self._guard.stdin.closed:
+            return
+        try:
+            self._guard.stdin.write(word + "\n")
+            self._guard.stdin.close()
+        except OSError as e:  # the guard is gone: serve alone ends copies now
+            log.warning("the restored copy's guard is gone: %s", e)
 
     def cleanup(self, keep=False):
+        """At the session's end: the copy was committed, or ended."""
+        self._tell_guard("release")
+        try:
+            self._guard.wait(10)
+        except subprocess.TimeoutExpired:
+            self._guard.kill()
+            self._guard.wait()
         if keep:
             scratch.disown(self.dir)
         else:

@@ -508,6 +508,39 @@ def test_destination_killed_during_the_switch_over(env):
     assert_intact(wl.verify(), 1)
 
 
+@pytest.mark.timeout(240)
+def test_destination_killed_while_installing(env):
+    """serve is SIGKILLed once its criu restore has exited, the restored
+    copy running, while its fault loop has most of 1 GiB still to install:
+    with serve gone the copy would run on zeros for every page still owed.
+    (Before CRIU's exit, CRIU dies with serve, and the tree with CRIU.) Its
+    guard ends it; the source, never committed, resumes intact."""
+    wl = env.workload(1024, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve()
+    run = env.run_background(wl.host_pid)
+    session = wait_for(lambda: list(serve.base_dir.glob("session-*")) or not run.running(), 60, "the session")
+    pidfile = session[0] / "restore.pid"
+
+    def restore_exited():
+        if not pidfile.exists():
+            return False
+        return not [p for p in serve._ps.children(recursive=True) if p.name() == "criu"]
+    wait_for(lambda: restore_exited() or not run.running(), 150, "serve's criu restore to exit", interval=0.0005)
+    assert run.running(), run.err_path.read_text()
+    # (its cmdline, lazy memory too, would read as zeros without serve)
+    copy = psutil.Process(int(pidfile.read_text()))
+    serve.kill()
+    rc, rep, err = run.wait(120)
+    assert_rolled_back(env, wl, pids, rc, rep, err)
+    wait_for(lambda: not copy.is_running() or copy.status() == psutil.STATUS_ZOMBIE, 10,
+             "the restored copy to end")
+    # ended by its guard, not by its own crash on zeroed memory (memwork
+    # segfaults within ~50 ms on it)
+    assert "guard: ended the restored copy, pid %d" % copy.pid in serve.log(), serve.log()
+    assert_intact(wl.verify(), 1)
+
+
 @pytest.mark.timeout(180)
 def test_destination_cannot_store_images(env):
     """The destination fails to write the images at the switch-over (its
