@@ -146,7 +146,7 @@ def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, verbosity):
 @click.option("--auto-converge/--no-auto-converge", default=True, show_default=True,
               help="hold the tree in ptrace stops a growing share of the time while rounds do not converge")
 @click.option("--criu-opt", "criu_opts", multiple=True, help="extra CRIU option for dump and restore (repeatable)")
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds for the dump and for the restore")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds for the dump, for the restore, and for any silence of the destination")
 @click.option("--no-compress", is_flag=True, help="send pages without lz4")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False), help="also write the JSON report here")
 @click.option("--work-dir", type=click.Path(file_okay=False),

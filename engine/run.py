@@ -135,6 +135,9 @@ class Migration:
 
     def _connect(self):
         self.channel = wire.connect(self.to, self.key, tls=self.tls)
+        # no frame from the destination (an ack, RESULT) for this long ends
+        # the migration: a destination that hangs must not hold the source
+        self.channel.sock.settimeout(self.timeout)
         kind, payload = self.channel.recv()
         if kind != Msg.HOST:
             raise ProtocolError("%s did not describe itself" % self.channel.peer)
@@ -281,9 +284,9 @@ class Migration:
 
     def _await_result(self):
         """Serve remote faults until the destination reports; the source is
-        frozen meanwhile, so a silent destination is given up on."""
+        frozen meanwhile, so a silent destination is given up on (the
+        session's timeout)."""
         host_of = {key: pid for pid, key in self.sender.keys.items()}
-        self.channel.sock.settimeout(self.timeout)
         while True:
             kind, payload = self.channel.recv()
             if kind == Msg.FETCH:

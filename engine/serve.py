@@ -27,6 +27,10 @@ from .wire import Msg
 log = logging.getLogger("hybridmig.serve")
 PAGE_SIZE = 4096
 HANDSHAKE_TIMEOUT = 30
+# A source silent for this long (stopped, hung) ends its session, so that
+# other sources are served: longer than any step of a live one (its CRIU's
+# dump at the switch-over is bounded by its --timeout, 120 s by default).
+SESSION_IDLE_S = 600
 # After COMMIT the source's CRIU ends its tasks (within its own --timeout)
 # and reports; no word for this long, and the session is over.
 END_WAIT_S = 600
@@ -344,7 +348,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
                     sock = tls.wrap_socket(sock, server_side=True)
                 channel = wire.Channel(sock, "%s:%d" % peer[:2])
                 channel.server_handshake(key)
-                sock.settimeout(None)
+                sock.settimeout(SESSION_IDLE_S)
             except (ProtocolError, OSError) as e:
                 log.warning("refused %s:%d: %s", peer[0], peer[1], e)
                 sock.close()

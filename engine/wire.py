@@ -366,11 +366,11 @@ def connect(addr, key, timeout=10.0, tls=None):
         except (OSError, ssl.SSLError) as e:
             sock.close()
             raise ProtocolError("TLS with %s:%d failed: %s" % (host, port, e)) from e
-    sock.settimeout(None)
     ch = Channel(sock, "%s:%d" % (host, port))
     try:
-        ch.client_handshake(key)
+        ch.client_handshake(key)  # within `timeout` too: a serve busy with another session does not answer
     except BaseException:
         ch.close()
         raise
+    sock.settimeout(None)
     return ch

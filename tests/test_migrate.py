@@ -349,6 +349,28 @@ def test_destination_unreachable(env):
 
 
 @pytest.mark.timeout(180)
+def test_destination_hangs_during_rounds(env):
+    """serve stops answering during the rounds (SIGSTOP: its kernel still
+    acks, so TCP sees nothing wrong): run gives up after --timeout, and the
+    source runs on intact."""
+    wl = env.workload(256, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve()
+    run = env.run_background(wl.host_pid, "--bandwidth-limit", "40M", "--timeout", "5")
+    _wait_in_precopy(wl, run)
+    serve.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        rc, rep, err = run.wait(60)
+        assert time.monotonic() - t0 < 5 + 20, "run waited far longer than --timeout"
+        error = assert_rolled_back(env, wl, pids, rc, rep, err)
+        assert "too long" in error or "timed out" in error, error
+    finally:
+        serve.proc.send_signal(signal.SIGCONT)
+    assert_intact(wl.verify(), 1)
+
+
+@pytest.mark.timeout(180)
 def test_destination_killed_during_rounds(env):
     wl = env.workload(256, threads=2, rate=2000)
     pids = wl.pids()
