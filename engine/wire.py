@@ -368,7 +368,13 @@ def connect(addr, key, timeout=10.0, tls=None):
             raise ProtocolError("TLS with %s:%d failed: %s" % (host, port, e)) from e
     ch = Channel(sock, "%s:%d" % (host, port))
     try:
-        ch.client_handshake(key)  # within `timeout` too: a serve busy with another session does not answer
+        ch.client_handshake(key)
+    except ProtocolError as e:
+        ch.close()
+        if isinstance(e.__cause__, socket.timeout):  # serve takes one source at a time
+            raise ProtocolError("%s:%d did not answer within %ss: is it busy with another migration?"
+                                % (host, port, timeout)) from e
+        raise
     except BaseException:
         ch.close()
         raise

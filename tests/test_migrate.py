@@ -349,6 +349,24 @@ def test_destination_unreachable(env):
 
 
 @pytest.mark.timeout(180)
+def test_destination_busy_with_another_migration(env):
+    """serve takes one source at a time: a second run is told so within its
+    connect timeout, and its process runs on intact; the first migrates."""
+    first = env.workload(128, threads=2, rate=2000)
+    second = env.workload(32, rate=2000)
+    second_pids = second.pids()
+    serve = env.serve()
+    run = env.run_background(first.host_pid, "--bandwidth-limit", "20M")  # round 0 alone takes ~6 s
+    _wait_in_precopy(first, run)
+    rc, rep, err = env.run(second.host_pid, timeout=60)
+    error = assert_rolled_back(env, second, second_pids, rc, rep, err)
+    assert "busy with another migration" in error, error
+    assert_intact(second.verify(), 1)
+    rc, rep, err = run.wait(120)
+    assert_migrated(env, first, rc, rep, err, serve, 128)
+
+
+@pytest.mark.timeout(180)
 def test_destination_hangs_during_rounds(env):
     """serve stops answering during the rounds (SIGSTOP: its kernel still
     acks, so TCP sees nothing wrong): run gives up after --timeout, and the
