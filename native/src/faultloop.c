@@ -1085,8 +1085,17 @@ static void *installer_main(void *arg)
 
 		if (!l->eager || !claim_next(l, (int)(ins - l->installers), &c)) {
 			check_done(l);
-			if (!wait_gates(l))
-				installer_idle(l);
+			if (wait_gates(l))
+				continue;
+			if (g.n) {
+				/* idle: unmap what we released (not while a fault is
+				 * served: the shootdown would interrupt it) */
+				pthread_mutex_unlock(&l->lock);
+				store_garbage_free(&g);
+				pthread_mutex_lock(&l->lock);
+				continue;
+			}
+			installer_idle(l);
 			continue;
 		}
 		__atomic_add_fetch(&c.t->copying, 1, __ATOMIC_RELEASE);
@@ -1113,11 +1122,13 @@ static void *installer_main(void *arg)
 		 * loop lock free */
 		pthread_mutex_unlock(&l->lock);
 		pthread_mutex_unlock(&ins->copy_lock);
-		store_garbage_free(&g);
+		if (!STORE_GARBAGE_ROOM(&g))
+			store_garbage_free(&g);
 		pthread_mutex_lock(&l->lock);
 	}
 	pthread_cond_broadcast(&l->cond);
 	pthread_mutex_unlock(&l->lock);
+	store_garbage_free(&g);
 	return NULL;
 }
 
