@@ -897,8 +897,44 @@ static void set_cursors(hm_loop *l, struct task *t)
 	}
 }
 
+/* The installer other than k about to claim at addr in t (its cursor less
+ * than a chunk before it), or -1. */
+static int next_to(hm_loop *l, struct task *t, int k, uint64_t addr)
+{
+	int j;
+
+	for (j = 0; j < l->ninstallers; j++)
+		if (j != k && addr >= t->cursor[j] && addr - t->cursor[j] < CHUNK_SZ)
+			return j;
+	return -1;
+}
+
+/*
+ * Where installer k claims next in t, looking from `from` on. Installers
+ * meet: one whose cursor runs into pages another has installed skips them
+ * and lands just ahead of it, and the two then take turns, claim by claim,
+ * in the same page tables. The one that would land there goes to the
+ * middle of what lies ahead of the other instead, chunk-aligned, if that
+ * leaves each at least two chunks.
+ */
+static uint64_t apart(hm_loop *l, struct task *t, int k, uint64_t from)
+{
+	uint64_t start, end, limit, mid;
+	int i, j;
+
+	if (!hm_ranges_next(t->owed, from, &start, &end) || (j = next_to(l, t, k, start)) < 0)
+		return from;
+	hm_ranges_get(t->owed, hm_ranges_count(t->owed) - 1, &start, &limit);
+	for (i = 0; i < l->ninstallers; i++)
+		if (i != k && t->cursor[i] > t->cursor[j] && t->cursor[i] < limit)
+			limit = t->cursor[i];
+	mid = CHUNK_BASE(t->cursor[j] + (limit - t->cursor[j]) / 2);
+	return mid >= t->cursor[j] + 2 * CHUNK_SZ ? mid : from;
+}
+
 /* Pick the next batch for installer k: installer 0 near the last fault
- * first, then each from its own cursor, task by task in address order. */
+ * first (unless another installer is at it already), then each from its
+ * own cursor, task by task in address order. */
 static int claim_next(hm_loop *l, int k, struct claim *c)
 {
 	struct task *t;
@@ -906,7 +942,8 @@ static int claim_next(hm_loop *l, int k, struct claim *c)
 	if (k == 0 && l->hint_task && installable(l->hint_task)) {
 		uint64_t start, end;
 		if (hm_ranges_next(l->hint_task->owed, l->hint_addr, &start, &end) &&
-		    start - l->hint_addr < NEIGHBOURHOOD && claim_from(l, l->hint_task, start, k, c)) {
+		    start - l->hint_addr < NEIGHBOURHOOD && next_to(l, l->hint_task, k, start) < 0 &&
+		    claim_from(l, l->hint_task, start, k, c)) {
 			l->hint_addr = c->addr + c->npages * PAGE_SZ;
 			return 1;
 		}
@@ -917,7 +954,7 @@ static int claim_next(hm_loop *l, int k, struct claim *c)
 			continue;
 		if (!t->cursors_set)
 			set_cursors(l, t);
-		if (claim_from(l, t, t->cursor[k], k, c) || claim_from(l, t, 0, k, c))
+		if (claim_from(l, t, apart(l, t, k, t->cursor[k]), k, c) || claim_from(l, t, apart(l, t, k, 0), k, c))
 			return 1;
 	}
 	return 0;
@@ -1085,8 +1122,17 @@ static void *installer_main(void *arg)
 
 		if (!l->eager || !claim_next(l, (int)(ins - l->installers), &c)) {
 			check_done(l);
-			if (!wait_gates(l))
-				installer_idle(l);
+			if (wait_gates(l))
+				continue;
+			if (g.n) {
+				/* idle: unmap what we released (not while a fault is
+				 * served: the shootdown would interrupt it) */
+				pthread_mutex_unlock(&l->lock);
+				store_garbage_free(&g);
+				pthread_mutex_lock(&l->lock);
+				continue;
+			}
+			installer_idle(l);
 			continue;
 		}
 		__atomic_add_fetch(&c.t->copying, 1, __ATOMIC_RELEASE);
@@ -1113,11 +1159,13 @@ static void *installer_main(void *arg)
 		 * loop lock free */
 		pthread_mutex_unlock(&l->lock);
 		pthread_mutex_unlock(&ins->copy_lock);
-		store_garbage_free(&g);
+		if (!STORE_GARBAGE_ROOM(&g))
+			store_garbage_free(&g);
 		pthread_mutex_lock(&l->lock);
 	}
 	pthread_cond_broadcast(&l->cond);
 	pthread_mutex_unlock(&l->lock);
+	store_garbage_free(&g);
 	return NULL;
 }
 

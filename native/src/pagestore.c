@@ -140,10 +140,24 @@ static void chunk_trim(struct store_task *t, struct chunk *c)
 	chunk_trim_into(t, c, NULL);
 }
 
+static int addr_cmp(const void *a, const void *b)
+{
+	uintptr_t x = (uintptr_t) * (void *const *)a, y = (uintptr_t) * (void *const *)b;
+
+	return x < y ? -1 : x > y;
+}
+
 void store_garbage_free(struct store_garbage *g)
 {
-	while (g->n)
-		munmap(g->bufs[--g->n], CHUNK_SZ);
+	int i, j;
+
+	qsort(g->bufs, g->n, sizeof(g->bufs[0]), addr_cmp);
+	for (i = 0; i < g->n; i = j) {
+		for (j = i + 1; j < g->n && (uint8_t *)g->bufs[j] == (uint8_t *)g->bufs[j - 1] + CHUNK_SZ; j++)
+			;
+		munmap(g->bufs[i], (j - i) * CHUNK_SZ);
+	}
+	g->n = 0;
 }
 
 /* Mark pages [first, first+n) of a chunk as `kind`. */
