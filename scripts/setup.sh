@@ -92,6 +92,23 @@ if [ "$(cat "$CRIU_SRC/.hybridmig-patches" 2>/dev/null)" != "$PATCHES_SUM" ]; th
     echo "$PATCHES_SUM" >"$CRIU_SRC/.hybridmig-patches"
 fi
 
+# CRIU keeps what it probes of the kernel at start (kerndat: ~40 ms, an
+# `iptables -L` among them) in $RUNDIR/criu.kdat, but only on a tmpfs, as
+# /run usually is. Where it is not (these VMs), every CRIU start probes
+# again, inside the restore and so inside the blackout: our CRIU then keeps
+# its cache in a root-only tmpfs of its own. (After a reboot that dir is no
+# tmpfs until the next `make setup`: CRIU then just probes again.)
+CRIU_RUNDIR=/run
+if [ "$(stat -f -c %T /run)" != tmpfs ]; then
+    CRIU_RUNDIR=/run/hybridmig-criu
+    mkdir -p -m 0700 "$CRIU_RUNDIR"
+    if [ "$(stat -f -c %T "$CRIU_RUNDIR")" != tmpfs ]; then
+        mount -t tmpfs -o mode=0700,size=1m hybridmig-criu "$CRIU_RUNDIR" || \
+            say "note: cannot mount a tmpfs on $CRIU_RUNDIR: CRIU will probe the kernel at every start"
+    fi
+fi
+CRIU_BUILD="$PATCHES_SUM rundir=$CRIU_RUNDIR"
+
 criu_ok() {
     local v
     command -v criu >/dev/null || return 1
@@ -100,20 +117,22 @@ criu_ok() {
     # >= 4.2: 3.17 fails on kernels >= 6.13, 4.1 cannot dump inet sockets on >= 6.16.
     [ "$(printf '%s\n4.2\n' "$v" | sort -V | head -n1)" = 4.2 ] || return 1
     # Up to 4.2.1, only a CRIU this set-up built carries the fixes of
-    # scripts/criu-patches (it is rebuilt when they change): a released
-    # one is replaced by ours in /usr/local/sbin, ahead on PATH.
+    # scripts/criu-patches (it is rebuilt when they or its RUNDIR change): a
+    # released one is replaced by ours in /usr/local/sbin, ahead on PATH.
     if [ "$(printf '%s\n%s\n' "$v" "$LAST_UNPATCHED_CRIU" | sort -V | tail -n1)" = "$LAST_UNPATCHED_CRIU" ]; then
         [ "$(command -v criu)" = /usr/local/sbin/criu ] || return 1
-        [ "$(cat "$CRIU_STAMP" 2>/dev/null)" = "$PATCHES_SUM" ] || return 1
+        [ "$(cat "$CRIU_STAMP" 2>/dev/null)" = "$CRIU_BUILD" ] || return 1
     fi
     criu check >/dev/null 2>&1
 }
 
 if ! criu_ok; then
     say "building CRIU $CRIU_VERSION"
-    make -C "$CRIU_SRC" -j"$(nproc)" criu >"$CRIU_DIR/build.log" 2>&1 || { tail -20 "$CRIU_DIR/build.log"; exit 1; }
+    rm -f "$CRIU_SRC/criu/kerndat.o"  # RUNDIR is compiled into it, and make does not track it
+    make -C "$CRIU_SRC" -j"$(nproc)" criu RUNDIR="$CRIU_RUNDIR" >"$CRIU_DIR/build.log" 2>&1 || \
+        { tail -20 "$CRIU_DIR/build.log"; exit 1; }
     install -m 0755 "$CRIU_SRC/criu/criu" /usr/local/sbin/criu
-    echo "$PATCHES_SUM" >"$CRIU_STAMP"
+    echo "$CRIU_BUILD" >"$CRIU_STAMP"
     hash -r
     criu_ok || { echo "setup: the freshly built CRIU fails 'criu check'" >&2; criu check >&2 || true; exit 1; }
 fi
