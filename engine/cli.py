@@ -158,7 +158,7 @@ def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit
     """Source: live-migrate process tree PID to a destination."""
     from . import wire
     from .progress import RunProgress
-    from .run import Migration
+    from .run import Migration, alive
 
     _setup_logging(verbosity, None)
     if report_file and not os.access(os.path.dirname(os.path.abspath(report_file)), os.W_OK):
@@ -177,7 +177,8 @@ def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit
                 json.dump(failed, f, indent=2)
         if as_json:
             click.echo(json.dumps(failed))
-        fail("%s (pid %d keeps running on the source)" % (e, pid))
+        # (not said of a pid that is gone or a zombie: the error is about that)
+        fail("%s (pid %d keeps running on the source)" % (e, pid) if alive(pid) else str(e))
     if report_file:
         with open(report_file, "w") as f:
             json.dump(report, f, indent=2)

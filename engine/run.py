@@ -39,7 +39,7 @@ def check_target(pid):
     return proc
 
 
-def _alive(pid):
+def alive(pid):
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -134,10 +134,9 @@ class Migration:
         self.progress("round", rnd)
 
     def _connect(self):
-        self.channel = wire.connect(self.to, self.key, tls=self.tls)
-        # no frame from the destination (an ack, RESULT) for this long ends
+        # no frame from the destination (an ack, RESULT) for --timeout ends
         # the migration: a destination that hangs must not hold the source
-        self.channel.sock.settimeout(self.timeout)
+        self.channel = wire.connect(self.to, self.key, tls=self.tls, idle_timeout=self.timeout)
         kind, payload = self.channel.recv()
         if kind != Msg.HOST:
             raise ProtocolError("%s did not describe itself" % self.channel.peer)
@@ -164,7 +163,7 @@ class Migration:
             conn.sendall(b"0" if verdict else b"1")
         rc = self.dump.wait(self.timeout)
         self.times["source_done"] = time.time()
-        if verdict and (rc == 0 or rc is None or not _alive(self.pid)):
+        if verdict and (rc == 0 or rc is None or not alive(self.pid)):
             # Committed: the destination's copy is the one. A CRIU still
             # running here ends the source once its page server is closed.
             if rc is None:

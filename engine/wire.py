@@ -353,7 +353,9 @@ def tune(sock):
                     (DEAD_PEER_S - _KEEPALIVE_IDLE_S) // _KEEPALIVE_INTERVAL_S)
 
 
-def connect(addr, key, timeout=10.0, tls=None):
+def connect(addr, key, timeout=10.0, tls=None, idle_timeout=None):
+    """An authenticated channel to addr: `timeout` bounds the connection and
+    the handshake, `idle_timeout` (None: no bound) every wait after them."""
     host, port = parse_addr(addr) if isinstance(addr, str) else addr
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -378,5 +380,5 @@ def connect(addr, key, timeout=10.0, tls=None):
     except BaseException:
         ch.close()
         raise
-    sock.settimeout(None)
+    sock.settimeout(idle_timeout)
     return ch

@@ -468,6 +468,15 @@ def test_restore_fails(env, stage):
     assert_no_leftovers(serve)
 
 
+def serve_restores(serve, criu_only=True):
+    """serve's criu restore: CRIU (or, not criu_only, also setpriv, the
+    parent check or a wrapper before their exec), found by serve's dir in
+    their command line."""
+    return [p for p in psutil.process_iter(["cmdline", "name"])
+            if "restore" in (p.info["cmdline"] or []) and str(serve.base_dir) in " ".join(p.info["cmdline"])
+            and (p.info["name"] == "criu" or not criu_only)]
+
+
 HANG_HOOK = """#!/bin/sh
 [ "$CRTOOLS_SCRIPT_ACTION" = pre-restore ] && sleep {seconds}
 exit 0
@@ -506,9 +515,7 @@ def test_run_killed_while_the_destination_restores(env):
     pids = wl.pids()
     serve = env.serve(env={"CRIU": str(wrapper)})
     run = env.run_background(wl.host_pid)
-    wait_for(lambda: [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "criu"
-                      and str(serve.base_dir) in " ".join(p.info["cmdline"] or [])] or not run.running(), 120,
-             "serve's criu restore")
+    wait_for(lambda: serve_restores(serve) or not run.running(), 120, "serve's criu restore")
     assert run.running(), run.err_path.read_text()
     os.kill(run.proc.pid, signal.SIGKILL)
     run.proc.wait(10)
@@ -531,18 +538,15 @@ def test_destination_killed_during_the_switch_over(env):
     serve = env.serve(env={"CRIU": str(wrapper)})
     run = env.run_background(wl.host_pid)
 
-    def restoring():
-        return [p for p in psutil.process_iter(["cmdline", "name"])
-                if "restore" in (p.info["cmdline"] or []) and str(serve.base_dir) in " ".join(p.info["cmdline"])]
     # criu itself, not setpriv or the wrapper before their exec: the
     # parent-death signal is set from then on
-    wait_for(lambda: [p for p in restoring() if p.info["name"] == "criu"] or not run.running(), 120,
-             "serve's criu restore")
+    wait_for(lambda: serve_restores(serve) or not run.running(), 120, "serve's criu restore")
     assert run.running(), run.err_path.read_text()
     serve.kill()
     rc, rep, err = run.wait(120)
     assert_rolled_back(env, wl, pids, rc, rep, err)
-    wait_for(lambda: not restoring(), 3, "serve's criu restore to die (its action script sleeps 15 s)")
+    wait_for(lambda: not serve_restores(serve, criu_only=False), 3,
+             "serve's criu restore to die (its action script sleeps 15 s)")
     time.sleep(13)  # past the action script's sleep: nothing restores late
     assert not restored_copies(wl, pids), restored_copies(wl, pids)
     assert_intact(wl.verify(), 1)
@@ -562,11 +566,8 @@ def test_destination_killed_while_installing(env):
     session = wait_for(lambda: list(serve.base_dir.glob("session-*")) or not run.running(), 60, "the session")
     pidfile = session[0] / "restore.pid"
 
-    def restore_exited():
-        if not pidfile.exists():
-            return False
-        return not [p for p in serve._ps.children(recursive=True) if p.name() == "criu"]
-    wait_for(lambda: restore_exited() or not run.running(), 150, "serve's criu restore to exit", interval=0.0005)
+    wait_for(lambda: (pidfile.exists() and not serve_restores(serve)) or not run.running(), 150,
+             "serve's criu restore to exit", interval=0.0005)
     assert run.running(), run.err_path.read_text()
     # (its cmdline, lazy memory too, would read as zeros without serve)
     copy = psutil.Process(int(pidfile.read_text()))
