@@ -21,4 +21,4 @@ bench-full: setup
 	$(VENV)/bin/hybridmig bench
 
 clean:
-	rm -rf $(VENV) build engine/_native*.so engine/_native.c
+	rm -rf $(VENV) build src/hybridmig/_native*.so src/hybridmig/_native.c

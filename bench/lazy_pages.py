@@ -13,7 +13,7 @@ machine is quiet (--quiet-threshold busy CPUs, at most --quiet-timeout s),
 and it records the CPUs busy and stolen by the hypervisor during each run.
 --from-json re-renders the tables of an earlier results.json.
 
-For each size (MiB) a memwork workload (native/workload/memwork.c: 1 writer
+For each size (MiB) a memwork workload (src/hybridmig/testing/memwork.c: 1 writer
 thread, ``--rate`` pages/s, so its memory is mostly stable) is started and
 dumped once with `criu dump`.  The same images are then restored again and
 again with `criu restore --lazy-pages -d`, once per repetition and daemon,
@@ -77,7 +77,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.criu_util import criu_binary, criu_dump, log_excerpt  # noqa: E402
-from hybridmig.workload import (Workload, WorkloadError, become_subreaper,  # noqa: E402
+from hybridmig.testing.workload import (Workload, WorkloadError, become_subreaper,  # noqa: E402
                             build_memwork)
 
 DAEMONS = ("criu", "hybridmig")
@@ -201,7 +201,10 @@ def pinned_hybridmig(rev: str) -> tuple[list[str], dict, str]:
     if not (root / ".built").exists():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "engine", "native"],
+        # the package is src/hybridmig since the layout move, engine/ before it
+        src = "src/hybridmig" if subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{sha}:src/hybridmig"],
+                                                capture_output=True, timeout=30).returncode == 0 else "engine"
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, src, "native"],
                                  capture_output=True, timeout=120, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(root)], input=archive, timeout=120, check=True)
         build = subprocess.run([VENV_PY, "native/build.py"], cwd=root, capture_output=True, text=True,
@@ -211,9 +214,9 @@ def pinned_hybridmig(rev: str) -> tuple[list[str], dict, str]:
         built = sorted(root.glob("hybridmig/_native*.so"))
         if not built:
             raise BenchError(f"building hybridmig {sha[:12]}: no hybridmig/_native*.so in {root}")
-        shutil.copy2(built[0], root / "engine" / built[0].name)
+        shutil.copy2(built[0], root / src / built[0].name)
         pkg.mkdir()
-        (pkg / "hybridmig").symlink_to(root / "engine")
+        (pkg / "hybridmig").symlink_to(root / src)
         (root / ".built").write_text(sha + "\n")
     env = dict(os.environ, PYTHONPATH=str(pkg))
     # The editable install's finder comes after sys.path: PYTHONPATH wins; checked here.

@@ -73,10 +73,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from hybridmig import wire  # noqa: E402
-from hybridmig.netns import TwoHosts  # noqa: E402
-from hybridmig.precopy import PreCopy, Round, Sender, Throttle, track  # noqa: E402
-from hybridmig.tracker import PAGE_SIZE, TreeTracker, merge, pages_in, read_vmas  # noqa: E402
-from hybridmig.workload import Workload, become_subreaper, build_memwork, kill_tree  # noqa: E402
+from hybridmig.testing.netns import TwoHosts  # noqa: E402
+from hybridmig.source.precopy import PreCopy, Round, Sender, Throttle, track  # noqa: E402
+from hybridmig.source.tracker import PAGE_SIZE, TreeTracker, merge, pages_in, read_vmas  # noqa: E402
+from hybridmig.testing.workload import Workload, become_subreaper, build_memwork, kill_tree  # noqa: E402
 
 from . import lazy_pages  # noqa: E402  (machine_info)
 

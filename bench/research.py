@@ -35,8 +35,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hybridmig.netns import TwoHosts
-from hybridmig.workload import become_subreaper
+from hybridmig.testing.netns import TwoHosts
+from hybridmig.testing.workload import become_subreaper
 
 from . import report
 from .strategies import STRATEGIES, StrategyError

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from hybridmig.criu import CRIU_LOG_LEVEL, criu_binary
+from hybridmig.criu.command import CRIU_LOG_LEVEL, criu_binary
 
 from .trial import StrategyError, Trial, log_tail
 

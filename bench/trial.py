@@ -17,7 +17,7 @@ from typing import Optional
 
 import psutil
 
-from hybridmig.workload import kill_tree
+from hybridmig.testing.workload import kill_tree
 
 
 class StrategyError(RuntimeError):

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from criu_util import require_root_and_criu
-from hybridmig.workload import become_subreaper
+from hybridmig.testing.workload import become_subreaper
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from hybridmig.workload import kill_tree
+from hybridmig.testing.workload import kill_tree
 from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
 from lazy_util import wait_for  # noqa: F401  (test_migrate takes it from here)
 

@@ -14,8 +14,8 @@ from hybridmig.bench.strategies import STRATEGIES, StopAndCopy
 from hybridmig.bench.trial import StrategyError
 from hybridmig.bench.workloads.base import Finish
 from hybridmig.bench.workloads.memwork import Memwork
-from hybridmig.tracker import PAGE_SIZE, UFFD_WP, DirtyTracker
-from hybridmig.workload import Workload, become_subreaper
+from hybridmig.source.tracker import PAGE_SIZE, UFFD_WP, DirtyTracker
+from hybridmig.testing.workload import Workload, become_subreaper
 
 from lazy_util import HYBRIDMIG
 

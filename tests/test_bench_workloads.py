@@ -21,7 +21,7 @@ from hybridmig.bench.workloads.nsproc import NsProcError
 from hybridmig.bench.workloads.progkit import SYSTEM_PYTHON
 from hybridmig.bench.workloads.pyheap import PyHeap
 from hybridmig.bench.workloads.redis import Redis
-from hybridmig.netns import TwoHosts
+from hybridmig.testing.netns import TwoHosts
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -11,8 +11,9 @@ import psutil
 import pytest
 
 from criu_util import criu_binary
-from hybridmig import doctor, images
-from hybridmig.workload import build_program
+from hybridmig import doctor
+from hybridmig.criu import images
+from hybridmig.testing.workload import build_program
 from lazy_util import wait_for
 
 pytestmark = pytest.mark.usefixtures("criu_ready")

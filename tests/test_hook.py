@@ -4,7 +4,7 @@ import subprocess
 
 import psutil
 
-from hybridmig import hook
+from hybridmig.criu import hook
 
 
 def _sleeper(cleanup):

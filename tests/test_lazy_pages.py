@@ -10,7 +10,7 @@ import pytest
 
 from criu_util import CriuError, criu_dump, criu_restore
 from lazy_util import LazyDaemon, lazy_restore, restored_alive, wait_for
-from hybridmig.workload import Workload
+from hybridmig.testing.workload import Workload
 
 pytestmark = pytest.mark.usefixtures("criu_ready")
 

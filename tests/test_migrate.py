@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hybridmig.netns import TwoHosts
-from hybridmig.workload import Workload, WorkloadError
+from hybridmig.testing.netns import TwoHosts
+from hybridmig.testing.workload import Workload, WorkloadError
 from lazy_util import restored_alive
 from migrate_util import (PORT, BackgroundRun, Cleanup, PyTree, Serve, kill_by_report, net_ns_inode, netns_inode,
                           run_migration, state, tracked, uffd_fds, wait_for)

@@ -1,5 +1,5 @@
 """`hybridmig lazy-pages --page-server` against the page server of a real
-`criu dump --lazy-pages` (engine/pageserver.py), plus the wire protocol
+`criu dump --lazy-pages` (criu/pageserver.py), plus the wire protocol
 against a scripted page server (no root needed for those).
 
 The real-CRIU tests dump a small Python process (PID 1 of its own PID
@@ -369,7 +369,7 @@ def test_wrong_port_fails_cleanly(root_criu, migration):
     # The dump still waits for its client; an aborted session fails it and
     # the original resumes, intact.
     assert m.dump.poll() is None
-    from hybridmig.pageserver import PageServerSource
+    from hybridmig.criu.pageserver import PageServerSource
     src = PageServerSource("127.0.0.1", m.port)
     src.connect()
     src.abort()
@@ -445,7 +445,7 @@ class FakeServer(threading.Thread):
 
 
 def _task(pid, runs):
-    from hybridmig.images import LazyRun, TaskImages
+    from hybridmig.criu.images import LazyRun, TaskImages
     return TaskImages(pid, "/nonexistent", [LazyRun(v, n, None) for v, n in runs])
 
 
@@ -460,7 +460,7 @@ def store():
 
 def test_protocol_clamped_replies_and_close(store):
     from hybridmig.bindings.pagestore import ABSENT, DATA
-    from hybridmig.pageserver import PageServerSource
+    from hybridmig.criu.pageserver import PageServerSource
     base = 0x7F0000000000
     # The server's iovecs split where our runs do not, and the request has a gap.
     srv = FakeServer([(base, base + 3 * PAGE), (base + 3 * PAGE, base + 10 * PAGE),
@@ -487,7 +487,7 @@ def test_protocol_clamped_replies_and_close(store):
 @pytest.mark.parametrize("mode", ["garbage", "truncate"])
 def test_protocol_errors_name_the_server(store, mode):
     from hybridmig.errors import ProtocolError
-    from hybridmig.pageserver import PageServerSource
+    from hybridmig.criu.pageserver import PageServerSource
     base = 0x7F0000000000
     srv = FakeServer([(base, base + 16 * PAGE)], pid=5, mode=mode)
     srv.start()
@@ -505,7 +505,7 @@ def test_protocol_errors_name_the_server(store, mode):
 
 def test_connection_refused_names_the_server():
     from hybridmig.errors import ProtocolError
-    from hybridmig.pageserver import PageServerSource
+    from hybridmig.criu.pageserver import PageServerSource
     port = _free_port()
     src = PageServerSource("127.0.0.1", port)
     with pytest.raises(ProtocolError, match=r"127\.0\.0\.1:%d.*refused" % port):

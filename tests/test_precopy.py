@@ -10,11 +10,11 @@ import time
 import pytest
 
 from hybridmig import wire
-from hybridmig.converge import AutoConverge, hold_s, share_of_hold, slowed_down
-from hybridmig.precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
-from hybridmig.serve import Session
-from hybridmig.tracker import TreeTracker
-from hybridmig.workload import Workload
+from hybridmig.source.converge import AutoConverge, hold_s, share_of_hold, slowed_down
+from hybridmig.source.precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
+from hybridmig.destination.serve import Session
+from hybridmig.source.tracker import TreeTracker
+from hybridmig.testing.workload import Workload
 from test_tracker import DirtySet, _need_uffd_wp
 
 KEY = b"s" * 32

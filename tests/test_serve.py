@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from hybridmig.serve import dies_with_me
+from hybridmig.destination.serve import dies_with_me
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/setpriv") and not os.path.exists("/bin/setpriv"),
                                 reason="needs setpriv (util-linux)")
@@ -37,7 +37,7 @@ def test_dies_with_its_parent(tmp_path):
     pidfile = tmp_path / "pid"
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import subprocess, sys
-        from hybridmig.serve import dies_with_me
+        from hybridmig.destination.serve import dies_with_me
         subprocess.run(dies_with_me(["sh", "-c", "echo $$ > %s.tmp && mv %s.tmp %s && exec sleep 60"]))
     """ % (pidfile, pidfile, pidfile))])
     child = None

@@ -5,7 +5,7 @@ to, by plain stores, from several threads, by read(2), in fresh and moved
 mappings, and names them; the tracker must report exactly those pages in
 the test regions (the program's own stack, heap and libc data are real
 dirty pages too, so only the test regions are compared). memwork
-(hybridmig.workload) checks that a target survives being tracked.
+(hybridmig.testing.workload) checks that a target survives being tracked.
 """
 
 from __future__ import annotations
@@ -20,17 +20,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from hybridmig import doctor
-from hybridmig import tracker as trk
+from hybridmig.source import tracker as trk
 from hybridmig.bindings import tracker as native
 from hybridmig.errors import NativeError
-from hybridmig.workload import REPO_ROOT, Workload, build_program
+from hybridmig.testing.workload import Workload, build_program
 
 PAGE = 4096
-DIRTYSET_SRC = REPO_ROOT / "tests" / "workload" / "dirtyset.c"
+DIRTYSET_SRC = Path(__file__).resolve().parent / "workload" / "dirtyset.c"
 HYBRIDMIG = os.path.join(os.path.dirname(sys.executable), "hybridmig")
 SYS_getpid = 39  # x86_64
 
@@ -459,7 +460,7 @@ def test_attach_detach_100_times_leaves_target_intact():
 def test_killed_tracker_leaves_nothing_behind():
     _need_uffd_wp()
     script = ("import sys, time\n"
-              "from hybridmig.tracker import DirtyTracker\n"
+              "from hybridmig.source.tracker import DirtyTracker\n"
               "t = DirtyTracker(int(sys.argv[1])); t.attach(); t.scan()\n"
               "print('attached', flush=True); time.sleep(600)\n")
     with Workload.start(32, threads=2) as wl:

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from criu_util import criu_dump, criu_restore, require_root_and_criu
-from hybridmig.workload import Workload, become_subreaper, build_memwork
+from hybridmig.testing.workload import Workload, become_subreaper, build_memwork
 
 PAGES_PER_MB = 1024 * 1024 // os.sysconf("SC_PAGE_SIZE")
 

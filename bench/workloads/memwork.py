@@ -1,7 +1,7 @@
-"""The self-verifying memory workload (native/workload/memwork.c) for the bench."""
+"""The self-verifying memory workload (src/hybridmig/testing/memwork.c) for the bench."""
 from __future__ import annotations
 
-from hybridmig.workload import Workload
+from hybridmig.testing.workload import Workload
 
 from .base import BenchWorkload, Finish
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import psutil
 
-from hybridmig.workload import _anon_rw_mappings as anon_rw_mappings, kill_tree
+from hybridmig.testing.workload import _anon_rw_mappings as anon_rw_mappings, kill_tree
 
 from .base import BenchWorkload, Finish
 from .progkit import python_argv, read_lines

@@ -15,7 +15,7 @@ from typing import Optional
 
 import psutil
 
-from hybridmig.workload import kill_tree
+from hybridmig.testing.workload import kill_tree
 
 from .base import BenchWorkload, Finish
 from .progkit import python_argv, read_lines

@@ -13,8 +13,8 @@ import time
 import click
 from rich.console import Console
 
-from . import doctor
-from .errors import HybridmigError
+from .. import doctor
+from ..errors import HybridmigError
 from .netns import TwoHosts
 from .workload import Workload, become_subreaper
 

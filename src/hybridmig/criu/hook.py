@@ -1,4 +1,4 @@
-"""The action script of the switch-over dump (engine/criu.py writes the
+"""The action script of the switch-over dump (criu/command.py writes the
 executable CRIU runs: this file, run by this interpreter without
 site-packages).
 
@@ -22,7 +22,7 @@ another process in the minutes of pre-copy).
 CRIU runs the hook with the tasks frozen, so its start-up is blackout:
 `python -S` and the standard library only (about 15 ms, against 70 ms with
 site-packages and hybridmig's imports). The detached child, after the
-verdict, runs `python -m hybridmig.hook end-session CRIU_PID commit|abort`
+verdict, runs `python -m hybridmig.criu.hook end-session CRIU_PID commit|abort`
 with everything.
 """
 import os
@@ -75,7 +75,7 @@ def _end_without_page_server(criu_pid, commit):
     it: an uncommitted tree runs on."""
     import psutil
 
-    from .guard import end_tree
+    from ..destination.guard import end_tree
 
     for pid in ([os.environ.get("CRTOOLS_INIT_PID")] if commit else []) + [criu_pid]:
         try:
@@ -91,7 +91,7 @@ def _detach_and_end_session(criu_pid, commit):
     if os.fork():
         os._exit(0)
     try:
-        os.execv(sys.executable, [sys.executable, "-m", "hybridmig.hook", "end-session", str(criu_pid),
+        os.execv(sys.executable, [sys.executable, "-m", "hybridmig.criu.hook", "end-session", str(criu_pid),
                                   "commit" if commit else "abort"])
     finally:
         os._exit(0)

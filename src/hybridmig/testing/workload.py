@@ -1,4 +1,4 @@
-"""Driver for memwork (``native/workload/memwork.c``), the self-verifying workload of the demo, the tests and the bench.
+"""Driver for memwork (``memwork.c`` beside this file), the self-verifying workload of the demo, the tests and the bench.
 
 A workload is a tree of ``procs`` memwork processes, the root being PID 1 of
 a PID namespace of its own (so that CRIU can dump and restore the tree with
@@ -28,9 +28,10 @@ from typing import Iterable, Optional
 
 import psutil
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MEMWORK_SRC = REPO_ROOT / "native" / "workload" / "memwork.c"
-BUILD_DIR = REPO_ROOT / "build" / "workload"
+# memwork.c ships as package data, so that `hybridmig demo` works from a
+# wheel too; binaries go to a cache of root's (every user of them is root).
+MEMWORK_SRC = Path(__file__).resolve().with_name("memwork.c")
+BUILD_DIR = Path(os.environ.get("HYBRIDMIG_BUILD_DIR", "/var/cache/hybridmig/workload"))
 
 #: First header word of every written page ("MEMWORK1"), see memwork.c.
 PAGE_MAGIC = 0x4D454D574F524B31
@@ -47,7 +48,7 @@ class WorkloadError(RuntimeError):
 
 
 def build_program(src: os.PathLike, name: str, dest_dir: Optional[os.PathLike] = None) -> str:
-    """Compile the C program src into ``dest_dir`` (default build/workload)
+    """Compile the C program src into ``dest_dir`` (default BUILD_DIR)
     as ``name`` and return the binary's path.  It is rebuilt only when the
     source is newer: a dumped image refers to the binary, which must not
     change under it."""

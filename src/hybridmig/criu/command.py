@@ -9,9 +9,10 @@ import subprocess
 import sys
 import time
 
-from . import doctor
-from .errors import CriuError, UsageError
-from . import hook, scratch
+from .. import doctor
+from ..errors import CriuError, UsageError
+from . import hook
+from .. import scratch
 from .hook import HOOK_ENV
 
 

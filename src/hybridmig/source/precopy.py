@@ -15,15 +15,15 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
-from . import wire
-from .bindings.ranges import Ranges
+from .. import wire
+from ..bindings.ranges import Ranges
 from .converge import slowed_down
-from .errors import NativeError
+from ..errors import NativeError
 from .tracker import TreeTracker, read_pages
-from .wire import Msg
+from ..wire import Msg
 
 PAGE_SIZE = 4096
-log = logging.getLogger("hybridmig.precopy")
+log = logging.getLogger("hybridmig.source.precopy")
 BATCH_PAGES = 256  # 1 MiB of pages per PAGES frame
 MAX_EXTENTS = 4096  # scattered dirty pages: one frame carries many runs
 WORTHWHILE_MS = 5.0  # a final transfer estimated shorter than this is not worth another round

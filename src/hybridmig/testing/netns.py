@@ -6,7 +6,7 @@ import os
 import subprocess
 import uuid
 
-from .errors import SetupError
+from ..errors import SetupError
 
 
 def _ip(*args, check=True):

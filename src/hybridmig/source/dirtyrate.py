@@ -10,7 +10,7 @@ import time
 
 import click
 
-from .errors import HybridmigError
+from ..errors import HybridmigError
 from .tracker import PAGE_SIZE, DirtyTracker, pages_in
 
 MIB = 1 << 20

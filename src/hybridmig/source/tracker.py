@@ -26,8 +26,8 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import psutil
 
-from .bindings import tracker as native
-from .errors import HybridmigError, NativeError
+from ..bindings import tracker as native
+from ..errors import HybridmigError, NativeError
 
 PAGE_SIZE = 4096
 Range = Tuple[int, int]
@@ -315,7 +315,7 @@ def choose_method(method=None) -> str:
     """The tracking method: `method` if given, else the one the doctor found
     working here (SetupError if none)."""
     if method is None:
-        from .doctor import require_dirty_tracker
+        from ..doctor import require_dirty_tracker
         return require_dirty_tracker()
     if method not in METHODS:
         raise ValueError("unknown dirty tracking method %r (one of %s)" % (method, ", ".join(METHODS)))

@@ -11,15 +11,16 @@ import shutil
 
 import psutil
 
-from . import images, scratch, wire
-from .bindings.ranges import Ranges
-from .criu import LazyDump, check_criu_opts
-from .errors import CriuError, HybridmigError, ProtocolError, SetupError
+from ..criu import images
+from .. import scratch, wire
+from ..bindings.ranges import Ranges
+from ..criu.command import LazyDump, check_criu_opts
+from ..errors import CriuError, HybridmigError, ProtocolError, SetupError
 from .converge import AutoConverge
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
-from .wire import Msg
+from ..wire import Msg
 
-log = logging.getLogger("hybridmig.run")
+log = logging.getLogger("hybridmig.source.migration")
 FILE_PART = 16 << 20
 
 

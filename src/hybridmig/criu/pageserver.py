@@ -52,7 +52,7 @@ import socket
 import struct
 import threading
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 from .images import PAGE_SIZE, PE_PRESENT
 
 # criu/page-xfer.c
@@ -69,7 +69,7 @@ _PSI = struct.Struct("@IQQQ")  # struct page_server_iov, native layout (32 bytes
 _STATUS = struct.Struct("@i")
 MAX_INFLIGHT = 64  # requests sent before their replies are read
 
-log = logging.getLogger("hybridmig.pageserver")
+log = logging.getLogger("hybridmig.criu.pageserver")
 
 
 class PageServerSource:

@@ -16,10 +16,10 @@ import socket
 import struct
 import time
 
-from . import images
-from .bindings.faultloop import FaultLoop
-from .bindings.pagestore import PageStore
-from .errors import HybridmigError, ProtocolError, SetupError
+from ..criu import images
+from ..bindings.faultloop import FaultLoop
+from ..bindings.pagestore import PageStore
+from ..errors import HybridmigError, ProtocolError, SetupError
 from .fetcher import Fetcher
 from .sources import LocalImages
 

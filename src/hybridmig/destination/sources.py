@@ -6,8 +6,8 @@ lives in pageserver.py.)"""
 import bisect
 import os
 
-from .errors import ImageError
-from .images import PAGE_SIZE
+from ..errors import ImageError
+from ..criu.images import PAGE_SIZE
 
 
 class LocalImages:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pycriu.images
 from pycriu.images import pb
 
-from .errors import ImageError
+from ..errors import ImageError
 
 _I32 = struct.Struct("<i")
 

@@ -30,10 +30,10 @@ import logging
 import threading
 import time
 
-from .bindings.tracker import Frozen
-from .errors import NativeError
+from ..bindings.tracker import Frozen
+from ..errors import NativeError
 
-log = logging.getLogger("hybridmig.converge")
+log = logging.getLogger("hybridmig.source.converge")
 
 RUN_SLICE_S = 0.02
 INITIAL, INCREMENT, MAXIMUM = 0.20, 0.10, 0.99

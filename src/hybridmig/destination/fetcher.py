@@ -5,8 +5,8 @@ import os
 import select
 import threading
 
-from .bindings.ranges import Ranges
-from .images import PAGE_SIZE
+from ..bindings.ranges import Ranges
+from ..criu.images import PAGE_SIZE
 
 CHUNK = 2 << 20  # the store's chunk: one batch never crosses one
 FAULT_WINDOW = 16  # pages fetched for a fault that waits

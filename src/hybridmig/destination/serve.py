@@ -16,15 +16,15 @@ import time
 
 import psutil
 
-from . import scratch, wire
-from .bindings.pagestore import PageStore
-from .criu import CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
-from .errors import HybridmigError, ProtocolError
+from .. import scratch, wire
+from ..bindings.pagestore import PageStore
+from ..criu.command import CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
+from ..errors import HybridmigError, ProtocolError
 from .guard import end_tree
 from .lazypages import LazyPagesDaemon
-from .wire import Msg
+from ..wire import Msg
 
-log = logging.getLogger("hybridmig.serve")
+log = logging.getLogger("hybridmig.destination.serve")
 PAGE_SIZE = 4096
 HANDSHAKE_TIMEOUT = 30
 # A source silent for this long (stopped, hung) ends its session, so that
@@ -147,10 +147,10 @@ class Session:
         self.committed = False  # COMMIT came: the restored copy stays, whatever happens to the session
         self.rounds = 0
         self._restorer = None
-        # ends the restored copy if serve dies before the commit (engine/guard.py);
+        # ends the restored copy if serve dies before the commit (destination/guard.py);
         # started now, its start-up is not in the restore's time
         self.pidfile = os.path.join(self.dir, "restore.pid")
-        self._guard = subprocess.Popen([sys.executable, "-m", "hybridmig.guard", self.pidfile],
+        self._guard = subprocess.Popen([sys.executable, "-m", "hybridmig.destination.guard", self.pidfile],
                                        stdin=subprocess.PIPE, start_new_session=True, text=True)
 
     def run(self):

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .errors import HybridmigError
+from ..errors import HybridmigError
 
 
 @click.group()
@@ -49,7 +49,7 @@ def fail(message):
 def lazy_pages(images_dir, work_dir, status_fd, log_file, verbosity, no_default_config, page_server, address, port,
                stats_json, timeout, eager_delay, installers, batch_pages):
     """Serve `criu restore --lazy-pages` from a RAM page store (drop-in for `criu lazy-pages`)."""
-    from .lazypages import LazyPagesDaemon
+    from ..destination.lazypages import LazyPagesDaemon
 
     work_dir = work_dir or images_dir
     _setup_logging(verbosity, os.path.join(work_dir, log_file) if log_file else None)
@@ -59,7 +59,7 @@ def lazy_pages(images_dir, work_dir, status_fd, log_file, verbosity, no_default_
     if page_server:
         if not address or not port:
             fail("--page-server needs --address and --port")
-        from .pageserver import PageServerSource
+        from ..criu.pageserver import PageServerSource
         source = PageServerSource(address, port)
     daemon = None
     try:
@@ -117,8 +117,8 @@ def _size(text):
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
 def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, verbosity):
     """Destination: keep pre-copied pages in RAM and restore migrated processes."""
-    from . import serve as destination
-    from . import wire
+    from ..destination import serve as destination
+    from .. import wire
 
     _setup_logging(verbosity, None)
     if bool(tls_cert) != bool(tls_key):
@@ -156,9 +156,9 @@ def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, verbosity):
 def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit, auto_converge, criu_opts, timeout,
         no_compress, report_file, work_dir, tls_ca, verbosity):
     """Source: live-migrate process tree PID to a destination."""
-    from . import wire
+    from .. import wire
     from .progress import RunProgress
-    from .run import Migration, alive
+    from ..source.migration import Migration, alive
 
     _setup_logging(verbosity, None)
     if report_file and not os.access(os.path.dirname(os.path.abspath(report_file)), os.W_OK):
@@ -192,14 +192,14 @@ def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args):
     """Compare migration strategies side by side, with plots (--help for the options)."""
-    from .bench.research import main as research
+    from ..bench.research import main as research
 
     sys.exit(research(list(args)))
 
 
-from .doctor import doctor  # noqa: E402
+from ..doctor import doctor  # noqa: E402
 main.add_command(doctor)
-from .dirtyrate import dirty_rate  # noqa: E402
+from ..source.dirtyrate import dirty_rate  # noqa: E402
 main.add_command(dirty_rate)
-from .demo import demo  # noqa: E402
+from ..testing.demo import demo  # noqa: E402
 main.add_command(demo)

@@ -10,7 +10,7 @@ before it resumes the tasks), and tells it "commit" once COMMIT came, or
 "release" once it ended the copy itself. Its stdin closing with neither
 (serve gone) makes the guard end the tree that pidfile names.
 
-    python -m hybridmig.guard PIDFILE     (lines on stdin: "commit", "release")
+    python -m hybridmig.destination.guard PIDFILE     (lines on stdin: "commit", "release")
 """
 import signal
 import sys

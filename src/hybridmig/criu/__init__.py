@@ -1,0 +1,2 @@
+"""CRIU glue: running CRIU, its action-script hook, its images and its page
+server. (Kept empty: `hybridmig.criu.hook` starts while the tree is frozen.)"""

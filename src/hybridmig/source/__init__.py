@@ -1,0 +1,2 @@
+"""The source side: the migration driver, pre-copy rounds, the dirty
+tracker and auto-converge."""
