@@ -1,6 +1,7 @@
 """`python -m bench [ARGS...]`: the research bench, as `hybridmig bench`
 (bench/research.py). The lazy-pages and pre-copy benchmarks have their own
 entry points: `python -m bench.lazy_pages`, `python -m bench.precopy`."""
+
 import sys
 
 from .research import main

@@ -10,6 +10,7 @@ then `size` bytes (os.sendfile on the sending side); {"end": true} last.
 Regular files and symlinks (CRIU's `parent` link of pre-dump chains) only;
 the receiver refuses names that would leave DIR.
 """
+
 import json
 import os
 import socket
@@ -56,7 +57,7 @@ def recv(addr, directory):
                 break
             name = head["name"]
             if "/" in name or name in (".", ".."):
-                raise SystemExit("imagecopy: refusing entry name %r" % name)
+                raise SystemExit(f"imagecopy: refusing entry name {name!r}")
             path = os.path.join(directory, name)
             if "symlink" in head:
                 os.symlink(head["symlink"], path)
@@ -66,7 +67,7 @@ def recv(addr, directory):
                 while left:
                     data = stream.read(min(CHUNK, left))
                     if not data:
-                        raise SystemExit("imagecopy: stream ended inside %s" % name)
+                        raise SystemExit(f"imagecopy: stream ended inside {name}")
                     f.write(data)
                     left -= len(data)
         conn.sendall(b"ok")

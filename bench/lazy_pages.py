@@ -51,6 +51,7 @@ OUT/results.md (the table, also printed); OUT/logs/ keeps every run's logs.
 Everything started here is stopped by pid and every temp dir removed, also on
 Ctrl-C or failure; every wait is bounded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import psutil
 
@@ -77,8 +77,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.criu_util import criu_binary, criu_dump, log_excerpt  # noqa: E402
-from hybridmig.testing.workload import (Workload, WorkloadError, become_subreaper,  # noqa: E402
-                            build_memwork)
+
+from hybridmig.testing.workload import Workload, WorkloadError, become_subreaper, build_memwork  # noqa: E402
 
 DAEMONS = ("criu", "hybridmig")
 TARGET_RATIO = 2.0  # all pages installed at least 2x sooner than stock
@@ -96,23 +96,31 @@ class BenchError(RuntimeError):
 
 # --- child processes ---------------------------------------------------------------
 
+
 class Child:
     """A process started here and reaped by a thread with wait4(), so that its
     exit time is taken when it exits and its rusage (ru_maxrss) is kept.
     Signalled through a pidfd, which never hits a reused pid."""
 
-    live: "set[Child]" = set()
+    live: set[Child] = set()
 
     def __init__(self, name: str, argv: list[str], out_path: Path, pass_fds=(), env=None):
         self.name = name
         self.argv = argv
-        self.exit_t: Optional[float] = None
-        self.returncode: Optional[int] = None
+        self.exit_t: float | None = None
+        self.returncode: int | None = None
         self.rusage = None
         with open(out_path, "wb") as out:
-            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, pass_fds=pass_fds, env=env,
-                                          close_fds=True, start_new_session=True)
+            self.popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                pass_fds=pass_fds,
+                env=env,
+                close_fds=True,
+                start_new_session=True,
+            )
         self.start_t = time.monotonic()
         self.pid = self.popen.pid
         self.pidfd = os.pidfd_open(self.pid)
@@ -189,26 +197,38 @@ def sweep_descendants() -> list[int]:
 
 # --- a pinned hybridmig ----------------------------------------------------------------
 
+
 def pinned_hybridmig(rev: str) -> tuple[list[str], dict, str]:
     """Build hybridmig as of git revision ``rev`` (git archive + its own cffi
     build) under build/bench/hybridmig-SHA, so that a run is not disturbed
     by edits and rebuilds of the working tree.  Returns the command prefix,
     the environment it needs and the full sha."""
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", rev + "^{commit}"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", rev + "^{commit}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
     root = PINNED_ROOT / f"hybridmig-{sha[:12]}"
     pkg = root / "pkg"
     if not (root / ".built").exists():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         # the package is src/hybridmig since the layout move, engine/ before it
-        src = "src/hybridmig" if subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{sha}:src/hybridmig"],
-                                                capture_output=True, timeout=30).returncode == 0 else "engine"
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, src, "native"],
-                                 capture_output=True, timeout=120, check=True).stdout
+        src = (
+            "src/hybridmig"
+            if subprocess.run(
+                ["git", "-C", str(REPO), "cat-file", "-e", f"{sha}:src/hybridmig"], capture_output=True, timeout=30
+            ).returncode
+            == 0
+            else "engine"
+        )
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", sha, src, "native"], capture_output=True, timeout=120, check=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(root)], input=archive, timeout=120, check=True)
-        build = subprocess.run([VENV_PY, "native/build.py"], cwd=root, capture_output=True, text=True,
-                               timeout=600)
+        build = subprocess.run([VENV_PY, "native/build.py"], cwd=root, capture_output=True, text=True, timeout=600)
         if build.returncode != 0:
             raise BenchError(f"building hybridmig {sha[:12]} failed:\n{build.stdout[-3000:]}{build.stderr[-3000:]}")
         built = sorted(root.glob("hybridmig/_native*.so"))
@@ -220,8 +240,13 @@ def pinned_hybridmig(rev: str) -> tuple[list[str], dict, str]:
         (root / ".built").write_text(sha + "\n")
     env = dict(os.environ, PYTHONPATH=str(pkg))
     # The editable install's finder comes after sys.path: PYTHONPATH wins; checked here.
-    where = subprocess.run([VENV_PY, "-c", "import hybridmig._native, hybridmig.cli; print(hybridmig.__file__)"],
-                           env=env, capture_output=True, text=True, timeout=60)
+    where = subprocess.run(
+        [VENV_PY, "-c", "import hybridmig._native, hybridmig.cli; print(hybridmig.__file__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if where.returncode != 0 or not where.stdout.strip().startswith(str(pkg)):
         raise BenchError(f"pinned hybridmig does not import from {pkg}: {where.stdout}{where.stderr}")
     cmd = [VENV_PY, "-c", "import sys; from hybridmig.cli import main; sys.argv[0] = 'hybridmig'; sys.exit(main())"]
@@ -229,6 +254,7 @@ def pinned_hybridmig(rev: str) -> tuple[list[str], dict, str]:
 
 
 # --- helpers ---------------------------------------------------------------------
+
 
 def cpu_busy_jiffies() -> tuple[int, int, int]:
     """(busy, stolen, total) jiffies of the whole machine, from /proc/stat.
@@ -239,6 +265,7 @@ def cpu_busy_jiffies() -> tuple[int, int, int]:
     idle = vals[3] + vals[4]  # idle + iowait
     steal = vals[7]
     return sum(vals) - idle - steal, steal, sum(vals)
+
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -264,8 +291,8 @@ class ThreadCpu(threading.Thread):
                     stat = f.read()
             except OSError:
                 continue
-            comm = stat[stat.index("(") + 1:stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2:].split()
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
             # fields[0] is field 3 (state): utime and stime are fields 14, 15
             if fields[0] == "Z":
                 continue
@@ -303,6 +330,7 @@ def describe_death(host_pid: int) -> str:
         pass
     return "\n".join(out)
 
+
 def wait_quiet(threshold: float, timeout: float) -> dict:
     """Wait (up to ``timeout`` s) for a second in which the machine's busy
     CPUs stay below ``threshold``: others' jobs share this machine.  Returns
@@ -315,18 +343,21 @@ def wait_quiet(threshold: float, timeout: float) -> dict:
         busy = (b1[0] - b0[0] + b1[1] - b0[1]) / max(b1[2] - b0[2], 1) * (os.cpu_count() or 1)
         waited = time.monotonic() - start
         if busy < threshold or waited >= timeout:
-            return {"busy_cpus_before": round(busy, 3), "waited_s": round(waited, 1),
-                    "quiet": busy < threshold}
+            return {"busy_cpus_before": round(busy, 3), "waited_s": round(waited, 1), "quiet": busy < threshold}
 
 
-def fincore_pct(images: Path) -> Optional[float]:
+def fincore_pct(images: Path) -> float | None:
     """Share of the pages images resident in the page cache (fincore)."""
     files = sorted(str(p) for p in images.glob("pages-*.img"))
     if not files or not shutil.which("fincore"):
         return None
     try:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES,SIZE", *files],
-                             capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES,SIZE", *files],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
         res = size = 0
         for line in out.splitlines():
             r, s = line.split()
@@ -350,8 +381,9 @@ def wait_ready(status_rd: int, daemon: Child, socket_path: Path, timeout: float)
             data = os.read(status_rd, 1)
             if not data:
                 daemon.wait(2)
-                raise BenchError(f"{daemon.name} lazy-pages closed its status fd without getting ready "
-                                 f"(exit {daemon.returncode})")
+                raise BenchError(
+                    f"{daemon.name} lazy-pages closed its status fd without getting ready (exit {daemon.returncode})"
+                )
             got = True
         elif daemon.exited:
             raise BenchError(f"{daemon.name} lazy-pages exited ({daemon.returncode}) before getting ready")
@@ -367,7 +399,7 @@ def tail(path: Path, n: int = 30) -> str:
     return "\n".join([f"--- last {n} lines of {path.name} ---"] + lines[-n:])
 
 
-def timeline_after(verify: dict, t_resume: float, seconds: Optional[float] = TIMELINE_S) -> Optional[list[int]]:
+def timeline_after(verify: dict, t_resume: float, seconds: float | None = TIMELINE_S) -> list[int] | None:
     """Writes per 100 ms bucket from the bucket holding t_resume on, for
     ``seconds`` (None: up to the verify)."""
     tl = verify.get("timeline")
@@ -381,10 +413,10 @@ def timeline_after(verify: dict, t_resume: float, seconds: Optional[float] = TIM
     n = int(round(seconds / BUCKET_S))
     if idx < 0 or idx + n > len(ops):
         return None
-    return ops[idx:idx + n]
+    return ops[idx : idx + n]
 
 
-def writes_during(timeline: list[int], t_resume: float, t_end: float, rate: float) -> Optional[float]:
+def writes_during(timeline: list[int], t_resume: float, t_end: float, rate: float) -> float | None:
     """Writes done in [t_resume, t_end] as a share of what ``rate`` allows
     (whole buckets, the partial first and last ones pro rata)."""
     if not timeline or t_end <= t_resume:
@@ -404,10 +436,10 @@ def writes_during(timeline: list[int], t_resume: float, t_end: float, rate: floa
 
 # --- one size: the dump ------------------------------------------------------------
 
+
 def dump_workload(size_mb: int, images: Path, report: Path, rate: float, binary: str) -> dict:
     timeout = 120 + size_mb / 20
-    wl = Workload.start(size_mb, threads=1, procs=1, rate=rate, report=report,
-                        timeout=timeout, binary=binary)
+    wl = Workload.start(size_mb, threads=1, procs=1, rate=rate, report=report, timeout=timeout, binary=binary)
     try:
         time.sleep(2.0)  # a little steady state before the dump
         t = time.monotonic()
@@ -423,13 +455,32 @@ def dump_workload(size_mb: int, images: Path, report: Path, rate: float, binary:
 
 # --- one restore -----------------------------------------------------------------------
 
-def one_run(size_mb: int, rep: int, daemon: str, images: Path, report: Path, tmp_root: Path,
-            logs_dir: Path, order: int, rate: float, verbosity: Optional[int],
-            hybridmig: tuple[list[str], Optional[dict], list[str]], quiet: tuple[float, float]) -> dict:
+
+def one_run(
+    size_mb: int,
+    rep: int,
+    daemon: str,
+    images: Path,
+    report: Path,
+    tmp_root: Path,
+    logs_dir: Path,
+    order: int,
+    rate: float,
+    verbosity: int | None,
+    hybridmig: tuple[list[str], dict | None, list[str]],
+    quiet: tuple[float, float],
+) -> dict:
     work = tmp_root / f"work-{size_mb}-{rep}-{daemon}"
     work.mkdir()
-    run: dict = {"size_mb": size_mb, "rep": rep, "daemon": daemon, "order": order, "ok": False,
-                 "error": None, "pages_img_cached_pct": fincore_pct(images)}
+    run: dict = {
+        "size_mb": size_mb,
+        "rep": rep,
+        "daemon": daemon,
+        "order": order,
+        "ok": False,
+        "error": None,
+        "pages_img_cached_pct": fincore_pct(images),
+    }
     # Generous bounds: the slowest expected here is a few seconds per GiB.
     restore_timeout = 120 + size_mb / 20
     install_timeout = 120 + size_mb / 10
@@ -439,18 +490,31 @@ def one_run(size_mb: int, rep: int, daemon: str, images: Path, report: Path, tmp
     status_rd, status_wr = os.pipe()
     try:
         run["before"] = wait_quiet(*quiet)
-        common = ["lazy-pages", "-D", str(images), "-W", str(work), "-o", "lazy-pages.log",
-                  "--status-fd", str(status_wr)]
+        common = [
+            "lazy-pages",
+            "-D",
+            str(images),
+            "-W",
+            str(work),
+            "-o",
+            "lazy-pages.log",
+            "--status-fd",
+            str(status_wr),
+        ]
         if daemon == "criu":
             argv = [criu, *common]
         else:
-            argv = [*hybridmig[0], *common, "--stats-json", str(work / "stats.json"), "--timeout", "120",
-                    *hybridmig[2]]
+            argv = [*hybridmig[0], *common, "--stats-json", str(work / "stats.json"), "--timeout", "120", *hybridmig[2]]
         if verbosity is not None:
             argv.append(f"-v{verbosity}")
         run["daemon_argv"] = argv
-        dmn = Child(daemon, argv, work / "daemon.out", pass_fds=(status_wr,),
-                    env=hybridmig[1] if daemon == "hybridmig" else None)
+        dmn = Child(
+            daemon,
+            argv,
+            work / "daemon.out",
+            pass_fds=(status_wr,),
+            env=hybridmig[1] if daemon == "hybridmig" else None,
+        )
         cpu = ThreadCpu(dmn.pid)
         cpu.start()
         os.close(status_wr)
@@ -458,32 +522,57 @@ def one_run(size_mb: int, rep: int, daemon: str, images: Path, report: Path, tmp
         wait_ready(status_rd, dmn, work / "lazy-pages.socket", 60)
 
         pidfile = work / "restore.pid"
-        rargv = [criu, "restore", "-D", str(images), "-W", str(work), "-d", "--pidfile", str(pidfile),
-                 "-o", "restore.log", "-v4", "--lazy-pages"]
+        rargv = [
+            criu,
+            "restore",
+            "-D",
+            str(images),
+            "-W",
+            str(work),
+            "-d",
+            "--pidfile",
+            str(pidfile),
+            "-o",
+            "restore.log",
+            "-v4",
+            "--lazy-pages",
+        ]
         run["restore_argv"] = rargv
         busy0 = cpu_busy_jiffies()
         t0_real = time.time()
         rst = Child("restore", rargv, work / "restore.out")
         t0 = rst.start_t
         if not rst.wait(restore_timeout):
-            raise BenchError(f"criu restore did not exit within {restore_timeout}s\n"
-                             + log_excerpt(work / "restore.log"))
+            raise BenchError(
+                f"criu restore did not exit within {restore_timeout}s\n" + log_excerpt(work / "restore.log")
+            )
         run["restore_s"] = rst.exit_t - t0
         run["restore_rc"] = rst.returncode
         if rst.returncode != 0:
-            raise BenchError(f"criu restore exited {rst.returncode}\n" + log_excerpt(work / "restore.log")
-                             + "\n" + tail(work / "lazy-pages.log") + "\n" + tail(work / "daemon.out"))
+            raise BenchError(
+                f"criu restore exited {rst.returncode}\n"
+                + log_excerpt(work / "restore.log")
+                + "\n"
+                + tail(work / "lazy-pages.log")
+                + "\n"
+                + tail(work / "daemon.out")
+            )
         host_pid = int(pidfile.read_text().strip())
         try:
             wl = Workload.adopt(host_pid, report=report, procs=1)
         except WorkloadError as e:
-            raise BenchError(f"{e}: the restored workload died right after the restore\n"
-                             + describe_death(host_pid) + "\n" + tail(work / "daemon.out", 5)) from None
+            raise BenchError(
+                f"{e}: the restored workload died right after the restore\n"
+                + describe_death(host_pid)
+                + "\n"
+                + tail(work / "daemon.out", 5)
+            ) from None
 
         if not dmn.wait(install_timeout):
-            raise BenchError(f"{daemon} lazy-pages did not exit within {install_timeout}s after "
-                             "the restore started\n" + tail(work / "lazy-pages.log") + "\n"
-                             + tail(work / "daemon.out"))
+            raise BenchError(
+                f"{daemon} lazy-pages did not exit within {install_timeout}s after "
+                "the restore started\n" + tail(work / "lazy-pages.log") + "\n" + tail(work / "daemon.out")
+            )
         run["installed_s"] = dmn.exit_t - t0
         busy1 = cpu_busy_jiffies()
         # Average busy CPUs of the whole machine from restore start to now:
@@ -499,13 +588,17 @@ def one_run(size_mb: int, rep: int, daemon: str, images: Path, report: Path, tmp
             run["daemon_peak_rss_kib"] = ru.ru_maxrss
             run["daemon_cpu_s"] = ru.ru_utime + ru.ru_stime
         if dmn.returncode != 0:
-            raise BenchError(f"{daemon} lazy-pages exited {dmn.returncode}\n" + tail(work / "lazy-pages.log")
-                             + "\n" + tail(work / "daemon.out"))
+            raise BenchError(
+                f"{daemon} lazy-pages exited {dmn.returncode}\n"
+                + tail(work / "lazy-pages.log")
+                + "\n"
+                + tail(work / "daemon.out")
+            )
         if daemon == "hybridmig":
             try:
                 run["stats"] = json.loads((work / "stats.json").read_text())
             except (OSError, ValueError) as e:
-                raise BenchError(f"hybridmig wrote no usable stats JSON: {e}\n" + tail(work / "daemon.out"))
+                raise BenchError(f"hybridmig wrote no usable stats JSON: {e}\n" + tail(work / "daemon.out")) from e
 
         # Leave the first TIMELINE_S after resume undisturbed by the verify pause.
         settle = t0 + run["restore_s"] + TIMELINE_S + 0.5 - time.monotonic()
@@ -514,9 +607,20 @@ def one_run(size_mb: int, rep: int, daemon: str, images: Path, report: Path, tmp
         if not wl.alive():
             raise BenchError("the restored workload died\n" + describe_death(host_pid))
         verify = wl.verify(timeout=120 + size_mb / 20)[0]
-        run["verify"] = {k: verify.get(k) for k in
-                         ("pages", "bad", "first_bad", "zero_pages", "zero_pages_bad", "bad_detail",
-                          "ops", "max_gap_ms", "max_gap_at")}
+        run["verify"] = {
+            k: verify.get(k)
+            for k in (
+                "pages",
+                "bad",
+                "first_bad",
+                "zero_pages",
+                "zero_pages_bad",
+                "bad_detail",
+                "ops",
+                "max_gap_ms",
+                "max_gap_at",
+            )
+        }
         t_resume = verify.get("max_gap_at")
         run["resume_ms"] = (t_resume - t0_real) * 1e3 if t_resume else None
         run["max_gap_ms"] = verify.get("max_gap_ms")
@@ -524,8 +628,9 @@ def one_run(size_mb: int, rep: int, daemon: str, images: Path, report: Path, tmp
         run["timeline_after_resume"] = timeline_after(verify, t_resume, None)
         if t_resume:
             t_installed_real = t0_real + run["installed_s"]
-            run["writes_during_install_pct"] = _pct(writes_during(run["timeline_after_resume"], t_resume,
-                                                                  t_installed_real, rate))
+            run["writes_during_install_pct"] = _pct(
+                writes_during(run["timeline_after_resume"], t_resume, t_installed_real, rate)
+            )
         if verify.get("bad") != 0:
             raise BenchError(f"verify found {verify.get('bad')} bad pages: {verify.get('bad_detail')}")
         run["ok"] = True
@@ -561,7 +666,8 @@ def one_run(size_mb: int, rep: int, daemon: str, images: Path, report: Path, tmp
 
 # --- summary ---------------------------------------------------------------------------
 
-def _pct(x: Optional[float]) -> Optional[float]:
+
+def _pct(x: float | None) -> float | None:
     return None if x is None else 100.0 * x
 
 
@@ -582,13 +688,17 @@ def summarize(results: dict) -> str:
     rate = results["meta"]["rate"]
     full = rate * BUCKET_S
     out = []
-    out.append("Medians over repetitions, (min–max) when there are several; times from the start "
-               "of `criu restore --lazy-pages`. Only runs whose workload verified with 0 bad pages "
-               "count.")
+    out.append(
+        "Medians over repetitions, (min–max) when there are several; times from the start "
+        "of `criu restore --lazy-pages`. Only runs whose workload verified with 0 bad pages "
+        "count."
+    )
     out.append("")
-    out.append("| Size | Daemon | All pages installed (s) | Restore exit (s) | Installed after restore exit (s) "
-               "| Stock / hybridmig (installed) | Fault latency p50 (µs) | Fault latency p99 (µs) "
-               "| Daemon peak RSS (MiB) | Daemon CPU (s) | Runs ok |")
+    out.append(
+        "| Size | Daemon | All pages installed (s) | Restore exit (s) | Installed after restore exit (s) "
+        "| Stock / hybridmig (installed) | Fault latency p50 (µs) | Fault latency p99 (µs) "
+        "| Daemon peak RSS (MiB) | Daemon CPU (s) | Runs ok |"
+    )
     out.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     verdicts = []
     for size in sizes:
@@ -609,24 +719,30 @@ def summarize(results: dict) -> str:
             else:
                 p50 = p99 = "n/a"
                 ratio = ""
-            out.append(f"| {size} MiB | {'stock `criu lazy-pages`' if d == 'criu' else '`hybridmig lazy-pages`'} "
-                       f"| {_fmt([r['installed_s'] for r in rs])} | {_fmt([r['restore_s'] for r in rs])} "
-                       f"| {_fmt([r['installed_s'] - r['restore_s'] for r in rs])} | {ratio} | {p50} | {p99} "
-                       f"| {_fmt([r.get('daemon_peak_rss_kib') for r in rs], 1 / 1024, 0)} "
-                       f"| {_fmt([r.get('daemon_cpu_s') for r in rs])} | {len(rs)}/{total[d]} |")
+            out.append(
+                f"| {size} MiB | {'stock `criu lazy-pages`' if d == 'criu' else '`hybridmig lazy-pages`'} "
+                f"| {_fmt([r['installed_s'] for r in rs])} | {_fmt([r['restore_s'] for r in rs])} "
+                f"| {_fmt([r['installed_s'] - r['restore_s'] for r in rs])} | {ratio} | {p50} | {p99} "
+                f"| {_fmt([r.get('daemon_peak_rss_kib') for r in rs], 1 / 1024, 0)} "
+                f"| {_fmt([r.get('daemon_cpu_s') for r in rs])} | {len(rs)}/{total[d]} |"
+            )
         if ratios:
             med = statistics.median(ratios)
-            verdicts.append(f"- {size} MiB, all pages installed ≥ {TARGET_RATIO:g}x sooner than stock: "
-                            f"**{'met' if med >= TARGET_RATIO else 'NOT met'}** (median {med:.2f}x, "
-                            f"min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+            verdicts.append(
+                f"- {size} MiB, all pages installed ≥ {TARGET_RATIO:g}x sooner than stock: "
+                f"**{'met' if med >= TARGET_RATIO else 'NOT met'}** (median {med:.2f}x, "
+                f"min {min(ratios):.2f}x, max {max(ratios):.2f}x)"
+            )
         else:
             verdicts.append(f"- {size} MiB, ≥ {TARGET_RATIO:g}x sooner than stock: no valid pair of runs")
         p99s = [r["stats"]["fault_latency_us"]["p99"] for r in ok["hybridmig"]]
         if p99s:
             worst = max(p99s)
-            verdicts.append(f"- {size} MiB, p99 fault latency ≤ {TARGET_P99_US:g} µs: "
-                            f"**{'met' if worst <= TARGET_P99_US else 'NOT met'}** "
-                            f"(median {statistics.median(p99s):.1f} µs, worst {worst:.1f} µs)")
+            verdicts.append(
+                f"- {size} MiB, p99 fault latency ≤ {TARGET_P99_US:g} µs: "
+                f"**{'met' if worst <= TARGET_P99_US else 'NOT met'}** "
+                f"(median {statistics.median(p99s):.1f} µs, worst {worst:.1f} µs)"
+            )
     out.append("")
     out.append("Targets:")
     out += verdicts
@@ -634,11 +750,13 @@ def summarize(results: dict) -> str:
     out.append("")
     out.append(f"Restored workload (1 writer at {rate:g} pages/s: a full 100 ms bucket holds {full:g} writes):")
     out.append("")
-    out.append("| Size | Daemon | Resume after restore start (ms) | Writes per 100 ms, first 2 s after resume "
-               "(min / median) | Lazy pages | Faults; pages faulted / prefetched / zero (hybridmig) "
-               "| install_s, restore-finished → all in (hybridmig stats, s) "
-               f"| Writes from resume to all installed, % of the {rate:g}/s pace "
-               "| Machine CPUs busy / stolen by the host, restore start → installed | Verify: bad pages |")
+    out.append(
+        "| Size | Daemon | Resume after restore start (ms) | Writes per 100 ms, first 2 s after resume "
+        "(min / median) | Lazy pages | Faults; pages faulted / prefetched / zero (hybridmig) "
+        "| install_s, restore-finished → all in (hybridmig stats, s) "
+        f"| Writes from resume to all installed, % of the {rate:g}/s pace "
+        "| Machine CPUs busy / stolen by the host, restore start → installed | Verify: bad pages |"
+    )
     out.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in sizes:
         for d in present:
@@ -651,19 +769,27 @@ def summarize(results: dict) -> str:
             if d == "hybridmig":
                 st = [r["stats"] for r in good]
                 lazy = _fmt([s["lazy_pages"] for s in st], digits=0)
-                split = (f"{_fmt([s['faults'] for s in st], digits=0)}; "
-                         f"{_fmt([s['pages_fault'] for s in st], digits=0)} / "
-                         f"{_fmt([s['pages_prefetch'] for s in st], digits=0)} / "
-                         f"{_fmt([s['pages_zero'] for s in st], digits=0)}") if st else "n/a"
+                split = (
+                    (
+                        f"{_fmt([s['faults'] for s in st], digits=0)}; "
+                        f"{_fmt([s['pages_fault'] for s in st], digits=0)} / "
+                        f"{_fmt([s['pages_prefetch'] for s in st], digits=0)} / "
+                        f"{_fmt([s['pages_zero'] for s in st], digits=0)}"
+                    )
+                    if st
+                    else "n/a"
+                )
                 inst = _fmt([s["install_s"] for s in st], digits=3)
             else:
                 lazy, split, inst = "", "n/a", "n/a"
             bad = ", ".join(str(r.get("verify", {}).get("bad", "—")) for r in rs)
-            out.append(f"| {size} MiB | {'stock' if d == 'criu' else 'hybridmig'} "
-                       f"| {_fmt([r.get('resume_ms') for r in good], digits=0)} | {tl_cell} | {lazy} | {split} "
-                       f"| {inst} | {_fmt([r.get('writes_during_install_pct') for r in good], digits=0)} "
-                       f"| {_fmt([r.get('machine_busy_cpus') for r in good], digits=2)} / "
-                       f"{_fmt([r.get('machine_steal_cpus') for r in good], digits=2)} | {bad} |")
+            out.append(
+                f"| {size} MiB | {'stock' if d == 'criu' else 'hybridmig'} "
+                f"| {_fmt([r.get('resume_ms') for r in good], digits=0)} | {tl_cell} | {lazy} | {split} "
+                f"| {inst} | {_fmt([r.get('writes_during_install_pct') for r in good], digits=0)} "
+                f"| {_fmt([r.get('machine_busy_cpus') for r in good], digits=2)} / "
+                f"{_fmt([r.get('machine_steal_cpus') for r in good], digits=2)} | {bad} |"
+            )
     failed = [r for r in runs if not r["ok"]]
     if failed:
         out.append("")
@@ -686,22 +812,31 @@ def machine_info() -> dict:
     info["mem_total_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
     info["swap_total_gib"] = round(psutil.swap_memory().total / 2**30, 1)
     try:
-        info["criu"] = subprocess.run([criu_binary(), "--version"], capture_output=True, text=True,
-                                      timeout=10).stdout.split("\n")[0].strip()
-        info["git_head"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                          text=True, timeout=10).stdout.strip()
+        info["criu"] = (
+            subprocess.run([criu_binary(), "--version"], capture_output=True, text=True, timeout=10)
+            .stdout.split("\n")[0]
+            .strip()
+        )
+        info["git_head"] = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         # Others may edit and rebuild hybridmig while a run goes on: say what ran.
-        info["git_dirty"] = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "engine", "native"],
-                                           capture_output=True, text=True, timeout=10).stdout.splitlines()
+        info["git_dirty"] = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "engine", "native"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.splitlines()
     except (OSError, subprocess.TimeoutExpired):
         pass
     info["native_module"] = native_module_id()
     return info
 
 
-def native_module_id() -> Optional[str]:
+def native_module_id() -> str | None:
     """sha256 and mtime of hybridmig's compiled module (engine/_native*.so)."""
     import hashlib
+
     mods = sorted((REPO / "engine").glob("_native*.so"))
     if not mods:
         return None
@@ -711,6 +846,7 @@ def native_module_id() -> Optional[str]:
 
 
 # --- main ------------------------------------------------------------------------------
+
 
 def _sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
@@ -722,21 +858,39 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rate", type=float, default=2000, help="workload writes, pages/s")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "lazy-pages"))
-    ap.add_argument("--daemons", default=",".join(DAEMONS),
-                    help="which daemons to run (criu,hybridmig); the ratio needs both")
-    ap.add_argument("--daemon-verbosity", type=int, default=None,
-                    help="pass -vN to both daemons (default: their own default; -v4 slows stock criu)")
+    ap.add_argument(
+        "--daemons", default=",".join(DAEMONS), help="which daemons to run (criu,hybridmig); the ratio needs both"
+    )
+    ap.add_argument(
+        "--daemon-verbosity",
+        type=int,
+        default=None,
+        help="pass -vN to both daemons (default: their own default; -v4 slows stock criu)",
+    )
     ap.add_argument("--tmpdir", default=None, help="parent of the temp dir (images, work dirs); default $TMPDIR")
-    ap.add_argument("--hybridmig-rev", metavar="REV",
-                    help="benchmark hybridmig as of this git revision, built apart under build/bench "
-                         "(default: the working tree through .venv/bin/hybridmig)")
-    ap.add_argument("--hybridmig-args", default="",
-                    help="extra arguments to `hybridmig lazy-pages`, e.g. '--installers 1 --batch-pages 64'")
-    ap.add_argument("--quiet-threshold", type=float, default=0.3,
-                    help="before each restore wait for a second with fewer busy CPUs than this (others' jobs)")
+    ap.add_argument(
+        "--hybridmig-rev",
+        metavar="REV",
+        help="benchmark hybridmig as of this git revision, built apart under build/bench "
+        "(default: the working tree through .venv/bin/hybridmig)",
+    )
+    ap.add_argument(
+        "--hybridmig-args",
+        default="",
+        help="extra arguments to `hybridmig lazy-pages`, e.g. '--installers 1 --batch-pages 64'",
+    )
+    ap.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.3,
+        help="before each restore wait for a second with fewer busy CPUs than this (others' jobs)",
+    )
     ap.add_argument("--quiet-timeout", type=float, default=120, help="... but no longer than this (s)")
-    ap.add_argument("--from-json", metavar="RESULTS_JSON",
-                    help="run nothing: print the tables of an earlier results.json (and rewrite its results.md)")
+    ap.add_argument(
+        "--from-json",
+        metavar="RESULTS_JSON",
+        help="run nothing: print the tables of an earlier results.json (and rewrite its results.md)",
+    )
     args = ap.parse_args(argv)
     if args.from_json:
         path = Path(args.from_json)
@@ -754,7 +908,7 @@ def main(argv=None) -> int:
         print(f"{HYBRIDMIG} missing: run make setup", file=sys.stderr)
         return 2
     hm_extra = args.hybridmig_args.split()
-    hybridmig: tuple[list[str], Optional[dict], list[str]] = ([HYBRIDMIG], None, hm_extra)
+    hybridmig: tuple[list[str], dict | None, list[str]] = ([HYBRIDMIG], None, hm_extra)
     pinned = None
     if args.hybridmig_rev:
         try:
@@ -775,12 +929,24 @@ def main(argv=None) -> int:
     logs_dir = out / "logs"
     shutil.rmtree(logs_dir, ignore_errors=True)
     command = "python -m bench.lazy_pages " + " ".join(sys.argv[1:] if argv is None else argv)
-    results = {"meta": {"command": command, "sizes_mb": sizes, "repeat": args.repeat, "rate": args.rate,
-                        "threads": 1, "procs": 1, "daemon_verbosity": args.daemon_verbosity,
-                        "hybridmig_pinned_rev": pinned, "page_cache": "not dropped (images cached since the dump)",
-                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
-                        "targets": {"installed_ratio_min": TARGET_RATIO, "fault_p99_us_max": TARGET_P99_US}},
-               "dumps": {}, "runs": []}
+    results = {
+        "meta": {
+            "command": command,
+            "sizes_mb": sizes,
+            "repeat": args.repeat,
+            "rate": args.rate,
+            "threads": 1,
+            "procs": 1,
+            "daemon_verbosity": args.daemon_verbosity,
+            "hybridmig_pinned_rev": pinned,
+            "page_cache": "not dropped (images cached since the dump)",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_info(),
+            "targets": {"installed_ratio_min": TARGET_RATIO, "fault_p99_us_max": TARGET_P99_US},
+        },
+        "dumps": {},
+        "runs": [],
+    }
 
     def save():
         tmp = out / "results.json.tmp"
@@ -800,8 +966,20 @@ def main(argv=None) -> int:
             for rep in range(args.repeat):
                 order = daemons if rep % 2 == 0 else daemons[::-1]
                 for i, daemon in enumerate(order):
-                    run = one_run(size, rep, daemon, images, report, tmp_root, logs_dir, i, args.rate,
-                                  args.daemon_verbosity, hybridmig, (args.quiet_threshold, args.quiet_timeout))
+                    run = one_run(
+                        size,
+                        rep,
+                        daemon,
+                        images,
+                        report,
+                        tmp_root,
+                        logs_dir,
+                        i,
+                        args.rate,
+                        args.daemon_verbosity,
+                        hybridmig,
+                        (args.quiet_threshold, args.quiet_timeout),
+                    )
                     results["runs"].append(run)
                     save()
                     if run["ok"]:
@@ -809,11 +987,14 @@ def main(argv=None) -> int:
                         if "stats" in run:
                             lat = run["stats"]["fault_latency_us"]
                             extra = f", fault p50 {lat['p50']:.1f} us p99 {lat['p99']:.1f} us"
-                        print(f"[{size} MiB rep {rep}] {daemon:9s}: restore {run['restore_s']:.2f}s, "
-                              f"all installed {run['installed_s']:.2f}s, peak RSS "
-                              f"{run.get('daemon_peak_rss_kib', 0) / 1024:.0f} MiB{extra}, bad 0, machine busy "
-                              f"{run.get('machine_busy_cpus', 0):.2f} CPUs, stolen {run.get('machine_steal_cpus', 0):.2f}"
-                              f"{'' if run['before']['quiet'] else ' (NOT quiet before the run)'}", flush=True)
+                        print(
+                            f"[{size} MiB rep {rep}] {daemon:9s}: restore {run['restore_s']:.2f}s, "
+                            f"all installed {run['installed_s']:.2f}s, peak RSS "
+                            f"{run.get('daemon_peak_rss_kib', 0) / 1024:.0f} MiB{extra}, bad 0, machine busy "
+                            f"{run.get('machine_busy_cpus', 0):.2f} CPUs, stolen {run.get('machine_steal_cpus', 0):.2f}"
+                            f"{'' if run['before']['quiet'] else ' (NOT quiet before the run)'}",
+                            flush=True,
+                        )
                     else:
                         rc = 1
                         print(f"[{size} MiB rep {rep}] {daemon:9s}: FAILED: {run['error']}", flush=True)
@@ -842,16 +1023,20 @@ def write_markdown(results: dict, out: Path) -> None:
         md = summarize(results)
         m = results["meta"]["machine"]
         command = results["meta"]["command"]
-        head = (f"# lazy-pages: stock criu vs hybridmig\n\n`{command}`\n\n"
-                f"Machine: kernel {m.get('kernel')}, {m.get('nproc')} CPUs ({m.get('cpu')}), "
-                f"{m.get('mem_total_gib')} GiB RAM, swap {m.get('swap_total_gib')} GiB; "
-                f"CRIU {str(m.get('criu')).replace('Version: ', '')}; "
-                + (f"hybridmig pinned at {results['meta']['hybridmig_pinned_rev'][:12]} (git archive, built apart)"
-                   if results["meta"].get("hybridmig_pinned_rev") else
-                   f"hybridmig working tree at {m.get('git_head', '?')[:12]}"
-                   f"{' (dirty: ' + ', '.join(x.split()[-1] for x in m['git_dirty']) + ')' if m.get('git_dirty') else ''}"
-                   f"{', ' + m['native_module'] if m.get('native_module') else ''}")
-                + ". Page cache not dropped.\n\n")
+        head = (
+            f"# lazy-pages: stock criu vs hybridmig\n\n`{command}`\n\n"
+            f"Machine: kernel {m.get('kernel')}, {m.get('nproc')} CPUs ({m.get('cpu')}), "
+            f"{m.get('mem_total_gib')} GiB RAM, swap {m.get('swap_total_gib')} GiB; "
+            f"CRIU {str(m.get('criu')).replace('Version: ', '')}; "
+            + (
+                f"hybridmig pinned at {results['meta']['hybridmig_pinned_rev'][:12]} (git archive, built apart)"
+                if results["meta"].get("hybridmig_pinned_rev")
+                else f"hybridmig working tree at {m.get('git_head', '?')[:12]}"
+                f"{' (dirty: ' + ', '.join(x.split()[-1] for x in m['git_dirty']) + ')' if m.get('git_dirty') else ''}"
+                f"{', ' + m['native_module'] if m.get('native_module') else ''}"
+            )
+            + ". Page cache not dropped.\n\n"
+        )
         (out / "results.md").write_text(head + md + "\n")
         print()
         print(md)

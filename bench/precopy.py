@@ -49,6 +49,7 @@ Results: OUT/results.json (raw, rewritten after each step) and OUT/results.md
 (the tables, also printed).  Everything started here is stopped by pid; temp
 dirs are removed; namespaces go with TwoHosts; also on failure or Ctrl-C.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
 
 import psutil
 
@@ -73,9 +73,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from hybridmig import wire  # noqa: E402
-from hybridmig.testing.netns import TwoHosts  # noqa: E402
 from hybridmig.source.precopy import PreCopy, Round, Sender, Throttle, track  # noqa: E402
 from hybridmig.source.tracker import PAGE_SIZE, TreeTracker, merge, pages_in, read_vmas  # noqa: E402
+from hybridmig.testing.netns import TwoHosts  # noqa: E402
 from hybridmig.testing.workload import Workload, become_subreaper, build_memwork, kill_tree  # noqa: E402
 
 from . import lazy_pages  # noqa: E402  (machine_info)
@@ -89,6 +89,7 @@ MIN_ROUND_S = 0.1  # per-round windows: rounds at most this often
 
 
 # --- helpers ---------------------------------------------------------------------------
+
 
 def med(vals):
     vals = [v for v in vals if v is not None]
@@ -106,14 +107,13 @@ def fmt_mmm(vals, digits=1):
     return "%.*f (%.*f–%.*f)" % (digits, m, digits, min(vals), digits, max(vals))
 
 
-def timeline_rate(verify: dict, t_from: float, t_to: float, how=statistics.median) -> Optional[float]:
+def timeline_rate(verify: dict, t_from: float, t_to: float, how=statistics.median) -> float | None:
     """Median (or `how`) ops/s over the 100 ms buckets of memwork's timeline lying wholly in [t_from, t_to]."""
     tl = verify.get("timeline") or {}
     ops, start, bucket = tl.get("ops"), tl.get("start"), tl.get("bucket_ms", 100) / 1000.0
     if not ops or start is None:
         return None
-    vals = [n / bucket for i, n in enumerate(ops)
-            if start + i * bucket >= t_from and start + (i + 1) * bucket <= t_to]
+    vals = [n / bucket for i, n in enumerate(ops) if start + i * bucket >= t_from and start + (i + 1) * bucket <= t_to]
     return how(vals) if vals else None
 
 
@@ -126,9 +126,15 @@ def machine_info() -> dict:
 class Results:
     def __init__(self, out: Path, args):
         self.out = out
-        self.data = {"command": " ".join([".venv/bin/python -m bench.precopy"] + (args or [])),
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     "machine": machine_info(), "overhead": None, "scan": None, "migrations": [], "errors": []}
+        self.data = {
+            "command": " ".join([".venv/bin/python -m bench.precopy"] + (args or [])),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine_info(),
+            "overhead": None,
+            "scan": None,
+            "migrations": [],
+            "errors": [],
+        }
 
     def save(self):
         self.out.mkdir(parents=True, exist_ok=True)
@@ -144,14 +150,14 @@ MODES = ("untracked", "reading", "attached", "per-round", "per-round-exact", "pe
 MODE_DOC = {
     "untracked": "no tracker",
     "reading": "no tracker; the Sender sends its whole memory over and over at the link rate: the cost of "
-               "sending alone",
+    "sending alone",
     "attached": "attached (every page write-protected once), never scanned",
     "per-round": "pre-copy's rounds as `hybridmig run` makes them (PreCopy, Sender, precopy.track): hot pages "
-                 "left unprotected and owed to the final round, the rest sent, paced to the link rate",
+    "left unprotected and owed to the final round, the rest sent, paced to the link rate",
     "per-round-exact": "the same without hot pages (before issue 3's last step): every page found written is "
-                       "protected again and sent",
+    "protected again and sent",
     "peek-0.5s": "attached; every 0.5 s the same PAGEMAP_SCAN walk without PM_SCAN_WP_MATCHING (nothing "
-                 "re-protected): the cost of the walk and its locks alone",
+    "re-protected): the cost of the walk and its locks alone",
     "every-0.5s": "a scan every 0.5 s, nothing read (the issue's original figure)",
     "every-2s": "a scan every 2 s, nothing read",
 }
@@ -175,7 +181,7 @@ def _cpu_s(pid: int) -> float:
     return time.clock_gettime_ns(((~pid) << 3) | 2) / 1e9
 
 
-def _anon_huge_kib(pid: int) -> Optional[int]:
+def _anon_huge_kib(pid: int) -> int | None:
     with open("/proc/%d/smaps_rollup" % pid) as f:
         for line in f:
             if line.startswith("AnonHugePages:"):
@@ -210,7 +216,7 @@ class SinkChannel:
         return wire.Msg.ROUND_ACK, wire.encode_ack(self._acks.pop(0), 0)
 
 
-def _rounds(tracker: Optional[TreeTracker], pid: int, t_end: float, link_bytes_s: float, scans: list) -> None:
+def _rounds(tracker: TreeTracker | None, pid: int, t_end: float, link_bytes_s: float, scans: list) -> None:
     """Pre-copy's rounds until t_end (the last one may end after it): with a
     tracker, PreCopy's round 0 and then PreCopy.round() after round; without,
     the Sender sends every VMA of pid round after round. Paced to link_bytes_s."""
@@ -224,8 +230,15 @@ def _rounds(tracker: Optional[TreeTracker], pid: int, t_end: float, link_bytes_s
     number, t_round = 1, time.monotonic()
     while time.monotonic() < t_end:
         rnd = precopy.round(number)
-        scans.append({"ms": rnd.scan_s * 1000, "dirty_pages": rnd.pages_written, "hot_pages": rnd.pages_hot,
-                      "sent_pages": rnd.pages_sent, "round_s": time.monotonic() - t_round})
+        scans.append(
+            {
+                "ms": rnd.scan_s * 1000,
+                "dirty_pages": rnd.pages_written,
+                "hot_pages": rnd.pages_hot,
+                "sent_pages": rnd.pages_sent,
+                "round_s": time.monotonic() - t_round,
+            }
+        )
         number, t_round = number + 1, time.monotonic()
         # Little to send (the hot pages wait for the final round): a run
         # would stop here, or throttle; the bench goes on, not spinning.
@@ -264,7 +277,10 @@ def window(wl: Workload, seconds: float, mode: str, link_bytes_s: float) -> dict
             tracker.detach()
     dt = v2["realtime"] - v1["realtime"]
     return {
-        "mode": mode, "tracked": tracker is not None, "seconds": dt, "ops": v2["ops"] - v1["ops"],
+        "mode": mode,
+        "tracked": tracker is not None,
+        "seconds": dt,
+        "ops": v2["ops"] - v1["ops"],
         "ops_per_s": (v2["ops"] - v1["ops"]) / dt,
         # the writer's work per CPU second it got: other load on the machine
         # (it shares 2 CPUs) lowers ops/s, not this
@@ -272,13 +288,17 @@ def window(wl: Workload, seconds: float, mode: str, link_bytes_s: float) -> dict
         "cpu_share": cpu / (t_signal - v1["realtime"]),
         "timeline_ops_per_s": timeline_rate(v2, v1["realtime"] + 0.2, t_signal - 0.05),
         "timeline_mean_ops_per_s": timeline_rate(v2, v1["realtime"] + 0.2, t_signal - 0.05, statistics.mean),
-        "faults_per_s": faults / (t_signal - v1["realtime"]), "anon_huge_kib": huge,
-        "bad": v1["bad"] + v2["bad"], "attach_stop_ms": stop_ms, "scans": scans,
+        "faults_per_s": faults / (t_signal - v1["realtime"]),
+        "anon_huge_kib": huge,
+        "bad": v1["bad"] + v2["bad"],
+        "attach_stop_ms": stop_ms,
+        "scans": scans,
     }
 
 
-def bench_overhead(res: Results, size_mb: int, seconds: float, repeats: int, link_bytes_s: float,
-                   modes_run=MODES) -> None:
+def bench_overhead(
+    res: Results, size_mb: int, seconds: float, repeats: int, link_bytes_s: float, modes_run=MODES
+) -> None:
     """`repeats` times every mode of modes_run, one window each, the order
     rotated each repeat so that a drift of the machine favours none."""
     wl = Workload.start(size_mb, threads=1, rate=0)
@@ -286,12 +306,19 @@ def bench_overhead(res: Results, size_mb: int, seconds: float, repeats: int, lin
         wl.verify()  # warm: every page written once
         runs = []
         for i in range(repeats):
-            for mode in modes_run[i % len(modes_run):] + modes_run[:i % len(modes_run)]:
+            for mode in modes_run[i % len(modes_run) :] + modes_run[: i % len(modes_run)]:
                 runs.append(window(wl, seconds, mode, link_bytes_s))
                 runs[-1]["repeat"] = i
-                print("  overhead %-10s %9.0f ops/s, %7.0f faults/s%s" % (
-                    mode, runs[-1]["ops_per_s"], runs[-1]["faults_per_s"],
-                    ", %d scans" % len(runs[-1]["scans"]) if runs[-1]["scans"] else ""), flush=True)
+                print(
+                    "  overhead %-10s %9.0f ops/s, %7.0f faults/s%s"
+                    % (
+                        mode,
+                        runs[-1]["ops_per_s"],
+                        runs[-1]["faults_per_s"],
+                        ", %d scans" % len(runs[-1]["scans"]) if runs[-1]["scans"] else "",
+                    ),
+                    flush=True,
+                )
     finally:
         wl.stop()
     base = med([r["ops_per_s"] for r in runs if r["mode"] == "untracked"])
@@ -303,18 +330,24 @@ def bench_overhead(res: Results, size_mb: int, seconds: float, repeats: int, lin
         ratio = med([r["ops_per_s"] for r in mine]) / base
         faults = med([r["faults_per_s"] for r in mine])
         # each repeat's window against that repeat's untracked window
-        pairs = [r["ops_per_s"] / u["ops_per_s"] for r in mine for u in runs
-                 if u["mode"] == "untracked" and u["repeat"] == r["repeat"]]
+        pairs = [
+            r["ops_per_s"] / u["ops_per_s"]
+            for r in mine
+            for u in runs
+            if u["mode"] == "untracked" and u["repeat"] == r["repeat"]
+        ]
         tl = med([r["timeline_mean_ops_per_s"] for r in mine])
         modes[mode] = {
-            "ratio": ratio, "pair_ratios": pairs,
+            "ratio": ratio,
+            "pair_ratios": pairs,
             "ratio_per_cpu_s": med([r["ops_per_cpu_s"] for r in mine]) / base_cpu,
             "cpu_share": [r["cpu_share"] for r in mine],
             "ratio_timeline_mean": tl / base_tl if tl and base_tl else None,
             "faults_per_s": faults,
             # the throughput lost, as CPU time per fault taken beyond the untracked ones
             "us_per_fault": (1 - ratio) / (faults - modes["untracked"]["faults_per_s"]) * 1e6
-            if mode != "untracked" and ratio < 1 and faults > modes["untracked"]["faults_per_s"] + 100 else None,
+            if mode != "untracked" and ratio < 1 and faults > modes["untracked"]["faults_per_s"] + 100
+            else None,
             "scan_ms": [s["ms"] for r in mine for s in r["scans"]],
             "round_s": [s["round_s"] for r in mine for s in r["scans"] if "round_s" in s],
             "dirty_pages": [s["dirty_pages"] for r in mine for s in r["scans"]],
@@ -322,22 +355,34 @@ def bench_overhead(res: Results, size_mb: int, seconds: float, repeats: int, lin
             "anon_huge_kib": [r["anon_huge_kib"] for r in mine],
         }
     res.data["overhead"] = {
-        "size_mb": size_mb, "window_s": seconds, "repeats": repeats, "link_bytes_s": link_bytes_s, "runs": runs,
-        "modes": modes, "target_mode": TARGET_MODE, "ratio": modes[TARGET_MODE]["ratio"],
+        "size_mb": size_mb,
+        "window_s": seconds,
+        "repeats": repeats,
+        "link_bytes_s": link_bytes_s,
+        "runs": runs,
+        "modes": modes,
+        "target_mode": TARGET_MODE,
+        "ratio": modes[TARGET_MODE]["ratio"],
         "ratio_per_cpu_s": modes[TARGET_MODE]["ratio_per_cpu_s"],
         # tracking's own share: per-round against reading the same pages untracked
         "ratio_vs_reading": (modes[TARGET_MODE]["ratio"] / modes["reading"]["ratio"]) if "reading" in modes else None,
         "ratio_per_cpu_s_vs_reading": (modes[TARGET_MODE]["ratio_per_cpu_s"] / modes["reading"]["ratio_per_cpu_s"])
-        if "reading" in modes else None,
+        if "reading" in modes
+        else None,
     }
 
 
 # --- 2. scan cost and stop time ------------------------------------------------------------
 
+
 def scan_record(res, t_ms):
     pages = sum(r.pages_scanned for r in res.values())
-    return {"ms": t_ms, "pages_scanned": pages, "dirty_pages": res.dirty_pages,
-            "ms_per_gib": t_ms / (pages * PAGE_SIZE / GIB) if pages else None}
+    return {
+        "ms": t_ms,
+        "pages_scanned": pages,
+        "dirty_pages": res.dirty_pages,
+        "ms_per_gib": t_ms / (pages * PAGE_SIZE / GIB) if pages else None,
+    }
 
 
 def timed_scan(tracker):
@@ -393,12 +438,17 @@ def bench_scan(res: Results, size_mb: int) -> None:
         out["bad_busy"] = wl.verify()[0]["bad"]
     finally:
         wl.stop()
-    print("  scan many writes: %s ms/GiB, dirty %s" % ([round(s["ms_per_gib"], 1) for s in many],
-                                                       [s["dirty_pages"] for s in many]), flush=True)
+    print(
+        "  scan many writes: {} ms/GiB, dirty {}".format(
+            [round(s["ms_per_gib"], 1) for s in many], [s["dirty_pages"] for s in many]
+        ),
+        flush=True,
+    )
     res.data["scan"] = out
 
 
 # --- 3. migrations --------------------------------------------------------------------------
+
 
 def wait_log(path: Path, needle: str, proc: subprocess.Popen, timeout: float):
     deadline = time.monotonic() + timeout
@@ -406,15 +456,17 @@ def wait_log(path: Path, needle: str, proc: subprocess.Popen, timeout: float):
         if needle in path.read_text(errors="replace"):
             return
         if proc.poll() is not None:
-            raise RuntimeError("serve exited (%s): %s" % (proc.returncode, path.read_text(errors="replace")[-2000:]))
+            raise RuntimeError(
+                "serve exited ({}): {}".format(proc.returncode, path.read_text(errors="replace")[-2000:])
+            )
         time.sleep(0.05)
-    raise RuntimeError("serve did not listen within %ss" % timeout)
+    raise RuntimeError(f"serve did not listen within {timeout}s")
 
 
 def one_migration(size_mb: int, rate: float, tmp_root: Path, logs: Path, timeout: float) -> dict:
     rec = {"size_mb": size_mb, "rate": rate, "threads": 1}
     tag = "%dM-r%d" % (size_mb, rate)
-    work = Path(tempfile.mkdtemp(prefix="pc-%s-" % tag, dir=str(tmp_root)))
+    work = Path(tempfile.mkdtemp(prefix=f"pc-{tag}-", dir=str(tmp_root)))
     kills, wls = [], []
 
     def cleanup():
@@ -434,13 +486,28 @@ def one_migration(size_mb: int, rate: float, tmp_root: Path, logs: Path, timeout
         serve_dir.mkdir()
         with TwoHosts(prefix="pc", rate="1gbit") as h, contextlib.ExitStack() as stack:
             stack.callback(cleanup)  # processes end before the namespaces go
-            rec["link"] = "veth %s <-> %s, tbf 1gbit burst 256kb latency 50ms" % (h.src, h.dst)
-            serve_log = logs / ("serve-%s.log" % tag)
+            rec["link"] = f"veth {h.src} <-> {h.dst}, tbf 1gbit burst 256kb latency 50ms"
+            serve_log = logs / (f"serve-{tag}.log")
             with open(serve_log, "w") as slog:
                 listen = "%s:%d" % (h.dst_addr, PORT)
-                serve = subprocess.Popen(h.run_in(h.dst) + [HYBRIDMIG, "serve", "--listen", listen, "--dir",
-                                                            str(serve_dir), "--key-file", str(key), "--once", "-v3"],
-                                         stdin=subprocess.DEVNULL, stdout=slog, stderr=subprocess.STDOUT)
+                serve = subprocess.Popen(
+                    h.run_in(h.dst)
+                    + [
+                        HYBRIDMIG,
+                        "serve",
+                        "--listen",
+                        listen,
+                        "--dir",
+                        str(serve_dir),
+                        "--key-file",
+                        str(key),
+                        "--once",
+                        "-v3",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=slog,
+                    stderr=subprocess.STDOUT,
+                )
                 kills.append(psutil.Process(serve.pid))
                 wait_log(serve_log, "listening on", serve, 30)
                 t = time.monotonic()
@@ -449,18 +516,31 @@ def one_migration(size_mb: int, rate: float, tmp_root: Path, logs: Path, timeout
                 rec["workload_start_s"] = time.monotonic() - t
                 kills.append(psutil.Process(wl.host_pid))
                 time.sleep(1.0)  # the writer settles at its rate
-                cmd = h.run_in(h.src) + [HYBRIDMIG, "run", str(wl.host_pid), "--to", listen, "--key-file", str(key),
-                                         "--json", "--timeout", "120", "-v3"]
+                cmd = h.run_in(h.src) + [
+                    HYBRIDMIG,
+                    "run",
+                    str(wl.host_pid),
+                    "--to",
+                    listen,
+                    "--key-file",
+                    str(key),
+                    "--json",
+                    "--timeout",
+                    "120",
+                    "-v3",
+                ]
                 t = time.monotonic()
-                run_err = logs / ("run-%s.err" % tag)
+                run_err = logs / (f"run-{tag}.err")
                 with open(run_err, "w") as err:
-                    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+                    proc = subprocess.Popen(
+                        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True
+                    )
                     kills.append(psutil.Process(proc.pid))
                     try:
                         out, _ = proc.communicate(timeout=timeout)
                     except subprocess.TimeoutExpired:
                         kill_tree(kills[-1])
-                        raise RuntimeError("hybridmig run did not finish within %ss" % timeout)
+                        raise RuntimeError(f"hybridmig run did not finish within {timeout}s") from None
                 rec["run_wall_s"] = time.monotonic() - t
                 rec["run_rc"] = proc.returncode
                 try:
@@ -469,24 +549,28 @@ def one_migration(size_mb: int, rate: float, tmp_root: Path, logs: Path, timeout
                     rep = {"result": "no-json", "stdout": out[-2000:]}
                 rec["report"] = rep
                 if proc.returncode != 0 or rep.get("result") != "migrated":
-                    rec["error"] = rep.get("error") or "run rc %s" % proc.returncode
+                    rec["error"] = rep.get("error") or f"run rc {proc.returncode}"
                     rec["run_stderr_tail"] = run_err.read_text(errors="replace")[-3000:]
                     return rec
                 rounds = rep["rounds"]
                 pre = [r for r in rounds if not r.get("final")]
                 fin = [r for r in rounds if r.get("final")]
-                rec.update({
-                    "precopy_rounds": len(pre),
-                    "pages_sent_per_round": [r["pages_sent"] for r in pre],
-                    "pages_written_per_round": [r["pages_written"] for r in pre],
-                    "final_pages_sent": fin[0]["pages_sent"] if fin else None,
-                    "bytes_sent": rep["bytes_sent"],
-                    "bytes_per_workload_byte": rep["bytes_sent"] / (size_mb << 20),
-                    "downtime_ms": rep["downtime_ms"], "breakdown": rep["breakdown"],
-                    "remote_faults": rep["remote_faults"], "precopy_s": rep["precopy_s"],
-                    "attach_stop_ms": rep["attach_stop_ms"],
-                    "dest_remote_pages": (rep.get("destination") or {}).get("remote_pages"),
-                })
+                rec.update(
+                    {
+                        "precopy_rounds": len(pre),
+                        "pages_sent_per_round": [r["pages_sent"] for r in pre],
+                        "pages_written_per_round": [r["pages_written"] for r in pre],
+                        "final_pages_sent": fin[0]["pages_sent"] if fin else None,
+                        "bytes_sent": rep["bytes_sent"],
+                        "bytes_per_workload_byte": rep["bytes_sent"] / (size_mb << 20),
+                        "downtime_ms": rep["downtime_ms"],
+                        "breakdown": rep["breakdown"],
+                        "remote_faults": rep["remote_faults"],
+                        "precopy_s": rep["precopy_s"],
+                        "attach_stop_ms": rep["attach_stop_ms"],
+                        "dest_remote_pages": (rep.get("destination") or {}).get("remote_pages"),
+                    }
+                )
                 new_pid = rep.get("restored_pid")
                 if new_pid:
                     kills.append(psutil.Process(new_pid))
@@ -497,8 +581,10 @@ def one_migration(size_mb: int, rate: float, tmp_root: Path, logs: Path, timeout
                 new = Workload.adopt(new_pid, report=wl)
                 wls.append(new)
                 v = new.verify(timeout=120)
-                rec["verify"] = [{k: x.get(k) for k in ("pages", "bad", "first_bad", "zero_pages_bad", "max_gap_ms",
-                                                        "ops")} for x in v]
+                rec["verify"] = [
+                    {k: x.get(k) for k in ("pages", "bad", "first_bad", "zero_pages_bad", "max_gap_ms", "ops")}
+                    for x in v
+                ]
                 rec["bad"] = sum(x["bad"] + x["zero_pages_bad"] for x in v)
                 rec["workload_max_gap_ms"] = max(x["max_gap_ms"] for x in v)
                 rec["serve_rc"] = serve.wait(60)
@@ -510,86 +596,167 @@ def one_migration(size_mb: int, rate: float, tmp_root: Path, logs: Path, timeout
 
 # --- summary ----------------------------------------------------------------------------------
 
+
 def summarize(d: dict) -> str:
     m = d["machine"]
-    lines = ["# Pre-copy benchmark", "",
-             "Machine: Linux %s, %s CPUs (%s), %s GiB RAM; criu %s; git %s%s" % (
-                 m.get("kernel"), m.get("nproc"), m.get("cpu"), m.get("mem_total_gib"), m.get("criu"),
-                 (m.get("git_head") or "")[:12], " (engine/native modified)" if m.get("git_dirty") else ""),
-             "", "Command: `%s`" % d["command"], ""]
+    lines = [
+        "# Pre-copy benchmark",
+        "",
+        "Machine: Linux {}, {} CPUs ({}), {} GiB RAM; criu {}; git {}{}".format(
+            m.get("kernel"),
+            m.get("nproc"),
+            m.get("cpu"),
+            m.get("mem_total_gib"),
+            m.get("criu"),
+            (m.get("git_head") or "")[:12],
+            " (engine/native modified)" if m.get("git_dirty") else "",
+        ),
+        "",
+        "Command: `{}`".format(d["command"]),
+        "",
+    ]
     o = d.get("overhead")
     if o and "modes" in o:
-        lines += ["## 1. Tracking overhead (memwork %d MiB, 1 writer, unthrottled; %d x %.0f s windows of each kind, "
-                  "interleaved; reads at %.0f MB/s)" % (o["size_mb"], o["repeats"], o["window_s"],
-                                                         o["link_bytes_s"] / 1e6), "",
-                  "| window | ops/s (verify delta) median (min–max) | **/ untracked** | per repeat "
-                  "| timeline mean / untracked | **ops per CPU-s / untracked** | CPU share of the target "
-                  "| target faults/s | µs per extra fault | scans: ms; s apart; dirty pages | AnonHugePages kB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## 1. Tracking overhead (memwork %d MiB, 1 writer, unthrottled; %d x %.0f s windows of each kind, "
+            "interleaved; reads at %.0f MB/s)" % (o["size_mb"], o["repeats"], o["window_s"], o["link_bytes_s"] / 1e6),
+            "",
+            "| window | ops/s (verify delta) median (min–max) | **/ untracked** | per repeat "
+            "| timeline mean / untracked | **ops per CPU-s / untracked** | CPU share of the target "
+            "| target faults/s | µs per extra fault | scans: ms; s apart; dirty pages | AnonHugePages kB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for mode in o["modes"]:
             mine = [r for r in o["runs"] if r["mode"] == mode]
             m = o["modes"][mode]
             gaps = m["round_s"] or ([INTERVALS[mode]] if m["scan_ms"] else [])
-            lines.append("| %s | %s | **%.1f %%** | %s | %s | **%.1f %%** | %s | %.0f | %s | %s | %s |" % (
-                mode, fmt_mmm([r["ops_per_s"] for r in mine], 0), m["ratio"] * 100,
-                ", ".join("%.0f %%" % (x * 100) for x in m["pair_ratios"]),
-                "%.1f %%" % (m["ratio_timeline_mean"] * 100) if m["ratio_timeline_mean"] else "n/a",
-                m["ratio_per_cpu_s"] * 100, fmt_mmm(m["cpu_share"], 2),
-                m["faults_per_s"], "%.2f" % m["us_per_fault"] if m["us_per_fault"] else "n/a",
-                "%s; %s; %s%s" % (fmt_mmm(m["scan_ms"], 1), fmt_mmm(gaps, 2), fmt_mmm(m["dirty_pages"], 0),
-                                  " (hot: %s)" % fmt_mmm(m["hot_pages"], 0) if any(m.get("hot_pages") or []) else "")
-                if m["scan_ms"] else "none", fmt_mmm(m["anon_huge_kib"], 0)))
-        lines += [""] + ["- %s: %s" % (mode, MODE_DOC[mode]) for mode in o["modes"]]
-        lines += ["", "Target (>= 95 %%, judged on the %s windows at %.0f MB/s): ops/s %s, ops per CPU-s %s." % (
-            o["target_mode"], o["link_bytes_s"] / 1e6, "**met**" if o["ratio"] >= TARGET_OVERHEAD else "**NOT met**",
-            "**met**" if o["ratio_per_cpu_s"] >= TARGET_OVERHEAD else "**NOT met**"),
-            "Tracking's own share, %s / reading (both read the same way): ops/s %.1f %%, ops per CPU-s %.1f %%."
-            % (o["target_mode"], o["ratio_vs_reading"] * 100, o["ratio_per_cpu_s_vs_reading"] * 100)
-            if o.get("ratio_vs_reading") else "", ""]
+            lines.append(
+                "| {} | {} | **{:.1f} %** | {} | {} | **{:.1f} %** | {} | {:.0f} | {} | {} | {} |".format(
+                    mode,
+                    fmt_mmm([r["ops_per_s"] for r in mine], 0),
+                    m["ratio"] * 100,
+                    ", ".join("%.0f %%" % (x * 100) for x in m["pair_ratios"]),
+                    "%.1f %%" % (m["ratio_timeline_mean"] * 100) if m["ratio_timeline_mean"] else "n/a",
+                    m["ratio_per_cpu_s"] * 100,
+                    fmt_mmm(m["cpu_share"], 2),
+                    m["faults_per_s"],
+                    "{:.2f}".format(m["us_per_fault"]) if m["us_per_fault"] else "n/a",
+                    "{}; {}; {}{}".format(
+                        fmt_mmm(m["scan_ms"], 1),
+                        fmt_mmm(gaps, 2),
+                        fmt_mmm(m["dirty_pages"], 0),
+                        " (hot: {})".format(fmt_mmm(m["hot_pages"], 0)) if any(m.get("hot_pages") or []) else "",
+                    )
+                    if m["scan_ms"]
+                    else "none",
+                    fmt_mmm(m["anon_huge_kib"], 0),
+                )
+            )
+        lines += [""] + [f"- {mode}: {MODE_DOC[mode]}" for mode in o["modes"]]
+        lines += [
+            "",
+            "Target (>= 95 %, judged on the {} windows at {:.0f} MB/s): ops/s {}, ops per CPU-s {}.".format(
+                o["target_mode"],
+                o["link_bytes_s"] / 1e6,
+                "**met**" if o["ratio"] >= TARGET_OVERHEAD else "**NOT met**",
+                "**met**" if o["ratio_per_cpu_s"] >= TARGET_OVERHEAD else "**NOT met**",
+            ),
+            "Tracking's own share, {} / reading (both read the same way): ops/s {:.1f} %, ops per CPU-s {:.1f} %.".format(  # noqa: E501
+                o["target_mode"], o["ratio_vs_reading"] * 100, o["ratio_per_cpu_s_vs_reading"] * 100
+            )
+            if o.get("ratio_vs_reading")
+            else "",
+            "",
+        ]
     s = d.get("scan")
     if s:
-        lines += ["## 2. Scan cost and injection stop (memwork %d MiB)" % s["size_mb"], "",
-                  "| | scan ms | ms per GiB | dirty pages per scan |", "|---|---|---|---|"]
+        lines += [
+            "## 2. Scan cost and injection stop (memwork %d MiB)" % s["size_mb"],
+            "",
+            "| | scan ms | ms per GiB | dirty pages per scan |",
+            "|---|---|---|---|",
+        ]
         few = s.get("few_writes") or []
         if few:
-            lines.append("| right after attach (rate 100 pages/s) | %s | %s | %s |" % (
-                fmt_mmm([few[0]["ms"]], 1), fmt_mmm([few[0]["ms_per_gib"]], 1), few[0]["dirty_pages"]))
-            lines.append("| later scans every 0.5 s, few writes (%d) | %s | %s | %s |" % (
-                len(few) - 1, fmt_mmm([x["ms"] for x in few[1:]], 1), fmt_mmm([x["ms_per_gib"] for x in few[1:]], 1),
-                fmt_mmm([x["dirty_pages"] for x in few[1:]], 0)))
+            lines.append(
+                "| right after attach (rate 100 pages/s) | {} | {} | {} |".format(
+                    fmt_mmm([few[0]["ms"]], 1), fmt_mmm([few[0]["ms_per_gib"]], 1), few[0]["dirty_pages"]
+                )
+            )
+            lines.append(
+                "| later scans every 0.5 s, few writes (%d) | %s | %s | %s |"
+                % (
+                    len(few) - 1,
+                    fmt_mmm([x["ms"] for x in few[1:]], 1),
+                    fmt_mmm([x["ms_per_gib"] for x in few[1:]], 1),
+                    fmt_mmm([x["dirty_pages"] for x in few[1:]], 0),
+                )
+            )
         many = s.get("many_writes") or []
         if many:
-            lines.append("| 2 s of unthrottled writes (%d) | %s | %s | %s |" % (
-                len(many), fmt_mmm([x["ms"] for x in many], 1), fmt_mmm([x["ms_per_gib"] for x in many], 1),
-                fmt_mmm([x["dirty_pages"] for x in many], 0)))
-        lines += ["", "attach() stop time, 10 attach/detach: idle writer %s ms; busy writer %s ms (median (min–max))." % (
-            fmt_mmm(s.get("stop_ms_idle", []), 3), fmt_mmm(s.get("stop_ms_busy", []), 3)), ""]
+            lines.append(
+                "| 2 s of unthrottled writes (%d) | %s | %s | %s |"
+                % (
+                    len(many),
+                    fmt_mmm([x["ms"] for x in many], 1),
+                    fmt_mmm([x["ms_per_gib"] for x in many], 1),
+                    fmt_mmm([x["dirty_pages"] for x in many], 0),
+                )
+            )
+        lines += [
+            "",
+            "attach() stop time, 10 attach/detach: idle writer {} ms; busy writer {} ms (median (min–max)).".format(
+                fmt_mmm(s.get("stop_ms_idle", []), 3), fmt_mmm(s.get("stop_ms_busy", []), 3)
+            ),
+            "",
+        ]
     migs = d.get("migrations") or []
     if migs:
-        lines += ["## 3. Migrations over veth + tbf 1 Gbit/s (1 writer thread)", "",
-                  "| size | rate pages/s | pre-copy rounds | pages sent per round | final pages | bytes sent (x size) "
-                  "| pre-copy s | downtime ms | freeze→dumped / final pages / images / restore ms | remote faults "
-                  "| bad | writer max gap ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## 3. Migrations over veth + tbf 1 Gbit/s (1 writer thread)",
+            "",
+            "| size | rate pages/s | pre-copy rounds | pages sent per round | final pages | bytes sent (x size) "
+            "| pre-copy s | downtime ms | freeze→dumped / final pages / images / restore ms | remote faults "
+            "| bad | writer max gap ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in migs:
             if r.get("error"):
-                lines.append("| %d MiB | %d | FAILED: %s | | | | | | | | | |" % (
-                    r["size_mb"], r["rate"], str(r["error"]).replace("|", "/")[:200]))
+                lines.append(
+                    "| %d MiB | %d | FAILED: %s | | | | | | | | | |"
+                    % (r["size_mb"], r["rate"], str(r["error"]).replace("|", "/")[:200])
+                )
                 continue
             b = r["breakdown"]
-            lines.append("| %d MiB | %d | %d | %s | %s | %.1f MiB (%.2f) | %.1f | %.0f | %.0f / %.0f / %.0f / %.0f | %d | %s | %s |" % (
-                r["size_mb"], r["rate"], r["precopy_rounds"], ", ".join(str(x) for x in r["pages_sent_per_round"]),
-                r["final_pages_sent"], r["bytes_sent"] / 2**20, r["bytes_per_workload_byte"], r["precopy_s"],
-                r["downtime_ms"], b["freeze_to_dumped_ms"], b["final_pages_ms"], b["images_ms"], b["restore_ms"],
-                r["remote_faults"], r.get("bad"), "%.0f" % r["workload_max_gap_ms"] if r.get("workload_max_gap_ms")
-                is not None else "n/a"))
+            lines.append(
+                "| %d MiB | %d | %d | %s | %s | %.1f MiB (%.2f) | %.1f | %.0f | %.0f / %.0f / %.0f / %.0f | %d | %s | %s |"  # noqa: E501
+                % (
+                    r["size_mb"],
+                    r["rate"],
+                    r["precopy_rounds"],
+                    ", ".join(str(x) for x in r["pages_sent_per_round"]),
+                    r["final_pages_sent"],
+                    r["bytes_sent"] / 2**20,
+                    r["bytes_per_workload_byte"],
+                    r["precopy_s"],
+                    r["downtime_ms"],
+                    b["freeze_to_dumped_ms"],
+                    b["final_pages_ms"],
+                    b["images_ms"],
+                    b["restore_ms"],
+                    r["remote_faults"],
+                    r.get("bad"),
+                    "{:.0f}".format(r["workload_max_gap_ms"]) if r.get("workload_max_gap_ms") is not None else "n/a",
+                )
+            )
         lines.append("")
     if d.get("errors"):
-        lines += ["## Errors", ""] + ["- %s" % e.splitlines()[-1] for e in d["errors"]] + [""]
+        lines += ["## Errors", ""] + [f"- {e.splitlines()[-1]}" for e in d["errors"]] + [""]
     return "\n".join(lines)
 
 
 # --- main -------------------------------------------------------------------------------------
+
 
 def _sigterm(signum, frame):
     raise KeyboardInterrupt("signal %d" % signum)
@@ -605,8 +772,9 @@ def main(argv=None) -> int:
     ap.add_argument("--overhead-mb", type=int, default=256)
     ap.add_argument("--scan-mb", type=int, default=1024)
     ap.add_argument("--window", type=float, default=None, help="overhead window, s (default 5; --quick 3)")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="overhead windows of each kind, interleaved (default 5; --quick 2)")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="overhead windows of each kind, interleaved (default 5; --quick 2)"
+    )
     ap.add_argument("--link-mbit", type=float, default=1000, help="the per-round windows' read rate, Mbit/s")
     ap.add_argument("--modes", default=",".join(MODES), help="overhead window kinds (untracked and per-round needed)")
     ap.add_argument("--parts", default="overhead,scan,migrate")
@@ -629,17 +797,17 @@ def main(argv=None) -> int:
     res = Results(out, argv)
     tmp_root = Path(tempfile.mkdtemp(prefix="hm-pc-", dir="/tmp"))  # short: serve's socket lives below
     try:
-        overhead = (lambda: bench_overhead(res, args.overhead_mb, window_s, repeats, args.link_mbit * 1e6 / 8,
-                                           tuple(args.modes.split(","))))
-        for name, fn in (("overhead", overhead),
-                         ("scan", lambda: bench_scan(res, args.scan_mb))):
+        overhead = lambda: bench_overhead(
+            res, args.overhead_mb, window_s, repeats, args.link_mbit * 1e6 / 8, tuple(args.modes.split(","))
+        )
+        for name, fn in (("overhead", overhead), ("scan", lambda: bench_scan(res, args.scan_mb))):
             if name not in parts:
                 continue
-            print("== %s" % name, flush=True)
+            print(f"== {name}", flush=True)
             try:
                 fn()
             except Exception:  # noqa: BLE001
-                res.data["errors"].append("%s: %s" % (name, traceback.format_exc()))
+                res.data["errors"].append(f"{name}: {traceback.format_exc()}")
                 print(traceback.format_exc(), file=sys.stderr)
             res.save()
         if "migrate" in parts:
@@ -649,12 +817,29 @@ def main(argv=None) -> int:
                     try:
                         rec = one_migration(size, rate, tmp_root, logs, args.timeout)
                     except Exception:  # noqa: BLE001
-                        rec = {"size_mb": size, "rate": rate, "error": traceback.format_exc().splitlines()[-1],
-                               "traceback": traceback.format_exc()}
+                        rec = {
+                            "size_mb": size,
+                            "rate": rate,
+                            "error": traceback.format_exc().splitlines()[-1],
+                            "traceback": traceback.format_exc(),
+                        }
                     res.data["migrations"].append(rec)
-                    print("  %s" % {k: rec.get(k) for k in ("precopy_rounds", "pages_sent_per_round", "bytes_sent",
-                                                              "downtime_ms", "remote_faults", "bad", "error")},
-                          flush=True)
+                    print(
+                        "  %s"
+                        % {
+                            k: rec.get(k)
+                            for k in (
+                                "precopy_rounds",
+                                "pages_sent_per_round",
+                                "bytes_sent",
+                                "downtime_ms",
+                                "remote_faults",
+                                "bad",
+                                "error",
+                            )
+                        },
+                        flush=True,
+                    )
                     res.save()
     finally:
         res.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -663,7 +848,9 @@ def main(argv=None) -> int:
         md = summarize(res.data)
         (out / "results.md").write_text(md)
         print(md)
-    return 0 if not res.data["errors"] and not any(m.get("error") or m.get("bad") for m in res.data["migrations"]) else 1
+    return (
+        0 if not res.data["errors"] and not any(m.get("error") or m.get("bad") for m in res.data["migrations"]) else 1
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The research bench's summary: a Markdown table per configuration (one
 row per strategy: medians with min-max, ratios to stop-and-copy computed
 within each repetition) and PNG plots."""
+
 from __future__ import annotations
 
 import statistics
@@ -22,7 +23,7 @@ def _mmm(vals, fmt="%.0f", scale=1.0):
     m = statistics.median(vals)
     if len(vals) == 1:
         return fmt % m
-    return ("%s (%s–%s)" % (fmt, fmt, fmt)) % (m, min(vals), max(vals))
+    return (f"{fmt} ({fmt}–{fmt})") % (m, min(vals), max(vals))
 
 
 def _groups(runs):
@@ -42,42 +43,55 @@ def _ratio(run, by_rep, key):
 
 def table(config, link, strategies) -> list:
     base = {r["rep"]: r for r in strategies.get(BASELINE, [])}
-    lines = ["### %s over %s" % (config, link), "",
-             "| strategy | ok | blackout ms | vs stop-and-copy | dump / copy / restore s | total s | wire MiB "
-             "| remote faults | throughput after / before | source CPU s | dest. CPU s | dest. peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {config} over {link}",
+        "",
+        "| strategy | ok | blackout ms | vs stop-and-copy | dump / copy / restore s | total s | wire MiB "
+        "| remote faults | throughput after / before | source CPU s | dest. CPU s | dest. peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, runs in strategies.items():
         good = [r for r in runs if r.get("ok")]
         ok = "%d/%d" % (len(good), len(runs))
         if not good:
             errors = sorted({(r.get("error") or "?")[:300] for r in runs})
-            lines.append("| %s | %s | failed: %s |  |  |  |  |  |  |  |  |  |" % (name, ok, "; ".join(errors)
-                                                                                 .replace("|", "/")))
+            lines.append(
+                "| {} | {} | failed: {} |  |  |  |  |  |  |  |  |  |".format(
+                    name, ok, "; ".join(errors).replace("|", "/")
+                )
+            )
             continue
         phases = " / ".join(_mmm([r["phases"].get(p) for r in good], "%.2f") for p in ("dump", "copy", "restore"))
         if any("pre-copy" in r["phases"] for r in good):
-            phases += " (pre-copy %s)" % _mmm([r["phases"]["pre-copy"] for r in good], "%.1f")
-        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            name, ok, _mmm([r["blackout_ms"] for r in good]),
-            _mmm([_ratio(r, base, "blackout_ms") for r in good], "%.3f"),
-            phases, _mmm([r["total_s"] for r in good], "%.1f"),
-            _mmm([r["wire_bytes"] for r in good], "%.0f", 1 / (1 << 20)),
-            _mmm([r.get("remote_faults") for r in good]),
-            _mmm([r["throughput"]["after_vs_before"] for r in good], "%.0f %%", 100),
-            _mmm([r["cpu_s"]["src"] for r in good], "%.1f"), _mmm([r["cpu_s"]["dst"] for r in good], "%.1f"),
-            _mmm([r["dst_peak_rss_mb"] for r in good])))
+            phases += " (pre-copy {})".format(_mmm([r["phases"]["pre-copy"] for r in good], "%.1f"))
+        lines.append(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                name,
+                ok,
+                _mmm([r["blackout_ms"] for r in good]),
+                _mmm([_ratio(r, base, "blackout_ms") for r in good], "%.3f"),
+                phases,
+                _mmm([r["total_s"] for r in good], "%.1f"),
+                _mmm([r["wire_bytes"] for r in good], "%.0f", 1 / (1 << 20)),
+                _mmm([r.get("remote_faults") for r in good]),
+                _mmm([r["throughput"]["after_vs_before"] for r in good], "%.0f %%", 100),
+                _mmm([r["cpu_s"]["src"] for r in good], "%.1f"),
+                _mmm([r["cpu_s"]["dst"] for r in good], "%.1f"),
+                _mmm([r["dst_peak_rss_mb"] for r in good]),
+            )
+        )
     return lines + [""]
 
 
 def plot_blackout(groups, path: Path):
     """Blackout against memory size, one line per strategy and link (memwork only)."""
     series = defaultdict(dict)
-    for (config, link), strategies in groups.items():
+    for (_config, link), strategies in groups.items():
         for name, runs in strategies.items():
             good = [r for r in runs if r.get("ok") and r["workload"]["kind"] == "memwork"]
             if good:
                 w = good[0]["workload"]
-                key = "%s, %g pages/s, %s" % (name, w["rate"], link)
+                key = "{}, {:g} pages/s, {}".format(name, w["rate"], link)
                 series[key][w["size_mb"]] = statistics.median(r["blackout_ms"] for r in good)
     fig, ax = plt.subplots(figsize=(8, 5))
     for key, points in sorted(series.items()):
@@ -109,7 +123,7 @@ def plot_throughput(config, link, strategies, path: Path):
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("seconds since resume")
     ax.set_ylabel("throughput / throughput before the migration")
-    ax.set_title("%s over %s: throughput around resume" % (config, link))
+    ax.set_title(f"{config} over {link}: throughput around resume")
     ax.grid(True, alpha=0.3)
     if ax.lines:
         ax.legend(fontsize="small")
@@ -131,7 +145,7 @@ def plot_wire(groups, path: Path):
             vals.append(statistics.median(r["wire_bytes"] for r in good) / (1 << 20) if good else 0)
         ax.bar([i + k * width for i in range(len(configs))], vals, width, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
-    ax.set_xticklabels(["%s\n%s" % c for c in configs], fontsize="x-small")
+    ax.set_xticklabels(["{}\n{}".format(*c) for c in configs], fontsize="x-small")
     ax.set_ylabel("MiB on the wire (both directions)")
     ax.set_title("Bytes on the wire (median; 0: failed)")
     ax.legend(fontsize="x-small")
@@ -143,17 +157,24 @@ def plot_wire(groups, path: Path):
 def write(results: dict, out: Path) -> str:
     groups = _groups(results["runs"])
     m = results["machine"]
-    lines = ["# hybridmig bench", "",
-             "`%s`, %s to %s." % (results["command"], results["started"], results.get("finished", "?")), "",
-             "Machine: %s, %s CPUs, %s GiB, kernel %s, %s." % (m["cpu"], m["cpus"], m["mem_gib"], m["kernel"],
-                                                                m["criu"]), "",
-             "Blackout: the longest pause of the workload's own loop (CLOCK_REALTIME). Ratios to %s are taken "
-             "within each repetition. Medians, with min–max when repeated." % BASELINE, ""]
+    lines = [
+        "# hybridmig bench",
+        "",
+        "`{}`, {} to {}.".format(results["command"], results["started"], results.get("finished", "?")),
+        "",
+        "Machine: {}, {} CPUs, {} GiB, kernel {}, {}.".format(
+            m["cpu"], m["cpus"], m["mem_gib"], m["kernel"], m["criu"]
+        ),
+        "",
+        f"Blackout: the longest pause of the workload's own loop (CLOCK_REALTIME). Ratios to {BASELINE} are taken "
+        "within each repetition. Medians, with min–max when repeated.",
+        "",
+    ]
     for (config, link), strategies in groups.items():
         lines += table(config, link, strategies)
-        name = "throughput-%s-%s.png" % (config, link)
+        name = f"throughput-{config}-{link}.png"
         plot_throughput(config, link, strategies, out / name)
-        lines += ["![throughput](%s)" % name, ""]
+        lines += [f"![throughput]({name})", ""]
     plot_blackout(groups, out / "blackout.png")
     plot_wire(groups, out / "wire.png")
     lines += ["![blackout](blackout.png)", "", "![wire](wire.png)", ""]

@@ -15,6 +15,7 @@ counters, both directions), remote faults, throughput over the first
 seconds after resume relative to the 2 s before the migration started, CPU time of the
 source's and the destination's tools, the destination tools' peak RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,35 +44,51 @@ from .strategies import STRATEGIES, StrategyError
 from .trial import Trial
 from .workloads.base import BUCKET_S
 
-PIPE_MAX = 4 << 20    # CRIU's page server needs pipes this big (post-copy, floor)
-BEFORE_S = 2.0        # throughput reference: the 2 s before the migration starts
-AFTER_S = 2.0         # ... compared with the first 2 s after resume
+PIPE_MAX = 4 << 20  # CRIU's page server needs pipes this big (post-copy, floor)
+BEFORE_S = 2.0  # throughput reference: the 2 s before the migration starts
+AFTER_S = 2.0  # ... compared with the first 2 s after resume
 SERIES_S = (-1.0, 4.0)  # throughput series kept per run, seconds around resume
 
-QUICK = {"workloads": ["memwork", "redis", "pyheap"], "sizes": [256], "app_size": 256, "rates": [500],
-         "link_rates": ["1gbit"], "repeat": 1}
-FULL = {"workloads": ["memwork", "redis", "pyheap"], "sizes": [1024, 4096], "app_size": 1024, "rates": [500, 20000],
-        "link_rates": ["1gbit"], "repeat": 3}
+QUICK = {
+    "workloads": ["memwork", "redis", "pyheap"],
+    "sizes": [256],
+    "app_size": 256,
+    "rates": [500],
+    "link_rates": ["1gbit"],
+    "repeat": 1,
+}
+FULL = {
+    "workloads": ["memwork", "redis", "pyheap"],
+    "sizes": [1024, 4096],
+    "app_size": 1024,
+    "rates": [500, 20000],
+    "link_rates": ["1gbit"],
+    "repeat": 3,
+}
 
 
 def make_workloads(names, sizes, rates, hot, app_size):
     from .workloads.memwork import Memwork
+
     made = []
     for name in names:
         if name == "memwork":
             made += [lambda s=s, r=r: Memwork(s, rate=r, hot=hot) for s in sizes for r in rates]
         elif name == "redis":
             from .workloads.redis import Redis
+
             made.append(lambda: Redis(app_size))
         elif name == "pyheap":
             from .workloads.pyheap import PyHeap
+
             made.append(lambda: PyHeap(app_size))
         else:
-            raise SystemExit("hybridmig bench: unknown workload %r (memwork, redis, pyheap)" % name)
+            raise SystemExit(f"hybridmig bench: unknown workload {name!r} (memwork, redis, pyheap)")
     return made
 
 
 # --- the throughput seen by the workload -----------------------------------------------
+
 
 def ops_rate(fin, t_from: float, t_to: float):
     """Operations per second of the workload's loop over [t_from, t_to]."""
@@ -101,17 +118,31 @@ def throughput(fin, resumed_at: float, started_at: float) -> dict:
             r = ops_rate(fin, resume + t, resume + t + BUCKET_S)
             series.append(None if r is None else round(r / before, 3))
             t += BUCKET_S
-    return {"freeze": freeze, "resume": resume, "ops_per_s_before": before, "ops_per_s_after": after,
-            "after_vs_before": after / before if before and after is not None else None,
-            "series": series, "series_start_s": SERIES_S[0], "unit": fin.unit}
+    return {
+        "freeze": freeze,
+        "resume": resume,
+        "ops_per_s_before": before,
+        "ops_per_s_after": after,
+        "after_vs_before": after / before if before and after is not None else None,
+        "series": series,
+        "series_start_s": SERIES_S[0],
+        "unit": fin.unit,
+    }
 
 
 # --- one run ------------------------------------------------------------------------------
 
+
 def one_run(make, strategy_name, link_rate, rep, out: Path, timeout: float) -> dict:
     wl = make()
-    rec = {"workload": wl.params(), "config": wl.label, "strategy": strategy_name, "link_rate": link_rate,
-           "rep": rep, "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    rec = {
+        "workload": wl.params(),
+        "config": wl.label,
+        "strategy": strategy_name,
+        "link_rate": link_rate,
+        "rep": rep,
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     logs = out / "logs" / wl.label / link_rate / ("%s-%d" % (strategy_name, rep))
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
@@ -138,9 +169,12 @@ def one_run(make, strategy_name, link_rate, rep, out: Path, timeout: float) -> d
                 if outcome is not None:
                     extra = dict(outcome.extra)
                     installed = extra.pop("pages_installed_s", 0.0)
-                    rec.update(phases=outcome.phases, **extra,
-                               total_s=outcome.resumed_at - t0 + installed,
-                               restored_pid=outcome.new_pid)
+                    rec.update(
+                        phases=outcome.phases,
+                        **extra,
+                        total_s=outcome.resumed_at - t0 + installed,
+                        restored_pid=outcome.new_pid,
+                    )
                     wl.adopt(outcome.new_pid)
                     time.sleep(max(0.0, outcome.resumed_at + SERIES_S[1] + 0.3 - time.time()))
                 trial.close()
@@ -153,9 +187,9 @@ def one_run(make, strategy_name, link_rate, rep, out: Path, timeout: float) -> d
                 if outcome is not None:
                     rec["ok"] = fin.ok
                     if not fin.ok:
-                        rec["error"] = "the migrated workload did not check out: %s" % fin.detail
+                        rec["error"] = f"the migrated workload did not check out: {fin.detail}"
                 elif not fin.ok:
-                    rec["error"] += "; and the source did not check out afterwards: %s" % fin.detail
+                    rec["error"] += f"; and the source did not check out afterwards: {fin.detail}"
             finally:
                 try:
                     if trial is not None:
@@ -164,7 +198,7 @@ def one_run(make, strategy_name, link_rate, rep, out: Path, timeout: float) -> d
                     wl.stop()  # even if closing the trial failed: never leave the workload behind
     except Exception as e:  # noqa: BLE001  (a broken run is a result; the bench goes on)
         rec.setdefault("ok", False)
-        rec["error"] = "%s%s: %s" % (rec.get("error", "") + "; " if rec.get("error") else "", type(e).__name__, e)
+        rec["error"] = "{}{}: {}".format(rec.get("error", "") + "; " if rec.get("error") else "", type(e).__name__, e)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rec["logs"] = str(logs)
@@ -176,21 +210,28 @@ def one_run(make, strategy_name, link_rate, rep, out: Path, timeout: float) -> d
 
 # --- the whole bench --------------------------------------------------------------------------
 
+
 def machine() -> dict:
     def first_line(cmd):
         try:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return None
+
     cpu = None
     with open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(),
-            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
-            "criu": first_line(["criu", "--version"]), "python": platform.python_version()}
+    return {
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
+        "criu": first_line(["criu", "--version"]),
+        "python": platform.python_version(),
+    }
 
 
 class PipeMaxSize:
@@ -232,8 +273,11 @@ def parse(argv):
     p.add_argument("--repeat", type=int, help="repetitions (quick 1; full 3)")
     p.add_argument("--timeout", type=float, default=0, help="seconds per step (default: 120 + MiB/20)")
     p.add_argument("--lock", help="a file to flock around each run (machines shared with other benchmarks)")
-    p.add_argument("--summarize", action="store_true",
-                   help="only rewrite the summary and plots from OUT/results.json (e.g. of a run cut short)")
+    p.add_argument(
+        "--summarize",
+        action="store_true",
+        help="only rewrite the summary and plots from OUT/results.json (e.g. of a run cut short)",
+    )
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
@@ -242,14 +286,18 @@ def parse(argv):
         "workloads": args.workloads.split(",") if args.workloads else base["workloads"],
         "sizes": ints(args.sizes) if args.sizes else base["sizes"],
         "rates": [float(x) for x in args.rates.split(",")] if args.rates else base["rates"],
-        "hot": args.hot, "app_size": args.app_size or base["app_size"],
+        "hot": args.hot,
+        "app_size": args.app_size or base["app_size"],
         "link_rates": args.link_rate.split(",") if args.link_rate else base["link_rates"],
-        "repeat": args.repeat or base["repeat"], "timeout": args.timeout, "quick": args.quick,
-        "summarize": args.summarize, "lock": args.lock,
+        "repeat": args.repeat or base["repeat"],
+        "timeout": args.timeout,
+        "quick": args.quick,
+        "summarize": args.summarize,
+        "lock": args.lock,
     }
     unknown = [s for s in cfg["strategies"] if s not in STRATEGIES]
     if unknown:
-        p.error("unknown strategy %s (known: %s)" % (", ".join(unknown), ", ".join(STRATEGIES)))
+        p.error("unknown strategy {} (known: {})".format(", ".join(unknown), ", ".join(STRATEGIES)))
     return cfg, Path(args.out)
 
 
@@ -267,18 +315,33 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         raise SystemExit("hybridmig bench: needs root (CRIU, network namespaces)")
     from hybridmig import doctor
+
     doctor.require_lazy_restore()
     out.mkdir(parents=True, exist_ok=True)
     become_subreaper()  # restored workloads are re-parented to us
     makers = make_workloads(cfg["workloads"], cfg["sizes"], cfg["rates"], cfg["hot"], cfg["app_size"])
     # Repetitions outermost: a run cut short still covers every configuration.
-    plan = [(make, link, rep, s) for rep in range(cfg["repeat"]) for make in makers for link in cfg["link_rates"]
-            for s in _rotated(cfg["strategies"], rep)]
-    results = {"machine": machine(), "config": cfg, "command": "hybridmig bench " + " ".join(argv or []),
-               "started": datetime.datetime.now().isoformat(timespec="seconds"), "runs": []}
+    plan = [
+        (make, link, rep, s)
+        for rep in range(cfg["repeat"])
+        for make in makers
+        for link in cfg["link_rates"]
+        for s in _rotated(cfg["strategies"], rep)
+    ]
+    results = {
+        "machine": machine(),
+        "config": cfg,
+        "command": "hybridmig bench " + " ".join(argv or []),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "runs": [],
+    }
     console = Console(stderr=True)
-    with PipeMaxSize() as pipes, Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console) as progress:
+    with (
+        PipeMaxSize() as pipes,
+        Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress,
+    ):
         task = progress.add_task("bench", total=len(plan))
         for make, link, rep, strategy in plan:
             progress.update(task, description="%s %s %s #%d" % (make().label, link, strategy, rep))
@@ -321,11 +384,15 @@ def _rotated(strategies, rep):
 def _line(rec) -> str:
     head = "%s %s %s #%d" % (rec["config"], rec["link_rate"], rec["strategy"], rec["rep"])
     if not rec.get("ok"):
-        return "%s: [red]failed[/red]: %s" % (head, rec.get("error"))
+        return "{}: [red]failed[/red]: {}".format(head, rec.get("error"))
     tp = rec["throughput"]["after_vs_before"]
-    return "%s: blackout %.0f ms, %.1f MiB on the wire, %s remote faults, throughput after %s" % (
-        head, rec["blackout_ms"], rec["wire_bytes"] / (1 << 20), rec.get("remote_faults", "-"),
-        "-" if tp is None else "%.0f %%" % (100 * tp))
+    return "{}: blackout {:.0f} ms, {:.1f} MiB on the wire, {} remote faults, throughput after {}".format(
+        head,
+        rec["blackout_ms"],
+        rec["wire_bytes"] / (1 << 20),
+        rec.get("remote_faults", "-"),
+        "-" if tp is None else "%.0f %%" % (100 * tp),
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ resumed it). Phase times are wall-clock seconds measured here.
                     CRIU's reason are its result.
 - hybridmig         `hybridmig serve` on the destination, `hybridmig run`.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,9 @@ COPY_PORT, PAGE_PORT, SERVE_PORT = 7801, 7802, 7803
 @dataclass
 class Outcome:
     new_pid: int
-    phases: dict                                 # name -> seconds, in order
-    resumed_at: float                            # time.time() once the restore returned
-    extra: dict = field(default_factory=dict)    # remote_faults, rounds, ...
+    phases: dict  # name -> seconds, in order
+    resumed_at: float  # time.time() once the restore returned
+    extra: dict = field(default_factory=dict)  # remote_faults, rounds, ...
 
 
 def _wait_line(proc, stream, needle: str, timeout: float, what: str) -> None:
@@ -55,8 +56,11 @@ def _wait_line(proc, stream, needle: str, timeout: float, what: str) -> None:
     while needle.encode() not in buf:
         left = deadline - time.monotonic()
         if left <= 0 or proc.poll() is not None:
-            raise StrategyError("%s did not start (%s)" % (what, "exit %s" % proc.returncode if proc.returncode
-                                                            is not None else "timeout"))
+            raise StrategyError(
+                "{} did not start ({})".format(
+                    what, f"exit {proc.returncode}" if proc.returncode is not None else "timeout"
+                )
+            )
         if select.select([stream], [], [], min(left, 0.1))[0]:
             chunk = os.read(stream.fileno(), 4096)
             if not chunk:
@@ -70,7 +74,7 @@ def _status_fd_wait(rfd: int, proc, timeout: float, what: str, log) -> None:
     data = os.read(rfd, 1) if ready else b""
     os.close(rfd)
     if not data:
-        raise StrategyError("%s is not ready: %s" % (what, log_tail(log)))
+        raise StrategyError(f"{what} is not ready: {log_tail(log)}")
 
 
 class Strategy:
@@ -83,34 +87,73 @@ class Strategy:
     @staticmethod
     def dump(trial: Trial, images, *opts) -> None:
         os.makedirs(images, exist_ok=True)
-        trial.run("src", [criu_binary(), "dump", "-t", trial.workload.host_pid, "-D", images, "-o", "dump.log",
-                          CRIU_LOG_LEVEL, *trial.workload.criu_opts(), *opts],
-                  "criu-dump.out", "criu dump", criu_log=os.path.join(images, "dump.log"))
+        trial.run(
+            "src",
+            [
+                criu_binary(),
+                "dump",
+                "-t",
+                trial.workload.host_pid,
+                "-D",
+                images,
+                "-o",
+                "dump.log",
+                CRIU_LOG_LEVEL,
+                *trial.workload.criu_opts(),
+                *opts,
+            ],
+            "criu-dump.out",
+            "criu dump",
+            criu_log=os.path.join(images, "dump.log"),
+        )
 
     @staticmethod
     def copy(trial: Trial, src_dir, dst_dir, tag="") -> None:
         """The images over the (shaped) link, with bench/imagecopy.py."""
         addr = "%s:%d" % (trial.hosts.dst_addr, COPY_PORT)
-        recv = trial.spawn("dst", [PY, "-m", "hybridmig.bench.imagecopy", "recv", addr, dst_dir],
-                           "copy-recv%s.log" % tag, stdout=-1)
+        recv = trial.spawn(
+            "dst", [PY, "-m", "hybridmig.bench.imagecopy", "recv", addr, dst_dir], f"copy-recv{tag}.log", stdout=-1
+        )
         _wait_line(recv, recv.stdout, "listening", 30, "the image receiver")
-        trial.run("src", [PY, "-m", "hybridmig.bench.imagecopy", "send", addr, src_dir], "copy-send%s.log" % tag,
-                  "copying the images")
+        trial.run(
+            "src",
+            [PY, "-m", "hybridmig.bench.imagecopy", "send", addr, src_dir],
+            f"copy-send{tag}.log",
+            "copying the images",
+        )
         if trial.wait(recv, 60, "the image receiver") != 0:
-            raise StrategyError("the image receiver failed: %s" % log_tail(trial.logs / ("copy-recv%s.log" % tag)))
+            raise StrategyError("the image receiver failed: {}".format(log_tail(trial.logs / (f"copy-recv{tag}.log"))))
         recv.stdout.close()
 
     @staticmethod
     def restore(trial: Trial, images, *opts) -> int:
         pidfile = os.path.join(images, "restore.pid")
-        trial.run("dst", [criu_binary(), "restore", "-D", images, "-W", images, "-d", "--pidfile", pidfile,
-                          "-o", "restore.log", CRIU_LOG_LEVEL, *trial.workload.criu_opts(), *opts],
-                  "criu-restore.out", "criu restore", criu_log=os.path.join(images, "restore.log"))
+        trial.run(
+            "dst",
+            [
+                criu_binary(),
+                "restore",
+                "-D",
+                images,
+                "-W",
+                images,
+                "-d",
+                "--pidfile",
+                pidfile,
+                "-o",
+                "restore.log",
+                CRIU_LOG_LEVEL,
+                *trial.workload.criu_opts(),
+                *opts,
+            ],
+            "criu-restore.out",
+            "criu restore",
+            criu_log=os.path.join(images, "restore.log"),
+        )
         with open(pidfile) as f:
             pid = int(f.read())
         trial.restored.append(pid)
         return pid
-
 
 
 class StopAndCopy(Strategy):
@@ -158,27 +201,50 @@ class PostCopy(Strategy):
         t0 = time.time()
         # The dump writes everything but the lazy memory, then its page server
         # serves that memory until the destination's daemon has it all.
-        dump = trial.spawn("src", [criu_binary(), "dump", "-t", trial.workload.host_pid, "-D", src, "-o",
-                                   "dump.log", CRIU_LOG_LEVEL, "--lazy-pages", "--address", ps_addr, "--port", PAGE_PORT,
-                                   "--status-fd", wfd, *trial.workload.criu_opts()],
-                           "criu-dump.out", pass_fds=(wfd,))
+        dump = trial.spawn(
+            "src",
+            [
+                criu_binary(),
+                "dump",
+                "-t",
+                trial.workload.host_pid,
+                "-D",
+                src,
+                "-o",
+                "dump.log",
+                CRIU_LOG_LEVEL,
+                "--lazy-pages",
+                "--address",
+                ps_addr,
+                "--port",
+                PAGE_PORT,
+                "--status-fd",
+                wfd,
+                *trial.workload.criu_opts(),
+            ],
+            "criu-dump.out",
+            pass_fds=(wfd,),
+        )
         os.close(wfd)
         _status_fd_wait(rfd, dump, trial.timeout, "criu dump --lazy-pages", src / "dump.log")
         t1 = time.time()
         self.copy(trial, src, dst)
         t2 = time.time()
-        daemon = _lazy_daemon(trial, ["-D", dst, "-W", dst, "--page-server", "--address", ps_addr,
-                                      "--port", PAGE_PORT])
+        daemon = _lazy_daemon(trial, ["-D", dst, "-W", dst, "--page-server", "--address", ps_addr, "--port", PAGE_PORT])
         pid = self.restore(trial, dst, "--lazy-pages")
         t3 = time.time()
         _reap_daemon(trial, daemon, dst)
         if trial.wait(dump, trial.timeout, "criu dump's page server") != 0:
-            raise StrategyError("criu dump's page server failed: %s" % log_tail(src / "dump.log"))
+            raise StrategyError("criu dump's page server failed: {}".format(log_tail(src / "dump.log")))
         t4 = time.time()
         with open(dst / "lazy-pages.log", errors="replace") as f:
             faults = sum(1 for line in f if "#PF at" in line)
-        return Outcome(pid, {"dump": t1 - t0, "copy": t2 - t1, "restore": t3 - t2}, t3,
-                       {"pages_installed_s": t4 - t3, "remote_faults": faults})
+        return Outcome(
+            pid,
+            {"dump": t1 - t0, "copy": t2 - t1, "restore": t3 - t2},
+            t3,
+            {"pages_installed_s": t4 - t3, "remote_faults": faults},
+        )
 
 
 class Floor(PostCopy):
@@ -194,9 +260,25 @@ class PreDump(Strategy):
         src, dst = trial.work / "src-images", trial.work / "dst-images"
         t0 = time.time()
         os.makedirs(pre_src)
-        trial.run("src", [criu_binary(), "pre-dump", "-t", trial.workload.host_pid, "-D", pre_src, "-o",
-                          "pre-dump.log", CRIU_LOG_LEVEL, "--track-mem", *trial.workload.criu_opts()],
-                  "criu-pre-dump.out", "criu pre-dump", criu_log=pre_src / "pre-dump.log")
+        trial.run(
+            "src",
+            [
+                criu_binary(),
+                "pre-dump",
+                "-t",
+                trial.workload.host_pid,
+                "-D",
+                pre_src,
+                "-o",
+                "pre-dump.log",
+                CRIU_LOG_LEVEL,
+                "--track-mem",
+                *trial.workload.criu_opts(),
+            ],
+            "criu-pre-dump.out",
+            "criu pre-dump",
+            criu_log=pre_src / "pre-dump.log",
+        )
         self.copy(trial, pre_src, pre_dst, "-pre")
         t1 = time.time()
         self.dump(trial, src, "--track-mem", "--prev-images-dir", "../src-pre")
@@ -209,8 +291,7 @@ class PreDump(Strategy):
         t3 = time.time()
         pid = self.restore(trial, dst)
         t4 = time.time()
-        return Outcome(pid, {"dump": t2 - t1, "copy": t3 - t2, "restore": t4 - t3}, t4,
-                       {"pre_dump_s": t1 - t0})
+        return Outcome(pid, {"dump": t2 - t1, "copy": t3 - t2, "restore": t4 - t3}, t4, {"pre_dump_s": t1 - t0})
 
 
 class Hybridmig(Strategy):
@@ -223,40 +304,72 @@ class Hybridmig(Strategy):
         serve_dir = trial.logs / "serve"  # CRIU's restore log is kept
         serve_dir.mkdir()
         listen = "%s:%d" % (h.dst_addr, SERVE_PORT)
-        serve = trial.spawn("dst", [HYBRIDMIG, "serve", "--listen", listen, "--dir", serve_dir, "--key-file", key,
-                                    "--once", "--keep", "-v3"], "serve.log")
+        serve = trial.spawn(
+            "dst",
+            [HYBRIDMIG, "serve", "--listen", listen, "--dir", serve_dir, "--key-file", key, "--once", "--keep", "-v3"],
+            "serve.log",
+        )
         _wait_log(trial.logs / "serve.log", "listening on", serve, 30)
-        opts = ["--criu-opt=%s" % o for o in trial.workload.criu_opts()]
+        opts = [f"--criu-opt={o}" for o in trial.workload.criu_opts()]
         t0 = time.time()
         with open(trial.logs / "run.json", "wb") as report_out:  # (the child keeps its own copy)
-            run = trial.spawn("src", [HYBRIDMIG, "run", trial.workload.host_pid, "--to", listen, "--key-file", key,
-                                      "--json", "--timeout", int(trial.timeout), "-v3", "--work-dir",
-                                      trial.logs / "run", *opts], "run.err", stdout=report_out)
+            run = trial.spawn(
+                "src",
+                [
+                    HYBRIDMIG,
+                    "run",
+                    trial.workload.host_pid,
+                    "--to",
+                    listen,
+                    "--key-file",
+                    key,
+                    "--json",
+                    "--timeout",
+                    int(trial.timeout),
+                    "-v3",
+                    "--work-dir",
+                    trial.logs / "run",
+                    *opts,
+                ],
+                "run.err",
+                stdout=report_out,
+            )
         rc = trial.wait(run, trial.timeout * 3, "hybridmig run")
         t1 = time.time()
         try:
             report = json.loads((trial.logs / "run.json").read_text())
         except ValueError:
-            report = {"error": "no JSON report: %s" % log_tail(trial.logs / "run.err")}
+            report = {"error": "no JSON report: {}".format(log_tail(trial.logs / "run.err"))}
         if rc != 0 or report.get("result") != "migrated":
             raise StrategyError("hybridmig run failed (exit %d): %s" % (rc, report.get("error")))
         trial.wait(serve, 60, "hybridmig serve")
         b = report["breakdown"]
-        phases = {"pre-copy": report["precopy_s"], "dump": (b["criu_startup_ms"] + b["freeze_to_dumped_ms"]) / 1000,
-                  "copy": (b["final_pages_ms"] + b["images_ms"]) / 1000,
-                  "restore": b["restore_ms"] / 1000}
-        return Outcome(report["restored_pid"], phases, t1,
-                       {"remote_faults": report["remote_faults"], "rounds": len(report["rounds"]) - 1,
-                        "downtime_ms": report["downtime_ms"], "breakdown": b,
-                        "pages_installed_s": b["installing_after_resume_ms"] / 1000,
-                        "run_wall_s": t1 - t0})
+        phases = {
+            "pre-copy": report["precopy_s"],
+            "dump": (b["criu_startup_ms"] + b["freeze_to_dumped_ms"]) / 1000,
+            "copy": (b["final_pages_ms"] + b["images_ms"]) / 1000,
+            "restore": b["restore_ms"] / 1000,
+        }
+        return Outcome(
+            report["restored_pid"],
+            phases,
+            t1,
+            {
+                "remote_faults": report["remote_faults"],
+                "rounds": len(report["rounds"]) - 1,
+                "downtime_ms": report["downtime_ms"],
+                "breakdown": b,
+                "pages_installed_s": b["installing_after_resume_ms"] / 1000,
+                "run_wall_s": t1 - t0,
+            },
+        )
 
 
 def _wait_log(path, needle, proc, timeout):
     deadline = time.monotonic() + timeout
     while needle not in path.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise StrategyError("hybridmig serve did not start: %s" % log_tail(path))
+            raise StrategyError(f"hybridmig serve did not start: {log_tail(path)}")
         time.sleep(0.05)
 
 
@@ -264,8 +377,12 @@ def _lazy_daemon(trial, args):
     """The stock `criu lazy-pages` on the destination, ready to serve. At
     -v4: its "#PF at" debug lines are how remote faults are counted."""
     rfd, wfd = os.pipe()
-    daemon = trial.spawn("dst", [criu_binary(), "lazy-pages", *args, "-o", "lazy-pages.log", "-v4",
-                                 "--status-fd", wfd], "criu-lazy-pages.out", pass_fds=(wfd,))
+    daemon = trial.spawn(
+        "dst",
+        [criu_binary(), "lazy-pages", *args, "-o", "lazy-pages.log", "-v4", "--status-fd", wfd],
+        "criu-lazy-pages.out",
+        pass_fds=(wfd,),
+    )
     os.close(wfd)
     _status_fd_wait(rfd, daemon, 30, "criu lazy-pages", os.path.join(args[1], "lazy-pages.log"))
     return daemon
@@ -274,7 +391,7 @@ def _lazy_daemon(trial, args):
 def _reap_daemon(trial, daemon, images):
     """The lazy-pages daemon exits once every page is in."""
     if trial.wait(daemon, trial.timeout, "criu lazy-pages") != 0:
-        raise StrategyError("criu lazy-pages failed: %s" % log_tail(os.path.join(images, "lazy-pages.log")))
+        raise StrategyError("criu lazy-pages failed: {}".format(log_tail(os.path.join(images, "lazy-pages.log"))))
 
 
 STRATEGIES = {s.name: s for s in (StopAndCopy, LazyRestore, PostCopy, Floor, PreDump, Hybridmig)}

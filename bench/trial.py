@@ -6,6 +6,7 @@ Every process is started here, on the source ("src") or the destination
 wait4() to get its CPU time, and whatever is still running when the trial
 ends is killed by pid with its descendants.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,6 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import psutil
 
@@ -29,7 +29,7 @@ def log_tail(path: Path, lines: int = 6) -> str:
     try:
         text = Path(path).read_text(errors="replace").splitlines()
     except OSError:
-        return "(no log %s)" % path
+        return f"(no log {path})"
     errs = [line for line in text if "Error" in line or "error" in line][:4]
     return " | ".join(line.strip() for line in (errs or text[-lines:]))
 
@@ -92,14 +92,19 @@ class Trial:
     def spawn(self, side: str, argv: list, log_name: str, **kw) -> subprocess.Popen:
         """Start ``argv`` in ``side``'s namespace, output to logs/LOG_NAME."""
         with open(self.logs / log_name, "ab") as log:
-            proc = subprocess.Popen(self.hosts.run_in(self.ns(side)) + [str(a) for a in argv],
-                                    stdin=subprocess.DEVNULL, stdout=kw.pop("stdout", log), stderr=log, **kw)
+            proc = subprocess.Popen(
+                self.hosts.run_in(self.ns(side)) + [str(a) for a in argv],
+                stdin=subprocess.DEVNULL,
+                stdout=kw.pop("stdout", log),
+                stderr=log,
+                **kw,
+            )
         self._live.append((side, proc))
         if side == "dst":
             self.dst_memory.roots.append(proc.pid)
         return proc
 
-    def wait(self, proc: subprocess.Popen, timeout: Optional[float] = None, what: str = "") -> int:
+    def wait(self, proc: subprocess.Popen, timeout: float | None = None, what: str = "") -> int:
         """Reap ``proc`` (wait4: its CPU time goes to its side); raise
         StrategyError when it runs longer than ``timeout``."""
         deadline = time.monotonic() + (timeout or self.timeout)
@@ -110,15 +115,14 @@ class Trial:
                 break
             if time.monotonic() > deadline:
                 kill_tree(proc.pid)
-                raise StrategyError("%s did not finish within %.0f s" % (what or proc.args[2:4], timeout or self.timeout))
+                raise StrategyError(f"{what or proc.args[2:4]} did not finish within {timeout or self.timeout:.0f} s")
             time.sleep(0.01)
         proc.returncode = os.waitstatus_to_exitcode(status)
         self.cpu_s[side] += usage.ru_utime + usage.ru_stime
         self._live = [(s, p) for s, p in self._live if p is not proc]
         return proc.returncode
 
-    def run(self, side: str, argv: list, log_name: str, what: str, timeout: Optional[float] = None,
-            criu_log=None) -> None:
+    def run(self, side: str, argv: list, log_name: str, what: str, timeout: float | None = None, criu_log=None) -> None:
         """spawn + wait; a non-zero exit is a StrategyError naming ``what``
         with the errors or last lines of ``criu_log`` (CRIU's own log file),
         else of the output in logs/LOG_NAME."""
@@ -136,7 +140,7 @@ class Trial:
 
     def close(self) -> None:
         """Kill what is still running (by pid, with descendants) and reap it."""
-        for side, proc in list(self._live):
+        for _side, proc in list(self._live):
             kill_tree(proc.pid)
             try:
                 self.wait(proc, 10, "clean-up")

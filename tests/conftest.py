@@ -1,4 +1,5 @@
 """Shared fixtures: the real-CRIU tests need root, CRIU and userfaultfd."""
+
 import os
 
 import pytest

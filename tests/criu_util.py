@@ -10,8 +10,8 @@ import functools
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 #: Where setup.sh installs CRIU when the distribution's is too old.
 _FALLBACK_CRIU = ("/usr/local/sbin/criu", "/usr/sbin/criu")
@@ -36,8 +36,8 @@ def criu_binary() -> str:
     return "criu"
 
 
-@functools.lru_cache(maxsize=None)
-def require_root_and_criu() -> Optional[str]:
+@functools.cache
+def require_root_and_criu() -> str | None:
     """None if CRIU tests can run here, else the reason to skip them."""
     if os.geteuid() != 0:
         return "CRIU tests need root (dumping and restoring other processes)"
@@ -54,7 +54,7 @@ def require_root_and_criu() -> Optional[str]:
     return None
 
 
-def _nsenter(netns: Optional[str]) -> list[str]:
+def _nsenter(netns: str | None) -> list[str]:
     # nsenter, not `ip netns exec`, which would add a mount namespace.
     return ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
 
@@ -77,43 +77,52 @@ def log_excerpt(log: Path, tail: int = 25, errors: int = 15) -> str:
 
 def _run(cmd: list[str], log: Path, timeout: float) -> None:
     try:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise CriuError(f"{' '.join(cmd)}: timed out after {timeout}s\n"
-                        + log_excerpt(log)) from None
+        raise CriuError(f"{' '.join(cmd)}: timed out after {timeout}s\n" + log_excerpt(log)) from None
     if proc.returncode != 0:
-        raise CriuError(f"{' '.join(cmd)}: exit {proc.returncode}\n"
-                        f"{proc.stderr.strip()}\n" + log_excerpt(log))
+        raise CriuError(f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stderr.strip()}\n" + log_excerpt(log))
 
 
-def criu_dump(pid: int, images_dir: os.PathLike, extra: Sequence[str] = (),
-              netns: Optional[str] = None, timeout: float = 300) -> None:
+def criu_dump(
+    pid: int, images_dir: os.PathLike, extra: Sequence[str] = (), netns: str | None = None, timeout: float = 300
+) -> None:
     """`criu dump -t PID -D DIR -o dump.log -v4 EXTRA...` (which kills the
     tree unless EXTRA has --leave-running).  ``netns``: run CRIU inside
     /run/netns/NETNS, so that the workload's net namespace is CRIU's own
     and is not dumped."""
     images = Path(images_dir)
     images.mkdir(parents=True, exist_ok=True)
-    cmd = _nsenter(netns) + [criu_binary(), "dump", "-t", str(pid), "-D", str(images),
-                             "-o", "dump.log", "-v4", *extra]
+    cmd = _nsenter(netns) + [criu_binary(), "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "-v4", *extra]
     _run(cmd, images / "dump.log", timeout)
 
 
-def criu_restore(images_dir: os.PathLike, extra: Sequence[str] = (),
-                 netns: Optional[str] = None, timeout: float = 300) -> int:
+def criu_restore(
+    images_dir: os.PathLike, extra: Sequence[str] = (), netns: str | None = None, timeout: float = 300
+) -> int:
     """`criu restore -D DIR -d --pidfile FILE -o restore.log -v4 EXTRA...`;
     returns the host pid of the restored root (from the pidfile)."""
     images = Path(images_dir).resolve()
     pidfile = images / "restore.pid"
     if pidfile.exists():
         pidfile.unlink()
-    cmd = _nsenter(netns) + [criu_binary(), "restore", "-D", str(images), "-d",
-                             "--pidfile", str(pidfile), "-o", "restore.log", "-v4",
-                             *extra]
+    cmd = _nsenter(netns) + [
+        criu_binary(),
+        "restore",
+        "-D",
+        str(images),
+        "-d",
+        "--pidfile",
+        str(pidfile),
+        "-o",
+        "restore.log",
+        "-v4",
+        *extra,
+    ]
     _run(cmd, images / "restore.log", timeout)
     try:
         return int(pidfile.read_text().strip())
     except (OSError, ValueError) as exc:
-        raise CriuError(f"restore succeeded but pidfile {pidfile} is unusable: {exc}\n"
-                        + log_excerpt(images / "restore.log")) from None
+        raise CriuError(
+            f"restore succeeded but pidfile {pidfile} is unusable: {exc}\n" + log_excerpt(images / "restore.log")
+        ) from None

@@ -1,4 +1,5 @@
 """Run `criu restore --lazy-pages` served by `hybridmig lazy-pages`."""
+
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ def wait_for(predicate, timeout, what, interval=0.02):
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError("timed out after %ss waiting for %s" % (timeout, what))
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
 
 
@@ -34,8 +35,18 @@ class LazyDaemon:
         log_dir = Path(log_dir or self.work_dir)
         self.stats_path = log_dir / "lazy-stats.json"
         self.log_path = log_dir / "lazy-daemon.log"
-        cmd = HYBRIDMIG + ["lazy-pages", "-D", str(images), "-W", str(self.work_dir),
-                           "--stats-json", str(self.stats_path), "--timeout", "60", *args]
+        cmd = HYBRIDMIG + [
+            "lazy-pages",
+            "-D",
+            str(images),
+            "-W",
+            str(self.work_dir),
+            "--stats-json",
+            str(self.stats_path),
+            "--timeout",
+            "60",
+            *args,
+        ]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -87,7 +98,7 @@ def restored_alive(report_path):
         if not entry.isdigit():
             continue
         try:
-            with open("/proc/%s/cmdline" % entry, "rb") as f:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
                 if str(report_path).encode() in f.read():
                     pids.append(int(entry))
         except OSError:

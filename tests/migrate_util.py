@@ -1,11 +1,11 @@
 """Helpers of test_migrate.py: `hybridmig serve` and `hybridmig run` as real
 processes in the network namespaces of a TwoHosts, and a cleanup stack that
 ends by pid whatever a test started, even when the test fails."""
+
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +42,7 @@ class Cleanup:
             try:
                 fn(*args)
             except Exception as e:  # keep cleaning
-                errors.append("%s%r: %r" % (getattr(fn, "__name__", fn), args, e))
+                errors.append("{}{!r}: {!r}".format(getattr(fn, "__name__", fn), args, e))
         if errors:
             print("cleanup errors:\n  " + "\n  ".join(errors))
 
@@ -50,28 +50,54 @@ class Cleanup:
 class Serve:
     """`hybridmig serve --once` in a namespace, logging to a file; killed by pid at teardown."""
 
-    def __init__(self, hosts, ns, addr, base_dir, key_file, cleanup, log_dir, port=PORT, env=None, once=True,
-                 verbosity=3, keep=False):
+    def __init__(
+        self,
+        hosts,
+        ns,
+        addr,
+        base_dir,
+        key_file,
+        cleanup,
+        log_dir,
+        port=PORT,
+        env=None,
+        once=True,
+        verbosity=3,
+        keep=False,
+    ):
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = Path(log_dir) / ("serve-%s-%d.log" % (ns, time.monotonic_ns()))
         self.listen = "%s:%d" % (addr, port)
-        cmd = hosts.run_in(ns) + [HYBRIDMIG, "serve", "--listen", self.listen, "--dir", str(base_dir),
-                                  "--key-file", str(key_file), "-v%d" % verbosity]
+        cmd = hosts.run_in(ns) + [
+            HYBRIDMIG,
+            "serve",
+            "--listen",
+            self.listen,
+            "--dir",
+            str(base_dir),
+            "--key-file",
+            str(key_file),
+            "-v%d" % verbosity,
+        ]
         if once:
             cmd.append("--once")
         if keep:
             cmd.append("--keep")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, **(env or {})))
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, **(env or {})),
+        )
         self._ps = psutil.Process(self.proc.pid)
         cleanup.add(self.close)
 
     def wait_listening(self, timeout=30):
-        wait_for(lambda: "listening on" in self.log() or self.proc.poll() is not None, timeout,
-                 "serve to listen")
-        assert self.proc.poll() is None, "serve exited early (%s):\n%s" % (self.proc.returncode, self.log())
+        wait_for(lambda: "listening on" in self.log() or self.proc.poll() is not None, timeout, "serve to listen")
+        assert self.proc.poll() is None, f"serve exited early ({self.proc.returncode}):\n{self.log()}"
         return self
 
     def log(self):
@@ -98,8 +124,20 @@ class Serve:
 
 
 def run_cmd(hosts, ns, pid, to, key_file, *extra, verbosity=3):
-    return hosts.run_in(ns) + [HYBRIDMIG, "run", str(pid), "--to", to, "--key-file", str(key_file), "--json",
-                               "--timeout", "60", "-v%d" % verbosity, *extra]
+    return hosts.run_in(ns) + [
+        HYBRIDMIG,
+        "run",
+        str(pid),
+        "--to",
+        to,
+        "--key-file",
+        str(key_file),
+        "--json",
+        "--timeout",
+        "60",
+        "-v%d" % verbosity,
+        *extra,
+    ]
 
 
 def _parse(stdout):
@@ -111,11 +149,18 @@ def _parse(stdout):
 
 def run_migration(hosts, ns, pid, to, key_file, *extra, timeout=180):
     """`hybridmig run PID --to TO --json` in namespace ns; (returncode, parsed JSON or None, stderr)."""
-    proc = subprocess.run(run_cmd(hosts, ns, pid, to, key_file, *extra), stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        run_cmd(hosts, ns, pid, to, key_file, *extra),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     report = _parse(proc.stdout)
-    print("run %d -> rc %d\n--- stdout\n%s\n--- stderr\n%s" % (pid, proc.returncode, proc.stdout[-6000:],
-                                                             proc.stderr[-6000:]))
+    print(
+        "run %d -> rc %d\n--- stdout\n%s\n--- stderr\n%s"
+        % (pid, proc.returncode, proc.stdout[-6000:], proc.stderr[-6000:])
+    )
     return proc.returncode, report, proc.stderr
 
 
@@ -127,8 +172,9 @@ class BackgroundRun:
         self.out_path = Path(log_dir) / ("run-%d.out" % time.monotonic_ns())
         self.err_path = self.out_path.with_suffix(".err")
         self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
-        self.proc = subprocess.Popen(run_cmd(hosts, ns, pid, to, key_file, *extra), stdin=subprocess.DEVNULL,
-                                     stdout=self._out, stderr=self._err)
+        self.proc = subprocess.Popen(
+            run_cmd(hosts, ns, pid, to, key_file, *extra), stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err
+        )
         self._ps = psutil.Process(self.proc.pid)
         cleanup.add(self.close)
 
@@ -202,12 +248,12 @@ def net_ns_inode(pid):
 
 
 def netns_inode(name):
-    return os.stat("/run/netns/%s" % name).st_ino
+    return os.stat(f"/run/netns/{name}").st_ino
 
 
 # --- small python trees for the shapes memwork does not take ----------------------
 
-PYTREE = r'''
+PYTREE = r"""
 import hashlib, json, mmap, os, signal, sys, time
 report, private_mb, shared_mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 zombie, child_life = sys.argv[4] == "1", float(sys.argv[5])
@@ -256,7 +302,7 @@ line(event="ready", children=children)
 while True:
     private[(int(time.time() * 1000) % len(private)) & ~4095] ^= 0  # touch, do not change
     time.sleep(0.01)
-'''
+"""
 
 
 class PyTree:
@@ -268,14 +314,27 @@ class PyTree:
     it forks a child that lives child_life seconds (0: for ever) and is
     reaped as soon as it exits."""
 
-    def __init__(self, hosts, ns, workdir, cleanup, private_mb=32, shared_mb=0, zombie=False, child_life=0.0,
-                 perf_event=False):
+    def __init__(
+        self, hosts, ns, workdir, cleanup, private_mb=32, shared_mb=0, zombie=False, child_life=0.0, perf_event=False
+    ):
         self.report = Path(workdir) / ("pytree-%d.jsonl" % time.monotonic_ns())
-        cmd = hosts.run_in(ns) + ["unshare", "--pid", "--fork", "python3", "-c", PYTREE, str(self.report),
-                                  str(private_mb), str(shared_mb), "1" if zombie else "0", str(child_life),
-                                  "1" if perf_event else "0"]
-        self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        cmd = hosts.run_in(ns) + [
+            "unshare",
+            "--pid",
+            "--fork",
+            "python3",
+            "-c",
+            PYTREE,
+            str(self.report),
+            str(private_mb),
+            str(shared_mb),
+            "1" if zombie else "0",
+            str(child_life),
+            "1" if perf_event else "0",
+        ]
+        self.popen = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         cleanup.add(kill_by_report, str(self.report))  # last: a restored copy left behind
         cleanup.kill_pid_tree(self.popen.pid)
         parent = psutil.Process(self.popen.pid)
@@ -290,8 +349,9 @@ class PyTree:
             return []
 
     def wait_event(self, event, after, timeout=30):
-        return wait_for(lambda: [x for x in self.lines()[after:] if x["event"] == event], timeout,
-                        "%s from the python tree" % event)[0]
+        return wait_for(
+            lambda: [x for x in self.lines()[after:] if x["event"] == event], timeout, f"{event} from the python tree"
+        )[0]
 
     def signal(self, pid, sig, event, timeout=30):
         after = len(self.lines())

@@ -1,6 +1,7 @@
 """The research bench (`hybridmig bench`): its throughput arithmetic, the
 memwork hot set it relies on, and a quick configuration end to end with the
 real CRIU and hybridmig, producing valid JSON, Markdown and PNG files."""
+
 import json
 import subprocess
 import time
@@ -16,23 +17,21 @@ from hybridmig.bench.workloads.base import Finish
 from hybridmig.bench.workloads.memwork import Memwork
 from hybridmig.source.tracker import PAGE_SIZE, UFFD_WP, DirtyTracker
 from hybridmig.testing.workload import Workload, become_subreaper
-
 from lazy_util import HYBRIDMIG
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _finish(ops, start=1000.0, gap_ms=0.0, gap_end=None):
-    return Finish(ok=True, detail="", max_gap_ms=gap_ms, max_gap_end=gap_end, timeline_start=start,
-                  timeline_ops=ops)
+    return Finish(ok=True, detail="", max_gap_ms=gap_ms, max_gap_end=gap_end, timeline_start=start, timeline_ops=ops)
 
 
 def test_ops_rate_counts_partial_buckets_pro_rata():
-    fin = _finish([10] * 10 + [20] * 10)          # 100 ops/s for 1 s, then 200 ops/s
+    fin = _finish([10] * 10 + [20] * 10)  # 100 ops/s for 1 s, then 200 ops/s
     assert ops_rate(fin, 1000.0, 1001.0) == pytest.approx(100)
     assert ops_rate(fin, 1000.5, 1001.5) == pytest.approx(150)
     assert ops_rate(fin, 1000.05, 1000.15) == pytest.approx(100)
-    assert ops_rate(fin, 999.0, 1000.5) is None   # before what the workload remembers
+    assert ops_rate(fin, 999.0, 1000.5) is None  # before what the workload remembers
     assert ops_rate(fin, 1001.5, 1002.5) is None  # after it
 
 
@@ -47,12 +46,12 @@ def test_throughput_around_the_blackout():
     assert tp["after_vs_before"] == pytest.approx(0.5)
     # The series starts 1 s before resume: inside the blackout, then half speed.
     assert tp["series"][:10] == [0.0] * 10 and tp["series"][10:40] == [0.5] * 30
-    assert tp["series"][40:] == [None] * 10       # past the end of the timeline
+    assert tp["series"][40:] == [None] * 10  # past the end of the timeline
 
 
 def test_memwork_hot_set_confines_the_writes():
     if doctor.dirty_tracker() != UFFD_WP:
-        pytest.skip("needs the uffd-wp dirty tracker: %s" % doctor.uffd_wp_path().reason)
+        pytest.skip(f"needs the uffd-wp dirty tracker: {doctor.uffd_wp_path().reason}")
     with Workload.start(64, rate=0, hot=10) as wl:
         first, last = wl.page_address(0), wl.page_address(64 * 256 - 1)
         with DirtyTracker(wl.host_pid) as tracker:
@@ -68,8 +67,12 @@ def test_memwork_hot_set_confines_the_writes():
 @pytest.mark.timeout(900)
 def test_quick_bench_end_to_end(criu_ready, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([*HYBRIDMIG, "bench", "--quick", "--workloads", "memwork", "--sizes", "64", "--out",
-                           str(out)], capture_output=True, text=True, timeout=840)
+    proc = subprocess.run(
+        [*HYBRIDMIG, "bench", "--quick", "--workloads", "memwork", "--sizes", "64", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     runs = {r["strategy"]: r for r in results["runs"]}
@@ -93,7 +96,7 @@ def test_quick_bench_end_to_end(criu_ready, tmp_path):
     assert len(per_run) == len(STRATEGIES) and all(json.loads(p.read_text()) for p in per_run)
     summary = (out / "summary.md").read_text()
     for name in STRATEGIES:
-        assert "| %s |" % name in summary
+        assert f"| {name} |" in summary
     pngs = list(out.glob("*.png"))
     assert {p.name for p in pngs} >= {"blackout.png", "wire.png"} and len(pngs) == 3
     for png in pngs:
@@ -102,14 +105,16 @@ def test_quick_bench_end_to_end(criu_ready, tmp_path):
     # --summarize draws it all again from results.json alone
     for path in pngs + [out / "summary.md"]:
         path.unlink()
-    proc = subprocess.run([*HYBRIDMIG, "bench", "--summarize", "--out", str(out)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [*HYBRIDMIG, "bench", "--summarize", "--out", str(out)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "summary.md").read_text() == summary and len(list(out.glob("*.png"))) == 3
 
 
 class _FailsAfterRestore(StopAndCopy):
     """Stop-and-copy that fails once the destination's copy runs."""
+
     name = "test-fails-after-restore"
     restored_pid = None
 

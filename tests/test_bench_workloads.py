@@ -4,6 +4,7 @@ on an untouched run and fail on a changed dataset or a corrupted object (so
 a bench result built on them can fail), and they survive a plain CRIU dump
 in the source namespace and restore in the destination one (redis with its
 client reconnecting there)."""
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,9 @@ def hosts():
         pytest.skip("needs root: network and PID namespaces")
     for tool in ("ip", "nsenter", "unshare", "setsid"):
         if not shutil.which(tool):
-            pytest.skip("needs %r on PATH" % tool)
+            pytest.skip(f"needs {tool!r} on PATH")
     if not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip("the workload programs run with %s, which is missing" % SYSTEM_PYTHON)
+        pytest.skip(f"the workload programs run with {SYSTEM_PYTHON}, which is missing")
     with TwoHosts(prefix="hw") as h:
         yield h
 
@@ -44,7 +45,7 @@ def hosts():
 def _need_redis():
     for tool in ("redis-server", "redis-cli"):
         if not shutil.which(tool):
-            pytest.skip("needs %s (Debian's redis-server, installed by `make setup`)" % tool)
+            pytest.skip(f"needs {tool} (Debian's redis-server, installed by `make setup`)")
 
 
 @pytest.fixture
@@ -75,8 +76,9 @@ def assert_sane_timeline(res, began, rate):
 
 
 def in_netns(ns, *cmd):
-    return subprocess.run(["nsenter", "--net=/run/netns/%s" % ns, *cmd], capture_output=True,
-                          text=True, timeout=30, check=True).stdout.strip()
+    return subprocess.run(
+        ["nsenter", f"--net=/run/netns/{ns}", *cmd], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.strip()
 
 
 # --- redis --------------------------------------------------------------------------
@@ -96,8 +98,9 @@ def test_redis_untouched_run_is_ok(hosts, started):
     assert again.ok and again.timeline_ops == res.timeline_ops, again
 
 
-@pytest.mark.parametrize("change", [("SET", "hm-intruder", "1"), ("RENAME", "key:7", "key:7-renamed")],
-                         ids=["new-key", "renamed-key"])
+@pytest.mark.parametrize(
+    "change", [("SET", "hm-intruder", "1"), ("RENAME", "key:7", "key:7-renamed")], ids=["new-key", "renamed-key"]
+)
 def test_redis_detects_a_changed_dataset(hosts, started, change):
     _need_redis()
     wl = started(Redis(16, rate=500), hosts)
@@ -161,7 +164,7 @@ def test_redis_survives_criu_migration(criu_ready, hosts, started, tmp_path):
     time.sleep(1)
     res = wl.finish()
     assert res.ok, res.detail
-    assert "digest same (%s)" % hosts.dst in res.detail, res.detail
+    assert f"digest same ({hosts.dst})" in res.detail, res.detail
     assert " 0 reconnects" not in res.detail, res.detail
     # The longest gap is the migration's: it ends after the dump started.
     assert t0 < res.max_gap_end, (res.max_gap_end, t0, t1)
@@ -210,9 +213,10 @@ def test_redis_checks_on_the_source_when_it_resumes(criu_ready, hosts, started, 
     wl = started(Redis(16, rate=500), hosts)
     wl.before()
     time.sleep(0.5)
-    criu_dump(wl.host_pid, tmp_path / "images", extra=[*wl.criu_opts(), "--leave-running"],
-              netns=hosts.src, timeout=120)
+    criu_dump(
+        wl.host_pid, tmp_path / "images", extra=[*wl.criu_opts(), "--leave-running"], netns=hosts.src, timeout=120
+    )
     time.sleep(0.5)
     res = wl.finish()
     assert res.ok, res.detail
-    assert "digest same (%s)" % hosts.src in res.detail and " 0 reconnects" in res.detail, res.detail
+    assert f"digest same ({hosts.src})" in res.detail and " 0 reconnects" in res.detail, res.detail

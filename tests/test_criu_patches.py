@@ -2,6 +2,7 @@
 runs into (scripts/criu-patches/); each is proven here against the CRIU on
 PATH, with a process that triggers the bug. It also keeps its kernel probes
 cached where this machine's /run cannot."""
+
 import os
 import signal
 import subprocess
@@ -28,18 +29,37 @@ def test_lazy_dump_with_a_page_aligned_stack_pointer(tmp_path):
     binary = build_program(SRC, "alignedsp")
     out = tmp_path / "out"
     with open(out, "w") as f:
-        proc = subprocess.Popen(["unshare", "--pid", "--fork", "setsid", binary], stdout=f,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "setsid", binary], stdout=f, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     dump = None
     try:
-        init = wait_for(lambda: "ready" in out.read_text() and psutil.Process(proc.pid).children()[0].pid,
-                        30, "alignedsp to start")
+        init = wait_for(
+            lambda: "ready" in out.read_text() and psutil.Process(proc.pid).children()[0].pid, 30, "alignedsp to start"
+        )
         imgs = tmp_path / "images"
         imgs.mkdir()
         rfd, wfd = os.pipe()
-        dump = subprocess.Popen([criu_binary(), "dump", "-t", str(init), "-D", str(imgs), "-o", "dump.log",
-                                 "-v3", "--lazy-pages", "--address", "127.0.0.1",
-                                 "--status-fd", str(wfd)], pass_fds=(wfd,), stdin=subprocess.DEVNULL)
+        dump = subprocess.Popen(
+            [
+                criu_binary(),
+                "dump",
+                "-t",
+                str(init),
+                "-D",
+                str(imgs),
+                "-o",
+                "dump.log",
+                "-v3",
+                "--lazy-pages",
+                "--address",
+                "127.0.0.1",
+                "--status-fd",
+                str(wfd),
+            ],
+            pass_fds=(wfd,),
+            stdin=subprocess.DEVNULL,
+        )
         os.close(wfd)
         ready = os.read(rfd, 1)  # the page server is up: the images are written
         os.close(rfd)
@@ -65,10 +85,10 @@ def test_kerndat_is_cached():
     criu = criu_binary()
     stamp = os.path.join(os.path.dirname(os.path.realpath(criu)), doctor.CRIU_PATCH_STAMP)
     if not os.path.exists(stamp):
-        pytest.skip("%s was not built by make setup" % criu)
+        pytest.skip(f"{criu} was not built by make setup")
     rundir = Path(stamp).read_text().split("rundir=")[1].split()[0]
     fs = subprocess.run(["stat", "-f", "-c", "%T", rundir], capture_output=True, text=True).stdout.strip()
-    assert fs == "tmpfs", "%s is on %s: CRIU keeps no cache there (make setup mounts it)" % (rundir, fs)
+    assert fs == "tmpfs", f"{rundir} is on {fs}: CRIU keeps no cache there (make setup mounts it)"
     subprocess.run([criu, "check"], capture_output=True, timeout=60)
     out = subprocess.run([criu, "check", "-v4"], capture_output=True, text=True, timeout=60)
-    assert "Loaded kdat cache from %s/criu.kdat" % rundir in out.stderr + out.stdout, out.stderr[-2000:]
+    assert f"Loaded kdat cache from {rundir}/criu.kdat" in out.stderr + out.stdout, out.stderr[-2000:]

@@ -68,6 +68,7 @@ def checks(run):
 
 # --- the command -------------------------------------------------------------
 
+
 def test_json_shape(run):
     _, rep = run
     assert set(rep) == {"checks", "paths", "tracker"}
@@ -92,7 +93,7 @@ def test_criu_matches_criu_version(checks):
         pytest.skip("no criu binary (or $CRIU overrides it)")
     out = subprocess.run([criu, "--version"], capture_output=True, text=True, timeout=30).stdout
     version = next(line.split()[1] for line in out.splitlines() if line.startswith("Version:"))
-    assert checks["criu"]["detail"] == "%s, version %s" % (criu, version)
+    assert checks["criu"]["detail"] == f"{criu}, version {version}"
     assert checks["criu"]["ok"] == (tuple(int(x) for x in version.split(".")[:2]) >= (4, 2))
 
 
@@ -144,8 +145,22 @@ def test_non_root_is_told_to_run_as_root():
     _need_root()
     if not shutil.which("setpriv"):
         pytest.skip("needs setpriv to drop root")
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-                           HYBRIDMIG, "doctor", "--json"], capture_output=True, text=True, timeout=300, cwd="/")
+    proc = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            HYBRIDMIG,
+            "doctor",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd="/",
+    )
     if "Permission denied" in proc.stderr:
         pytest.skip("user nobody cannot read the virtualenv")
     assert proc.returncode != 0
@@ -155,6 +170,7 @@ def test_non_root_is_told_to_run_as_root():
 
 
 # --- the engine's entry points -----------------------------------------------
+
 
 def test_require_functions_here():
     _need_root()
@@ -181,7 +197,7 @@ def test_criu_without_the_patches_is_a_caveat(monkeypatch, tmp_path):
     is named with what it does wrong and the fix; lazy restore still runs."""
     criu = doctor.find_criu()
     if not criu or doctor.criu_version(criu) is None or doctor.criu_version(criu) > doctor.LAST_UNPATCHED_CRIU:
-        pytest.skip("needs a CRIU <= %s" % ".".join(map(str, doctor.LAST_UNPATCHED_CRIU)))
+        pytest.skip("needs a CRIU <= {}".format(".".join(map(str, doctor.LAST_UNPATCHED_CRIU))))
     released = tmp_path / "criu"
     shutil.copy(os.path.realpath(criu), released)
     monkeypatch.setenv("CRIU", str(released))
@@ -214,6 +230,7 @@ def test_kernel_version_parse():
 
 
 # --- the probe wrappers ------------------------------------------------------
+
 
 def test_feature_table():
     bits = list(probe.FEATURES.values())
@@ -280,8 +297,12 @@ def test_probes_leave_nothing_behind():
     before = footprint()
     for _ in range(50):
         probe.probe_uffd()
-        for call in (probe.probe_pagemap_scan, probe.probe_soft_dirty, probe.probe_process_vm_readv,
-                     probe.probe_pidfd_getfd):
+        for call in (
+            probe.probe_pagemap_scan,
+            probe.probe_soft_dirty,
+            probe.probe_process_vm_readv,
+            probe.probe_pidfd_getfd,
+        ):
             try:
                 call()
             except NativeError:

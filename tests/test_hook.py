@@ -1,5 +1,6 @@
 """The CRIU hook's last resort: when CRIU's page server cannot be reached to
 end the session, the hook's child does what CRIU would have done."""
+
 import subprocess
 
 import psutil

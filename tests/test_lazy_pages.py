@@ -1,6 +1,7 @@
 """`hybridmig lazy-pages` serving real `criu restore --lazy-pages` runs of the
 self-verifying workload: every page of every process must verify after the
 restore, whatever the process does while pages are still pending."""
+
 import os
 import shutil
 import signal
@@ -9,8 +10,8 @@ import subprocess
 import pytest
 
 from criu_util import CriuError, criu_dump, criu_restore
-from lazy_util import LazyDaemon, lazy_restore, restored_alive, wait_for
 from hybridmig.testing.workload import Workload
+from lazy_util import LazyDaemon, lazy_restore, restored_alive, wait_for
 
 pytestmark = pytest.mark.usefixtures("criu_ready")
 
@@ -211,7 +212,7 @@ def test_truncated_pages_image(dumped):
     images, report = dumped
     pages = next(images.glob("pages-*.img"))
     os.truncate(pages, os.path.getsize(pages) // 2)
-    failed_restore(images, report, "%s: truncated" % pages.name)
+    failed_restore(images, report, f"{pages.name}: truncated")
 
 
 def test_corrupted_pagemap(dumped):
@@ -241,7 +242,7 @@ def test_work_dir_not_writable(dumped, tmp_path):
     work = tmp_path / "ro"
     work.mkdir()
     if subprocess.run(["chattr", "+i", str(work)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i is not supported on %s: cannot make a directory root cannot write" % work)
+        pytest.skip(f"chattr +i is not supported on {work}: cannot make a directory root cannot write")
     try:
         with LazyDaemon(images, work_dir=work, log_dir=tmp_path) as daemon:
             assert daemon.wait(30) != 0

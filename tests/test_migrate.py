@@ -7,6 +7,7 @@ network namespace, with every page intact and no remote fault; failed ones
 must leave the source running, untouched (no tracker left attached, not
 frozen) and intact, with nothing restored on the destination.
 """
+
 import os
 import shutil
 import signal
@@ -21,8 +22,21 @@ import pytest
 from hybridmig.testing.netns import TwoHosts
 from hybridmig.testing.workload import Workload, WorkloadError
 from lazy_util import restored_alive
-from migrate_util import (PORT, BackgroundRun, Cleanup, PyTree, Serve, kill_by_report, net_ns_inode, netns_inode,
-                          run_migration, state, tracked, uffd_fds, wait_for)
+from migrate_util import (
+    PORT,
+    BackgroundRun,
+    Cleanup,
+    PyTree,
+    Serve,
+    kill_by_report,
+    net_ns_inode,
+    netns_inode,
+    run_migration,
+    state,
+    tracked,
+    uffd_fds,
+    wait_for,
+)
 
 MIB = 1 << 20
 
@@ -45,7 +59,7 @@ class Env:
     def new_dir(self, name):
         """A fresh directory, removed at teardown. Short, under /tmp: serve's
         lazy-pages socket lives below its --dir (see test_serve_dir_with_long_path)."""
-        path = Path(tempfile.mkdtemp(prefix="hm-%s-" % name[:8], dir="/tmp"))
+        path = Path(tempfile.mkdtemp(prefix=f"hm-{name[:8]}-", dir="/tmp"))
         self.cleanup.add(shutil.rmtree, str(path), True)
         return path
 
@@ -71,20 +85,32 @@ class Env:
         ns = ns or self.hosts.dst
         addr = addr or (self.hosts.dst_addr if ns == self.hosts.dst else self.hosts.src_addr)
         base_dir = base_dir or self.new_dir("serve")
-        return Serve(self.hosts, ns, addr, base_dir, key or self.key, self.cleanup, self.tmp,
-                     env=env, keep=keep).wait_listening()
+        return Serve(
+            self.hosts, ns, addr, base_dir, key or self.key, self.cleanup, self.tmp, env=env, keep=keep
+        ).wait_listening()
 
     def to(self, ns=None):
         ns = ns or self.hosts.dst
         return "%s:%d" % (self.hosts.dst_addr if ns == self.hosts.dst else self.hosts.src_addr, PORT)
 
     def run(self, pid, *extra, ns=None, to=None, key=None, timeout=180):
-        return self._restored(run_migration(self.hosts, ns or self.hosts.src, pid, to or self.to(),
-                                            key or self.key, *extra, timeout=timeout))
+        return self._restored(
+            run_migration(
+                self.hosts, ns or self.hosts.src, pid, to or self.to(), key or self.key, *extra, timeout=timeout
+            )
+        )
 
     def run_background(self, pid, *extra, ns=None, to=None, key=None):
-        run = BackgroundRun(self.hosts, ns or self.hosts.src, pid, to or self.to(), key or self.key, *extra,
-                            cleanup=self.cleanup, log_dir=self.tmp)
+        run = BackgroundRun(
+            self.hosts,
+            ns or self.hosts.src,
+            pid,
+            to or self.to(),
+            key or self.key,
+            *extra,
+            cleanup=self.cleanup,
+            log_dir=self.tmp,
+        )
         wait = run.wait
         run.wait = lambda timeout=180: self._restored(wait(timeout))
         return run
@@ -101,6 +127,7 @@ def env(criu_ready, tmp_path):
 
 
 # --- checks ----------------------------------------------------------------------------
+
 
 def assert_intact(results, procs):
     assert len(results) == procs, results
@@ -131,12 +158,13 @@ def assert_migrated(env, wl, rc, rep, err, serve, size_mb, procs=1, dst_ns=None,
     assert rep["destination"]["ok"] is True, rep["destination"]
     assert rep["destination"]["remote_pages"] == 0, rep["destination"]
     restore = rep["destination"]["restore_breakdown_ms"]
-    assert set(restore) == {"daemon_ready", "criu_to_connected", "connected_to_finished", "finished_to_exit"}, \
-        restore
+    assert set(restore) == {"daemon_ready", "criu_to_connected", "connected_to_finished", "finished_to_exit"}, restore
     assert all(v >= 0 for v in restore.values()), restore
     assert abs(sum(restore.values()) - rep["breakdown"]["restore_ms"]) < 1, (restore, rep["breakdown"])
-    print("migrated: downtime %.1f ms, %d rounds, %d bytes, breakdown %s, restore %s"
-          % (rep["downtime_ms"], len(rounds), rep["bytes_sent"], rep["breakdown"], restore))
+    print(
+        "migrated: downtime %.1f ms, %d rounds, %d bytes, breakdown %s, restore %s"
+        % (rep["downtime_ms"], len(rounds), rep["bytes_sent"], rep["breakdown"], restore)
+    )
 
     # exactly one copy: the source tree is gone ...
     old_pids = list(wl._known)
@@ -195,19 +223,22 @@ def assert_rolled_back(env, wl, pids_before, rc, rep, err, procs=1):
 def assert_no_leftovers(serve, timeout=30):
     """Once serve is done, nothing it started (criu restore and its helpers,
     all named by the session dir on their command line) is left running."""
+
     def leftovers():
         out = []
         for p in psutil.process_iter(["pid", "cmdline"]):
             if p.info["pid"] != serve.proc.pid and str(serve.base_dir) in " ".join(p.info["cmdline"] or []):
                 out.append((p.info["pid"], " ".join(p.info["cmdline"])[:200]))
         return out
+
     try:
         wait_for(lambda: not leftovers(), timeout, "serve's helpers to end")
     except TimeoutError:
-        raise AssertionError("left behind by serve: %s" % leftovers()) from None
+        raise AssertionError(f"left behind by serve: {leftovers()}") from None
 
 
 # --- successful migrations ------------------------------------------------------------------
+
 
 @pytest.mark.timeout(240)
 def test_one_thread(env):
@@ -274,8 +305,7 @@ def test_churn_during_precopy(env):
     serve = env.serve()
     # rate-limited rounds that do not converge on their own estimate: the
     # churns land in round 0 and in later rounds
-    run = env.run_background(wl.host_pid, "--max-rounds", "50", "--target-downtime", "1",
-                             "--bandwidth-limit", "60M")
+    run = env.run_background(wl.host_pid, "--max-rounds", "50", "--target-downtime", "1", "--bandwidth-limit", "60M")
     _wait_in_precopy(wl, run)
     churns = _during_precopy(wl, run, wl.churn_verify)
     assert len(churns) >= 2, "only %d churns happened during pre-copy" % len(churns)
@@ -296,8 +326,7 @@ def test_fork_during_precopy(env):
     memory it inherited) again and again during the rounds."""
     wl = env.workload(128, threads=1, procs=2, rate=1000)
     serve = env.serve()
-    run = env.run_background(wl.host_pid, "--max-rounds", "50", "--target-downtime", "1",
-                             "--bandwidth-limit", "60M")
+    run = env.run_background(wl.host_pid, "--max-rounds", "50", "--target-downtime", "1", "--bandwidth-limit", "60M")
     _wait_in_precopy(wl, run)
     forks = _during_precopy(wl, run, wl.fork_verify)
     assert len(forks) >= 2, "only %d fork-verifies happened during pre-copy" % len(forks)
@@ -323,6 +352,7 @@ def test_migrate_there_and_back(env):
 
 
 # --- rollback ------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(120)
 def test_wrong_key(env):
@@ -472,9 +502,13 @@ def serve_restores(serve, criu_only=True):
     """serve's criu restore: CRIU (or, not criu_only, also setpriv, the
     parent check or a wrapper before their exec), found by serve's dir in
     their command line."""
-    return [p for p in psutil.process_iter(["cmdline", "name"])
-            if "restore" in (p.info["cmdline"] or []) and str(serve.base_dir) in " ".join(p.info["cmdline"])
-            and (p.info["name"] == "criu" or not criu_only)]
+    return [
+        p
+        for p in psutil.process_iter(["cmdline", "name"])
+        if "restore" in (p.info["cmdline"] or [])
+        and str(serve.base_dir) in " ".join(p.info["cmdline"])
+        and (p.info["name"] == "criu" or not criu_only)
+    ]
 
 
 HANG_HOOK = """#!/bin/sh
@@ -545,8 +579,11 @@ def test_destination_killed_during_the_switch_over(env):
     serve.kill()
     rc, rep, err = run.wait(120)
     assert_rolled_back(env, wl, pids, rc, rep, err)
-    wait_for(lambda: not serve_restores(serve, criu_only=False), 3,
-             "serve's criu restore to die (its action script sleeps 15 s)")
+    wait_for(
+        lambda: not serve_restores(serve, criu_only=False),
+        3,
+        "serve's criu restore to die (its action script sleeps 15 s)",
+    )
     time.sleep(13)  # past the action script's sleep: nothing restores late
     assert not restored_copies(wl, pids), restored_copies(wl, pids)
     assert_intact(wl.verify(), 1)
@@ -566,16 +603,19 @@ def test_destination_killed_while_installing(env):
     session = wait_for(lambda: list(serve.base_dir.glob("session-*")) or not run.running(), 60, "the session")
     pidfile = session[0] / "restore.pid"
 
-    wait_for(lambda: (pidfile.exists() and not serve_restores(serve)) or not run.running(), 150,
-             "serve's criu restore to exit", interval=0.0005)
+    wait_for(
+        lambda: (pidfile.exists() and not serve_restores(serve)) or not run.running(),
+        150,
+        "serve's criu restore to exit",
+        interval=0.0005,
+    )
     assert run.running(), run.err_path.read_text()
     # (its cmdline, lazy memory too, would read as zeros without serve)
     copy = psutil.Process(int(pidfile.read_text()))
     serve.kill()
     rc, rep, err = run.wait(120)
     assert_rolled_back(env, wl, pids, rc, rep, err)
-    wait_for(lambda: not copy.is_running() or copy.status() == psutil.STATUS_ZOMBIE, 10,
-             "the restored copy to end")
+    wait_for(lambda: not copy.is_running() or copy.status() == psutil.STATUS_ZOMBIE, 10, "the restored copy to end")
     # ended by its guard, not by its own crash on zeroed memory (memwork
     # segfaults within ~50 ms on it)
     assert "guard: ended the restored copy, pid %d" % copy.pid in serve.log(), serve.log()
@@ -656,7 +696,7 @@ def test_criu_options_that_would_keep_the_source_are_refused(env):
     pids = wl.pids()
     serve = env.serve()
     for opt, why in (("-R", "second copy"), ("--port=1234", "sets it itself")):
-        rc, rep, err = env.run(wl.host_pid, "--criu-opt=%s" % opt, timeout=30)
+        rc, rep, err = env.run(wl.host_pid, f"--criu-opt={opt}", timeout=30)
         error = assert_rolled_back(env, wl, pids, rc, rep, err)
         assert opt in error and why in error, error
     assert serve.proc.poll() is None and "session" not in serve.log(), serve.log()
@@ -726,11 +766,15 @@ def test_serve_dir_with_long_path(env):
     if rc != 0:
         assert_rolled_back(env, wl, pids, rc, rep, err)
     assert rc == 0, "serve accepted --dir %s (%d bytes) but the migration failed at the switch-over: %s" % (
-        deep, len(str(deep)), rep["error"])
+        deep,
+        len(str(deep)),
+        rep["error"],
+    )
     assert_migrated(env, wl, rc, rep, err, serve, 64)
 
 
 # --- tree shapes beyond memwork (python processes, each init of its pid namespace) ----------
+
 
 def assert_pytree_migrated(env, tree, rc, rep, err, serve, nprocs):
     assert rc == 0, err
@@ -777,8 +821,9 @@ def test_child_exits_during_precopy(env):
     is no reason to give up; the root migrates alone."""
     # 40 MB/s: round 0 (the root's ~100 MiB) ends after ~2.5 s, round 1 then
     # takes the child whole (~2.5 s more); the child ends 4 s after its fork
-    _fork_during_rounds(env, PyTree(env.hosts, env.hosts.src, env.tmp, env.cleanup, private_mb=96, child_life=4.0),
-                        procs=1)
+    _fork_during_rounds(
+        env, PyTree(env.hosts, env.hosts.src, env.tmp, env.cleanup, private_mb=96, child_life=4.0), procs=1
+    )
 
 
 def _fork_during_rounds(env, tree, procs):
@@ -806,6 +851,7 @@ def test_shared_memory_larger_than_a_frame(env):
 
 
 # --- auto-converge ----------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(300)
 def test_auto_converge_brings_a_fast_writer_to_a_small_final_round(env):
@@ -836,14 +882,21 @@ def test_run_killed_while_holding_the_tree_leaves_it_running(env):
     pids = wl.pids()
     serve = env.serve()
     run = env.run_background(wl.host_pid, "--bandwidth-limit", "10M")
-    wait_for(lambda: "auto-converge" in run.err_path.read_text() or not run.running(), 120,
-             "auto-converge to start holding the tree")
+    wait_for(
+        lambda: "auto-converge" in run.err_path.read_text() or not run.running(),
+        120,
+        "auto-converge to start holding the tree",
+    )
     wait_for(lambda: state(wl.host_pid) == "t" or not run.running(), 30, "a hold")
     assert run.running(), run.err_path.read_text()
 
     def criu_dumps():
-        return [p for p in psutil.process_iter(["cmdline"])
-                if (p.info["cmdline"] or [])[1:4] == ["dump", "-t", str(wl.host_pid)]]
+        return [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [])[1:4] == ["dump", "-t", str(wl.host_pid)]
+        ]
+
     (dump,) = criu_dumps()
     cmd = dump.cmdline()
     left = [os.path.dirname(cmd[cmd.index("-D") + 1]), os.path.dirname(dump.environ()["HYBRIDMIG_HOOK_SOCKET"])]

@@ -8,6 +8,7 @@ never-written holes) with --lazy-pages, so that its private anonymous pages
 stay on the dump side's page server, restore it through hybridmig and make
 the restored process check every page itself.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -37,7 +38,7 @@ PAGE = 4096
 # (i, seed) repeated, except every 7th page, never written (a hole: zero).
 # SIGUSR1 makes it check every page and append "OK n" or "BAD ..." to RESULT
 # (opened and closed each time: no file is open across the dump).
-WORKLOAD = r'''
+WORKLOAD = r"""
 import mmap, signal, struct, sys
 res, npages, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 P = 4096
@@ -58,10 +59,11 @@ signal.signal(signal.SIGUSR1, check)
 report("READY")
 while True:
     signal.pause()
-'''
+"""
 
 
 # --- helpers ----------------------------------------------------------------
+
 
 def _criu():
     for path in (os.environ.get("CRIU"), shutil.which("criu"), "/usr/local/sbin/criu", "/usr/sbin/criu"):
@@ -77,9 +79,9 @@ def _need_root_criu():
         pytest.skip("criu not found (set $CRIU)")
     for tool in ("unshare", "setsid"):
         if not shutil.which(tool):
-            pytest.skip("needs %r on PATH to start the workload" % tool)
+            pytest.skip(f"needs {tool!r} on PATH to start the workload")
     if not HYBRIDMIG.exists():
-        pytest.skip("%s is missing: run `make setup`" % HYBRIDMIG)
+        pytest.skip(f"{HYBRIDMIG} is missing: run `make setup`")
 
 
 def _wait_for(cond, timeout, what, interval=0.05):
@@ -89,7 +91,7 @@ def _wait_for(cond, timeout, what, interval=0.05):
         if v:
             return v
         if time.monotonic() > deadline:
-            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
 
 
@@ -101,7 +103,7 @@ def _free_port():
 
 def _listening(port):
     """Is something listening on 127.0.0.1:port (this net namespace)?"""
-    want = "0100007F:%04X" % port
+    want = f"0100007F:{port:04X}"
     with open("/proc/net/tcp") as f:
         return any(line.split()[1] == want and line.split()[3] == "0A" for line in list(f)[1:])
 
@@ -151,9 +153,9 @@ def _log_tail(path, n=25):
     try:
         lines = Path(path).read_text(errors="replace").splitlines()
     except OSError as e:
-        return "(no %s: %s)" % (path, e)
-    errs = [l for l in lines if "Error" in l and "RLIMIT_NOFILE" not in l][:10]
-    return "\n".join(["--- %s: errors ---" % path] + errs + ["--- last %d lines ---" % n] + lines[-n:])
+        return f"(no {path}: {e})"
+    errs = [line for line in lines if "Error" in line and "RLIMIT_NOFILE" not in line][:10]
+    return "\n".join([f"--- {path}: errors ---"] + errs + ["--- last %d lines ---" % n] + lines[-n:])
 
 
 def _pids_running(script):
@@ -163,7 +165,7 @@ def _pids_running(script):
         if not d.isdigit():
             continue
         try:
-            with open("/proc/%s/cmdline" % d, "rb") as f:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
                 if script.encode() in f.read() and _alive(int(d)):
                     out.append(int(d))
         except OSError:
@@ -226,45 +228,103 @@ class Migration:
         python = os.path.realpath(sys.executable)
         self.unshare = subprocess.Popen(
             ["unshare", "-p", "-f", "setsid", python, self.script, str(self.result), str(NPAGES), str(SEED)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True)
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
         kids = "/proc/%d/task/%d/children" % (self.unshare.pid, self.unshare.pid)
         self.host_pid = int(_wait_for(lambda: Path(kids).read_text().split(), 20, "unshare's child")[0])
         _wait_for(lambda: "READY" in self.results() or self.unshare.poll() is not None, 60, "the workload")
-        assert self.unshare.poll() is None, "the workload died: %s" % self.results()
+        assert self.unshare.poll() is None, f"the workload died: {self.results()}"
         assert self.check(self.host_pid) == "OK %d" % NPAGES  # sanity before the dump
 
     def start_lazy_dump(self):
         self.dump = subprocess.Popen(
-            [_criu(), "dump", "--lazy-pages", "--address", "127.0.0.1", "--port", str(self.port),
-             "-t", str(self.host_pid), "-D", str(self.images), "-o", "dump.log", "-v4"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=True)
-        _wait_for(lambda: _listening(self.port) or self.dump.poll() is not None, 60,
-                  "the lazy dump's page server on port %d" % self.port)
-        assert self.dump.poll() is None, "criu dump --lazy-pages exited %s:\n%s" % (
-            self.dump.returncode, _log_tail(self.images / "dump.log"))
+            [
+                _criu(),
+                "dump",
+                "--lazy-pages",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "-t",
+                str(self.host_pid),
+                "-D",
+                str(self.images),
+                "-o",
+                "dump.log",
+                "-v4",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            close_fds=True,
+        )
+        _wait_for(
+            lambda: _listening(self.port) or self.dump.poll() is not None,
+            60,
+            "the lazy dump's page server on port %d" % self.port,
+        )
+        assert self.dump.poll() is None, "criu dump --lazy-pages exited {}:\n{}".format(
+            self.dump.returncode, _log_tail(self.images / "dump.log")
+        )
 
     def start_daemon(self, port, expect_listening=True):
         self.daemon_out = self.tmp / "daemon.out"
         self.stats = self.tmp / "stats.json"
         with open(self.daemon_out, "wb") as out:
             self.daemon = subprocess.Popen(
-                [str(HYBRIDMIG), "lazy-pages", "-D", str(self.images), "--page-server",
-                 "--address", "127.0.0.1", "--port", str(port), "--stats-json", str(self.stats),
-                 "--timeout", "60"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, close_fds=True)
+                [
+                    str(HYBRIDMIG),
+                    "lazy-pages",
+                    "-D",
+                    str(self.images),
+                    "--page-server",
+                    "--address",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--stats-json",
+                    str(self.stats),
+                    "--timeout",
+                    "60",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+            )
         sock = self.images / "lazy-pages.socket"
         _wait_for(lambda: sock.exists() or self.daemon.poll() is not None, 30, "hybridmig lazy-pages to listen")
         if expect_listening:
-            assert self.daemon.poll() is None, "hybridmig lazy-pages exited %s: %s" % (
-            self.daemon.returncode, self.daemon_out.read_text())
+            assert self.daemon.poll() is None, (
+                f"hybridmig lazy-pages exited {self.daemon.returncode}: {self.daemon_out.read_text()}"
+            )
 
     def restore(self):
         pidfile = self.tmp / "restore.pid"
         proc = subprocess.run(
-            [_criu(), "restore", "-D", str(self.images), "--lazy-pages", "-d", "--pidfile", str(pidfile),
-             "-o", "restore.log", "-v4"],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+            [
+                _criu(),
+                "restore",
+                "-D",
+                str(self.images),
+                "--lazy-pages",
+                "-d",
+                "--pidfile",
+                str(pidfile),
+                "-o",
+                "restore.log",
+                "-v4",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if pidfile.exists():
             try:
                 self.restored_pid = int(pidfile.read_text())
@@ -298,6 +358,7 @@ def root_criu():
 
 # --- real CRIU ----------------------------------------------------------------
 
+
 def test_lazy_migration_through_page_server(root_criu, migration):
     m = migration
     m.start_workload()
@@ -306,19 +367,24 @@ def test_lazy_migration_through_page_server(root_criu, migration):
 
     r = m.restore()
     assert r.returncode == 0, "criu restore --lazy-pages failed (%d): %s\n%s\n%s" % (
-        r.returncode, r.stderr, _log_tail(m.images / "restore.log"), m.daemon_out.read_text())
+        r.returncode,
+        r.stderr,
+        _log_tail(m.images / "restore.log"),
+        m.daemon_out.read_text(),
+    )
     assert m.restored_pid
 
     try:
         rc = m.daemon.wait(120)
     except subprocess.TimeoutExpired:
-        raise AssertionError("hybridmig lazy-pages still running 120 s after the restore")
+        raise AssertionError("hybridmig lazy-pages still running 120 s after the restore") from None
     assert rc == 0, "hybridmig lazy-pages exited %d: %s" % (rc, m.daemon_out.read_text())
     try:
         rc = m.dump.wait(60)
     except subprocess.TimeoutExpired:
-        raise AssertionError("criu dump --lazy-pages still serving after the daemon exited:\n"
-                             + _log_tail(m.images / "dump.log"))
+        raise AssertionError(
+            "criu dump --lazy-pages still serving after the daemon exited:\n" + _log_tail(m.images / "dump.log")
+        ) from None
     assert rc == 0, "criu dump --lazy-pages exited %d:\n%s" % (rc, _log_tail(m.images / "dump.log"))
     dump_log = (m.images / "dump.log").read_text(errors="replace")
     assert "Lazy pages transfer finished successfully" in dump_log
@@ -347,7 +413,7 @@ def test_wrong_port_fails_cleanly(root_criu, migration):
     try:
         rc = m.daemon.wait(60)
     except subprocess.TimeoutExpired:
-        raise AssertionError("hybridmig lazy-pages still running after its page server was refused")
+        raise AssertionError("hybridmig lazy-pages still running after its page server was refused") from None
     out = m.daemon_out.read_text()
     assert rc != 0
     assert "hybridmig: error:" in out and "127.0.0.1:%d" % wrong in out and "refused" in out.lower(), out
@@ -358,10 +424,11 @@ def test_wrong_port_fails_cleanly(root_criu, migration):
     # Nothing of the restore is left: only the dumped (frozen) original runs.
     def others():
         return [p for p in _pids_running(m.script) if p not in (m.unshare.pid, m.host_pid)]
+
     try:
         _wait_for(lambda: not others(), 30, "the failed restore's processes to go")
     except AssertionError:
-        raise AssertionError("left running after the failed restore: %s" % others())
+        raise AssertionError(f"left running after the failed restore: {others()}") from None
     assert _alive(m.host_pid)
     if m.restored_pid:
         assert not _alive(m.restored_pid)
@@ -370,13 +437,14 @@ def test_wrong_port_fails_cleanly(root_criu, migration):
     # the original resumes, intact.
     assert m.dump.poll() is None
     from hybridmig.criu.pageserver import PageServerSource
+
     src = PageServerSource("127.0.0.1", m.port)
     src.connect()
     src.abort()
     try:
         rc = m.dump.wait(60)
     except subprocess.TimeoutExpired:
-        raise AssertionError("criu dump did not end after the aborted session")
+        raise AssertionError("criu dump did not end after the aborted session") from None
     assert rc != 0
     assert "Lazy pages transfer FAILED" in (m.images / "dump.log").read_text(errors="replace")
     assert m.check(m.host_pid) == "OK %d" % NPAGES
@@ -446,6 +514,7 @@ class FakeServer(threading.Thread):
 
 def _task(pid, runs):
     from hybridmig.criu.images import LazyRun, TaskImages
+
     return TaskImages(pid, "/nonexistent", [LazyRun(v, n, None) for v, n in runs])
 
 
@@ -454,17 +523,19 @@ def store():
     try:
         from hybridmig.bindings.pagestore import PageStore
     except ImportError as e:
-        pytest.skip("native module unavailable: %s" % e)
+        pytest.skip(f"native module unavailable: {e}")
     return PageStore()
 
 
 def test_protocol_clamped_replies_and_close(store):
     from hybridmig.bindings.pagestore import ABSENT, DATA
     from hybridmig.criu.pageserver import PageServerSource
+
     base = 0x7F0000000000
     # The server's iovecs split where our runs do not, and the request has a gap.
-    srv = FakeServer([(base, base + 3 * PAGE), (base + 3 * PAGE, base + 10 * PAGE),
-                      (base + 20 * PAGE, base + 30 * PAGE)], pid=42)
+    srv = FakeServer(
+        [(base, base + 3 * PAGE), (base + 3 * PAGE, base + 10 * PAGE), (base + 20 * PAGE, base + 30 * PAGE)], pid=42
+    )
     srv.start()
     src = PageServerSource("127.0.0.1", srv.port)
     src.add_task(7, _task(42, [(base, 10), (base + 20 * PAGE, 10)]))
@@ -486,8 +557,9 @@ def test_protocol_clamped_replies_and_close(store):
 
 @pytest.mark.parametrize("mode", ["garbage", "truncate"])
 def test_protocol_errors_name_the_server(store, mode):
-    from hybridmig.errors import ProtocolError
     from hybridmig.criu.pageserver import PageServerSource
+    from hybridmig.errors import ProtocolError
+
     base = 0x7F0000000000
     srv = FakeServer([(base, base + 16 * PAGE)], pid=5, mode=mode)
     srv.start()
@@ -504,8 +576,9 @@ def test_protocol_errors_name_the_server(store, mode):
 
 
 def test_connection_refused_names_the_server():
-    from hybridmig.errors import ProtocolError
     from hybridmig.criu.pageserver import PageServerSource
+    from hybridmig.errors import ProtocolError
+
     port = _free_port()
     src = PageServerSource("127.0.0.1", port)
     with pytest.raises(ProtocolError, match=r"127\.0\.0\.1:%d.*refused" % port):

@@ -1,4 +1,5 @@
 """The RAM page store (hybridmig.bindings.pagestore.PageStore, native/src/pagestore.c)."""
+
 import errno
 import os
 import random
@@ -82,7 +83,7 @@ def test_put_get_roundtrip_across_chunks(s, offset_pages, npages):
     assert kind_of(s, 3, vaddr + npages * P) == ABSENT
     assert s.count(3, vaddr - 10 * P, npages + 20) == (npages, 0)
     st = s.stats()
-    first_chunk = (vaddr // CHUNK)
+    first_chunk = vaddr // CHUNK
     last_chunk = (vaddr + npages * P - 1) // CHUNK
     assert st["chunks"] == last_chunk - first_chunk + 1
     assert st["pages_data"] == npages
@@ -677,7 +678,6 @@ def test_load_file_bad_descriptors(s, tmp_path):
         os.close(fd)
     assert s.get(1, BASE) == (ABSENT, None)
     assert s.stats()["pages_data"] == 0
-
 
 
 def test_failed_load_leaves_no_chunk_behind(s, tmp_path):

@@ -1,6 +1,7 @@
 """Pre-copy rounds into a real destination session: after the last round,
 with the workload frozen, the destination's store holds exactly the
 source's memory, page by page, for every tracked (private anonymous) page."""
+
 import os
 import signal
 import socket
@@ -10,9 +11,9 @@ import time
 import pytest
 
 from hybridmig import wire
+from hybridmig.destination.serve import Session
 from hybridmig.source.converge import AutoConverge, hold_s, share_of_hold, slowed_down
 from hybridmig.source.precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
-from hybridmig.destination.serve import Session
 from hybridmig.source.tracker import TreeTracker
 from hybridmig.testing.workload import Workload
 from test_tracker import DirtySet, _need_uffd_wp
@@ -154,6 +155,7 @@ def test_a_fitting_dirty_set_still_gets_its_own_round(session):
 
 # --- hot pages ---------------------------------------------------------------------------------
 
+
 @pytest.mark.usefixtures("criu_ready")
 def test_pages_written_continuously_travel_in_the_final_round_only(session):
     """A writer rewrites a quarter of its 64 MiB without pause: once found
@@ -163,8 +165,9 @@ def test_pages_written_continuously_travel_in_the_final_round_only(session):
     store_session, channel = session
     hot_pages = 64 * 256 // 4
     with Workload.start(64, rate=0, hot=25) as wl:
-        rounds, precopy, sender, vmas, _ = precopy_then_final(channel, wl.host_pid, max_rounds=8,
-                                                              target_downtime_ms=0.0)
+        rounds, precopy, sender, vmas, _ = precopy_then_final(
+            channel, wl.host_pid, max_rounds=8, target_downtime_ms=0.0
+        )
         checked = assert_store_equals_memory(store_session, channel, sender, vmas)
         os.kill(wl.host_pid, signal.SIGCONT)
         assert checked >= 64 * 256
@@ -175,8 +178,10 @@ def test_pages_written_continuously_travel_in_the_final_round_only(session):
     assert later and all(r.pages_hot >= hot_pages for r in later), table
     assert all(r.pages_sent < hot_pages / 8 for r in later), table  # not again
     # the estimate of the final round counts them (at the bandwidth known when it was made)
-    assert all(r.est_downtime_ms == pytest.approx(r.pages_owed * PAGE_SIZE / prev.bandwidth_bps * 1000)
-               for prev, r in zip(rounds[1:], later)), table
+    assert all(
+        r.est_downtime_ms == pytest.approx(r.pages_owed * PAGE_SIZE / prev.bandwidth_bps * 1000)
+        for prev, r in zip(rounds[1:], later, strict=False)
+    ), table
     assert len(rounds) <= 5, table  # the hot set does not shrink: stalled
 
 
@@ -200,8 +205,14 @@ def test_a_hot_run_that_cools_is_sent_once_then_tracked_exactly(session):
             probe = tracker.trackers[ds.pid]
             probe.probe_period_s = 1e9
             sent = []
-            for number, write, period in ((1, run, 1e9), (2, run, 1e9), (3, run, 1e9), (4, None, 1e-9),
-                                          (5, None, 1e9), (6, "touch %d 3,4,100" % rid, 1e9)):
+            for number, write, period in (
+                (1, run, 1e9),
+                (2, run, 1e9),
+                (3, run, 1e9),
+                (4, None, 1e-9),
+                (5, None, 1e9),
+                (6, "touch %d 3,4,100" % rid, 1e9),
+            ):
                 if write:
                     ds.pages(write)
                 probe.probe_period_s = period
@@ -216,11 +227,11 @@ def test_a_hot_run_that_cools_is_sent_once_then_tracked_exactly(session):
     # (the command loop's own stack and buffers add a few pages a round)
     slack = 16
     assert 128 <= sent[0][0] < 128 + slack and sent[0][1] == 0, sent  # written once: sent
-    assert sent[1][0] < slack and sent[1][1] == 128, sent             # twice: hot
+    assert sent[1][0] < slack and sent[1][1] == 128, sent  # twice: hot
     assert sent[2][0] < slack and sent[2][1] == 128, sent
-    assert sent[3][0] < slack and sent[3][1] == 128, sent             # probed: still owed
+    assert sent[3][0] < slack and sent[3][1] == 128, sent  # probed: still owed
     assert 128 <= sent[4][0] < 128 + slack and sent[4][1] == 0, sent  # cold: sent once
-    assert 3 <= sent[5][0] < 3 + slack and sent[5][1] == 0, sent      # exact again
+    assert 3 <= sent[5][0] < 3 + slack and sent[5][1] == 0, sent  # exact again
 
 
 @pytest.mark.usefixtures("criu_ready")
@@ -233,8 +244,9 @@ def test_auto_converge_drops_the_hot_set_so_throttling_shows(session):
     final round fits."""
     store_session, channel = session
     with Workload.start(64, rate=20000, hot=25) as wl:
-        rounds, _, sender, vmas, _ = precopy_then_final(channel, wl.host_pid, Throttle(20_000_000), True,
-                                                        max_rounds=30, target_downtime_ms=300.0)
+        rounds, _, sender, vmas, _ = precopy_then_final(
+            channel, wl.host_pid, Throttle(20_000_000), True, max_rounds=30, target_downtime_ms=300.0
+        )
         assert_store_equals_memory(store_session, channel, sender, vmas)
         os.kill(wl.host_pid, signal.SIGCONT)
         assert all(r["bad"] == 0 for r in wl.verify())
@@ -250,9 +262,9 @@ def test_throttle_steps():
     """10 more points after a raise that slowed the writes as it should;
     holds 4 times as long after one that did not (a writer catching up on
     short holds), up to 99 %."""
-    assert slowed_down(10000, 0.2, 7000, 0.4)      # 0.75 expected, 0.7 seen
+    assert slowed_down(10000, 0.2, 7000, 0.4)  # 0.75 expected, 0.7 seen
     assert not slowed_down(10000, 0.2, 9500, 0.4)  # catching up
-    assert slowed_down(10000, 0.4, 12000, 0.4)     # no raise: nothing to judge
+    assert slowed_down(10000, 0.4, 12000, 0.4)  # no raise: nothing to judge
     converge = AutoConverge(lambda: [])
     try:
         steps = []

@@ -1,4 +1,5 @@
 """Interval lists (hybridmig.bindings.ranges.Ranges, native/src/ranges.c)."""
+
 import random
 
 import pytest
@@ -342,7 +343,7 @@ def check_full(r, model):
     got = list(r)
     assert got == intervals_of(model)
     # the invariant: sorted, disjoint, non-adjacent, non-empty
-    for (a, b), (c, d) in zip(got, got[1:]):
+    for (a, b), (c, d) in zip(got, got[1:], strict=False):
         assert a < b < c < d
     assert len(r) == len(got)
 
@@ -373,7 +374,11 @@ def test_random_against_set_model():
         elif op < 0.85:
             n = rng.randrange(0, 200)
             src = rng.randrange(0, NPAGES - n + 1)
-            dst = rng.randrange(0, NPAGES - n + 1) if rng.random() < 0.5 else max(0, min(NPAGES - n, src + rng.randrange(-n - 2, n + 3)))
+            dst = (
+                rng.randrange(0, NPAGES - n + 1)
+                if rng.random() < 0.5
+                else max(0, min(NPAGES - n, src + rng.randrange(-n - 2, n + 3)))
+            )
             # As the kernel reports the UNMAP of the destination first,
             # clear whatever of it lies outside the source.
             for a, b in ((dst, min(dst + n, src)), (max(dst, src + n), dst + n)):

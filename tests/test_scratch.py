@@ -1,4 +1,5 @@
 """Scratch dirs: the next one made removes those whose owner died, and only those."""
+
 import os
 import subprocess
 import sys
@@ -10,12 +11,17 @@ MAKE = "import sys; from hybridmig import scratch; print(scratch.make(sys.argv[1
 
 def test_dirs_of_dead_owners_are_swept(tmp_path):
     # an owner that ended without removing its dir (as a SIGKILLed one does)
-    dead = subprocess.run([sys.executable, "-c", MAKE, "hm-", str(tmp_path)], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", MAKE, "hm-", str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     (tmp_path / os.path.basename(dead) / "images").mkdir()
     # an owner still alive
-    live = subprocess.Popen([sys.executable, "-c", MAKE + "; sys.stdin.read()", "hm-", str(tmp_path)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    live = subprocess.Popen(
+        [sys.executable, "-c", MAKE + "; sys.stdin.read()", "hm-", str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         alive = live.stdout.readline().strip()
         kept = scratch.make("hm-", str(tmp_path))

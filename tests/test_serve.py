@@ -1,5 +1,6 @@
 """serve's guard around its criu restore: the command dies with serve, and
 does not start at all under a parent other than the serve that built it."""
+
 import os
 import signal
 import subprocess
@@ -12,8 +13,9 @@ import pytest
 
 from hybridmig.destination.serve import dies_with_me
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/setpriv") and not os.path.exists("/bin/setpriv"),
-                                reason="needs setpriv (util-linux)")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/usr/bin/setpriv") and not os.path.exists("/bin/setpriv"), reason="needs setpriv (util-linux)"
+)
 
 
 def test_runs_under_its_own_parent(tmp_path):
@@ -35,11 +37,18 @@ def test_does_not_start_under_another_parent(tmp_path):
 def test_dies_with_its_parent(tmp_path):
     """A parent SIGKILLed while the command runs takes the command with it."""
     pidfile = tmp_path / "pid"
-    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import subprocess, sys
         from hybridmig.destination.serve import dies_with_me
-        subprocess.run(dies_with_me(["sh", "-c", "echo $$ > %s.tmp && mv %s.tmp %s && exec sleep 60"]))
-    """ % (pidfile, pidfile, pidfile))])
+        script = "echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile} && exec sleep 60"
+        subprocess.run(dies_with_me(["sh", "-c", script]))
+    """),
+        ]
+    )
     child = None
     try:
         deadline = time.monotonic() + 10

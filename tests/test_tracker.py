@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from hybridmig import doctor
-from hybridmig.source import tracker as trk
 from hybridmig.bindings import tracker as native
 from hybridmig.errors import NativeError
+from hybridmig.source import tracker as trk
 from hybridmig.testing.workload import Workload, build_program
 
 PAGE = 4096
@@ -37,6 +37,7 @@ SYS_getpid = 39  # x86_64
 
 
 # --- set-up ---------------------------------------------------------------------
+
 
 def _need_root():
     if os.geteuid() != 0:
@@ -50,7 +51,7 @@ def _need_uffd_wp():
     if os.uname().machine != "x86_64":
         pytest.skip("syscall injection is implemented for x86_64 only")
     if doctor.dirty_tracker() != trk.UFFD_WP:
-        pytest.skip("the uffd-wp tracker does not work here: %s" % doctor.uffd_wp_path().reason)
+        pytest.skip(f"the uffd-wp tracker does not work here: {doctor.uffd_wp_path().reason}")
 
 
 def build_dirtyset() -> str:
@@ -61,8 +62,9 @@ class DirtySet:
     """A running dirtyset, stepped one command at a time."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([build_dirtyset()], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [build_dirtyset()], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
         self.pid = self.proc.pid
         assert self.cmd("pid") == [str(self.pid)]
 
@@ -70,7 +72,7 @@ class DirtySet:
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline().split()
-        assert answer and answer[0] == "ok", "dirtyset: %r -> %r" % (line, answer)
+        assert answer and answer[0] == "ok", f"dirtyset: {line!r} -> {answer!r}"
         return answer[1:]
 
     def map(self, pages):
@@ -146,6 +148,7 @@ def verified(wl):
 
 # --- exactness ---------------------------------------------------------------------
 
+
 def test_scan_reports_exactly_the_pages_written():
     _need_uffd_wp()
     payload = tempfile.NamedTemporaryFile(prefix="dirtyset-", delete=False)
@@ -170,8 +173,7 @@ def _exactness_rounds(ds, tracker, payload):
     def scan(expect, why):
         result = tracker.scan()
         got = page_set(result.dirty, regions)
-        assert got == expect, "%s: missing %s, extra %s" % (
-            why, sorted(map(hex, expect - got)), sorted(map(hex, got - expect)))
+        assert got == expect, f"{why}: missing {sorted(map(hex, expect - got))}, extra {sorted(map(hex, got - expect))}"
         assert page_set(result.written, regions) <= got
         return result
 
@@ -204,7 +206,7 @@ def _exactness_rounds(ds, tracker, payload):
 
     # Replaced at the same address (munmap + mmap, as malloc does): the
     # address range looks unchanged, the content is all new.
-    assert ds.cmd("renew %d" % b_id) == ["%x" % b[0]]
+    assert ds.cmd("renew %d" % b_id) == [f"{b[0]:x}"]
     result = tracker.scan()
     assert trk.intersect(result.dirty, [b]) == [b], "a VMA replaced in place is not sent whole"
     scan(set(), "after the replaced region was sent whole")
@@ -234,8 +236,8 @@ def test_keep_hot_spares_pages_written_round_after_round():
     with DirtySet() as ds:
         rid, region = ds.map(192)
         hot_line = "touch %d %s" % (rid, ",".join(map(str, range(128))))  # one run of 128 pages
-        short_line = "touch %d 140,141,150" % rid                          # runs of 2 and 1
-        ds.pages("touch %d %s" % (rid, ",".join(map(str, range(192)))))   # all populated
+        short_line = "touch %d 140,141,150" % rid  # runs of 2 and 1
+        ds.pages("touch %d %s" % (rid, ",".join(map(str, range(192)))))  # all populated
         with trk.DirtyTracker(ds.pid, trk.UFFD_WP, keep_hot=True) as tracker:
             tracker.probe_period_s = never
 
@@ -251,39 +253,45 @@ def test_keep_hot_spares_pages_written_round_after_round():
                 tracker.probe_period_s = probe
                 result = tracker.scan()
                 tracker.probe_period_s = never
-                for name, got, want in (("dirty", result.dirty, dirty), ("written", result.written, written),
-                                        ("hot", result.hot, kept)):
-                    assert page_set(got, [region]) == want, "scan %d %s: %s" % (number, name, sorted(
-                        (a - region[0]) // PAGE for a in page_set(got, [region]) ^ want))
+                for name, got, want in (
+                    ("dirty", result.dirty, dirty),
+                    ("written", result.written, written),
+                    ("hot", result.hot, kept),
+                ):
+                    assert page_set(got, [region]) == want, "scan %d %s: %s" % (
+                        number,
+                        name,
+                        sorted((a - region[0]) // PAGE for a in page_set(got, [region]) ^ want),
+                    )
 
             hot = touch(hot_line, faults=True)
             short = touch(short_line, faults=True)
             scan(1, hot | short, hot | short, set())
             touch(hot_line, faults=True)
             touch(short_line, faults=True)
-            scan(2, short, hot | short, hot)           # written twice in a row: hot, not protected again
+            scan(2, short, hot | short, hot)  # written twice in a row: hot, not protected again
             touch(hot_line, faults=False)
             touch(short_line, faults=True)
-            scan(3, short, short, hot)                 # hot: not looked at, owed
+            scan(3, short, short, hot)  # hot: not looked at, owed
             touch(hot_line, faults=False)
-            scan(4, set(), hot, hot, probe=now)        # the probe protects it again (still owed)
+            scan(4, set(), hot, hot, probe=now)  # the probe protects it again (still owed)
             touch(hot_line, faults=True)
-            scan(5, set(), hot, hot)                   # written since the probe: hot, left unprotected
+            scan(5, set(), hot, hot)  # written since the probe: hot, left unprotected
             touch(hot_line, faults=False)
             scan(6, set(), set(), hot)
             scan(7, set(), hot, hot, probe=now)
-            scan(8, hot, set(), set())                 # not written since the probe: cooled, sent once
+            scan(8, hot, set(), set())  # not written since the probe: cooled, sent once
             touch(hot_line, faults=True)
-            scan(9, hot, hot, set())                   # tracked exactly
+            scan(9, hot, hot, set())  # tracked exactly
             touch(hot_line, faults=True)
-            scan(10, set(), hot, hot)                  # hot again
+            scan(10, set(), hot, hot)  # hot again
             tracker.drop_hot()
             touch(hot_line, faults=False)
-            scan(11, hot, hot, set())                  # dropped: in dirty, protected again
+            scan(11, hot, hot, set())  # dropped: in dirty, protected again
             touch(hot_line, faults=True)
             scan(12, hot, hot, set())
             touch(hot_line, faults=True)
-            scan(13, hot, hot, set())                  # and never hot again
+            scan(13, hot, hot, set())  # and never hot again
 
 
 def test_hot_probe_rotates_through_the_hot_set():
@@ -309,7 +317,7 @@ def test_hot_probe_rotates_through_the_hot_set():
                 ds.pages("touch %d %s" % (rid, ",".join(map(str, range(128)))))  # the first half stays hot
                 result = tracker.scan()
                 probed.append(page_set(tracker._probation, [region]))
-            assert all(not (a & b) for i, a in enumerate(probed) for b in probed[i + 1:]), "a page probed twice"
+            assert all(not (a & b) for i, a in enumerate(probed) for b in probed[i + 1 :]), "a page probed twice"
             assert 4 <= sum(1 for p in probed if p) <= 12, [len(p) for p in probed]
             covered = set().union(*probed)
             assert len(covered) >= 256 * 0.6, len(covered)
@@ -352,11 +360,11 @@ def test_read_pages_and_zero_bitmap():
             zero = {b.vaddr + i * PAGE for i in range(b.npages) if b.zero_bitmap[i // 8] >> (i % 8) & 1}
             pages = {b.vaddr + i * PAGE for i in range(b.npages)}
             assert zero == pages - written and b.nzero == len(zero)
-            expect = b"".join(memory[a - start:a - start + PAGE] for a in sorted(pages - zero))
+            expect = b"".join(memory[a - start : a - start + PAGE] for a in sorted(pages - zero))
             assert bytes(b.data) == expect
         # A batch without zero pages is the memory as it is.
         (full,) = trk.read_pages(ds.pid, start + 5 * PAGE, start + 7 * PAGE)
-        assert full.nzero == 0 and bytes(full.data) == memory[5 * PAGE:7 * PAGE]
+        assert full.nzero == 0 and bytes(full.data) == memory[5 * PAGE : 7 * PAGE]
         # Pages unmapped meanwhile are skipped; the rest is still read.
         hole = int(ds.cmd("punch %d 10 4" % rid)[0], 16)
         assert hole == start + 10 * PAGE
@@ -368,6 +376,7 @@ def test_read_pages_and_zero_bitmap():
 
 
 # --- injection ------------------------------------------------------------------------
+
 
 def test_injection_restarts_interrupted_syscalls():
     """A thread blocked in read(2) or nanosleep(2) gets its syscall back
@@ -453,16 +462,20 @@ def test_attach_detach_100_times_leaves_target_intact():
         verified(wl)
         assert wl.alive()
     assert all(0 < s < 1000 for s in stops), stops
-    print("\ninjection stop time over %d attaches: median %.3f ms, max %.3f ms"
-          % (len(stops), statistics.median(stops), max(stops)))
+    print(
+        "\ninjection stop time over %d attaches: median %.3f ms, max %.3f ms"
+        % (len(stops), statistics.median(stops), max(stops))
+    )
 
 
 def test_killed_tracker_leaves_nothing_behind():
     _need_uffd_wp()
-    script = ("import sys, time\n"
-              "from hybridmig.source.tracker import DirtyTracker\n"
-              "t = DirtyTracker(int(sys.argv[1])); t.attach(); t.scan()\n"
-              "print('attached', flush=True); time.sleep(600)\n")
+    script = (
+        "import sys, time\n"
+        "from hybridmig.source.tracker import DirtyTracker\n"
+        "t = DirtyTracker(int(sys.argv[1])); t.attach(); t.scan()\n"
+        "print('attached', flush=True); time.sleep(600)\n"
+    )
     with Workload.start(32, threads=2) as wl:
         child = subprocess.Popen([sys.executable, "-c", script, str(wl.host_pid)], stdout=subprocess.PIPE, text=True)
         try:
@@ -510,6 +523,7 @@ def test_multi_process_tree_and_children_coming_and_going():
 
 # --- errors -------------------------------------------------------------------------------
 
+
 def _unused_pid():
     """A pid no process can have: above pid_max."""
     with open("/proc/sys/kernel/pid_max") as f:
@@ -518,9 +532,11 @@ def _unused_pid():
 
 def test_bad_targets_give_clear_errors():
     _need_uffd_wp()
-    cases = [(_unused_pid(), errno.ESRCH, "does not exist"),
-             (2, errno.EINVAL, "kernel thread"),
-             (os.getpid(), errno.EINVAL, "this process")]
+    cases = [
+        (_unused_pid(), errno.ESRCH, "does not exist"),
+        (2, errno.EINVAL, "kernel thread"),
+        (os.getpid(), errno.EINVAL, "this process"),
+    ]
     with Workload.start(8, threads=2) as wl:
         tid = max(int(t) for t in os.listdir("/proc/%d/task" % wl.host_pid))
         cases.append((tid, errno.EINVAL, "is a thread of process %d" % wl.host_pid))
@@ -546,15 +562,14 @@ def test_not_permitted_is_clear_and_harmless():
                 os.setgid(65534)
                 os.setuid(65534)
                 out = []
-                for attach in (lambda: trk.DirtyTracker(ds.pid, trk.UFFD_WP).attach(),
-                               lambda: native.Tracker(ds.pid)):
+                for attach in (lambda: trk.DirtyTracker(ds.pid, trk.UFFD_WP).attach(), lambda: native.Tracker(ds.pid)):
                     try:
                         attach()
                         out.append("attached")
                     except NativeError as e:
                         out.append("%d %s" % (e.errno, e.strerror))
                     except BaseException as e:
-                        out.append("unexpected %r" % e)
+                        out.append(f"unexpected {e!r}")
                 os.write(write, "\n".join(out).encode())
             finally:
                 os._exit(0)
@@ -593,6 +608,7 @@ def _in_child_under_seccomp(fn):
     that allows everything): such a tracer may not suspend its target's
     seccomp. Returns what fn returned (a str), or the error it raised."""
     import ctypes
+
     read, write = os.pipe()
     child = os.fork()
     if child == 0:
@@ -601,13 +617,17 @@ def _in_child_under_seccomp(fn):
             libc = ctypes.CDLL(None, use_errno=True)
 
             class SockFilter(ctypes.Structure):
-                _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                            ("k", ctypes.c_uint32)]
+                _fields_ = [
+                    ("code", ctypes.c_uint16),
+                    ("jt", ctypes.c_uint8),
+                    ("jf", ctypes.c_uint8),
+                    ("k", ctypes.c_uint32),
+                ]
 
             class SockFprog(ctypes.Structure):
                 _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter))]
 
-            allow = (SockFilter * 1)(SockFilter(0x06, 0, 0, 0x7fff0000))  # BPF_RET|BPF_K, SECCOMP_RET_ALLOW
+            allow = (SockFilter * 1)(SockFilter(0x06, 0, 0, 0x7FFF0000))  # BPF_RET|BPF_K, SECCOMP_RET_ALLOW
             prog = SockFprog(1, allow)
             assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
             assert libc.syscall(317, 1, 0, ctypes.byref(prog)) == 0  # seccomp(SET_MODE_FILTER)
@@ -617,7 +637,7 @@ def _in_child_under_seccomp(fn):
             except NativeError as e:
                 out = "%d %s" % (e.errno, e)
             except BaseException as e:  # noqa: BLE001
-                out = "unexpected %r" % e
+                out = f"unexpected {e!r}"
             os.write(write, out.encode())
         finally:
             os._exit(0)
@@ -665,8 +685,7 @@ def test_seccomp_filtered_target_is_refused_when_seccomp_cannot_be_suspended():
         answer = _in_child_under_seccomp(attach_filtered)
         assert answer.startswith("%d " % errno.ECANCELED), answer
         assert "seccomp filter" in answer and "CAP_SYS_ADMIN" in answer and "nothing was run" in answer, answer
-        answer = _in_child_under_seccomp(
-            lambda: "%d" % native.remote_syscall(filtered.pid, SYS_getpid)[0])
+        answer = _in_child_under_seccomp(lambda: "%d" % native.remote_syscall(filtered.pid, SYS_getpid)[0])
         assert answer.startswith("%d " % errno.ECANCELED), answer
         # Untouched: still filtered, not traced, no userfaultfd; it runs on.
         assert filtered.cmd("pid") == [str(filtered.pid)]
@@ -680,7 +699,7 @@ def test_seccomp_filtered_target_is_refused_when_seccomp_cannot_be_suspended():
                 tracker.scan()
                 written = plain.pages("touch %d 2,3" % rid)
                 found = page_set(tracker.scan().dirty, [region])
-                return "exact" if found == written and len(found) == 2 else "%s != %s" % (found, written)
+                return "exact" if found == written and len(found) == 2 else f"{found} != {written}"
 
         assert _in_child_under_seccomp(track_plain) == "ok exact"
         assert_clean(plain.pid)
@@ -724,38 +743,50 @@ def test_target_exiting_mid_round():
 
 # --- soft-dirty fallback ----------------------------------------------------------------------
 
+
 def test_pagemap_parser_on_synthetic_entries():
     sd, present = native.SOFT_DIRTY, 1 << 63
     base = 0x7F0000000000
     entries = [present | sd, present | sd, present, 0, sd, present | sd, sd, 0, 0, present | sd]
     assert native.pagemap_ranges(entries, base) == [
-        (base, base + 2 * PAGE), (base + 4 * PAGE, base + 7 * PAGE), (base + 9 * PAGE, base + 10 * PAGE)]
+        (base, base + 2 * PAGE),
+        (base + 4 * PAGE, base + 7 * PAGE),
+        (base + 9 * PAGE, base + 10 * PAGE),
+    ]
     # A one-region buffer: the parser stops at each new region, the caller resumes.
     assert native.pagemap_ranges(entries, base, max_regions=1) == native.pagemap_ranges(entries, base)
     assert native.pagemap_ranges([present] * 100, base) == []
     assert native.pagemap_ranges([sd] * 100, base) == [(base, base + 100 * PAGE)]
     assert native.pagemap_ranges(entries, base, mask=present) == [
-        (base, base + 3 * PAGE), (base + 5 * PAGE, base + 6 * PAGE), (base + 9 * PAGE, base + 10 * PAGE)]
+        (base, base + 3 * PAGE),
+        (base + 5 * PAGE, base + 6 * PAGE),
+        (base + 9 * PAGE, base + 10 * PAGE),
+    ]
 
 
 def test_parse_maps_picks_private_anonymous_writable():
-    maps = "\n".join([
-        "55d0c0000000-55d0c0001000 r--p 00000000 08:01 1234 /usr/bin/prog",
-        "55d0c0003000-55d0c0004000 rw-p 00003000 08:01 1234 /usr/bin/prog",
-        "55d0c0004000-55d0c0005000 rw-p 00000000 00:00 0 ",
-        "55d0c1000000-55d0c1021000 rw-p 00000000 00:00 0                          [heap]",
-        "7f0000000000-7f0000100000 rw-s 00000000 00:01 99 /dev/zero (deleted)",
-        "7f0000200000-7f0000300000 rw-p 00000000 00:00 0 [anon:arena]",
-        "7f0000300000-7f0000400000 ---p 00000000 00:00 0 ",
-        "7f0000400000-7f0000500000 r--p 00000000 00:00 0 ",
-        "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]",
-        "7ffd00100000-7ffd00104000 r--p 00000000 00:00 0                          [vvar]",
-        "7ffd00104000-7ffd00106000 r-xp 00000000 00:00 0                          [vdso]",
-        "ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]",
-    ])
+    maps = "\n".join(
+        [
+            "55d0c0000000-55d0c0001000 r--p 00000000 08:01 1234 /usr/bin/prog",
+            "55d0c0003000-55d0c0004000 rw-p 00003000 08:01 1234 /usr/bin/prog",
+            "55d0c0004000-55d0c0005000 rw-p 00000000 00:00 0 ",
+            "55d0c1000000-55d0c1021000 rw-p 00000000 00:00 0                          [heap]",
+            "7f0000000000-7f0000100000 rw-s 00000000 00:01 99 /dev/zero (deleted)",
+            "7f0000200000-7f0000300000 rw-p 00000000 00:00 0 [anon:arena]",
+            "7f0000300000-7f0000400000 ---p 00000000 00:00 0 ",
+            "7f0000400000-7f0000500000 r--p 00000000 00:00 0 ",
+            "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]",
+            "7ffd00100000-7ffd00104000 r--p 00000000 00:00 0                          [vvar]",
+            "7ffd00104000-7ffd00106000 r-xp 00000000 00:00 0                          [vdso]",
+            "ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]",
+        ]
+    )
     assert trk.parse_maps(maps) == [
-        (0x55D0C0004000, 0x55D0C0005000), (0x55D0C1000000, 0x55D0C1021000), (0x7F0000200000, 0x7F0000300000),
-        (0x7FFD00000000, 0x7FFD00021000)]
+        (0x55D0C0004000, 0x55D0C0005000),
+        (0x55D0C1000000, 0x55D0C1021000),
+        (0x7F0000200000, 0x7F0000300000),
+        (0x7FFD00000000, 0x7FFD00021000),
+    ]
 
 
 def test_range_arithmetic():
@@ -804,6 +835,7 @@ def _held_by_child(pid, freeze):
     tree it dumps) or only the leader seized and running; it lets go when
     the returned function is called."""
     import ctypes
+
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     child = os.fork()
@@ -830,6 +862,7 @@ def _held_by_child(pid, freeze):
         os.write(go_w, b"x")
         os.close(go_w)
         os.waitpid(child, 0)
+
     return child, release
 
 
@@ -864,11 +897,16 @@ def test_soft_dirty_scan_of_a_process_another_tracer_holds():
 
 # --- the command ----------------------------------------------------------------------------
 
+
 def test_dirty_rate_command_json():
     _need_uffd_wp()
     with Workload.start(64, rate=500) as wl:
-        proc = subprocess.run([HYBRIDMIG, "dirty-rate", str(wl.host_pid), "--interval", "0.2", "--count", "3",
-                               "--json"], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [HYBRIDMIG, "dirty-rate", str(wl.host_pid), "--interval", "0.2", "--count", "3", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         rows = json.loads(proc.stdout)
         assert len(rows) == 3
@@ -879,8 +917,12 @@ def test_dirty_rate_command_json():
             assert row["mib_per_s"] == pytest.approx(row["pages_per_s"] * PAGE / (1 << 20))
         verified(wl)
         assert_clean(wl.host_pid)
-        proc = subprocess.run([HYBRIDMIG, "dirty-rate", str(wl.host_pid), "--interval", "0.1", "--count", "2"],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [HYBRIDMIG, "dirty-rate", str(wl.host_pid), "--interval", "0.1", "--count", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0 and "pages/s" in proc.stdout, proc.stdout + proc.stderr
     proc = subprocess.run([HYBRIDMIG, "dirty-rate", "2", "--count", "1"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "kernel thread" in proc.stderr and "Traceback" not in proc.stderr

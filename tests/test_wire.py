@@ -1,4 +1,5 @@
 """The wire protocol over real sockets: authentication, integrity, page bodies."""
+
 import os
 import socket
 import subprocess
@@ -138,11 +139,29 @@ def test_key_file_must_hold_a_secret(tmp_path):
 @pytest.fixture
 def certificate(tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    proc = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                           "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=hybridmig"],
-                          capture_output=True)
+    proc = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=hybridmig",
+        ],
+        capture_output=True,
+    )
     if proc.returncode != 0:
-        pytest.skip("openssl cannot make a test certificate: %s" % proc.stderr.decode()[-200:])
+        pytest.skip(f"openssl cannot make a test certificate: {proc.stderr.decode()[-200:]}")
     return str(cert), str(key)
 
 
@@ -183,9 +202,27 @@ def test_tls_session(certificate):
 def test_tls_refuses_an_unknown_certificate(certificate, tmp_path):
     other_cert = tmp_path / "other"
     other_cert.mkdir()
-    other = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                            "-nodes", "-keyout", str(other_cert / "k"), "-out", str(other_cert / "c"), "-days", "1",
-                            "-subj", "/CN=other"], capture_output=True)
+    other = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(other_cert / "k"),
+            "-out",
+            str(other_cert / "c"),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=other",
+        ],
+        capture_output=True,
+    )
     assert other.returncode == 0
     port, t, result = tls_server(wire.tls_server_context(*certificate), KEY)
     with pytest.raises(ProtocolError, match="TLS"):

@@ -78,7 +78,7 @@ def test_clean_at_start(memwork, workdir, threads, procs):
         time.sleep(0.3)
         second = w.verify()
         assert_clean(second, procs, 64 * PAGES_PER_MB)
-        for a, b in zip(first, second):
+        for a, b in zip(first, second, strict=False):
             assert a["pid"] == b["pid"]
             assert b["ops"] > a["ops"], "writers are not running"
             assert len(b["ops_per_thread"]) == threads
@@ -161,7 +161,7 @@ def test_criu_round_trip(memwork, workdir, procs):
         assert sorted(r.ns_pids().values()) == list(range(1, procs + 1))
         after = r.verify()
         assert_clean(after, procs, pages)
-        for a, b in zip(before, after):
+        for a, b in zip(before, after, strict=False):
             assert a["pid"] == b["pid"]
             # The counters live in the restored memory: they went on.
             assert b["ops"] > a["ops"]
@@ -170,8 +170,9 @@ def test_criu_round_trip(memwork, workdir, procs):
             assert b["max_gap_ms"] >= pause * 1000, b
             assert b["max_gap_at"] > dumped_at
             tl = b["timeline"]
-            resumed = [n for i, n in enumerate(tl["ops"])
-                       if tl["start"] + i * tl["bucket_ms"] / 1000 > dumped_at + pause]
+            resumed = [
+                n for i, n in enumerate(tl["ops"]) if tl["start"] + i * tl["bucket_ms"] / 1000 > dumped_at + pause
+            ]
             assert sum(resumed) > 0, "no writes recorded after the restore"
 
         assert_clean(r.fork_verify(), procs, pages)

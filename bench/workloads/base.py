@@ -20,10 +20,10 @@ Life cycle, as the bench drives it:
 When a strategy fails and the source resumes instead, the bench calls
 ``finish()`` without ``adopt()``: the check then runs on the source.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 BUCKET_S = 0.1  # every workload reports its throughput per 100 ms
 
@@ -31,19 +31,21 @@ BUCKET_S = 0.1  # every workload reports its throughput per 100 ms
 @dataclass
 class Finish:
     """What a workload says after the migration."""
-    ok: bool                       # state intact (every page, the digest, ...)
-    detail: str                    # one line for the report, saying what was checked
-    max_gap_ms: float              # the longest pause of its loop (CLOCK_REALTIME)
-    max_gap_end: Optional[float]   # CLOCK_REALTIME seconds when that pause ended
-    timeline_start: float          # CLOCK_REALTIME seconds of the first bucket
+
+    ok: bool  # state intact (every page, the digest, ...)
+    detail: str  # one line for the report, saying what was checked
+    max_gap_ms: float  # the longest pause of its loop (CLOCK_REALTIME)
+    max_gap_end: float | None  # CLOCK_REALTIME seconds when that pause ended
+    timeline_start: float  # CLOCK_REALTIME seconds of the first bucket
     timeline_ops: list = field(default_factory=list)  # operations per BUCKET_S bucket
-    unit: str = "ops"              # what one operation is ("page writes", "GETs+SETs", ...)
+    unit: str = "ops"  # what one operation is ("page writes", "GETs+SETs", ...)
 
 
 class BenchWorkload:
     """Base class; see the module docstring for the protocol."""
+
     kind = "?"
-    host_pid: Optional[int] = None
+    host_pid: int | None = None
 
     def __init__(self, size_mb: int):
         self.size_mb = size_mb

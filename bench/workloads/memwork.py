@@ -1,4 +1,5 @@
 """The self-verifying memory workload (src/hybridmig/testing/memwork.c) for the bench."""
+
 from __future__ import annotations
 
 from hybridmig.testing.workload import Workload
@@ -10,6 +11,7 @@ class Memwork(BenchWorkload):
     """``size_mb`` of private memory rewritten at ``rate`` pages/s by each of
     ``threads`` writers, over the first ``hot`` percent of the region; every
     page is checked after the migration."""
+
     kind = "memwork"
 
     def __init__(self, size_mb: int, rate: float = 500, hot: float = 100, threads: int = 1):
@@ -20,14 +22,20 @@ class Memwork(BenchWorkload):
 
     @property
     def label(self) -> str:
-        return "memwork-%dM-r%g%s" % (self.size_mb, self.rate, "" if self.hot == 100 else "-hot%g" % self.hot)
+        return "memwork-%dM-r%g%s" % (self.size_mb, self.rate, "" if self.hot == 100 else f"-hot{self.hot:g}")
 
     def params(self) -> dict:
         return {**super().params(), "rate": self.rate, "hot": self.hot, "threads": self.threads}
 
     def start(self, hosts) -> None:
-        self._wl = Workload.start(self.size_mb, threads=self.threads, rate=self.rate, hot=self.hot,
-                                  netns=hosts.src, timeout=120 + self.size_mb / 20)
+        self._wl = Workload.start(
+            self.size_mb,
+            threads=self.threads,
+            rate=self.rate,
+            hot=self.hot,
+            netns=hosts.src,
+            timeout=120 + self.size_mb / 20,
+        )
         self.host_pid = self._wl.host_pid
 
     def adopt(self, host_pid: int) -> None:
@@ -44,9 +52,15 @@ class Memwork(BenchWorkload):
         pages = sum(r["pages"] for r in reports)
         worst = max(reports, key=lambda r: r["max_gap_ms"])
         tl = worst["timeline"]
-        return Finish(ok=bad == 0, detail="%d pages verified, %d bad" % (pages, bad),
-                      max_gap_ms=worst["max_gap_ms"], max_gap_end=worst.get("max_gap_at"),
-                      timeline_start=tl["start"], timeline_ops=list(tl["ops"]), unit="page writes")
+        return Finish(
+            ok=bad == 0,
+            detail="%d pages verified, %d bad" % (pages, bad),
+            max_gap_ms=worst["max_gap_ms"],
+            max_gap_end=worst.get("max_gap_at"),
+            timeline_start=tl["start"],
+            timeline_ops=list(tl["ops"]),
+            unit="page writes",
+        )
 
     def stop(self) -> None:
         for wl in (self._wl, self._source):

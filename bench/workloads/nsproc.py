@@ -1,11 +1,11 @@
 """A program as PID 1 of its own PID namespace inside a "host" (a network
 namespace), the way every bench workload runs, and the end of it."""
+
 from __future__ import annotations
 
 import os
 import subprocess
 import time
-from typing import Optional
 
 import psutil
 
@@ -17,9 +17,9 @@ class NsProcError(RuntimeError):
 
 
 def netns_path(name: str) -> str:
-    path = "/run/netns/%s" % name
+    path = f"/run/netns/{name}"
     if not os.path.exists(path):
-        raise NsProcError("network namespace %s does not exist" % path)
+        raise NsProcError(f"network namespace {path} does not exist")
     return path
 
 
@@ -36,12 +36,18 @@ class NsProc:
     size changed, so never a log file the program also holds."""
 
     def __init__(self, argv: list, netns: str, timeout: float = 10):
-        cmd = ["nsenter", "--net=%s" % netns_path(netns), "unshare", "--pid", "--fork", "setsid", *argv]
-        self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True, close_fds=True)
+        cmd = ["nsenter", f"--net={netns_path(netns)}", "unshare", "--pid", "--fork", "setsid", *argv]
+        self.popen = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
         # Held as psutil objects from now on: they refuse to signal a reused pid.
         self.unshare = psutil.Process(self.popen.pid)
-        self.root: Optional[psutil.Process] = None
+        self.root: psutil.Process | None = None
         try:
             self.root = self._find_init(timeout)
         except BaseException:
@@ -56,7 +62,7 @@ class NsProc:
         while True:
             rc = self.popen.poll()
             if rc is not None:
-                raise NsProcError("%s exited with %s before it started" % (self.popen.args, rc))
+                raise NsProcError(f"{self.popen.args} exited with {rc} before it started")
             try:
                 kids = self.unshare.children()
             except psutil.NoSuchProcess:
@@ -64,7 +70,7 @@ class NsProc:
             if kids:
                 return kids[0]
             if time.monotonic() > deadline:
-                raise NsProcError("%s did not start within %ss" % (self.popen.args, timeout))
+                raise NsProcError(f"{self.popen.args} did not start within {timeout}s")
             time.sleep(0.01)
 
     def alive(self) -> bool:
@@ -93,7 +99,7 @@ class NsProc:
             pass
 
 
-def running(proc: Optional[psutil.Process]) -> bool:
+def running(proc: psutil.Process | None) -> bool:
     try:
         return proc is not None and proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

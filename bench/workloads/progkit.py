@@ -1,12 +1,13 @@
 """What the bench's workload programs share (they run with the system python3,
 standard library only, and import this from their own directory): their
 loop's timeline, pacing, and JSON-line reports."""
+
 import json
 import os
 import time
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # not the venv's: the programs need nothing of it
-BUCKET_S = 0.1       # as base.BUCKET_S: operations per 100 ms
+BUCKET_S = 0.1  # as base.BUCKET_S: operations per 100 ms
 MAX_BUCKETS = 36000  # one hour of timeline
 
 
@@ -37,8 +38,12 @@ class Timeline:
             self.buckets[b] += 1
 
     def report(self):
-        return {"ops": self.ops, "max_gap_ms": self.max_gap * 1000, "max_gap_at": self.max_gap_end,
-                "timeline": {"start": self.start, "bucket_s": BUCKET_S, "ops": self.buckets}}
+        return {
+            "ops": self.ops,
+            "max_gap_ms": self.max_gap * 1000,
+            "max_gap_at": self.max_gap_end,
+            "timeline": {"start": self.start, "bucket_s": BUCKET_S, "ops": self.buckets},
+        }
 
 
 class Pacer:
@@ -80,7 +85,7 @@ def read_lines(path):
             data = f.read()
     except FileNotFoundError:
         return []
-    complete = data[:data.rfind(b"\n") + 1]
+    complete = data[: data.rfind(b"\n") + 1]
     return [json.loads(raw) for raw in complete.split(b"\n") if raw.strip()]
 
 

@@ -1,6 +1,7 @@
 """A Python program with a heap of ``size_mb`` MiB of many small objects
 (pyheap_prog.py) for the bench: updated at a fixed rate, checked item by
 item after the migration."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,18 +10,18 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import psutil
 
-from hybridmig.testing.workload import _anon_rw_mappings as anon_rw_mappings, kill_tree
+from hybridmig.testing.workload import _anon_rw_mappings as anon_rw_mappings
+from hybridmig.testing.workload import kill_tree
 
 from .base import BenchWorkload, Finish
-from .progkit import python_argv, read_lines
 from .nsproc import NsProc, adopt_root, running
+from .progkit import python_argv, read_lines
 
 PROGRAM = Path(__file__).with_name("pyheap_prog.py")
-ITEM_BYTES = 1500   # resident bytes per item, measured (2 blobs, a list, a record per 4 items)
+ITEM_BYTES = 1500  # resident bytes per item, measured (2 blobs, a list, a record per 4 items)
 BLOB_MAGIC = b"PYHEAP01"  # as in pyheap_prog.py
 
 
@@ -31,24 +32,24 @@ class PyHeapError(RuntimeError):
 class PyHeap(BenchWorkload):
     """``size_mb`` MiB of Python objects, ``rate`` random items rewritten
     per second (0: as fast as it can), PRNG seeded with ``seed``."""
+
     kind = "pyheap"
 
     def __init__(self, size_mb: int, rate: float = 1000, seed: int = 1):
         super().__init__(size_mb)
         self.rate, self.seed = rate, seed
         self.items = max(4, size_mb * (1 << 20) // ITEM_BYTES)
-        self.ready: Optional[dict] = None
-        self._dir: Optional[str] = None
-        self._proc: Optional[NsProc] = None
-        self._root: Optional[psutil.Process] = None  # the program running now
+        self.ready: dict | None = None
+        self._dir: str | None = None
+        self._proc: NsProc | None = None
+        self._root: psutil.Process | None = None  # the program running now
 
     @property
     def label(self) -> str:
         return "pyheap-%dM-r%g" % (self.size_mb, self.rate)
 
     def params(self) -> dict:
-        return {**super().params(), "rate": self.rate, "items": self.items,
-                "rss": self.ready and self.ready["rss"]}
+        return {**super().params(), "rate": self.rate, "items": self.items, "rss": self.ready and self.ready["rss"]}
 
     @property
     def report_path(self) -> Path:
@@ -57,8 +58,17 @@ class PyHeap(BenchWorkload):
     # --- life cycle -------------------------------------------------------------
     def start(self, hosts) -> None:
         self._dir = tempfile.mkdtemp(prefix="hm-pyheap-")
-        argv = [*python_argv(PROGRAM), "--items", str(self.items),
-                "--rate", repr(float(self.rate)), "--seed", str(self.seed), "--report", str(self.report_path)]
+        argv = [
+            *python_argv(PROGRAM),
+            "--items",
+            str(self.items),
+            "--rate",
+            repr(float(self.rate)),
+            "--seed",
+            str(self.seed),
+            "--report",
+            str(self.report_path),
+        ]
         self._proc = NsProc(argv, hosts.src)  # errors come as "error" lines of the report
         self._root = self._proc.root
         self.host_pid = self._proc.host_pid
@@ -79,10 +89,20 @@ class PyHeap(BenchWorkload):
     def finish(self) -> Finish:
         r = self.verify()
         tl = r["timeline"]
-        detail = "%d items verified, %d bad%s" % (r["items"], r["bad"],
-                                                  " (first %s)" % r["first_bad"] if r["bad"] else "")
-        return Finish(ok=r["bad"] == 0, detail=detail, max_gap_ms=r["max_gap_ms"], max_gap_end=r["max_gap_at"],
-                      timeline_start=tl["start"], timeline_ops=list(tl["ops"]), unit="object updates")
+        detail = "%d items verified, %d bad%s" % (
+            r["items"],
+            r["bad"],
+            " (first {})".format(r["first_bad"]) if r["bad"] else "",
+        )
+        return Finish(
+            ok=r["bad"] == 0,
+            detail=detail,
+            max_gap_ms=r["max_gap_ms"],
+            max_gap_end=r["max_gap_at"],
+            timeline_start=tl["start"],
+            timeline_ops=list(tl["ops"]),
+            unit="object updates",
+        )
 
     def stop(self) -> None:
         try:
@@ -138,12 +158,11 @@ class PyHeap(BenchWorkload):
                 if r["event"] == event:
                     return r
                 if r["event"] == "error":
-                    raise PyHeapError("pyheap %s failed: %s" % (self.host_pid, r["traceback"]))
+                    raise PyHeapError("pyheap {} failed: {}".format(self.host_pid, r["traceback"]))
             if gone:
-                raise PyHeapError("pyheap %s exited while waiting for %r: %s" % (
-                    self.host_pid, event, self._log_tail()))
+                raise PyHeapError(f"pyheap {self.host_pid} exited while waiting for {event!r}: {self._log_tail()}")
             if time.monotonic() > deadline:
-                raise PyHeapError("pyheap %s: no %r within %ss" % (self.host_pid, event, timeout))
+                raise PyHeapError(f"pyheap {self.host_pid}: no {event!r} within {timeout}s")
             time.sleep(0.02)
 
     def _log_tail(self) -> str:

@@ -13,6 +13,7 @@ report file is opened and closed for each line (one write() each), so no
 fd of it stays open across a checkpoint.  Throughput is counted per 100 ms
 bucket on CLOCK_REALTIME, with the longest pause between two updates.
 """
+
 import argparse
 import gc
 import os
@@ -85,8 +86,13 @@ def item_ok(heap, index, gen):
     if k == "list":
         return isinstance(item, list) and item == ints(index, gen)
     want = Record(index, gen)
-    return (isinstance(item, Record) and item.index == index and item.gen == gen
-            and item.name == want.name and item.pair == want.pair)
+    return (
+        isinstance(item, Record)
+        and item.index == index
+        and item.gen == gen
+        and item.name == want.name
+        and item.pair == want.pair
+    )
 
 
 def rss_bytes():
@@ -112,8 +118,10 @@ def main():
     # The heap never becomes garbage: keep the cyclic collector from walking
     # it in every full collection (pauses that would look like loop gaps).
     gc.freeze()
-    append_line(args.report, {"event": "ready", "pid": os.getpid(), "items": args.items,
-                              "build_s": time.time() - t0, "rss": rss_bytes()})
+    append_line(
+        args.report,
+        {"event": "ready", "pid": os.getpid(), "items": args.items, "build_s": time.time() - t0, "rss": rss_bytes()},
+    )
 
     rng = random.Random(args.seed)
     loop = Timeline()
@@ -123,9 +131,19 @@ def main():
             del want_verify[:]
             t = time.time()
             bad = [i for i in range(args.items) if not item_ok(heap, i, gens[i])]
-            append_line(args.report, {
-                "event": "verify", "pid": os.getpid(), "items": args.items, "bad": len(bad),
-                "first_bad": bad[:10], "verify_s": time.time() - t, "rss": rss_bytes(), **loop.report()})
+            append_line(
+                args.report,
+                {
+                    "event": "verify",
+                    "pid": os.getpid(),
+                    "items": args.items,
+                    "bad": len(bad),
+                    "first_bad": bad[:10],
+                    "verify_s": time.time() - t,
+                    "rss": rss_bytes(),
+                    **loop.report(),
+                },
+            )
             loop.last = None  # the check's own pause is not a gap of the loop
             pacer.restart()
         i = rng.randrange(args.items)

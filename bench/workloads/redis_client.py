@@ -20,6 +20,7 @@ a "final" one on SIGTERM, after which it exits.  Successful operations are
 counted per 100 ms bucket on CLOCK_REALTIME, with the longest gap between
 two successful replies.
 """
+
 import argparse
 import ctypes
 import os
@@ -54,7 +55,7 @@ class Moved(ConnectionError):
     """redis answers in another namespace while this connection waits."""
 
     def __init__(self, conn, name):
-        super().__init__("redis answers in %s" % name)
+        super().__init__(f"redis answers in {name}")
         self.conn, self.name = conn, name
 
 
@@ -79,7 +80,7 @@ class Conn:
             try:
                 data = self.sock.recv(1 << 16)
                 break
-            except socket.timeout:
+            except TimeoutError:
                 waited += STALL_S
                 if waited >= RECV_TIMEOUT_S:
                     raise
@@ -92,14 +93,14 @@ class Conn:
         while True:
             end = self.buf.find(b"\r\n")
             if end >= 0:
-                line, self.buf = self.buf[:end], self.buf[end + 2:]
+                line, self.buf = self.buf[:end], self.buf[end + 2 :]
                 return line
             self._fill()
 
     def _exactly(self, n):
         while len(self.buf) < n + 2:
             self._fill()
-        data, self.buf = self.buf[:n], self.buf[n + 2:]
+        data, self.buf = self.buf[:n], self.buf[n + 2 :]
         return data
 
     def call(self, *args):
@@ -115,7 +116,7 @@ class Conn:
             return int(rest)
         if kind == b"-":
             raise RedisReplyError(rest.decode(errors="replace"))
-        raise ConnectionResetError("unexpected reply %r" % line[:40])
+        raise ConnectionResetError(f"unexpected reply {line[:40]!r}")
 
     def close(self):
         self.sock.close()
@@ -133,11 +134,11 @@ class NetnsConnector:
         self.names, self.port = names, port
 
     def _enter(self, name):
-        fd = os.open("/run/netns/%s" % name, os.O_RDONLY)
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
         try:
             if self.libc.setns(fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
-                raise OSError(err, "setns(%s): %s" % (name, os.strerror(err)))
+                raise OSError(err, f"setns({name}): {os.strerror(err)}")
         finally:
             os.close(fd)
 
@@ -169,13 +170,13 @@ class NetnsConnector:
             except (OSError, RedisReplyError):
                 answered = False
             if answered:
-                conn.on_stall = lambda: self.probe_others(name)
+                conn.on_stall = lambda name=name: self.probe_others(name)
                 raise Moved(conn, name)
             conn.close()
 
 
 def _no_answer():
-    raise socket.timeout("no answer within %s s" % STALL_S)
+    raise TimeoutError(f"no answer within {STALL_S} s")
 
 
 class Stats(Timeline):
@@ -191,11 +192,22 @@ class Stats(Timeline):
         self.netns = None
 
     def report(self, event):
-        return {"event": event, "pid": os.getpid(), "time": time.time(),
-                "gets": self.gets, "sets": self.sets,
-                "bad_reads": self.bad_reads, "first_bad": self.first_bad,
-                "reconnects": self.reconnects, "errors": self.errors, "call_errors": self.call_errors, "last_error": self.last_error,
-                "netns": self.netns, "last_ok": self.last, **super().report()}
+        return {
+            "event": event,
+            "pid": os.getpid(),
+            "time": time.time(),
+            "gets": self.gets,
+            "sets": self.sets,
+            "bad_reads": self.bad_reads,
+            "first_bad": self.first_bad,
+            "reconnects": self.reconnects,
+            "errors": self.errors,
+            "call_errors": self.call_errors,
+            "last_error": self.last_error,
+            "netns": self.netns,
+            "last_ok": self.last,
+            **super().report(),
+        }
 
 
 def main():
@@ -235,7 +247,7 @@ def main():
                     stats.netns = name
                     break
                 except OSError as exc:
-                    stats.last_error = "connect %s: %s" % (name, exc)
+                    stats.last_error = f"connect {name}: {exc}"
             if conn is None:
                 time.sleep(0.005)
                 continue
@@ -249,7 +261,10 @@ def main():
                 if got != want:
                     stats.bad_reads += 1
                     if stats.first_bad is None:
-                        stats.first_bad = {"key": key.decode(), "got": None if got is None else got[:32].decode("latin-1")}
+                        stats.first_bad = {
+                            "key": key.decode(),
+                            "got": None if got is None else got[:32].decode("latin-1"),
+                        }
             else:
                 conn.call(b"SET", key, want)
                 stats.sets += 1
@@ -260,7 +275,7 @@ def main():
             continue
         except (OSError, RedisReplyError) as exc:
             stats.errors += 1
-            stats.last_error = "%.3f %s: %s" % (time.time(), type(exc).__name__, exc)
+            stats.last_error = f"{time.time():.3f} {type(exc).__name__}: {exc}"
             if len(stats.call_errors) < 10:
                 stats.call_errors.append(stats.last_error)
             conn.close()

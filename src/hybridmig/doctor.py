@@ -11,6 +11,7 @@ per process (refresh() forgets them). The *_path() functions combine checks
 into what the engine needs, and require_*() raise SetupError for the
 engine's own start-up.
 """
+
 import errno
 import functools
 import json
@@ -19,7 +20,6 @@ import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Tuple
 
 import click
 
@@ -77,7 +77,8 @@ def refresh():
 
 # --- plain facts -------------------------------------------------------------
 
-def kernel_version(release=None) -> Tuple[int, ...]:
+
+def kernel_version(release=None) -> tuple[int, ...]:
     """(major, minor, patch) of os.uname().release, or of `release`."""
     m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release or os.uname().release)
     return tuple(int(x or 0) for x in m.groups()) if m else (0, 0, 0)
@@ -93,7 +94,7 @@ def capabilities() -> dict:
     return {name: bool(eff >> bit & 1) for name, bit in CAPS.items()}
 
 
-def find_criu() -> Optional[str]:
+def find_criu() -> str | None:
     """The criu binary the engine runs: $CRIU, else PATH, else CRIU_FALLBACKS."""
     env = os.environ.get("CRIU")
     if env:
@@ -104,7 +105,7 @@ def find_criu() -> Optional[str]:
     return next((p for p in CRIU_FALLBACKS if os.access(p, os.X_OK)), None)
 
 
-def criu_version(path) -> Optional[Tuple[int, ...]]:
+def criu_version(path) -> tuple[int, ...] | None:
     """Version of the criu at path from `criu --version`, None if it will not say."""
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -118,7 +119,7 @@ def _dotted(version):
     return ".".join(map(str, version))
 
 
-def _read_int(path) -> Optional[int]:
+def _read_int(path) -> int | None:
     try:
         with open(path) as f:
             return int(f.read().split()[0])
@@ -133,6 +134,7 @@ def _probe(call):
     need no native code must work before the native module is built."""
     try:
         from .bindings import probe
+
         return call(probe), None
     except (ImportError, OSError) as e:
         return None, e
@@ -141,22 +143,26 @@ def _probe(call):
 def _explain(err, meanings):
     """One line for a probe error: what its errno means here, else strerror."""
     if isinstance(err, ImportError):
-        return "native module not built (%s) — run: make setup" % err
+        return f"native module not built ({err}) — run: make setup"
     return meanings.get(err.errno) or (err.strerror or str(err)).split(" (originated")[0]
 
 
 # --- checks ------------------------------------------------------------------
+
 
 @_memo
 def check_kernel() -> Check:
     release = os.uname().release
     version = kernel_version(release)
     ok = version >= MIN_KERNEL
-    note = ("uffd-wp async and PAGEMAP_SCAN are possible" if version >= WP_ASYNC_KERNEL
-            else "uffd-wp async and PAGEMAP_SCAN need >= %s" % _dotted(WP_ASYNC_KERNEL))
+    note = (
+        "uffd-wp async and PAGEMAP_SCAN are possible"
+        if version >= WP_ASYNC_KERNEL
+        else f"uffd-wp async and PAGEMAP_SCAN need >= {_dotted(WP_ASYNC_KERNEL)}"
+    )
     if not ok:
-        note = "lazy restore needs >= %s" % _dotted(MIN_KERNEL)
-    return Check("kernel", ok, "%s %s; %s" % (release, os.uname().machine, note))
+        note = f"lazy restore needs >= {_dotted(MIN_KERNEL)}"
+    return Check("kernel", ok, f"{release} {os.uname().machine}; {note}")
 
 
 @_memo
@@ -174,7 +180,7 @@ def check_capabilities() -> Check:
     missing = [n for n, v in caps.items() if not v]
     detail = "present: %s" % (", ".join(have) or "none")
     if missing:
-        detail += "; missing: %s" % ", ".join(missing)
+        detail += "; missing: {}".format(", ".join(missing))
     # CRIU dumps and restores with CAP_SYS_ADMIN; CAP_SYS_PTRACE lets it
     # seize the tasks and open a full userfaultfd.
     ok = caps["CAP_SYS_ADMIN"] and caps["CAP_SYS_PTRACE"]
@@ -188,9 +194,12 @@ def check_sys_resource() -> Check:
     if capabilities()["CAP_SYS_RESOURCE"]:
         return Check("CAP_SYS_RESOURCE", True, "present")
     pipes = "which it is" if check_pipe_max_size().ok else "which it is not"
-    return Check("CAP_SYS_RESOURCE", False,
-                 "missing (a container?): CRIU cannot dump processes of other uids, and its page server "
-                 "needs fs.pipe-max-size >= 4 MiB, %s" % pipes)
+    return Check(
+        "CAP_SYS_RESOURCE",
+        False,
+        "missing (a container?): CRIU cannot dump processes of other uids, and its page server "
+        f"needs fs.pipe-max-size >= 4 MiB, {pipes}",
+    )
 
 
 @_memo
@@ -203,9 +212,12 @@ def check_pipe_max_size() -> Check:
         return Check("fs.pipe-max-size", True, detail)
     if capabilities()["CAP_SYS_RESOURCE"]:
         return Check("fs.pipe-max-size", True, detail + "; CAP_SYS_RESOURCE lifts the limit")
-    return Check("fs.pipe-max-size", False,
-                 detail + "; without CAP_SYS_RESOURCE CRIU's page server needs >= 4 MiB"
-                 " — sysctl -w fs.pipe-max-size=%d" % PAGE_SERVER_PIPE_SIZE)
+    return Check(
+        "fs.pipe-max-size",
+        False,
+        detail + "; without CAP_SYS_RESOURCE CRIU's page server needs >= 4 MiB"
+        " — sysctl -w fs.pipe-max-size=%d" % PAGE_SERVER_PIPE_SIZE,
+    )
 
 
 @_memo
@@ -229,7 +241,7 @@ def check_uffd_syscall() -> Check:
     """The full userfaultfd(2), as CRIU's lazy restore opens it."""
     info, err = _probe(lambda p: p.probe_uffd_open(p.SYSCALL))
     if info:
-        return Check("userfaultfd syscall", True, "works; API ioctls %s" % ", ".join(info.ioctls))
+        return Check("userfaultfd syscall", True, "works; API ioctls {}".format(", ".join(info.ioctls)))
     detail = _explain(err, _UFFD_ERRORS)
     if _probe(lambda p: p.probe_uffd_open(p.USER_ONLY))[0]:
         detail += ", only with UFFD_USER_MODE_ONLY, which CRIU's lazy restore does not use"
@@ -244,11 +256,18 @@ def check_uffd_dev() -> Check:
     info, err = _probe(lambda p: p.probe_uffd_open(p.DEV))
     if info:
         return Check("/dev/userfaultfd", True, "works (USERFAULTFD_IOC_NEW)")
-    return Check("/dev/userfaultfd", False, _explain(err, {
-        errno.ENOENT: "no /dev/userfaultfd (kernel < 6.1 or no device node)",
-        errno.EACCES: "no access to /dev/userfaultfd — run as root",
-        errno.ENOTTY: "kernel lacks USERFAULTFD_IOC_NEW (< 6.1)",
-    }))
+    return Check(
+        "/dev/userfaultfd",
+        False,
+        _explain(
+            err,
+            {
+                errno.ENOENT: "no /dev/userfaultfd (kernel < 6.1 or no device node)",
+                errno.EACCES: "no access to /dev/userfaultfd — run as root",
+                errno.ENOTTY: "kernel lacks USERFAULTFD_IOC_NEW (< 6.1)",
+            },
+        ),
+    )
 
 
 @_memo
@@ -257,8 +276,9 @@ def check_uffd_features() -> Check:
     info, err = _probe(lambda p: p.probe_uffd())
     if not info:
         return Check("userfaultfd features", False, _explain(err, _UFFD_ERRORS))
-    return Check("userfaultfd features", True,
-                 "0x%x via %s: %s" % (info.feature_mask, info.via, " ".join(info.features)))
+    return Check(
+        "userfaultfd features", True, "0x{:x} via {}: {}".format(info.feature_mask, info.via, " ".join(info.features))
+    )
 
 
 @_memo
@@ -270,9 +290,9 @@ def check_uffd_feature(name) -> Check:
     label = "uffd feature " + name
     errors = []
     for way in ("SYSCALL", "USER_ONLY", "DEV"):
-        info, err = _probe(lambda p: p.probe_uffd_open(getattr(p, way), (name,)))
+        info, err = _probe(lambda p, way=way: p.probe_uffd_open(getattr(p, way), (name,)))
         if info:
-            return Check(label, True, "granted (%s)" % info.via)
+            return Check(label, True, f"granted ({info.via})")
         if isinstance(err, ImportError):
             return Check(label, False, _explain(err, {}))
         errors.append(err)
@@ -289,12 +309,19 @@ def check_pagemap_scan() -> Check:
     _, err = _probe(lambda p: p.probe_pagemap_scan())
     if not err:
         return Check("PAGEMAP_SCAN", True, "uffd-wp async write reported as PAGE_IS_WRITTEN")
-    return Check("PAGEMAP_SCAN", False, _explain(err, {
-        errno.ENOTTY: "kernel lacks the PAGEMAP_SCAN ioctl (needs 6.7+)",
-        errno.EOPNOTSUPP: "kernel lacks UFFD_FEATURE_WP_ASYNC (needs 6.7+)",
-        errno.EIO: "PAGEMAP_SCAN ran but reported the wrong pages",
-        errno.EPERM: "userfaultfd not permitted — run as root",
-    }))
+    return Check(
+        "PAGEMAP_SCAN",
+        False,
+        _explain(
+            err,
+            {
+                errno.ENOTTY: "kernel lacks the PAGEMAP_SCAN ioctl (needs 6.7+)",
+                errno.EOPNOTSUPP: "kernel lacks UFFD_FEATURE_WP_ASYNC (needs 6.7+)",
+                errno.EIO: "PAGEMAP_SCAN ran but reported the wrong pages",
+                errno.EPERM: "userfaultfd not permitted — run as root",
+            },
+        ),
+    )
 
 
 @_memo
@@ -302,10 +329,17 @@ def check_soft_dirty() -> Check:
     _, err = _probe(lambda p: p.probe_soft_dirty())
     if not err:
         return Check("soft-dirty", True, "clear_refs 4 clears and a write sets pagemap bit 55")
-    return Check("soft-dirty", False, _explain(err, {
-        errno.EOPNOTSUPP: "kernel built without CONFIG_MEM_SOFT_DIRTY",
-        errno.ENOENT: "no /proc/self/clear_refs (kernel without CONFIG_PROC_PAGE_MONITOR)",
-    }))
+    return Check(
+        "soft-dirty",
+        False,
+        _explain(
+            err,
+            {
+                errno.EOPNOTSUPP: "kernel built without CONFIG_MEM_SOFT_DIRTY",
+                errno.ENOENT: "no /proc/self/clear_refs (kernel without CONFIG_PROC_PAGE_MONITOR)",
+            },
+        ),
+    )
 
 
 @_memo
@@ -313,10 +347,17 @@ def check_process_vm_readv() -> Check:
     _, err = _probe(lambda p: p.probe_process_vm_readv())
     if not err:
         return Check("process_vm_readv", True, "reads this process's memory")
-    return Check("process_vm_readv", False, _explain(err, {
-        errno.ENOSYS: "kernel built without CONFIG_CROSS_MEMORY_ATTACH",
-        errno.EPERM: "denied (a seccomp profile?) — run outside a restricted container",
-    }))
+    return Check(
+        "process_vm_readv",
+        False,
+        _explain(
+            err,
+            {
+                errno.ENOSYS: "kernel built without CONFIG_CROSS_MEMORY_ATTACH",
+                errno.EPERM: "denied (a seccomp profile?) — run outside a restricted container",
+            },
+        ),
+    )
 
 
 @_memo
@@ -324,29 +365,41 @@ def check_pidfd_getfd() -> Check:
     _, err = _probe(lambda p: p.probe_pidfd_getfd())
     if not err:
         return Check("pidfd_getfd", True, "duplicates a file descriptor of a process")
-    return Check("pidfd_getfd", False, _explain(err, {
-        errno.ENOSYS: "kernel lacks pidfd_open/pidfd_getfd (needs 5.6+)",
-        errno.EPERM: "denied (ptrace access check or seccomp) — run as root",
-    }))
+    return Check(
+        "pidfd_getfd",
+        False,
+        _explain(
+            err,
+            {
+                errno.ENOSYS: "kernel lacks pidfd_open/pidfd_getfd (needs 5.6+)",
+                errno.EPERM: "denied (ptrace access check or seccomp) — run as root",
+            },
+        ),
+    )
 
 
 @_memo
 def check_criu() -> Check:
     path = find_criu()
     if not path and os.environ.get("CRIU"):
-        return Check("criu", False, "$CRIU=%s is not an executable (unset it to search PATH) — %s"
-                     % (os.environ["CRIU"], MAKE_SETUP))
+        return Check(
+            "criu",
+            False,
+            "$CRIU={} is not an executable (unset it to search PATH) — {}".format(os.environ["CRIU"], MAKE_SETUP),
+        )
     if not path:
-        return Check("criu", False, "not found on PATH or in %s — %s" % (", ".join(CRIU_FALLBACKS), MAKE_SETUP))
+        return Check("criu", False, "not found on PATH or in {} — {}".format(", ".join(CRIU_FALLBACKS), MAKE_SETUP))
     version = criu_version(path)
     if version is None:
-        return Check("criu", False, "%s does not report a version — %s" % (path, MAKE_SETUP))
+        return Check("criu", False, f"{path} does not report a version — {MAKE_SETUP}")
     if version < MIN_CRIU:
-        return Check("criu", False,
-                     "%s is %s, older than %s (3.17 fails on kernels >= 6.13 \"Unexpected rt vDSO area bounds\", "
-                     "4.1 cannot dump inet sockets on kernels >= 6.16) — %s"
-                     % (path, _dotted(version), _dotted(MIN_CRIU), MAKE_SETUP))
-    return Check("criu", True, "%s, version %s" % (path, _dotted(version)))
+        return Check(
+            "criu",
+            False,
+            f'{path} is {_dotted(version)}, older than {_dotted(MIN_CRIU)} (3.17 fails on kernels >= 6.13 "Unexpected rt vDSO area bounds", '  # noqa: E501
+            f"4.1 cannot dump inet sockets on kernels >= 6.16) — {MAKE_SETUP}",
+        )
+    return Check("criu", True, f"{path}, version {_dotted(version)}")
 
 
 @_memo
@@ -361,10 +414,13 @@ def check_criu_patches() -> Check:
         return Check("criu patches", True, "none needed" if version else "no CRIU")
     if os.path.exists(os.path.join(os.path.dirname(os.path.realpath(path)), CRIU_PATCH_STAMP)):
         return Check("criu patches", True, "built by make setup with scripts/criu-patches")
-    return Check("criu patches", False,
-                 "%s is %s as released: its lazy dump makes no page lazy when a thread's stack pointer is "
-                 "page-aligned at the freeze, and the switch-over then carries the whole memory while frozen "
-                 "— make setup builds a patched CRIU" % (path, _dotted(version)))
+    return Check(
+        "criu patches",
+        False,
+        f"{path} is {_dotted(version)} as released: its lazy dump makes no page lazy when a thread's stack pointer is "
+        "page-aligned at the freeze, and the switch-over then carries the whole memory while frozen "
+        "— make setup builds a patched CRIU",
+    )
 
 
 def _run_criu_check(*args):
@@ -375,7 +431,7 @@ def _run_criu_check(*args):
     try:
         proc = subprocess.run([path, "check", *args], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
-        return False, "could not run: %s" % e
+        return False, f"could not run: {e}"
     lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
     errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines
     return proc.returncode == 0, " | ".join(errors[-3:]) or "exit status %d" % proc.returncode
@@ -402,11 +458,12 @@ def check_criu_uffd() -> Check:
 
 # --- paths -------------------------------------------------------------------
 
+
 def _path(checks, ok_note="", caveats=()) -> Path:
     failed = [c for c in checks if not c.ok]
     if failed:
-        return Path(False, "; ".join("%s: %s" % (c.name, c.detail) for c in failed))
-    notes = [ok_note] + ["caveat: %s: %s" % (c.name, c.detail) for c in caveats if not c.ok]
+        return Path(False, "; ".join(f"{c.name}: {c.detail}" for c in failed))
+    notes = [ok_note] + [f"caveat: {c.name}: {c.detail}" for c in caveats if not c.ok]
     return Path(True, "; ".join(n for n in notes if n))
 
 
@@ -415,8 +472,11 @@ def lazy_restore_path() -> Path:
     checks = [check_root(), check_capabilities(), check_ptrace(), check_uffd_syscall()]
     checks += [check_uffd_feature(n) for n in LAZY_FEATURES]
     checks += [check_criu(), check_criu_check(), check_criu_uffd()]
-    return _path(checks, "userfaultfd with %s; %s" % ("/".join(LAZY_FEATURES), check_criu().detail),
-                 caveats=[check_sys_resource(), check_criu_patches()])
+    return _path(
+        checks,
+        "userfaultfd with {}; {}".format("/".join(LAZY_FEATURES), check_criu().detail),
+        caveats=[check_sys_resource(), check_criu_patches()],
+    )
 
 
 def uffd_wp_path() -> Path:
@@ -428,8 +488,9 @@ def uffd_wp_path() -> Path:
 
 def soft_dirty_path() -> Path:
     """Pre-copy rounds find written pages with clear_refs 4 + pagemap bit 55."""
-    return _path([check_soft_dirty(), check_process_vm_readv()],
-                 "clear_refs + pagemap bit 55, pages read with process_vm_readv")
+    return _path(
+        [check_soft_dirty(), check_process_vm_readv()], "clear_refs + pagemap bit 55, pages read with process_vm_readv"
+    )
 
 
 def page_server_path() -> Path:
@@ -438,11 +499,15 @@ def page_server_path() -> Path:
 
 
 def paths() -> dict:
-    return {LAZY_RESTORE: lazy_restore_path(), UFFD_WP: uffd_wp_path(),
-            SOFT_DIRTY: soft_dirty_path(), PAGE_SERVER: page_server_path()}
+    return {
+        LAZY_RESTORE: lazy_restore_path(),
+        UFFD_WP: uffd_wp_path(),
+        SOFT_DIRTY: soft_dirty_path(),
+        PAGE_SERVER: page_server_path(),
+    }
 
 
-def dirty_tracker() -> Optional[str]:
+def dirty_tracker() -> str | None:
     """'uffd-wp' (preferred), 'soft-dirty', or None when neither works."""
     if uffd_wp_path().ok:
         return "uffd-wp"
@@ -451,16 +516,33 @@ def dirty_tracker() -> Optional[str]:
     return None
 
 
-def all_checks() -> List[Check]:
-    checks = [check_kernel(), check_root(), check_capabilities(), check_sys_resource(), check_pipe_max_size(),
-              check_ptrace(), check_uffd_syscall(), check_uffd_dev(), check_uffd_features()]
+def all_checks() -> list[Check]:
+    checks = [
+        check_kernel(),
+        check_root(),
+        check_capabilities(),
+        check_sys_resource(),
+        check_pipe_max_size(),
+        check_ptrace(),
+        check_uffd_syscall(),
+        check_uffd_dev(),
+        check_uffd_features(),
+    ]
     checks += [check_uffd_feature(n) for n in LAZY_FEATURES + WP_FEATURES]
-    checks += [check_pagemap_scan(), check_soft_dirty(), check_process_vm_readv(), check_pidfd_getfd(),
-               check_criu(), check_criu_patches(), check_criu_check(), check_criu_uffd()]
+    checks += [
+        check_pagemap_scan(),
+        check_soft_dirty(),
+        check_process_vm_readv(),
+        check_pidfd_getfd(),
+        check_criu(),
+        check_criu_patches(),
+        check_criu_check(),
+        check_criu_uffd(),
+    ]
     return checks
 
 
-def remedies(reasons) -> List[str]:
+def remedies(reasons) -> list[str]:
     """The distinct fixes (the text after ' — ') named in path reasons."""
     fixes = []
     for reason in reasons:
@@ -473,19 +555,19 @@ def remedies(reasons) -> List[str]:
     return fixes
 
 
-def problems() -> List[str]:
+def problems() -> list[str]:
     """Why the engine cannot run here, with what to do; empty when it can."""
     out = []
     lazy = lazy_restore_path()
     if not lazy.ok:
-        out.append("%s: %s" % (LAZY_RESTORE, lazy.reason))
+        out.append(f"{LAZY_RESTORE}: {lazy.reason}")
     if dirty_tracker() is None:
-        out.append("no dirty tracker: %s: %s; %s: %s"
-                   % (UFFD_WP, uffd_wp_path().reason, SOFT_DIRTY, soft_dirty_path().reason))
+        out.append(f"no dirty tracker: {UFFD_WP}: {uffd_wp_path().reason}; {SOFT_DIRTY}: {soft_dirty_path().reason}")
     return out
 
 
 # --- for the engine ----------------------------------------------------------
+
 
 def require_lazy_restore():
     """Raise SetupError unless CRIU lazy restore with our fault handler can run."""
@@ -498,8 +580,9 @@ def require_dirty_tracker() -> str:
     """The dirty tracker to use ('uffd-wp' or 'soft-dirty'); SetupError if none works."""
     tracker = dirty_tracker()
     if tracker is None:
-        raise SetupError("no dirty tracker works on this machine: %s: %s; %s: %s"
-                         % (UFFD_WP, uffd_wp_path().reason, SOFT_DIRTY, soft_dirty_path().reason))
+        raise SetupError(
+            f"no dirty tracker works on this machine: {UFFD_WP}: {uffd_wp_path().reason}; {SOFT_DIRTY}: {soft_dirty_path().reason}"  # noqa: E501
+        )
     return tracker
 
 
@@ -507,17 +590,20 @@ def require_criu() -> str:
     """Path of a working CRIU >= 4.2; SetupError otherwise."""
     for check in (check_criu(), check_criu_check()):
         if not check.ok:
-            raise SetupError("%s: %s" % (check.name, check.detail))
+            raise SetupError(f"{check.name}: {check.detail}")
     return find_criu()
 
 
 # --- the command -------------------------------------------------------------
 
+
 def report() -> dict:
     """Everything `doctor --json` prints."""
-    return {"checks": [asdict(c) for c in all_checks()],
-            "paths": {name: asdict(p) for name, p in paths().items()},
-            "tracker": dirty_tracker()}
+    return {
+        "checks": [asdict(c) for c in all_checks()],
+        "paths": {name: asdict(p) for name, p in paths().items()},
+        "tracker": dirty_tracker(),
+    }
 
 
 def _render(rep):

@@ -1,6 +1,7 @@
 """Scratch directories that their owner may not live to remove (SIGKILL):
 each holds its owner's pid and start time, and whoever makes the next one of
 the same kind in the same place removes those whose owner is gone."""
+
 import os
 import shutil
 import tempfile

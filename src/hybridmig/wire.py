@@ -7,6 +7,7 @@ payload under a per-session key. A peer without the key can neither feed
 pages (its frames fail the MAC) nor read them (the source sends nothing to a
 destination that did not prove the key first).
 """
+
 import enum
 import hashlib
 import hmac
@@ -64,9 +65,9 @@ def read_key(path):
         with open(path, "rb") as f:
             key = f.read()
     except OSError as e:
-        raise ProtocolError("cannot read key file %s: %s" % (path, e.strerror)) from e
+        raise ProtocolError(f"cannot read key file {path}: {e.strerror}") from e
     if len(key.strip()) < 16:
-        raise ProtocolError("key file %s holds fewer than 16 bytes: not a usable secret" % path)
+        raise ProtocolError(f"key file {path} holds fewer than 16 bytes: not a usable secret")
     return key
 
 
@@ -80,7 +81,7 @@ def boot_id():
 def parse_addr(text):
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError("%r is not ADDRESS:PORT (a port from 1 to 65535)" % text)
+        raise UsageError(f"{text!r} is not ADDRESS:PORT (a port from 1 to 65535)")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -114,21 +115,21 @@ class Channel:
         self.send(Msg.HELLO, _HELLO_S.pack(MAGIC, VERSION, nonce_s))
         kind, payload = self.recv()
         if kind != Msg.HELLO or len(payload) != _HELLO_C.size:
-            raise ProtocolError("%s did not start with a hybridmig hello" % self.peer)
+            raise ProtocolError(f"{self.peer} did not start with a hybridmig hello")
         magic, version, nonce_c, mac = _HELLO_C.unpack(payload)
         if magic != MAGIC or version != VERSION:
             self.send_error("protocol version %d not supported (this is %d)" % (version, VERSION))
             raise ProtocolError("%s speaks protocol version %d, not %d" % (self.peer, version, VERSION))
         if not hmac.compare_digest(mac, hmac.new(key, b"client" + nonce_s + nonce_c, hashlib.sha256).digest()):
             self.send_error("authentication failed: wrong key")
-            raise ProtocolError("%s failed authentication (wrong key)" % self.peer)
+            raise ProtocolError(f"{self.peer} failed authentication (wrong key)")
         self.send(Msg.AUTH_OK, hmac.new(key, b"server" + nonce_c + nonce_s, hashlib.sha256).digest())
         self._start_macs(key, nonce_s, nonce_c, server=True)
 
     def client_handshake(self, key):
         kind, payload = self.recv()
         if kind != Msg.HELLO or len(payload) != _HELLO_S.size:
-            raise ProtocolError("%s is not a hybridmig destination" % self.peer)
+            raise ProtocolError(f"{self.peer} is not a hybridmig destination")
         magic, version, nonce_s = _HELLO_S.unpack(payload)
         if magic != MAGIC or version != VERSION:
             raise ProtocolError("%s speaks protocol version %d, not %d" % (self.peer, version, VERSION))
@@ -137,10 +138,10 @@ class Channel:
         self.send(Msg.HELLO, _HELLO_C.pack(MAGIC, VERSION, nonce_c, mac))
         kind, payload = self.recv()
         if kind == Msg.ERROR:
-            raise ProtocolError("%s refused us: %s" % (self.peer, payload.decode(errors="replace")))
+            raise ProtocolError("{} refused us: {}".format(self.peer, payload.decode(errors="replace")))
         expect = hmac.new(key, b"server" + nonce_c + nonce_s, hashlib.sha256).digest()
         if kind != Msg.AUTH_OK or not hmac.compare_digest(payload, expect):
-            raise ProtocolError("%s failed authentication (wrong key): nothing was sent" % self.peer)
+            raise ProtocolError(f"{self.peer} failed authentication (wrong key): nothing was sent")
         self._start_macs(key, nonce_s, nonce_c, server=False)
 
     # --- frames ------------------------------------------------------------------
@@ -160,7 +161,7 @@ class Channel:
             try:
                 self.sock.sendall(frame)
             except OSError as e:
-                raise ProtocolError("connection to %s lost while sending: %s" % (self.peer, e)) from e
+                raise ProtocolError(f"connection to {self.peer} lost while sending: {e}") from e
             self.bytes_sent += len(frame)
 
     def _recv_exact(self, n):
@@ -170,12 +171,12 @@ class Channel:
         while got < n:
             try:
                 r = self.sock.recv_into(view[got:], n - got)
-            except socket.timeout as e:
-                raise ProtocolError("%s sent nothing for too long" % self.peer) from e
+            except TimeoutError as e:
+                raise ProtocolError(f"{self.peer} sent nothing for too long") from e
             except OSError as e:
-                raise ProtocolError("connection to %s lost: %s" % (self.peer, e)) from e
+                raise ProtocolError(f"connection to {self.peer} lost: {e}") from e
             if r == 0:
-                raise ProtocolError("%s closed the connection" % self.peer)
+                raise ProtocolError(f"{self.peer} closed the connection")
             got += r
         return buf
 
@@ -198,7 +199,7 @@ class Channel:
         except ValueError as e:
             raise ProtocolError("%s sent unknown message type %d" % (self.peer, kind)) from e
         if kind == Msg.ERROR and self._mac_key is not None:
-            raise ProtocolError("%s reports: %s" % (self.peer, bytes(payload).decode(errors="replace")))
+            raise ProtocolError("{} reports: {}".format(self.peer, bytes(payload).decode(errors="replace")))
         return kind, payload
 
     def send_error(self, text):
@@ -232,7 +233,7 @@ def encode_pages(key, extents, data, compress=True):
             body, enc = packed, LZ4
     head = [_PAGES.pack(key, len(extents), enc)]
     for vaddr, npages, zero in extents:
-        head.append(_EXTENT.pack(vaddr, npages) + bytes(zero[:(npages + 7) // 8]))
+        head.append(_EXTENT.pack(vaddr, npages) + bytes(zero[: (npages + 7) // 8]))
     return b"".join(head) + body, enc == LZ4
 
 
@@ -245,7 +246,7 @@ def decode_pages(payload):
         for _ in range(n):
             vaddr, npages = _EXTENT.unpack_from(view, off)
             off += _EXTENT.size
-            zero = bytes(view[off:off + (npages + 7) // 8])
+            zero = bytes(view[off : off + (npages + 7) // 8])
             off += (npages + 7) // 8
             extents.append((vaddr, npages, zero))
             nonzero += npages - sum(bin(b).count("1") for b in zero)
@@ -268,7 +269,7 @@ def decode_json(payload):
     try:
         return json.loads(bytes(payload))
     except ValueError as e:
-        raise ProtocolError("malformed JSON message: %s" % e) from e
+        raise ProtocolError(f"malformed JSON message: {e}") from e
 
 
 def encode_range(key, vaddr, npages):
@@ -285,7 +286,7 @@ def encode_round(n, stats):
 
 def decode_round(payload):
     (n,) = _ROUND.unpack_from(payload)
-    return n, json.loads(bytes(payload[_ROUND.size:]) or b"{}")
+    return n, json.loads(bytes(payload[_ROUND.size :]) or b"{}")
 
 
 def encode_ack(n, pages):
@@ -304,10 +305,10 @@ def encode_file(name, offset, data):
 def decode_file(payload):
     """(name, offset, data): a part of an image file."""
     n, offset = struct.unpack_from("!HQ", payload)
-    name = bytes(payload[10:10 + n]).decode()
+    name = bytes(payload[10 : 10 + n]).decode()
     if not name or "/" in name or name in (".", ".."):
-        raise ProtocolError("refusing image file name %r" % name)
-    return name, offset, bytes(payload[10 + n:])
+        raise ProtocolError(f"refusing image file name {name!r}")
+    return name, offset, bytes(payload[10 + n :])
 
 
 def tls_server_context(cert, key_file):
@@ -317,7 +318,7 @@ def tls_server_context(cert, key_file):
     try:
         ctx.load_cert_chain(cert, key_file)
     except (OSError, ssl.SSLError) as e:
-        raise ProtocolError("cannot load TLS certificate %s / key %s: %s" % (cert, key_file, e)) from e
+        raise ProtocolError(f"cannot load TLS certificate {cert} / key {key_file}: {e}") from e
     return ctx
 
 
@@ -329,7 +330,7 @@ def tls_client_context(ca):
     try:
         ctx.load_verify_locations(ca)
     except (OSError, ssl.SSLError) as e:
-        raise ProtocolError("cannot load TLS CA %s: %s" % (ca, e)) from e
+        raise ProtocolError(f"cannot load TLS CA {ca}: {e}") from e
     return ctx
 
 
@@ -349,8 +350,7 @@ def tune(sock):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _KEEPALIVE_IDLE_S)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _KEEPALIVE_INTERVAL_S)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT,
-                    (DEAD_PEER_S - _KEEPALIVE_IDLE_S) // _KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, (DEAD_PEER_S - _KEEPALIVE_IDLE_S) // _KEEPALIVE_INTERVAL_S)
 
 
 def connect(addr, key, timeout=10.0, tls=None, idle_timeout=None):
@@ -374,8 +374,9 @@ def connect(addr, key, timeout=10.0, tls=None, idle_timeout=None):
     except ProtocolError as e:
         ch.close()
         if isinstance(e.__cause__, socket.timeout):  # serve takes one source at a time
-            raise ProtocolError("%s:%d did not answer within %ss: is it busy with another migration?"
-                                % (host, port, timeout)) from e
+            raise ProtocolError(
+                "%s:%d did not answer within %ss: is it busy with another migration?" % (host, port, timeout)
+            ) from e
         raise
     except BaseException:
         ch.close()

@@ -1,4 +1,5 @@
 """The native userfaultfd fault loop (native/api/faultloop.h)."""
+
 import os
 import struct
 
@@ -7,10 +8,37 @@ from ._ffi import check, check_range, ffi, lib
 
 _MISS = struct.Struct("=QQQqQ")
 _STATS = (
-    "faults", "faults_during_install", "faults_absent", "faults_blocked", "pages_fault", "pages_prefetch", "pages_zero", "bytes_copied", "pages_owed",
-    "pages_waiting", "tasks", "tasks_exited", "events_fork", "events_remap", "events_remove",
-    "events_unmap", "events_during_install", "eager_ns", "done_ns", "lat_p50_ns", "lat_p99_ns", "lat_max_ns", "error",
-    "installers", "batch_pages", "fault_thread_rt", "gate_waits", "gate_same_cpu", "gate_slept", "installers_pinned", "claims_cut",
+    "faults",
+    "faults_during_install",
+    "faults_absent",
+    "faults_blocked",
+    "pages_fault",
+    "pages_prefetch",
+    "pages_zero",
+    "bytes_copied",
+    "pages_owed",
+    "pages_waiting",
+    "tasks",
+    "tasks_exited",
+    "events_fork",
+    "events_remap",
+    "events_remove",
+    "events_unmap",
+    "events_during_install",
+    "eager_ns",
+    "done_ns",
+    "lat_p50_ns",
+    "lat_p99_ns",
+    "lat_max_ns",
+    "error",
+    "installers",
+    "batch_pages",
+    "fault_thread_rt",
+    "gate_waits",
+    "gate_same_cpu",
+    "gate_slept",
+    "installers_pinned",
+    "claims_cut",
 )
 # hm_loop_histogram's histograms, by the names the stats give them
 HISTOGRAMS = {
@@ -38,8 +66,10 @@ class FaultLoop:
         self._l = ffi.gc(out[0], lib.hm_loop_free)
         if installers is not None or batch_pages is not None:
             st = self.stats()
-            _check(lib.hm_loop_configure(self._l, installers or st["installers"], batch_pages or st["batch_pages"]),
-                   "hm_loop_configure")
+            _check(
+                lib.hm_loop_configure(self._l, installers or st["installers"], batch_pages or st["batch_pages"]),
+                "hm_loop_configure",
+            )
 
     def add_task(self, uffd, key, pid, runs):
         """Serve uffd (the loop owns and closes the fd from now on) for store
@@ -48,8 +78,9 @@ class FaultLoop:
         for vaddr, npages in runs:
             check_range(vaddr, npages)
             flat += (vaddr, npages)
-        _check(lib.hm_loop_add_task(self._l, uffd, key, pid, ffi.new("uint64_t[]", flat), len(runs)),
-               "hm_loop_add_task")
+        _check(
+            lib.hm_loop_add_task(self._l, uffd, key, pid, ffi.new("uint64_t[]", flat), len(runs)), "hm_loop_add_task"
+        )
 
     def start(self):
         _check(lib.hm_loop_start(self._l), "hm_loop_start")

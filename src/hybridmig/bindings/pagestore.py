@@ -1,4 +1,5 @@
 """The RAM page store (native/api/pagestore.h)."""
+
 from ..errors import StoreError
 from ._ffi import PAGE_SIZE, check, check_range, ffi, lib
 

@@ -4,23 +4,46 @@ Each probe exercises the feature on the calling process's own memory and
 returns plain values, or raises NativeError carrying the errno the kernel
 gave (ENOSYS, EPERM, ENOTTY, EOPNOTSUPP, ...) so callers can explain it.
 """
+
 from collections import namedtuple
 
 from ._ffi import check, ffi, lib
 
 # UFFD_FEATURE_* names in bit order (include/uapi/linux/userfaultfd.h).
 _FEATURE_NAMES = (
-    "PAGEFAULT_FLAG_WP", "EVENT_FORK", "EVENT_REMAP", "EVENT_REMOVE", "MISSING_HUGETLBFS",
-    "MISSING_SHMEM", "EVENT_UNMAP", "SIGBUS", "THREAD_ID", "MINOR_HUGETLBFS", "MINOR_SHMEM",
-    "EXACT_ADDRESS", "WP_HUGETLBFS_SHMEM", "WP_UNPOPULATED", "POISON", "WP_ASYNC", "MOVE",
+    "PAGEFAULT_FLAG_WP",
+    "EVENT_FORK",
+    "EVENT_REMAP",
+    "EVENT_REMOVE",
+    "MISSING_HUGETLBFS",
+    "MISSING_SHMEM",
+    "EVENT_UNMAP",
+    "SIGBUS",
+    "THREAD_ID",
+    "MINOR_HUGETLBFS",
+    "MINOR_SHMEM",
+    "EXACT_ADDRESS",
+    "WP_HUGETLBFS_SHMEM",
+    "WP_UNPOPULATED",
+    "POISON",
+    "WP_ASYNC",
+    "MOVE",
 )
 #: feature name -> bit mask
 FEATURES = {name: getattr(lib, "HM_UFFD_FEATURE_" + name) for name in _FEATURE_NAMES}
 
 # UFFDIO_API reports ioctls as bits numbered by _UFFDIO_* (same uapi header).
 _IOCTL_BITS = {
-    0x00: "REGISTER", 0x01: "UNREGISTER", 0x02: "WAKE", 0x03: "COPY", 0x04: "ZEROPAGE",
-    0x05: "MOVE", 0x06: "WRITEPROTECT", 0x07: "CONTINUE", 0x08: "POISON", 0x3F: "API",
+    0x00: "REGISTER",
+    0x01: "UNREGISTER",
+    0x02: "WAKE",
+    0x03: "COPY",
+    0x04: "ZEROPAGE",
+    0x05: "MOVE",
+    0x06: "WRITEPROTECT",
+    0x07: "CONTINUE",
+    0x08: "POISON",
+    0x3F: "API",
 }
 
 #: ways of opening a userfaultfd, for probe_uffd_open()
@@ -66,7 +89,7 @@ def probe_uffd_open(how, want=()):
     feature names in `want`: UffdInfo, or NativeError (EINVAL: a feature is
     missing, EPERM: refused, e.g. EVENT_FORK without CAP_SYS_PTRACE)."""
     if how not in WAYS:
-        raise ValueError("unknown way of opening a userfaultfd: %r" % (how,))
+        raise ValueError(f"unknown way of opening a userfaultfd: {how!r}")
     features, ioctls = ffi.new("uint64_t *"), ffi.new("uint64_t *")
     check(lib.hm_probe_uffd_open(how, encode_features(want), features, ioctls), "hm_probe_uffd_open")
     return UffdInfo(decode_features(features[0]), features[0], decode_ioctls(ioctls[0]), WAYS[how])

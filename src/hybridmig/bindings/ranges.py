@@ -1,4 +1,5 @@
 """Interval lists (native/api/ranges.h)."""
+
 from ._ffi import check, ffi, lib
 
 
@@ -49,4 +50,4 @@ class Ranges:
             yield start[0], end[0]
 
     def __repr__(self):
-        return "Ranges(%s)" % ", ".join("0x%x-0x%x" % r for r in self)
+        return "Ranges({})".format(", ".join("0x{:x}-0x{:x}".format(*r) for r in self))

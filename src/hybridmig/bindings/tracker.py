@@ -3,6 +3,7 @@
 Plain wrappers: ranges are (start, end) tuples of page-aligned addresses,
 errors are NativeError carrying the kernel's errno. Calls release the GIL.
 """
+
 import errno
 import struct
 
@@ -17,14 +18,14 @@ SOFT_DIRTY = 1 << lib.HM_PAGEMAP_SOFT_DIRTY_BIT
 
 def _check_pid(pid):
     if not isinstance(pid, int) or pid <= 0:
-        raise ValueError("bad pid %r" % (pid,))
+        raise ValueError(f"bad pid {pid!r}")
 
 
 def _check_span(start, end):
     check_range(start, 0)
     check_range(end, 0)
     if end <= start:
-        raise ValueError("empty range 0x%x-0x%x" % (start, end))
+        raise ValueError(f"empty range 0x{start:x}-0x{end:x}")
 
 
 _REGION = struct.Struct("=QQQ")  # struct hm_page_region
@@ -90,8 +91,7 @@ class Tracker:
         out = []
         at = start
         while at < end:
-            check(lib.hm_tracker_scan(t, at, end, int(protect), self._regions, SCAN_BATCH, n, nxt),
-                  "hm_tracker_scan")
+            check(lib.hm_tracker_scan(t, at, end, int(protect), self._regions, SCAN_BATCH, n, nxt), "hm_tracker_scan")
             _append(out, self._regions, n[0])
             at = _progress(at, nxt[0], "hm_tracker_scan")
         return out
@@ -165,8 +165,19 @@ def pagemap_ranges(entries, base, mask=SOFT_DIRTY, max_regions=SCAN_BATCH):
     out, done = [], 0
     while done < len(entries):
         n[0] = 0
-        check(lib.hm_pagemap_ranges(arr + done, len(entries) - done, base + done * PAGE_SIZE, mask,
-                                    regions, max(1, max_regions), n, consumed), "hm_pagemap_ranges")
+        check(
+            lib.hm_pagemap_ranges(
+                arr + done,
+                len(entries) - done,
+                base + done * PAGE_SIZE,
+                mask,
+                regions,
+                max(1, max_regions),
+                n,
+                consumed,
+            ),
+            "hm_pagemap_ranges",
+        )
         _append(out, regions, n[0])
         done += consumed[0]
     return out

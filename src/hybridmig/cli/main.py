@@ -1,4 +1,5 @@
 """The `hybridmig` command line."""
+
 import json
 import logging
 import os
@@ -24,13 +25,15 @@ def _setup_logging(verbosity, log_file):
 
 
 def fail(message):
-    click.echo("hybridmig: error: %s" % message, err=True)
+    click.echo(f"hybridmig: error: {message}", err=True)
     sys.exit(1)
 
 
 @main.command("lazy-pages")
 @click.option("-D", "--images-dir", required=True, type=click.Path(file_okay=False), help="CRIU images directory")
-@click.option("-W", "--work-dir", type=click.Path(file_okay=False), help="where lazy-pages.socket goes (default: images dir)")
+@click.option(
+    "-W", "--work-dir", type=click.Path(file_okay=False), help="where lazy-pages.socket goes (default: images dir)"
+)
 @click.option("--status-fd", type=int, help="write one NUL byte to this fd once listening")
 @click.option("-o", "--log-file", help="log file, relative to the work dir")
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
@@ -40,26 +43,54 @@ def fail(message):
 @click.option("--port", type=int, help="page server port")
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="write the stats here as JSON")
 @click.option("--timeout", type=float, default=None, help="seconds to wait for criu restore to connect")
-@click.option("--eager-delay", type=float, default=0.0, show_default=True,
-              help="seconds after restore during which pages go in only on fault (experiments)")
-@click.option("--installers", type=click.IntRange(1, 8), default=None,
-              help="threads installing pages eagerly [default: 2, or 1 on one CPU]")
-@click.option("--batch-pages", type=click.IntRange(1, 512), default=None,
-              help="pages per eager copy (ioctl); a fault waits for at most one [default: 8]")
-def lazy_pages(images_dir, work_dir, status_fd, log_file, verbosity, no_default_config, page_server, address, port,
-               stats_json, timeout, eager_delay, installers, batch_pages):
+@click.option(
+    "--eager-delay",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="seconds after restore during which pages go in only on fault (experiments)",
+)
+@click.option(
+    "--installers",
+    type=click.IntRange(1, 8),
+    default=None,
+    help="threads installing pages eagerly [default: 2, or 1 on one CPU]",
+)
+@click.option(
+    "--batch-pages",
+    type=click.IntRange(1, 512),
+    default=None,
+    help="pages per eager copy (ioctl); a fault waits for at most one [default: 8]",
+)
+def lazy_pages(
+    images_dir,
+    work_dir,
+    status_fd,
+    log_file,
+    verbosity,
+    no_default_config,
+    page_server,
+    address,
+    port,
+    stats_json,
+    timeout,
+    eager_delay,
+    installers,
+    batch_pages,
+):
     """Serve `criu restore --lazy-pages` from a RAM page store (drop-in for `criu lazy-pages`)."""
     from ..destination.lazypages import LazyPagesDaemon
 
     work_dir = work_dir or images_dir
     _setup_logging(verbosity, os.path.join(work_dir, log_file) if log_file else None)
     if not os.path.isdir(images_dir):
-        fail("images dir %s does not exist" % images_dir)
+        fail(f"images dir {images_dir} does not exist")
     source = None
     if page_server:
         if not address or not port:
             fail("--page-server needs --address and --port")
         from ..criu.pageserver import PageServerSource
+
         source = PageServerSource(address, port)
     daemon = None
     try:
@@ -83,8 +114,17 @@ def lazy_pages(images_dir, work_dir, status_fd, log_file, verbosity, no_default_
     click.echo(
         "lazy-pages: %d tasks, %d pages: %d by fault, %d prefetched, %d zero; installed in %s; "
         "fault latency p50 %.1f us, p99 %.1f us, max %.1f us"
-        % (stats["tasks"], stats["lazy_pages"], stats["pages_fault"], stats["pages_prefetch"], stats["pages_zero"],
-           "%.3f s" % stats["install_s"] if stats["install_s"] is not None else "-", lat["p50"], lat["p99"], lat["max"]),
+        % (
+            stats["tasks"],
+            stats["lazy_pages"],
+            stats["pages_fault"],
+            stats["pages_prefetch"],
+            stats["pages_zero"],
+            "{:.3f} s".format(stats["install_s"]) if stats["install_s"] is not None else "-",
+            lat["p50"],
+            lat["p99"],
+            lat["max"],
+        ),
         err=True,
     )
     # Every page is in, every uffd closed, the stats written: what is left
@@ -95,6 +135,7 @@ def lazy_pages(images_dir, work_dir, status_fd, log_file, verbosity, no_default_
     sys.stderr.flush()
     os._exit(0)
 
+
 def _size(text):
     """A byte count with an optional K/M/G suffix (powers of 1024)."""
     units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -103,7 +144,7 @@ def _size(text):
     try:
         return int(float(num) * units[unit])
     except ValueError:
-        raise click.BadParameter("%r is not a size such as 100M" % text)
+        raise click.BadParameter(f"{text!r} is not a size such as 100M") from None
 
 
 @main.command()
@@ -111,14 +152,16 @@ def _size(text):
 @click.option("--dir", "base_dir", required=True, type=click.Path(file_okay=False), help="work directory for sessions")
 @click.option("--key-file", required=True, type=click.Path(dir_okay=False), help="shared secret, as on the source")
 @click.option("--once", is_flag=True, help="exit after the first migration (0 if it committed)")
-@click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS certificate (with --tls-key): encrypt the session")
+@click.option(
+    "--tls-cert", type=click.Path(dir_okay=False), help="TLS certificate (with --tls-key): encrypt the session"
+)
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS private key")
 @click.option("--keep", is_flag=True, help="keep each session's images and CRIU's restore.log in --dir")
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
 def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, verbosity):
     """Destination: keep pre-copied pages in RAM and restore migrated processes."""
-    from ..destination import serve as destination
     from .. import wire
+    from ..destination import serve as destination
 
     _setup_logging(verbosity, None)
     if bool(tls_cert) != bool(tls_key):
@@ -131,7 +174,7 @@ def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, verbosity):
     except KeyboardInterrupt:
         sys.exit(130)
     if once and outcome != "committed":
-        fail("the migration did not complete: %s" % outcome)
+        fail(f"the migration did not complete: {outcome}")
 
 
 @main.command()
@@ -140,36 +183,79 @@ def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, verbosity):
 @click.option("--key-file", required=True, type=click.Path(dir_okay=False), help="shared secret, as on the destination")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--max-rounds", type=int, default=30, show_default=True, help="pre-copy rounds at most")
-@click.option("--target-downtime", type=float, default=300.0, show_default=True,
-              help="ms: stop pre-copy once the last transfer is estimated to fit")
+@click.option(
+    "--target-downtime",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="ms: stop pre-copy once the last transfer is estimated to fit",
+)
 @click.option("--bandwidth-limit", default="0", help="bytes/s for pre-copy, e.g. 100M (0: no limit)")
-@click.option("--auto-converge/--no-auto-converge", default=True, show_default=True,
-              help="hold the tree in ptrace stops a growing share of the time while rounds do not converge")
+@click.option(
+    "--auto-converge/--no-auto-converge",
+    default=True,
+    show_default=True,
+    help="hold the tree in ptrace stops a growing share of the time while rounds do not converge",
+)
 @click.option("--criu-opt", "criu_opts", multiple=True, help="extra CRIU option for dump and restore (repeatable)")
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds for the dump, for the restore, and for any silence of the destination")
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="seconds for the dump, for the restore, and for any silence of the destination",
+)
 @click.option("--no-compress", is_flag=True, help="send pages without lz4")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False), help="also write the JSON report here")
-@click.option("--work-dir", type=click.Path(file_okay=False),
-              help="keep CRIU's images and dump.log here (default: a temp dir, removed)")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False),
+    help="keep CRIU's images and dump.log here (default: a temp dir, removed)",
+)
 @click.option("--tls-ca", type=click.Path(dir_okay=False), help="use TLS; the destination's certificate (or its CA)")
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
-def run(pid, to, key_file, as_json, max_rounds, target_downtime, bandwidth_limit, auto_converge, criu_opts, timeout,
-        no_compress, report_file, work_dir, tls_ca, verbosity):
+def run(
+    pid,
+    to,
+    key_file,
+    as_json,
+    max_rounds,
+    target_downtime,
+    bandwidth_limit,
+    auto_converge,
+    criu_opts,
+    timeout,
+    no_compress,
+    report_file,
+    work_dir,
+    tls_ca,
+    verbosity,
+):
     """Source: live-migrate process tree PID to a destination."""
     from .. import wire
-    from .progress import RunProgress
     from ..source.migration import Migration, alive
+    from .progress import RunProgress
 
     _setup_logging(verbosity, None)
     if report_file and not os.access(os.path.dirname(os.path.abspath(report_file)), os.W_OK):
-        fail("--report %s: its directory is not writable (checked before migrating, not after)" % report_file)
+        fail(f"--report {report_file}: its directory is not writable (checked before migrating, not after)")
     show = RunProgress(enabled=not as_json)
     try:
-        report = Migration(pid, to, wire.read_key(key_file), max_rounds=max_rounds,
-                           target_downtime_ms=target_downtime, bandwidth_limit=_size(bandwidth_limit),
-                           criu_opts=criu_opts, work_dir=work_dir, timeout=timeout, progress=show.update,
-                           compress=not no_compress, tls=wire.tls_client_context(tls_ca) if tls_ca else None,
-                           auto_converge=auto_converge).run()
+        report = Migration(
+            pid,
+            to,
+            wire.read_key(key_file),
+            max_rounds=max_rounds,
+            target_downtime_ms=target_downtime,
+            bandwidth_limit=_size(bandwidth_limit),
+            criu_opts=criu_opts,
+            work_dir=work_dir,
+            timeout=timeout,
+            progress=show.update,
+            compress=not no_compress,
+            tls=wire.tls_client_context(tls_ca) if tls_ca else None,
+            auto_converge=auto_converge,
+        ).run()
     except HybridmigError as e:
         failed = {"result": "failed", "error": str(e), "pid": pid}
         if report_file:
@@ -198,8 +284,11 @@ def bench(args):
 
 
 from ..doctor import doctor  # noqa: E402
+
 main.add_command(doctor)
 from ..source.dirtyrate import dirty_rate  # noqa: E402
+
 main.add_command(dirty_rate)
 from ..testing.demo import demo  # noqa: E402
+
 main.add_command(demo)

@@ -1,5 +1,6 @@
 """What `hybridmig run` shows on a terminal: one line per pre-copy round,
 then the downtime breakdown."""
+
 from rich.console import Console
 from rich.table import Table
 
@@ -19,10 +20,19 @@ class RunProgress:
         self.console.print(
             "round %2d: %8d pages written, %8d sent (%7.1f MiB raw, %7.1f MiB on the wire) in %6.3f s; "
             "%sdirty %8.0f pages/s; est. downtime %7.1f ms%s"
-            % (rnd.number, rnd.pages_written, rnd.pages_sent, _mib(rnd.bytes_raw), _mib(rnd.bytes_wire),
-               rnd.duration_s, "%d hot (for the final round); " % rnd.pages_hot if rnd.pages_hot else "",
-               rnd.dirty_rate_pps, rnd.est_downtime_ms,
-               "; throttled %.0f %%" % rnd.throttle_pct if rnd.throttle_pct else ""))
+            % (
+                rnd.number,
+                rnd.pages_written,
+                rnd.pages_sent,
+                _mib(rnd.bytes_raw),
+                _mib(rnd.bytes_wire),
+                rnd.duration_s,
+                "%d hot (for the final round); " % rnd.pages_hot if rnd.pages_hot else "",
+                rnd.dirty_rate_pps,
+                rnd.est_downtime_ms,
+                f"; throttled {rnd.throttle_pct:.0f} %" if rnd.throttle_pct else "",
+            )
+        )
 
     def summary(self, report):
         t = Table(title="migrated pid %d to %s" % (report["pid"], report["to"]))
@@ -31,12 +41,13 @@ class RunProgress:
         steps = dict(report["breakdown"])
         after = steps.pop("installing_after_resume_ms")
         for name, ms in steps.items():
-            t.add_row(name.replace("_ms", "").replace("_", " "), "%.1f" % ms)
-        t.add_row("[b]downtime[/b]", "[b]%.1f[/b]" % report["downtime_ms"])
-        t.add_row("(pages installing after resume)", "%.1f" % after)
+            t.add_row(name.replace("_ms", "").replace("_", " "), f"{ms:.1f}")
+        t.add_row("[b]downtime[/b]", "[b]{:.1f}[/b]".format(report["downtime_ms"]))
+        t.add_row("(pages installing after resume)", f"{after:.1f}")
         self.console.print(t)
-        self.console.print("%d rounds, %.1f MiB sent, %d remote faults; restored as pid %s"
-                           % (len(report["rounds"]), _mib(report["bytes_sent"]), report["remote_faults"],
-                              report["restored_pid"]))
+        self.console.print(
+            "%d rounds, %.1f MiB sent, %d remote faults; restored as pid %s"
+            % (len(report["rounds"]), _mib(report["bytes_sent"]), report["remote_faults"], report["restored_pid"])
+        )
         for warning in report["warnings"]:  # migrated all the same
-            self.console.print("[yellow]warning:[/yellow] %s" % warning)
+            self.console.print(f"[yellow]warning:[/yellow] {warning}")

@@ -1,5 +1,6 @@
 """Running CRIU: where it is, what its logs say, and the lazy dump of the
 switch-over with its post-dump hook."""
+
 import functools
 import os
 import select
@@ -9,12 +10,10 @@ import subprocess
 import sys
 import time
 
-from .. import doctor
+from .. import doctor, scratch
 from ..errors import CriuError, UsageError
 from . import hook
-from .. import scratch
 from .hook import HOOK_ENV
-
 
 # CRIU's log level for every dump and restore: info. Debug (-v4) also logs
 # every page-pipe buffer while the tasks are frozen: 160 ms of a 4 GiB
@@ -22,7 +21,7 @@ from .hook import HOOK_ENV
 CRIU_LOG_LEVEL = "-v3"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def criu_binary():
     """The checked CRIU, checked once per process: `criu check` takes 70 ms,
     and the destination needs the binary while the process is down."""
@@ -34,9 +33,21 @@ def criu_binary():
 # process on the source): refused in --criu-opt. Long names, and the short
 # letters that stand for them.
 RESERVED_OPTS = {
-    "--leave-running": "R", "--leave-stopped": "s", "--tree": "t", "--images-dir": "D", "--work-dir": "W",
-    "--log-file": "o", "--restore-detached": "d", "--lazy-pages": None, "--page-server": None, "--address": None,
-    "--port": None, "--ps-socket": None, "--action-script": None, "--pidfile": None, "--track-mem": None,
+    "--leave-running": "R",
+    "--leave-stopped": "s",
+    "--tree": "t",
+    "--images-dir": "D",
+    "--work-dir": "W",
+    "--log-file": "o",
+    "--restore-detached": "d",
+    "--lazy-pages": None,
+    "--page-server": None,
+    "--address": None,
+    "--port": None,
+    "--ps-socket": None,
+    "--action-script": None,
+    "--pidfile": None,
+    "--track-mem": None,
     "--prev-images-dir": None,
 }
 
@@ -53,9 +64,12 @@ def check_criu_opts(opts):
             reserved = short[opt[1:2]]
         else:
             continue
-        why = ("it would leave a second copy of the process on the source"
-               if reserved in ("--leave-running", "--leave-stopped") else "hybridmig sets it itself")
-        raise UsageError("--criu-opt %s (%s): %s" % (opt, reserved, why))
+        why = (
+            "it would leave a second copy of the process on the source"
+            if reserved in ("--leave-running", "--leave-stopped")
+            else "hybridmig sets it itself"
+        )
+        raise UsageError(f"--criu-opt {opt} ({reserved}): {why}")
 
 
 def log_tail(path, errors=8, tail=6):
@@ -64,7 +78,7 @@ def log_tail(path, errors=8, tail=6):
         with open(path, errors="replace") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        return "(no log %s: %s)" % (path, e.strerror)
+        return f"(no log {path}: {e.strerror})"
     errs = [line for line in lines if "Error" in line and "RLIMIT_NOFILE" not in line]
     picked = errs[:errors] + [line for line in lines[-tail:] if line not in errs]
     return "\n  ".join([""] + picked)
@@ -76,9 +90,10 @@ def write_hook(directory):
     are frozen, and needs only the standard library)."""
     path = os.path.join(directory, "criu-hook")
     with open(path, "w") as f:
-        f.write("#!%s -S\n" % sys.executable)
-        f.write("exec(compile(open(%r, 'rb').read(), %r, 'exec'), {'__name__': '__main__'})\n"
-                % (hook.__file__, hook.__file__))
+        f.write(f"#!{sys.executable} -S\n")
+        f.write(
+            f"exec(compile(open({hook.__file__!r}, 'rb').read(), {hook.__file__!r}, 'exec'), {{'__name__': '__main__'}})\n"  # noqa: E501
+        )
     os.chmod(path, 0o700)
     return path
 
@@ -107,12 +122,29 @@ class LazyDump:
         self._listener.bind(hook_sock)
         self._listener.listen(1)
         self._pre_dump = None  # the pre-dump hook's connection, until go() or cancel()
-        cmd = [criu_binary(), "dump", "-t", str(pid), "-D", images_dir, "-W", images_dir,
-                "--lazy-pages", "--address", "127.0.0.1",  # no --port: CRIU binds where it can (hook.py)
-                "--action-script", write_hook(hook_dir), "-o", "dump.log", CRIU_LOG_LEVEL, *criu_opts]
+        cmd = [
+            criu_binary(),
+            "dump",
+            "-t",
+            str(pid),
+            "-D",
+            images_dir,
+            "-W",
+            images_dir,
+            "--lazy-pages",
+            "--address",
+            "127.0.0.1",  # no --port: CRIU binds where it can (hook.py)
+            "--action-script",
+            write_hook(hook_dir),
+            "-o",
+            "dump.log",
+            CRIU_LOG_LEVEL,
+            *criu_opts,
+        ]
         env = dict(os.environ, **{HOOK_ENV: hook_sock})
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, env=env, text=True)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True
+        )
 
     def wait_hook(self, stage, timeout):
         """The connection of CRIU's hook at `stage` ("pre-dump" or
@@ -121,14 +153,14 @@ class LazyDump:
         while not select.select([self._listener], [], [], 0.05)[0]:
             failed = self.failed()
             if failed:
-                raise CriuError("%s; the source keeps running" % failed)
+                raise CriuError(f"{failed}; the source keeps running")
             if time.monotonic() > deadline:
-                raise CriuError("criu dump did not reach %s within %ss" % (stage, timeout))
+                raise CriuError(f"criu dump did not reach {stage} within {timeout}s")
         conn, _ = self._listener.accept()
         said = conn.recv(64).decode(errors="replace").strip()
         if said != stage:
             conn.close()
-            raise CriuError("criu dump's hook reported %r, expected %s" % (said, stage))
+            raise CriuError(f"criu dump's hook reported {said!r}, expected {stage}")
         if stage == "pre-dump":
             self._pre_dump = conn
         return conn
@@ -167,8 +199,10 @@ class LazyDump:
             said = os.read(fd, 65536).decode(errors="replace").strip().splitlines()
         except BlockingIOError:
             said = []
-        return "criu dump failed (exit %d):%s" % (rc, log_tail(self.log) if os.path.exists(self.log)
-                                                  else "\n  " + "\n  ".join(said[:3]))
+        return "criu dump failed (exit %d):%s" % (
+            rc,
+            log_tail(self.log) if os.path.exists(self.log) else "\n  " + "\n  ".join(said[:3]),
+        )
 
     def wait(self, timeout):
         try:

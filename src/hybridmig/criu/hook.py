@@ -25,6 +25,7 @@ site-packages and hybridmig's imports). The detached child, after the
 verdict, runs `python -m hybridmig.criu.hook end-session CRIU_PID commit|abort`
 with everything.
 """
+
 import os
 import socket
 import sys
@@ -64,7 +65,7 @@ def _end_page_server_session(criu_pid, commit):
                 src.abort()
             return
     except Exception as e:  # noqa: BLE001 -- whatever it was, CRIU must not wait on
-        print("hybridmig's CRIU hook: cannot end CRIU's page server session: %s" % e, file=sys.stderr)
+        print(f"hybridmig's CRIU hook: cannot end CRIU's page server session: {e}", file=sys.stderr)
     _end_without_page_server(criu_pid, commit)
 
 
@@ -91,8 +92,17 @@ def _detach_and_end_session(criu_pid, commit):
     if os.fork():
         os._exit(0)
     try:
-        os.execv(sys.executable, [sys.executable, "-m", "hybridmig.criu.hook", "end-session", str(criu_pid),
-                                  "commit" if commit else "abort"])
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "hybridmig.criu.hook",
+                "end-session",
+                str(criu_pid),
+                "commit" if commit else "abort",
+            ],
+        )
     finally:
         os._exit(0)
 
@@ -113,7 +123,7 @@ def main(argv=None):
             s.sendall(action.encode() + b"\n")
             verdict = s.recv(1)
     except (OSError, TypeError) as e:
-        print("hybridmig's CRIU hook: cannot reach hybridmig run at %s: %s" % (path, e), file=sys.stderr)
+        print(f"hybridmig's CRIU hook: cannot reach hybridmig run at {path}: {e}", file=sys.stderr)
     commit = verdict == b"0"
     if action == "pre-dump":
         # CRIU waits here from the start of pre-copy until the switch-over:

@@ -3,6 +3,7 @@ task its VMAs and the pages its pagemap says are lazy, with where each run of
 pages lies in the pages image. Everything is checked before any page is
 served, so that a broken image fails the restore instead of leaving a process
 running on zero-filled memory."""
+
 import os
 import struct
 from dataclasses import dataclass, field
@@ -50,14 +51,14 @@ class TaskImages:
 
 def _load(path, what):
     if not os.path.exists(path):
-        raise ImageError("%s: missing (%s)" % (path, what))
+        raise ImageError(f"{path}: missing ({what})")
     try:
         with open(path, "rb") as f:
             return pycriu.images.load(f)
     except ImageError:
         raise
     except Exception as e:  # pycriu raises bare exceptions of several kinds
-        raise ImageError("%s: unreadable or corrupted %s image (%s)" % (path, what, e or type(e).__name__)) from e
+        raise ImageError(f"{path}: unreadable or corrupted {what} image ({e or type(e).__name__})") from e
 
 
 # compel/include/uapi/task-state.h: CRIU writes a zombie's state as TASK_DEAD
@@ -70,7 +71,7 @@ def task_pids(images_dir):
     img = _load(os.path.join(images_dir, "pstree.img"), "pstree")
     pids = [e["pid"] for e in img["entries"]]
     if not pids:
-        raise ImageError("%s: no processes" % os.path.join(images_dir, "pstree.img"))
+        raise ImageError("{}: no processes".format(os.path.join(images_dir, "pstree.img")))
     return pids
 
 
@@ -81,7 +82,7 @@ def is_zombie(images_dir, pid):
     try:
         return core["entries"][0]["tc"]["task_state"] in ZOMBIE_STATES
     except (IndexError, KeyError) as e:
-        raise ImageError("%s: no task state" % path) from e
+        raise ImageError(f"{path}: no task state") from e
 
 
 def _pagemap(path):
@@ -90,7 +91,7 @@ def _pagemap(path):
     takes 60 ms for the 1000 entries of a 4 GiB task, and the source reads
     this image while its tasks are frozen."""
     if not os.path.exists(path):
-        raise ImageError("%s: missing (pagemap)" % path)
+        raise ImageError(f"{path}: missing (pagemap)")
     with open(path, "rb") as f:
         data = f.read()
     pos = 4
@@ -99,7 +100,7 @@ def _pagemap(path):
         (magic,) = _I32.unpack_from(data, 4) if len(data) >= 8 else (None,)
         pos = 8
     if magic != pycriu.images.magic.by_name["PAGEMAP"]:
-        raise ImageError("%s: not a pagemap image (magic %r)" % (path, magic))
+        raise ImageError(f"{path}: not a pagemap image (magic {magic!r})")
     messages = []
     while pos < len(data):
         if pos + 4 > len(data):
@@ -110,13 +111,13 @@ def _pagemap(path):
             raise ImageError("%s: truncated: an entry of %d bytes at byte %d" % (path, size, pos))
         msg = pb.pagemap_entry() if messages else pb.pagemap_head()
         try:
-            msg.ParseFromString(data[pos:pos + size])
+            msg.ParseFromString(data[pos : pos + size])
         except Exception as e:  # protobuf's DecodeError, and missing required fields
             raise ImageError("%s: corrupted entry at byte %d (%s)" % (path, pos, e)) from e
         messages.append(msg)
         pos += size
     if not messages:
-        raise ImageError("%s: no pagemap head" % path)
+        raise ImageError(f"{path}: no pagemap head")
     return messages[0].pages_id, [(e.vaddr, e.nr_pages or e.compat_nr_pages, e.flags) for e in messages[1:]]
 
 
@@ -126,7 +127,7 @@ def _vmas(images_dir, pid):
     try:
         return sorted((v["start"], v["end"]) for v in img["entries"][0].get("vmas", []))
     except (IndexError, KeyError) as e:
-        raise ImageError("%s: no mm entry" % path) from e
+        raise ImageError(f"{path}: no mm entry") from e
 
 
 def read_task(images_dir, pid):
@@ -144,7 +145,7 @@ def read_task(images_dir, pid):
         if vaddr % PAGE_SIZE or npages <= 0:
             raise ImageError("%s: malformed entry: vaddr 0x%x, %d pages" % (pm_path, vaddr, npages))
         if flags & PE_PARENT:
-            raise ImageError("%s: pages in a parent snapshot (pre-dump images) are not supported" % pm_path)
+            raise ImageError(f"{pm_path}: pages in a parent snapshot (pre-dump images) are not supported")
         here = offset if flags & PE_PRESENT else None
         if flags & PE_PRESENT:
             offset += npages * PAGE_SIZE
@@ -155,8 +156,9 @@ def read_task(images_dir, pid):
             while vi < len(vmas) and vmas[vi][1] <= start:
                 vi += 1
             if vi == len(vmas) or vmas[vi][0] > start:
-                raise ImageError("%s: lazy pages at 0x%x lie outside every VMA of %s"
-                                 % (pm_path, start, os.path.basename(images_dir) or images_dir))
+                raise ImageError(
+                    f"{pm_path}: lazy pages at 0x{start:x} lie outside every VMA of {os.path.basename(images_dir) or images_dir}"  # noqa: E501
+                )
             stop = min(end, vmas[vi][1])
             n = (stop - start) // PAGE_SIZE
             task.runs.append(LazyRun(start, n, None if here is None else here + (start - vaddr)))
@@ -168,6 +170,8 @@ def read_task(images_dir, pid):
         except OSError as e:
             raise ImageError("%s: missing (pages image of pid %d)" % (pages_path, pid)) from e
         if size < offset:
-            raise ImageError("%s: truncated: holds %d pages, %s lists %d"
-                             % (pages_path, size // PAGE_SIZE, os.path.basename(pm_path), offset // PAGE_SIZE))
+            raise ImageError(
+                "%s: truncated: holds %d pages, %s lists %d"
+                % (pages_path, size // PAGE_SIZE, os.path.basename(pm_path), offset // PAGE_SIZE)
+            )
     return task

@@ -46,6 +46,7 @@ from epoll; here the Fetcher thread does blocking I/O instead, and several
 requests (one per lazy run of a batch) are sent at once and their replies
 read in order, since the server answers strictly in turn.
 """
+
 import bisect
 import logging
 import socket
@@ -103,18 +104,18 @@ class PageServerSource:
         if self._sock is not None:
             return
         if self._done:
-            raise ProtocolError("%s: the session is already closed" % self.where)
+            raise ProtocolError(f"{self.where}: the session is already closed")
         try:
             sock = socket.create_connection((self.address, self.port), timeout=self.connect_timeout)
-        except socket.timeout as e:
-            raise ProtocolError("cannot connect to the %s: no answer within %ss"
-                                % (self.where, self.connect_timeout)) from e
+        except TimeoutError as e:
+            raise ProtocolError(f"cannot connect to the {self.where}: no answer within {self.connect_timeout}s") from e
         except socket.gaierror as e:
-            raise ProtocolError("cannot connect to the %s: bad address (%s)" % (self.where, e.strerror)) from e
+            raise ProtocolError(f"cannot connect to the {self.where}: bad address ({e.strerror})") from e
         except OSError as e:
-            raise ProtocolError("cannot connect to the %s: %s (is `criu dump --lazy-pages --address %s "
-                                "--port %d` running and not yet served?)"
-                                % (self.where, e.strerror or e, self.address, self.port)) from e
+            raise ProtocolError(
+                "cannot connect to the %s: %s (is `criu dump --lazy-pages --address %s "
+                "--port %d` running and not yet served?)" % (self.where, e.strerror or e, self.address, self.port)
+            ) from e
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.io_timeout)
@@ -131,7 +132,7 @@ class PageServerSource:
 
     def _fail(self, what, cause=None):
         self._broken = what
-        err = ProtocolError("%s: %s" % (self.where, what))
+        err = ProtocolError(f"{self.where}: {what}")
         if cause is not None:
             raise err from cause
         raise err
@@ -139,23 +140,25 @@ class PageServerSource:
     def _send(self, data, what):
         try:
             self._sock.sendall(data)
-        except socket.timeout as e:
-            self._fail("sending %s timed out after %ss" % (what, self.io_timeout), e)
+        except TimeoutError as e:
+            self._fail(f"sending {what} timed out after {self.io_timeout}s", e)
         except OSError as e:
-            self._fail("sending %s failed: %s" % (what, e.strerror or e), e)
+            self._fail(f"sending {what} failed: {e.strerror or e}", e)
 
     def _recv_into(self, view, what):
         got, n = 0, len(view)
         while got < n:
             try:
                 r = self._sock.recv_into(view[got:], n - got)
-            except socket.timeout as e:
-                self._fail("no %s within %ss" % (what, self.io_timeout), e)
+            except TimeoutError as e:
+                self._fail(f"no {what} within {self.io_timeout}s", e)
             except OSError as e:
-                self._fail("receiving %s failed: %s" % (what, e.strerror or e), e)
+                self._fail(f"receiving {what} failed: {e.strerror or e}", e)
             if r == 0:  # (ProtocolError is an OSError: raised outside the try)
-                self._fail("the page server closed the connection while we waited for %s "
-                           "(%d of %d bytes received; its log, e.g. dump.log, says why)" % (what, got, n))
+                self._fail(
+                    "the page server closed the connection while we waited for %s "
+                    "(%d of %d bytes received; its log, e.g. dump.log, says why)" % (what, got, n)
+                )
             got += r
 
     def _recv_reply(self, pid, vaddr, npages):
@@ -164,19 +167,26 @@ class PageServerSource:
         what = "the answer to PS_IOV_GET of %d pages at 0x%x of pid %d" % (npages, vaddr, pid)
         self._recv_into(memoryview(hdr), what)
         cmd, nr, addr, dst = _PSI.unpack(hdr)
-        if cmd & PS_CMD_MASK != PS_IOV_ADD_F or not (cmd >> PS_CMD_BITS) & PE_PRESENT \
-                or addr != vaddr or dst != pid or not 0 < nr <= npages:
-            self._fail("protocol mismatch: %s is {cmd 0x%x, nr_pages %d, vaddr 0x%x, dst_id %d}, expected "
-                       "{cmd 0x%x, nr_pages 1..%d, vaddr 0x%x, dst_id %d} (not a CRIU 4.x page server "
-                       "of a lazy dump?)" % (what, cmd, nr, addr, dst, PS_IOV_ADD_F | PE_PRESENT << PS_CMD_BITS,
-                                            npages, vaddr, pid))
+        if (
+            cmd & PS_CMD_MASK != PS_IOV_ADD_F
+            or not (cmd >> PS_CMD_BITS) & PE_PRESENT
+            or addr != vaddr
+            or dst != pid
+            or not 0 < nr <= npages
+        ):
+            self._fail(
+                "protocol mismatch: %s is {cmd 0x%x, nr_pages %d, vaddr 0x%x, dst_id %d}, expected "
+                "{cmd 0x%x, nr_pages 1..%d, vaddr 0x%x, dst_id %d} (not a CRIU 4.x page server "
+                "of a lazy dump?)"
+                % (what, cmd, nr, addr, dst, PS_IOV_ADD_F | PE_PRESENT << PS_CMD_BITS, npages, vaddr, pid)
+            )
         return nr
 
     def _usable(self):
         if self._broken is not None:
-            raise ProtocolError("%s: the connection is unusable: %s" % (self.where, self._broken))
+            raise ProtocolError(f"{self.where}: the connection is unusable: {self._broken}")
         if self._sock is None:
-            raise ProtocolError("%s: not connected" % self.where)
+            raise ProtocolError(f"{self.where}: not connected")
 
     # --- pages ----------------------------------------------------------------
     def read_into(self, store, key, vaddr, npages, pid=None, src=None):
@@ -203,14 +213,14 @@ class PageServerSource:
             todo = pieces
             while todo:
                 batch, todo = todo[:MAX_INFLIGHT], todo[MAX_INFLIGHT:]
-                self._send(b"".join(_PSI.pack(PS_IOV_GET, n, lo, pid) for lo, n in batch),
-                           "PS_IOV_GET for pid %d" % pid)
+                self._send(
+                    b"".join(_PSI.pack(PS_IOV_GET, n, lo, pid) for lo, n in batch), "PS_IOV_GET for pid %d" % pid
+                )
                 self.requests += len(batch)
                 for lo, n in batch:
                     nr = self._recv_reply(pid, lo, n)
                     off = lo - src
-                    self._recv_into(view[off: off + nr * PAGE_SIZE],
-                                    "%d pages at 0x%x of pid %d" % (nr, lo, pid))
+                    self._recv_into(view[off : off + nr * PAGE_SIZE], "%d pages at 0x%x of pid %d" % (nr, lo, pid))
                     self.bytes_received += nr * PAGE_SIZE
                     got.append((lo, lo + nr * PAGE_SIZE))
                     if nr < n:  # clamped at the end of the server's iovec: ask for the rest
@@ -222,7 +232,7 @@ class PageServerSource:
                 if lo == span_hi:
                     span_hi = hi
                     continue
-                store.put(key, vaddr + (span_lo - src), view[span_lo - src: span_hi - src])
+                store.put(key, vaddr + (span_lo - src), view[span_lo - src : span_hi - src])
                 span_lo, span_hi = lo, hi
 
     # --- the end ------------------------------------------------------------
@@ -274,8 +284,13 @@ class PageServerSource:
         (st,) = _STATUS.unpack(status)
         if st != 0:
             raise ProtocolError("%s: PS_IOV_CLOSE answered with status %d" % (self.where, st))
-        log.info("closed the %s: %d requests, %d short replies, %d bytes",
-                 self.where, self.requests, self.short_replies, self.bytes_received)
+        log.info(
+            "closed the %s: %d requests, %d short replies, %d bytes",
+            self.where,
+            self.requests,
+            self.short_replies,
+            self.bytes_received,
+        )
 
     def _send_abort(self):
         # An unknown command fails page_server_serve(); if the server is

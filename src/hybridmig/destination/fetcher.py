@@ -1,6 +1,7 @@
 """The Fetcher: a thread that fills the page store with every lazy page of
 every task from a page source, in large batches, the pages that faults are
 waiting for first."""
+
 import os
 import select
 import threading
@@ -67,16 +68,20 @@ class Fetcher(threading.Thread):
             pending = self._pending.get(key)
             if pending is None or src != vaddr or not self.prefetch:
                 # the rest of the chunk: faults come in runs
-                n = min(npages, ((vaddr // CHUNK + 1) * CHUNK - vaddr) // PAGE_SIZE) if src != vaddr \
+                n = (
+                    min(npages, ((vaddr // CHUNK + 1) * CHUNK - vaddr) // PAGE_SIZE)
+                    if src != vaddr
                     else ((vaddr // CHUNK + 1) * CHUNK - vaddr) // PAGE_SIZE
+                )
                 self.source.read_into(self.store, key, vaddr, n, pid, src)
                 self.pages_fetched += n
                 self.loop.notify()
                 continue
             nxt = pending.next(vaddr)
             if nxt and nxt[0] == vaddr:
-                self._fetch(key, vaddr, min(nxt[1], vaddr + max(npages, FAULT_WINDOW) * PAGE_SIZE,
-                                            (vaddr // CHUNK + 1) * CHUNK))
+                self._fetch(
+                    key, vaddr, min(nxt[1], vaddr + max(npages, FAULT_WINDOW) * PAGE_SIZE, (vaddr // CHUNK + 1) * CHUNK)
+                )
 
     def _next_batch(self):
         with self._lock:

@@ -12,6 +12,7 @@ before it resumes the tasks), and tells it "commit" once COMMIT came, or
 
     python -m hybridmig.destination.guard PIDFILE     (lines on stdin: "commit", "release")
 """
+
 import signal
 import sys
 
@@ -47,8 +48,12 @@ def main(pidfile):
     except (OSError, ValueError, psutil.NoSuchProcess):
         return  # no copy restored yet, or gone already
     end_tree(root)
-    print("hybridmig guard: ended the restored copy, pid %d: serve is gone, and the source never committed "
-          "to it" % root.pid, file=sys.stderr, flush=True)
+    print(
+        "hybridmig guard: ended the restored copy, pid %d: serve is gone, and the source never committed "
+        "to it" % root.pid,
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ SCM_RIGHTS (a zombie sends -pid and no fd). When the restore is complete, it
 sends LAZY_PAGES_RESTORE_FINISHED on the same socket; if it cannot (we closed
 the socket), the restore fails and CRIU kills the tasks. See docs/lazy-pages.md.
 """
+
 import array
 import errno
 import logging
@@ -16,9 +17,9 @@ import socket
 import struct
 import time
 
-from ..criu import images
 from ..bindings.faultloop import FaultLoop
 from ..bindings.pagestore import PageStore
+from ..criu import images
 from ..errors import HybridmigError, ProtocolError, SetupError
 from .fetcher import Fetcher
 from .sources import LocalImages
@@ -34,9 +35,9 @@ def listen(work_dir):
     """Bind lazy-pages.socket in work_dir, refusing one a live daemon holds."""
     path = os.path.join(os.path.abspath(work_dir), SOCKET_NAME)
     if not os.path.isdir(work_dir):
-        raise SetupError("work dir %s does not exist" % work_dir)
+        raise SetupError(f"work dir {work_dir} does not exist")
     if not os.access(work_dir, os.W_OK | os.X_OK):
-        raise SetupError("work dir %s is not writable" % work_dir)
+        raise SetupError(f"work dir {work_dir} is not writable")
     # A UNIX socket path holds 107 bytes; a longer work dir is reached
     # through a descriptor of it (CRIU itself connects with a relative name).
     dirfd = os.open(work_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -46,7 +47,7 @@ def listen(work_dir):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(short)
-                raise SetupError("%s is in use: another lazy-pages daemon is listening there" % path)
+                raise SetupError(f"{path} is in use: another lazy-pages daemon is listening there")
             except (ConnectionRefusedError, FileNotFoundError):
                 os.unlink(path)  # stale socket of a daemon that is gone
             finally:
@@ -56,7 +57,7 @@ def listen(work_dir):
             sock.bind(short)
         except OSError as e:
             sock.close()
-            raise SetupError("cannot create %s: %s (is the work dir writable?)" % (path, e.strerror)) from e
+            raise SetupError(f"cannot create {path}: {e.strerror} (is the work dir writable?)") from e
     finally:
         os.close(dirfd)
     sock.listen(1)
@@ -68,7 +69,7 @@ def _recv_exact(conn, n, what):
     while len(data) < n:
         chunk = conn.recv(n - len(data))
         if not chunk:
-            raise ProtocolError("criu restore closed the lazy-pages socket while sending %s" % what)
+            raise ProtocolError(f"criu restore closed the lazy-pages socket while sending {what}")
         data += chunk
     return data
 
@@ -101,7 +102,9 @@ def summarize_histogram(hist, over_ns=50_000):
 
     return {
         "count": total,
-        "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99),
+        "p50_us": pct(0.5),
+        "p90_us": pct(0.9),
+        "p99_us": pct(0.99),
         "max_us": max(hist) / 1e3 if hist else 0.0,
         "over_%dus" % (over_ns // 1000): sum(c for ns, c in hist.items() if ns >= over_ns),
         "buckets_us": {"%g" % (ns / 1e3): c for ns, c in sorted(hist.items())},
@@ -133,8 +136,9 @@ class LazyPagesDaemon:
         image fails here, naming the file, before anything is restored."""
         pids = images.task_pids(self.images_dir)
         self._nr_tasks = len(pids)  # CRIU sends one message per pstree entry
-        self._images = {pid: images.read_task(self.images_dir, pid) for pid in pids
-                        if not images.is_zombie(self.images_dir, pid)}
+        self._images = {
+            pid: images.read_task(self.images_dir, pid) for pid in pids if not images.is_zombie(self.images_dir, pid)
+        }
         for pid, task in self._images.items():
             self.source.add_task(pid, task)
             if getattr(self.source, "preload", False):
@@ -176,8 +180,8 @@ class LazyPagesDaemon:
         self.sock.settimeout(timeout)
         try:
             conn, _ = self.sock.accept()
-        except socket.timeout as e:
-            raise ProtocolError("no criu restore connected to %s within %ss" % (SOCKET_NAME, timeout)) from e
+        except TimeoutError as e:
+            raise ProtocolError(f"no criu restore connected to {SOCKET_NAME} within {timeout}s") from e
         self.connected_at = time.monotonic_ns()
         self.sock.close()
         conn.settimeout(None)
@@ -192,7 +196,7 @@ class LazyPagesDaemon:
                 self._accept_task(conn, pid)
             (fin,) = struct.unpack("=I", _recv_exact(conn, 4, "restore-finished"))
             if fin != RESTORE_FINISHED:
-                raise ProtocolError("unexpected message 0x%x instead of restore-finished" % fin)
+                raise ProtocolError(f"unexpected message 0x{fin:x} instead of restore-finished")
             self.restore_finished_at = time.monotonic_ns()
             if eager_delay:
                 self._watch_fetcher(eager_delay)
@@ -206,8 +210,9 @@ class LazyPagesDaemon:
         deadline = time.monotonic() + seconds
         while True:
             if self.fetcher.error is not None:
-                raise HybridmigError("reading pages failed after restore: %s" % self.fetcher.error) \
-                    from self.fetcher.error
+                raise HybridmigError(
+                    f"reading pages failed after restore: {self.fetcher.error}"
+                ) from self.fetcher.error
             if time.monotonic() >= deadline:
                 return
             time.sleep(min(0.05, deadline - time.monotonic()))
@@ -241,7 +246,9 @@ class LazyPagesDaemon:
                 "p99": st["lat_p99_ns"] / 1e3,
                 "max": st["lat_max_ns"] / 1e3,
             },
-            "gate": {k: st[k] for k in ("gate_waits", "gate_same_cpu", "gate_slept", "installers_pinned", "claims_cut")},
+            "gate": {
+                k: st[k] for k in ("gate_waits", "gate_same_cpu", "gate_slept", "installers_pinned", "claims_cut")
+            },
             "breakdown": {name: summarize_histogram(h) for name, h in self.loop.histograms().items()},
             "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }

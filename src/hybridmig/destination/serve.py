@@ -5,6 +5,7 @@ takes the final CRIU images, restores them with `criu restore --lazy-pages`
 while its own fault loop serves every page from that store, and reports the
 result to the source, which only then lets go of its copy (docs/design.md).
 """
+
 import logging
 import os
 import shutil
@@ -20,9 +21,9 @@ from .. import scratch, wire
 from ..bindings.pagestore import PageStore
 from ..criu.command import CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from ..errors import HybridmigError, ProtocolError
+from ..wire import Msg
 from .guard import end_tree
 from .lazypages import LazyPagesDaemon
-from ..wire import Msg
 
 log = logging.getLogger("hybridmig.destination.serve")
 PAGE_SIZE = 4096
@@ -63,7 +64,7 @@ def store_pages(store, key, extents, data):
                 store.put_zero(key, vaddr + i * PAGE_SIZE, j - i)
             else:
                 n = (j - i) * PAGE_SIZE
-                store.put(key, vaddr + i * PAGE_SIZE, data[off:off + n])
+                store.put(key, vaddr + i * PAGE_SIZE, data[off : off + n])
                 off += n
             i = j
 
@@ -106,8 +107,9 @@ class RemotePages:
                 while not self._complete(src, vaddr, npages):
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise ProtocolError("source did not send %d pages at 0x%x of pid %d in %ss"
-                                            % (npages, vaddr, src, self.timeout))
+                        raise ProtocolError(
+                            "source did not send %d pages at 0x%x of pid %d in %ss" % (npages, vaddr, src, self.timeout)
+                        )
                     self.arrived.wait(left)
         for i in range(npages if src != key else 0):
             addr = vaddr + i * PAGE_SIZE
@@ -150,8 +152,12 @@ class Session:
         # ends the restored copy if serve dies before the commit (destination/guard.py);
         # started now, its start-up is not in the restore's time
         self.pidfile = os.path.join(self.dir, "restore.pid")
-        self._guard = subprocess.Popen([sys.executable, "-m", "hybridmig.destination.guard", self.pidfile],
-                                       stdin=subprocess.PIPE, start_new_session=True, text=True)
+        self._guard = subprocess.Popen(
+            [sys.executable, "-m", "hybridmig.destination.guard", self.pidfile],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+            text=True,
+        )
 
     def run(self):
         """Serve frames until the source commits or aborts; returns 'committed' or 'aborted'."""
@@ -191,7 +197,7 @@ class Session:
                 self.channel.send(Msg.DONE)
                 return "aborted"
             else:
-                raise ProtocolError("unexpected %s from the source" % kind.name)
+                raise ProtocolError(f"unexpected {kind.name} from the source")
 
     def _await_end(self):
         """Committed: the copy here is the one. The source's CRIU now ends
@@ -227,38 +233,63 @@ class Session:
             daemon.listen()
             t_listening = time.monotonic()
             served = {}
-            server = threading.Thread(target=lambda: served.update(stats=daemon.serve(timeout=30)),
-                                      name="lazy-pages", daemon=True)
+            server = threading.Thread(
+                target=lambda: served.update(stats=daemon.serve(timeout=30)), name="lazy-pages", daemon=True
+            )
             server.start()
-            cmd = dies_with_me([criu_binary(), "restore", "-D", self.images, "-W", self.images, "--lazy-pages",
-                                "-d", "--pidfile", self.pidfile, "-o", "restore.log", CRIU_LOG_LEVEL,
-                                *opts.get("criu_opts", [])])
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=self.restore_timeout)
+            cmd = dies_with_me(
+                [
+                    criu_binary(),
+                    "restore",
+                    "-D",
+                    self.images,
+                    "-W",
+                    self.images,
+                    "--lazy-pages",
+                    "-d",
+                    "--pidfile",
+                    self.pidfile,
+                    "-o",
+                    "restore.log",
+                    CRIU_LOG_LEVEL,
+                    *opts.get("criu_opts", []),
+                ]
+            )
+            proc = subprocess.run(
+                cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=self.restore_timeout
+            )
             t_restored = time.monotonic()
             if os.path.exists(self.pidfile):
                 self.restored_pid = int(open(self.pidfile).read().strip() or 0) or None
             if proc.returncode != 0:
                 self.kill_restored()
-                raise HybridmigError("criu restore failed (exit %d): %s"
-                                     % (proc.returncode, log_tail(os.path.join(self.images, "restore.log"))))
+                raise HybridmigError(
+                    "criu restore failed (exit %d): %s"
+                    % (proc.returncode, log_tail(os.path.join(self.images, "restore.log")))
+                )
             server.join(self.restore_timeout)
             if server.is_alive() or "stats" not in served:
                 raise HybridmigError("the restored process's pages were not all installed")
             # (read by the daemon's thread: they can come after CRIU's exit)
-            finished = min(daemon.restore_finished_at / 1e9, t_restored) if daemon.restore_finished_at \
-                else t_restored
+            finished = min(daemon.restore_finished_at / 1e9, t_restored) if daemon.restore_finished_at else t_restored
             connected = min(daemon.connected_at / 1e9, finished) if daemon.connected_at else finished
-            result = {"ok": True, "restored_pid": self.restored_pid, "restore_s": t_restored - t0,
-                      "installed_s": time.monotonic() - t0, "remote_pages": self.remote.remote_pages,
-                      "lazy": served["stats"],
-                      # where the restore's time goes: images read and socket up; CRIU
-                      # until it connects to the lazy-pages socket (its tasks forked),
-                      # then until its restore-finished message; CRIU's exit after it
-                      "restore_breakdown_ms": {"daemon_ready": (t_listening - t0) * 1000,
-                                               "criu_to_connected": (connected - t_listening) * 1000,
-                                               "connected_to_finished": (finished - connected) * 1000,
-                                               "finished_to_exit": (t_restored - finished) * 1000}}
+            result = {
+                "ok": True,
+                "restored_pid": self.restored_pid,
+                "restore_s": t_restored - t0,
+                "installed_s": time.monotonic() - t0,
+                "remote_pages": self.remote.remote_pages,
+                "lazy": served["stats"],
+                # where the restore's time goes: images read and socket up; CRIU
+                # until it connects to the lazy-pages socket (its tasks forked),
+                # then until its restore-finished message; CRIU's exit after it
+                "restore_breakdown_ms": {
+                    "daemon_ready": (t_listening - t0) * 1000,
+                    "criu_to_connected": (connected - t_listening) * 1000,
+                    "connected_to_finished": (finished - connected) * 1000,
+                    "finished_to_exit": (t_restored - finished) * 1000,
+                },
+            }
         except Exception as e:  # reported to the source, which then resumes its copy
             log.error("restore failed: %s", e)
             self.kill_restored()
@@ -295,7 +326,7 @@ class Session:
         self._tell_guard("release")
 
     def _tell_guard(self, word):
-        """"commit" or "release": the guard's work is over, either way."""
+        """ "commit" or "release": the guard's work is over, either way."""
         if self._guard.stdin.closed:
             return
         try:
@@ -324,7 +355,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
     host, port = wire.parse_addr(listen)
     base_dir = os.path.abspath(base_dir)  # CRIU resolves the paths we pass it from its own working directory
     if not os.path.isdir(base_dir) or not os.access(base_dir, os.W_OK):
-        raise HybridmigError("--dir %s is not a writable directory" % base_dir)
+        raise HybridmigError(f"--dir {base_dir} is not a writable directory")
     criu_binary()  # a CRIU that cannot restore is reported now, not to a source
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     lsock = socket.socket(family, socket.SOCK_STREAM)
@@ -332,7 +363,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
     try:
         lsock.bind((host, port))
     except OSError as e:
-        raise HybridmigError("cannot listen on %s: %s" % (listen, e.strerror)) from e
+        raise HybridmigError(f"cannot listen on {listen}: {e.strerror}") from e
     lsock.listen(4)
     log.info("listening on %s", listen)
     if ready is not None:
@@ -370,7 +401,9 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
                 outcome = "broken"
             finally:
                 channel.close()
-                session.cleanup(keep=keep or (outcome != "committed" and logging.getLogger().isEnabledFor(logging.DEBUG)))
+                session.cleanup(
+                    keep=keep or (outcome != "committed" and logging.getLogger().isEnabledFor(logging.DEBUG))
+                )
             if once:
                 return outcome
     finally:

@@ -3,11 +3,12 @@
 A page source fills the page store for a range of one task's lazy pages;
 the Fetcher decides the order. (The remote source, CRIU's page server,
 lives in pageserver.py.)"""
+
 import bisect
 import os
 
-from ..errors import ImageError
 from ..criu.images import PAGE_SIZE
+from ..errors import ImageError
 
 
 class LocalImages:
@@ -24,13 +25,14 @@ class LocalImages:
     def add_task(self, key, task):
         missing = [r for r in task.runs if r.offset is None]
         if missing:
-            raise ImageError("%s: pid %d has %d lazy pages that are not in the images (a lazy dump?): "
-                             "serve them with --page-server" % (task.pages_path, task.pid,
-                                                                 sum(r.npages for r in missing)))
+            raise ImageError(
+                "%s: pid %d has %d lazy pages that are not in the images (a lazy dump?): "
+                "serve them with --page-server" % (task.pages_path, task.pid, sum(r.npages for r in missing))
+            )
         try:
             fd = os.open(task.pages_path, os.O_RDONLY | os.O_CLOEXEC) if task.runs else -1
         except OSError as e:
-            raise ImageError("%s: cannot open (%s)" % (task.pages_path, e.strerror)) from e
+            raise ImageError(f"{task.pages_path}: cannot open ({e.strerror})") from e
         runs = sorted(task.runs, key=lambda r: r.vaddr)
         self._tasks[key] = (fd, runs, [r.vaddr for r in runs])
 

@@ -25,6 +25,7 @@ The ptrace calls must come from the thread that seized: one thread here does
 every freeze and thaw. Anything else that needs the tree not traced (the
 dirty tracker injects into new children with ptrace; CRIU seizes the tree)
 runs inside ``paused()``, which cuts a hold short, or after ``stop()``."""
+
 import contextlib
 import logging
 import threading

@@ -5,6 +5,7 @@ reports the distinct pages written in each (pages, pages/s, MiB/s), then
 detaches: the rate pre-copy has to beat. VMAs that appear meanwhile (whole
 new mappings, not writes) are counted apart as new_pages.
 """
+
 import json
 import time
 
@@ -49,17 +50,30 @@ def _table(pid, method):
 
 
 def _add_row(table, row):
-    table.add_row(str(row["interval"]), "%.3f" % row["interval_s"], str(row["pages"]), "%.0f" % row["pages_per_s"],
-                  "%.2f" % row["mib_per_s"], str(row["new_pages"]), str(row["removed_pages"]), "%.2f" % row["scan_ms"])
+    table.add_row(
+        str(row["interval"]),
+        "{:.3f}".format(row["interval_s"]),
+        str(row["pages"]),
+        "{:.0f}".format(row["pages_per_s"]),
+        "{:.2f}".format(row["mib_per_s"]),
+        str(row["new_pages"]),
+        str(row["removed_pages"]),
+        "{:.2f}".format(row["scan_ms"]),
+    )
 
 
 @click.command("dirty-rate")
 @click.argument("pid", type=int)
-@click.option("--interval", type=click.FloatRange(min=0.001), default=1.0, show_default=True,
-              help="seconds between scans")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.001), default=1.0, show_default=True, help="seconds between scans"
+)
 @click.option("--count", type=click.IntRange(min=1), default=5, show_default=True, help="number of intervals")
-@click.option("--method", type=click.Choice(["uffd-wp", "soft-dirty"]), default=None,
-              help="tracking method (default: what `hybridmig doctor` finds working)")
+@click.option(
+    "--method",
+    type=click.Choice(["uffd-wp", "soft-dirty"]),
+    default=None,
+    help="tracking method (default: what `hybridmig doctor` finds working)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per interval")
 def dirty_rate(pid, interval, count, method, as_json):
     """Measure how many distinct pages process PID writes per interval.
@@ -75,7 +89,7 @@ def dirty_rate(pid, interval, count, method, as_json):
     except HybridmigError as e:
         # An OSError's str() leads with "[Errno N]": the sentence is enough.
         click.echo("hybridmig: error: %s" % (getattr(e, "strerror", None) or e), err=True)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def _render(tracker, interval, count):
@@ -98,5 +112,6 @@ def _render(tracker, interval, count):
         console.print(table)
     total_s = sum(r["interval_s"] for r in rows)
     pages = sum(r["pages"] for r in rows)
-    console.print("attaching stopped the target for %.3f ms; mean %.0f pages/s (%.2f MiB/s) over %.2f s"
-                  % (tracker.stop_ms, pages / total_s, pages * PAGE_SIZE / MIB / total_s, total_s))
+    console.print(
+        f"attaching stopped the target for {tracker.stop_ms:.3f} ms; mean {pages / total_s:.0f} pages/s ({pages * PAGE_SIZE / MIB / total_s:.2f} MiB/s) over {total_s:.2f} s"  # noqa: E501
+    )

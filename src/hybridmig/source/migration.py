@@ -4,21 +4,22 @@ Pre-copy rounds while the tree runs; then `criu dump --lazy-pages`, whose
 post-dump hook (tasks frozen, images written) sends the last dirty pages and
 the images; the destination restores from its page store and reports; only a
 reported success lets CRIU end the source. Anything else resumes it."""
-import os
-import time
+
 import logging
+import os
 import shutil
+import time
 
 import psutil
 
-from ..criu import images
 from .. import scratch, wire
 from ..bindings.ranges import Ranges
+from ..criu import images
 from ..criu.command import LazyDump, check_criu_opts
 from ..errors import CriuError, HybridmigError, ProtocolError, SetupError
+from ..wire import Msg
 from .converge import AutoConverge
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
-from ..wire import Msg
 
 log = logging.getLogger("hybridmig.source.migration")
 FILE_PART = 16 << 20
@@ -48,9 +49,22 @@ def alive(pid):
 
 
 class Migration:
-    def __init__(self, pid, to, key, max_rounds=30, target_downtime_ms=300.0, bandwidth_limit=0,
-                 criu_opts=(), work_dir=None, timeout=120.0, progress=None, compress=True, tls=None,
-                 auto_converge=True):
+    def __init__(
+        self,
+        pid,
+        to,
+        key,
+        max_rounds=30,
+        target_downtime_ms=300.0,
+        bandwidth_limit=0,
+        criu_opts=(),
+        work_dir=None,
+        timeout=120.0,
+        progress=None,
+        compress=True,
+        tls=None,
+        auto_converge=True,
+    ):
         self.pid = pid
         self.to = to
         self.key = key
@@ -87,7 +101,8 @@ class Migration:
             raise SetupError(
                 "pid %d is not the init of its own pid namespace, and the destination is this same machine: "
                 "CRIU restores the tree with its pids, which the frozen source still holds until the "
-                "destination confirms; start the workload with `unshare -p -f setsid ...`" % self.pid)
+                "destination confirms; start the workload with `unshare -p -f setsid ...`" % self.pid
+            )
         self.times["start"] = time.time()
         try:
             tree = [self.pid] + [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
@@ -103,12 +118,23 @@ class Migration:
             images_dir = os.path.join(work, "images")
             os.makedirs(images_dir, exist_ok=True)
             self.dump = LazyDump(self.pid, images_dir, work, self.criu_opts)
-            self.sender = Sender(self.channel, {p: ns_pid(p) for p in tree}, self.pid, self.compress,
-                                 Throttle(self.bandwidth_limit) if self.bandwidth_limit else None)
+            self.sender = Sender(
+                self.channel,
+                {p: ns_pid(p) for p in tree},
+                self.pid,
+                self.compress,
+                Throttle(self.bandwidth_limit) if self.bandwidth_limit else None,
+            )
             if self.auto_converge:
                 self.converge = AutoConverge(self.tracker.pids)
-            precopy = PreCopy(self.tracker, self.sender, self.max_rounds, self.target_downtime_ms,
-                              progress=self._round_done, converge=self.converge)
+            precopy = PreCopy(
+                self.tracker,
+                self.sender,
+                self.max_rounds,
+                self.target_downtime_ms,
+                progress=self._round_done,
+                converge=self.converge,
+            )
             self.rounds = precopy.run()
             self.pending = precopy.pending
             self.times["precopy_done"] = time.time()
@@ -131,7 +157,7 @@ class Migration:
     def _round_done(self, rnd):
         failed = self.dump.failed()
         if failed:  # a CRIU that cannot start (options, permissions) ends pre-copy now, not at its end
-            raise CriuError("%s; the source keeps running" % failed)
+            raise CriuError(f"{failed}; the source keeps running")
         self.progress("round", rnd)
 
     def _connect(self):
@@ -140,7 +166,7 @@ class Migration:
         self.channel = wire.connect(self.to, self.key, tls=self.tls, idle_timeout=self.timeout)
         kind, payload = self.channel.recv()
         if kind != Msg.HOST:
-            raise ProtocolError("%s did not describe itself" % self.channel.peer)
+            raise ProtocolError(f"{self.channel.peer} did not describe itself")
         host = wire.decode_json(payload)
         return host.get("boot_id") == wire.boot_id()
 
@@ -168,12 +194,11 @@ class Migration:
             # Committed: the destination's copy is the one. A CRIU still
             # running here ends the source once its page server is closed.
             if rc is None:
-                self._warn("criu dump has not finished %ss after the commit; the source ends with it"
-                           % self.timeout)
+                self._warn(f"criu dump has not finished {self.timeout}s after the commit; the source ends with it")
             try:
                 self.channel.send(Msg.ENDED)
             except ProtocolError as e:  # the destination keeps its copy all the same
-                self._warn("could not tell the destination that the source has ended: %s" % e)
+                self._warn(f"could not tell the destination that the source has ended: {e}")
             return
         if verdict:
             # CRIU failed after the commit and resumed the source: keep
@@ -182,8 +207,11 @@ class Migration:
             self._expect_done()
             raise CriuError(self.dump.failed() or "criu dump did not finish: the source was resumed")
         self._abort_destination()
-        raise HybridmigError("the destination did not restore the process: %s; the source was resumed"
-                             % (self.result or {}).get("error", "no result"))
+        raise HybridmigError(
+            "the destination did not restore the process: {}; the source was resumed".format(
+                (self.result or {}).get("error", "no result")
+            )
+        )
 
     def _final(self, images_dir):
         """Tasks frozen: the last dirty pages, the pages CRIU lists that the
@@ -195,9 +223,13 @@ class Migration:
                 self.sender.adopt(pid)
                 if res.removed:
                     self.sender.invalidate(pid, res.removed)
-                log.info("final scan of %d: %d pages written since the last round, %d hot, %d carried from it",
-                         pid, res.dirty_pages, res.hot_pages,
-                         sum(e - s for s, e in self.pending.get(pid, [])) // PAGE_SIZE)
+                log.info(
+                    "final scan of %d: %d pages written since the last round, %d hot, %d carried from it",
+                    pid,
+                    res.dirty_pages,
+                    res.hot_pages,
+                    sum(e - s for s, e in self.pending.get(pid, [])) // PAGE_SIZE,
+                )
                 # hot pages were never sent in a round: they go now
                 merged = Ranges(res.owed + list(self.pending.get(pid, [])))
                 dirty[pid] = list(merged)
@@ -212,9 +244,12 @@ class Migration:
                 need = self._lacking(images_dir, key, dirty.get(pid, []))
                 self.sender.send_ranges(pid, need, final)
             self.times["final_sent"] = time.time()
-            log.info("final round: scan %.1f ms, %d pages sent in %.1f ms",
-                     (t_scanned - self.times["dumped"]) * 1000, final.pages_sent,
-                     (self.times["final_sent"] - t_scanned) * 1000)
+            log.info(
+                "final round: scan %.1f ms, %d pages sent in %.1f ms",
+                (t_scanned - self.times["dumped"]) * 1000,
+                final.pages_sent,
+                (self.times["final_sent"] - t_scanned) * 1000,
+            )
             for name in sorted(os.listdir(images_dir)):
                 if name.endswith(".log"):
                     continue
@@ -246,7 +281,7 @@ class Migration:
             self._expect_done()
             return True
         except ProtocolError as e:
-            self.result = {"ok": False, "error": "the destination did not take the commit: %s" % e}
+            self.result = {"ok": False, "error": f"the destination did not take the commit: {e}"}
             return False
 
     def _warn(self, text):
@@ -273,13 +308,22 @@ class Migration:
                 if nxt[0] > start:
                     need.add(start, nxt[0])
                 start = nxt[1]
-        log.info("pid %d: %d dirty pages, %d lazy pages in all, %d to send", key, dirty_pages, task.lazy_pages,
-                 need.total() // PAGE_SIZE)
+        log.info(
+            "pid %d: %d dirty pages, %d lazy pages in all, %d to send",
+            key,
+            dirty_pages,
+            task.lazy_pages,
+            need.total() // PAGE_SIZE,
+        )
         if not task.lazy_pages and held.total():
             # CRIU wrote the memory into the images: it all travels while frozen
-            log.warning("pid %d: CRIU dumped no page lazily (%d MiB pre-copied in vain): the downtime will carry "
-                        "the whole memory; a released CRIU <= 4.2.1 does so when a thread's stack pointer is "
-                        "page-aligned (`hybridmig doctor`: criu patches)", key, held.total() >> 20)
+            log.warning(
+                "pid %d: CRIU dumped no page lazily (%d MiB pre-copied in vain): the downtime will carry "
+                "the whole memory; a released CRIU <= 4.2.1 does so when a thread's stack pointer is "
+                "page-aligned (`hybridmig doctor`: criu patches)",
+                key,
+                held.total() >> 20,
+            )
         return list(need)
 
     def _await_result(self):
@@ -296,12 +340,12 @@ class Migration:
             elif kind == Msg.RESULT:
                 return wire.decode_json(payload)
             else:
-                raise ProtocolError("unexpected %s while the destination restores" % kind.name)
+                raise ProtocolError(f"unexpected {kind.name} while the destination restores")
 
     def _expect_done(self):
         kind, _ = self.channel.recv()
         if kind != Msg.DONE:
-            raise ProtocolError("expected DONE, got %s" % kind.name)
+            raise ProtocolError(f"expected DONE, got {kind.name}")
 
     def _abort_destination(self):
         try:

@@ -9,6 +9,7 @@ for the hot ones: pages written round after round stay unprotected in the
 tracker (keep_hot) and travel once, in the final round, with the tree
 frozen. They count in every estimate of that round; when auto-converge
 slows the tree down the tracker drops them, so that rounds show it."""
+
 import contextlib
 import errno
 import logging
@@ -17,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 from .. import wire
 from ..bindings.ranges import Ranges
-from .converge import slowed_down
 from ..errors import NativeError
-from .tracker import TreeTracker, read_pages
 from ..wire import Msg
+from .converge import slowed_down
+from .tracker import TreeTracker, read_pages
 
 PAGE_SIZE = 4096
 log = logging.getLogger("hybridmig.source.precopy")
@@ -34,7 +35,7 @@ class Round:
     number: int
     pages_scanned: int = 0
     pages_written: int = 0  # to send in this round (or carried to the final one)
-    pages_hot: int = 0      # also owed, left for the final round (hot pages)
+    pages_hot: int = 0  # also owed, left for the final round (hot pages)
     pages_sent: int = 0
     pages_zero: int = 0
     bytes_raw: int = 0
@@ -279,7 +280,7 @@ class PreCopy:
         # not halve what is owed.
         send_s = rnd.pages_written * PAGE_SIZE / self.bandwidth if self.bandwidth else 0.0
         expected_next = rnd.pages_hot + rnd.dirty_rate_pps * send_s
-        worth_another = (rnd.est_downtime_ms > WORTHWHILE_MS and expected_next < 0.5 * owed)
+        worth_another = rnd.est_downtime_ms > WORTHWHILE_MS and expected_next < 0.5 * owed
         fits = rnd.est_downtime_ms <= self.target_downtime_ms
         if self.converge is not None:
             rnd.throttle_pct = self.converge.share * 100
@@ -290,8 +291,13 @@ class PreCopy:
             if not fits and owed > 0.5 * self.rounds[-1].pages_owed:
                 # (a rate with hot pages left out cannot be compared with an exact one)
                 last = self.rounds[-1]
-                self.converge.raise_throttle(last.pages_hot > 0 or rnd.pages_hot > 0 or slowed_down(
-                    last.dirty_rate_pps, last.throttle_pct / 100, rnd.dirty_rate_pps, self.converge.share))
+                self.converge.raise_throttle(
+                    last.pages_hot > 0
+                    or rnd.pages_hot > 0
+                    or slowed_down(
+                        last.dirty_rate_pps, last.throttle_pct / 100, rnd.dirty_rate_pps, self.converge.share
+                    )
+                )
                 # hot pages are owed unseen: only exact tracking shows
                 # the dirty set shrink as the tree slows down
                 self.tracker.drop_hot()

@@ -17,12 +17,14 @@ NativeError with the errno that says what happened: ESRCH the process does
 not exist or exited, EPERM not permitted, EINVAL a kernel thread.
 TreeTracker follows a process and all its descendants.
 """
+
 import errno
 import os
 import select
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import psutil
 
@@ -30,7 +32,7 @@ from ..bindings import tracker as native
 from ..errors import HybridmigError, NativeError
 
 PAGE_SIZE = 4096
-Range = Tuple[int, int]
+Range = tuple[int, int]
 
 UFFD_WP = "uffd-wp"
 SOFT_DIRTY = "soft-dirty"
@@ -50,9 +52,10 @@ HOT_PROBE_PERIOD_S = 8.0
 
 # --- ranges -------------------------------------------------------------------
 
-def merge(ranges) -> List[Range]:
+
+def merge(ranges) -> list[Range]:
     """Sorted, disjoint, non-adjacent union of ranges."""
-    out: List[Range] = []
+    out: list[Range] = []
     for start, end in sorted(r for r in ranges if r[1] > r[0]):
         if out and start <= out[-1][1]:
             if end > out[-1][1]:
@@ -62,9 +65,9 @@ def merge(ranges) -> List[Range]:
     return out
 
 
-def subtract(ranges, minus) -> List[Range]:
+def subtract(ranges, minus) -> list[Range]:
     """merge(ranges) with every address of `minus` taken out (one sweep)."""
-    out: List[Range] = []
+    out: list[Range] = []
     cut = merge(minus)
     j = 0
     for start, end in merge(ranges):
@@ -81,14 +84,14 @@ def subtract(ranges, minus) -> List[Range]:
     return out
 
 
-def intersect(ranges, other) -> List[Range]:
+def intersect(ranges, other) -> list[Range]:
     return subtract(ranges, subtract(ranges, other))
 
 
-def clip(vmas, ranges) -> List[Range]:
+def clip(vmas, ranges) -> list[Range]:
     """Every non-empty intersection of a VMA (vmas: sorted, disjoint) with
     ranges: ranges cut at VMA boundaries, as the kernel registers per VMA."""
-    out: List[Range] = []
+    out: list[Range] = []
     cut = merge(ranges)
     j = 0
     for vs, ve in vmas:
@@ -109,7 +112,8 @@ def pages_in(ranges) -> int:
 
 # --- processes ------------------------------------------------------------------
 
-def parse_maps(text) -> List[Range]:
+
+def parse_maps(text) -> list[Range]:
     """The trackable VMAs of a /proc/PID/maps text: private, writable and
     anonymous (no backing file; [heap], [stack], [anon:NAME] count as
     anonymous; [vdso] and friends do not)."""
@@ -140,11 +144,11 @@ def _stat(pid):
             text = f.read()
     except FileNotFoundError:
         raise _gone(pid, "does not exist") from None
-    fields = text[text.rfind(")") + 2:].split()
+    fields = text[text.rfind(")") + 2 :].split()
     return fields[0], int(fields[6])
 
 
-def _live_thread(pid) -> Optional[int]:
+def _live_thread(pid) -> int | None:
     """A thread of pid that has not exited: the leader, or another when the
     leader called pthread_exit (a zombie whose threads run on); None if none."""
     try:
@@ -157,7 +161,7 @@ def _live_thread(pid) -> Optional[int]:
                 text = f.read()
         except FileNotFoundError:
             continue
-        if text[text.rfind(")") + 2:].split()[0] not in "ZX":
+        if text[text.rfind(")") + 2 :].split()[0] not in "ZX":
             return tid
     return None
 
@@ -166,7 +170,7 @@ def check_process(pid) -> None:
     """Raise a clear NativeError unless pid is a live user-space process
     other than this one."""
     if not isinstance(pid, int) or pid <= 0:
-        raise NativeError(errno.EINVAL, "bad pid %r" % (pid,))
+        raise NativeError(errno.EINVAL, f"bad pid {pid!r}")
     if pid == os.getpid():
         raise NativeError(errno.EINVAL, "process %d is this process: it cannot trace itself" % pid)
     state, flags = _stat(pid)
@@ -202,7 +206,7 @@ def _read_maps(pid) -> str:
     return text
 
 
-def read_vmas(pid) -> List[Range]:
+def read_vmas(pid) -> list[Range]:
     """The trackable VMAs of pid, in address order."""
     try:
         text = _read_maps(pid)
@@ -220,6 +224,7 @@ class PageBatch(NamedTuple):
     """Pages [vaddr, vaddr + npages * 4096) of a process, as they travel:
     zero pages are only a bit in zero_bitmap (bit i, little-endian within
     each byte, for page i), data holds the other pages in order."""
+
     vaddr: int
     data: bytes  # bytes-like (a memoryview when no page is zero)
     zero_bitmap: bytes
@@ -233,7 +238,7 @@ def read_pages(pid, start, end, batch_pages=READ_BATCH_PAGES) -> Iterator[PageBa
     be read (unmapped meanwhile) are skipped: the next scan reports them
     removed. NativeError ESRCH when the process is gone."""
     if start % PAGE_SIZE or end % PAGE_SIZE:
-        raise ValueError("range 0x%x-0x%x is not page aligned" % (start, end))
+        raise ValueError(f"range 0x{start:x}-0x{end:x} is not page aligned")
     at = start
     while at < end:
         npages = min(batch_pages, (end - at) // PAGE_SIZE)
@@ -250,18 +255,18 @@ def _batch(vaddr, buf, npages, zero) -> PageBatch:
     nzero = sum(bin(b).count("1") for b in zero)
     view = memoryview(buf)
     if not nzero:
-        return PageBatch(vaddr, view[:npages * PAGE_SIZE], zero, npages, 0)
+        return PageBatch(vaddr, view[: npages * PAGE_SIZE], zero, npages, 0)
     # Keep the runs of non-zero pages, in order.
     kept, run = [], None
     for i in range(npages):
         if zero[i // 8] >> (i % 8) & 1:
             if run is not None:
-                kept.append(view[run * PAGE_SIZE:i * PAGE_SIZE])
+                kept.append(view[run * PAGE_SIZE : i * PAGE_SIZE])
                 run = None
         elif run is None:
             run = i
     if run is not None:
-        kept.append(view[run * PAGE_SIZE:npages * PAGE_SIZE])
+        kept.append(view[run * PAGE_SIZE : npages * PAGE_SIZE])
     return PageBatch(vaddr, b"".join(kept), zero, npages, nzero)
 
 
@@ -280,17 +285,19 @@ def _next_mapped(pid, addr, end) -> int:
 
 # --- one process ------------------------------------------------------------------
 
+
 @dataclass
 class ScanResult:
     """What changed in one process since the previous scan."""
-    dirty: List[Range]          # to send now: written + new + untrackable + cooled down
-    removed: List[Range]        # no longer mapped (or no longer trackable)
-    pages_scanned: int          # pages of the VMAs scanned
-    scan_s: float               # wall time of the scan
-    new: List[Range] = field(default_factory=list)      # VMAs that appeared, whole (in dirty)
-    written: List[Range] = field(default_factory=list)  # pages the scan found written
-    stop_s: float = 0.0         # time the target was held (soft-dirty freezes it)
-    hot: List[Range] = field(default_factory=list)      # owed but not in dirty: for the final round (keep_hot)
+
+    dirty: list[Range]  # to send now: written + new + untrackable + cooled down
+    removed: list[Range]  # no longer mapped (or no longer trackable)
+    pages_scanned: int  # pages of the VMAs scanned
+    scan_s: float  # wall time of the scan
+    new: list[Range] = field(default_factory=list)  # VMAs that appeared, whole (in dirty)
+    written: list[Range] = field(default_factory=list)  # pages the scan found written
+    stop_s: float = 0.0  # time the target was held (soft-dirty freezes it)
+    hot: list[Range] = field(default_factory=list)  # owed but not in dirty: for the final round (keep_hot)
 
     @property
     def dirty_pages(self) -> int:
@@ -301,7 +308,7 @@ class ScanResult:
         return pages_in(self.hot)
 
     @property
-    def owed(self) -> List[Range]:
+    def owed(self) -> list[Range]:
         """Everything the destination may lack: dirty and hot (the final,
         frozen round sends this)."""
         return merge(self.dirty + self.hot)
@@ -316,9 +323,10 @@ def choose_method(method=None) -> str:
     working here (SetupError if none)."""
     if method is None:
         from ..doctor import require_dirty_tracker
+
         return require_dirty_tracker()
     if method not in METHODS:
-        raise ValueError("unknown dirty tracking method %r (one of %s)" % (method, ", ".join(METHODS)))
+        raise ValueError("unknown dirty tracking method {!r} (one of {})".format(method, ", ".join(METHODS)))
     return method
 
 
@@ -344,23 +352,23 @@ class DirtyTracker:
     drop_hot() ends keep_hot, the hot pages going into the next dirty.
     """
 
-    def __init__(self, pid: int, method: Optional[str] = None, keep_hot: bool = False):
+    def __init__(self, pid: int, method: str | None = None, keep_hot: bool = False):
         self.pid = pid
         self.method = choose_method(method)
         self.keep_hot = keep_hot and self.method == UFFD_WP
-        self._hot: List[Range] = []        # left unprotected, not looked at, owed (keep_hot)
-        self._probation: List[Range] = []  # hot, protected again by the last scan's probe, owed
-        self._last_written: List[Range] = []  # runs the previous scan found written (hot candidates)
-        self._probe_at = 0                 # where in the hot set the next probe starts
-        self._probe_credit = 0.0           # hot pages due for a probe
-        self._last_scan = 0.0              # time.monotonic() of the last scan (or attach)
-        self._release_hot = False          # drop_hot() was called: hot pages go into the next dirty
+        self._hot: list[Range] = []  # left unprotected, not looked at, owed (keep_hot)
+        self._probation: list[Range] = []  # hot, protected again by the last scan's probe, owed
+        self._last_written: list[Range] = []  # runs the previous scan found written (hot candidates)
+        self._probe_at = 0  # where in the hot set the next probe starts
+        self._probe_credit = 0.0  # hot pages due for a probe
+        self._last_scan = 0.0  # time.monotonic() of the last scan (or attach)
+        self._release_hot = False  # drop_hot() was called: hot pages go into the next dirty
         self.probe_period_s = HOT_PROBE_PERIOD_S
-        self._tracker: Optional[native.Tracker] = None
-        self._pidfd: Optional[int] = None
-        self._vmas: List[Range] = []
-        self._tracked: List[Range] = []    # registered (or untrackable) addresses
-        self._untracked: List[Range] = []  # could not be registered: always dirty
+        self._tracker: native.Tracker | None = None
+        self._pidfd: int | None = None
+        self._vmas: list[Range] = []
+        self._tracked: list[Range] = []  # registered (or untrackable) addresses
+        self._untracked: list[Range] = []  # could not be registered: always dirty
         self.attached = False
         #: how long attach() stopped the target, in ms
         self.stop_ms = 0.0
@@ -400,13 +408,16 @@ class DirtyTracker:
             return 0
         except NativeError as e:
             self._raise_if_gone()
-            hint = {errno.EPERM: " — needs root (CAP_SYS_PTRACE), and no other tracer (debugger, CRIU) attached",
-                    errno.EOPNOTSUPP: " — the kernel lacks UFFD_FEATURE_WP_ASYNC (6.7+): use soft-dirty",
-                    errno.ECANCELED: " — it has a seccomp filter, which could kill it for the injected"
-                    " userfaultfd(), and this process may not suspend it (that needs CAP_SYS_ADMIN and no"
-                    " seccomp filter of its own); nothing was run in it"}
-            raise NativeError(e.errno, "cannot track process %d: %s%s"
-                              % (self.pid, e.strerror, hint.get(e.errno, ""))) from e
+            hint = {
+                errno.EPERM: " — needs root (CAP_SYS_PTRACE), and no other tracer (debugger, CRIU) attached",
+                errno.EOPNOTSUPP: " — the kernel lacks UFFD_FEATURE_WP_ASYNC (6.7+): use soft-dirty",
+                errno.ECANCELED: " — it has a seccomp filter, which could kill it for the injected"
+                " userfaultfd(), and this process may not suspend it (that needs CAP_SYS_ADMIN and no"
+                " seccomp filter of its own); nothing was run in it",
+            }
+            raise NativeError(
+                e.errno, "cannot track process %d: %s%s" % (self.pid, e.strerror, hint.get(e.errno, ""))
+            ) from e
 
     def detach(self) -> None:
         """Stop tracking (idempotent); the target keeps running untouched."""
@@ -440,7 +451,7 @@ class DirtyTracker:
             raise _gone(self.pid)
 
     # --- tracking ---
-    def vmas(self) -> List[Range]:
+    def vmas(self) -> list[Range]:
         """The tracked VMAs as of the last attach() or scan()."""
         return list(self._vmas)
 
@@ -477,7 +488,7 @@ class DirtyTracker:
         removed = subtract(self._tracked, current)
         self._untracked = intersect(self._untracked, current)
         stop_s = 0.0
-        released: List[Range] = []
+        released: list[Range] = []
         if self.method == UFFD_WP:
             self._register(clip(vmas, new))
             if self._release_hot:
@@ -491,8 +502,16 @@ class DirtyTracker:
         dirty = merge(subtract(written, hot) + cooled + new + self._untracked + released)
         self._vmas = vmas
         self._tracked = current
-        return ScanResult(dirty=dirty, removed=removed, pages_scanned=pages_in(current),
-                          scan_s=time.perf_counter() - t0, new=new, written=written, stop_s=stop_s, hot=hot)
+        return ScanResult(
+            dirty=dirty,
+            removed=removed,
+            pages_scanned=pages_in(current),
+            scan_s=time.perf_counter() - t0,
+            new=new,
+            written=written,
+            stop_s=stop_s,
+            hot=hot,
+        )
 
     def _scan_uffd(self, vmas, current, new):
         """(written, hot, cooled): the pages found written; the hot set after
@@ -520,11 +539,12 @@ class DirtyTracker:
             owed = merge(self._hot + probe)
         else:
             self._hot, self._probation, owed = [], [], []
-        self._last_written = [r for r in subtract(written, owed) if r[1] - r[0] >= HOT_MIN_PAGES * PAGE_SIZE] \
-            if self.keep_hot else []
+        self._last_written = (
+            [r for r in subtract(written, owed) if r[1] - r[0] >= HOT_MIN_PAGES * PAGE_SIZE] if self.keep_hot else []
+        )
         return written, owed, cooled
 
-    def _take_probe(self, hot) -> List[Range]:
+    def _take_probe(self, hot) -> list[Range]:
         """The next share of the hot set to protect again, from where the
         last probe ended, wrapping around: each hot page once in about
         probe_period_s, taken once at least HOT_MIN_PAGES pages are due."""
@@ -537,8 +557,9 @@ class DirtyTracker:
         want = int(self._probe_credit) * PAGE_SIZE
         self._probe_credit -= want // PAGE_SIZE
         # hot ranges from the cursor on, then those before it
-        ordered = [(max(s, self._probe_at), e) for s, e in hot if e > self._probe_at] + \
-            [(s, min(e, self._probe_at)) for s, e in hot if s < self._probe_at]
+        ordered = [(max(s, self._probe_at), e) for s, e in hot if e > self._probe_at] + [
+            (s, min(e, self._probe_at)) for s, e in hot if s < self._probe_at
+        ]
         out = []
         for start, end in ordered:
             take = min(end - start, want)
@@ -549,10 +570,10 @@ class DirtyTracker:
                 break
         return merge(out)
 
-    def _walk(self, vmas, ranges, protect) -> List[Range]:
+    def _walk(self, vmas, ranges, protect) -> list[Range]:
         """The written pages of ranges (of tracked VMAs), protected again if
         protect."""
-        written: List[Range] = []
+        written: list[Range] = []
         for start, end in clip(vmas, ranges):
             try:
                 written += self._tracker.scan(start, end, protect)
@@ -582,16 +603,19 @@ class DirtyTracker:
             tracer = _tracer(self.pid)
             if e.errno != errno.EPERM or not tracer:
                 raise
-            raise NativeError(errno.EBUSY, "cannot scan process %d for soft-dirty pages: it must be frozen for"
-                              " the scan, and process %d (%s) traces it without holding all its threads stopped"
-                              % (self.pid, tracer, _comm(tracer))) from e
+            raise NativeError(
+                errno.EBUSY,
+                "cannot scan process %d for soft-dirty pages: it must be frozen for"
+                " the scan, and process %d (%s) traces it without holding all its threads stopped"
+                % (self.pid, tracer, _comm(tracer)),
+            ) from e
         with frozen:
             written = self._soft_dirty_pass(vmas, new)
             stop_ns = frozen.thaw()
         return written, stop_ns / 1e9
 
-    def _soft_dirty_pass(self, vmas, new) -> List[Range]:
-        written: List[Range] = []
+    def _soft_dirty_pass(self, vmas, new) -> list[Range]:
+        written: list[Range] = []
         for start, end in subtract(merge(vmas), new):
             written += native.softdirty_scan(self.pid, start, end)
         native.softdirty_clear(self.pid)
@@ -600,17 +624,18 @@ class DirtyTracker:
 
 # --- a process tree -------------------------------------------------------------------
 
+
 class TreeScanResult(dict):
     """{pid: ScanResult} of every live process of the tree (new ones sent
     whole), with the pids that appeared (new) and exited since the last scan."""
 
     def __init__(self, results, new, exited):
         super().__init__(results)
-        self.new: List[int] = new
-        self.exited: List[int] = exited
+        self.new: list[int] = new
+        self.exited: list[int] = exited
 
     @property
-    def results(self) -> Dict[int, ScanResult]:
+    def results(self) -> dict[int, ScanResult]:
         return dict(self)
 
     @property
@@ -633,18 +658,18 @@ class TreeTracker:
     attached: it is returned whole each time instead.
     """
 
-    def __init__(self, pid: int, method: Optional[str] = None, keep_hot: bool = False):
+    def __init__(self, pid: int, method: str | None = None, keep_hot: bool = False):
         self.root = pid
         self.method = choose_method(method)
         self.keep_hot = keep_hot
-        self.trackers: Dict[int, DirtyTracker] = {}
+        self.trackers: dict[int, DirtyTracker] = {}
         #: {pid: ms the process was stopped when attached}
-        self.stop_ms: Dict[int, float] = {}
+        self.stop_ms: dict[int, float] = {}
 
-    def pids(self) -> List[int]:
+    def pids(self) -> list[int]:
         return sorted(self.trackers)
 
-    def vmas(self) -> Dict[int, List[Range]]:
+    def vmas(self) -> dict[int, list[Range]]:
         """{pid: its tracked VMAs (merged)} as of the last attach() or scan()."""
         return {pid: merge(t.vmas()) for pid, t in self.trackers.items()}
 
@@ -662,7 +687,7 @@ class TreeTracker:
             raise
         return max(self.stop_ms.values())
 
-    def _descendants(self) -> List[int]:
+    def _descendants(self) -> list[int]:
         try:
             return [p.pid for p in psutil.Process(self.root).children(recursive=True)]
         except psutil.NoSuchProcess:
@@ -693,8 +718,14 @@ class TreeTracker:
                         continue
                     raise
             self.stop_ms[pid] = stop_ms
-            results[pid] = ScanResult(dirty=whole, removed=[], pages_scanned=0, new=whole,
-                                      scan_s=time.perf_counter() - t0, stop_s=stop_ms / 1e3)
+            results[pid] = ScanResult(
+                dirty=whole,
+                removed=[],
+                pages_scanned=0,
+                new=whole,
+                scan_s=time.perf_counter() - t0,
+                stop_s=stop_ms / 1e3,
+            )
             yield pid
 
     def scan(self) -> TreeScanResult:
@@ -771,6 +802,6 @@ def _held_stopped(pid) -> int:
                 held = any(line.startswith("TracerPid:") and int(line.split()[1]) == tracer for line in f)
         except FileNotFoundError:
             continue  # exited meanwhile
-        if text[text.rfind(")") + 2:].split()[0] != "t" or not held:
+        if text[text.rfind(")") + 2 :].split()[0] != "t" or not held:
             return 0
     return tracer

@@ -2,6 +2,7 @@
 "hosts" (network namespaces joined by a veth), with live progress, and show
 that every page arrived intact. Everything it creates is removed on exit,
 also on Ctrl-C."""
+
 import json
 import os
 import shutil
@@ -38,26 +39,52 @@ def run_demo(size_mb, threads, rate, console):
         dst_dir = os.path.join(tmp, "destination")
         os.mkdir(dst_dir)
         with TwoHosts(prefix="hmdemo") as hosts:
-            console.print("[b]hosts[/b]: %s (%s) and %s (%s), joined by a veth"
-                          % (hosts.src, hosts.src_addr, hosts.dst, hosts.dst_addr))
+            console.print(
+                f"[b]hosts[/b]: {hosts.src} ({hosts.src_addr}) and {hosts.dst} ({hosts.dst_addr}), joined by a veth"
+            )
             workload = Workload.start(size_mb, threads=threads, rate=rate, netns=hosts.src)
             first = workload.verify()[0]
-            console.print("[b]workload[/b]: memwork, %d MiB, %d writer threads, pid %d on %s; all %d pages verified"
-                          % (size_mb, threads, workload.host_pid, hosts.src, first["pages"]))
+            console.print(
+                "[b]workload[/b]: memwork, %d MiB, %d writer threads, pid %d on %s; all %d pages verified"
+                % (size_mb, threads, workload.host_pid, hosts.src, first["pages"])
+            )
             serve = subprocess.Popen(
-                hosts.run_in(hosts.dst) + [_hybridmig(), "serve", "--listen", "%s:%d" % (hosts.dst_addr, PORT),
-                                           "--dir", dst_dir, "--key-file", key, "--once"],
-                stdin=subprocess.DEVNULL)
+                hosts.run_in(hosts.dst)
+                + [
+                    _hybridmig(),
+                    "serve",
+                    "--listen",
+                    "%s:%d" % (hosts.dst_addr, PORT),
+                    "--dir",
+                    dst_dir,
+                    "--key-file",
+                    key,
+                    "--once",
+                ],
+                stdin=subprocess.DEVNULL,
+            )
             time.sleep(0.5)
             report_path = os.path.join(tmp, "report.json")
             console.print("[b]migrating[/b] pid %d to %s:%d ..." % (workload.host_pid, hosts.dst_addr, PORT))
-            rc = subprocess.call(hosts.run_in(hosts.src) + [
-                _hybridmig(), "run", str(workload.host_pid), "--to", "%s:%d" % (hosts.dst_addr, PORT),
-                "--key-file", key, "--report", report_path], stdin=subprocess.DEVNULL)
+            rc = subprocess.call(
+                hosts.run_in(hosts.src)
+                + [
+                    _hybridmig(),
+                    "run",
+                    str(workload.host_pid),
+                    "--to",
+                    "%s:%d" % (hosts.dst_addr, PORT),
+                    "--key-file",
+                    key,
+                    "--report",
+                    report_path,
+                ],
+                stdin=subprocess.DEVNULL,
+            )
             with open(report_path) as f:
                 report = json.load(f)
             if rc != 0:
-                raise HybridmigError("migration failed: %s" % report.get("error"))
+                raise HybridmigError("migration failed: {}".format(report.get("error")))
             serve.wait(30)
             workload.wait_gone()
             restored = Workload.adopt(report["restored_pid"], report=workload)
@@ -65,13 +92,22 @@ def run_demo(size_mb, threads, rate, console):
             results = restored.verify()
             bad = sum(r["bad"] + r.get("zero_pages_bad", 0) for r in results)
             netns = os.readlink("/proc/%d/ns/net" % restored.host_pid)
-            in_dst = os.stat("/proc/%d/ns/net" % restored.host_pid).st_ino == os.stat("/run/netns/%s" % hosts.dst).st_ino
-            console.print("[b]on the destination[/b]: pid %d in %s (%s); %d pages verified, [b]%d bad[/b]"
-                          % (restored.host_pid, hosts.dst if in_dst else "another namespace", netns,
-                             sum(r["pages"] for r in results), bad))
-            console.print("the workload's longest pause, seen on CLOCK_REALTIME: [b]%.0f ms[/b]; "
-                          "hybridmig's downtime: %.0f ms; remote faults: %d"
-                          % (max(r["max_gap_ms"] for r in results), report["downtime_ms"], report["remote_faults"]))
+            in_dst = os.stat("/proc/%d/ns/net" % restored.host_pid).st_ino == os.stat(f"/run/netns/{hosts.dst}").st_ino
+            console.print(
+                "[b]on the destination[/b]: pid %d in %s (%s); %d pages verified, [b]%d bad[/b]"
+                % (
+                    restored.host_pid,
+                    hosts.dst if in_dst else "another namespace",
+                    netns,
+                    sum(r["pages"] for r in results),
+                    bad,
+                )
+            )
+            console.print(
+                "the workload's longest pause, seen on CLOCK_REALTIME: [b]%.0f ms[/b]; "
+                "hybridmig's downtime: %.0f ms; remote faults: %d"
+                % (max(r["max_gap_ms"] for r in results), report["downtime_ms"], report["remote_faults"])
+            )
             if bad or not in_dst:
                 raise HybridmigError("the migrated workload did not verify")
     finally:
@@ -94,7 +130,7 @@ def demo(size_mb, threads, rate):
     try:
         run_demo(size_mb, threads, rate, console)
     except HybridmigError as e:
-        console.print("[red]demo failed:[/red] %s" % e)
+        console.print(f"[red]demo failed:[/red] {e}")
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted: everything the demo created was removed")

@@ -1,6 +1,7 @@
 """Two local "hosts": network namespaces joined by a veth pair, for the demo,
 the tests and the bench. Addresses come from 198.18.0.0/15, the range set
 aside for benchmarking; everything created here is removed on exit."""
+
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from ..errors import SetupError
 def _ip(*args, check=True):
     proc = subprocess.run(["ip", *args], capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise SetupError("ip %s: %s" % (" ".join(args), proc.stderr.strip()))
+        raise SetupError("ip {}: {}".format(" ".join(args), proc.stderr.strip()))
     return proc
 
 
@@ -28,12 +29,15 @@ class TwoHosts:
 
     def __init__(self, prefix="hm", subnet=18, rate=None, fast_link=False):
         tag = uuid.uuid4().hex[:6]
-        self.src, self.dst = "%s-src-%s" % (prefix, tag), "%s-dst-%s" % (prefix, tag)
-        self.veth = ("hm%sa" % tag, "hm%sb" % tag)
-        self.src_addr, self.dst_addr = "198.%d.%d.1" % (subnet, int(tag[:2], 16)), "198.%d.%d.2" % (subnet, int(tag[:2], 16))
+        self.src, self.dst = f"{prefix}-src-{tag}", f"{prefix}-dst-{tag}"
+        self.veth = (f"hm{tag}a", f"hm{tag}b")
+        self.src_addr, self.dst_addr = (
+            "198.%d.%d.1" % (subnet, int(tag[:2], 16)),
+            "198.%d.%d.2" % (subnet, int(tag[:2], 16)),
+        )
         self.rate = rate
         self.fast_link = fast_link
-        self.fast_veth = ("hm%sc" % tag, "hm%sd" % tag)
+        self.fast_veth = (f"hm{tag}c", f"hm{tag}d")
         self.src_fast_addr, self.dst_fast_addr = "198.19.%d.1" % int(tag[:2], 16), "198.19.%d.2" % int(tag[:2], 16)
         self._made = []
 
@@ -61,9 +65,27 @@ class TwoHosts:
             _ip("-n", ns, "link", "set", dev, "up")
             if rate:
                 # tbf: a token bucket shaping the link to `rate` (netem is not available here)
-                subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf",
-                                "rate", rate, "burst", "256kb", "latency", "50ms"], check=True,
-                               capture_output=True)
+                subprocess.run(
+                    [
+                        "tc",
+                        "-n",
+                        ns,
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        rate,
+                        "burst",
+                        "256kb",
+                        "latency",
+                        "50ms",
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
 
     def wire_bytes(self):
         """Bytes sent so far over the veth pairs, both directions."""
@@ -76,7 +98,7 @@ class TwoHosts:
         return total
 
     def run_in(self, ns):
-        return ["nsenter", "--net=/run/netns/%s" % ns]
+        return ["nsenter", f"--net=/run/netns/{ns}"]
 
     def __exit__(self, *exc):
         for ns in reversed(self._made):

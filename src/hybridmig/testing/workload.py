@@ -1,4 +1,5 @@
-"""Driver for memwork (``memwork.c`` beside this file), the self-verifying workload of the demo, the tests and the bench.
+"""Driver for memwork (``memwork.c`` beside this file), the self-verifying
+workload of the demo, the tests and the bench.
 
 A workload is a tree of ``procs`` memwork processes, the root being PID 1 of
 a PID namespace of its own (so that CRIU can dump and restore the tree with
@@ -23,8 +24,8 @@ import struct
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import psutil
 
@@ -47,7 +48,7 @@ class WorkloadError(RuntimeError):
     """The workload did not start, died, or did not answer in time."""
 
 
-def build_program(src: os.PathLike, name: str, dest_dir: Optional[os.PathLike] = None) -> str:
+def build_program(src: os.PathLike, name: str, dest_dir: os.PathLike | None = None) -> str:
     """Compile the C program src into ``dest_dir`` (default BUILD_DIR)
     as ``name`` and return the binary's path.  It is rebuilt only when the
     source is newer: a dumped image refers to the binary, which must not
@@ -63,12 +64,12 @@ def build_program(src: os.PathLike, name: str, dest_dir: Optional[os.PathLike] =
     cc = os.environ.get("CC", "cc")
     # Built under a temporary name and renamed: concurrent builders and
     # running instances never see a half-written binary.
-    fd, tmp = tempfile.mkstemp(prefix=".%s." % name, dir=dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=dest)
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, "-O2", "-pthread", "-Wall", "-o", tmp, str(src)],
-            capture_output=True, text=True, timeout=120)
+            [cc, "-O2", "-pthread", "-Wall", "-o", tmp, str(src)], capture_output=True, text=True, timeout=120
+        )
         if proc.returncode != 0:
             raise WorkloadError(f"building {name} failed:\n{proc.stderr}")
         os.chmod(tmp, 0o755)
@@ -79,7 +80,7 @@ def build_program(src: os.PathLike, name: str, dest_dir: Optional[os.PathLike] =
     return str(binary)
 
 
-def build_memwork(dest_dir: Optional[os.PathLike] = None) -> str:
+def build_memwork(dest_dir: os.PathLike | None = None) -> str:
     return build_program(MEMWORK_SRC, "memwork", dest_dir)
 
 
@@ -134,16 +135,21 @@ class Workload:
     then SIGKILL) and removes the report directory if this object owns it.
     """
 
-    def __init__(self, host_pid: int, report: os.PathLike, procs: int,
-                 popen: Optional[subprocess.Popen] = None,
-                 owned_dir: Optional[str] = None):
+    def __init__(
+        self,
+        host_pid: int,
+        report: os.PathLike,
+        procs: int,
+        popen: subprocess.Popen | None = None,
+        owned_dir: str | None = None,
+    ):
         self.host_pid = host_pid
         self.report_path = Path(report)
         self.procs = procs
         self._popen = popen
         self._owned_dir = owned_dir
         self._root_reaped = False
-        self._root: Optional[psutil.Process]
+        self._root: psutil.Process | None
         try:
             self._root = psutil.Process(host_pid)
         except psutil.NoSuchProcess:
@@ -155,9 +161,18 @@ class Workload:
 
     # --- construction -------------------------------------------------------
     @classmethod
-    def start(cls, size_mb: int, threads: int = 1, procs: int = 1, rate: float = 0,
-              hot: float = 100, netns: Optional[str] = None, report: Optional[os.PathLike] = None,
-              timeout: float = 60, binary: Optional[str] = None) -> "Workload":
+    def start(
+        cls,
+        size_mb: int,
+        threads: int = 1,
+        procs: int = 1,
+        rate: float = 0,
+        hot: float = 100,
+        netns: str | None = None,
+        report: os.PathLike | None = None,
+        timeout: float = 60,
+        binary: str | None = None,
+    ) -> Workload:
         """Start a tree of ``procs`` processes of ``size_mb`` MiB and
         ``threads`` writers each, rate-limited to ``rate`` pages/s/thread
         (0: unlimited) over the first ``hot`` percent of each writer's
@@ -184,14 +199,32 @@ class Workload:
         # No --mount-proc (a mount namespace CRIU would have to dump) and no
         # --kill-child: the root's pdeath signal would be restored by CRIU
         # and delivered as soon as `criu restore -d` exits.
-        cmd += ["unshare", "--pid", "--fork", binary,
-                "--size-mb", str(size_mb), "--threads", str(threads),
-                "--procs", str(procs), "--rate", repr(float(rate)), "--hot", repr(float(hot)),
-                "--report", str(report)]
-        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL,
-                                 start_new_session=True, close_fds=True)
+        cmd += [
+            "unshare",
+            "--pid",
+            "--fork",
+            binary,
+            "--size-mb",
+            str(size_mb),
+            "--threads",
+            str(threads),
+            "--procs",
+            str(procs),
+            "--rate",
+            repr(float(rate)),
+            "--hot",
+            repr(float(hot)),
+            "--report",
+            str(report),
+        ]
+        popen = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
         try:
             root = cls._find_ns_init(popen, timeout)
             wl = cls(root, report, procs, popen=popen, owned_dir=owned_dir)
@@ -205,8 +238,7 @@ class Workload:
             raise
 
     @classmethod
-    def adopt(cls, host_pid: int, report, procs: Optional[int] = None,
-              timeout: float = 10) -> "Workload":
+    def adopt(cls, host_pid: int, report, procs: int | None = None, timeout: float = 10) -> Workload:
         """A Workload for a restored tree whose root has ``host_pid`` (e.g.
         from ``criu restore --pidfile``).  ``report`` is the report path, or
         the Workload that was dumped: then its report file, process count and
@@ -229,8 +261,7 @@ class Workload:
         deadline = time.monotonic() + timeout
         while len(wl.pids()) < wl.procs:
             if time.monotonic() > deadline:
-                raise WorkloadError(
-                    f"restored tree of {host_pid} has {len(wl.pids())} of {wl.procs} processes")
+                raise WorkloadError(f"restored tree of {host_pid} has {len(wl.pids())} of {wl.procs} processes")
             time.sleep(0.05)
         wl._remember_tree()
         return wl
@@ -315,13 +346,12 @@ class Workload:
     def _offset(self) -> int:
         return self._read_from(0)[1]
 
-    def reports(self, event: Optional[str] = None) -> list[dict]:
+    def reports(self, event: str | None = None) -> list[dict]:
         """Every complete line of the report file (of one event if given)."""
         lines = self._read_from(0)[0]
         return [r for r in lines if event is None or r.get("event") == event]
 
-    def _wait_events(self, event: str, count: int, offset: int, timeout: float,
-                     key: str = "pid") -> list[dict]:
+    def _wait_events(self, event: str, count: int, offset: int, timeout: float, key: str = "pid") -> list[dict]:
         """Wait for ``count`` lines of ``event`` from distinct ``key`` values
         appended after ``offset``; return them sorted by pid."""
         deadline = time.monotonic() + timeout
@@ -337,16 +367,16 @@ class Workload:
                 return sorted(found.values(), key=lambda r: r["pid"])
             if not self.alive():
                 raise WorkloadError(
-                    f"workload {self.host_pid} is gone while waiting for {event!r} "
-                    f"({len(found)}/{count} arrived)")
+                    f"workload {self.host_pid} is gone while waiting for {event!r} ({len(found)}/{count} arrived)"
+                )
             if time.monotonic() > deadline:
                 raise WorkloadError(
                     f"timed out after {timeout}s waiting for {event!r} "
-                    f"({len(found)}/{count} arrived) from workload {self.host_pid}")
+                    f"({len(found)}/{count} arrived) from workload {self.host_pid}"
+                )
             time.sleep(0.02)
 
-    def _signal_and_wait(self, sig: int, event: str, timeout: float,
-                         key: str = "pid") -> list[dict]:
+    def _signal_and_wait(self, sig: int, event: str, timeout: float, key: str = "pid") -> list[dict]:
         if self._root is None:
             raise WorkloadError("workload has no root process")
         offset = self._offset()
@@ -373,7 +403,7 @@ class Workload:
         return self._signal_and_wait(CHURN_SIGNAL, "churn-verify", timeout)
 
     # --- memory access from outside (as root) ---------------------------------------
-    def page_address(self, page: int, pid: Optional[int] = None) -> int:
+    def page_address(self, page: int, pid: int | None = None) -> int:
         """Address of ``page`` in process ``pid`` (host pid, default the root),
         found by its header in /proc/PID/mem.  Pages not written with a valid
         header (zeroed ones) cannot be found."""
@@ -393,7 +423,7 @@ class Workload:
                         at = data.find(needle, at + 1)
         raise WorkloadError(f"page {page} not found in pid {pid}")
 
-    def poke(self, page: int, offset: int, data: bytes, pid: Optional[int] = None) -> int:
+    def poke(self, page: int, offset: int, data: bytes, pid: int | None = None) -> int:
         """Write ``data`` at ``offset`` into ``page`` of a live process behind
         its back (to prove that verification catches it); returns the address."""
         pid = pid or self.host_pid
@@ -474,7 +504,7 @@ class Workload:
             shutil.rmtree(self._owned_dir, ignore_errors=True)
             self._owned_dir = None
 
-    def __enter__(self) -> "Workload":
+    def __enter__(self) -> Workload:
         return self
 
     def __exit__(self, *exc) -> None:
