@@ -670,6 +670,35 @@ def test_criu_killed_after_the_commit(env, monkeypatch):
 
 
 @pytest.mark.timeout(180)
+def test_criu_killed_before_the_verdict(env):
+    """The source's criu dump is SIGKILLed while the destination restores
+    (held 3 s in a pre-restore action script), the tree frozen until then:
+    the tree runs again at once, so the pages sent in the final round are
+    no snapshot any more. run must not commit: the destination ends its copy,
+    the source runs on intact, and the hook (still waiting for its verdict
+    when CRIU died) leaves nothing behind and ends nothing."""
+    wrapper = criu_with_restore_hook(env, HANG_HOOK.format(seconds=3))
+    wl = env.workload(64, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve(env={"CRIU": str(wrapper)})
+    run = env.run_background(wl.host_pid)
+    wait_for(lambda: serve_restores(serve) or not run.running(), 120, "serve's criu restore")
+    assert run.running(), run.err_path.read_text()
+    dumps = [p for p in psutil.Process(run.proc.pid).children(recursive=True) if "dump" in p.cmdline()]
+    assert dumps, "no criu dump under run"
+    dumps[0].kill()
+    rc, rep, err = run.wait(120)
+    assert_rolled_back(env, wl, pids, rc, rep, err)
+    assert "criu dump" in rep["error"], rep["error"]
+    assert serve.wait(60) not in (0, None), serve.log()
+    wait_for(lambda: not restored_copies(wl, pids), 10, "the destination's copy to be ended")
+    time.sleep(2)  # the hook's end-session child, if any, has acted by now
+    hooks = [p for p in psutil.process_iter(["cmdline"]) if "end-session" in (p.info["cmdline"] or [])]
+    assert not hooks, [p.info["cmdline"] for p in hooks]
+    assert_intact(wl.verify(), 1)
+
+
+@pytest.mark.timeout(180)
 def test_destination_cannot_store_images(env):
     """The destination fails to write the images at the switch-over (its
     session's images dir is replaced by a file during the rounds)."""

@@ -78,7 +78,7 @@ def _end_without_page_server(criu_pid, commit):
 
     from ..destination.guard import end_tree
 
-    for pid in ([os.environ.get("CRTOOLS_INIT_PID")] if commit else []) + [criu_pid]:
+    for pid in ([os.environ.get("CRTOOLS_INIT_PID")] if commit else []) + ([criu_pid] if criu_pid else []):
         try:
             end_tree(psutil.Process(int(pid)))
         except (TypeError, psutil.NoSuchProcess):
@@ -115,6 +115,7 @@ def main(argv=None):
     action = os.environ.get("CRTOOLS_SCRIPT_ACTION", "")
     if action not in ("pre-dump", "post-dump"):
         return 0
+    criu_pid = os.getppid()  # CRIU runs its action scripts itself, and waits for them
     path = os.environ.get(HOOK_ENV)
     verdict = b""
     try:
@@ -130,7 +131,14 @@ def main(argv=None):
         # 0 lets it seize the tree; anything else (pre-copy failed, or
         # `hybridmig run` is gone) makes it give up before touching it.
         return 0 if commit else 1
-    _detach_and_end_session(os.getppid(), commit)  # CRIU runs its action script itself
+    if os.getppid() != criu_pid:
+        # CRIU died while we waited (we were reparented): its ptrace stops
+        # ended with it, the tree runs again, and there is no page server
+        # session to end. After a commit the destination's copy is the one.
+        if commit:
+            _end_without_page_server(None, commit)
+        return 1
+    _detach_and_end_session(criu_pid, commit)
     return 0 if commit else 1
 
 

@@ -187,7 +187,7 @@ class Migration:
             raise
         self.times["dumped"] = time.time()
         with conn:
-            verdict = self._final(images_dir) and self._commit()
+            verdict = self._final(images_dir) and self._source_still_frozen() and self._commit()
             conn.sendall(b"0" if verdict else b"1")
         rc = self.dump.wait(self.timeout)
         self.times["source_done"] = time.time()
@@ -218,11 +218,10 @@ class Migration:
                 self._warn(f"could not tell the destination that the source has ended: {e}")
             return
         self._abort_destination()
-        raise HybridmigError(
-            "the destination did not restore the process: {}; the source was resumed".format(
-                (self.result or {}).get("error", "no result")
-            )
-        )
+        error = (self.result or {}).get("error", "no result")
+        if self.dump.failed():
+            raise CriuError(f"{error}; the destination's copy was ended")
+        raise HybridmigError(f"the destination did not restore the process: {error}; the source was resumed")
 
     def _end_source(self):
         """End the source tree (stopped first, by pid: psutil checks identity)."""
@@ -287,6 +286,15 @@ class Migration:
         except HybridmigError as e:
             self.result = {"ok": False, "error": str(e)}
             return False
+
+    def _source_still_frozen(self):
+        """CRIU holds the tree frozen until its verdict; one that died has let
+        it run again, and the pages sent since the final scan are no snapshot
+        of it: no commit then (the source runs on, as it is)."""
+        failed = self.dump.failed()
+        if failed:
+            self.result = {"ok": False, "error": f"{failed} before the commit, letting the source run again"}
+        return not failed
 
     def _commit(self):
         """COMMIT, answered by DONE once the destination holds its copy as
