@@ -185,12 +185,16 @@ def settle(criu_pid, end, timeout=10.0):
         src.close()
     else:
         src.abort()
-    try:
-        psutil.Process(criu_pid).wait(timeout)
-    except psutil.TimeoutExpired as e:
-        raise CriuError(f"criu dump {criu_pid} did not finish within {timeout}s") from e
-    except psutil.NoSuchProcess:
-        pass
+    deadline = time.monotonic() + timeout
+    while True:  # not our child (run started it): a zombie is done, whoever reaps it
+        try:
+            if psutil.Process(criu_pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        if time.monotonic() > deadline:
+            raise CriuError(f"criu dump {criu_pid} did not finish within {timeout}s")
+        time.sleep(0.05)
 
 
 def log_tail(path, errors=8, tail=6):

@@ -89,6 +89,7 @@ class Migration:
         self.remote_faults = 0
         self.result = None
         self.channel = None
+        self.images_dir = None
         self.tracker = None
         self.dump = None
         self.session = None  # the destination's id of this migration (HOST): asked about after a lost DONE
@@ -121,7 +122,7 @@ class Migration:
         try:
             # CRIU starts now and waits at its pre-dump hook, so that its
             # start-up is over when pre-copy converges.
-            images_dir = os.path.join(work, "images")
+            images_dir = self.images_dir = os.path.join(work, "images")
             os.makedirs(images_dir, exist_ok=True)
             self.dump = LazyDump(self.pid, images_dir, work, self.criu_opts)
             self.sender = Sender(
@@ -157,7 +158,7 @@ class Migration:
             if self.tracker is not None:
                 self.tracker.detach()
             self.channel.close()
-            if not self.work_dir:
+            if not self.work_dir and not self.in_doubt:  # the waiting CRIU's images dir: left to it
                 shutil.rmtree(work, ignore_errors=True)
         return self.report()
 
@@ -204,8 +205,9 @@ class Migration:
                 "the destination did not answer the commit, and could not be asked what it did within %ss: "
                 "it may run the migrated copy. The source (pid %d) is left frozen by criu dump (pid %d). "
                 "Once you know which copy to keep: `hybridmig settle %d resume` resumes the source (only if the "
-                "destination has no copy running), `hybridmig settle %d end` ends it (only if it has)"
-                % (self.timeout, self.pid, self.dump.proc.pid, self.dump.proc.pid, self.dump.proc.pid)
+                "destination has no copy running), `hybridmig settle %d end` ends it (only if it has); run either "
+                "here, on the source host. CRIU's images and dump.log stay in %s"
+                % (self.timeout, self.pid, self.dump.proc.pid, self.dump.proc.pid, self.dump.proc.pid, self.images_dir)
             )
         rc = self.dump.wait(self.timeout)
         self.times["source_done"] = time.time()
