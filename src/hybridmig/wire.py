@@ -256,7 +256,7 @@ def decode_pages(payload):
             total += npages
             if total > MAX_FRAME_PAGES:
                 raise ProtocolError("PAGES frame of pid %d describes over %d pages" % (key, MAX_FRAME_PAGES))
-            if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE > 1 << 64:
+            if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE >= 1 << 64:
                 raise ProtocolError("PAGES frame of pid %d: %d pages at 0x%x are no page range" % (key, npages, vaddr))
             zero = bytes(view[off : off + (npages + 7) // 8])
             if len(zero) != (npages + 7) // 8:
@@ -303,7 +303,7 @@ def decode_range(payload):
         key, vaddr, npages = _RANGE.unpack(bytes(payload))
     except struct.error as e:
         raise ProtocolError(f"a range message of {len(payload)} bytes, not {_RANGE.size}") from e
-    if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE > 1 << 64:
+    if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE >= 1 << 64:
         raise ProtocolError("%d pages at 0x%x of pid %d: no page range" % (npages, vaddr, key))
     return key, vaddr, npages
 
