@@ -35,3 +35,8 @@ class UsageError(HybridmigError, ValueError):
 
 class SetupError(HybridmigError, RuntimeError):
     """This machine cannot run the engine (no root, no userfaultfd, ...)."""
+
+
+class InDoubtError(HybridmigError):
+    """After COMMIT, the source could not learn whether the destination kept
+    its copy: the source is left frozen for the operator to settle."""

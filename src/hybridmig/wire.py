@@ -27,6 +27,10 @@ VERSION = 1
 PAGE_SIZE = 4096
 MAC_SIZE = 16
 MAX_PAYLOAD = 64 << 20
+# Pages one PAGES frame may describe, zero pages included: what a raw frame
+# of that many data pages could carry. It bounds what a frame costs the
+# destination (an lz4 block expands to at most this, ~250 times its size).
+MAX_FRAME_PAGES = MAX_PAYLOAD // PAGE_SIZE
 
 _HEADER = struct.Struct("!BBHIQ")  # type, flags, reserved, length, sequence
 _HELLO_S = struct.Struct("!4sH32s")
@@ -57,6 +61,7 @@ class Msg(enum.IntEnum):
     DONE = 25
     HOST = 26
     ENDED = 27
+    OUTCOME = 28
 
 
 def read_key(path):
@@ -238,15 +243,26 @@ def encode_pages(key, extents, data, compress=True):
 
 
 def decode_pages(payload):
-    """(key, [(vaddr, npages, zero_bitmap)], data of the non-zero pages)."""
+    """(key, [(vaddr, npages, zero_bitmap)], data of the non-zero pages).
+    At most MAX_FRAME_PAGES pages, each extent page-aligned and within the
+    address space, no zero bit past an extent's pages."""
     view = memoryview(payload)
     try:
         key, n, enc = _PAGES.unpack_from(view)
-        off, extents, nonzero = _PAGES.size, [], 0
+        off, extents, nonzero, total = _PAGES.size, [], 0, 0
         for _ in range(n):
             vaddr, npages = _EXTENT.unpack_from(view, off)
             off += _EXTENT.size
+            total += npages
+            if total > MAX_FRAME_PAGES:
+                raise ProtocolError("PAGES frame of pid %d describes over %d pages" % (key, MAX_FRAME_PAGES))
+            if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE >= 1 << 64:
+                raise ProtocolError("PAGES frame of pid %d: %d pages at 0x%x are no page range" % (key, npages, vaddr))
             zero = bytes(view[off : off + (npages + 7) // 8])
+            if len(zero) != (npages + 7) // 8:
+                raise ProtocolError("PAGES frame too short for its extents")
+            if npages % 8 and zero[-1] >> (npages % 8):
+                raise ProtocolError("PAGES frame of pid %d marks zero pages past its %d pages" % (key, npages))
             off += (npages + 7) // 8
             extents.append((vaddr, npages, zero))
             nonzero += npages - sum(bin(b).count("1") for b in zero)
@@ -266,10 +282,14 @@ def decode_pages(payload):
 
 
 def decode_json(payload):
+    """A JSON object (a dict: every JSON message is one)."""
     try:
-        return json.loads(bytes(payload))
-    except ValueError as e:
+        obj = json.loads(bytes(payload))
+    except (ValueError, RecursionError) as e:
         raise ProtocolError(f"malformed JSON message: {e}") from e
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"a JSON message that is no object: {str(obj)[:80]}")
+    return obj
 
 
 def encode_range(key, vaddr, npages):
@@ -277,7 +297,15 @@ def encode_range(key, vaddr, npages):
 
 
 def decode_range(payload):
-    return _RANGE.unpack(bytes(payload))
+    """(key, vaddr, npages) of INVALIDATE and FETCH: a page-aligned range
+    within the address space."""
+    try:
+        key, vaddr, npages = _RANGE.unpack(bytes(payload))
+    except struct.error as e:
+        raise ProtocolError(f"a range message of {len(payload)} bytes, not {_RANGE.size}") from e
+    if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE >= 1 << 64:
+        raise ProtocolError("%d pages at 0x%x of pid %d: no page range" % (npages, vaddr, key))
+    return key, vaddr, npages
 
 
 def encode_round(n, stats):
@@ -285,8 +313,11 @@ def encode_round(n, stats):
 
 
 def decode_round(payload):
-    (n,) = _ROUND.unpack_from(payload)
-    return n, json.loads(bytes(payload[_ROUND.size :]) or b"{}")
+    try:
+        (n,) = _ROUND.unpack_from(payload)
+    except struct.error as e:
+        raise ProtocolError("ROUND message too short") from e
+    return n, decode_json(bytes(payload[_ROUND.size :]) or b"{}")
 
 
 def encode_ack(n, pages):
@@ -294,7 +325,10 @@ def encode_ack(n, pages):
 
 
 def decode_ack(payload):
-    return _ACK.unpack(bytes(payload))
+    try:
+        return _ACK.unpack(bytes(payload))
+    except struct.error as e:
+        raise ProtocolError("ROUND_ACK message of the wrong size") from e
 
 
 def encode_file(name, offset, data):
@@ -304,9 +338,12 @@ def encode_file(name, offset, data):
 
 def decode_file(payload):
     """(name, offset, data): a part of an image file."""
-    n, offset = struct.unpack_from("!HQ", payload)
-    name = bytes(payload[10 : 10 + n]).decode()
-    if not name or "/" in name or name in (".", ".."):
+    try:
+        n, offset = struct.unpack_from("!HQ", payload)
+        name = bytes(payload[10 : 10 + n]).decode()
+    except (struct.error, UnicodeDecodeError) as e:
+        raise ProtocolError(f"malformed FILE message: {e}") from e
+    if not name or "/" in name or "\0" in name or name in (".", "..") or len(name) != n:
         raise ProtocolError(f"refusing image file name {name!r}")
     return name, offset, bytes(payload[10 + n :])
 

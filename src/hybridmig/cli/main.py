@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..errors import HybridmigError
+from ..errors import HybridmigError, InDoubtError
 
 
 @click.group()
@@ -157,10 +157,21 @@ def _size(text):
 )
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS private key")
 @click.option("--keep", is_flag=True, help="keep each session's images and CRIU's restore.log in --dir")
+@click.option(
+    "--max-memory",
+    help="most a session's pages and images may take, e.g. 8G (default: the memory available, less a margin)",
+)
+@click.option(
+    "--allow-criu-opt",
+    "allow_criu_opts",
+    multiple=True,
+    help="also let sources pass this CRIU option (full long name; repeatable)",
+)
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
-def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, verbosity):
+def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, max_memory, allow_criu_opts, verbosity):
     """Destination: keep pre-copied pages in RAM and restore migrated processes."""
     from .. import wire
+    from ..criu.command import check_allowed_names
     from ..destination import serve as destination
 
     _setup_logging(verbosity, None)
@@ -168,7 +179,12 @@ def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, verbosity):
         fail("--tls-cert and --tls-key go together")
     try:
         tls = wire.tls_server_context(tls_cert, tls_key) if tls_cert else None
-        outcome = destination.serve(listen, base_dir, wire.read_key(key_file), once=once, tls=tls, keep=keep)
+        limits = destination.Limits(
+            max_memory=_size(max_memory) if max_memory else None, criu_opts=check_allowed_names(allow_criu_opts)
+        )
+        outcome = destination.serve(
+            listen, base_dir, wire.read_key(key_file), once=once, tls=tls, keep=keep, limits=limits
+        )
     except HybridmigError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -257,14 +273,15 @@ def run(
             auto_converge=auto_converge,
         ).run()
     except HybridmigError as e:
-        failed = {"result": "failed", "error": str(e), "pid": pid}
+        in_doubt = isinstance(e, InDoubtError)
+        failed = {"result": "in doubt" if in_doubt else "failed", "error": str(e), "pid": pid}
         if report_file:
             with open(report_file, "w") as f:
                 json.dump(failed, f, indent=2)
         if as_json:
             click.echo(json.dumps(failed))
-        # (not said of a pid that is gone or a zombie: the error is about that)
-        fail("%s (pid %d keeps running on the source)" % (e, pid) if alive(pid) else str(e))
+        # (not said of a pid that is gone or a zombie, or left frozen: the error is about that)
+        fail("%s (pid %d keeps running on the source)" % (e, pid) if alive(pid) and not in_doubt else str(e))
     if report_file:
         with open(report_file, "w") as f:
             json.dump(report, f, indent=2)
@@ -272,6 +289,20 @@ def run(
         click.echo(json.dumps(report, indent=2))
     else:
         show.summary(report)
+
+
+@main.command()
+@click.argument("criu_pid", type=int)
+@click.argument("decision", type=click.Choice(["resume", "end"]))
+def settle(criu_pid, decision):
+    """Settle a migration `run` left in doubt: resume the frozen source, or end it."""
+    from ..criu.command import settle as settle_dump
+
+    try:
+        settle_dump(criu_pid, end=decision == "end")
+    except HybridmigError as e:
+        fail(str(e))
+    click.echo("the source was %s" % ("ended" if decision == "end" else "resumed"))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

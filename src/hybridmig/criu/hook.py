@@ -14,7 +14,10 @@ After post-dump a lazy dump always starts its page server and waits, frozen,
 for one client (criu/cr-dump.c, cr_dump_finish). A detached child of the
 hook is that client: it closes the session well on a commit (the tasks then
 end) and fails it otherwise (they resume), so nothing stays frozen even if
-`hybridmig run` itself is gone by then. CRIU, given no --port, binds its
+`hybridmig run` itself is gone by then. A verdict of 2 (the outcome in
+doubt: the destination may have kept its copy) lets the dump go on but
+starts no such child: CRIU waits for a client, the tasks frozen, until the
+operator runs `hybridmig settle CRIU_PID resume|end`. CRIU, given no --port, binds its
 page server to a port of the kernel's choosing only then: the child finds it
 among CRIU's listening sockets (a port picked in advance could be taken by
 another process in the minutes of pre-copy).
@@ -32,6 +35,7 @@ import sys
 import time
 
 HOOK_ENV = "HYBRIDMIG_HOOK_SOCKET"
+IN_DOUBT = b"2"  # post-dump: keep the tasks frozen, neither commit nor resume
 
 
 def page_server_port(criu_pid, timeout=60.0):
@@ -126,6 +130,10 @@ def main(argv=None):
     except (OSError, TypeError) as e:
         print(f"hybridmig's CRIU hook: cannot reach hybridmig run at {path}: {e}", file=sys.stderr)
     commit = verdict == b"0"
+    if action == "post-dump" and verdict == IN_DOUBT:
+        # CRIU starts its page server next and waits, frozen, for a client:
+        # `hybridmig settle` connects later, as the operator decides
+        return 0
     if action == "pre-dump":
         # CRIU waits here from the start of pre-copy until the switch-over:
         # 0 lets it seize the tree; anything else (pre-copy failed, or
