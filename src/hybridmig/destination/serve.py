@@ -22,12 +22,12 @@ from ..bindings.pagestore import PageStore
 from ..criu.command import CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from ..errors import HybridmigError, ProtocolError
 from ..wire import Msg
+from .accept import Acceptor
 from .guard import end_tree
 from .lazypages import LazyPagesDaemon
 
 log = logging.getLogger("hybridmig.destination.serve")
 PAGE_SIZE = 4096
-HANDSHAKE_TIMEOUT = 30
 # A source silent for this long (stopped, hung) ends its session, so that
 # other sources are served: longer than any step of a live one (its CRIU's
 # dump at the switch-over is bounded by its --timeout, 120 s by default).
@@ -349,9 +349,10 @@ class Session:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
-    """Accept sources one at a time; with `once`, return after the first session's outcome.
-    `keep`: leave every session's directory (images, CRIU's restore.log) in base_dir."""
+def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, mode=wire.SEALED):
+    """Serve sources one at a time (their handshakes at once: accept.py); with `once`, return after the
+    first session's outcome. `keep`: leave every session's directory (images, CRIU's restore.log) in
+    base_dir. `mode`: wire.PLAINTEXT only with --insecure-plaintext."""
     host, port = wire.parse_addr(listen)
     base_dir = os.path.abspath(base_dir)  # CRIU resolves the paths we pass it from its own working directory
     if not os.path.isdir(base_dir) or not os.access(base_dir, os.W_OK):
@@ -364,26 +365,16 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
         lsock.bind((host, port))
     except OSError as e:
         raise HybridmigError(f"cannot listen on {listen}: {e.strerror}") from e
-    lsock.listen(4)
+    lsock.listen(128)
+    acceptor = Acceptor(lsock, key, tls=tls, mode=mode)
     log.info("listening on %s", listen)
     if ready is not None:
         ready()
     outcome = None
     try:
         while True:
-            sock, peer = lsock.accept()
-            wire.tune(sock)
-            try:
-                sock.settimeout(HANDSHAKE_TIMEOUT)  # an idle peer must not hold the server
-                if tls is not None:
-                    sock = tls.wrap_socket(sock, server_side=True)
-                channel = wire.Channel(sock, "%s:%d" % peer[:2])
-                channel.server_handshake(key)
-                sock.settimeout(SESSION_IDLE_S)
-            except (ProtocolError, OSError) as e:
-                log.warning("refused %s:%d: %s", peer[0], peer[1], e)
-                sock.close()
-                continue
+            channel = acceptor.next_channel()
+            channel.sock.settimeout(SESSION_IDLE_S)
             session = Session(channel, base_dir, keep=keep)
             try:
                 channel.send_json(Msg.HOST, {"boot_id": wire.boot_id(), "kernel": os.uname().release})
@@ -407,4 +398,5 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
             if once:
                 return outcome
     finally:
+        acceptor.close()
         lsock.close()
