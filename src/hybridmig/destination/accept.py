@@ -4,8 +4,9 @@ Each connection gets a thread of its own for its handshake (TLS included),
 with a total deadline; the accept thread never reads from a peer. At most
 MAX_PENDING connections are in their handshake at once: one more, and the
 oldest of them is cut (a real source's handshake takes milliseconds, so
-the oldest is the likeliest to be a peer holding a slot). Authenticated
-channels wait in a short queue for serve's session loop."""
+the oldest is the likeliest to be a peer holding a slot). serve migrates one
+source at a time: an authenticated source that comes while it is busy is
+told so at once."""
 
 import logging
 import queue
@@ -18,16 +19,14 @@ from ..errors import ProtocolError
 
 log = logging.getLogger("hybridmig.destination.accept")
 MAX_PENDING = 64
-# Authenticated sources waiting while serve migrates another one; beyond
-# these, a source is told that serve is busy.
-MAX_WAITING = 4
 _TICK_S = 0.25  # how often the accept thread cuts handshakes past their deadline
 
 
 class Acceptor:
     def __init__(self, lsock, key, tls=None, mode=wire.SEALED, deadline_s=wire.HANDSHAKE_DEADLINE_S):
         self.lsock, self.key, self.tls, self.mode, self.deadline_s = lsock, key, tls, mode, deadline_s
-        self._ready = queue.Queue(MAX_WAITING)
+        self._ready = queue.Queue(1)
+        self._idle = threading.Event()  # serve waits in next_channel(): no session under way
         self._pending = {}  # socket -> deadline, oldest first
         self._lock = threading.Lock()
         self._closed = False
@@ -37,7 +36,11 @@ class Acceptor:
 
     def next_channel(self):
         """The next authenticated channel (blocks)."""
-        return self._ready.get()
+        self._idle.set()
+        try:
+            return self._ready.get()
+        finally:
+            self._idle.clear()
 
     def close(self):
         self._closed = True
@@ -106,7 +109,10 @@ class Acceptor:
             channel.close()
             return
         try:
+            if not self._idle.is_set():
+                raise queue.Full
             self._ready.put_nowait(channel)
         except queue.Full:
-            channel.send_error("busy with other migrations: try again later")
+            log.warning("refused %s: busy with another migration", name)
+            channel.send_error("busy with another migration: try again later")
             channel.close()
