@@ -50,10 +50,15 @@ out.close()
 _HOLD = """
 import socket, sys, threading, time
 addr = (sys.argv[1], int(sys.argv[2]))
-idle = [socket.create_connection(addr, timeout=10) for _ in range(200)]
+idle = []
+for _ in range(200):  # not waiting for each: a full backlog must not stop the holder
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex(addr)
+    idle.append(s)
 def slow():
-    s = socket.create_connection(addr, timeout=10)
     try:
+        s = socket.create_connection(addr, timeout=30)
         while True:
             s.send(b"\\x01")
             time.sleep(1)
