@@ -43,6 +43,7 @@ from pathlib import Path
 
 import psutil
 
+from hybridmig.keys import generate_key
 from hybridmig.testing.netns import TwoHosts
 from hybridmig.testing.workload import (
     FORK_VERIFY_COMM,
@@ -249,7 +250,8 @@ class Iteration:
     def _run(self, hosts, binary):
         cfg, fault = self.config, self.fault
         key = self.dir / "key"
-        key.write_bytes(os.urandom(32))
+        key.unlink(missing_ok=True)  # a trial directory reused
+        generate_key(key)
         wl = Workload.start(
             cfg["size_mb"],
             threads=cfg["threads"],

@@ -43,6 +43,7 @@ def serve(tmp_path, criu_ready):
     def start(*extra):
         key = tmp_path / "key"
         key.write_bytes(KEY)
+        key.chmod(0o600)  # serve refuses a key file others may read
         base = tmp_path / "serve"
         base.mkdir(exist_ok=True)
         log = open(tmp_path / f"serve-{len(started)}.log", "w")

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from hybridmig.keys import generate_key
 from hybridmig.testing.netns import TwoHosts
 from hybridmig.testing.workload import Workload, WorkloadError
 from lazy_util import restored_alive
@@ -49,11 +50,11 @@ class Env:
         self.tmp = tmp_path
         self.cleanup = cleanup
         self.key = tmp_path / "key"
-        self.key.write_bytes(os.urandom(32))
+        generate_key(self.key)
 
     def other_key(self):
         path = self.tmp / "other-key"
-        path.write_bytes(os.urandom(32))
+        generate_key(path)
         return path
 
     def new_dir(self, name):

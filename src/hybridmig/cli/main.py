@@ -29,6 +29,25 @@ def fail(message):
     sys.exit(1)
 
 
+INSECURE_HELP = (
+    "send pages and images in clear (only authenticated): anyone on the path reads the process's memory; "
+    "both ends must say it"
+)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+def keygen(file):
+    """Write a new shared key to FILE (32 random bytes, mode 0600) for run and serve."""
+    from ..keys import generate_key
+
+    try:
+        generate_key(file)
+    except HybridmigError as e:
+        fail(str(e))
+    click.echo(f"wrote a new key to {file}: copy it to the other host, mode 0600 (e.g. with scp -p)", err=True)
+
+
 @main.command("lazy-pages")
 @click.option("-D", "--images-dir", required=True, type=click.Path(file_okay=False), help="CRIU images directory")
 @click.option(
@@ -153,9 +172,13 @@ def _size(text):
 @click.option("--key-file", required=True, type=click.Path(dir_okay=False), help="shared secret, as on the source")
 @click.option("--once", is_flag=True, help="exit after the first migration (0 if it committed)")
 @click.option(
-    "--tls-cert", type=click.Path(dir_okay=False), help="TLS certificate (with --tls-key): encrypt the session"
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    help="also run the session in TLS: this certificate (with --tls-key and --tls-ca)",
 )
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS private key")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), help="TLS: the CA that signed the sources' certificates")
+@click.option("--insecure-plaintext", is_flag=True, help=INSECURE_HELP)
 @click.option("--keep", is_flag=True, help="keep each session's images and CRIU's restore.log in --dir")
 @click.option(
     "--max-memory",
@@ -168,23 +191,37 @@ def _size(text):
     help="also let sources pass this CRIU option (full long name; repeatable)",
 )
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
-def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, max_memory, allow_criu_opts, verbosity):
+def serve(
+    listen,
+    base_dir,
+    key_file,
+    once,
+    tls_cert,
+    tls_key,
+    tls_ca,
+    insecure_plaintext,
+    keep,
+    max_memory,
+    allow_criu_opts,
+    verbosity,
+):
     """Destination: keep pre-copied pages in RAM and restore migrated processes."""
     from .. import wire
     from ..criu.command import check_allowed_names
     from ..destination import serve as destination
+    from ..keys import read_key
 
     _setup_logging(verbosity, None)
-    if bool(tls_cert) != bool(tls_key):
-        fail("--tls-cert and --tls-key go together")
+    if (tls_cert, tls_key, tls_ca) != (None, None, None) and not (tls_cert and tls_key and tls_ca):
+        fail("--tls-cert, --tls-key and --tls-ca go together (serve checks the source's certificate too)")
     try:
-        tls = wire.tls_server_context(tls_cert, tls_key) if tls_cert else None
+        key = read_key(key_file)
+        tls = wire.tls_server_context(tls_cert, tls_key, tls_ca) if tls_cert else None
+        mode = wire.PLAINTEXT if insecure_plaintext else wire.SEALED
         limits = destination.Limits(
             max_memory=_size(max_memory) if max_memory else None, criu_opts=check_allowed_names(allow_criu_opts)
         )
-        outcome = destination.serve(
-            listen, base_dir, wire.read_key(key_file), once=once, tls=tls, keep=keep, limits=limits
-        )
+        outcome = destination.serve(listen, base_dir, key, once=once, tls=tls, keep=keep, mode=mode, limits=limits)
     except HybridmigError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -228,7 +265,12 @@ def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, max_memory,
     type=click.Path(file_okay=False),
     help="keep CRIU's images and dump.log here (default: a temp dir, removed)",
 )
-@click.option("--tls-ca", type=click.Path(dir_okay=False), help="use TLS; the destination's certificate (or its CA)")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), help="also run the session in TLS: the destination's CA")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS: this source's certificate (with --tls-key)")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS: this source's private key")
+@click.option("--tls-name", help="TLS: the name (or address) the destination's certificate must carry")
+@click.option("--tls-fingerprint", help="TLS: or the SHA-256 fingerprint of the destination's certificate")
+@click.option("--insecure-plaintext", is_flag=True, help=INSECURE_HELP)
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
 def run(
     pid,
@@ -245,22 +287,32 @@ def run(
     report_file,
     work_dir,
     tls_ca,
+    tls_cert,
+    tls_key,
+    tls_name,
+    tls_fingerprint,
+    insecure_plaintext,
     verbosity,
 ):
     """Source: live-migrate process tree PID to a destination."""
     from .. import wire
+    from ..keys import read_key
     from ..source.migration import Migration, alive
     from .progress import RunProgress
 
     _setup_logging(verbosity, None)
     if report_file and not os.access(os.path.dirname(os.path.abspath(report_file)), os.W_OK):
         fail(f"--report {report_file}: its directory is not writable (checked before migrating, not after)")
+    if (tls_cert, tls_key, tls_ca) != (None, None, None) and not (tls_cert and tls_key and tls_ca):
+        fail("--tls-ca, --tls-cert and --tls-key go together (the destination checks the source's certificate too)")
     show = RunProgress(enabled=not as_json)
     try:
+        key = read_key(key_file)
+        tls = wire.tls_client_context(tls_ca, tls_cert, tls_key, tls_name, tls_fingerprint) if tls_ca else None
         report = Migration(
             pid,
             to,
-            wire.read_key(key_file),
+            key,
             max_rounds=max_rounds,
             target_downtime_ms=target_downtime,
             bandwidth_limit=_size(bandwidth_limit),
@@ -269,7 +321,8 @@ def run(
             timeout=timeout,
             progress=show.update,
             compress=not no_compress,
-            tls=wire.tls_client_context(tls_ca) if tls_ca else None,
+            tls=tls,
+            wire_mode=wire.PLAINTEXT if insecure_plaintext else wire.SEALED,
             auto_converge=auto_converge,
         ).run()
     except HybridmigError as e:

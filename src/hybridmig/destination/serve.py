@@ -24,12 +24,12 @@ from ..bindings.pagestore import PageStore
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from ..errors import HybridmigError, ProtocolError
 from ..wire import Msg
+from .accept import Acceptor
 from .guard import end_tree
 from .lazypages import LazyPagesDaemon
 
 log = logging.getLogger("hybridmig.destination.serve")
 PAGE_SIZE = 4096
-HANDSHAKE_TIMEOUT = 30
 # A source silent for this long (stopped, hung) ends its session, so that
 # other sources are served: longer than any step of a live one (its CRIU's
 # dump at the switch-over is bounded by its --timeout, 120 s by default).
@@ -459,10 +459,11 @@ def answer_outcome(channel, outcomes, payload):
     channel.send_json(Msg.OUTCOME, {"session": session_id, "outcome": outcome})
 
 
-def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, limits=None):
-    """Accept sources one at a time; with `once`, return after the first session's outcome.
-    `keep`: leave every session's directory (images, CRIU's restore.log) in base_dir.
-    `limits`: what a session may take (Limits)."""
+def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, mode=wire.SEALED, limits=None):
+    """Serve sources one at a time (their handshakes at once: accept.py); with `once`, return after the
+    first session's outcome. `keep`: leave every session's directory (images, CRIU's restore.log) in
+    base_dir. `mode`: wire.PLAINTEXT only with --insecure-plaintext. `limits`: what a session may take
+    (Limits)."""
     limits = limits or Limits()
     outcomes = Outcomes()
     host, port = wire.parse_addr(listen)
@@ -477,26 +478,16 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, l
         lsock.bind((host, port))
     except OSError as e:
         raise HybridmigError(f"cannot listen on {listen}: {e.strerror}") from e
-    lsock.listen(4)
+    lsock.listen(128)
+    acceptor = Acceptor(lsock, key, tls=tls, mode=mode)
     log.info("listening on %s", listen)
     if ready is not None:
         ready()
     outcome = None
     try:
         while True:
-            sock, peer = lsock.accept()
-            wire.tune(sock)
-            try:
-                sock.settimeout(HANDSHAKE_TIMEOUT)  # an idle peer must not hold the server
-                if tls is not None:
-                    sock = tls.wrap_socket(sock, server_side=True)
-                channel = wire.Channel(sock, "%s:%d" % peer[:2])
-                channel.server_handshake(key)
-                sock.settimeout(SESSION_IDLE_S)
-            except (ProtocolError, OSError) as e:
-                log.warning("refused %s:%d: %s", peer[0], peer[1], e)
-                sock.close()
-                continue
+            channel = acceptor.next_channel()
+            channel.sock.settimeout(SESSION_IDLE_S)
             session_id = secrets.token_hex(16)
             try:
                 channel.send_json(
@@ -545,4 +536,5 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, l
             if once:
                 return outcome
     finally:
+        acceptor.close()
         lsock.close()

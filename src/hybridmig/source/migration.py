@@ -69,6 +69,7 @@ class Migration:
         compress=True,
         tls=None,
         auto_converge=True,
+        wire_mode=wire.SEALED,
     ):
         self.pid = pid
         self.to = to
@@ -82,6 +83,7 @@ class Migration:
         self.progress = progress or (lambda kind, obj: None)
         self.compress = compress
         self.tls = tls
+        self.wire_mode = wire_mode
         self.auto_converge = auto_converge
         self.converge = None
         self.times = {}
@@ -172,7 +174,7 @@ class Migration:
     def _connect(self):
         # no frame from the destination (an ack, RESULT) for --timeout ends
         # the migration: a destination that hangs must not hold the source
-        self.channel = wire.connect(self.to, self.key, tls=self.tls, idle_timeout=self.timeout)
+        self.channel = wire.connect(self.to, self.key, tls=self.tls, idle_timeout=self.timeout, mode=self.wire_mode)
         kind, payload = self.channel.recv()
         if kind != Msg.HOST:
             raise ProtocolError(f"{self.channel.peer} did not describe itself")
