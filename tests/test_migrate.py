@@ -630,9 +630,12 @@ def lost_memory(wl):
     return wl.reports("corrupt") + wl.reports("crash")
 
 
-def _kill_serve_after_restore(env, wl, pids, delay):
+def _kill_serve_after_restore(env, wl, delay):
     """One migration of wl whose serve is SIGKILLed `delay` s after its
-    restore's pidfile appeared; the source must have rolled back."""
+    restore's pidfile appeared. Returns the copy that runs on: the source,
+    rolled back, or, if serve had reported and the source committed first,
+    the restored copy."""
+    pids = wl.pids()
     serve = env.serve()
     run = env.run_background(wl.host_pid)
     session = wait_for(lambda: list(serve.base_dir.glob("session-*")) or not run.running(), 60, "the session")
@@ -641,30 +644,53 @@ def _kill_serve_after_restore(env, wl, pids, delay):
     time.sleep(delay)
     serve.kill()
     rc, rep, err = run.wait(120)
+    assert not lost_memory(wl), "%s\n%s" % (lost_memory(wl), serve.log())
+    if rc == 0 and rep and rep["result"] == "migrated":
+        wl.wait_gone(30)
+        copy = env.adopt(rep["restored_pid"], wl)
+        assert_intact(copy.verify(), 1)
+        return copy, "migrated"
+    outcome = "rolled back"
+    if rep and "did not take the commit" in rep.get("error", ""):
+        # serve died after telling its guard "commit", before its DONE went
+        # out: two copies may run (docs/protocol.md); the restored one has
+        # every page (RESULT comes after the install)
+        for pid in restored_copies(wl, pids):
+            copy = env.adopt(pid, wl)
+            assert_intact(copy.verify(), 1)
+            copy.stop()
+            outcome = "two copies"
     assert_rolled_back(env, wl, pids, rc, rep, err)
-    return serve
+    return wl, outcome
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_destination_killed_at_random_after_the_restore(env):
     """serve is SIGKILLed at a random moment (seeded, printed) after its
-    criu restore wrote the pidfile, in several tries on one source: the
-    uncommitted copy must never run on a page it was still owed, whatever
-    the moment; faults wait until the guard has ended it. The source, never
-    committed, resumes intact each time. HYBRIDMIG_KILL_TRIES sets the number
-    of tries, HYBRIDMIG_KILL_SEED replays a run."""
+    criu restore wrote the pidfile, in several tries: the copy restored there
+    must never run on a page it is still owed, whatever the moment; its
+    faults wait until the guard has ended it. The source, never committed,
+    resumes intact; if serve had reported first, the copy committed to has
+    every page. HYBRIDMIG_KILL_TRIES sets the number of tries,
+    HYBRIDMIG_KILL_SEED replays a run."""
     seed = int(os.environ.get("HYBRIDMIG_KILL_SEED") or random.randrange(1 << 32))
     tries = int(os.environ.get("HYBRIDMIG_KILL_TRIES") or 3)
     print("seed %d, %d tries (HYBRIDMIG_KILL_SEED=%d replays them)" % (seed, tries, seed))
     rng = random.Random(seed)
-    wl = env.workload(512, threads=2, rate=4000)
-    pids = wl.pids()
+    outcomes = []
+    wl = None
     for attempt in range(tries):
-        delay = rng.uniform(0, 0.15)  # CRIU resumes the tasks some ms after the pidfile; installing 512 MiB takes longer
+        # CRIU resumes the tasks a few ms after the pidfile; installing 512 MiB takes ~0.1-0.2 s more
+        delay = rng.uniform(0, 0.15)
         print("try %d: serve killed %.1f ms after the pidfile appears" % (attempt, delay * 1000))
-        serve = _kill_serve_after_restore(env, wl, pids, delay)
-        assert not lost_memory(wl), "try %d, seed %d: %s\n%s" % (attempt, seed, lost_memory(wl), serve.log())
-    assert_intact(wl.verify(), 1)
+        if wl is None:
+            wl = env.workload(512, threads=2, rate=4000)
+        wl, outcome = _kill_serve_after_restore(env, wl, delay)
+        outcomes.append(outcome)
+        if outcome == "migrated":
+            wl.stop()
+            wl = None  # (the next try starts a new source)
+    print("outcomes: %s" % outcomes)
 
 
 @pytest.mark.timeout(180)
