@@ -28,17 +28,16 @@
  *   SIGRTMIN  churn: pause the writers, change the mappings (see churn()),
  *             verify, append {"event":"churn-verify",...}, resume.
  *   SIGTERM   clean exit ({"event":"exit"}).
+ * All of them are blocked in every thread and taken by the main thread with
+ * sigwaitinfo(); handlers are installed as well because the init of a PID
+ * namespace only receives signals it has a handler for.
  *
  * Writers also check a page's header before rewriting it: a page that no
  * longer holds what was last written there (a lost page reads as zeros) is
  * reported at once, once per writer ({"event":"corrupt",...}), and so is a
  * crash ({"event":"crash",...}: SIGSEGV, SIGBUS, SIGFPE, SIGILL, e.g. on a
  * zeroed pointer). A copy that runs on memory it was never given says so
- * before anything else can end it. These two lines are formatted on the
- * stack: the heap may be the memory that was lost.
- * All of them are blocked in every thread and taken by the main thread with
- * sigwaitinfo(); handlers are installed as well because the init of a PID
- * namespace only receives signals it has a handler for.
+ * before anything else can end it (see raw_begin() for how).
  *
  * The report file is opened (O_APPEND), written with one write() per line,
  * and closed every time: no descriptor stays open across a checkpoint.
@@ -60,6 +59,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -110,6 +110,11 @@ static int g_procs = 1;
 static double g_rate;
 static double g_hot = 100; /* percent of each writer's slice it keeps rewriting */
 static const char *g_report;
+/* The report path, copied out of argv: CRIU leaves only the page at a
+ * thread's stack pointer out of a lazy restore, and argv lies above it. In
+ * .data, a private file mapping, never lazy, so a copy that runs on memory it
+ * was never given can still say so. */
+static char g_report_path[4096] __attribute__((section(".data")));
 static int g_proc_index; /* 0 = root of the tree */
 
 static size_t g_psize;       /* page size */
@@ -301,34 +306,77 @@ static void report_line(struct buf *b)
 	close(fd);
 }
 
-/* One line formatted in a caller's buffer: no heap (see "corrupt", "crash"). */
-static void report_raw(const char *line, int len)
-{
-	int fd;
+/*
+ * The "corrupt" and "crash" lines are made with no libc but raw system
+ * calls: in a copy running on memory it was never given, the heap, a
+ * thread's TLS (libc's locale and cancellation state) and most of its stack
+ * may read as zeros, and snprintf() or open() would fault on them.
+ */
+struct rawline {
+	char p[384];
+	size_t len;
+};
 
-	if (!g_report || len <= 0)
+static void raw_str(struct rawline *l, const char *s)
+{
+	while (*s && l->len < sizeof(l->p) - 2)
+		l->p[l->len++] = *s++;
+}
+
+static void raw_num(struct rawline *l, uint64_t v)
+{
+	char d[24];
+	int n = 0;
+
+	do
+		d[n++] = (char)('0' + v % 10);
+	while ((v /= 10));
+	while (n && l->len < sizeof(l->p) - 2)
+		l->p[l->len++] = d[--n];
+}
+
+static void raw_begin(struct rawline *l, const char *event)
+{
+	struct timespec ts = { 0, 0 };
+
+	syscall(SYS_clock_gettime, CLOCK_REALTIME, &ts);
+	l->len = 0;
+	raw_str(l, "{\"event\":\"");
+	raw_str(l, event);
+	raw_str(l, "\",\"pid\":");
+	raw_num(l, (uint64_t)syscall(SYS_getpid));
+	raw_str(l, ",\"proc_index\":");
+	raw_num(l, (uint64_t)g_proc_index);
+	raw_str(l, ",\"realtime\":");
+	raw_num(l, (uint64_t)ts.tv_sec);
+}
+
+static void raw_report(struct rawline *l)
+{
+	long fd;
+
+	l->p[l->len++] = '}';
+	l->p[l->len++] = '\n';
+	if (!g_report)
 		return;
-	fd = open(g_report, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+	fd = syscall(SYS_openat, AT_FDCWD, g_report, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
 	if (fd < 0)
 		return;
-	if (write(fd, line, (size_t)len) < 0) {
-		/* nowhere to tell */
-	}
-	close(fd);
+	syscall(SYS_write, fd, l->p, l->len);
+	syscall(SYS_close, fd);
 }
 
 static void on_crash(int sig, siginfo_t *si, void *ctx)
 {
-	char line[256];
-	int n;
+	struct rawline l;
 
 	(void)ctx;
-	n = snprintf(line, sizeof(line),
-		     "{\"event\":\"crash\",\"pid\":%d,\"proc_index\":%d,\"realtime\":%.6f,"
-		     "\"signal\":%d,\"addr\":%lu}\n",
-		     (int)getpid(), g_proc_index, now_ns(CLOCK_REALTIME) / 1e9, sig,
-		     (unsigned long)si->si_addr);
-	report_raw(line, n < (int)sizeof(line) ? n : (int)sizeof(line) - 1);
+	raw_begin(&l, "crash");
+	raw_str(&l, ",\"signal\":");
+	raw_num(&l, (uint64_t)sig);
+	raw_str(&l, ",\"addr\":");
+	raw_num(&l, (uint64_t)(uintptr_t)si->si_addr);
+	raw_report(&l);
 	/* SA_RESETHAND: the faulting instruction runs again and kills us. */
 }
 
@@ -338,8 +386,7 @@ static void check_before_write(struct writer *w, size_t i)
 	const uint64_t *p = (const uint64_t *)g_addr[i];
 	uint64_t g = g_gen[i];
 	const char *why = NULL;
-	char line[320];
-	int n;
+	struct rawline l;
 
 	if (p[0] != MAGIC)
 		why = page_is_zero(p) ? "zero" : "magic";
@@ -352,12 +399,18 @@ static void check_before_write(struct writer *w, size_t i)
 	if (!why || w->reported_corrupt)
 		return;
 	w->reported_corrupt = 1;
-	n = snprintf(line, sizeof(line),
-		     "{\"event\":\"corrupt\",\"pid\":%d,\"proc_index\":%d,\"realtime\":%.6f,"
-		     "\"thread\":%d,\"page\":%zu,\"kind\":\"%s\",\"expect_gen\":%llu,\"found_gen\":%llu}\n",
-		     (int)getpid(), g_proc_index, now_ns(CLOCK_REALTIME) / 1e9, w->idx, i, why,
-		     (unsigned long long)g, (unsigned long long)p[2]);
-	report_raw(line, n < (int)sizeof(line) ? n : (int)sizeof(line) - 1);
+	raw_begin(&l, "corrupt");
+	raw_str(&l, ",\"thread\":");
+	raw_num(&l, (uint64_t)w->idx);
+	raw_str(&l, ",\"page\":");
+	raw_num(&l, i);
+	raw_str(&l, ",\"kind\":\"");
+	raw_str(&l, why);
+	raw_str(&l, "\",\"expect_gen\":");
+	raw_num(&l, g);
+	raw_str(&l, ",\"found_gen\":");
+	raw_num(&l, p[2]);
+	raw_report(&l);
 }
 
 static void report_begin(struct buf *b, const char *event)
@@ -776,8 +829,8 @@ static void parse_args(int argc, char **argv)
 			g_threads = atoi(v);
 		else if (!strcmp(a, "--procs"))
 			g_procs = atoi(v);
-		else if (!strcmp(a, "--report"))
-			g_report = v;
+		else if (!strcmp(a, "--report") && strlen(v) < sizeof(g_report_path))
+			g_report = strcpy(g_report_path, v);
 		else if (!strcmp(a, "--rate"))
 			g_rate = atof(v);
 		else if (!strcmp(a, "--hot"))
