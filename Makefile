@@ -3,13 +3,18 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo bench bench-full clean
+.PHONY: setup test soak demo bench bench-full clean
 
 setup:
 	@bash scripts/setup.sh
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# the randomized fault-injection soak (tests/soak.py): SOAK_N iterations,
+# SOAK_SEED to replay a run, SOAK_ONLY=I for its iteration I alone
+soak: setup
+	SOAK_N=$(SOAK_N) SOAK_SEED=$(SOAK_SEED) SOAK_ONLY=$(SOAK_ONLY) $(PY) tests/soak.py
 
 demo: setup
 	$(VENV)/bin/hybridmig demo

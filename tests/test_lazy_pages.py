@@ -65,7 +65,7 @@ def test_tree_of_three_processes(tmp_path):
 def pending_restore(tmp_path, size_mb, procs=1, delay=3.0):
     """A restored workload whose pages are mostly still pending: the daemon
     installs only on fault for `delay` seconds."""
-    wl = Workload.start(size_mb, procs=procs, rate=200)
+    wl = Workload.start(size_mb, procs=procs, rate=200, check_writes=True)
     try:
         images = dump(wl, tmp_path)
         pid, daemon = lazy_restore(images, "--eager-delay", str(delay))
