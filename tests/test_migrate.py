@@ -9,6 +9,7 @@ frozen) and intact, with nothing restored on the destination.
 """
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 from hybridmig.keys import generate_key
 from hybridmig.testing.netns import TwoHosts
 from hybridmig.testing.workload import Workload, WorkloadError
-from lazy_util import restored_alive
+from lazy_util import HYBRIDMIG_BIN, restored_alive
 from migrate_util import (
     PORT,
     BackgroundRun,
@@ -621,6 +622,92 @@ def test_destination_killed_while_installing(env):
     # segfaults within ~50 ms on it)
     assert "guard: ended the restored copy, pid %d" % copy.pid in serve.log(), serve.log()
     assert_intact(wl.verify(), 1)
+
+
+def lost_memory(wl):
+    """What any copy of wl logged about memory it was never given: a page
+    that no longer held what it last wrote there (zeros, for a page owed
+    and never installed), or a crash (a zeroed pointer)."""
+    return wl.reports("corrupt") + wl.reports("crash")
+
+
+def _kill_serve_after_restore(env, wl, delay):
+    """One migration of wl whose serve is SIGKILLed `delay` s after its
+    restore's pidfile appeared. Returns the copy that runs on: the source,
+    rolled back, or, if serve had reported and the source committed first,
+    the restored copy."""
+    pids = wl.pids()
+    serve = env.serve()
+    run = env.run_background(wl.host_pid)
+    session = wait_for(lambda: list(serve.base_dir.glob("session-*")) or not run.running(), 60, "the session")
+    pidfile = session[0] / "restore.pid"
+    wait_for(lambda: pidfile.exists() or not run.running(), 150, "the restore's pidfile", interval=0.0005)
+    time.sleep(delay)
+    serve.kill()
+    rc, rep, err = run.wait(120)
+    assert not lost_memory(wl), "%s\n%s" % (lost_memory(wl), serve.log())
+    if rc == 0 and rep and rep["result"] == "migrated":
+        wl.wait_gone(30)
+        copy = env.adopt(rep["restored_pid"], wl)
+        assert_intact(copy.verify(), 1)
+        return copy, "migrated"
+    if rep and rep.get("result") == "in doubt":
+        # serve died after telling its guard "commit", before its DONE went
+        # out: the source stays frozen (never two copies); the restored copy,
+        # which has every page (RESULT comes after the install), runs on
+        error = rep["error"]
+        criu_pid = int(error.split("hybridmig settle ")[1].split()[0])
+        env.cleanup.kill_pid_tree(criu_pid)
+        assert all(state(p) in ("t", "T") for p in pids), [state(p) for p in pids]
+        copies = restored_copies(wl, pids)
+        assert len(copies) <= 1, copies  # (one process per copy here)
+        word = "end" if copies else "resume"
+        settle = subprocess.run(
+            env.hosts.run_in(env.hosts.src) + [HYBRIDMIG_BIN, "settle", str(criu_pid), word],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert settle.returncode == 0, settle.stderr
+        if copies:
+            wl.wait_gone(30)
+            copy = env.adopt(min(copies), wl)
+            assert_intact(copy.verify(), 1)
+            return copy, "in doubt, settled: end"
+        wait_for(lambda: all(state(p) not in ("t", "T") for p in pids), 30, "the source to resume")
+        assert_intact(wl.verify(), 1)
+        return wl, "in doubt, settled: resume"
+    assert_rolled_back(env, wl, pids, rc, rep, err)
+    return wl, "rolled back"
+
+
+@pytest.mark.timeout(900)
+def test_destination_killed_at_random_after_the_restore(env):
+    """serve is SIGKILLed at a random moment (seeded, printed) after its
+    criu restore wrote the pidfile, in several tries: the copy restored there
+    must never run on a page it is still owed, whatever the moment; its
+    faults wait until the guard has ended it. The source, never committed,
+    resumes intact; if serve had reported first, the copy committed to has
+    every page. HYBRIDMIG_KILL_TRIES sets the number of tries,
+    HYBRIDMIG_KILL_SEED replays a run."""
+    seed = int(os.environ.get("HYBRIDMIG_KILL_SEED") or random.randrange(1 << 32))
+    tries = int(os.environ.get("HYBRIDMIG_KILL_TRIES") or 3)
+    print("seed %d, %d tries (HYBRIDMIG_KILL_SEED=%d replays them)" % (seed, tries, seed))
+    rng = random.Random(seed)
+    outcomes = []
+    wl = None
+    for attempt in range(tries):
+        # CRIU resumes the tasks a few ms after the pidfile; installing 512 MiB takes ~0.1-0.2 s more
+        delay = rng.uniform(0, 0.15)
+        print("try %d: serve killed %.1f ms after the pidfile appears" % (attempt, delay * 1000))
+        if wl is None:
+            wl = env.workload(512, threads=2, rate=4000, check_writes=True)
+        wl, outcome = _kill_serve_after_restore(env, wl, delay)
+        outcomes.append(outcome)
+        if outcome == "migrated":
+            wl.stop()
+            wl = None  # (the next try starts a new source)
+    print("outcomes: %s" % outcomes)
 
 
 DUMP_KILLER_WRAPPER = """#!/bin/sh

@@ -98,6 +98,7 @@ def lazy_pages(
     batch_pages,
 ):
     """Serve `criu restore --lazy-pages` from a RAM page store (drop-in for `criu lazy-pages`)."""
+    from ..destination.guard import Guard
     from ..destination.lazypages import LazyPagesDaemon
 
     work_dir = work_dir or images_dir
@@ -111,19 +112,26 @@ def lazy_pages(
         from ..criu.pageserver import PageServerSource
 
         source = PageServerSource(address, port)
-    daemon = None
+    daemon = guard = None
     try:
         if source is not None:
             source.connect()  # fail before criu restore starts, not halfway
-        daemon = LazyPagesDaemon(images_dir, work_dir, source=source, installers=installers, batch_pages=batch_pages)
+        # ends the restored tasks if this daemon dies, or fails, before every page is in
+        guard = Guard(owner="hybridmig lazy-pages")
+        daemon = LazyPagesDaemon(
+            images_dir, work_dir, source=source, installers=installers, batch_pages=batch_pages, guard=guard
+        )
         daemon.listen()
         if status_fd is not None:
             os.write(status_fd, b"\0")
             os.close(status_fd)
         stats = daemon.serve(timeout=timeout, eager_delay=eager_delay)
+        guard.finish("done")
     except HybridmigError as e:
         fail(str(e))
     finally:
+        if guard is not None:
+            guard.close()
         if daemon is not None:
             daemon.close()
     if stats_json:

@@ -13,7 +13,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -25,7 +24,7 @@ from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, c
 from ..errors import HybridmigError, ProtocolError
 from ..wire import Msg
 from .accept import Acceptor
-from .guard import end_tree
+from .guard import Guard, end_tree
 from .lazypages import LazyPagesDaemon
 
 log = logging.getLogger("hybridmig.destination.serve")
@@ -207,15 +206,11 @@ class Session:
         self.committed = False  # COMMIT came: the restored copy stays, whatever happens to the session
         self.rounds = 0
         self._restorer = None
-        # ends the restored copy if serve dies before the commit (destination/guard.py);
-        # started now, its start-up is not in the restore's time
+        # holds the restored tasks' uffds, and ends the copy if serve dies
+        # before the commit (destination/guard.py); started now, its start-up
+        # is not in the restore's time
         self.pidfile = os.path.join(self.dir, "restore.pid")
-        self._guard = subprocess.Popen(
-            [sys.executable, "-m", "hybridmig.destination.guard", self.pidfile],
-            stdin=subprocess.PIPE,
-            start_new_session=True,
-            text=True,
-        )
+        self._guard = Guard(pidfile=self.pidfile)
 
     def run(self, first=None):
         """Serve frames (`first`, then what comes) until the source commits
@@ -331,13 +326,18 @@ class Session:
             if not isinstance(criu_opts, list) or not all(isinstance(o, str) for o in criu_opts):
                 raise ProtocolError(f"RESTORE with criu_opts {str(criu_opts)[:80]}: not a list of strings")
             check_criu_opts(criu_opts, self.limits.criu_opts)
-            daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store)
+            daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store, guard=self._guard)
             daemon.listen()
             t_listening = time.monotonic()
             served = {}
-            server = threading.Thread(
-                target=lambda: served.update(stats=daemon.serve(timeout=30)), name="lazy-pages", daemon=True
-            )
+
+            def serve_pages():
+                try:
+                    served["stats"] = daemon.serve(timeout=30)
+                except Exception as e:  # noqa: BLE001 -- reported by the restore below
+                    served["error"] = e
+
+            server = threading.Thread(target=serve_pages, name="lazy-pages", daemon=True)
             server.start()
             cmd = dies_with_me(
                 [
@@ -371,7 +371,7 @@ class Session:
                 )
             server.join(self.restore_timeout)
             if server.is_alive() or "stats" not in served:
-                raise HybridmigError("the restored process's pages were not all installed")
+                raise HybridmigError("the restored process's pages were not all installed: %s" % served.get("error"))
             # (read by the daemon's thread: they can come after CRIU's exit)
             finished = min(daemon.restore_finished_at / 1e9, t_restored) if daemon.restore_finished_at else t_restored
             connected = min(daemon.connected_at / 1e9, finished) if daemon.connected_at else finished
@@ -429,22 +429,13 @@ class Session:
 
     def _tell_guard(self, word):
         """ "commit" or "release": the guard's work is over, either way."""
-        if self._guard.stdin.closed:
-            return
-        try:
-            self._guard.stdin.write(word + "\n")
-            self._guard.stdin.close()
-        except OSError as e:  # the guard is gone: serve alone ends copies now
-            log.warning("the restored copy's guard is gone: %s", e)
+        if not self._guard.finish(word):  # serve alone ends copies now
+            log.warning("the restored copy's guard is gone")
 
     def cleanup(self, keep=False):
         """At the session's end: the copy was committed, or ended."""
         self._tell_guard("release")
-        try:
-            self._guard.wait(10)
-        except subprocess.TimeoutExpired:
-            self._guard.kill()
-            self._guard.wait()
+        self._guard.wait(10)
         if keep:
             scratch.disown(self.dir)
         else:

@@ -68,7 +68,13 @@ def build_program(src: os.PathLike, name: str, dest_dir: os.PathLike | None = No
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, "-O2", "-pthread", "-Wall", "-o", tmp, str(src)], capture_output=True, text=True, timeout=120
+            # -z now: every symbol bound at start, so that a copy running on
+            # zeroed memory does not fault in the dynamic linker before it
+            # can report it (memwork's "crash" and "corrupt" lines)
+            [cc, "-O2", "-pthread", "-Wall", "-Wl,-z,now", "-o", tmp, str(src)],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if proc.returncode != 0:
             raise WorkloadError(f"building {name} failed:\n{proc.stderr}")
