@@ -53,18 +53,25 @@ def exact(s, n):
         buf += got
     return buf
 def filter_frames(src, dst):
-    authed = dropped = False
+    # The handshake's frames show their type; after AUTH_OK (2) frames are
+    # sealed, only their length shows: DONE is the destination's one frame
+    # with nothing but its type (1 byte) and the AEAD tag (16) inside.
+    sealed = dropped = False
     try:
         while True:
-            header = exact(src, 16)
-            kind, _, _, length, _ = struct.unpack("!BBHIQ", header)
-            frame = header + exact(src, length + (16 if authed else 0))
-            if kind == 2:
-                authed = True
-            if kind == 25 and not dropped:
-                dropped = True
-                print("dropped DONE", flush=True)
-                continue
+            if sealed:
+                header = exact(src, 4)
+                (length,) = struct.unpack("!I", header)
+                frame = header + exact(src, length)
+                if length == 1 + 16 and not dropped:
+                    dropped = True
+                    print("dropped DONE", flush=True)
+                    continue
+            else:
+                header = exact(src, 16)
+                kind, _, _, length, _ = struct.unpack("!BBHIQ", header)
+                frame = header + exact(src, length)
+                sealed = kind == 2
             dst.sendall(frame)
     except (EOFError, OSError):
         pass

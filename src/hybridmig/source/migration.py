@@ -97,6 +97,7 @@ class Migration:
         self.dump = None
         self.session = None  # the destination's id of this migration (HOST): asked about after a lost DONE
         self.in_doubt = False  # the source is left frozen for the operator: nothing may resume or end it
+        self.criu_died_frozen = False  # CRIU died before its verdict: the source ran on meanwhile
         self.warnings = []  # after a commit: what went wrong without undoing it
 
     # --- the steps --------------------------------------------------------------
@@ -242,7 +243,7 @@ class Migration:
             return
         self._abort_destination()
         error = (self.result or {}).get("error", "no result")
-        if self.dump.failed():
+        if self.criu_died_frozen:
             raise CriuError(f"{error}; the destination's copy was ended")
         raise HybridmigError(f"the destination did not restore the process: {error}; the source was resumed")
 
@@ -317,6 +318,7 @@ class Migration:
         failed = self.dump.failed()
         if failed:
             self.result = {"ok": False, "error": f"{failed} before the commit, letting the source run again"}
+            self.criu_died_frozen = True
         return not failed
 
     def _commit(self):
