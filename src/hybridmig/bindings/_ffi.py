@@ -2,13 +2,14 @@
 
 import os
 
-from .._native import ffi, lib  # noqa: F401  (re-exported to the binding modules)
+from .._native import ffi as ffi  # re-exported to the binding modules
+from .._native import lib as lib
 from ..errors import NativeError
 
 PAGE_SIZE = 4096
 
 
-def check(rc, origin, exc=NativeError):
+def check(rc: int, origin: str, exc: type[NativeError] = NativeError) -> int:
     """Raise `exc` for a native -errno return, psutil style; pass others through."""
     if rc < 0:
         err = OSError(-rc, f"{os.strerror(-rc)} (originated from {origin})")
@@ -16,7 +17,7 @@ def check(rc, origin, exc=NativeError):
     return rc
 
 
-def check_range(vaddr, npages):
+def check_range(vaddr: int, npages: int) -> None:
     if vaddr < 0 or vaddr % PAGE_SIZE:
         raise ValueError(f"address 0x{vaddr:x} is not page aligned")
     if npages < 0:

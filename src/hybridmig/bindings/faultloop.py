@@ -2,9 +2,11 @@
 
 import os
 import struct
+from collections.abc import Iterable
 
 from ..errors import UffdError
 from ._ffi import check, check_range, ffi, lib
+from .pagestore import PageStore
 
 _MISS = struct.Struct("=QQQqQ")
 _STATS = (
@@ -50,14 +52,14 @@ HISTOGRAMS = {
 }
 
 
-def _check(rc, origin):
+def _check(rc: int, origin: str) -> int:
     return check(rc, origin, UffdError)
 
 
 class FaultLoop:
     """A native thread serving the faults of every registered uffd from a PageStore."""
 
-    def __init__(self, store, installers=None, batch_pages=None):
+    def __init__(self, store: PageStore, installers: int | None = None, batch_pages: int | None = None) -> None:
         """installers: threads installing pages eagerly (default 2, or fewer
         CPUs); batch_pages: pages per installer ioctl (default 8)."""
         self._store = store  # the loop reads the store: keep it alive as long
@@ -71,10 +73,11 @@ class FaultLoop:
                 "hm_loop_configure",
             )
 
-    def add_task(self, uffd, key, pid, runs):
+    def add_task(self, uffd: int, key: int, pid: int, runs: Iterable[tuple[int, int]]) -> None:
         """Serve uffd (the loop owns and closes the fd from now on) for store
         task `key`, which is owed `runs`: (vaddr, npages) pairs."""
-        flat = []
+        runs = list(runs)
+        flat: list[int] = []
         for vaddr, npages in runs:
             check_range(vaddr, npages)
             flat += (vaddr, npages)
@@ -82,23 +85,23 @@ class FaultLoop:
             lib.hm_loop_add_task(self._l, uffd, key, pid, ffi.new("uint64_t[]", flat), len(runs)), "hm_loop_add_task"
         )
 
-    def start(self):
+    def start(self) -> None:
         _check(lib.hm_loop_start(self._l), "hm_loop_start")
 
-    def begin_eager(self):
+    def begin_eager(self) -> None:
         """Restore has finished: install every owed page, faults first."""
         _check(lib.hm_loop_begin_eager(self._l), "hm_loop_begin_eager")
 
-    def notify(self):
+    def notify(self) -> None:
         """New pages are in the store: retry the faults waiting for them."""
         _check(lib.hm_loop_notify(self._l), "hm_loop_notify")
 
     @property
-    def miss_fd(self):
+    def miss_fd(self) -> int:
         """Readable when a fault needs a page the store lacks (see read_misses)."""
-        return lib.hm_loop_miss_fd(self._l)
+        return int(lib.hm_loop_miss_fd(self._l))
 
-    def read_misses(self):
+    def read_misses(self) -> list[tuple[int, ...]]:
         """[(key, vaddr, npages, pid, src), ...]: pages wanted that the store
         lacks: those of images task pid at src, for store task key at vaddr."""
         try:
@@ -107,28 +110,28 @@ class FaultLoop:
             return []
         return [_MISS.unpack_from(data, i) for i in range(0, len(data) - len(data) % _MISS.size, _MISS.size)]
 
-    def wait(self, timeout):
+    def wait(self, timeout: float) -> bool:
         """True once every owed page is installed or its task exited; False on timeout."""
         return bool(_check(lib.hm_loop_wait(self._l, int(timeout * 1000)), "hm_loop_wait (fault loop)"))
 
-    def stop(self):
+    def stop(self) -> None:
         _check(lib.hm_loop_stop(self._l), "hm_loop_stop")
 
-    def stats(self):
+    def stats(self) -> dict[str, int]:
         st = ffi.new("struct hm_loop_stats *")
         lib.hm_loop_get_stats(self._l, st)
-        return {f: getattr(st, f) for f in _STATS}
+        return {f: int(getattr(st, f)) for f in _STATS}
 
-    def histograms(self):
+    def histograms(self) -> dict[str, dict[int, int]]:
         """{name: {lower bound of a bucket in ns: count}} of HISTOGRAMS, empty buckets left out."""
         counts = ffi.new("uint64_t[]", lib.HM_HIST_BUCKETS)
-        out = {}
+        out: dict[str, dict[int, int]] = {}
         for name, which in HISTOGRAMS.items():
             _check(lib.hm_loop_histogram(self._l, which, counts, lib.HM_HIST_BUCKETS), "hm_loop_histogram")
-            out[name] = {lib.hm_loop_bucket_ns(b): counts[b] for b in range(lib.HM_HIST_BUCKETS) if counts[b]}
+            out[name] = {int(lib.hm_loop_bucket_ns(b)): int(counts[b]) for b in range(lib.HM_HIST_BUCKETS) if counts[b]}
         return out
 
-    def close(self):
+    def close(self) -> None:
         """Stop the thread and close every uffd; the tasks keep what was installed."""
         if self._l is not None:
             lib.hm_loop_stop(self._l)

@@ -31,7 +31,7 @@ class LazyRun:
 
     vaddr: int
     npages: int
-    offset: int = None
+    offset: int | None = None
 
     @property
     def end(self):
@@ -101,7 +101,7 @@ def _pagemap(path):
         pos = 8
     if magic != pycriu.images.magic.by_name["PAGEMAP"]:
         raise ImageError(f"{path}: not a pagemap image (magic {magic!r})")
-    messages = []
+    messages: list = []  # pycriu pagemap entries
     while pos < len(data):
         if pos + 4 > len(data):
             raise ImageError("%s: truncated at byte %d" % (path, pos))

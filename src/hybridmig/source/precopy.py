@@ -125,7 +125,7 @@ class Sender:
     keys: dict  # host pid -> ns pid (store key)
     root: int = 0  # the tree's root: its exit is an error
     compress: bool = True
-    throttle: Throttle = None
+    throttle: Throttle | None = None
     held: dict = field(default_factory=dict)  # ns pid -> Ranges held by the destination
 
     def __post_init__(self):

@@ -226,7 +226,7 @@ class PageBatch(NamedTuple):
     each byte, for page i), data holds the other pages in order."""
 
     vaddr: int
-    data: bytes  # bytes-like (a memoryview when no page is zero)
+    data: bytes | memoryview  # a memoryview when no page is zero
     zero_bitmap: bytes
     npages: int
     nzero: int
@@ -416,13 +416,18 @@ class DirtyTracker:
                 " seccomp filter of its own); nothing was run in it",
             }
             raise NativeError(
-                e.errno, "cannot track process %d: %s%s" % (self.pid, e.strerror, hint.get(e.errno, ""))
+                e.errno, "cannot track process %d: %s%s" % (self.pid, e.strerror, hint.get(e.errno or 0, ""))
             ) from e
 
     def detach(self) -> None:
         """Stop tracking (idempotent); the target keeps running untouched."""
         self.attached = False
         self._release()
+
+    def _native(self) -> native.Tracker:
+        """The userfaultfd tracker (uffd-wp method, attached)."""
+        assert self._tracker is not None, "uffd-wp tracker used before attach()"
+        return self._tracker
 
     def _release(self):
         if self._tracker is not None:
@@ -463,7 +468,7 @@ class DirtyTracker:
             return
         for start, end in ranges:
             try:
-                self._tracker.register(start, end)
+                self._native().register(start, end)
             except NativeError:
                 self._raise_if_gone()
                 self._untracked = merge(self._untracked + [(start, end)])
@@ -576,7 +581,7 @@ class DirtyTracker:
         written: list[Range] = []
         for start, end in clip(vmas, ranges):
             try:
-                written += self._tracker.scan(start, end, protect)
+                written += self._native().scan(start, end, protect)
             except NativeError as e:
                 self._raise_if_gone()
                 if e.errno != errno.EPERM:
