@@ -15,7 +15,7 @@ setup:
 	@bash scripts/setup.sh
 
 venv:
-	@bash scripts/venv.sh test,lint
+	@bash scripts/venv.sh test,lint,bench
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

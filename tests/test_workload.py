@@ -67,6 +67,7 @@ def assert_clean(results, procs, pages):
         assert r["pages"] == pages
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("threads,procs", [(1, 1), (4, 1), (1, 3)])
 def test_clean_at_start(memwork, workdir, threads, procs):
     report = os.path.join(workdir, "report.jsonl")
@@ -98,6 +99,7 @@ def test_clean_at_start(memwork, workdir, threads, procs):
     assert len(w.reports("exit")) == procs
 
 
+@pytest.mark.root
 def test_corruption_is_detected(memwork, workdir):
     """Damage the memory of a running workload behind its back: verify must
     name exactly the damaged pages (this is what lets the other tests fail)."""
@@ -137,6 +139,7 @@ def test_corruption_is_detected(memwork, workdir):
         assert (zeroed, "not-zero") in {(d["page"], d["kind"]) for d in r["bad_detail"]}
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("procs", [1, 3])
 def test_criu_round_trip(memwork, workdir, procs):
     """Plain dump (which kills the source) and restore: every page intact,
