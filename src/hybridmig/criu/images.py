@@ -22,6 +22,7 @@ def _pycriu():
 
     return pycriu.images
 
+
 # Pagemap entry flags (criu/include/pagemap.h).
 PE_PARENT = 1 << 0
 PE_LAZY = 1 << 1
