@@ -4,7 +4,7 @@
 # light set-up of scripts/venv.sh (a venv with the package and its native module).
 VENV := .venv
 PY := $(VENV)/bin/python
-PY_SOURCES := src tests bench
+PY_SOURCES := src tests bench native
 C_SOURCES = $(wildcard native/api/*.h native/src/*.[ch])
 # the tests that need no root, no CRIU and little time (markers: pyproject.toml)
 UNIT := not root and not criu and not slow

@@ -29,6 +29,10 @@ class ProtocolError(HybridmigError, ConnectionError):
     """A peer broke a protocol: CRIU's lazy-pages socket, its page server, or hybridmig's wire."""
 
 
+class StaleNativeModule(HybridmigError, ImportError):
+    """The compiled module was built from other native sources than the tree holds."""
+
+
 class UsageError(HybridmigError, ValueError):
     """What the user asked for is malformed or not allowed (an address, an option)."""
 
