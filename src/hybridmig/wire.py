@@ -20,11 +20,11 @@ import threading
 
 import lz4.block
 
+from .bindings import PAGE_SIZE
 from .errors import ProtocolError, UsageError
 
 MAGIC = b"HMIG"
 VERSION = 1
-PAGE_SIZE = 4096
 MAC_SIZE = 16
 MAX_PAYLOAD = 64 << 20
 

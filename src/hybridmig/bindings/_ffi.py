@@ -1,15 +1,15 @@
 """Shared plumbing: the compiled module, its freshness, and errno -> exception mapping."""
 
 import importlib.util
-import os
 from pathlib import Path
 
 from .. import _native
 from .._native import ffi as ffi  # re-exported to the binding modules
 from .._native import lib as lib
-from ..errors import NativeError, StaleNativeModule
+from ..errors import NativeError, StaleNativeModule, UsageError, native_error, strerror
 
-PAGE_SIZE = 4096
+#: the page size of the native modules (native/api/pagestore.h), the one definition
+PAGE_SIZE: int = lib.HM_PAGE_SIZE
 
 #: native/ of the tree this package runs from, in an editable install
 NATIVE_SOURCES = Path(__file__).resolve().parents[3] / "native"
@@ -38,16 +38,17 @@ def check_fresh(native: Path = NATIVE_SOURCES) -> None:
 check_fresh()
 
 
-def check(rc: int, origin: str, exc: type[NativeError] = NativeError) -> int:
-    """Raise `exc` for a native -errno return, psutil style; pass others through."""
+def check(rc: int, origin: str, *, pid: int | None = None, exc: type[NativeError] = NativeError) -> int:
+    """Pass a native return value through, or raise the error of its -errno:
+    ProcessGone, AccessDenied, else `exc` (errors.native_error), naming the
+    call (`origin`) and the process it was about (`pid`)."""
     if rc < 0:
-        err = OSError(-rc, f"{os.strerror(-rc)} (originated from {origin})")
-        raise exc(err.errno, err.strerror) from err
+        raise native_error(-rc, strerror(-rc, origin), origin=origin, pid=pid, fallback=exc)
     return rc
 
 
 def check_range(vaddr: int, npages: int) -> None:
     if vaddr < 0 or vaddr % PAGE_SIZE:
-        raise ValueError(f"address 0x{vaddr:x} is not page aligned")
+        raise UsageError(f"address 0x{vaddr:x} is not page aligned")
     if npages < 0:
-        raise ValueError("negative page count %d" % npages)
+        raise UsageError("negative page count %d" % npages)

@@ -9,39 +9,21 @@ from ._ffi import check, check_range, ffi, lib
 from .pagestore import PageStore
 
 _MISS = struct.Struct("=QQQqQ")
-_STATS = (
-    "faults",
-    "faults_during_install",
-    "faults_absent",
-    "faults_blocked",
-    "pages_fault",
-    "pages_prefetch",
-    "pages_zero",
-    "bytes_copied",
-    "pages_owed",
-    "pages_waiting",
-    "tasks",
-    "tasks_exited",
-    "events_fork",
-    "events_remap",
-    "events_remove",
-    "events_unmap",
-    "events_during_install",
-    "eager_ns",
-    "done_ns",
-    "lat_p50_ns",
-    "lat_p99_ns",
-    "lat_max_ns",
-    "error",
-    "installers",
-    "batch_pages",
-    "fault_thread_rt",
-    "gate_waits",
-    "gate_same_cpu",
-    "gate_slept",
-    "installers_pinned",
-    "claims_cut",
-)
+#: the fields of struct hm_loop_stats, in its order (the header is the one definition)
+_STATS = tuple(name for name, _ in ffi.typeof("struct hm_loop_stats").fields)
+#: what a fatal error names (stats "error_op"), HM_LOOP_OP_*
+OPERATIONS = {
+    lib.HM_LOOP_OP_NONE: "the fault loop",
+    lib.HM_LOOP_OP_COPY: "UFFDIO_COPY",
+    lib.HM_LOOP_OP_ZEROPAGE: "UFFDIO_ZEROPAGE",
+    lib.HM_LOOP_OP_READ: "reading the uffd",
+    lib.HM_LOOP_OP_EPOLL: "epoll_wait",
+    lib.HM_LOOP_OP_FAULT: "serving a page fault",
+    lib.HM_LOOP_OP_FORK: "a FORK event",
+    lib.HM_LOOP_OP_REMAP: "a REMAP event",
+    lib.HM_LOOP_OP_REMOVE: "a REMOVE/UNMAP event",
+    lib.HM_LOOP_OP_SETTLE: "owing again an installer's rest",
+}
 # hm_loop_histogram's histograms, by the names the stats give them
 HISTOGRAMS = {
     "latency": lib.HM_HIST_LATENCY,
@@ -52,8 +34,8 @@ HISTOGRAMS = {
 }
 
 
-def _check(rc: int, origin: str) -> int:
-    return check(rc, origin, UffdError)
+def _check(rc: int, origin: str, pid: int | None = None) -> int:
+    return check(rc, origin, pid=pid, exc=UffdError)
 
 
 class FaultLoop:
@@ -82,7 +64,9 @@ class FaultLoop:
             check_range(vaddr, npages)
             flat += (vaddr, npages)
         _check(
-            lib.hm_loop_add_task(self._l, uffd, key, pid, ffi.new("uint64_t[]", flat), len(runs)), "hm_loop_add_task"
+            lib.hm_loop_add_task(self._l, uffd, key, pid, ffi.new("uint64_t[]", flat), len(runs)),
+            "hm_loop_add_task",
+            pid,
         )
 
     def start(self) -> None:
@@ -111,8 +95,17 @@ class FaultLoop:
         return [_MISS.unpack_from(data, i) for i in range(0, len(data) - len(data) % _MISS.size, _MISS.size)]
 
     def wait(self, timeout: float) -> bool:
-        """True once every owed page is installed or its task exited; False on timeout."""
-        return bool(_check(lib.hm_loop_wait(self._l, int(timeout * 1000)), "hm_loop_wait (fault loop)"))
+        """True once every owed page is installed or its task exited; False on
+        timeout. A fatal error of the loop is raised naming what failed: the
+        operation, the task (`.pid`) and the address."""
+        rc = lib.hm_loop_wait(self._l, int(timeout * 1000))
+        if rc < 0:
+            st = self.stats()
+            where = " at 0x%x" % st["error_addr"] if st["error_addr"] else ""
+            task = " of pid %d" % st["error_pid"] if st["error_pid"] else ""
+            origin = OPERATIONS.get(st["error_op"], "operation %d" % st["error_op"]) + where + task
+            _check(rc, origin, st["error_pid"] or None)
+        return bool(rc)
 
     def stop(self) -> None:
         _check(lib.hm_loop_stop(self._l), "hm_loop_stop")

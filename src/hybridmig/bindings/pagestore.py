@@ -2,14 +2,14 @@
 
 from typing import Any
 
-from ..errors import StoreError
+from ..errors import StoreError, UsageError
 from ._ffi import PAGE_SIZE, check, check_range, ffi, lib
 
 ABSENT, DATA, ZERO = lib.HM_PAGE_ABSENT, lib.HM_PAGE_DATA, lib.HM_PAGE_ZERO
 
 
-def _check(rc: int, origin: str) -> int:
-    return check(rc, origin, StoreError)
+def _check(rc: int, origin: str, pid: int | None = None) -> int:
+    return check(rc, origin, pid=pid, exc=StoreError)
 
 
 class PageStore:
@@ -33,7 +33,7 @@ class PageStore:
     def put(self, key: int, vaddr: int, data: bytes | bytearray | memoryview) -> None:
         """Store len(data) // 4096 pages of `data` (any buffer) at vaddr."""
         if len(data) % PAGE_SIZE:
-            raise ValueError("data length %d is not a whole number of pages" % len(data))
+            raise UsageError("data length %d is not a whole number of pages" % len(data))
         check_range(vaddr, len(data) // PAGE_SIZE)
         buf = ffi.from_buffer("uint8_t[]", data)
         _check(lib.hm_store_put(self._s, key, vaddr, buf, len(data) // PAGE_SIZE), "hm_store_put")
@@ -46,7 +46,7 @@ class PageStore:
         """Read npages pages from file descriptor fd at offset straight into the store."""
         check_range(vaddr, npages)
         if offset % PAGE_SIZE:
-            raise ValueError("file offset %d is not page aligned" % offset)
+            raise UsageError("file offset %d is not page aligned" % offset)
         _check(lib.hm_store_load_fd(self._s, key, vaddr, npages, fd, offset), "hm_store_load_fd")
 
     def invalidate(self, key: int, vaddr: int, npages: int) -> None:
@@ -86,4 +86,4 @@ class PageStore:
     def stats(self) -> dict[str, int]:
         st = ffi.new("struct hm_store_stats *")
         lib.hm_store_stats(self._s, st)
-        return {f: int(getattr(st, f)) for f in ("tasks", "chunks", "pages_data", "pages_zero", "bytes_mapped")}
+        return {f: int(getattr(st, f)) for f, _ in ffi.typeof("struct hm_store_stats").fields}

@@ -8,6 +8,7 @@ gave (ENOSYS, EPERM, ENOTTY, EOPNOTSUPP, ...) so callers can explain it.
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from ..errors import UsageError
 from ._ffi import check, ffi, lib
 
 # UFFD_FEATURE_* names in bit order (include/uapi/linux/userfaultfd.h).
@@ -95,7 +96,7 @@ def probe_uffd_open(how: int, want: Iterable[str] = ()) -> UffdInfo:
     feature names in `want`: UffdInfo, or NativeError (EINVAL: a feature is
     missing, EPERM: refused, e.g. EVENT_FORK without CAP_SYS_PTRACE)."""
     if how not in WAYS:
-        raise ValueError(f"unknown way of opening a userfaultfd: {how!r}")
+        raise UsageError(f"unknown way of opening a userfaultfd: {how!r}")
     features, ioctls = ffi.new("uint64_t *"), ffi.new("uint64_t *")
     check(lib.hm_probe_uffd_open(how, encode_features(want), features, ioctls), "hm_probe_uffd_open")
     return UffdInfo(decode_features(features[0]), features[0], decode_ioctls(ioctls[0]), WAYS[how])

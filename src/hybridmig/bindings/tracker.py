@@ -1,7 +1,8 @@
 """Dirty-page tracking and page reading of another process (native/api/tracker.h).
 
 Plain wrappers: ranges are (start, end) tuples of page-aligned addresses,
-errors are NativeError carrying the kernel's errno. Calls release the GIL.
+errors are NativeError carrying the kernel's errno (ProcessGone, AccessDenied
+by errno, with the pid). Calls release the GIL.
 """
 
 import errno
@@ -9,6 +10,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import UsageError
 from ._ffi import PAGE_SIZE, check, check_range, ffi, lib
 
 #: regions fetched per PAGEMAP_SCAN / pagemap pass; the scan goes on from
@@ -20,14 +22,14 @@ SOFT_DIRTY = 1 << lib.HM_PAGEMAP_SOFT_DIRTY_BIT
 
 def _check_pid(pid: object) -> None:
     if not isinstance(pid, int) or pid <= 0:
-        raise ValueError(f"bad pid {pid!r}")
+        raise UsageError(f"bad pid {pid!r}")
 
 
 def _check_span(start: int, end: int) -> None:
     check_range(start, 0)
     check_range(end, 0)
     if end <= start:
-        raise ValueError(f"empty range 0x{start:x}-0x{end:x}")
+        raise UsageError(f"empty range 0x{start:x}-0x{end:x}")
 
 
 _REGION = struct.Struct("=QQQ")  # struct hm_page_region
@@ -61,7 +63,7 @@ class Tracker:
     def __init__(self, pid: int) -> None:
         _check_pid(pid)
         out, stop = ffi.new("hm_tracker **"), ffi.new("uint64_t *")
-        check(lib.hm_tracker_attach(pid, out, stop), "hm_tracker_attach")
+        check(lib.hm_tracker_attach(pid, out, stop), "hm_tracker_attach", pid=pid)
         self._t = ffi.gc(out[0], lib.hm_tracker_detach)
         self._regions = ffi.new("struct hm_page_region[]", SCAN_BATCH)
         self.pid = pid
@@ -70,17 +72,17 @@ class Tracker:
 
     def _handle(self) -> Any:
         if self._t is None:
-            raise ValueError("tracker of pid %d is closed" % self.pid)
+            raise UsageError("tracker of pid %d is closed" % self.pid)
         return self._t
 
     def register(self, start: int, end: int) -> None:
         """Track [start, end) (whole VMAs), write-protected from now on."""
         _check_span(start, end)
-        check(lib.hm_tracker_register(self._handle(), start, end - start), "hm_tracker_register")
+        check(lib.hm_tracker_register(self._handle(), start, end - start), "hm_tracker_register", pid=self.pid)
 
     def unregister(self, start: int, end: int) -> None:
         _check_span(start, end)
-        check(lib.hm_tracker_unregister(self._handle(), start, end - start), "hm_tracker_unregister")
+        check(lib.hm_tracker_unregister(self._handle(), start, end - start), "hm_tracker_unregister", pid=self.pid)
 
     def scan(self, start: int, end: int, protect: bool = True) -> list[tuple[int, int]]:
         """[(start, end)] of the pages of [start, end) written since they
@@ -93,7 +95,11 @@ class Tracker:
         out: list[tuple[int, int]] = []
         at = start
         while at < end:
-            check(lib.hm_tracker_scan(t, at, end, int(protect), self._regions, SCAN_BATCH, n, nxt), "hm_tracker_scan")
+            check(
+                lib.hm_tracker_scan(t, at, end, int(protect), self._regions, SCAN_BATCH, n, nxt),
+                "hm_tracker_scan",
+                pid=self.pid,
+            )
             _append(out, self._regions, n[0])
             at = _progress(at, nxt[0], "hm_tracker_scan")
         return out
@@ -114,10 +120,10 @@ def remote_syscall(pid: int, nr: int, *args: int) -> tuple[int, int]:
     """(return value, stop ns) of system call nr(*args) run inside pid."""
     _check_pid(pid)
     if len(args) > 6:
-        raise ValueError("a system call takes at most 6 arguments")
+        raise UsageError("a system call takes at most 6 arguments")
     argv = ffi.new("int64_t[6]", list(args) + [0] * (6 - len(args)))
     ret, stop = ffi.new("int64_t *"), ffi.new("uint64_t *")
-    check(lib.hm_remote_syscall(pid, nr, argv, ret, stop), "hm_remote_syscall")
+    check(lib.hm_remote_syscall(pid, nr, argv, ret, stop), "hm_remote_syscall", pid=pid)
     return int(ret[0]), int(stop[0])
 
 
@@ -128,18 +134,18 @@ def read_pages_into(pid: int, vaddr: int, buf: bytearray | memoryview) -> tuple[
     _check_pid(pid)
     view = memoryview(buf)
     if view.readonly:
-        raise ValueError("buffer is read-only")
+        raise UsageError("buffer is read-only")
     npages = view.nbytes // PAGE_SIZE
     check_range(vaddr, npages)
     data = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
     bitmap = ffi.new("uint8_t[]", (npages + 7) // 8)
-    got = check(lib.hm_read_pages(pid, vaddr, npages, data, bitmap), "hm_read_pages")
+    got = check(lib.hm_read_pages(pid, vaddr, npages, data, bitmap), "hm_read_pages", pid=pid)
     return got, bytes(ffi.buffer(bitmap, (got + 7) // 8))
 
 
 def softdirty_clear(pid: int) -> None:
     _check_pid(pid)
-    check(lib.hm_softdirty_clear(pid), "hm_softdirty_clear")
+    check(lib.hm_softdirty_clear(pid), "hm_softdirty_clear", pid=pid)
 
 
 def softdirty_scan(pid: int, start: int, end: int) -> list[tuple[int, int]]:
@@ -151,7 +157,7 @@ def softdirty_scan(pid: int, start: int, end: int) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     at = start
     while at < end:
-        check(lib.hm_softdirty_scan(pid, at, end, regions, SCAN_BATCH, n, nxt), "hm_softdirty_scan")
+        check(lib.hm_softdirty_scan(pid, at, end, regions, SCAN_BATCH, n, nxt), "hm_softdirty_scan", pid=pid)
         _append(out, regions, n[0])
         at = _progress(at, nxt[0], "hm_softdirty_scan")
     return out
@@ -194,7 +200,7 @@ class Frozen:
     def __init__(self, pid: int) -> None:
         _check_pid(pid)
         out, threads = ffi.new("hm_frozen **"), ffi.new("uint32_t *")
-        check(lib.hm_freeze_process(pid, out, threads), "hm_freeze_process")
+        check(lib.hm_freeze_process(pid, out, threads), "hm_freeze_process", pid=pid)
         self._f = out[0]
         self.pid = pid
         self.threads = int(threads[0])
@@ -205,7 +211,7 @@ class Frozen:
             return 0
         stop = ffi.new("uint64_t *")
         f, self._f = self._f, None
-        check(lib.hm_thaw_process(f, stop), "hm_thaw_process")
+        check(lib.hm_thaw_process(f, stop), "hm_thaw_process", pid=self.pid)
         return int(stop[0])
 
     def __enter__(self) -> "Frozen":

@@ -8,11 +8,10 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from ..bindings import PAGE_SIZE
 from ..errors import ImageError
 
 _I32 = struct.Struct("<i")
-
-PAGE_SIZE = 4096
 
 
 def _pycriu():

@@ -18,15 +18,15 @@ import time
 import psutil
 
 from .. import scratch, wire
+from ..bindings import PAGE_SIZE
 from ..bindings.pagestore import PageStore
 from ..criu.command import CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
-from ..errors import HybridmigError, ProtocolError
+from ..errors import CriuError, HybridmigError, ProtocolError
 from ..wire import Msg
 from .guard import end_tree
 from .lazypages import LazyPagesDaemon
 
 log = logging.getLogger("hybridmig.destination.serve")
-PAGE_SIZE = 4096
 HANDSHAKE_TIMEOUT = 30
 # A source silent for this long (stopped, hung) ends its session, so that
 # other sources are served: longer than any step of a live one (its CRIU's
@@ -263,7 +263,7 @@ class Session:
                 self.restored_pid = int(open(self.pidfile).read().strip() or 0) or None
             if proc.returncode != 0:
                 self.kill_restored()
-                raise HybridmigError(
+                raise CriuError(
                     "criu restore failed (exit %d): %s"
                     % (proc.returncode, log_tail(os.path.join(self.images, "restore.log")))
                 )

@@ -11,19 +11,18 @@ frozen. They count in every estimate of that round; when auto-converge
 slows the tree down the tracker drops them, so that rounds show it."""
 
 import contextlib
-import errno
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 
 from .. import wire
+from ..bindings import PAGE_SIZE
 from ..bindings.ranges import Ranges
-from ..errors import NativeError
+from ..errors import ProcessGone
 from ..wire import Msg
 from .converge import slowed_down
 from .tracker import TreeTracker, read_pages
 
-PAGE_SIZE = 4096
 log = logging.getLogger("hybridmig.source.precopy")
 BATCH_PAGES = 256  # 1 MiB of pages per PAGES frame
 MAX_EXTENTS = 4096  # scattered dirty pages: one frame carries many runs
@@ -144,8 +143,8 @@ class Sender:
         exits meanwhile is skipped: it has nothing left to migrate."""
         try:
             self._send_ranges(pid, ranges, rnd)
-        except NativeError as e:
-            if e.errno != errno.ESRCH or pid == self.root:
+        except ProcessGone:
+            if pid == self.root:
                 raise
             log.info("pid %d exited during pre-copy", pid)
 
