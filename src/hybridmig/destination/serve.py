@@ -74,6 +74,7 @@ class RemotePages:
     the store; any that are not (a remote fault, which pre-copy should make
     impossible) are fetched from the frozen source over the session."""
 
+    preload = False  # a PageSource (sources.py)
     prefetch = False  # the store holds every page already: fetch only what a fault asks for
 
     def __init__(self, channel, store, timeout=60.0):

@@ -21,6 +21,7 @@ from ..bindings.ranges import Ranges
 from ..errors import ProcessGone
 from ..wire import Msg
 from .converge import slowed_down
+from .options import DEFAULTS
 from .tracker import TreeTracker, read_pages
 
 log = logging.getLogger("hybridmig.source.precopy")
@@ -188,7 +189,15 @@ class Sender:
 class PreCopy:
     """Rounds until convergence. `progress(round)` is called after each."""
 
-    def __init__(self, tracker, sender, max_rounds=30, target_downtime_ms=300.0, progress=None, converge=None):
+    def __init__(
+        self,
+        tracker,
+        sender,
+        max_rounds=DEFAULTS.max_rounds,
+        target_downtime_ms=DEFAULTS.target_downtime_ms,
+        progress=None,
+        converge=None,
+    ):
         self.tracker = tracker
         self.converge = converge  # an AutoConverge, or None
         self.sender = sender
