@@ -336,7 +336,7 @@ static void gate_close(hm_loop *l, struct task *t)
 
 		pthread_mutex_unlock(&l->lock);
 		while (__atomic_load_n(&t->copying, __ATOMIC_ACQUIRE) && now_ns() < until)
-			__builtin_ia32_pause();
+			cpu_relax();
 		lock_spinning(l);
 	}
 	/* Preempted elsewhere, or slow: sleep on them. */
@@ -1081,7 +1081,7 @@ static int wait_gates(hm_loop *l)
 	until = now_ns() + GATE_SPIN_NS;
 	pthread_mutex_unlock(&l->lock);
 	while (__atomic_load_n(&gated->gated, __ATOMIC_ACQUIRE) && now_ns() < until)
-		__builtin_ia32_pause();
+		cpu_relax();
 	pthread_mutex_lock(&l->lock);
 	return 1;
 }
