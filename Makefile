@@ -9,7 +9,7 @@ C_SOURCES = $(wildcard native/api/*.h native/src/*.[ch])
 # the tests that need no root, no CRIU and little time (markers: pyproject.toml)
 UNIT := not root and not criu and not slow
 
-.PHONY: setup venv test test-unit lint fmt demo bench bench-full clean
+.PHONY: setup venv test test-unit lint fmt soak demo bench bench-full clean
 
 setup:
 	@bash scripts/setup.sh
@@ -31,6 +31,11 @@ lint: venv
 fmt: venv
 	$(VENV)/bin/ruff format $(PY_SOURCES)
 	$(VENV)/bin/clang-format -i $(C_SOURCES)
+
+# the randomized fault-injection soak (tests/soak.py): SOAK_N iterations,
+# SOAK_SEED to replay a run, SOAK_ONLY=I for its iteration I alone
+soak: setup
+	SOAK_N=$(SOAK_N) SOAK_SEED=$(SOAK_SEED) SOAK_ONLY=$(SOAK_ONLY) $(PY) tests/soak.py
 
 demo: setup
 	$(VENV)/bin/hybridmig demo

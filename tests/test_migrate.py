@@ -622,6 +622,53 @@ def test_destination_killed_while_installing(env):
     assert_intact(wl.verify(), 1)
 
 
+DUMP_KILLER_WRAPPER = """#!/bin/sh
+# the real criu, whose dumps run one more action script: CRIU runs them in
+# the reverse order of their options, so this one runs after hybridmig's
+if [ "$1" = dump ]; then shift; exec {criu} dump --action-script {killer} "$@"; fi
+exec {criu} "$@"
+"""
+KILL_CRIU_AT_POST_DUMP = """#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] && kill -9 $PPID
+exit 0
+"""
+
+
+@pytest.mark.timeout(180)
+def test_criu_killed_after_the_commit(env, monkeypatch):
+    """The source's criu dump is SIGKILLed right after hybridmig's hook gave
+    it the commit verdict: the frozen source runs again (its tracer is gone)
+    while the destination holds its committed copy, which has every page.
+    Exactly one copy must be left: the committed one. (run used to ABORT
+    the destination while the hook's end-session child, told "commit",
+    ended the source: no copy at all.)"""
+    from hybridmig.doctor import find_criu
+
+    tools = env.new_dir("criu-killer")
+    killer = tools / "kill-criu"
+    killer.write_text(KILL_CRIU_AT_POST_DUMP)
+    wrapper = tools / "criu"
+    wrapper.write_text(DUMP_KILLER_WRAPPER.format(criu=find_criu(), killer=killer))
+    os.chmod(killer, 0o755)
+    os.chmod(wrapper, 0o755)
+
+    wl = env.workload(64, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve()
+    monkeypatch.setenv("CRIU", str(wrapper))  # run's CRIU only: serve has started
+    rc, rep, err = env.run(wl.host_pid)
+    assert rc == 0, err
+    assert rep["result"] == "migrated", rep
+    assert any("criu dump" in w for w in rep.get("warnings", [])), rep
+    wait_for(lambda: not any(psutil.pid_exists(p) and state(p) != "Z" for p in pids), 30, "the source to end")
+    assert serve.wait(60) == 0, serve.log()
+    restored = env.adopt(rep["restored_pid"], wl)
+    time.sleep(1)  # long enough for the hook's end-session child to have acted
+    assert restored.alive() and rep["restored_pid"] in restored_copies(wl, pids), restored_copies(wl, pids)
+    assert not any(psutil.pid_exists(p) and state(p) != "Z" for p in pids), "the source runs too"
+    assert_intact(restored.verify(), 1)
+
+
 @pytest.mark.timeout(180)
 def test_destination_cannot_store_images(env):
     """The destination fails to write the images at the switch-over (its

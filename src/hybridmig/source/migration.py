@@ -16,6 +16,7 @@ from .. import scratch, wire
 from ..bindings.ranges import Ranges
 from ..criu import images
 from ..criu.command import LazyDump, check_criu_opts
+from ..destination.guard import end_tree
 from ..errors import CriuError, HybridmigError, ProtocolError, SetupError
 from ..wire import Msg
 from .converge import AutoConverge
@@ -202,17 +203,34 @@ class Migration:
                 self._warn(f"could not tell the destination that the source has ended: {e}")
             return
         if verdict:
-            # CRIU failed after the commit and resumed the source: keep
-            # exactly one copy, the source.
-            self.channel.send(Msg.ABORT)
-            self._expect_done()
-            raise CriuError(self.dump.failed() or "criu dump did not finish: the source was resumed")
+            # CRIU failed (or was killed) after the commit and the source runs
+            # again. The destination's copy is the one: it took the commit
+            # holding every page. Only one side may decide, and the hook's
+            # end-session child, told "commit", ends the source too when it
+            # finds CRIU gone: so does run, never undoing a commit.
+            self._end_source()
+            self._warn(
+                "criu dump failed after the commit (%s): the source, resumed by it, was ended"
+                % (self.dump.failed() or "exit %s" % rc)
+            )
+            try:
+                self.channel.send(Msg.ENDED)
+            except ProtocolError as e:
+                self._warn(f"could not tell the destination that the source has ended: {e}")
+            return
         self._abort_destination()
         raise HybridmigError(
             "the destination did not restore the process: {}; the source was resumed".format(
                 (self.result or {}).get("error", "no result")
             )
         )
+
+    def _end_source(self):
+        """End the source tree (stopped first, by pid: psutil checks identity)."""
+        try:
+            end_tree(psutil.Process(self.pid))
+        except psutil.NoSuchProcess:
+            pass
 
     def _final(self, images_dir):
         """Tasks frozen: the last dirty pages, the pages CRIU lists that the

@@ -170,12 +170,15 @@ class Workload:
         report: os.PathLike | None = None,
         timeout: float = 60,
         binary: str | None = None,
+        check_writes: bool = False,
     ) -> Workload:
         """Start a tree of ``procs`` processes of ``size_mb`` MiB and
         ``threads`` writers each, rate-limited to ``rate`` pages/s/thread
         (0: unlimited) over the first ``hot`` percent of each writer's
         slice, in a new PID namespace, optionally inside network
-        namespace /run/netns/``netns``.  Returns once every process reported
+        namespace /run/netns/``netns``.  ``check_writes``: each writer checks
+        a page before rewriting it and reports the first wrong one
+        (``reports("corrupt")``).  Returns once every process reported
         "ready"."""
         binary = binary or build_memwork()
         owned_dir = None
@@ -215,6 +218,8 @@ class Workload:
             "--report",
             str(report),
         ]
+        if check_writes:
+            cmd += ["--check-writes", "1"]
         popen = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
