@@ -359,6 +359,7 @@ def root_criu():
 # --- real CRIU ----------------------------------------------------------------
 
 
+@pytest.mark.criu
 def test_lazy_migration_through_page_server(root_criu, migration):
     m = migration
     m.start_workload()
@@ -400,6 +401,7 @@ def test_lazy_migration_through_page_server(root_criu, migration):
     assert m.check(m.restored_pid) == "OK %d" % NPAGES
 
 
+@pytest.mark.criu
 def test_wrong_port_fails_cleanly(root_criu, migration):
     m = migration
     m.start_workload()

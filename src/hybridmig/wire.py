@@ -29,11 +29,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .bindings import PAGE_SIZE
 from .errors import ProtocolError, UsageError
 
 MAGIC = b"HMIG"
 VERSION = 2
-PAGE_SIZE = 4096
 MAC_SIZE = 16  # HMAC tag of a plaintext frame, and the AEAD tag of a sealed one
 MAX_PAYLOAD = 64 << 20
 # Pages one PAGES frame may describe, zero pages included: what a raw frame
@@ -114,8 +114,10 @@ def _session_keys(key, hello_s, hello_c_unproven, binding):
     server-to-client key, transcript hash): all of them bound to both
     nonces, to both modes and to the TLS channel."""
     transcript = hashlib.sha256(b"hybridmig handshake 2\0" + hello_s + hello_c_unproven + binding).digest()
-    okm = HKDF(hashes.SHA256(), 128, salt=hello_s[-32:] + hello_c_unproven[-32:], info=b"hybridmig keys 2" + transcript)
-    okm = okm.derive(key)
+    hkdf = HKDF(
+        hashes.SHA256(), 128, salt=hello_s[-32:] + hello_c_unproven[-32:], info=b"hybridmig keys 2" + transcript
+    )
+    okm = hkdf.derive(key)
     return okm[:32], okm[32:64], okm[64:96], okm[96:], transcript
 
 
@@ -478,8 +480,8 @@ class TlsClient:
     fingerprint of that certificate."""
 
     context: ssl.SSLContext
-    name: str = None
-    fingerprint: bytes = None
+    name: str | None = None
+    fingerprint: bytes | None = None
 
     def wrap(self, sock, peer):
         tls = self.context.wrap_socket(sock, server_hostname=self.name)

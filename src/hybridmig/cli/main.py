@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..errors import HybridmigError, InDoubtError
+from ..source.options import DEFAULTS
 
 
 @click.group()
@@ -243,18 +244,20 @@ def serve(
 @click.option("--to", required=True, help="ADDRESS:PORT of `hybridmig serve`")
 @click.option("--key-file", required=True, type=click.Path(dir_okay=False), help="shared secret, as on the destination")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-@click.option("--max-rounds", type=int, default=30, show_default=True, help="pre-copy rounds at most")
+@click.option("--max-rounds", type=int, default=DEFAULTS.max_rounds, show_default=True, help="pre-copy rounds at most")
 @click.option(
     "--target-downtime",
     type=float,
-    default=300.0,
+    default=DEFAULTS.target_downtime_ms,
     show_default=True,
     help="ms: stop pre-copy once the last transfer is estimated to fit",
 )
-@click.option("--bandwidth-limit", default="0", help="bytes/s for pre-copy, e.g. 100M (0: no limit)")
+@click.option(
+    "--bandwidth-limit", default=str(DEFAULTS.bandwidth_limit), help="bytes/s for pre-copy, e.g. 100M (0: no limit)"
+)
 @click.option(
     "--auto-converge/--no-auto-converge",
-    default=True,
+    default=DEFAULTS.auto_converge,
     show_default=True,
     help="hold the tree in ptrace stops a growing share of the time while rounds do not converge",
 )
@@ -262,11 +265,11 @@ def serve(
 @click.option(
     "--timeout",
     type=float,
-    default=120.0,
+    default=DEFAULTS.timeout,
     show_default=True,
     help="seconds for the dump, for the restore, and for any silence of the destination",
 )
-@click.option("--no-compress", is_flag=True, help="send pages without lz4")
+@click.option("--no-compress", is_flag=True, default=not DEFAULTS.compress, help="send pages without lz4")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False), help="also write the JSON report here")
 @click.option(
     "--work-dir",

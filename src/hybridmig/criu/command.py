@@ -318,6 +318,7 @@ class LazyDump:
             return None
         # CRIU complains on stderr before its log is open (bad options).
         # Not read to its end: a detached child of the hook may hold it.
+        assert self.proc.stderr is not None  # started with stderr=PIPE
         fd = self.proc.stderr.fileno()
         os.set_blocking(fd, False)
         try:

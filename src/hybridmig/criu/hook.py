@@ -120,14 +120,14 @@ def main(argv=None):
     if action not in ("pre-dump", "post-dump"):
         return 0
     criu_pid = os.getppid()  # CRIU runs its action scripts itself, and waits for them
-    path = os.environ.get(HOOK_ENV)
+    path = os.environ.get(HOOK_ENV, "")
     verdict = b""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(path)
             s.sendall(action.encode() + b"\n")
             verdict = s.recv(1)
-    except (OSError, TypeError) as e:
+    except OSError as e:
         print(f"hybridmig's CRIU hook: cannot reach hybridmig run at {path}: {e}", file=sys.stderr)
     commit = verdict == b"0"
     if action == "post-dump" and verdict == IN_DOUBT:

@@ -28,7 +28,7 @@ _TICK_S = 0.25  # how often the accept thread cuts handshakes past their deadlin
 class Acceptor:
     def __init__(self, lsock, key, tls=None, mode=wire.SEALED, deadline_s=wire.HANDSHAKE_DEADLINE_S):
         self.lsock, self.key, self.tls, self.mode, self.deadline_s = lsock, key, tls, mode, deadline_s
-        self._ready = queue.Queue(1)
+        self._ready: queue.Queue[wire.Channel] = queue.Queue(1)
         self._idle = threading.Event()  # serve waits in next_channel(): no session under way
         self._pending = {}  # socket -> deadline, oldest first
         self._lock = threading.Lock()

@@ -65,10 +65,10 @@ class Guard:
             cmd += ["--pidfile", pidfile]
         try:
             # its own session: the owner's Ctrl-C must not reach it
-            self.proc = subprocess.Popen(cmd, stdin=theirs, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdin=theirs.fileno(), start_new_session=True)
         finally:
             theirs.close()
-        self.sock = ours
+        self.sock: socket.socket | None = ours
 
     def _send(self, msg, fds=()):
         if self.sock is None:
@@ -89,9 +89,12 @@ class Guard:
         held one, a fault after our fault loop stops, in memory the copy
         zapped since, would wait for it). Raises if the guard is gone."""
         self._send(b"installed")
-        self.sock.settimeout(timeout)
+        sock = self.sock
+        if sock is None:
+            raise HybridmigError("the guard was already let go")
+        sock.settimeout(timeout)
         try:
-            answer = self.sock.recv(_MAX_MSG)
+            answer = sock.recv(_MAX_MSG)
         except OSError as e:
             answer = str(e).encode()
         if answer != b"ok":
@@ -172,7 +175,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=0)
-    held = []  # (psutil.Process or None, uffd or None) of each restored task
+    held: list = []  # (psutil.Process or None, uffd or None) of each restored task
     if _receive(sock, held):
         _let_go(held)
         return

@@ -22,7 +22,7 @@ from ..bindings.pagestore import PageStore
 from ..criu import images
 from ..errors import HybridmigError, ProtocolError, SetupError
 from .fetcher import Fetcher
-from .sources import LocalImages
+from .sources import LocalImages, PageSource
 
 SOCKET_NAME = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446  # "RSTF"
@@ -125,7 +125,7 @@ class LazyPagesDaemon:
         self.images_dir = images_dir
         self.work_dir = work_dir
         self.store = store or PageStore()
-        self.source = source or LocalImages()
+        self.source: PageSource = source or LocalImages()
         self.loop = FaultLoop(self.store, installers=installers, batch_pages=batch_pages)
         self.fetcher = Fetcher(self.store, self.loop, self.source)
         self.guard = guard  # guard.Guard: holds a duplicate of each uffd until every page is in
@@ -149,7 +149,7 @@ class LazyPagesDaemon:
         }
         for pid, task in self._images.items():
             self.source.add_task(pid, task)
-            if getattr(self.source, "preload", False):
+            if self.source.preload:
                 # Local pages images are mapped into the store, not read: a
                 # few milliseconds per GiB, spent before CRIU connects, and
                 # then no fault ever waits for a loader to reach its page.

@@ -19,16 +19,16 @@ import time
 import psutil
 
 from .. import scratch, wire
+from ..bindings import PAGE_SIZE
 from ..bindings.pagestore import PageStore
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
-from ..errors import HybridmigError, ProtocolError
+from ..errors import CriuError, HybridmigError, ProtocolError
 from ..wire import Msg
 from .accept import Acceptor
 from .guard import Guard, end_tree
 from .lazypages import LazyPagesDaemon
 
 log = logging.getLogger("hybridmig.destination.serve")
-PAGE_SIZE = 4096
 # A source silent for this long (stopped, hung) ends its session, so that
 # other sources are served: longer than any step of a live one (its CRIU's
 # dump at the switch-over is bounded by its --timeout, 120 s by default).
@@ -68,7 +68,7 @@ def default_max_memory():
 class Limits:
     """What one session may take on the destination."""
 
-    max_memory: int = None  # bytes of pages and images; None: default_max_memory() at the session's start
+    max_memory: int | None = None  # bytes of pages and images; None: default_max_memory() at the session's start
     criu_opts: frozenset = ALLOWED_CRIU_OPTS  # CRIU options a source may ask for (full long names)
 
 
@@ -118,6 +118,7 @@ class RemotePages:
     the store; any that are not (a remote fault, which pre-copy should make
     impossible) are fetched from the frozen source over the session."""
 
+    preload = False  # a PageSource (sources.py)
     prefetch = False  # the store holds every page already: fetch only what a fault asks for
 
     def __init__(self, channel, store, timeout=60.0):
@@ -365,7 +366,7 @@ class Session:
                 self.restored_pid = int(open(self.pidfile).read().strip() or 0) or None
             if proc.returncode != 0:
                 self.kill_restored()
-                raise HybridmigError(
+                raise CriuError(
                     "criu restore failed (exit %d): %s"
                     % (proc.returncode, log_tail(os.path.join(self.images, "restore.log")))
                 )

@@ -21,6 +21,7 @@ from ..destination.guard import end_tree
 from ..errors import CriuError, HybridmigError, InDoubtError, ProtocolError, SetupError
 from ..wire import Msg
 from .converge import AutoConverge
+from .options import DEFAULTS
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
 
 log = logging.getLogger("hybridmig.source.migration")
@@ -59,16 +60,16 @@ class Migration:
         pid,
         to,
         key,
-        max_rounds=30,
-        target_downtime_ms=300.0,
-        bandwidth_limit=0,
+        max_rounds=DEFAULTS.max_rounds,
+        target_downtime_ms=DEFAULTS.target_downtime_ms,
+        bandwidth_limit=DEFAULTS.bandwidth_limit,
         criu_opts=(),
         work_dir=None,
-        timeout=120.0,
+        timeout=DEFAULTS.timeout,
         progress=None,
-        compress=True,
+        compress=DEFAULTS.compress,
         tls=None,
-        auto_converge=True,
+        auto_converge=DEFAULTS.auto_converge,
         wire_mode=wire.SEALED,
     ):
         self.pid = pid

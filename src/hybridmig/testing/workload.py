@@ -29,6 +29,8 @@ from pathlib import Path
 
 import psutil
 
+from ..errors import WorkloadError
+
 # memwork.c ships as package data, so that `hybridmig demo` works from a
 # wheel too; binaries go to a cache of root's (every user of them is root).
 MEMWORK_SRC = Path(__file__).resolve().with_name("memwork.c")
@@ -42,10 +44,6 @@ FORK_VERIFY_COMM = "memwork-fv"
 CHURN_SIGNAL = signal.SIGRTMIN
 
 PR_SET_CHILD_SUBREAPER = 36
-
-
-class WorkloadError(RuntimeError):
-    """The workload did not start, died, or did not answer in time."""
 
 
 def build_program(src: os.PathLike, name: str, dest_dir: os.PathLike | None = None) -> str:
