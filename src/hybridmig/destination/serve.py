@@ -499,6 +499,8 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
             except ProtocolError as e:
                 log.warning("%s: %s", channel.peer, e)
                 channel.close()
+                if once:  # the source came, and broke before its first message (the link cut in its first frame)
+                    return "broken"
                 continue
             session = Session(channel, base_dir, keep=keep, limits=limits, session_id=session_id)
             outcomes.set(session_id, "pending")
