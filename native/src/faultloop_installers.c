@@ -145,8 +145,7 @@ static void settle(hm_loop *l, struct claim *c, int64_t n, uint64_t installed, s
 		store_release(t->st, c->addr + done * PAGE_SZ, c->npages - done, g);
 		store_task_unlock(t->st);
 	}
-	if (done < c->npages && !t->exited && hm_ranges_add(t->owed, c->addr + done * PAGE_SZ,
-							   c->addr + c->npages * PAGE_SZ))
+	if (done < c->npages && !t->exited && hm_ranges_add(t->owed, c->addr + done * PAGE_SZ, c->addr + c->npages * PAGE_SZ))
 		loop_fail(l, HM_LOOP_OP_SETTLE, t, c->addr + done * PAGE_SZ, -ENOMEM);
 	if (done < c->npages && t->cursor[c->installer] > c->addr + done * PAGE_SZ)
 		t->cursor[c->installer] = c->addr + done * PAGE_SZ; /* the rest, owed again, next */

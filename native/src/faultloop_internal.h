@@ -25,11 +25,11 @@
  * once per CLAIM_PAGES, 8 installed 4 GiB as fast as 16 (1.21-1.23 s
  * against 1.27-1.28 s, one run each) and halved the gate's p50 and p90. */
 #define BATCH_PAGES_DEFAULT 8
-#define INSTALLERS_DEFAULT 2
-#define INSTALLERS_MAX 8
+#define INSTALLERS_DEFAULT  2
+#define INSTALLERS_MAX	    8
 /* An installer with nothing to install looks again after this long: to ask
  * for pages whose data has not come, and to retry tasks held back by EAGAIN. */
-#define IDLE_ASK_MS 100
+#define IDLE_ASK_MS	 100
 #define BLOCKED_RETRY_MS 1
 /* At the gate, the fault thread spins this long before it sleeps. */
 #define GATE_SPIN_NS 40000
@@ -59,9 +59,9 @@ struct task {
 	struct store_task *st;
 	hm_ranges *owed; /* owed, and not claimed by an installer copy in flight */
 	int exited;
-	int blocked;      /* EAGAIN: the kernel has events for us to read first */
+	int blocked;	  /* EAGAIN: the kernel has events for us to read first */
 	unsigned copying; /* installer copies in flight into this task */
-	int gated;        /* the fault thread has the task: no new copies */
+	int gated;	  /* the fault thread has the task: no new copies */
 	int install_seen; /* copies were in flight when the fault thread came */
 	/* Where each installer goes on in this task. They start apart, at
 	 * equal shares of the owed pages: two installers copying next to each
@@ -100,7 +100,7 @@ struct hm_loop {
 		 * nothing else while it waits for a copy lock. */
 		pthread_mutex_t copy_lock;
 		struct task *copying; /* the task copied into, under lock */
-		int cpu; /* where it last started a copy (stats: same CPU as the fault thread?) */
+		int cpu;	      /* where it last started a copy (stats: same CPU as the fault thread?) */
 	} installers[INSTALLERS_MAX];
 	int ninstallers, batch_pages;
 	int started;
@@ -108,8 +108,8 @@ struct hm_loop {
 	/* Everything below is guarded by lock. The fault thread drops it only
 	 * in epoll_wait and at the gate; installers while they copy and wait. */
 	pthread_mutex_t lock;
-	pthread_cond_t cond;   /* done or error: hm_loop_wait */
-	pthread_cond_t work;   /* installers: there may be something to install */
+	pthread_cond_t cond; /* done or error: hm_loop_wait */
+	pthread_cond_t work; /* installers: there may be something to install */
 	struct task *tasks;
 	uint64_t next_fork_key;
 	int eager, stop, done;
@@ -123,10 +123,10 @@ struct hm_loop {
 };
 
 enum install_result {
-	INSTALLED,   /* some pages went in (or turned out to be there already) */
-	ABSENT,      /* owed, but the store does not hold the data yet */
-	BLOCKED,     /* the kernel wants its events read first (EAGAIN) */
-	GONE,        /* the task exited, or a fatal error (l->st.error) */
+	INSTALLED, /* some pages went in (or turned out to be there already) */
+	ABSENT,	   /* owed, but the store does not hold the data yet */
+	BLOCKED,   /* the kernel wants its events read first (EAGAIN) */
+	GONE,	   /* the task exited, or a fatal error (l->st.error) */
 };
 
 /* --- latency histogram: 8 sub-buckets per power of two ------------------ */
