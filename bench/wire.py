@@ -138,33 +138,31 @@ def migrate(hosts, key, work, size_mb, mode, profile=None, tag=""):
 # (innermost frame first). Source samples count only inside first_round,
 # destination samples only inside Session.run's PAGES handling and recv.
 STEPS = [
-    ("read the target's pages", ("read_pages", "read_into", "hm_read_pages")),
-    ("lz4 compress", ("lz4.block.compress", "compress (")),
-    ("lz4 decompress", ("decompress (",)),
-    ("seal / open (AES-GCM)", ("encrypt", "decrypt")),
+    ("read the target's pages", ("read_run", "read_pages", "read_into", "hm_read_pages")),
+    ("lz4 probe and compress", ("lz4_compress", "worth_it", "lz4.block.compress", "compress (")),
+    ("seal / open (AES-GCM)", ("_frame_parts", "_recv_sealed", "encrypt", "decrypt")),
     ("MAC (HMAC-SHA256)", ("_mac (", "hmac")),
-    ("socket send", ("sendall", "sendmsg", "_send_frame", "send (")),
+    ("socket send", ("sendall", "sendmsg", "_send_parts", "_send_frame", "send (")),
     ("socket recv", ("recv_into", "_recv_exact")),
-    ("store puts", ("store_pages", "put (")),
-    ("page bodies (encode/decode)", ("encode_pages", "decode_pages", "_flush", "_frame")),
+    ("store puts", ("put_pages", "store_pages", "put (")),
+    ("page bodies (head, lz4 decompress)", ("encode_pages", "decode_pages", "pages_head", "_flush", "_frame")),
 ]
 
 
-def summarize(path, within):
-    """{step: share of round 0's samples} of one py-spy raw file."""
+def summarize(paths, within):
+    """{step: share of round 0's samples} of py-spy raw files (every pair's)."""
     counts = collections.Counter()
-    try:
-        f = open(path)
-    except FileNotFoundError:
-        return {}
-    with f:
-        for line in f:
-            stack, _, n = line.rstrip().rpartition(" ")
-            if not any(w in stack for w in within):
-                continue
-            frames = stack.split(";")[::-1]
-            step = next((s for fr in frames for s, keys in STEPS if any(k in fr for k in keys)), "other")
-            counts[step] += int(n)
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            for line in f:
+                stack, _, n = line.rstrip().rpartition(" ")
+                if not any(w in stack for w in within):
+                    continue
+                frames = stack.split(";")[::-1]
+                step = next((s for fr in frames for s, keys in STEPS if any(k in fr for k in keys)), "other")
+                counts[step] += int(n)
     total = sum(counts.values()) or 1
     return {s: round(c / total, 3) for s, c in counts.most_common()} | {"samples": total}
 
@@ -215,9 +213,10 @@ def main(argv=None):
     }
     if args.profile:
         summary["profile"] = {
-            f"{side}-{m}": summarize(os.path.join(args.profile, f"{side}-{m}-{i}.txt"), within)
+            f"{side}-{m}": summarize(
+                [os.path.join(args.profile, f"{side}-{m}-{i}.txt") for i in range(args.pairs)], within
+            )
             for m in MODES
-            for i in range(args.pairs)
             for side, within in (("run", ("first_round",)), ("serve", ("Session.run", "run (hybridmig/destination")))
         }
     print(json.dumps(summary, indent=2))

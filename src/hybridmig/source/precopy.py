@@ -65,6 +65,13 @@ class Round:
     def as_dict(self):
         return asdict(self)
 
+    def ended(self, t0, cpu0):
+        """The round's time since monotonic t0 and its CPU since process_time cpu0."""
+        self.duration_s = time.monotonic() - t0
+        self.cpu_s = time.process_time() - cpu0
+        if self.duration_s > 0:
+            self.rate_mb_s = self.bytes_raw / self.duration_s / 1e6
+
 
 def track(pid, keep_hot=True):
     """The tracker pre-copy uses: hot pages kept for the final round."""
@@ -258,11 +265,9 @@ class PreCopy:
 
     def _finish(self, rnd, t0, cpu0):
         self._ack(rnd)
-        rnd.duration_s = time.monotonic() - t0
-        rnd.cpu_s = time.process_time() - cpu0
+        rnd.ended(t0, cpu0)
         if rnd.bytes_wire and rnd.duration_s > 0:
             self.bandwidth = rnd.bytes_wire / rnd.duration_s
-            rnd.rate_mb_s = rnd.bytes_raw / rnd.duration_s / 1e6
         rnd.bandwidth_bps = self.bandwidth
         self.rounds.append(rnd)
         self.progress(rnd)
@@ -357,7 +362,7 @@ class PreCopy:
             if self.converge is not None:
                 self.converge.hold_all()
             self.pending = dirty
-            rnd.duration_s = time.monotonic() - t0
+            rnd.ended(t0, cpu0)
             self.rounds.append(rnd)
             self.progress(rnd)
             return rnd, True
