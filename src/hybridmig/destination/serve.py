@@ -94,23 +94,12 @@ class Outcomes:
 
 
 def store_pages(store, key, extents, data):
-    """Put one PAGES body into the store: runs of zero pages as flags."""
+    """Put one PAGES body into the store: zero pages as flags (one native
+    call per extent)."""
     data = memoryview(data)
     off = 0
     for vaddr, npages, zero in extents:
-        i = 0
-        while i < npages:
-            is_zero = zero[i >> 3] >> (i & 7) & 1
-            j = i + 1
-            while j < npages and (zero[j >> 3] >> (j & 7) & 1) == is_zero:
-                j += 1
-            if is_zero:
-                store.put_zero(key, vaddr + i * PAGE_SIZE, j - i)
-            else:
-                n = (j - i) * PAGE_SIZE
-                store.put(key, vaddr + i * PAGE_SIZE, data[off : off + n])
-                off += n
-            i = j
+        off += store.put_pages(key, vaddr, npages, zero, data[off:])
 
 
 class RemotePages:
@@ -217,7 +206,8 @@ class Session:
         """Serve frames (`first`, then what comes) until the source commits
         or aborts; returns 'committed' or 'aborted'."""
         while True:
-            kind, payload = first or self.channel.recv()
+            # transient: each payload is done with before the next recv()
+            kind, payload = first or self.channel.recv(transient=True)
             first = None
             if kind not in self.ACCEPTS[self.state]:
                 raise ProtocolError(f"unexpected {kind.name} from the source ({self.state})")

@@ -281,11 +281,12 @@ class Migration:
             # at 4 GiB), frozen time better spent sending. run() detaches
             # once the outcome is known; if committed, the source's memory is
             # gone by then and the close costs nothing.
-            t_scanned = time.time()
+            t_scanned, t0, cpu0 = time.time(), time.monotonic(), time.process_time()
             for pid, key in self.sender.keys.items():
                 need = self._lacking(images_dir, key, dirty.get(pid, []))
                 self.sender.send_ranges(pid, need, final)
             self.times["final_sent"] = time.time()
+            final.ended(t0, cpu0)  # its send alone: no ack, the images follow
             log.info(
                 "final round: scan %.1f ms, %d pages sent in %.1f ms",
                 (t_scanned - self.times["dumped"]) * 1000,
