@@ -13,12 +13,13 @@ slows the tree down the tracker drops them, so that rounds show it."""
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .. import wire
 from ..bindings import PAGE_SIZE
 from ..bindings.ranges import Ranges
 from ..errors import ProcessGone
+from ..messages import RoundStats
 from ..wire import Msg
 from .converge import slowed_down
 from .options import DEFAULTS
@@ -30,31 +31,15 @@ MAX_EXTENTS = 4096  # scattered dirty pages: one frame carries many runs
 WORTHWHILE_MS = 5.0  # a final transfer estimated shorter than this is not worth another round
 
 
-@dataclass
-class Round:
-    number: int
-    pages_scanned: int = 0
-    pages_written: int = 0  # to send in this round (or carried to the final one)
-    pages_hot: int = 0  # also owed, left for the final round (hot pages)
-    pages_sent: int = 0
-    pages_zero: int = 0
-    bytes_raw: int = 0
-    bytes_wire: int = 0
-    duration_s: float = 0.0
-    scan_s: float = 0.0
-    dirty_rate_pps: float = 0.0
-    bandwidth_bps: float = 0.0
-    est_downtime_ms: float = 0.0
-    throttle_pct: float = 0.0  # auto-converge: share of the time the tree was held
+class Round(RoundStats):
+    """A round's stats, as ROUND carries them (messages.RoundStats: a new
+    stat goes there)."""
 
     @property
     def pages_owed(self):
         """What the destination lacks after the scan: what the final round
         would send if the rounds stopped here."""
         return self.pages_written + self.pages_hot
-
-    def as_dict(self):
-        return asdict(self)
 
 
 def track(pid, keep_hot=True):
@@ -210,7 +195,7 @@ class PreCopy:
 
     def _ack(self, rnd):
         """A round marker the destination acknowledges once all before it is stored."""
-        self.sender.channel.send(Msg.ROUND, wire.encode_round(rnd.number, rnd.as_dict()))
+        self.sender.channel.send(Msg.ROUND, rnd.encode())
         kind, payload = self.sender.channel.recv()
         if kind != Msg.ROUND_ACK or wire.decode_ack(payload)[0] != rnd.number:
             raise wire.ProtocolError("expected the ack of round %d, got %s" % (rnd.number, kind.name))
