@@ -101,7 +101,7 @@ def assert_store_equals_memory(store_session, channel, sender, vmas):
     """Every tracked page of the (frozen) source is in the destination's
     store, equal; returns how many were checked."""
     # a round marker orders the check after every page is stored
-    channel.send(wire.Msg.ROUND, wire.encode_round(99, {}))
+    channel.send(wire.Msg.ROUND, Round(99).encode())
     assert channel.recv()[0] == wire.Msg.ROUND_ACK
     store = store_session.store
     checked = 0

@@ -14,7 +14,6 @@ clear, only authenticated (HMAC-SHA256).
 import enum
 import hashlib
 import hmac
-import json
 import os
 import socket
 import ssl
@@ -56,7 +55,6 @@ _HELLO_C = struct.Struct("!4sHB32s32s")  # magic, version, mode, nonce_c, proof
 _PAGES = struct.Struct("!QHB")  # key, extents, encoding
 _EXTENT = struct.Struct("!QI")  # vaddr, npages
 _RANGE = struct.Struct("!QQQ")  # key, vaddr, npages
-_ROUND = struct.Struct("!I")
 _ACK = struct.Struct("!IQ")
 
 RAW, LZ4 = 0, 1
@@ -378,9 +376,6 @@ class Channel:
         except ProtocolError:
             pass  # the peer is gone already: nothing more to tell
 
-    def send_json(self, kind, obj):
-        self.send(kind, json.dumps(obj).encode())
-
     def close(self):
         try:
             self.sock.close()
@@ -389,6 +384,7 @@ class Channel:
 
 
 # --- message bodies -----------------------------------------------------------
+# (binary ones; the JSON bodies are in messages.py)
 
 
 def pages_head(key, extents, enc):
@@ -463,17 +459,6 @@ def decode_pages(payload):
     return key, extents, body
 
 
-def decode_json(payload):
-    """A JSON object (a dict: every JSON message is one)."""
-    try:
-        obj = json.loads(bytes(payload))
-    except (ValueError, RecursionError) as e:
-        raise ProtocolError(f"malformed JSON message: {e}") from e
-    if not isinstance(obj, dict):
-        raise ProtocolError(f"a JSON message that is no object: {str(obj)[:80]}")
-    return obj
-
-
 def encode_range(key, vaddr, npages):
     return _RANGE.pack(key, vaddr, npages)
 
@@ -488,18 +473,6 @@ def decode_range(payload):
     if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE >= 1 << 64:
         raise ProtocolError("%d pages at 0x%x of pid %d: no page range" % (npages, vaddr, key))
     return key, vaddr, npages
-
-
-def encode_round(n, stats):
-    return _ROUND.pack(n) + json.dumps(stats).encode()
-
-
-def decode_round(payload):
-    try:
-        (n,) = _ROUND.unpack_from(payload)
-    except struct.error as e:
-        raise ProtocolError("ROUND message too short") from e
-    return n, decode_json(bytes(payload[_ROUND.size :]) or b"{}")
 
 
 def encode_ack(n, pages):

@@ -13,12 +13,13 @@ slows the tree down the tracker drops them, so that rounds show it."""
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .. import wire
 from ..bindings import PAGE_SIZE
 from ..bindings.ranges import Ranges
 from ..errors import ProcessGone
+from ..messages import RoundStats
 from ..wire import Msg
 from .converge import slowed_down
 from .options import DEFAULTS
@@ -29,41 +30,15 @@ FRAME_PAGES = 256  # pages per PAGES frame (1 MiB), zero pages included; scatter
 WORTHWHILE_MS = 5.0  # a final transfer estimated shorter than this is not worth another round
 
 
-@dataclass
-class Round:
-    number: int
-    pages_scanned: int = 0
-    pages_written: int = 0  # to send in this round (or carried to the final one)
-    pages_hot: int = 0  # also owed, left for the final round (hot pages)
-    pages_sent: int = 0
-    pages_zero: int = 0
-    bytes_raw: int = 0
-    bytes_wire: int = 0
-    frames: int = 0  # PAGES frames sent
-    frames_lz4: int = 0  # of them, lz4-compressed (the others failed the probe or did not shrink)
-    duration_s: float = 0.0
-    rate_mb_s: float = 0.0  # bytes_raw over duration_s
-    # where duration_s went (the rest: scans' bookkeeping, throttling)
-    scan_s: float = 0.0
-    read_s: float = 0.0  # reading the tasks' pages (process_vm_readv, zero pages)
-    encode_s: float = 0.0  # the lz4 probe and compression, frame heads
-    seal_s: float = 0.0  # sealing (or MACing) the frames
-    send_s: float = 0.0  # in the socket: the link's pace, or the destination's
-    ack_s: float = 0.0  # waiting for the destination to store the round
-    cpu_s: float = 0.0  # the source's CPU time (all of run's threads) during the round
-    dirty_rate_pps: float = 0.0
-    bandwidth_bps: float = 0.0
-    est_downtime_ms: float = 0.0
-    throttle_pct: float = 0.0  # auto-converge: share of the time the tree was held
+class Round(RoundStats):
+    """A round's stats, as ROUND carries them (messages.RoundStats: a new
+    stat goes there)."""
 
     @property
     def pages_owed(self):
         """What the destination lacks after the scan: what the final round
         would send if the rounds stopped here."""
         return self.pages_written + self.pages_hot
-
-    def as_dict(self):
-        return asdict(self)
 
     def ended(self, t0, cpu0):
         """The round's time since monotonic t0 and its CPU since process_time cpu0."""
@@ -257,7 +232,7 @@ class PreCopy:
     def _ack(self, rnd):
         """A round marker the destination acknowledges once all before it is stored."""
         t = time.perf_counter()
-        self.sender.channel.send(Msg.ROUND, wire.encode_round(rnd.number, rnd.as_dict()))
+        self.sender.channel.send(Msg.ROUND, rnd.encode())
         kind, payload = self.sender.channel.recv()
         if kind != Msg.ROUND_ACK or wire.decode_ack(payload)[0] != rnd.number:
             raise wire.ProtocolError("expected the ack of round %d, got %s" % (rnd.number, kind.name))
