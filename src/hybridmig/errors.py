@@ -78,6 +78,10 @@ class ProtocolError(HybridmigError, ConnectionError):
     """A peer broke a protocol: CRIU's lazy-pages socket, its page server, or hybridmig's wire."""
 
 
+class PeerClosed(ProtocolError):
+    """The peer closed the connection (as opposed to going silent or away)."""
+
+
 class StaleNativeModule(HybridmigError, ImportError):
     """The compiled module was built from other native sources than the tree holds."""
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .bindings import PAGE_SIZE
-from .errors import ProtocolError, UsageError
+from .errors import PeerClosed, ProtocolError, UsageError
 
 MAGIC = b"HMIG"
 VERSION = 2
@@ -316,7 +316,7 @@ class Channel:
             except OSError as e:
                 raise ProtocolError(f"connection to {self.peer} lost: {e}") from e
             if r == 0:
-                raise ProtocolError(f"{self.peer} closed the connection")
+                raise PeerClosed(f"{self.peer} closed the connection")
             got += r
         return view if scratch is not None else view.obj
 

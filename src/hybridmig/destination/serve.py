@@ -22,7 +22,7 @@ from .. import scratch, wire
 from ..bindings import PAGE_SIZE
 from ..bindings.pagestore import PageStore
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
-from ..errors import CriuError, HybridmigError, ProtocolError
+from ..errors import CriuError, HybridmigError, PeerClosed, ProtocolError
 from ..messages import Host, Outcome, OutcomeQuery, Restore, Result, RoundStats
 from ..proctree import end_tree
 from ..wire import Msg
@@ -481,7 +481,10 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
             except ProtocolError as e:
                 log.warning("%s: %s", channel.peer, e)
                 channel.close()
-                if once:  # the source came, and broke before its first message (the link cut in its first frame)
+                if once and not isinstance(e, PeerClosed):
+                    # the source came and broke in its first frame (the link
+                    # cut); one that closed at once (a run refusing itself
+                    # on HOST's allowlist) migrated nothing: serve waits on
                     return "broken"
                 continue
             session = Session(channel, base_dir, keep=keep, limits=limits, session_id=session_id)
