@@ -15,7 +15,7 @@ import psutil
 from .. import scratch, wire
 from ..bindings.ranges import Ranges
 from ..criu import images
-from ..criu.command import LazyDump, check_criu_opts
+from ..criu.command import LazyDump, check_criu_opts, dump_phases
 from ..errors import CriuError, HybridmigError, ProtocolError, SetupError
 from ..wire import Msg
 from .converge import AutoConverge
@@ -83,6 +83,7 @@ class Migration:
         self.rounds = []
         self.final = Round(-1)
         self.remote_faults = 0
+        self.criu_phases = {}
         self.result = None
         self.channel = None
         self.tracker = None
@@ -188,6 +189,8 @@ class Migration:
         with conn:
             verdict = self._final(images_dir) and self._commit()
             conn.sendall(b"0" if verdict else b"1")
+        # read once the tree is no longer held on it
+        self.criu_phases = dump_phases(self.dump.log)
         rc = self.dump.wait(self.timeout)
         self.times["source_done"] = time.time()
         if verdict and (rc == 0 or rc is None or not alive(self.pid)):
@@ -382,6 +385,16 @@ class Migration:
             "rounds": rounds,
             "downtime_ms": downtime,
             "breakdown": breakdown,
+            # freeze_to_dumped_ms as CRIU's own log splits it (seize, network
+            # lock, namespaces, vmas, parasite, pagemap, page_pipes, images);
+            # the rest is CRIU's hooks and our answers to them
+            "criu_dump_phases_ms": dict(
+                self.criu_phases,
+                hooks_and_rest=breakdown["freeze_to_dumped_ms"] - sum(self.criu_phases.values()),
+            )
+            if self.criu_phases
+            else {},
+            "criu_lazy_pages_in_place": self.dump.in_place,
             "bytes_sent": self.channel.bytes_sent,
             "remote_faults": self.remote_faults,
             "attach_stop_ms": t.get("attach_stop_ms"),
