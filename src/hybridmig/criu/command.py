@@ -88,14 +88,16 @@ def log_tail(path, errors=8, tail=6):
 # The phases of CRIU's dump, from the lines of its -v3 log that begin them;
 # each phase runs until the next one begins (dump_phases()).
 DUMP_PHASE_MARKS = (
-    ("Dumping processes (pid", "seize"),  # inventory, freezing and seizing the tree
+    ("Dumping processes (pid", ""),  # then the pre-dump hook: not CRIU's time
+    ("irmap: Searching irmap cache", "seize"),  # the first line after it; plugins, inventory, seizing the tree
+    ("Preparing image inventory", "seize"),
     ("net: Lock network", "network_lock"),  # until the next line
     ("Dumping task (pid", "task"),  # per task: its stat, then
     ("Collecting mappings", "vmas"),  # /proc/PID/smaps: grows with the memory (it counts pages)
     ("Collected, longest area", "parasite"),  # fds, parasite injection, files
     ("Dumping pages (type", "pagemap"),  # the pagemap walk, per VMA ("Pagemap generated")
     ("Dumping core (pid", "images"),  # core, mm, namespaces, files: everything but memory
-    ("Running post-dump scripts", None),  # the end
+    ("Writing image inventory", None),  # the end: next come the post-dump hook and the page server
 )
 
 
@@ -106,7 +108,7 @@ _LOG_TIME = re.compile(r"\((\d+\.\d+)\) ")
 
 def dump_phases(log_path):
     """{phase: ms} of a CRIU dump from its log at -v3 (DUMP_PHASE_MARKS),
-    the time from the tree's seizing to the post-dump hook; "page_pipes" is
+    the time from the tree's seizing to the last image; "page_pipes" is
     the memory pass after the last VMA's pagemap (vmsplicing the pages into
     page pipes, the pagemap image). Empty if the log says too little (a log
     level under -v3, a dump that did not reach post-dump)."""
@@ -138,7 +140,7 @@ def dump_phases(log_path):
             if text.startswith(mark):
                 if name is None:
                     return {k: round(v, 2) for k, v in phases.items()}
-                phase = name
+                phase = name or None
                 break
     return {}
 
