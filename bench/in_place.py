@@ -17,6 +17,7 @@ OUT/results.json, OUT/results.md (also printed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from hybridmig.testing.workload import become_subreaper
 
 from . import lazy_pages
 from .precopy import one_migration
+from .research import PipeMaxSize
 
 KEYS = ("downtime_ms", "freeze_to_dumped_ms")
 PHASES = ("seize", "namespaces", "vmas", "parasite", "pagemap", "page_pipes", "images", "hooks_and_rest")
@@ -103,6 +105,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=float, default=2000)
     ap.add_argument("--link", default="10gbit")
     ap.add_argument("--out", default="bench-in-place")
+    ap.add_argument(
+        "--pipe-max-size",
+        action="store_true",
+        help="raise fs.pipe-max-size to 4 MiB for the run, as `hybridmig bench` does (CRIU's page pipes "
+        "are then 4 MiB, not 1: a quarter of the pipes)",
+    )
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     out = Path(args.out)
@@ -113,11 +121,16 @@ def main(argv=None) -> int:
     results = []
     doc = {"machine": lazy_pages.machine_info(), "args": vars(args), "results": results}
     saved = os.environ.get("CRIU")
+    pipes = PipeMaxSize() if args.pipe_max_size else contextlib.nullcontext()
     try:
+        pipes.__enter__()
+        doc["pipe_max_size"] = Path("/proc/sys/fs/pipe-max-size").read_text().strip()
         for pair in range(args.pairs):
             order = ("before", "after") if pair % 2 == 0 else ("after", "before")
             for size in sizes:
                 for variant in order:
+                    if args.pipe_max_size:
+                        pipes.ensure()
                     os.environ["CRIU"] = getattr(args, variant)
                     t = time.monotonic()
                     rec = one_migration(size, args.rate, tmp_root, logs, 600, link=args.link)
@@ -135,6 +148,7 @@ def main(argv=None) -> int:
                     )
                     (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
     finally:
+        pipes.__exit__(None, None, None)
         if saved is None:
             os.environ.pop("CRIU", None)
         else:
