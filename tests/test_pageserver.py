@@ -362,6 +362,7 @@ def root_criu():
 # --- real CRIU ----------------------------------------------------------------
 
 
+@pytest.mark.criu
 @pytest.mark.parametrize("in_place", [False, True], ids=["pipes", "in-place"])
 def test_lazy_migration_through_page_server(root_criu, migration, in_place):
     """in-place: CRIU's --lazy-pages-in-place (scripts/criu-patches/0002)
@@ -415,6 +416,7 @@ def test_lazy_migration_through_page_server(root_criu, migration, in_place):
     assert m.check(m.restored_pid) == "OK %d" % NPAGES
 
 
+@pytest.mark.criu
 def test_wrong_port_fails_cleanly(root_criu, migration):
     m = migration
     m.start_workload()
