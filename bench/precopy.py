@@ -465,7 +465,7 @@ def wait_log(path: Path, needle: str, proc: subprocess.Popen, timeout: float):
     raise RuntimeError(f"serve did not listen within {timeout}s")
 
 
-def one_migration(size_mb: int, rate: float, tmp_root: Path, logs: Path, timeout: float) -> dict:
+def one_migration(size_mb: int, rate: float, tmp_root: Path, logs: Path, timeout: float, link: str = "1gbit") -> dict:
     rec = {"size_mb": size_mb, "rate": rate, "threads": 1}
     tag = "%dM-r%d" % (size_mb, rate)
     work = Path(tempfile.mkdtemp(prefix=f"pc-{tag}-", dir=str(tmp_root)))
@@ -487,9 +487,9 @@ def one_migration(size_mb: int, rate: float, tmp_root: Path, logs: Path, timeout
         generate_key(key)
         serve_dir = work / "serve"
         serve_dir.mkdir()
-        with TwoHosts(prefix="pc", rate="1gbit") as h, contextlib.ExitStack() as stack:
+        with TwoHosts(prefix="pc", rate=link) as h, contextlib.ExitStack() as stack:
             stack.callback(cleanup)  # processes end before the namespaces go
-            rec["link"] = f"veth {h.src} <-> {h.dst}, tbf 1gbit burst 256kb latency 50ms"
+            rec["link"] = f"veth {h.src} <-> {h.dst}, tbf {link}"
             serve_log = logs / (f"serve-{tag}.log")
             with open(serve_log, "w") as slog:
                 listen = "%s:%d" % (h.dst_addr, PORT)
@@ -568,6 +568,8 @@ def one_migration(size_mb: int, rate: float, tmp_root: Path, logs: Path, timeout
                         "bytes_per_workload_byte": rep["bytes_sent"] / (size_mb << 20),
                         "downtime_ms": rep["downtime_ms"],
                         "breakdown": rep["breakdown"],
+                        "criu_dump_phases_ms": rep.get("criu_dump_phases_ms"),
+                        "criu_lazy_pages_in_place": rep.get("criu_lazy_pages_in_place"),
                         "remote_faults": rep["remote_faults"],
                         "precopy_s": rep["precopy_s"],
                         "attach_stop_ms": rep["attach_stop_ms"],

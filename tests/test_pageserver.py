@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from hybridmig import doctor
+
 REPO = Path(__file__).resolve().parent.parent
 HYBRIDMIG = REPO / ".venv" / "bin" / "hybridmig"
 PIPE_MAX_SIZE = 4194304  # CRIU's page server tee()s up to 4 MiB (PIPE_MAX_SIZE pages)
@@ -240,7 +242,7 @@ class Migration:
         assert self.unshare.poll() is None, f"the workload died: {self.results()}"
         assert self.check(self.host_pid) == "OK %d" % NPAGES  # sanity before the dump
 
-    def start_lazy_dump(self):
+    def start_lazy_dump(self, *extra):
         self.dump = subprocess.Popen(
             [
                 _criu(),
@@ -257,6 +259,7 @@ class Migration:
                 "-o",
                 "dump.log",
                 "-v4",
+                *extra,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -360,10 +363,16 @@ def root_criu():
 
 
 @pytest.mark.criu
-def test_lazy_migration_through_page_server(root_criu, migration):
+@pytest.mark.parametrize("in_place", [False, True], ids=["pipes", "in-place"])
+def test_lazy_migration_through_page_server(root_criu, migration, in_place):
+    """in-place: CRIU's --lazy-pages-in-place (scripts/criu-patches/0002)
+    copies no lazy page at the dump; its page server reads every page asked
+    for from the frozen task's memory."""
     m = migration
+    if in_place and not doctor.check_criu_lazy_in_place().ok:
+        pytest.skip("this CRIU lacks --lazy-pages-in-place (scripts/criu-patches/0002)")
     m.start_workload()
-    m.start_lazy_dump()
+    m.start_lazy_dump(*(["--lazy-pages-in-place"] if in_place else []))
     m.start_daemon(m.port)
 
     r = m.restore()
@@ -389,6 +398,12 @@ def test_lazy_migration_through_page_server(root_criu, migration):
     assert rc == 0, "criu dump --lazy-pages exited %d:\n%s" % (rc, _log_tail(m.images / "dump.log"))
     dump_log = (m.images / "dump.log").read_text(errors="replace")
     assert "Lazy pages transfer finished successfully" in dump_log
+    # the parasite drained no lazy page-pipe buffer (-v4 logs each one it drains: "PPB: N pages")
+    drained = sum(int(line.split("PPB: ")[1].split()[0]) for line in dump_log.splitlines() if "PPB: " in line)
+    if in_place:
+        assert drained < NPAGES // 10, drained  # pages that are never lazy: file-backed data, stacks
+    else:
+        assert drained >= NPAGES // 2, drained
 
     stats = json.loads(m.stats.read_text())
     written = NPAGES - len(range(3, NPAGES, 7))

@@ -3,6 +3,7 @@ switch-over with its post-dump hook."""
 
 import functools
 import os
+import re
 import select
 import shutil
 import socket
@@ -62,6 +63,8 @@ CRIU_LONG_OPTS = {
     "skip-file-rwx-check": NO, "no-skip-file-rwx-check": NO, "lsm-mount-context": REQUIRED, "network-lock": REQUIRED,
     "mntns-compat-mode": NO, "no-mntns-compat-mode": NO, "unprivileged": NO, "no-unprivileged": NO,
     "ghost-fiemap": NO, "no-ghost-fiemap": NO, "allow-uprobes": NO, "no-allow-uprobes": NO,
+    # scripts/criu-patches/0002
+    "lazy-pages-in-place": NO, "no-lazy-pages-in-place": NO,
 }  # fmt: skip
 # short_opts "dSsRt:hD:o:v::x::Vr:jJ:lW:L:M:": the long option each letter is
 CRIU_SHORT_OPTS = {
@@ -80,13 +83,16 @@ ALLOWED_CRIU_OPTS = frozenset(
     {"tcp-established", "tcp-close", "skip-in-flight", "ext-unix-sk", "shell-job", "file-locks", "link-remap"}
     | {"no-tcp-established", "no-tcp-close", "no-skip-in-flight", "no-shell-job", "no-file-locks", "no-link-remap"}
     | {"verbosity"}
+    # the switch-over's dump as CRIU does it without hybridmig (in_place_opts);
+    # a restore ignores it (0002)
+    | {"no-lazy-pages-in-place"}
 )
 # Never allowed, whatever serve allows: the second copy they would leave on
 # the source after a commit, or what hybridmig sets itself.
 _SECOND_COPY = {"leave-running", "leave-stopped"}
 _SET_BY_HYBRIDMIG = {
     "tree", "images-dir", "work-dir", "log-file", "restore-detached", "lazy-pages", "page-server", "address",
-    "port", "ps-socket", "action-script", "pidfile", "track-mem", "prev-images-dir",
+    "port", "ps-socket", "action-script", "pidfile", "track-mem", "prev-images-dir", "lazy-pages-in-place",
 }  # fmt: skip
 
 
@@ -209,6 +215,66 @@ def log_tail(path, errors=8, tail=6):
     return "\n  ".join([""] + picked)
 
 
+# The phases of CRIU's dump, from the lines of its -v3 log that begin them;
+# each phase runs until the next one begins (dump_phases()).
+DUMP_PHASE_MARKS = (
+    ("Dumping processes (pid", ""),  # then the pre-dump hook: not CRIU's time
+    ("irmap: Searching irmap cache", "seize"),  # the first line after it; plugins, inventory, seizing the tree
+    ("Preparing image inventory", "seize"),
+    ("net: Lock network", "network_lock"),  # until the next line
+    ("Dumping task (pid", "task"),  # per task: its stat, then
+    ("Collecting mappings", "vmas"),  # /proc/PID/smaps: grows with the memory (it counts pages)
+    ("Collected, longest area", "parasite"),  # fds, parasite injection, files
+    ("Dumping pages (type", "pagemap"),  # the pagemap walk, per VMA ("Pagemap generated")
+    ("Dumping core (pid", "images"),  # core, mm, namespaces, files: everything but memory
+    ("Writing image inventory", None),  # the end: next come the post-dump hook and the page server
+)
+
+
+# lines of the pagemap walk: "Pagemap generated" (one per VMA at -v3), and at -v4 its page-pipe set-up
+_WALK_LINES = ("Pagemap generated", "pagemap-cache:", "page-pipe: Add iov", "page-pipe: Will grow", "page-pipe: Grow")
+_LOG_TIME = re.compile(r"\((\d+\.\d+)\) ")
+
+
+def dump_phases(log_path):
+    """{phase: ms} of a CRIU dump from its log at -v3 (DUMP_PHASE_MARKS),
+    the time from the tree's seizing to the last image; "page_pipes" is
+    the memory pass after the last VMA's pagemap (vmsplicing the pages into
+    page pipes, the pagemap image). Empty if the log says too little (a log
+    level under -v3, a dump that did not reach post-dump)."""
+    phases = {}
+    phase = None
+    prev = None
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        m = _LOG_TIME.match(line)
+        if not m:
+            continue  # the parasite's lines, continuation lines
+        t = float(m.group(1)) * 1000
+        text = line[m.end() :]
+        walk = text.startswith(_WALK_LINES)
+        if phase is not None and prev is not None:
+            # a VMA's pagemap line ends time spent on the pagemap walk
+            charged = "pagemap" if walk and phase in ("pagemap", "page_pipes") else phase
+            phases[charged] = phases.get(charged, 0.0) + t - prev
+        prev = t
+        if text.startswith("Pagemap generated"):
+            phase = "page_pipes"
+        elif phase == "network_lock":
+            phase = "namespaces"
+        for mark, name in DUMP_PHASE_MARKS:
+            if text.startswith(mark):
+                if name is None:
+                    return {k: round(v, 2) for k, v in phases.items()}
+                phase = name or None
+                break
+    return {}
+
+
 def write_hook(directory):
     """The action script CRIU runs, written into ``directory``: hook.py run
     by this interpreter with -S (no site-packages: it starts while the tasks
@@ -221,6 +287,15 @@ def write_hook(directory):
         )
     os.chmod(path, 0o700)
     return path
+
+
+def in_place_opts():
+    """["--lazy-pages-in-place"] if this CRIU has it (scripts/criu-patches/0002):
+    the dump then leaves every lazy page in the frozen tree's memory instead
+    of vmsplicing them all into page pipes while the tree is frozen (the
+    destination holds them from pre-copy; one it lacks is read from the
+    frozen tree on request). `--criu-opt=--no-lazy-pages-in-place` undoes it."""
+    return ["--lazy-pages-in-place"] if doctor.check_criu_lazy_in_place().ok else []
 
 
 class LazyDump:
@@ -264,8 +339,11 @@ class LazyDump:
             "-o",
             "dump.log",
             CRIU_LOG_LEVEL,
+            *in_place_opts(),
             *criu_opts,
         ]
+        # whether the dump leaves lazy pages in place (CRIU takes the last of the pair)
+        self.in_place = [o for o in cmd if o.endswith("-lazy-pages-in-place")][-1:] == ["--lazy-pages-in-place"]
         env = dict(os.environ, **{HOOK_ENV: hook_sock})
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True

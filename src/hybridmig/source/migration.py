@@ -15,7 +15,7 @@ import psutil
 from .. import scratch, wire
 from ..bindings.ranges import Ranges
 from ..criu import images
-from ..criu.command import CRIU_LONG_OPTS, LazyDump, check_criu_opts
+from ..criu.command import CRIU_LONG_OPTS, LazyDump, check_criu_opts, dump_phases
 from ..criu.hook import IN_DOUBT
 from ..errors import CriuError, HybridmigError, InDoubtError, ProtocolError, SetupError
 from ..messages import Host, Outcome, OutcomeQuery, Restore, Result
@@ -92,6 +92,7 @@ class Migration:
         self.rounds = []
         self.final = Round(-1)
         self.remote_faults = 0
+        self.criu_phases = {}
         self.result = None  # the destination's RESULT (a Result), or why there is none
         self.channel = None
         self.images_dir = None
@@ -206,6 +207,8 @@ class Migration:
             verdict = self._final(images_dir) and self._source_still_frozen() and self._commit()
             self.in_doubt = verdict is None
             conn.sendall(IN_DOUBT if self.in_doubt else b"0" if verdict else b"1")
+        # read once the tree is no longer held on it
+        self.criu_phases = dump_phases(self.dump.log)
         if self.in_doubt:
             raise InDoubtError(
                 "the destination did not answer the commit, and could not be asked what it did within %ss: "
@@ -480,6 +483,16 @@ class Migration:
             "rounds": rounds,
             "downtime_ms": downtime,
             "breakdown": breakdown,
+            # freeze_to_dumped_ms as CRIU's own log splits it (seize, network
+            # lock, namespaces, vmas, parasite, pagemap, page_pipes, images);
+            # the rest is CRIU's hooks and our answers to them
+            "criu_dump_phases_ms": dict(
+                self.criu_phases,
+                hooks_and_rest=breakdown["freeze_to_dumped_ms"] - sum(self.criu_phases.values()),
+            )
+            if self.criu_phases
+            else {},
+            "criu_lazy_pages_in_place": self.dump.in_place,
             "bytes_sent": self.channel.bytes_sent,
             "remote_faults": self.remote_faults,
             "attach_stop_ms": t.get("attach_stop_ms"),
