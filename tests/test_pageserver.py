@@ -29,7 +29,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 HYBRIDMIG = REPO / ".venv" / "bin" / "hybridmig"
-PIPE_MAX_SIZE = 4194304  # CRIU's page server tee()s up to 4 MiB (PIPE_MAX_SIZE pages)
 NPAGES = 6000  # the pattern region: 23.4 MiB, not a multiple of 2 MiB
 SEED = 0x5EED
 PAGE = 4096
@@ -179,21 +178,6 @@ def subreaper():
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-
-
-@pytest.fixture(scope="module")
-def pipe_max_size():
-    """CRIU's page server needs pipes of 4 MiB; root without CAP_SYS_RESOURCE
-    cannot exceed fs.pipe-max-size. Raised for the tests, then restored."""
-    path = "/proc/sys/fs/pipe-max-size"
-    old = int(Path(path).read_text())
-    if old < PIPE_MAX_SIZE:
-        Path(path).write_text(str(PIPE_MAX_SIZE))
-    try:
-        yield
-    finally:
-        if old < PIPE_MAX_SIZE:
-            Path(path).write_text(str(old))
 
 
 class Migration:
