@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -15,6 +16,7 @@ from hybridmig.testing.rootfs import MEMWORK_IN_ROOTFS, REPORT_DIR_IN_ROOTFS, bu
 from hybridmig.testing.workload import Workload
 
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
+CGROUP_ROOT = "/sys/fs/cgroup"  # v1 here: one tree per controller
 
 
 def need_runc():
@@ -24,6 +26,35 @@ def need_runc():
     if not Path("/bin/busybox").exists():
         return "busybox-static is not installed"
     return None
+
+
+def kill_cgroup(name: str, timeout: float = 10):
+    """SIGKILL, by pid, whatever is left in the cgroups runc made for
+    container `name` (a CRIU or a task a failed restore left behind), then
+    remove those cgroups."""
+    dirs = [p for p in Path(CGROUP_ROOT).glob(f"*/{name}") if p.is_dir()]
+    dirs += [p for p in Path(CGROUP_ROOT).glob(f"memory/**/{name}") if p.is_dir()]
+    deadline = time.monotonic() + timeout
+    for d in dirs:
+        while True:
+            try:
+                pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+            except FileNotFoundError:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
 
 class RuncBundle:
@@ -123,6 +154,12 @@ class RuncBundle:
     def close(self):
         for name in self.names:
             self.runc("delete", "--force", name)
+            kill_cgroup(name)
         for fd in self._pipes:
             os.close(fd)
+        # a restore that failed may leave CRIU's root yard mounted in the state dir
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split()[4] for line in f]
+        for mount in sorted((m for m in mounts if m.startswith(str(self.dir) + "/")), reverse=True):
+            subprocess.run(["umount", "-l", mount], timeout=30)
         shutil.rmtree(self.dir, ignore_errors=True)
