@@ -42,47 +42,89 @@ def abort_page_server(port):
     src.abort()
 
 
-def test_runc_lazy_migration_through_hybridmig_lazy_pages(bundle, tmp_path):
-    source = bundle.start("hm-lazy-src")
-    assert all(r["bad"] == 0 for r in source.verify())
-    images, work = tmp_path / "images", tmp_path / "work"
-    images.mkdir()
-    work.mkdir()
-    port = free_port()
-    status_r, status_w = os.pipe()  # runc wants its --status-fd write-only
-    checkpoint = subprocess.Popen(
-        [RUNC, "--root", str(bundle.state), "checkpoint", "--lazy-pages", "--page-server", f"127.0.0.1:{port}"]
-        + ["--status-fd", str(status_w), "--image-path", str(images), "--work-path", str(work), "hm-lazy-src"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        pass_fds=(status_w,),
-        text=True,
-    )
-    os.close(status_w)
-    daemon = None
-    try:
-        # the page server is up once CRIU writes its status byte
-        ready = select.select([status_r], [], [], 60)[0] and os.read(status_r, 1)
-        assert ready, "runc checkpoint --lazy-pages never reported its page server ready: " + checkpoint.stderr.read()
-        daemon = LazyDaemon(images, "--page-server", "--address", "127.0.0.1", "--port", str(port), log_dir=tmp_path)
-        assert daemon.wait_listening(), daemon.output()
-        # CRIU finds the daemon's socket in its work dir: the images dir here
-        restore = bundle.detached(
-            "hm-lazy-dst",
+class LazyCheckpoint:
+    """`runc checkpoint --lazy-pages --page-server` of container `name`,
+    running until its page server is served; close() ends it either way
+    (runc's CRIU outlives a killed runc: its session is failed instead)."""
+
+    def __init__(self, bundle, name, tmp_path):
+        self.bundle = bundle
+        self.images, work = tmp_path / "images", tmp_path / "work"
+        self.images.mkdir()
+        work.mkdir()
+        self.port = free_port()
+        status_r, status_w = os.pipe()  # runc wants its --status-fd write-only
+        self.proc = subprocess.Popen(
+            [RUNC, "--root", str(bundle.state), "checkpoint", "--lazy-pages", "--page-server"]
+            + [f"127.0.0.1:{self.port}", "--status-fd", str(status_w), "--image-path", str(self.images)]
+            + ["--work-path", str(work), name],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            pass_fds=(status_w,),
+            text=True,
+        )
+        os.close(status_w)
+        try:
+            # the page server is up once CRIU writes its status byte
+            ready = select.select([status_r], [], [], 60)[0] and os.read(status_r, 1)
+        finally:
+            os.close(status_r)
+        if not ready:
+            self.close()
+            raise AssertionError("runc checkpoint --lazy-pages never reported its page server ready")
+
+    def restore(self, name, timeout=120):
+        """`runc restore --lazy-pages` of the images as container `name`;
+        CRIU finds the daemon's socket in its work dir, the images dir here."""
+        return self.bundle.detached(
+            name,
             "restore",
             "--lazy-pages",
             "--detach",
             "--image-path",
-            str(images),
+            str(self.images),
             "--work-path",
-            str(images),
+            str(self.images),
             "--bundle",
-            str(bundle.dir),
+            str(self.bundle.dir),
+            timeout=timeout,
         )
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                abort_page_server(self.port)
+            except OSError:
+                pass  # already served
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc.stderr.close()
+
+
+def page_server_daemon(images, port, log_dir):
+    """`hybridmig lazy-pages --page-server` started as runc's users start `criu lazy-pages`."""
+    daemon = LazyDaemon(images, "--page-server", "--address", "127.0.0.1", "--port", str(port), log_dir=log_dir)
+    if not daemon.wait_listening():
+        daemon.close()
+        raise AssertionError("hybridmig lazy-pages exited early:\n" + daemon.output())
+    return daemon
+
+
+def test_runc_lazy_migration_through_hybridmig_lazy_pages(bundle, tmp_path):
+    source = bundle.start("hm-lazy-src")
+    assert all(r["bad"] == 0 for r in source.verify())
+    checkpoint = LazyCheckpoint(bundle, "hm-lazy-src", tmp_path)
+    daemon = None
+    try:
+        daemon = page_server_daemon(checkpoint.images, checkpoint.port, tmp_path)
+        restore = checkpoint.restore("hm-lazy-dst")
         assert restore.returncode == 0, f"runc restore --lazy-pages failed: {restore.stdout}"
         assert daemon.wait(120) == 0, daemon.output()
-        assert checkpoint.wait(60) == 0, checkpoint.stderr.read()
+        assert checkpoint.proc.wait(60) == 0, checkpoint.proc.stderr.read()
         stats = daemon.stats()
         assert stats["tasks"] == 1 and stats["lazy_pages"] >= 128 * 256, stats
         assert stats["pages_fault"] + stats["pages_prefetch"] >= 128 * 256, stats
@@ -95,12 +137,9 @@ def test_runc_lazy_migration_through_hybridmig_lazy_pages(bundle, tmp_path):
         reports = restored.verify()
         assert reports and all(r["bad"] == 0 and r.get("zero_pages_bad", 0) == 0 for r in reports), reports
     finally:
-        os.close(status_r)
         if daemon is not None:
             daemon.close()
-        if checkpoint.poll() is None:
-            checkpoint.kill()
-            checkpoint.wait(10)
+        checkpoint.close()
 
 
 @pytest.mark.xfail(
@@ -114,63 +153,27 @@ def test_runc_restore_fails_when_the_page_server_closes(bundle, tmp_path):
     exits non-zero, `runc restore` fails within a bound, and the source
     container, its checkpoint told of the failure, runs on intact."""
     source = bundle.start("hm-lazy-src")
-    images, work = tmp_path / "images", tmp_path / "work"
-    images.mkdir()
-    work.mkdir()
-    port = free_port()
-    status_r, status_w = os.pipe()
-    checkpoint = subprocess.Popen(
-        [RUNC, "--root", str(bundle.state), "checkpoint", "--lazy-pages", "--page-server", f"127.0.0.1:{port}"]
-        + ["--status-fd", str(status_w), "--image-path", str(images), "--work-path", str(work), "hm-lazy-src"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        pass_fds=(status_w,),
-        text=True,
-    )
-    os.close(status_w)
+    checkpoint = LazyCheckpoint(bundle, "hm-lazy-src", tmp_path)
     closer = socket.socket()
     closer.bind(("127.0.0.1", 0))
     closer.listen(1)
     daemon = None
     try:
-        ready = select.select([status_r], [], [], 60)[0] and os.read(status_r, 1)
-        assert ready, "runc checkpoint --lazy-pages never reported its page server ready: " + checkpoint.stderr.read()
-        daemon = LazyDaemon(
-            images, "--page-server", "--address", "127.0.0.1", "--port", str(closer.getsockname()[1]), log_dir=tmp_path
-        )
-        assert daemon.wait_listening(), daemon.output()
+        daemon = page_server_daemon(checkpoint.images, closer.getsockname()[1], tmp_path)
         conn, _ = closer.accept()
         conn.close()  # before the first answer
-        restore = bundle.detached(
-            "hm-lazy-dst",
-            "restore",
-            "--lazy-pages",
-            "--detach",
-            "--image-path",
-            str(images),
-            "--work-path",
-            str(images),
-            "--bundle",
-            str(bundle.dir),
-            timeout=30,
-        )
+        restore = checkpoint.restore("hm-lazy-dst", timeout=30)
         assert restore.returncode != 0, "runc restore succeeded without its lazy pages"
         assert daemon.wait(60) != 0
         assert "closed the connection" in daemon.output(), daemon.output()
-    except BaseException:
-        # runc's CRIU outlives a killed runc: end its lazy dump first
-        abort_page_server(port)
-        checkpoint.wait(30)
-        raise
+        # the checkpoint's page server was never served: a failed session
+        # makes it resume the container
+        abort_page_server(checkpoint.port)
+        assert checkpoint.proc.wait(60) != 0
     finally:
         closer.close()
-        os.close(status_r)
         if daemon is not None:
             daemon.close()
-    # the checkpoint's page server was never served: a failed session makes
-    # it resume the container
-    abort_page_server(port)
-    assert checkpoint.wait(60) != 0
+        checkpoint.close()
     assert bundle.state_of("hm-lazy-src")["status"] == "running"
     assert all(r["bad"] == 0 for r in source.verify())
