@@ -73,6 +73,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from hybridmig import wire  # noqa: E402
+from hybridmig.keys import generate_key  # noqa: E402
 from hybridmig.source.precopy import PreCopy, Round, Sender, Throttle, track  # noqa: E402
 from hybridmig.source.tracker import PAGE_SIZE, TreeTracker, merge, pages_in, read_vmas  # noqa: E402
 from hybridmig.testing.netns import TwoHosts  # noqa: E402
@@ -481,7 +482,8 @@ def one_migration(size_mb: int, rate: float, tmp_root: Path, logs: Path, timeout
 
     try:
         key = work / "key"
-        key.write_bytes(os.urandom(32))
+        key.unlink(missing_ok=True)  # a work directory reused
+        generate_key(key)
         serve_dir = work / "serve"
         serve_dir.mkdir()
         with TwoHosts(prefix="pc", rate="1gbit") as h, contextlib.ExitStack() as stack:

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 from hybridmig.criu.command import CRIU_LOG_LEVEL, criu_binary
+from hybridmig.keys import generate_key
 
 from .trial import StrategyError, Trial, log_tail
 
@@ -300,7 +301,8 @@ class Hybridmig(Strategy):
     def migrate(self, trial):
         h = trial.hosts
         key = trial.work / "key"
-        key.write_bytes(os.urandom(32))
+        key.unlink(missing_ok=True)  # a trial directory reused
+        generate_key(key)
         serve_dir = trial.logs / "serve"  # CRIU's restore log is kept
         serve_dir.mkdir()
         listen = "%s:%d" % (h.dst_addr, SERVE_PORT)

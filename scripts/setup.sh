@@ -141,19 +141,11 @@ if [ ! -f "$CRIU_SRC/lib/pycriu/rpc_pb2.py" ]; then
     make -C "$CRIU_SRC" lib >"$CRIU_DIR/lib.log" 2>&1 || { tail -20 "$CRIU_DIR/lib.log"; exit 1; }
 fi
 
-# --- the virtualenv, reinstalled when the package or native sources change.
-if [ ! -x "$VENV/bin/python" ]; then
-    say "creating $VENV"
-    python3 -m venv "$VENV"
-fi
-stamp=$VENV/.hybridmig-installed
-newest=$(find pyproject.toml setup.py native -newer "$stamp" -print -quit 2>/dev/null || true)
-if [ ! -f "$stamp" ] || [ -n "$newest" ]; then
-    say "installing hybridmig into $VENV"
-    # (this machine's pip config names index folders that may not exist: drop that noise)
+# --- the virtualenv: the light set-up of scripts/venv.sh, plus pycriu.
+bash scripts/venv.sh test,bench,lint
+if ! "$VENV/bin/python" -c 'import pycriu.images' 2>/dev/null; then
+    say "installing pycriu into $VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check "$CRIU_SRC/lib" >/dev/null 2> >(grep -v 'is ignored' >&2)
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test,bench]" 2> >(grep -v 'is ignored' >&2)
-    touch "$stamp"
 fi
 "$VENV/bin/python" -c 'import pycriu.images, hybridmig._native, matplotlib' || { echo "setup: pycriu or the native module does not import" >&2; exit 1; }
 say "ready: $VENV/bin/hybridmig, $(criu --version | head -n1 | tr -s ' ')"

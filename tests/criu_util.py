@@ -13,12 +13,10 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from hybridmig.errors import CriuError
+
 #: Where setup.sh installs CRIU when the distribution's is too old.
 _FALLBACK_CRIU = ("/usr/local/sbin/criu", "/usr/sbin/criu")
-
-
-class CriuError(RuntimeError):
-    """CRIU failed; the message holds the command and the log's errors/tail."""
 
 
 def criu_binary() -> str:

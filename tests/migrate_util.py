@@ -64,6 +64,7 @@ class Serve:
         once=True,
         verbosity=3,
         keep=False,
+        extra=(),
     ):
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +85,7 @@ class Serve:
             cmd.append("--once")
         if keep:
             cmd.append("--keep")
+        cmd += extra
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             cmd,

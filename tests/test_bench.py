@@ -49,6 +49,7 @@ def test_throughput_around_the_blackout():
     assert tp["series"][40:] == [None] * 10  # past the end of the timeline
 
 
+@pytest.mark.root
 def test_memwork_hot_set_confines_the_writes():
     if doctor.dirty_tracker() != UFFD_WP:
         pytest.skip(f"needs the uffd-wp dirty tracker: {doctor.uffd_wp_path().reason}")
@@ -64,6 +65,7 @@ def test_memwork_hot_set_confines_the_writes():
         assert wl.verify()[0]["bad"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_bench_end_to_end(criu_ready, tmp_path):
     out = tmp_path / "out"

@@ -82,6 +82,7 @@ def in_netns(ns, *cmd):
 
 
 # --- redis --------------------------------------------------------------------------
+@pytest.mark.root
 def test_redis_untouched_run_is_ok(hosts, started):
     _need_redis()
     began = time.time()
@@ -98,6 +99,7 @@ def test_redis_untouched_run_is_ok(hosts, started):
     assert again.ok and again.timeline_ops == res.timeline_ops, again
 
 
+@pytest.mark.root
 @pytest.mark.parametrize(
     "change", [("SET", "hm-intruder", "1"), ("RENAME", "key:7", "key:7-renamed")], ids=["new-key", "renamed-key"]
 )
@@ -115,6 +117,7 @@ def test_redis_detects_a_changed_dataset(hosts, started, change):
 
 
 # --- pyheap -------------------------------------------------------------------------
+@pytest.mark.root
 def test_pyheap_untouched_run_is_ok(hosts, started):
     began = time.time()
     wl = started(PyHeap(32, rate=500), hosts)
@@ -131,6 +134,7 @@ def test_pyheap_untouched_run_is_ok(hosts, started):
     assert again.ok and again.max_gap_ms < 1000, again
 
 
+@pytest.mark.root
 def test_pyheap_detects_a_corrupted_object(hosts, started):
     # At 50 updates/s over 20000+ items, the program rewriting (and so
     # repairing) the poked item before the check is a 1 in 10000 chance.
@@ -197,6 +201,7 @@ def test_stop_after_a_failed_start_cleans_up_and_is_idempotent(make):
     wl.stop()
 
 
+@pytest.mark.root
 def test_stop_ends_every_process(hosts, started):
     _need_redis()
     wl = started(Redis(4, rate=100), hosts)

@@ -126,6 +126,7 @@ def test_tracker_prefers_uffd_wp(run):
         assert rep["tracker"] is None
 
 
+@pytest.mark.root
 def test_exits_zero_here(run):
     _need_root()
     proc, rep = run
@@ -134,6 +135,7 @@ def test_exits_zero_here(run):
     assert rep["tracker"] == ("uffd-wp" if _wp_async_expected() else "soft-dirty")
 
 
+@pytest.mark.root
 def test_human_output():
     _need_root()
     proc = _doctor()
@@ -141,6 +143,7 @@ def test_human_output():
     assert "PAGEMAP_SCAN" in proc.stdout and "dirty tracker:" in proc.stdout
 
 
+@pytest.mark.root
 def test_non_root_is_told_to_run_as_root():
     _need_root()
     if not shutil.which("setpriv"):
@@ -172,6 +175,7 @@ def test_non_root_is_told_to_run_as_root():
 # --- the engine's entry points -----------------------------------------------
 
 
+@pytest.mark.root
 def test_require_functions_here():
     _need_root()
     doctor.require_lazy_restore()
@@ -252,6 +256,7 @@ def test_probe_uffd():
     assert probe.probe_uffd_open(probe.USER_ONLY).feature_mask == info.feature_mask
 
 
+@pytest.mark.root
 def test_probe_uffd_open_grants():
     _need_root()  # EVENT_FORK needs CAP_SYS_PTRACE
     for way in (probe.SYSCALL, probe.DEV):

@@ -8,7 +8,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 
+import psutil
 import pytest
 
 from criu_util import CriuError, criu_dump, criu_restore
@@ -65,7 +67,7 @@ def test_tree_of_three_processes(tmp_path):
 def pending_restore(tmp_path, size_mb, procs=1, delay=3.0):
     """A restored workload whose pages are mostly still pending: the daemon
     installs only on fault for `delay` seconds."""
-    wl = Workload.start(size_mb, procs=procs, rate=200)
+    wl = Workload.start(size_mb, procs=procs, rate=200, check_writes=True)
     try:
         images = dump(wl, tmp_path)
         pid, daemon = lazy_restore(images, "--eager-delay", str(delay))
@@ -106,6 +108,26 @@ def test_workload_exits_while_pages_pending(tmp_path):
         restored.stop()
         assert daemon.wait(60) == 0, daemon.output()
         assert not restored.alive()
+
+
+def test_daemon_killed_while_pages_are_owed(tmp_path):
+    """`hybridmig lazy-pages` used alone is SIGKILLed while the restored
+    workload still owes most of its pages (it installs only on fault): its
+    guard, holding the tasks' uffds, ends the workload, which meanwhile waits
+    on its faults instead of reading zero pages."""
+    wl, pid, daemon = pending_restore(tmp_path, 256, delay=30.0)
+    with daemon:
+        restored = Workload.adopt(pid, report=wl)
+        (guard,) = psutil.Process(daemon.proc.pid).children()
+        time.sleep(0.3)  # the writers fault pages in, one by one
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        wait_for(lambda: not restored.alive(), 10, "the restored workload to be ended")
+        guard.wait(10)
+        lost = restored.reports("corrupt") + restored.reports("crash")
+        assert not lost, lost
+        assert "guard: ended the restored copy, pid %d" % pid in daemon.output(), daemon.output()
+        assert not restored_alive(wl.report_path)
 
 
 # --- the fault thread and the installers at once ---------------------------

@@ -9,6 +9,7 @@ frozen) and intact, with nothing restored on the destination.
 """
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -19,9 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from hybridmig.keys import generate_key
 from hybridmig.testing.netns import TwoHosts
 from hybridmig.testing.workload import Workload, WorkloadError
-from lazy_util import restored_alive
+from lazy_util import HYBRIDMIG_BIN, restored_alive
 from migrate_util import (
     PORT,
     BackgroundRun,
@@ -49,11 +51,11 @@ class Env:
         self.tmp = tmp_path
         self.cleanup = cleanup
         self.key = tmp_path / "key"
-        self.key.write_bytes(os.urandom(32))
+        generate_key(self.key)
 
     def other_key(self):
         path = self.tmp / "other-key"
-        path.write_bytes(os.urandom(32))
+        generate_key(path)
         return path
 
     def new_dir(self, name):
@@ -622,6 +624,168 @@ def test_destination_killed_while_installing(env):
     assert_intact(wl.verify(), 1)
 
 
+def lost_memory(wl):
+    """What any copy of wl logged about memory it was never given: a page
+    that no longer held what it last wrote there (zeros, for a page owed
+    and never installed), or a crash (a zeroed pointer)."""
+    return wl.reports("corrupt") + wl.reports("crash")
+
+
+def _kill_serve_after_restore(env, wl, delay):
+    """One migration of wl whose serve is SIGKILLed `delay` s after its
+    restore's pidfile appeared. Returns the copy that runs on: the source,
+    rolled back, or, if serve had reported and the source committed first,
+    the restored copy."""
+    pids = wl.pids()
+    serve = env.serve()
+    run = env.run_background(wl.host_pid)
+    session = wait_for(lambda: list(serve.base_dir.glob("session-*")) or not run.running(), 60, "the session")
+    pidfile = session[0] / "restore.pid"
+    wait_for(lambda: pidfile.exists() or not run.running(), 150, "the restore's pidfile", interval=0.0005)
+    time.sleep(delay)
+    serve.kill()
+    rc, rep, err = run.wait(120)
+    assert not lost_memory(wl), "%s\n%s" % (lost_memory(wl), serve.log())
+    if rc == 0 and rep and rep["result"] == "migrated":
+        wl.wait_gone(30)
+        copy = env.adopt(rep["restored_pid"], wl)
+        assert_intact(copy.verify(), 1)
+        return copy, "migrated"
+    if rep and rep.get("result") == "in doubt":
+        # serve died after telling its guard "commit", before its DONE went
+        # out: the source stays frozen (never two copies); the restored copy,
+        # which has every page (RESULT comes after the install), runs on
+        error = rep["error"]
+        criu_pid = int(error.split("hybridmig settle ")[1].split()[0])
+        env.cleanup.kill_pid_tree(criu_pid)
+        assert all(state(p) in ("t", "T") for p in pids), [state(p) for p in pids]
+        copies = restored_copies(wl, pids)
+        assert len(copies) <= 1, copies  # (one process per copy here)
+        word = "end" if copies else "resume"
+        settle = subprocess.run(
+            env.hosts.run_in(env.hosts.src) + [HYBRIDMIG_BIN, "settle", str(criu_pid), word],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert settle.returncode == 0, settle.stderr
+        if copies:
+            wl.wait_gone(30)
+            copy = env.adopt(min(copies), wl)
+            assert_intact(copy.verify(), 1)
+            return copy, "in doubt, settled: end"
+        wait_for(lambda: all(state(p) not in ("t", "T") for p in pids), 30, "the source to resume")
+        assert_intact(wl.verify(), 1)
+        return wl, "in doubt, settled: resume"
+    assert_rolled_back(env, wl, pids, rc, rep, err)
+    return wl, "rolled back"
+
+
+@pytest.mark.timeout(900)
+def test_destination_killed_at_random_after_the_restore(env):
+    """serve is SIGKILLed at a random moment (seeded, printed) after its
+    criu restore wrote the pidfile, in several tries: the copy restored there
+    must never run on a page it is still owed, whatever the moment; its
+    faults wait until the guard has ended it. The source, never committed,
+    resumes intact; if serve had reported first, the copy committed to has
+    every page. HYBRIDMIG_KILL_TRIES sets the number of tries,
+    HYBRIDMIG_KILL_SEED replays a run."""
+    seed = int(os.environ.get("HYBRIDMIG_KILL_SEED") or random.randrange(1 << 32))
+    tries = int(os.environ.get("HYBRIDMIG_KILL_TRIES") or 3)
+    print("seed %d, %d tries (HYBRIDMIG_KILL_SEED=%d replays them)" % (seed, tries, seed))
+    rng = random.Random(seed)
+    outcomes = []
+    wl = None
+    for attempt in range(tries):
+        # CRIU resumes the tasks a few ms after the pidfile; installing 512 MiB takes ~0.1-0.2 s more
+        delay = rng.uniform(0, 0.15)
+        print("try %d: serve killed %.1f ms after the pidfile appears" % (attempt, delay * 1000))
+        if wl is None:
+            wl = env.workload(512, threads=2, rate=4000, check_writes=True)
+        wl, outcome = _kill_serve_after_restore(env, wl, delay)
+        outcomes.append(outcome)
+        if outcome == "migrated":
+            wl.stop()
+            wl = None  # (the next try starts a new source)
+    print("outcomes: %s" % outcomes)
+
+
+DUMP_KILLER_WRAPPER = """#!/bin/sh
+# the real criu, whose dumps run one more action script: CRIU runs them in
+# the reverse order of their options, so this one runs after hybridmig's
+if [ "$1" = dump ]; then shift; exec {criu} dump --action-script {killer} "$@"; fi
+exec {criu} "$@"
+"""
+KILL_CRIU_AT_POST_DUMP = """#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] && kill -9 $PPID
+exit 0
+"""
+
+
+@pytest.mark.timeout(180)
+def test_criu_killed_after_the_commit(env, monkeypatch):
+    """The source's criu dump is SIGKILLed right after hybridmig's hook gave
+    it the commit verdict: the frozen source runs again (its tracer is gone)
+    while the destination holds its committed copy, which has every page.
+    Exactly one copy must be left: the committed one. (run used to ABORT
+    the destination while the hook's end-session child, told "commit",
+    ended the source: no copy at all.)"""
+    from hybridmig.doctor import find_criu
+
+    tools = env.new_dir("criu-killer")
+    killer = tools / "kill-criu"
+    killer.write_text(KILL_CRIU_AT_POST_DUMP)
+    wrapper = tools / "criu"
+    wrapper.write_text(DUMP_KILLER_WRAPPER.format(criu=find_criu(), killer=killer))
+    os.chmod(killer, 0o755)
+    os.chmod(wrapper, 0o755)
+
+    wl = env.workload(64, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve()
+    monkeypatch.setenv("CRIU", str(wrapper))  # run's CRIU only: serve has started
+    rc, rep, err = env.run(wl.host_pid)
+    assert rc == 0, err
+    assert rep["result"] == "migrated", rep
+    assert any("criu dump" in w for w in rep.get("warnings", [])), rep
+    wait_for(lambda: not any(psutil.pid_exists(p) and state(p) != "Z" for p in pids), 30, "the source to end")
+    assert serve.wait(60) == 0, serve.log()
+    restored = env.adopt(rep["restored_pid"], wl)
+    time.sleep(1)  # long enough for the hook's end-session child to have acted
+    assert restored.alive() and rep["restored_pid"] in restored_copies(wl, pids), restored_copies(wl, pids)
+    assert not any(psutil.pid_exists(p) and state(p) != "Z" for p in pids), "the source runs too"
+    assert_intact(restored.verify(), 1)
+
+
+@pytest.mark.timeout(180)
+def test_criu_killed_before_the_verdict(env):
+    """The source's criu dump is SIGKILLed while the destination restores
+    (held 3 s in a pre-restore action script), the tree frozen until then:
+    the tree runs again at once, so the pages sent in the final round are
+    no snapshot any more. run must not commit: the destination ends its copy,
+    the source runs on intact, and the hook (still waiting for its verdict
+    when CRIU died) leaves nothing behind and ends nothing."""
+    wrapper = criu_with_restore_hook(env, HANG_HOOK.format(seconds=3))
+    wl = env.workload(64, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve(env={"CRIU": str(wrapper)})
+    run = env.run_background(wl.host_pid)
+    wait_for(lambda: serve_restores(serve) or not run.running(), 120, "serve's criu restore")
+    assert run.running(), run.err_path.read_text()
+    dumps = [p for p in psutil.Process(run.proc.pid).children(recursive=True) if "dump" in p.cmdline()]
+    assert dumps, "no criu dump under run"
+    dumps[0].kill()
+    rc, rep, err = run.wait(120)
+    assert_rolled_back(env, wl, pids, rc, rep, err)
+    assert "criu dump" in rep["error"], rep["error"]
+    assert serve.wait(60) not in (0, None), serve.log()
+    wait_for(lambda: not restored_copies(wl, pids), 10, "the destination's copy to be ended")
+    time.sleep(2)  # the hook's end-session child, if any, has acted by now
+    hooks = [p for p in psutil.process_iter(["cmdline"]) if "end-session" in (p.info["cmdline"] or [])]
+    assert not hooks, [p.info["cmdline"] for p in hooks]
+    assert_intact(wl.verify(), 1)
+
+
 @pytest.mark.timeout(180)
 def test_destination_cannot_store_images(env):
     """The destination fails to write the images at the switch-over (its
@@ -661,15 +825,15 @@ def test_criu_refuses_the_process(env):
 
 @pytest.mark.timeout(120)
 def test_criu_fails_to_start(env):
-    """CRIU starts with pre-copy: one that cannot (an option it does not
-    know) ends the migration, naming CRIU's complaint, with the source
-    running on."""
+    """CRIU starts with pre-copy: one that cannot (an allowed option with
+    an argument it refuses) ends the migration, naming CRIU's complaint,
+    with the source running on."""
     wl = env.workload(256, rate=1000)
     pids = wl.pids()
     serve = env.serve()
-    rc, rep, err = env.run(wl.host_pid, "--criu-opt=--no-such-option", "--bandwidth-limit", "40M")
+    rc, rep, err = env.run(wl.host_pid, "--criu-opt=--ext-unix-sk=no-such-inode", "--bandwidth-limit", "40M")
     assert_rolled_back(env, wl, pids, rc, rep, err)
-    assert "criu dump failed" in rep["error"] and "no-such-option" in rep["error"], rep["error"]
+    assert "criu dump failed" in rep["error"] and "no-such-inode" in rep["error"], rep["error"]
     assert serve.wait(60) not in (0, None), serve.log()
 
 
@@ -695,7 +859,13 @@ def test_criu_options_that_would_keep_the_source_are_refused(env):
     wl = env.workload(32, rate=2000)
     pids = wl.pids()
     serve = env.serve()
-    for opt, why in (("-R", "second copy"), ("--port=1234", "sets it itself")):
+    for opt, why in (
+        ("-R", "second copy"),
+        ("--port=1234", "sets it itself"),
+        ("--leave-run", "second copy"),  # CRIU's getopt_long takes any unambiguous prefix
+        ("--action-scr=/x", "sets it itself"),
+        ("--ghost-limit=1", "serve --allow-criu-opt ghost-limit"),  # not on the destination's list
+    ):
         rc, rep, err = env.run(wl.host_pid, f"--criu-opt={opt}", timeout=30)
         error = assert_rolled_back(env, wl, pids, rc, rep, err)
         assert opt in error and why in error, error

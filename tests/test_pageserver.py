@@ -354,6 +354,7 @@ def root_criu():
 # --- real CRIU ----------------------------------------------------------------
 
 
+@pytest.mark.criu
 def test_lazy_migration_through_page_server(root_criu, migration):
     m = migration
     m.start_workload()
@@ -395,6 +396,7 @@ def test_lazy_migration_through_page_server(root_criu, migration):
     assert m.check(m.restored_pid) == "OK %d" % NPAGES
 
 
+@pytest.mark.criu
 def test_wrong_port_fails_cleanly(root_criu, migration):
     m = migration
     m.start_workload()

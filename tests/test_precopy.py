@@ -185,6 +185,7 @@ def test_pages_written_continuously_travel_in_the_final_round_only(session):
     assert len(rounds) <= 5, table  # the hot set does not shrink: stalled
 
 
+@pytest.mark.root
 @pytest.mark.usefixtures("criu_ready")
 def test_a_hot_run_that_cools_is_sent_once_then_tracked_exactly(session):
     """A run of 128 pages written round after round is hot (not sent); it

@@ -149,6 +149,7 @@ def verified(wl):
 # --- exactness ---------------------------------------------------------------------
 
 
+@pytest.mark.root
 def test_scan_reports_exactly_the_pages_written():
     _need_uffd_wp()
     payload = tempfile.NamedTemporaryFile(prefix="dirtyset-", delete=False)
@@ -223,6 +224,7 @@ def _minflt(pid):
         return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
+@pytest.mark.root
 def test_keep_hot_spares_pages_written_round_after_round():
     """keep_hot: a run written in two scans in a row is hot: left
     unprotected (later writes do not fault), not looked at, reported in
@@ -294,6 +296,7 @@ def test_keep_hot_spares_pages_written_round_after_round():
             scan(13, hot, hot, set())  # and never hot again
 
 
+@pytest.mark.root
 def test_hot_probe_rotates_through_the_hot_set():
     """Each scan probes the share of the hot set due since the last one,
     from where the previous probe ended: over the period every hot page is
@@ -330,6 +333,7 @@ def test_hot_probe_rotates_through_the_hot_set():
             assert page_set(result.hot, [region]) >= hot_half - covered
 
 
+@pytest.mark.root
 def test_scan_resumes_when_the_region_buffer_fills():
     """More separate dirty regions than one PAGEMAP_SCAN call returns: the
     scan resumes at walk_end and loses nothing."""
@@ -345,6 +349,7 @@ def test_scan_resumes_when_the_region_buffer_fills():
         assert page_set(tracker.scan().dirty, [region]) == set()
 
 
+@pytest.mark.root
 def test_read_pages_and_zero_bitmap():
     """Batches as they travel: zero pages only as bits, the others in order."""
     _need_root()
@@ -378,6 +383,7 @@ def test_read_pages_and_zero_bitmap():
 # --- injection ------------------------------------------------------------------------
 
 
+@pytest.mark.root
 def test_injection_restarts_interrupted_syscalls():
     """A thread blocked in read(2) or nanosleep(2) gets its syscall back
     exactly: the read still reads, the sleep still lasts its full time."""
@@ -399,6 +405,7 @@ def test_injection_restarts_interrupted_syscalls():
         assert ds.cmd("pid") == [str(ds.pid)]
 
 
+@pytest.mark.root
 def test_target_whose_leader_exited():
     """The leader called pthread_exit (a zombie) and another thread runs on:
     injection borrows that thread, the fd comes through it, pages are read
@@ -418,6 +425,7 @@ def test_target_whose_leader_exited():
         assert ds.cmd("pid") == [str(ds.pid)]
 
 
+@pytest.mark.root
 def test_stopped_target_stays_stopped():
     _need_uffd_wp()
     with DirtySet() as ds:
@@ -442,6 +450,7 @@ def _wait_state(pid, want, timeout=5):
         time.sleep(0.01)
 
 
+@pytest.mark.root
 def test_attach_detach_100_times_leaves_target_intact():
     _need_uffd_wp()
     stops = []
@@ -468,6 +477,7 @@ def test_attach_detach_100_times_leaves_target_intact():
     )
 
 
+@pytest.mark.root
 def test_killed_tracker_leaves_nothing_behind():
     _need_uffd_wp()
     script = (
@@ -491,6 +501,7 @@ def test_killed_tracker_leaves_nothing_behind():
         assert wl.alive()
 
 
+@pytest.mark.root
 def test_multi_process_tree_and_children_coming_and_going():
     _need_uffd_wp()
     with Workload.start(16, threads=1, procs=3) as wl:
@@ -530,6 +541,7 @@ def _unused_pid():
         return int(f.read()) + 1
 
 
+@pytest.mark.root
 def test_bad_targets_give_clear_errors():
     _need_uffd_wp()
     cases = [
@@ -550,6 +562,7 @@ def test_bad_targets_give_clear_errors():
     assert exc.value.errno == errno.ESRCH and "originated from hm_tracker_attach" in str(exc.value)
 
 
+@pytest.mark.root
 def test_not_permitted_is_clear_and_harmless():
     """An unprivileged user may not track a root process."""
     _need_uffd_wp()
@@ -648,6 +661,7 @@ def _in_child_under_seccomp(fn):
     return answer
 
 
+@pytest.mark.root
 def test_seccomp_filtered_target_is_tracked_with_its_filter_suspended():
     """A target whose filter kills it at userfaultfd(2) survives tracking:
     the injection suspends its seccomp (PTRACE_O_SUSPEND_SECCOMP). The filter
@@ -669,6 +683,7 @@ def test_seccomp_filtered_target_is_tracked_with_its_filter_suspended():
         assert ds.proc.wait(10) == -signal.SIGSYS
 
 
+@pytest.mark.root
 def test_seccomp_filtered_target_is_refused_when_seccomp_cannot_be_suspended():
     """A tracker that may not suspend the target's seccomp (it has a filter
     itself) refuses with a clear error and runs nothing in the target, which
@@ -705,6 +720,7 @@ def test_seccomp_filtered_target_is_refused_when_seccomp_cannot_be_suspended():
         assert_clean(plain.pid)
 
 
+@pytest.mark.root
 def test_target_exiting_mid_round():
     _need_uffd_wp()
     # Exits between scans: a zombie first (not reaped), then gone.
@@ -796,6 +812,7 @@ def test_range_arithmetic():
     assert trk.clip([(0, 4), (4, 8), (10, 12)], [(2, 11)]) == [(2, 4), (4, 8), (10, 11)]
 
 
+@pytest.mark.root
 def test_doctor_picks_only_a_working_tracker():
     _need_root()
     chosen = doctor.dirty_tracker()
@@ -806,6 +823,7 @@ def test_doctor_picks_only_a_working_tracker():
         assert chosen != trk.UFFD_WP
 
 
+@pytest.mark.root
 def test_soft_dirty_plumbing_freezes_and_thaws():
     """What can run without CONFIG_MEM_SOFT_DIRTY: freezing every thread,
     clearing, scanning (which then finds nothing written), thawing."""
@@ -866,6 +884,7 @@ def _held_by_child(pid, freeze):
     return child, release
 
 
+@pytest.mark.root
 def test_soft_dirty_scan_of_a_process_another_tracer_holds():
     """The final scan runs while CRIU holds the tree frozen: no second
     freeze (impossible, and needless). A tracer that holds the process
@@ -898,6 +917,7 @@ def test_soft_dirty_scan_of_a_process_another_tracer_holds():
 # --- the command ----------------------------------------------------------------------------
 
 
+@pytest.mark.root
 def test_dirty_rate_command_json():
     _need_uffd_wp()
     with Workload.start(64, rate=500) as wl:

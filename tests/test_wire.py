@@ -1,20 +1,26 @@
 """The wire protocol over real sockets: authentication, integrity, page bodies."""
 
+import hashlib
 import os
 import socket
+import ssl
+import stat
 import subprocess
 import threading
+import time
 
 import pytest
 
 from hybridmig import wire
-from hybridmig.errors import ProtocolError
+from hybridmig.errors import ProtocolError, UsageError
+from hybridmig.keys import read_key
 from hybridmig.wire import Msg
+from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
 
 KEY = b"k" * 32
 
 
-def pair(server_key=KEY, client_key=KEY):
+def pair(server_key=KEY, client_key=KEY, server_mode=wire.SEALED, client_mode=wire.SEALED):
     """A connected (server Channel, client Channel) after both handshakes;
     raises what either side raised."""
     a, b = socket.socketpair()
@@ -23,7 +29,7 @@ def pair(server_key=KEY, client_key=KEY):
 
     def do_server():
         try:
-            server.server_handshake(server_key)
+            server.server_handshake(server_key, server_mode)
         except ProtocolError as e:
             errors["server"] = e
             server.close()
@@ -31,9 +37,10 @@ def pair(server_key=KEY, client_key=KEY):
     t = threading.Thread(target=do_server)
     t.start()
     try:
-        client.client_handshake(client_key)
+        client.client_handshake(client_key, client_mode)
     except ProtocolError as e:
         errors["client"] = e
+        client.close()
     t.join(10)
     return server, client, errors
 
@@ -45,7 +52,8 @@ def test_handshake_and_frames():
     kind, payload = server.recv()
     assert kind == Msg.ROUND and wire.decode_round(payload) == (3, {"pages": 7})
     server.send(Msg.ROUND_ACK, wire.encode_ack(3, 42))
-    assert client.recv() == (Msg.ROUND_ACK, bytearray(wire.encode_ack(3, 42)))
+    kind, payload = client.recv()
+    assert (kind, bytes(payload)) == (Msg.ROUND_ACK, wire.encode_ack(3, 42))
 
 
 def test_wrong_key_is_refused_before_any_page():
@@ -62,7 +70,7 @@ def test_impostor_destination_gets_nothing():
     impostor, client = wire.Channel(a, "impostor"), wire.Channel(b, "destination")
 
     def fake():
-        impostor.send(Msg.HELLO, wire._HELLO_S.pack(wire.MAGIC, wire.VERSION, os.urandom(32)))
+        impostor.send(Msg.HELLO, wire._HELLO_S.pack(wire.MAGIC, wire.VERSION, wire.SEALED, os.urandom(32)))
         impostor.recv()
         impostor.send(Msg.AUTH_OK, os.urandom(32))
 
@@ -73,9 +81,109 @@ def test_impostor_destination_gets_nothing():
     t.join(10)
 
 
-def test_tampered_frame_fails_its_mac():
+def test_frames_are_sealed():
+    """Finding 1: nothing of a payload, not even its type, is readable on the wire."""
+    a, relay_a = socket.socketpair()
+    b, relay_b = socket.socketpair()
+    seen = bytearray()  # both directions, as a sniffer between the two sees them
+    relays = [threading.Thread(target=_copy, args=(x, y, seen)) for x, y in ((relay_a, relay_b), (relay_b, relay_a))]
+    for t in relays:
+        t.start()
+    server, client = wire.Channel(a, "source"), wire.Channel(b, "destination")
+    t = threading.Thread(target=server.server_handshake, args=(KEY,))
+    t.start()
+    client.client_handshake(KEY)
+    t.join(10)
+    assert client.sealed and server.sealed
+    marker = b"SECRET-PAGE-CONTENT-" * 200
+    client.send(Msg.PAGES, marker)
+    kind, payload = server.recv()
+    assert (kind, bytes(payload)) == (Msg.PAGES, marker)
+    server.send(Msg.RESULT, b'{"ok": true, "restored_pid": 4242}')
+    client.recv()
+    client.close(), server.close()
+    for t in relays:
+        t.join(10)
+    assert b"SECRET" not in seen and b"restored_pid" not in seen
+    assert len(seen) > len(marker)
+
+
+def _copy(src, dst, seen):
+    while data := src.recv(1 << 16):
+        seen += data
+        dst.sendall(data)
+    dst.shutdown(socket.SHUT_WR)
+
+
+def _sealed_frame(channel, kind, body, seq):
+    """A sealed frame as `channel` would send it as its frame number `seq`."""
+    saved = channel._send_seq
+    channel._send_seq = seq
+    frame = channel._frame(kind, body, 0)
+    channel._send_seq = saved
+    return frame
+
+
+def test_tampered_frame_fails():
     server, client, errors = pair()
     assert not errors
+    frame = bytearray(_sealed_frame(client, Msg.INVALIDATE, wire.encode_range(1, 0x1000, 1), 0))
+    frame[-20] ^= 1
+    client.sock.sendall(bytes(frame))
+    with pytest.raises(ProtocolError, match="failed authentication"):
+        server.recv()
+
+
+def test_replayed_frame_is_refused():
+    server, client, errors = pair()
+    client.send(Msg.COMMIT)
+    server.recv()
+    client.sock.sendall(_sealed_frame(client, Msg.COMMIT, b"", 0))  # frame 0 again
+    with pytest.raises(ProtocolError, match="frame 1 .*failed authentication"):
+        server.recv()
+
+
+def test_reordered_frames_are_refused():
+    server, client, errors = pair()
+    second, first = _sealed_frame(client, Msg.ABORT, b"", 1), _sealed_frame(client, Msg.COMMIT, b"", 0)
+    client.sock.sendall(second + first)
+    with pytest.raises(ProtocolError, match="failed authentication"):
+        server.recv()
+
+
+def test_reflected_frame_is_refused():
+    """A frame of the destination sent back to it: each direction has its own key and nonces."""
+    server, client, errors = pair()
+    server.sock.sendall(_sealed_frame(server, Msg.ROUND_ACK, wire.encode_ack(0, 1), 0))
+    reflected = client.sock.recv(1 << 16)
+    client.sock.sendall(reflected)
+    with pytest.raises(ProtocolError, match="failed authentication"):
+        server.recv()
+
+
+def test_plaintext_only_when_both_ends_say_so():
+    server, client, errors = pair(server_mode=wire.PLAINTEXT)
+    assert "insecure-plaintext" in str(errors["client"])
+    assert client.bytes_sent == 0  # refused before sending a byte
+    server, client, errors = pair(client_mode=wire.PLAINTEXT)
+    assert "insecure-plaintext" in str(errors["client"])
+    # a source that asks for plaintext all the same is refused by the destination
+    a, b = socket.socketpair()
+    server, raw = wire.Channel(a, "source"), wire.Channel(b, "destination")
+    plaintext_hello = wire._HELLO_C.pack(wire.MAGIC, wire.VERSION, wire.PLAINTEXT, bytes(32), bytes(32))
+    t = threading.Thread(target=lambda: raw.recv() and raw.send(Msg.HELLO, plaintext_hello))
+    t.start()
+    with pytest.raises(ProtocolError, match="insecure-plaintext"):
+        server.server_handshake(KEY)
+    t.join(10)
+    server, client, errors = pair(server_mode=wire.PLAINTEXT, client_mode=wire.PLAINTEXT)
+    assert not errors and not client.sealed
+    client.send(Msg.ROUND, wire.encode_round(1, {}))
+    assert server.recv()[0] == Msg.ROUND
+
+
+def test_plaintext_frames_are_still_authenticated():
+    server, client, errors = pair(server_mode=wire.PLAINTEXT, client_mode=wire.PLAINTEXT)
     body = wire.encode_range(1, 0x1000, 1)
     header = wire._HEADER.pack(Msg.INVALIDATE, 0, 0, len(body), client._send_seq)
     mac = client._mac(header, body)
@@ -86,14 +194,73 @@ def test_tampered_frame_fails_its_mac():
         server.recv()
 
 
-def test_replayed_frame_is_refused():
-    server, client, errors = pair()
-    client.send(Msg.COMMIT)
-    server.recv()
-    client._send_seq -= 1  # a replay carries an old sequence number
-    client.send(Msg.COMMIT)
-    with pytest.raises(ProtocolError, match="where %d was due" % (client._send_seq)):
+def test_mode_cannot_be_downgraded_in_transit():
+    """A man in the middle who rewrites both hellos to plaintext fails the proofs."""
+    a, b = socket.socketpair()
+    mitm_s, mitm_c = socket.socketpair()
+    server, client = wire.Channel(a, "source"), wire.Channel(mitm_c, "destination")
+    errors = {}
+
+    def do_server():
+        try:
+            server.server_handshake(KEY, wire.SEALED)
+        except ProtocolError as e:
+            errors["server"] = e
+
+    def rewrite():
+        # server hello: SEALED -> PLAINTEXT towards a plaintext client; its hello back: -> SEALED
+        hdr = b.recv(wire._HEADER.size, socket.MSG_WAITALL)
+        hello = bytearray(b.recv(wire._HELLO_S.size, socket.MSG_WAITALL))
+        hello[6] = wire.PLAINTEXT
+        mitm_s.sendall(hdr + bytes(hello))
+        hdr = mitm_s.recv(wire._HEADER.size, socket.MSG_WAITALL)
+        hello = bytearray(mitm_s.recv(wire._HELLO_C.size, socket.MSG_WAITALL))
+        hello[6] = wire.SEALED
+        b.sendall(hdr + bytes(hello))
+        mitm_s.sendall(b.recv(1 << 16))
+
+    threads = [threading.Thread(target=do_server), threading.Thread(target=rewrite)]
+    for t in threads:
+        t.start()
+    with pytest.raises(ProtocolError):
+        client.client_handshake(KEY, wire.PLAINTEXT)
+    for t in threads:
+        t.join(10)
+    assert "wrong key" in str(errors["server"])
+
+
+def test_frame_before_authentication_is_small():
+    """Finding 2: a header announcing 64 MiB before authentication is refused at once."""
+    a, b = socket.socketpair()
+    server = wire.Channel(a, "peer")
+    b.sendall(wire._HEADER.pack(Msg.HELLO, 0, 0, 64 << 20, 0))
+    with pytest.raises(ProtocolError, match="limit %d" % wire.MAX_PREAUTH_PAYLOAD):
         server.recv()
+
+
+def test_handshake_has_a_total_deadline():
+    """Finding 2: a peer sending a byte a second cannot stretch the handshake."""
+    a, b = socket.socketpair()
+    server = wire.Channel(a, "slow", deadline=time.monotonic() + 1.0)
+    stop = threading.Event()
+
+    def trickle():
+        for byte in wire._HEADER.pack(Msg.HELLO, 0, 0, wire._HELLO_C.size, 0) + bytes(wire._HELLO_C.size):
+            if stop.wait(0.2):
+                return
+            try:
+                b.send(bytes([byte]))
+            except OSError:
+                return
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    t0 = time.monotonic()
+    with pytest.raises(ProtocolError):
+        server.server_handshake(KEY)
+    assert time.monotonic() - t0 < 3
+    stop.set()
+    t.join(10)
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -128,41 +295,84 @@ def test_file_names_cannot_escape():
 
 
 def test_key_file_must_hold_a_secret(tmp_path):
-    short = tmp_path / "k"
-    short.write_bytes(b"abc")
-    with pytest.raises(ProtocolError, match="fewer than 16 bytes"):
-        wire.read_key(short)
-    with pytest.raises(ProtocolError, match="cannot read"):
-        wire.read_key(tmp_path / "missing")
+    """Finding 5: short, patterned or readable key files are refused, saying how to make a good one."""
+    short = tmp_path / "short"
+    short.write_bytes(os.urandom(16))
+    short.chmod(0o600)
+    with pytest.raises(UsageError, match="fewer than 32 bytes.*hybridmig keygen"):
+        read_key(short)
+    pattern = tmp_path / "pattern"
+    pattern.write_bytes(b"k" * 64)
+    pattern.chmod(0o600)
+    with pytest.raises(UsageError, match="pattern.*hybridmig keygen"):
+        read_key(pattern)
+    readable = tmp_path / "readable"
+    readable.write_bytes(os.urandom(32))
+    readable.chmod(0o644)
+    with pytest.raises(UsageError, match="group or others can read it.*chmod 600"):
+        read_key(readable)
+    with pytest.raises(UsageError, match="cannot read"):
+        read_key(tmp_path / "missing")
+    hexkey = tmp_path / "hex"
+    hexkey.write_bytes(os.urandom(32).hex().encode())
+    hexkey.chmod(0o600)
+    assert len(read_key(hexkey)) == 64
 
 
-@pytest.fixture
-def certificate(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    proc = subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=hybridmig",
-        ],
-        capture_output=True,
-    )
+def test_keygen(tmp_path):
+    path = tmp_path / "key"
+    proc = subprocess.run([HYBRIDMIG, "keygen", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = read_key(path)
+    assert len(key) == 32
+    again = subprocess.run([HYBRIDMIG, "keygen", str(path)], capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "overwrite" in again.stderr
+    assert path.read_bytes() == key
+
+
+def _openssl(*args):
+    proc = subprocess.run(["openssl", *args], capture_output=True, timeout=60)
     if proc.returncode != 0:
         pytest.skip(f"openssl cannot make a test certificate: {proc.stderr.decode()[-200:]}")
-    return str(cert), str(key)
+
+
+def _make_cert(d, ca, name):
+    """(certificate, key) of `name`, signed by CA `ca`, for DNS name `name`."""
+    ext = d / f"{name}.ext"
+    ext.write_text(f"subjectAltName=DNS:{name}\n")
+    _openssl(
+        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"), "-subj", f"/CN={name}",
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / f"{ca}.pem"), "-CAkey", str(d / f"{ca}.key"),
+        "-CAcreateserial", "-out", str(d / f"{name}.pem"), "-days", "1", "-extfile", str(ext),
+    )  # fmt: skip
+    return str(d / f"{name}.pem"), str(d / f"{name}.key")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA with certificates for a destination, a source and someone else; and a second CA's source."""
+    d = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "rogue-ca"):
+        _openssl(
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", str(d / f"{ca}.key"), "-out", str(d / f"{ca}.pem"), "-days", "1", "-subj", f"/CN={ca}",
+        )  # fmt: skip
+    return {
+        "ca": str(d / "ca.pem"),
+        "dest": _make_cert(d, "ca", "dest"),
+        "source": _make_cert(d, "ca", "source"),
+        "other": _make_cert(d, "ca", "other"),
+        "rogue": _make_cert(d, "rogue-ca", "rogue"),
+    }
+
+
+def fingerprint(cert):
+    with open(cert) as f:
+        return hashlib.sha256(ssl.PEM_cert_to_DER_cert(f.read())).hexdigest()
 
 
 def tls_server(ctx, key):
@@ -175,6 +385,7 @@ def tls_server(ctx, key):
     def serve():
         conn, _ = lsock.accept()
         lsock.close()
+        conn.settimeout(10)
         try:
             ch = wire.Channel(ctx.wrap_socket(conn, server_side=True), "source")
             ch.server_handshake(key)
@@ -189,43 +400,103 @@ def tls_server(ctx, key):
     return lsock.getsockname()[1], t, result
 
 
-def test_tls_session(certificate):
-    port, t, result = tls_server(wire.tls_server_context(*certificate), KEY)
-    ch = wire.connect(("127.0.0.1", port), KEY, tls=wire.tls_client_context(certificate[0]))
+def client(pki, cert="source", name="dest", fp=None):
+    return wire.tls_client_context(pki["ca"], *pki[cert], name=name, fingerprint=fp)
+
+
+def test_tls_session_is_mutual_and_checks_the_name(pki):
+    port, t, result = tls_server(wire.tls_server_context(*pki["dest"], pki["ca"]), KEY)
+    ch = wire.connect(("127.0.0.1", port), KEY, tls=client(pki))
     ch.send(Msg.COMMIT)
     t.join(10)
     ch.close()
-    assert result["frame"] == (Msg.COMMIT, bytearray())
+    assert result["frame"][0] == Msg.COMMIT
     assert result["cipher"] is not None
 
 
-def test_tls_refuses_an_unknown_certificate(certificate, tmp_path):
-    other_cert = tmp_path / "other"
-    other_cert.mkdir()
-    other = subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            str(other_cert / "k"),
-            "-out",
-            str(other_cert / "c"),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=other",
-        ],
-        capture_output=True,
-    )
-    assert other.returncode == 0
-    port, t, result = tls_server(wire.tls_server_context(*certificate), KEY)
-    with pytest.raises(ProtocolError, match="TLS"):
-        wire.connect(("127.0.0.1", port), KEY, tls=wire.tls_client_context(str(other_cert / "c")))
+@pytest.mark.parametrize("cert", ["rogue", None])
+def test_tls_serve_refuses_a_source_without_a_certificate_of_its_ca(pki, cert):
+    """Finding 6: serve asks for the source's certificate, and checks it."""
+    port, t, result = tls_server(wire.tls_server_context(*pki["dest"], pki["ca"]), KEY)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki["ca"])
+    if cert:
+        ctx.load_cert_chain(*pki[cert])
+    with pytest.raises(ProtocolError):
+        wire.connect(("127.0.0.1", port), KEY, tls=wire.TlsClient(ctx, "dest"))
     t.join(10)
     assert "frame" not in result
+
+
+def test_tls_source_checks_the_destination_name(pki):
+    """Finding 6: another certificate of the same CA is not the destination."""
+    port, t, result = tls_server(wire.tls_server_context(*pki["other"], pki["ca"]), KEY)
+    with pytest.raises(ProtocolError, match="TLS"):
+        wire.connect(("127.0.0.1", port), KEY, tls=client(pki))
+    t.join(10)
+    assert "frame" not in result
+
+
+def test_tls_source_checks_the_fingerprint(pki):
+    port, t, result = tls_server(wire.tls_server_context(*pki["other"], pki["ca"]), KEY)
+    with pytest.raises(ProtocolError, match="not the one expected"):
+        wire.connect(("127.0.0.1", port), KEY, tls=client(pki, name=None, fp=fingerprint(pki["dest"][0])))
+    t.join(10)
+    port, t, result = tls_server(wire.tls_server_context(*pki["dest"], pki["ca"]), KEY)
+    ch = wire.connect(("127.0.0.1", port), KEY, tls=client(pki, name=None, fp=fingerprint(pki["dest"][0])))
+    ch.send(Msg.COMMIT)
+    t.join(10)
+    ch.close()
+    assert result["frame"][0] == Msg.COMMIT
+
+
+def test_tls_needs_a_name_or_a_fingerprint(pki):
+    with pytest.raises(UsageError, match="--tls-name"):
+        client(pki, name=None)
+
+
+def test_tls_relay_fails_the_handshake(pki):
+    """Finding 6: a relay that holds valid certificates (even the destination's
+    own) ends two TLS sessions; the handshake, bound to the TLS channel,
+    fails on both sides."""
+    port, t, result = tls_server(wire.tls_server_context(*pki["dest"], pki["ca"]), KEY)
+    front = socket.socket()
+    front.bind(("127.0.0.1", 0))
+    front.listen(1)
+    relay_server_ctx = wire.tls_server_context(*pki["dest"], pki["ca"])
+    relay_client = client(pki, cert="other")
+
+    def relay():
+        conn, _ = front.accept()
+        front.close()
+        try:
+            near = relay_server_ctx.wrap_socket(conn, server_side=True)
+            far = relay_client.wrap(socket.create_connection(("127.0.0.1", port), timeout=10), "dest")
+            pumps = [threading.Thread(target=_pump, args=x, daemon=True) for x in ((near, far), (far, near))]
+            for p in pumps:
+                p.start()
+            for p in pumps:
+                p.join(10)
+        except OSError:
+            conn.close()
+
+    r = threading.Thread(target=relay)
+    r.start()
+    with pytest.raises(ProtocolError, match="relay"):
+        wire.connect(("127.0.0.1", front.getsockname()[1]), KEY, tls=client(pki))
+    t.join(10)
+    r.join(20)
+    assert "frame" not in result and "relay" in str(result["error"])
+
+
+def _pump(src, dst):
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    except OSError:
+        pass
+    for s in (src, dst):
+        try:
+            s.close()
+        except OSError:
+            pass

@@ -67,6 +67,7 @@ def assert_clean(results, procs, pages):
         assert r["pages"] == pages
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("threads,procs", [(1, 1), (4, 1), (1, 3)])
 def test_clean_at_start(memwork, workdir, threads, procs):
     report = os.path.join(workdir, "report.jsonl")
@@ -98,6 +99,7 @@ def test_clean_at_start(memwork, workdir, threads, procs):
     assert len(w.reports("exit")) == procs
 
 
+@pytest.mark.root
 def test_corruption_is_detected(memwork, workdir):
     """Damage the memory of a running workload behind its back: verify must
     name exactly the damaged pages (this is what lets the other tests fail)."""
@@ -137,6 +139,26 @@ def test_corruption_is_detected(memwork, workdir):
         assert (zeroed, "not-zero") in {(d["page"], d["kind"]) for d in r["bad_detail"]}
 
 
+@pytest.mark.root
+def test_check_writes_reports_a_zeroed_page_at_its_next_rewrite(memwork, workdir):
+    """--check-writes: the writer checks each page before rewriting it, so a
+    page that reads as zeros (memory a migrated copy does not have) is
+    reported without a verify; intact memory is never reported."""
+    report = os.path.join(workdir, "report.jsonl")
+    # 4 MiB (1024 pages) at 2000 pages/s: every page is rewritten within ~0.5 s
+    with Workload.start(4, threads=1, rate=2000, report=report, check_writes=True) as w:
+        time.sleep(1.0)  # two laps over every page, all intact
+        assert w.reports("corrupt") == []
+        lost = 700
+        w.poke(lost, 0, bytes(os.sysconf("SC_PAGE_SIZE")))
+        deadline = time.monotonic() + 10
+        while not w.reports("corrupt") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (corrupt,) = w.reports("corrupt")
+        assert (corrupt["page"], corrupt["kind"], corrupt["found_gen"]) == (lost, "zero", 0), corrupt
+
+
+@pytest.mark.root
 @pytest.mark.parametrize("procs", [1, 3])
 def test_criu_round_trip(memwork, workdir, procs):
     """Plain dump (which kills the source) and restore: every page intact,

@@ -23,7 +23,10 @@ struct hm_loop_stats {
 	uint64_t eager_ns;       /* CLOCK_MONOTONIC when eager install began, 0 if not */
 	uint64_t done_ns;        /* CLOCK_MONOTONIC when all was installed, 0 if not */
 	uint64_t lat_p50_ns, lat_p99_ns, lat_max_ns; /* fault thread woke for it -> page installed */
-	int64_t error;           /* -errno of a fatal loop error, else 0 */
+	int64_t error;           /* -errno of a fatal loop error, else 0; then: */
+	int64_t error_op;        /* what failed: HM_LOOP_OP_* */
+	int64_t error_pid;       /* the task it was for, 0 if none */
+	uint64_t error_addr;     /* the address it was at, 0 if none */
 	uint64_t installers;     /* installer threads */
 	uint64_t batch_pages;    /* pages per installer copy */
 	uint64_t fault_thread_rt; /* 1 if the fault thread got SCHED_FIFO */
@@ -33,6 +36,18 @@ struct hm_loop_stats {
 	uint64_t installers_pinned; /* installers running on a CPU of their own */
 	uint64_t claims_cut;     /* installer claims stopped between two ioctls by a fault at the gate */
 };
+
+/* The operations a fatal error names (error_op). */
+#define HM_LOOP_OP_NONE 0
+#define HM_LOOP_OP_COPY 1     /* UFFDIO_COPY */
+#define HM_LOOP_OP_ZEROPAGE 2 /* UFFDIO_ZEROPAGE */
+#define HM_LOOP_OP_READ 3     /* reading a uffd's messages */
+#define HM_LOOP_OP_EPOLL 4    /* epoll_wait on the uffds */
+#define HM_LOOP_OP_FAULT 5    /* serving a page fault */
+#define HM_LOOP_OP_FORK 6     /* a FORK event */
+#define HM_LOOP_OP_REMAP 7    /* a REMAP event */
+#define HM_LOOP_OP_REMOVE 8   /* a REMOVE or UNMAP event */
+#define HM_LOOP_OP_SETTLE 9   /* owing again the rest of an installer's claim */
 
 /* Histograms (hm_loop_histogram): HM_HIST_BUCKETS buckets, 8 per power of
  * two of nanoseconds; hm_loop_bucket_ns(b) is the lower bound of bucket b. */

@@ -4,6 +4,9 @@
  * Functions return 0 or -errno. */
 typedef struct hm_store hm_store;
 
+/* The page size of every native module (and of hybridmig: the bindings export it). */
+#define HM_PAGE_SIZE 4096
+
 struct hm_store_stats {
 	uint64_t tasks;
 	uint64_t chunks;

@@ -17,6 +17,17 @@
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
 
+/* A spin-wait's pause: lets the sibling hyperthread (or the hypervisor) run,
+ * and spares the memory bus. x86's PAUSE, arm64's YIELD, else nothing. */
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield" ::: "memory");
+#endif
+}
+
 static inline uint64_t now_ns(void)
 {
 	struct timespec ts;

@@ -336,7 +336,7 @@ static void gate_close(hm_loop *l, struct task *t)
 
 		pthread_mutex_unlock(&l->lock);
 		while (__atomic_load_n(&t->copying, __ATOMIC_ACQUIRE) && now_ns() < until)
-			__builtin_ia32_pause();
+			cpu_relax();
 		lock_spinning(l);
 	}
 	/* Preempted elsewhere, or slow: sleep on them. */
@@ -453,8 +453,20 @@ enum install_result {
 	GONE,        /* the task exited, or a fatal error (l->st.error) */
 };
 
-/* What a failed fill means for the task. */
-static enum install_result fill_failed(hm_loop *l, struct task *t, int64_t n)
+/* A fatal error ends the loop: the first one is kept, with what failed
+ * (HM_LOOP_OP_*), for which task and where, for the caller to report. */
+static void loop_fail(hm_loop *l, int op, const struct task *t, uint64_t addr, int64_t err)
+{
+	if (l->st.error)
+		return;
+	l->st.error = err;
+	l->st.error_op = op;
+	l->st.error_pid = t ? t->pid : 0;
+	l->st.error_addr = addr;
+}
+
+/* What a failed fill (a copy of data, or of zeros) at addr means for the task. */
+static enum install_result fill_failed(hm_loop *l, struct task *t, uint64_t addr, const uint8_t *data, int64_t n)
 {
 	if (n == -EAGAIN) {
 		t->blocked = 1;
@@ -464,7 +476,7 @@ static enum install_result fill_failed(hm_loop *l, struct task *t, int64_t n)
 		task_exited(l, t);
 		return GONE;
 	}
-	l->st.error = n;
+	loop_fail(l, data ? HM_LOOP_OP_COPY : HM_LOOP_OP_ZEROPAGE, t, addr, n);
 	return GONE;
 }
 
@@ -509,7 +521,7 @@ static enum install_result install_faulted(hm_loop *l, struct task *t, uint64_t 
 	store_garbage_free(&g);
 	lock_spinning(l);
 	if (n < 0)
-		return fill_failed(l, t, n);
+		return fill_failed(l, t, addr, data, n);
 	if (faulted)
 		hist_add(l, HM_HIST_FAULT_COPY, copy_ns);
 	hm_ranges_remove(t->owed, addr, addr + n * PAGE_SZ);
@@ -527,7 +539,7 @@ static enum install_result install_zero(hm_loop *l, struct task *t, uint64_t add
 	n = fill(t, addr, 1, NULL, &installed);
 	lock_spinning(l);
 	if (n < 0)
-		return fill_failed(l, t, n);
+		return fill_failed(l, t, addr, NULL, n);
 	l->st.pages_zero += installed;
 	return INSTALLED;
 }
@@ -764,6 +776,39 @@ static int handle_pagefault(hm_loop *l, struct task *t, struct uffd_msg *msg, ui
 
 /* Read and serve everything pending on t's uffd. since_ns: when the fault
  * thread woke for it, the start of every fault's latency. */
+/* What a failed event's handling is reported as (loop_fail). */
+static int event_op(uint8_t event)
+{
+	switch (event) {
+	case UFFD_EVENT_PAGEFAULT:
+		return HM_LOOP_OP_FAULT;
+	case UFFD_EVENT_FORK:
+		return HM_LOOP_OP_FORK;
+	case UFFD_EVENT_REMAP:
+		return HM_LOOP_OP_REMAP;
+	case UFFD_EVENT_REMOVE:
+	case UFFD_EVENT_UNMAP:
+		return HM_LOOP_OP_REMOVE;
+	default:
+		return HM_LOOP_OP_READ;
+	}
+}
+
+static uint64_t event_addr(const struct uffd_msg *m)
+{
+	switch (m->event) {
+	case UFFD_EVENT_PAGEFAULT:
+		return m->arg.pagefault.address;
+	case UFFD_EVENT_REMAP:
+		return m->arg.remap.from;
+	case UFFD_EVENT_REMOVE:
+	case UFFD_EVENT_UNMAP:
+		return m->arg.remove.start;
+	default:
+		return 0;
+	}
+}
+
 static int handle_uffd(hm_loop *l, struct task *t, uint64_t since_ns)
 {
 	struct uffd_msg msgs[32];
@@ -783,6 +828,7 @@ static int handle_uffd(hm_loop *l, struct task *t, uint64_t since_ns)
 			break;
 		if (n < 0) {
 			rc = -errno;
+			loop_fail(l, HM_LOOP_OP_READ, t, 0, rc);
 			break;
 		}
 		if (n == 0)
@@ -811,6 +857,8 @@ static int handle_uffd(hm_loop *l, struct task *t, uint64_t since_ns)
 			default:
 				rc = -EPROTO;
 			}
+			if (rc)
+				loop_fail(l, event_op(m->event), t, event_addr(m), rc);
 		}
 	}
 	if (!rc && !t->blocked && t->nwaiting)
@@ -973,7 +1021,7 @@ static void settle(hm_loop *l, struct claim *c, int64_t n, uint64_t installed, s
 		count_installed(l, c->data ? HM_PAGE_DATA : HM_PAGE_ZERO, installed, 0);
 	}
 	if (n < 0)
-		fill_failed(l, t, n);
+		fill_failed(l, t, c->addr + done * PAGE_SZ, c->data, n);
 	if (t->exited && done < c->npages) {
 		/* task_exited released what was owed, not what we held */
 		store_task_lock(t->st);
@@ -982,7 +1030,7 @@ static void settle(hm_loop *l, struct claim *c, int64_t n, uint64_t installed, s
 	}
 	if (done < c->npages && !t->exited && hm_ranges_add(t->owed, c->addr + done * PAGE_SZ,
 							   c->addr + c->npages * PAGE_SZ))
-		l->st.error = -ENOMEM;
+		loop_fail(l, HM_LOOP_OP_SETTLE, t, c->addr + done * PAGE_SZ, -ENOMEM);
 	if (done < c->npages && t->cursor[c->installer] > c->addr + done * PAGE_SZ)
 		t->cursor[c->installer] = c->addr + done * PAGE_SZ; /* the rest, owed again, next */
 }
@@ -1033,7 +1081,7 @@ static int wait_gates(hm_loop *l)
 	until = now_ns() + GATE_SPIN_NS;
 	pthread_mutex_unlock(&l->lock);
 	while (__atomic_load_n(&gated->gated, __ATOMIC_ACQUIRE) && now_ns() < until)
-		__builtin_ia32_pause();
+		cpu_relax();
 	pthread_mutex_lock(&l->lock);
 	return 1;
 }
@@ -1234,7 +1282,7 @@ static void *fault_main(void *arg)
 		if (n > 0)
 			hist_add(l, HM_HIST_LOCK, now_ns() - woke);
 		if (n < 0 && errno != EINTR) {
-			l->st.error = -errno;
+			loop_fail(l, HM_LOOP_OP_EPOLL, NULL, 0, -errno);
 			break;
 		}
 		for (i = 0; i < n && !l->stop; i++) {
@@ -1250,7 +1298,7 @@ static void *fault_main(void *arg)
 			}
 			rc = handle_uffd(l, t, woke);
 			if (rc) {
-				l->st.error = rc;
+				loop_fail(l, HM_LOOP_OP_READ, t, 0, rc); /* (unless it named itself) */
 				break;
 			}
 		}

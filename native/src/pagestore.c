@@ -286,6 +286,7 @@ static int for_each_chunk(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t np
 		uint64_t addr = vaddr + done * PAGE_SZ;
 		uint64_t first = PAGE_IN_CHUNK(addr);
 		uint64_t n = MIN(npages - done, CHUNK_PAGES - first);
+		uint64_t next = UINT64_MAX;
 		struct chunk *c;
 
 		pthread_mutex_lock(&t->lock);
@@ -294,10 +295,21 @@ static int for_each_chunk(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t np
 			rc = fn(t, c, first, n, done, arg);
 		else if (create)
 			rc = -ENOMEM;
+		else if (chunk_index(t, CHUNK_BASE(addr)) < t->n)
+			next = t->chunks[chunk_index(t, CHUNK_BASE(addr))]->base;
 		pthread_mutex_unlock(&t->lock);
 		if (rc)
 			return rc;
-		done += n;
+		if (c || create) {
+			done += n;
+			continue;
+		}
+		/* Nothing held here: on to the next chunk held, so that a call
+		 * costs what the range holds, not its length (an INVALIDATE of a
+		 * whole address space). */
+		if (next >= vaddr + npages * PAGE_SZ)
+			break;
+		done = (next - vaddr) / PAGE_SZ;
 	}
 	return 0;
 }

@@ -6,6 +6,9 @@
 #include <stdint.h>
 
 #include "pagestore.h"
+#include "common.h"
+
+_Static_assert(PAGE_SZ == HM_PAGE_SIZE, "common.h and the API disagree on the page size");
 
 struct store_task;
 

@@ -59,7 +59,7 @@ class Path:
     reason: str
 
 
-_memos = []
+_memos: list = []
 
 
 def _memo(fn):
@@ -410,7 +410,7 @@ def check_criu_patches() -> Check:
     CRIU with the fix and stamps it."""
     path = find_criu()
     version = criu_version(path) if path else None
-    if version is None or version > LAST_UNPATCHED_CRIU:
+    if path is None or version is None or version > LAST_UNPATCHED_CRIU:
         return Check("criu patches", True, "none needed" if version else "no CRIU")
     if os.path.exists(os.path.join(os.path.dirname(os.path.realpath(path)), CRIU_PATCH_STAMP)):
         return Check("criu patches", True, "built by make setup with scripts/criu-patches")
@@ -544,7 +544,7 @@ def all_checks() -> list[Check]:
 
 def remedies(reasons) -> list[str]:
     """The distinct fixes (the text after ' — ') named in path reasons."""
-    fixes = []
+    fixes: list[str] = []
     for reason in reasons:
         for part in reason.split("; "):
             fix = part.split(" — ", 1)[1] if " — " in part else None
@@ -591,7 +591,9 @@ def require_criu() -> str:
     for check in (check_criu(), check_criu_check()):
         if not check.ok:
             raise SetupError(f"{check.name}: {check.detail}")
-    return find_criu()
+    path = find_criu()
+    assert path is not None  # check_criu() found it
+    return path
 
 
 # --- the command -------------------------------------------------------------

@@ -1,11 +1,14 @@
 """hybridmig's wire protocol between `run` (source) and `serve` (destination).
 
-Frames over one TCP connection (docs/protocol.md): a 16-byte header
-(type, flags, payload length, sequence number), the payload, and, once both
-sides proved they hold the shared key, a 16-byte HMAC-SHA256 over header and
-payload under a per-session key. A peer without the key can neither feed
-pages (its frames fail the MAC) nor read them (the source sends nothing to a
-destination that did not prove the key first).
+Frames over one TCP connection (docs/protocol.md). Both sides first prove
+that they hold the shared key (HELLO/HELLO/AUTH_OK, bound to both nonces,
+to the mode each side asked for and, under TLS, to the TLS channel); keys
+for each direction come from HKDF over the key, the nonces and the
+handshake's transcript. From then on every frame is sealed with AES-256-GCM,
+its nonce the direction and the frame's sequence number: a passive listener
+reads nothing but frame lengths, and a frame changed, replayed, reordered or
+reflected fails. With `--insecure-plaintext` on both ends frames travel in
+clear, only authenticated (HMAC-SHA256).
 """
 
 import enum
@@ -17,20 +20,39 @@ import socket
 import ssl
 import struct
 import threading
+import time
+from dataclasses import dataclass
 
 import lz4.block
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .bindings import PAGE_SIZE
 from .errors import ProtocolError, UsageError
 
 MAGIC = b"HMIG"
-VERSION = 1
-PAGE_SIZE = 4096
-MAC_SIZE = 16
+VERSION = 2
+MAC_SIZE = 16  # HMAC tag of a plaintext frame, and the AEAD tag of a sealed one
 MAX_PAYLOAD = 64 << 20
+# Pages one PAGES frame may describe, zero pages included: what a raw frame
+# of that many data pages could carry. It bounds what a frame costs the
+# destination (an lz4 block expands to at most this, ~250 times its size).
+MAX_FRAME_PAGES = MAX_PAYLOAD // PAGE_SIZE
+# Before authentication a peer is anyone: HELLO and ERROR are small, and no
+# bigger frame is read (a header must not make serve allocate 64 MiB).
+MAX_PREAUTH_PAYLOAD = 1024
+# The whole handshake, connection and TLS included, on either side.
+HANDSHAKE_DEADLINE_S = 5.0
 
-_HEADER = struct.Struct("!BBHIQ")  # type, flags, reserved, length, sequence
-_HELLO_S = struct.Struct("!4sH32s")
-_HELLO_C = struct.Struct("!4sH32s32s")
+SEALED, PLAINTEXT = 0, 1  # the frame mode each side asks for in its HELLO
+
+_HEADER = struct.Struct("!BBHIQ")  # type, flags, reserved, length, sequence: handshake and plaintext frames
+_SEALED_HEADER = struct.Struct("!I")  # length of the sealed type and payload, tag included
+_NONCE = struct.Struct("!4sQ")  # direction, sequence number: never the same twice under one key
+_HELLO_S = struct.Struct("!4sHB32s")  # magic, version, mode, nonce_s
+_HELLO_C = struct.Struct("!4sHB32s32s")  # magic, version, mode, nonce_c, proof
 _PAGES = struct.Struct("!QHB")  # key, extents, encoding
 _EXTENT = struct.Struct("!QI")  # vaddr, npages
 _RANGE = struct.Struct("!QQQ")  # key, vaddr, npages
@@ -57,18 +79,7 @@ class Msg(enum.IntEnum):
     DONE = 25
     HOST = 26
     ENDED = 27
-
-
-def read_key(path):
-    """The shared secret: the whole key file, which must not be empty."""
-    try:
-        with open(path, "rb") as f:
-            key = f.read()
-    except OSError as e:
-        raise ProtocolError(f"cannot read key file {path}: {e.strerror}") from e
-    if len(key.strip()) < 16:
-        raise ProtocolError(f"key file {path} holds fewer than 16 bytes: not a usable secret")
-    return key
+    OUTCOME = 28
 
 
 def boot_id():
@@ -85,64 +96,123 @@ def parse_addr(text):
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _mode_name(mode):
+    return "--insecure-plaintext" if mode == PLAINTEXT else "sealed frames (the default)"
+
+
+def channel_binding(sock):
+    """What ties the handshake to this TLS connection (RFC 5929's
+    tls-unique: the first Finished message, which differs on the two legs of
+    a relay); empty without TLS."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return b""
+    return b"tls-unique" + (sock.get_channel_binding("tls-unique") or b"")
+
+
+def _session_keys(key, hello_s, hello_c_unproven, binding):
+    """(client proof key, server proof key, client-to-server key,
+    server-to-client key, transcript hash): all of them bound to both
+    nonces, to both modes and to the TLS channel."""
+    transcript = hashlib.sha256(b"hybridmig handshake 2\0" + hello_s + hello_c_unproven + binding).digest()
+    hkdf = HKDF(
+        hashes.SHA256(), 128, salt=hello_s[-32:] + hello_c_unproven[-32:], info=b"hybridmig keys 2" + transcript
+    )
+    okm = hkdf.derive(key)
+    return okm[:32], okm[32:64], okm[64:96], okm[96:], transcript
+
+
 class Channel:
     """One authenticated, framed connection. send() may be called from
     several threads; recv() from one."""
 
-    def __init__(self, sock, peer):
+    def __init__(self, sock, peer, deadline=None):
         self.sock = sock
         self.peer = peer
-        self._mac_key = None  # ours; the peer's frames carry _peer_mac_key
+        self.deadline = deadline  # time.monotonic() by which the handshake must be over
+        self._seal = self._open = None  # AESGCM of each direction, once authenticated
+        self._mac_key = None  # plaintext mode: ours; the peer's frames carry _peer_mac_key
         self._peer_mac_key = None
+        self._send_dir = self._recv_dir = b""
         self._send_seq = 0
         self._recv_seq = 0
         self._send_lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
 
+    @property
+    def authenticated(self):
+        return self._seal is not None or self._mac_key is not None
+
+    @property
+    def sealed(self):
+        return self._seal is not None
+
     # --- authentication ------------------------------------------------------
 
-    def _start_macs(self, key, nonce_s, nonce_c, server):
-        # one key per direction: a frame cannot be reflected back to its sender
-        def derive(label):
-            return hmac.new(key, b"session " + label + nonce_s + nonce_c, hashlib.sha256).digest()
+    def _start(self, keys, mode, server):
+        c2s, s2c = keys
+        if server:
+            out, into, self._send_dir, self._recv_dir = s2c, c2s, b"s2c\0", b"c2s\0"
+        else:
+            out, into, self._send_dir, self._recv_dir = c2s, s2c, b"c2s\0", b"s2c\0"
+        # sequence numbers start again at 0 under the new keys
+        self._send_seq = self._recv_seq = 0
+        if mode == PLAINTEXT:
+            self._mac_key, self._peer_mac_key = out, into
+        else:
+            self._seal, self._open = AESGCM(out), AESGCM(into)
+        self.deadline = None
 
-        to_client, to_server = derive(b"s2c"), derive(b"c2s")
-        self._mac_key, self._peer_mac_key = (to_client, to_server) if server else (to_server, to_client)
-
-    def server_handshake(self, key):
+    def server_handshake(self, key, mode=SEALED):
         nonce_s = os.urandom(32)
-        self.send(Msg.HELLO, _HELLO_S.pack(MAGIC, VERSION, nonce_s))
+        hello_s = _HELLO_S.pack(MAGIC, VERSION, mode, nonce_s)
+        self.send(Msg.HELLO, hello_s)
         kind, payload = self.recv()
         if kind != Msg.HELLO or len(payload) != _HELLO_C.size:
             raise ProtocolError(f"{self.peer} did not start with a hybridmig hello")
-        magic, version, nonce_c, mac = _HELLO_C.unpack(payload)
+        magic, version, peer_mode, _nonce_c, proof = _HELLO_C.unpack(payload)
         if magic != MAGIC or version != VERSION:
             self.send_error("protocol version %d not supported (this is %d)" % (version, VERSION))
             raise ProtocolError("%s speaks protocol version %d, not %d" % (self.peer, version, VERSION))
-        if not hmac.compare_digest(mac, hmac.new(key, b"client" + nonce_s + nonce_c, hashlib.sha256).digest()):
-            self.send_error("authentication failed: wrong key")
-            raise ProtocolError(f"{self.peer} failed authentication (wrong key)")
-        self.send(Msg.AUTH_OK, hmac.new(key, b"server" + nonce_c + nonce_s, hashlib.sha256).digest())
-        self._start_macs(key, nonce_s, nonce_c, server=True)
+        if peer_mode != mode:
+            self.send_error(
+                "this destination wants %s, the source asked for %s" % (_mode_name(mode), _mode_name(peer_mode))
+            )
+            raise ProtocolError(
+                "%s asked for %s, this destination wants %s: both ends must say --insecure-plaintext, or neither"
+                % (self.peer, _mode_name(peer_mode), _mode_name(mode))
+            )
+        kc, ks, c2s, s2c, transcript = _session_keys(key, hello_s, bytes(payload[:-32]), channel_binding(self.sock))
+        if not hmac.compare_digest(proof, hmac.new(kc, transcript, hashlib.sha256).digest()):
+            self.send_error("authentication failed: wrong key (or a relay between us)")
+            raise ProtocolError(f"{self.peer} failed authentication (wrong key, or a relay)")
+        self.send(Msg.AUTH_OK, hmac.new(ks, transcript + proof, hashlib.sha256).digest())
+        self._start((c2s, s2c), mode, server=True)
 
-    def client_handshake(self, key):
+    def client_handshake(self, key, mode=SEALED):
         kind, payload = self.recv()
         if kind != Msg.HELLO or len(payload) != _HELLO_S.size:
-            raise ProtocolError(f"{self.peer} is not a hybridmig destination")
-        magic, version, nonce_s = _HELLO_S.unpack(payload)
+            raise ProtocolError(f"{self.peer} is not a hybridmig destination (of protocol version {VERSION})")
+        hello_s = bytes(payload)
+        magic, version, peer_mode, _nonce_s = _HELLO_S.unpack(hello_s)
         if magic != MAGIC or version != VERSION:
             raise ProtocolError("%s speaks protocol version %d, not %d" % (self.peer, version, VERSION))
-        nonce_c = os.urandom(32)
-        mac = hmac.new(key, b"client" + nonce_s + nonce_c, hashlib.sha256).digest()
-        self.send(Msg.HELLO, _HELLO_C.pack(MAGIC, VERSION, nonce_c, mac))
+        if peer_mode != mode:
+            raise ProtocolError(
+                "%s wants %s, this source asked for %s: both ends must say --insecure-plaintext, or neither; "
+                "nothing was sent" % (self.peer, _mode_name(peer_mode), _mode_name(mode))
+            )
+        unproven = _HELLO_C.pack(MAGIC, VERSION, mode, os.urandom(32), bytes(32))[:-32]
+        kc, ks, c2s, s2c, transcript = _session_keys(key, hello_s, unproven, channel_binding(self.sock))
+        proof = hmac.new(kc, transcript, hashlib.sha256).digest()
+        self.send(Msg.HELLO, unproven + proof)
         kind, payload = self.recv()
         if kind == Msg.ERROR:
-            raise ProtocolError("{} refused us: {}".format(self.peer, payload.decode(errors="replace")))
-        expect = hmac.new(key, b"server" + nonce_c + nonce_s, hashlib.sha256).digest()
-        if kind != Msg.AUTH_OK or not hmac.compare_digest(payload, expect):
-            raise ProtocolError(f"{self.peer} failed authentication (wrong key): nothing was sent")
-        self._start_macs(key, nonce_s, nonce_c, server=False)
+            raise ProtocolError("{} refused us: {}".format(self.peer, bytes(payload).decode(errors="replace")))
+        expect = hmac.new(ks, transcript + proof, hashlib.sha256).digest()
+        if kind != Msg.AUTH_OK or not hmac.compare_digest(bytes(payload), expect):
+            raise ProtocolError(f"{self.peer} failed authentication (wrong key, or a relay): nothing was sent")
+        self._start((c2s, s2c), mode, server=False)
 
     # --- frames ------------------------------------------------------------------
 
@@ -151,18 +221,35 @@ class Channel:
         m.update(payload)
         return m.digest()[:MAC_SIZE]
 
+    def _frame(self, kind, payload, flags):
+        if self._seal is not None:
+            # the type travels sealed with the payload: only the length shows
+            header = _SEALED_HEADER.pack(1 + len(payload) + MAC_SIZE)
+            nonce = _NONCE.pack(self._send_dir, self._send_seq)
+            return header + self._seal.encrypt(nonce, bytes((kind,)) + payload, header)
+        header = _HEADER.pack(kind, flags, 0, len(payload), self._send_seq)
+        frame = header + payload
+        if self._mac_key is not None:
+            frame += self._mac(header, payload)
+        return frame
+
     def send(self, kind, payload=b"", flags=0):
         with self._send_lock:
-            header = _HEADER.pack(kind, flags, 0, len(payload), self._send_seq)
+            frame = self._frame(kind, payload, flags)
             self._send_seq += 1
-            frame = header + payload
-            if self._mac_key is not None:
-                frame += self._mac(header, payload)
             try:
+                if self.deadline is not None:
+                    self._settimeout_to_deadline()
                 self.sock.sendall(frame)
             except OSError as e:
                 raise ProtocolError(f"connection to {self.peer} lost while sending: {e}") from e
             self.bytes_sent += len(frame)
+
+    def _settimeout_to_deadline(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ProtocolError(f"{self.peer} did not complete the handshake within its deadline")
+        self.sock.settimeout(left)
 
     def _recv_exact(self, n):
         buf = bytearray(n)
@@ -170,6 +257,8 @@ class Channel:
         got = 0
         while got < n:
             try:
+                if self.deadline is not None:  # the handshake's total, not each recv's
+                    self._settimeout_to_deadline()
                 r = self.sock.recv_into(view[got:], n - got)
             except TimeoutError as e:
                 raise ProtocolError(f"{self.peer} sent nothing for too long") from e
@@ -180,11 +269,30 @@ class Channel:
             got += r
         return buf
 
-    def recv(self):
+    def _recv_sealed(self):
+        header = bytes(self._recv_exact(_SEALED_HEADER.size))
+        (length,) = _SEALED_HEADER.unpack(header)
+        if not 1 + MAC_SIZE <= length <= 1 + MAX_PAYLOAD + MAC_SIZE:
+            raise ProtocolError("%s sent a %d-byte sealed frame (limit %d)" % (self.peer, length, MAX_PAYLOAD))
+        sealed = self._recv_exact(length)
+        nonce = _NONCE.pack(self._recv_dir, self._recv_seq)
+        try:
+            plain = self._open.decrypt(nonce, sealed, header)
+        except InvalidTag as e:
+            raise ProtocolError(
+                "frame %d from %s failed authentication (changed, replayed, reordered or not ours): refused"
+                % (self._recv_seq, self.peer)
+            ) from e
+        self._recv_seq += 1
+        self.bytes_received += _SEALED_HEADER.size + length
+        return plain[0], memoryview(plain)[1:]
+
+    def _recv_plain(self):
         header = bytes(self._recv_exact(_HEADER.size))
         kind, _flags, _res, length, seq = _HEADER.unpack(header)
-        if length > MAX_PAYLOAD:
-            raise ProtocolError("%s sent a %d-byte frame (limit %d)" % (self.peer, length, MAX_PAYLOAD))
+        limit = MAX_PAYLOAD if self.authenticated else MAX_PREAUTH_PAYLOAD
+        if length > limit:
+            raise ProtocolError("%s sent a %d-byte frame (limit %d)" % (self.peer, length, limit))
         if seq != self._recv_seq:
             raise ProtocolError("%s sent frame %d where %d was due" % (self.peer, seq, self._recv_seq))
         self._recv_seq += 1
@@ -194,11 +302,15 @@ class Channel:
             if not hmac.compare_digest(mac, self._mac(header, payload, self._peer_mac_key)):
                 raise ProtocolError("frame %d from %s failed its MAC: refused" % (seq, self.peer))
         self.bytes_received += _HEADER.size + length + (MAC_SIZE if self._mac_key else 0)
+        return kind, payload
+
+    def recv(self):
+        kind, payload = self._recv_sealed() if self._open is not None else self._recv_plain()
         try:
             kind = Msg(kind)
         except ValueError as e:
             raise ProtocolError("%s sent unknown message type %d" % (self.peer, kind)) from e
-        if kind == Msg.ERROR and self._mac_key is not None:
+        if kind == Msg.ERROR and self.authenticated:
             raise ProtocolError("{} reports: {}".format(self.peer, bytes(payload).decode(errors="replace")))
         return kind, payload
 
@@ -238,15 +350,26 @@ def encode_pages(key, extents, data, compress=True):
 
 
 def decode_pages(payload):
-    """(key, [(vaddr, npages, zero_bitmap)], data of the non-zero pages)."""
+    """(key, [(vaddr, npages, zero_bitmap)], data of the non-zero pages).
+    At most MAX_FRAME_PAGES pages, each extent page-aligned and within the
+    address space, no zero bit past an extent's pages."""
     view = memoryview(payload)
     try:
         key, n, enc = _PAGES.unpack_from(view)
-        off, extents, nonzero = _PAGES.size, [], 0
+        off, extents, nonzero, total = _PAGES.size, [], 0, 0
         for _ in range(n):
             vaddr, npages = _EXTENT.unpack_from(view, off)
             off += _EXTENT.size
+            total += npages
+            if total > MAX_FRAME_PAGES:
+                raise ProtocolError("PAGES frame of pid %d describes over %d pages" % (key, MAX_FRAME_PAGES))
+            if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE >= 1 << 64:
+                raise ProtocolError("PAGES frame of pid %d: %d pages at 0x%x are no page range" % (key, npages, vaddr))
             zero = bytes(view[off : off + (npages + 7) // 8])
+            if len(zero) != (npages + 7) // 8:
+                raise ProtocolError("PAGES frame too short for its extents")
+            if npages % 8 and zero[-1] >> (npages % 8):
+                raise ProtocolError("PAGES frame of pid %d marks zero pages past its %d pages" % (key, npages))
             off += (npages + 7) // 8
             extents.append((vaddr, npages, zero))
             nonzero += npages - sum(bin(b).count("1") for b in zero)
@@ -266,10 +389,14 @@ def decode_pages(payload):
 
 
 def decode_json(payload):
+    """A JSON object (a dict: every JSON message is one)."""
     try:
-        return json.loads(bytes(payload))
-    except ValueError as e:
+        obj = json.loads(bytes(payload))
+    except (ValueError, RecursionError) as e:
         raise ProtocolError(f"malformed JSON message: {e}") from e
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"a JSON message that is no object: {str(obj)[:80]}")
+    return obj
 
 
 def encode_range(key, vaddr, npages):
@@ -277,7 +404,15 @@ def encode_range(key, vaddr, npages):
 
 
 def decode_range(payload):
-    return _RANGE.unpack(bytes(payload))
+    """(key, vaddr, npages) of INVALIDATE and FETCH: a page-aligned range
+    within the address space."""
+    try:
+        key, vaddr, npages = _RANGE.unpack(bytes(payload))
+    except struct.error as e:
+        raise ProtocolError(f"a range message of {len(payload)} bytes, not {_RANGE.size}") from e
+    if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE >= 1 << 64:
+        raise ProtocolError("%d pages at 0x%x of pid %d: no page range" % (npages, vaddr, key))
+    return key, vaddr, npages
 
 
 def encode_round(n, stats):
@@ -285,8 +420,11 @@ def encode_round(n, stats):
 
 
 def decode_round(payload):
-    (n,) = _ROUND.unpack_from(payload)
-    return n, json.loads(bytes(payload[_ROUND.size :]) or b"{}")
+    try:
+        (n,) = _ROUND.unpack_from(payload)
+    except struct.error as e:
+        raise ProtocolError("ROUND message too short") from e
+    return n, decode_json(bytes(payload[_ROUND.size :]) or b"{}")
 
 
 def encode_ack(n, pages):
@@ -294,7 +432,10 @@ def encode_ack(n, pages):
 
 
 def decode_ack(payload):
-    return _ACK.unpack(bytes(payload))
+    try:
+        return _ACK.unpack(bytes(payload))
+    except struct.error as e:
+        raise ProtocolError("ROUND_ACK message of the wrong size") from e
 
 
 def encode_file(name, offset, data):
@@ -304,34 +445,79 @@ def encode_file(name, offset, data):
 
 def decode_file(payload):
     """(name, offset, data): a part of an image file."""
-    n, offset = struct.unpack_from("!HQ", payload)
-    name = bytes(payload[10 : 10 + n]).decode()
-    if not name or "/" in name or name in (".", ".."):
+    try:
+        n, offset = struct.unpack_from("!HQ", payload)
+        name = bytes(payload[10 : 10 + n]).decode()
+    except (struct.error, UnicodeDecodeError) as e:
+        raise ProtocolError(f"malformed FILE message: {e}") from e
+    if not name or "/" in name or "\0" in name or name in (".", "..") or len(name) != n:
         raise ProtocolError(f"refusing image file name {name!r}")
     return name, offset, bytes(payload[10 + n :])
 
 
-def tls_server_context(cert, key_file):
-    """TLS for `serve` (optional: the HMAC handshake authenticates either
-    way; TLS also hides the pages)."""
+def _load_tls(ctx, what, fn, *args):
+    try:
+        fn(*args)
+    except (OSError, ssl.SSLError) as e:
+        raise UsageError("cannot load TLS %s %s: %s" % (what, " / ".join(map(str, args)), e)) from e
+    return ctx
+
+
+def tls_server_context(cert, key_file, ca):
+    """TLS for `serve`: its certificate, and the CA that must have signed
+    every source's certificate (mutual authentication)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    _load_tls(ctx, "certificate / key", ctx.load_cert_chain, cert, key_file)
+    return _load_tls(ctx, "CA", ctx.load_verify_locations, ca)
+
+
+@dataclass
+class TlsClient:
+    """TLS for `run`: the context (CA, our certificate) and what identifies
+    the destination: the name its certificate must carry, or the SHA-256
+    fingerprint of that certificate."""
+
+    context: ssl.SSLContext
+    name: str | None = None
+    fingerprint: bytes | None = None
+
+    def wrap(self, sock, peer):
+        tls = self.context.wrap_socket(sock, server_hostname=self.name)
+        if self.fingerprint is not None:
+            got = hashlib.sha256(tls.getpeercert(binary_form=True)).digest()
+            if not hmac.compare_digest(got, self.fingerprint):
+                tls.close()
+                raise ProtocolError(
+                    "%s presented the certificate %s, not the one expected (--tls-fingerprint)" % (peer, got.hex())
+                )
+        return tls
+
+
+def parse_fingerprint(text):
+    """A SHA-256 fingerprint as openssl prints it (colons or not)."""
     try:
-        ctx.load_cert_chain(cert, key_file)
-    except (OSError, ssl.SSLError) as e:
-        raise ProtocolError(f"cannot load TLS certificate {cert} / key {key_file}: {e}") from e
-    return ctx
+        raw = bytes.fromhex(text.replace(":", "").removeprefix("sha256//").strip())
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise UsageError(f"--tls-fingerprint {text!r} is not a SHA-256 fingerprint (64 hex digits)")
+    return raw
 
 
-def tls_client_context(ca):
-    """TLS for `run`: the destination must present this certificate (or one
-    signed by it). Peers are addresses, not names: no host name check."""
+def tls_client_context(ca, cert, key_file, name=None, fingerprint=None):
+    """TLS for `run`: mutual (our certificate for the destination to check),
+    and the destination identified by name or by fingerprint, as any
+    certificate of the CA is not enough."""
+    if not name and not fingerprint:
+        raise UsageError("with --tls-ca, say which destination to accept: --tls-name NAME or --tls-fingerprint SHA256")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    try:
-        ctx.load_verify_locations(ca)
-    except (OSError, ssl.SSLError) as e:
-        raise ProtocolError(f"cannot load TLS CA {ca}: {e}") from e
-    return ctx
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = bool(name)  # a name (or an address) the certificate must carry
+    _load_tls(ctx, "CA", ctx.load_verify_locations, ca)
+    _load_tls(ctx, "certificate / key", ctx.load_cert_chain, cert, key_file)
+    return TlsClient(ctx, name or None, parse_fingerprint(fingerprint) if fingerprint else None)
 
 
 # A peer that stops answering (the link cut, the host gone without a FIN)
@@ -353,31 +539,27 @@ def tune(sock):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, (DEAD_PEER_S - _KEEPALIVE_IDLE_S) // _KEEPALIVE_INTERVAL_S)
 
 
-def connect(addr, key, timeout=10.0, tls=None, idle_timeout=None):
+def connect(addr, key, timeout=HANDSHAKE_DEADLINE_S * 2, tls=None, idle_timeout=None, mode=SEALED):
     """An authenticated channel to addr: `timeout` bounds the connection and
-    the handshake, `idle_timeout` (None: no bound) every wait after them."""
+    the whole handshake, `idle_timeout` (None: no bound) every wait after
+    them. `tls`: a TlsClient."""
     host, port = parse_addr(addr) if isinstance(addr, str) else addr
+    peer = "%s:%d" % (host, port)
+    deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
-        raise ProtocolError("cannot connect to %s:%d: %s" % (host, port, e.strerror or e)) from e
+        raise ProtocolError("cannot connect to %s: %s" % (peer, e.strerror or e)) from e
     tune(sock)
     if tls is not None:
         try:
-            sock = tls.wrap_socket(sock)
+            sock = tls.wrap(sock, peer)
         except (OSError, ssl.SSLError) as e:
             sock.close()
-            raise ProtocolError("TLS with %s:%d failed: %s" % (host, port, e)) from e
-    ch = Channel(sock, "%s:%d" % (host, port))
+            raise ProtocolError("TLS with %s failed: %s" % (peer, e)) from e
+    ch = Channel(sock, peer, deadline=deadline)
     try:
-        ch.client_handshake(key)
-    except ProtocolError as e:
-        ch.close()
-        if isinstance(e.__cause__, socket.timeout):  # serve takes one source at a time
-            raise ProtocolError(
-                "%s:%d did not answer within %ss: is it busy with another migration?" % (host, port, timeout)
-            ) from e
-        raise
+        ch.client_handshake(key, mode)
     except BaseException:
         ch.close()
         raise

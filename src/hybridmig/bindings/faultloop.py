@@ -2,44 +2,28 @@
 
 import os
 import struct
+from collections.abc import Iterable
 
 from ..errors import UffdError
 from ._ffi import check, check_range, ffi, lib
+from .pagestore import PageStore
 
 _MISS = struct.Struct("=QQQqQ")
-_STATS = (
-    "faults",
-    "faults_during_install",
-    "faults_absent",
-    "faults_blocked",
-    "pages_fault",
-    "pages_prefetch",
-    "pages_zero",
-    "bytes_copied",
-    "pages_owed",
-    "pages_waiting",
-    "tasks",
-    "tasks_exited",
-    "events_fork",
-    "events_remap",
-    "events_remove",
-    "events_unmap",
-    "events_during_install",
-    "eager_ns",
-    "done_ns",
-    "lat_p50_ns",
-    "lat_p99_ns",
-    "lat_max_ns",
-    "error",
-    "installers",
-    "batch_pages",
-    "fault_thread_rt",
-    "gate_waits",
-    "gate_same_cpu",
-    "gate_slept",
-    "installers_pinned",
-    "claims_cut",
-)
+#: the fields of struct hm_loop_stats, in its order (the header is the one definition)
+_STATS = tuple(name for name, _ in ffi.typeof("struct hm_loop_stats").fields)
+#: what a fatal error names (stats "error_op"), HM_LOOP_OP_*
+OPERATIONS = {
+    lib.HM_LOOP_OP_NONE: "the fault loop",
+    lib.HM_LOOP_OP_COPY: "UFFDIO_COPY",
+    lib.HM_LOOP_OP_ZEROPAGE: "UFFDIO_ZEROPAGE",
+    lib.HM_LOOP_OP_READ: "reading the uffd",
+    lib.HM_LOOP_OP_EPOLL: "epoll_wait",
+    lib.HM_LOOP_OP_FAULT: "serving a page fault",
+    lib.HM_LOOP_OP_FORK: "a FORK event",
+    lib.HM_LOOP_OP_REMAP: "a REMAP event",
+    lib.HM_LOOP_OP_REMOVE: "a REMOVE/UNMAP event",
+    lib.HM_LOOP_OP_SETTLE: "owing again an installer's rest",
+}
 # hm_loop_histogram's histograms, by the names the stats give them
 HISTOGRAMS = {
     "latency": lib.HM_HIST_LATENCY,
@@ -50,14 +34,14 @@ HISTOGRAMS = {
 }
 
 
-def _check(rc, origin):
-    return check(rc, origin, UffdError)
+def _check(rc: int, origin: str, pid: int | None = None) -> int:
+    return check(rc, origin, pid=pid, exc=UffdError)
 
 
 class FaultLoop:
     """A native thread serving the faults of every registered uffd from a PageStore."""
 
-    def __init__(self, store, installers=None, batch_pages=None):
+    def __init__(self, store: PageStore, installers: int | None = None, batch_pages: int | None = None) -> None:
         """installers: threads installing pages eagerly (default 2, or fewer
         CPUs); batch_pages: pages per installer ioctl (default 8)."""
         self._store = store  # the loop reads the store: keep it alive as long
@@ -71,34 +55,37 @@ class FaultLoop:
                 "hm_loop_configure",
             )
 
-    def add_task(self, uffd, key, pid, runs):
+    def add_task(self, uffd: int, key: int, pid: int, runs: Iterable[tuple[int, int]]) -> None:
         """Serve uffd (the loop owns and closes the fd from now on) for store
         task `key`, which is owed `runs`: (vaddr, npages) pairs."""
-        flat = []
+        runs = list(runs)
+        flat: list[int] = []
         for vaddr, npages in runs:
             check_range(vaddr, npages)
             flat += (vaddr, npages)
         _check(
-            lib.hm_loop_add_task(self._l, uffd, key, pid, ffi.new("uint64_t[]", flat), len(runs)), "hm_loop_add_task"
+            lib.hm_loop_add_task(self._l, uffd, key, pid, ffi.new("uint64_t[]", flat), len(runs)),
+            "hm_loop_add_task",
+            pid,
         )
 
-    def start(self):
+    def start(self) -> None:
         _check(lib.hm_loop_start(self._l), "hm_loop_start")
 
-    def begin_eager(self):
+    def begin_eager(self) -> None:
         """Restore has finished: install every owed page, faults first."""
         _check(lib.hm_loop_begin_eager(self._l), "hm_loop_begin_eager")
 
-    def notify(self):
+    def notify(self) -> None:
         """New pages are in the store: retry the faults waiting for them."""
         _check(lib.hm_loop_notify(self._l), "hm_loop_notify")
 
     @property
-    def miss_fd(self):
+    def miss_fd(self) -> int:
         """Readable when a fault needs a page the store lacks (see read_misses)."""
-        return lib.hm_loop_miss_fd(self._l)
+        return int(lib.hm_loop_miss_fd(self._l))
 
-    def read_misses(self):
+    def read_misses(self) -> list[tuple[int, ...]]:
         """[(key, vaddr, npages, pid, src), ...]: pages wanted that the store
         lacks: those of images task pid at src, for store task key at vaddr."""
         try:
@@ -107,28 +94,37 @@ class FaultLoop:
             return []
         return [_MISS.unpack_from(data, i) for i in range(0, len(data) - len(data) % _MISS.size, _MISS.size)]
 
-    def wait(self, timeout):
-        """True once every owed page is installed or its task exited; False on timeout."""
-        return bool(_check(lib.hm_loop_wait(self._l, int(timeout * 1000)), "hm_loop_wait (fault loop)"))
+    def wait(self, timeout: float) -> bool:
+        """True once every owed page is installed or its task exited; False on
+        timeout. A fatal error of the loop is raised naming what failed: the
+        operation, the task (`.pid`) and the address."""
+        rc = lib.hm_loop_wait(self._l, int(timeout * 1000))
+        if rc < 0:
+            st = self.stats()
+            where = " at 0x%x" % st["error_addr"] if st["error_addr"] else ""
+            task = " of pid %d" % st["error_pid"] if st["error_pid"] else ""
+            origin = OPERATIONS.get(st["error_op"], "operation %d" % st["error_op"]) + where + task
+            _check(rc, origin, st["error_pid"] or None)
+        return bool(rc)
 
-    def stop(self):
+    def stop(self) -> None:
         _check(lib.hm_loop_stop(self._l), "hm_loop_stop")
 
-    def stats(self):
+    def stats(self) -> dict[str, int]:
         st = ffi.new("struct hm_loop_stats *")
         lib.hm_loop_get_stats(self._l, st)
-        return {f: getattr(st, f) for f in _STATS}
+        return {f: int(getattr(st, f)) for f in _STATS}
 
-    def histograms(self):
+    def histograms(self) -> dict[str, dict[int, int]]:
         """{name: {lower bound of a bucket in ns: count}} of HISTOGRAMS, empty buckets left out."""
         counts = ffi.new("uint64_t[]", lib.HM_HIST_BUCKETS)
-        out = {}
+        out: dict[str, dict[int, int]] = {}
         for name, which in HISTOGRAMS.items():
             _check(lib.hm_loop_histogram(self._l, which, counts, lib.HM_HIST_BUCKETS), "hm_loop_histogram")
-            out[name] = {lib.hm_loop_bucket_ns(b): counts[b] for b in range(lib.HM_HIST_BUCKETS) if counts[b]}
+            out[name] = {int(lib.hm_loop_bucket_ns(b)): int(counts[b]) for b in range(lib.HM_HIST_BUCKETS) if counts[b]}
         return out
 
-    def close(self):
+    def close(self) -> None:
         """Stop the thread and close every uffd; the tasks keep what was installed."""
         if self._l is not None:
             lib.hm_loop_stop(self._l)

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from ..errors import HybridmigError
+from ..errors import HybridmigError, InDoubtError
+from ..source.options import DEFAULTS
 
 
 @click.group()
@@ -27,6 +28,25 @@ def _setup_logging(verbosity, log_file):
 def fail(message):
     click.echo(f"hybridmig: error: {message}", err=True)
     sys.exit(1)
+
+
+INSECURE_HELP = (
+    "send pages and images in clear (only authenticated): anyone on the path reads the process's memory; "
+    "both ends must say it"
+)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+def keygen(file):
+    """Write a new shared key to FILE (32 random bytes, mode 0600) for run and serve."""
+    from ..keys import generate_key
+
+    try:
+        generate_key(file)
+    except HybridmigError as e:
+        fail(str(e))
+    click.echo(f"wrote a new key to {file}: copy it to the other host, mode 0600 (e.g. with scp -p)", err=True)
 
 
 @main.command("lazy-pages")
@@ -79,6 +99,7 @@ def lazy_pages(
     batch_pages,
 ):
     """Serve `criu restore --lazy-pages` from a RAM page store (drop-in for `criu lazy-pages`)."""
+    from ..destination.guard import Guard
     from ..destination.lazypages import LazyPagesDaemon
 
     work_dir = work_dir or images_dir
@@ -92,9 +113,13 @@ def lazy_pages(
         from ..criu.pageserver import PageServerSource
 
         source = PageServerSource(address, port)
-    daemon = None
+    daemon = guard = None
     try:
-        daemon = LazyPagesDaemon(images_dir, work_dir, source=source, installers=installers, batch_pages=batch_pages)
+        # ends the restored tasks if this daemon dies, or fails, before every page is in
+        guard = Guard(owner="hybridmig lazy-pages")
+        daemon = LazyPagesDaemon(
+            images_dir, work_dir, source=source, installers=installers, batch_pages=batch_pages, guard=guard
+        )
         # Listening first, as runc's users expect of a daemon they start just
         # before `runc restore --lazy-pages`; a failure below closes the
         # socket, and a restore already connected then fails.
@@ -106,9 +131,12 @@ def lazy_pages(
             source.connect()  # fail before the restore sends its tasks, not halfway
         daemon.prepare()
         stats = daemon.serve(timeout=timeout, eager_delay=eager_delay)
+        guard.finish("done")
     except HybridmigError as e:
         fail(str(e))
     finally:
+        if guard is not None:
+            guard.close()
         if daemon is not None:
             daemon.close()
     if stats_json:
@@ -157,22 +185,56 @@ def _size(text):
 @click.option("--key-file", required=True, type=click.Path(dir_okay=False), help="shared secret, as on the source")
 @click.option("--once", is_flag=True, help="exit after the first migration (0 if it committed)")
 @click.option(
-    "--tls-cert", type=click.Path(dir_okay=False), help="TLS certificate (with --tls-key): encrypt the session"
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    help="also run the session in TLS: this certificate (with --tls-key and --tls-ca)",
 )
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS private key")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), help="TLS: the CA that signed the sources' certificates")
+@click.option("--insecure-plaintext", is_flag=True, help=INSECURE_HELP)
 @click.option("--keep", is_flag=True, help="keep each session's images and CRIU's restore.log in --dir")
+@click.option(
+    "--max-memory",
+    help="most a session's pages and images may take, e.g. 8G (default: the memory available, less a margin)",
+)
+@click.option(
+    "--allow-criu-opt",
+    "allow_criu_opts",
+    multiple=True,
+    help="also let sources pass this CRIU option (full long name; repeatable)",
+)
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
-def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, verbosity):
+def serve(
+    listen,
+    base_dir,
+    key_file,
+    once,
+    tls_cert,
+    tls_key,
+    tls_ca,
+    insecure_plaintext,
+    keep,
+    max_memory,
+    allow_criu_opts,
+    verbosity,
+):
     """Destination: keep pre-copied pages in RAM and restore migrated processes."""
     from .. import wire
+    from ..criu.command import check_allowed_names
     from ..destination import serve as destination
+    from ..keys import read_key
 
     _setup_logging(verbosity, None)
-    if bool(tls_cert) != bool(tls_key):
-        fail("--tls-cert and --tls-key go together")
+    if (tls_cert, tls_key, tls_ca) != (None, None, None) and not (tls_cert and tls_key and tls_ca):
+        fail("--tls-cert, --tls-key and --tls-ca go together (serve checks the source's certificate too)")
     try:
-        tls = wire.tls_server_context(tls_cert, tls_key) if tls_cert else None
-        outcome = destination.serve(listen, base_dir, wire.read_key(key_file), once=once, tls=tls, keep=keep)
+        key = read_key(key_file)
+        tls = wire.tls_server_context(tls_cert, tls_key, tls_ca) if tls_cert else None
+        mode = wire.PLAINTEXT if insecure_plaintext else wire.SEALED
+        limits = destination.Limits(
+            max_memory=_size(max_memory) if max_memory else None, criu_opts=check_allowed_names(allow_criu_opts)
+        )
+        outcome = destination.serve(listen, base_dir, key, once=once, tls=tls, keep=keep, mode=mode, limits=limits)
     except HybridmigError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -186,18 +248,20 @@ def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, verbosity):
 @click.option("--to", required=True, help="ADDRESS:PORT of `hybridmig serve`")
 @click.option("--key-file", required=True, type=click.Path(dir_okay=False), help="shared secret, as on the destination")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-@click.option("--max-rounds", type=int, default=30, show_default=True, help="pre-copy rounds at most")
+@click.option("--max-rounds", type=int, default=DEFAULTS.max_rounds, show_default=True, help="pre-copy rounds at most")
 @click.option(
     "--target-downtime",
     type=float,
-    default=300.0,
+    default=DEFAULTS.target_downtime_ms,
     show_default=True,
     help="ms: stop pre-copy once the last transfer is estimated to fit",
 )
-@click.option("--bandwidth-limit", default="0", help="bytes/s for pre-copy, e.g. 100M (0: no limit)")
+@click.option(
+    "--bandwidth-limit", default=str(DEFAULTS.bandwidth_limit), help="bytes/s for pre-copy, e.g. 100M (0: no limit)"
+)
 @click.option(
     "--auto-converge/--no-auto-converge",
-    default=True,
+    default=DEFAULTS.auto_converge,
     show_default=True,
     help="hold the tree in ptrace stops a growing share of the time while rounds do not converge",
 )
@@ -205,18 +269,23 @@ def serve(listen, base_dir, key_file, once, tls_cert, tls_key, keep, verbosity):
 @click.option(
     "--timeout",
     type=float,
-    default=120.0,
+    default=DEFAULTS.timeout,
     show_default=True,
     help="seconds for the dump, for the restore, and for any silence of the destination",
 )
-@click.option("--no-compress", is_flag=True, help="send pages without lz4")
+@click.option("--no-compress", is_flag=True, default=not DEFAULTS.compress, help="send pages without lz4")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False), help="also write the JSON report here")
 @click.option(
     "--work-dir",
     type=click.Path(file_okay=False),
     help="keep CRIU's images and dump.log here (default: a temp dir, removed)",
 )
-@click.option("--tls-ca", type=click.Path(dir_okay=False), help="use TLS; the destination's certificate (or its CA)")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), help="also run the session in TLS: the destination's CA")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS: this source's certificate (with --tls-key)")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS: this source's private key")
+@click.option("--tls-name", help="TLS: the name (or address) the destination's certificate must carry")
+@click.option("--tls-fingerprint", help="TLS: or the SHA-256 fingerprint of the destination's certificate")
+@click.option("--insecure-plaintext", is_flag=True, help=INSECURE_HELP)
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
 def run(
     pid,
@@ -233,22 +302,32 @@ def run(
     report_file,
     work_dir,
     tls_ca,
+    tls_cert,
+    tls_key,
+    tls_name,
+    tls_fingerprint,
+    insecure_plaintext,
     verbosity,
 ):
     """Source: live-migrate process tree PID to a destination."""
     from .. import wire
+    from ..keys import read_key
     from ..source.migration import Migration, alive
     from .progress import RunProgress
 
     _setup_logging(verbosity, None)
     if report_file and not os.access(os.path.dirname(os.path.abspath(report_file)), os.W_OK):
         fail(f"--report {report_file}: its directory is not writable (checked before migrating, not after)")
+    if (tls_cert, tls_key, tls_ca) != (None, None, None) and not (tls_cert and tls_key and tls_ca):
+        fail("--tls-ca, --tls-cert and --tls-key go together (the destination checks the source's certificate too)")
     show = RunProgress(enabled=not as_json)
     try:
+        key = read_key(key_file)
+        tls = wire.tls_client_context(tls_ca, tls_cert, tls_key, tls_name, tls_fingerprint) if tls_ca else None
         report = Migration(
             pid,
             to,
-            wire.read_key(key_file),
+            key,
             max_rounds=max_rounds,
             target_downtime_ms=target_downtime,
             bandwidth_limit=_size(bandwidth_limit),
@@ -257,18 +336,20 @@ def run(
             timeout=timeout,
             progress=show.update,
             compress=not no_compress,
-            tls=wire.tls_client_context(tls_ca) if tls_ca else None,
+            tls=tls,
+            wire_mode=wire.PLAINTEXT if insecure_plaintext else wire.SEALED,
             auto_converge=auto_converge,
         ).run()
     except HybridmigError as e:
-        failed = {"result": "failed", "error": str(e), "pid": pid}
+        in_doubt = isinstance(e, InDoubtError)
+        failed = {"result": "in doubt" if in_doubt else "failed", "error": str(e), "pid": pid}
         if report_file:
             with open(report_file, "w") as f:
                 json.dump(failed, f, indent=2)
         if as_json:
             click.echo(json.dumps(failed))
-        # (not said of a pid that is gone or a zombie: the error is about that)
-        fail("%s (pid %d keeps running on the source)" % (e, pid) if alive(pid) else str(e))
+        # (not said of a pid that is gone or a zombie, or left frozen: the error is about that)
+        fail("%s (pid %d keeps running on the source)" % (e, pid) if alive(pid) and not in_doubt else str(e))
     if report_file:
         with open(report_file, "w") as f:
             json.dump(report, f, indent=2)
@@ -276,6 +357,20 @@ def run(
         click.echo(json.dumps(report, indent=2))
     else:
         show.summary(report)
+
+
+@main.command()
+@click.argument("criu_pid", type=int)
+@click.argument("decision", type=click.Choice(["resume", "end"]))
+def settle(criu_pid, decision):
+    """Settle a migration `run` left in doubt: resume the frozen source, or end it."""
+    from ..criu.command import settle as settle_dump
+
+    try:
+        settle_dump(criu_pid, end=decision == "end")
+    except HybridmigError as e:
+        fail(str(e))
+    click.echo("the source was %s" % ("ended" if decision == "end" else "resumed"))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

@@ -28,48 +28,173 @@ def criu_binary():
     return doctor.require_criu()
 
 
-# CRIU options hybridmig sets itself for the dump and the restore, or that
-# change what a committed dump leaves behind (-R, -s: a second copy of the
-# process on the source): refused in --criu-opt. Long names, and the short
-# letters that stand for them.
-RESERVED_OPTS = {
-    "--leave-running": "R",
-    "--leave-stopped": "s",
-    "--tree": "t",
-    "--images-dir": "D",
-    "--work-dir": "W",
-    "--log-file": "o",
-    "--restore-detached": "d",
-    "--lazy-pages": None,
-    "--page-server": None,
-    "--address": None,
-    "--port": None,
-    "--ps-socket": None,
-    "--action-script": None,
-    "--pidfile": None,
-    "--track-mem": None,
-    "--prev-images-dir": None,
-}
+# CRIU 4.2.1's options (criu/config.c, long_opts and short_opts), and
+# whether each takes an argument: an option from a source is resolved as
+# CRIU's getopt_long resolves it (any unambiguous prefix of a long name
+# counts: --leave-run is --leave-running), then checked by its full name.
+NO, REQUIRED, OPTIONAL = 0, 1, 2
+CRIU_LONG_OPTS = {
+    "tree": REQUIRED, "leave-stopped": NO, "leave-running": NO, "restore-detached": NO,
+    "no-restore-detached": NO, "restore-sibling": NO, "no-restore-sibling": NO, "daemon": NO,
+    "no-daemon": NO, "images-dir": REQUIRED, "work-dir": REQUIRED, "log-file": REQUIRED,
+    "join-ns": REQUIRED, "root": REQUIRED, "ext-unix-sk": OPTIONAL, "help": NO,
+    "tcp-established": NO, "no-tcp-established": NO, "close": REQUIRED, "log-pid": NO,
+    "no-log-pid": NO, "version": NO, "evasive-devices": NO, "no-evasive-devices": NO,
+    "pidfile": REQUIRED, "veth-pair": REQUIRED, "action-script": REQUIRED, "link-remap": NO,
+    "no-link-remap": NO, "shell-job": NO, "no-shell-job": NO, "file-locks": NO,
+    "no-file-locks": NO, "page-server": NO, "no-page-server": NO, "address": REQUIRED,
+    "port": REQUIRED, "prev-images-dir": REQUIRED, "ms": NO, "track-mem": NO,
+    "no-track-mem": NO, "auto-dedup": NO, "no-auto-dedup": NO, "libdir": REQUIRED,
+    "cpu-cap": OPTIONAL, "force-irmap": NO, "no-force-irmap": NO, "ext-mount-map": REQUIRED,
+    "exec-cmd": NO, "manage-cgroups": OPTIONAL, "cgroup-root": REQUIRED, "inherit-fd": REQUIRED,
+    "feature": REQUIRED, "skip-mnt": REQUIRED, "enable-fs": REQUIRED, "enable-external-sharing": NO,
+    "enable-external-masters": NO, "freeze-cgroup": REQUIRED, "ghost-limit": REQUIRED, "irmap-scan-path": REQUIRED,
+    "lsm-profile": REQUIRED, "timeout": REQUIRED, "external": REQUIRED, "empty-ns": REQUIRED,
+    "lazy-pages": NO, "extra": NO, "no-extra": NO, "experimental": NO,
+    "no-experimental": NO, "all": NO, "cgroup-props": REQUIRED, "cgroup-props-file": REQUIRED,
+    "cgroup-dump-controller": REQUIRED, "skip-in-flight": NO, "no-skip-in-flight": NO, "deprecated": NO,
+    "no-deprecated": NO, "display-stats": NO, "no-display-stats": NO, "weak-sysctls": NO,
+    "no-weak-sysctls": NO, "status-fd": REQUIRED, "tcp-close": NO, "no-tcp-close": NO,
+    "verbosity": OPTIONAL, "ps-socket": REQUIRED, "stream": NO, "no-stream": NO,
+    "config": REQUIRED, "no-default-config": NO, "tls-cacert": REQUIRED, "tls-cacrl": REQUIRED,
+    "tls-cert": REQUIRED, "tls-key": REQUIRED, "tls": NO, "no-tls": NO,
+    "tls-no-cn-verify": NO, "cgroup-yard": REQUIRED, "pre-dump-mode": REQUIRED, "file-validation": REQUIRED,
+    "skip-file-rwx-check": NO, "no-skip-file-rwx-check": NO, "lsm-mount-context": REQUIRED, "network-lock": REQUIRED,
+    "mntns-compat-mode": NO, "no-mntns-compat-mode": NO, "unprivileged": NO, "no-unprivileged": NO,
+    "ghost-fiemap": NO, "no-ghost-fiemap": NO, "allow-uprobes": NO, "no-allow-uprobes": NO,
+}  # fmt: skip
+# short_opts "dSsRt:hD:o:v::x::Vr:jJ:lW:L:M:": the long option each letter is
+CRIU_SHORT_OPTS = {
+    "d": "restore-detached", "S": "restore-sibling", "s": "leave-stopped", "R": "leave-running", "t": "tree",
+    "h": "help", "D": "images-dir", "o": "log-file", "v": "verbosity", "x": "ext-unix-sk", "V": "version",
+    "r": "root", "j": "shell-job", "J": "join-ns", "l": "file-locks", "W": "work-dir", "L": "libdir",
+    "M": "ext-mount-map",
+}  # fmt: skip
+
+# What a source may ask the destination's CRIU for: options about how the
+# process's sockets, terminal, locks and unlinked files are restored, and the
+# log level. Anything else (paths, scripts, namespaces, a config file) would
+# let whoever holds the key choose what root runs there; serve widens the
+# list with --allow-criu-opt.
+ALLOWED_CRIU_OPTS = frozenset(
+    {"tcp-established", "tcp-close", "skip-in-flight", "ext-unix-sk", "shell-job", "file-locks", "link-remap"}
+    | {"no-tcp-established", "no-tcp-close", "no-skip-in-flight", "no-shell-job", "no-file-locks", "no-link-remap"}
+    | {"verbosity"}
+)
+# Never allowed, whatever serve allows: the second copy they would leave on
+# the source after a commit, or what hybridmig sets itself.
+_SECOND_COPY = {"leave-running", "leave-stopped"}
+_SET_BY_HYBRIDMIG = {
+    "tree", "images-dir", "work-dir", "log-file", "restore-detached", "lazy-pages", "page-server", "address",
+    "port", "ps-socket", "action-script", "pidfile", "track-mem", "prev-images-dir",
+}  # fmt: skip
 
 
-def check_criu_opts(opts):
-    """UsageError naming the first of `opts` that hybridmig must not be
-    given (RESERVED_OPTS)."""
-    short = {letter: name for name, letter in RESERVED_OPTS.items() if letter}
-    for opt in opts:
-        name = opt.split("=", 1)[0]
-        if name in RESERVED_OPTS:
-            reserved = name
-        elif opt.startswith("-") and not opt.startswith("--") and opt[1:2] in short:
-            reserved = short[opt[1:2]]
+def resolve_criu_opts(opts):
+    """[(given, full long name)] of `opts`, a CRIU command line's options,
+    read as CRIU's getopt_long reads them (a unique prefix of a long name,
+    short letters in clusters, an argument attached or the next word).
+    UsageError for what CRIU would not take as an option."""
+    out, words = [], list(opts)
+    while words:
+        word = words.pop(0)
+        if word.startswith("--") and len(word) > 2:
+            given, eq, _value = word[2:].partition("=")
+            names = [given] if given in CRIU_LONG_OPTS else [n for n in CRIU_LONG_OPTS if n.startswith(given)]
+            if len(names) != 1:
+                why = "not a CRIU option" if not names else "ambiguous: " + ", ".join("--" + n for n in names)
+                raise UsageError(f"--criu-opt {word}: {why}")
+            name = names[0]
+            has_arg = CRIU_LONG_OPTS[name]
+            if eq and has_arg == NO:
+                raise UsageError(f"--criu-opt {word}: --{name} takes no argument")
+            if not eq and has_arg == REQUIRED:
+                if not words:
+                    raise UsageError(f"--criu-opt {word}: --{name} needs an argument")
+                words.pop(0)
+            out.append((word, name))
+        elif word.startswith("-") and len(word) > 1 and word != "--":
+            letters = word[1:]
+            while letters:
+                letter, letters = letters[0], letters[1:]
+                name = CRIU_SHORT_OPTS.get(letter)
+                if name is None:
+                    raise UsageError(f"--criu-opt {word}: -{letter} is not a CRIU option")
+                out.append((word, name))
+                if CRIU_LONG_OPTS[name] != NO:
+                    if not letters and CRIU_LONG_OPTS[name] == REQUIRED:
+                        if not words:
+                            raise UsageError(f"--criu-opt {word}: -{letter} needs an argument")
+                        words.pop(0)
+                    break  # the rest of the word is its argument
+        else:
+            raise UsageError(f"--criu-opt {word!r}: not an option (CRIU would take it as an argument)")
+    return out
+
+
+def check_criu_opts(opts, allowed=ALLOWED_CRIU_OPTS):
+    """UsageError naming the first of `opts` that is not an allowed CRIU
+    option (read as CRIU reads it: resolve_criu_opts)."""
+    for given, name in resolve_criu_opts(opts):
+        if name in _SECOND_COPY:
+            why = "it would leave a second copy of the process on the source"
+        elif name in _SET_BY_HYBRIDMIG:
+            why = "hybridmig sets it itself"
+        elif name not in allowed:
+            why = "not among the CRIU options a source may set (%s); `serve --allow-criu-opt %s` allows it" % (
+                ", ".join(sorted(allowed)),
+                name,
+            )
         else:
             continue
-        why = (
-            "it would leave a second copy of the process on the source"
-            if reserved in ("--leave-running", "--leave-stopped")
-            else "hybridmig sets it itself"
-        )
-        raise UsageError(f"--criu-opt {opt} ({reserved}): {why}")
+        raise UsageError(f"--criu-opt {given} (--{name}): {why}")
+
+
+def check_allowed_names(names):
+    """serve's --allow-criu-opt: full CRIU long names, never one hybridmig
+    must refuse. Returns the widened allowlist."""
+    for name in names:
+        name = name.removeprefix("--")
+        if name not in CRIU_LONG_OPTS:
+            raise UsageError(f"--allow-criu-opt {name}: not a CRIU option (give its full long name)")
+        if name in _SECOND_COPY or name in _SET_BY_HYBRIDMIG:
+            raise UsageError(f"--allow-criu-opt {name}: hybridmig never lets a source set it")
+    return ALLOWED_CRIU_OPTS | {n.removeprefix("--") for n in names}
+
+
+def settle(criu_pid, end, timeout=10.0):
+    """Decide a migration left in doubt (the post-dump hook's verdict 2):
+    its `criu dump` waits, the tree frozen, for a client of its page
+    server; a clean session ends the tree (end), a failed one resumes it."""
+    import psutil
+
+    from .pageserver import PageServerSource
+
+    try:
+        cmdline = psutil.Process(criu_pid).cmdline()
+    except psutil.NoSuchProcess as e:
+        raise UsageError(f"no process {criu_pid}") from e
+    if "dump" not in cmdline or "--lazy-pages" not in cmdline or not os.path.basename(cmdline[0]).startswith("criu"):
+        raise UsageError(f"pid {criu_pid} is not a `criu dump --lazy-pages`: {' '.join(cmdline)[:200]}")
+    port = hook.page_server_port(criu_pid, timeout)
+    if port is None:
+        raise CriuError(f"criu dump {criu_pid} does not listen for its page-server client")
+    src = PageServerSource("127.0.0.1", port)
+    src.connect()
+    if end:
+        src.close()
+    else:
+        src.abort()
+    deadline = time.monotonic() + timeout
+    while True:  # not our child (run started it): a zombie is done, whoever reaps it
+        try:
+            if psutil.Process(criu_pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        if time.monotonic() > deadline:
+            raise CriuError(f"criu dump {criu_pid} did not finish within {timeout}s")
+        time.sleep(0.05)
 
 
 def log_tail(path, errors=8, tail=6):
@@ -193,6 +318,7 @@ class LazyDump:
             return None
         # CRIU complains on stderr before its log is open (bad options).
         # Not read to its end: a detached child of the hook may hold it.
+        assert self.proc.stderr is not None  # started with stderr=PIPE
         fd = self.proc.stderr.fileno()
         os.set_blocking(fd, False)
         try:

@@ -14,7 +14,10 @@ After post-dump a lazy dump always starts its page server and waits, frozen,
 for one client (criu/cr-dump.c, cr_dump_finish). A detached child of the
 hook is that client: it closes the session well on a commit (the tasks then
 end) and fails it otherwise (they resume), so nothing stays frozen even if
-`hybridmig run` itself is gone by then. CRIU, given no --port, binds its
+`hybridmig run` itself is gone by then. A verdict of 2 (the outcome in
+doubt: the destination may have kept its copy) lets the dump go on but
+starts no such child: CRIU waits for a client, the tasks frozen, until the
+operator runs `hybridmig settle CRIU_PID resume|end`. CRIU, given no --port, binds its
 page server to a port of the kernel's choosing only then: the child finds it
 among CRIU's listening sockets (a port picked in advance could be taken by
 another process in the minutes of pre-copy).
@@ -32,6 +35,7 @@ import sys
 import time
 
 HOOK_ENV = "HYBRIDMIG_HOOK_SOCKET"
+IN_DOUBT = b"2"  # post-dump: keep the tasks frozen, neither commit nor resume
 
 
 def page_server_port(criu_pid, timeout=60.0):
@@ -78,7 +82,7 @@ def _end_without_page_server(criu_pid, commit):
 
     from ..destination.guard import end_tree
 
-    for pid in ([os.environ.get("CRTOOLS_INIT_PID")] if commit else []) + [criu_pid]:
+    for pid in ([os.environ.get("CRTOOLS_INIT_PID")] if commit else []) + ([criu_pid] if criu_pid else []):
         try:
             end_tree(psutil.Process(int(pid)))
         except (TypeError, psutil.NoSuchProcess):
@@ -115,22 +119,34 @@ def main(argv=None):
     action = os.environ.get("CRTOOLS_SCRIPT_ACTION", "")
     if action not in ("pre-dump", "post-dump"):
         return 0
-    path = os.environ.get(HOOK_ENV)
+    criu_pid = os.getppid()  # CRIU runs its action scripts itself, and waits for them
+    path = os.environ.get(HOOK_ENV, "")
     verdict = b""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(path)
             s.sendall(action.encode() + b"\n")
             verdict = s.recv(1)
-    except (OSError, TypeError) as e:
+    except OSError as e:
         print(f"hybridmig's CRIU hook: cannot reach hybridmig run at {path}: {e}", file=sys.stderr)
     commit = verdict == b"0"
+    if action == "post-dump" and verdict == IN_DOUBT:
+        # CRIU starts its page server next and waits, frozen, for a client:
+        # `hybridmig settle` connects later, as the operator decides
+        return 0
     if action == "pre-dump":
         # CRIU waits here from the start of pre-copy until the switch-over:
         # 0 lets it seize the tree; anything else (pre-copy failed, or
         # `hybridmig run` is gone) makes it give up before touching it.
         return 0 if commit else 1
-    _detach_and_end_session(os.getppid(), commit)  # CRIU runs its action script itself
+    if os.getppid() != criu_pid:
+        # CRIU died while we waited (we were reparented): its ptrace stops
+        # ended with it, the tree runs again, and there is no page server
+        # session to end. After a commit the destination's copy is the one.
+        if commit:
+            _end_without_page_server(None, commit)
+        return 1
+    _detach_and_end_session(criu_pid, commit)
     return 0 if commit else 1
 
 

@@ -8,14 +8,19 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-import pycriu.images
-from pycriu.images import pb
-
+from ..bindings import PAGE_SIZE
 from ..errors import ImageError
 
 _I32 = struct.Struct("<i")
 
-PAGE_SIZE = 4096
+
+def _pycriu():
+    """pycriu.images, built from CRIU's source by `make setup` (it is not on
+    PyPI): imported on first use, so that what reads no image runs without it."""
+    import pycriu.images
+
+    return pycriu.images
+
 
 # Pagemap entry flags (criu/include/pagemap.h).
 PE_PARENT = 1 << 0
@@ -31,7 +36,7 @@ class LazyRun:
 
     vaddr: int
     npages: int
-    offset: int = None
+    offset: int | None = None
 
     @property
     def end(self):
@@ -54,7 +59,7 @@ def _load(path, what):
         raise ImageError(f"{path}: missing ({what})")
     try:
         with open(path, "rb") as f:
-            return pycriu.images.load(f)
+            return _pycriu().load(f)
     except ImageError:
         raise
     except Exception as e:  # pycriu raises bare exceptions of several kinds
@@ -96,12 +101,12 @@ def _pagemap(path):
         data = f.read()
     pos = 4
     (magic,) = _I32.unpack_from(data, 0) if len(data) >= 4 else (None,)
-    if magic in (pycriu.images.magic.by_name["IMG_COMMON"], pycriu.images.magic.by_name["IMG_SERVICE"]):
+    if magic in (_pycriu().magic.by_name["IMG_COMMON"], _pycriu().magic.by_name["IMG_SERVICE"]):
         (magic,) = _I32.unpack_from(data, 4) if len(data) >= 8 else (None,)
         pos = 8
-    if magic != pycriu.images.magic.by_name["PAGEMAP"]:
+    if magic != _pycriu().magic.by_name["PAGEMAP"]:
         raise ImageError(f"{path}: not a pagemap image (magic {magic!r})")
-    messages = []
+    messages: list = []  # pycriu pagemap entries
     while pos < len(data):
         if pos + 4 > len(data):
             raise ImageError("%s: truncated at byte %d" % (path, pos))
@@ -109,7 +114,7 @@ def _pagemap(path):
         pos += 4
         if size < 0 or pos + size > len(data):
             raise ImageError("%s: truncated: an entry of %d bytes at byte %d" % (path, size, pos))
-        msg = pb.pagemap_entry() if messages else pb.pagemap_head()
+        msg = _pycriu().pb.pagemap_entry() if messages else _pycriu().pb.pagemap_head()
         try:
             msg.ParseFromString(data[pos : pos + size])
         except Exception as e:  # protobuf's DecodeError, and missing required fields

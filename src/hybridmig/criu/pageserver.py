@@ -81,6 +81,9 @@ class PageServerSource:
     session, from another thread once the Fetcher is done.
     """
 
+    preload = False  # a PageSource (destination/sources.py)
+    prefetch = True
+
     def __init__(self, address, port, connect_timeout=10.0, io_timeout=60.0):
         self.address, self.port = address, int(port)
         self.connect_timeout, self.io_timeout = connect_timeout, io_timeout

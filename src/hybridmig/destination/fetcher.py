@@ -6,23 +6,24 @@ import os
 import select
 import threading
 
+from ..bindings import PAGE_SIZE
 from ..bindings.ranges import Ranges
-from ..criu.images import PAGE_SIZE
+from .sources import PageSource
 
 CHUNK = 2 << 20  # the store's chunk: one batch never crosses one
 FAULT_WINDOW = 16  # pages fetched for a fault that waits
 
 
 class Fetcher(threading.Thread):
-    def __init__(self, store, loop, source, batch_bytes=CHUNK):
+    def __init__(self, store, loop, source: PageSource, batch_bytes=CHUNK):
         super().__init__(name="hybridmig-fetcher", daemon=True)
         self.store, self.loop, self.source = store, loop, source
         self.batch_pages = max(batch_bytes // PAGE_SIZE, 1)
-        self.prefetch = getattr(source, "prefetch", True)
-        self.error = None
+        self.prefetch = source.prefetch
+        self.error: Exception | None = None
         self.pages_fetched = 0
-        self._pending = {}  # key -> Ranges of pages not fetched yet
-        self._order = []
+        self._pending: dict[int, Ranges] = {}  # key -> pages not fetched yet
+        self._order: list[int] = []
         self._lock = threading.Lock()
         self._stopping = False
         # stop() wakes the thread from its select at once: the daemon joins

@@ -23,11 +23,12 @@ from ..bindings.pagestore import PageStore
 from ..criu import images
 from ..errors import HybridmigError, ProtocolError, SetupError
 from .fetcher import Fetcher
-from .sources import LocalImages
+from .sources import LocalImages, PageSource
 
 SOCKET_NAME = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446  # "RSTF"
 _INT = struct.Struct("=i")
+_CREDS = struct.Struct("=iII")  # struct ucred
 
 log = logging.getLogger("hybridmig.lazy-pages")
 
@@ -61,6 +62,7 @@ def listen(work_dir):
             raise SetupError(f"cannot create {path}: {e.strerror} (is the work dir writable?)") from e
     finally:
         os.close(dirfd)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # each uffd comes with its task's pid
     sock.listen(1)
     return sock
 
@@ -76,16 +78,21 @@ def _recv_exact(conn, n, what):
 
 
 def _recv_uffd(conn, pid):
+    """The task's uffd, and its pid as this process sees it: CRIU sends the
+    uffd from the restored task itself (setup_uffd), so the sender is the task."""
     fds = array.array("i")
-    msg, anc, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(fds.itemsize))
+    sender = 0
+    msg, anc, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(fds.itemsize) + socket.CMSG_SPACE(_CREDS.size))
     for level, kind, data in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            sender = _CREDS.unpack(data[: _CREDS.size])[0]
     if not msg or len(fds) != 1:
         for fd in fds:
             os.close(fd)
         raise ProtocolError("criu restore sent no userfaultfd for pid %d" % pid)
-    return fds[0]
+    return fds[0], sender
 
 
 def summarize_histogram(hist, over_ns=50_000):
@@ -115,13 +122,14 @@ def summarize_histogram(hist, over_ns=50_000):
 class LazyPagesDaemon:
     """Serves the lazy pages of one `criu restore --lazy-pages` from a RAM page store."""
 
-    def __init__(self, images_dir, work_dir, source=None, store=None, installers=None, batch_pages=None):
+    def __init__(self, images_dir, work_dir, source=None, store=None, installers=None, batch_pages=None, guard=None):
         self.images_dir = images_dir
         self.work_dir = work_dir
         self.store = store or PageStore()
-        self.source = source or LocalImages()
+        self.source: PageSource = source or LocalImages()
         self.loop = FaultLoop(self.store, installers=installers, batch_pages=batch_pages)
         self.fetcher = Fetcher(self.store, self.loop, self.source)
+        self.guard = guard  # guard.Guard: holds a duplicate of each uffd until every page is in
         self.sock = None
         self._images = {}  # pid -> images.TaskImages of the live tasks, read by prepare()
         self._nr_tasks = 0
@@ -142,7 +150,7 @@ class LazyPagesDaemon:
         }
         for pid, task in self._images.items():
             self.source.add_task(pid, task)
-            if getattr(self.source, "preload", False):
+            if self.source.preload:
                 # Local pages images are mapped into the store, not read: a
                 # few milliseconds per GiB, spent before CRIU connects, and
                 # then no fault ever waits for a loader to reach its page.
@@ -163,12 +171,14 @@ class LazyPagesDaemon:
 
     def _accept_task(self, conn, pid):
         """Register one restored task: its uffd, what it is owed, where the pages come from."""
-        uffd = _recv_uffd(conn, pid)
+        uffd, sender = _recv_uffd(conn, pid)
         task = self._images.get(pid)
         if task is None:
             os.close(uffd)
             raise ProtocolError("criu restore sent pid %d, which is not in %s/pstree.img" % (pid, self.images_dir))
         try:
+            if self.guard is not None:  # (until now, the socket's queue held the uffd)
+                self.guard.hold(sender, uffd)
             self.loop.add_task(uffd, pid, pid, [(run.vaddr, run.npages) for run in task.runs])
         except Exception:
             os.close(uffd)  # the loop owns the fd only once it took the task
@@ -210,6 +220,8 @@ class LazyPagesDaemon:
             self.loop.begin_eager()
             while not self.loop.wait(0.2):
                 self._watch_fetcher(0)
+            if self.guard is not None:
+                self.guard.installed()
         self.completed = True
         return self.stats()
 

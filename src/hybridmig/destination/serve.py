@@ -6,28 +6,29 @@ while its own fault loop serves every page from that store, and reports the
 result to the source, which only then lets go of its copy (docs/design.md).
 """
 
+import dataclasses
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import psutil
 
 from .. import scratch, wire
+from ..bindings import PAGE_SIZE
 from ..bindings.pagestore import PageStore
-from ..criu.command import CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
-from ..errors import HybridmigError, ProtocolError
+from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
+from ..errors import CriuError, HybridmigError, ProtocolError
 from ..wire import Msg
-from .guard import end_tree
+from .accept import Acceptor
+from .guard import Guard, end_tree
 from .lazypages import LazyPagesDaemon
 
 log = logging.getLogger("hybridmig.destination.serve")
-PAGE_SIZE = 4096
-HANDSHAKE_TIMEOUT = 30
 # A source silent for this long (stopped, hung) ends its session, so that
 # other sources are served: longer than any step of a live one (its CRIU's
 # dump at the switch-over is bounded by its --timeout, 120 s by default).
@@ -35,6 +36,13 @@ SESSION_IDLE_S = 600
 # After COMMIT the source's CRIU ends its tasks (within its own --timeout)
 # and reports; no word for this long, and the session is over.
 END_WAIT_S = 600
+# How long serve remembers what became of a session's copy, for a source
+# whose DONE was lost and that asks again (OUTCOME).
+OUTCOME_KEEP_S = 3600
+# What an authenticated source may make a session hold: store tasks (pids),
+# image files. Pages and image bytes count against Limits.max_memory.
+MAX_TASKS = 1 << 16
+MAX_IMAGE_FILES = 1 << 16
 # Run by setpriv once it has set the parent-death signal: a parent that died
 # before then is caught here, as the child has been reparented meanwhile.
 _PARENT_CHECK = 'test "$PPID" = "$1" || exit 111; shift; exec "$@"'
@@ -47,6 +55,42 @@ def dies_with_me(cmd):
     bring up, unattended, a copy the source never committed to (the source
     resumes when serve is gone)."""
     return ["setpriv", "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _PARENT_CHECK, "sh", str(os.getpid()), *cmd]
+
+
+def default_max_memory():
+    """serve's page-store quota unless told: the memory available now, less
+    a margin for the restored process to start and the system to go on."""
+    vm = psutil.virtual_memory()
+    return max(0, vm.available - max(1 << 30, vm.total // 16))
+
+
+@dataclasses.dataclass
+class Limits:
+    """What one session may take on the destination."""
+
+    max_memory: int | None = None  # bytes of pages and images; None: default_max_memory() at the session's start
+    criu_opts: frozenset = ALLOWED_CRIU_OPTS  # CRIU options a source may ask for (full long names)
+
+
+class Outcomes:
+    """What became of recent sessions' copies, by session id: "kept",
+    "ended", or "pending" while a session runs. A source that sent COMMIT
+    and got no DONE asks (OUTCOME) before it resumes or ends its own copy."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._by_id = {}  # id -> (outcome, when)
+
+    def set(self, session_id, outcome):
+        with self._lock:
+            now = time.monotonic()
+            self._by_id = {k: v for k, v in self._by_id.items() if now - v[1] < OUTCOME_KEEP_S}
+            self._by_id[session_id] = (outcome, now)
+
+    def get(self, session_id):
+        with self._lock:
+            outcome, when = self._by_id.get(session_id, ("unknown", 0.0))
+        return outcome if outcome == "pending" or time.monotonic() - when < OUTCOME_KEEP_S else "unknown"
 
 
 def store_pages(store, key, extents, data):
@@ -74,6 +118,7 @@ class RemotePages:
     the store; any that are not (a remote fault, which pre-copy should make
     impossible) are fetched from the frozen source over the session."""
 
+    preload = False  # a PageSource (sources.py)
     prefetch = False  # the store holds every page already: fetch only what a fault asks for
 
     def __init__(self, channel, store, timeout=60.0):
@@ -133,8 +178,21 @@ class RemotePages:
 class Session:
     """One migration from one source, from the first page to COMMIT/ABORT."""
 
-    def __init__(self, channel, base_dir, restore_timeout=120.0, keep=False):
+    # What may come in each state; anything else ends the session.
+    ACCEPTS = {
+        "rounds": {Msg.PAGES, Msg.INVALIDATE, Msg.ROUND, Msg.FILE, Msg.RESTORE, Msg.ABORT},
+        "restoring": {Msg.PAGES, Msg.COMMIT, Msg.ABORT},  # PAGES: answers to FETCH
+    }
+
+    def __init__(self, channel, base_dir, restore_timeout=120.0, keep=False, limits=None, session_id=None):
         self.channel = channel
+        self.id = session_id or secrets.token_hex(16)
+        self.limits = limits or Limits()
+        self.max_memory = self.limits.max_memory if self.limits.max_memory is not None else default_max_memory()
+        self.state = "rounds"
+        self.over_quota = None  # why pages are being dropped: reported at the next ROUND or RESTORE
+        self.tasks = set()
+        self.image_sizes = {}  # file name -> end of its furthest part
         self.store = PageStore()
         # swept by a later serve if this one dies, unless kept (serve --keep)
         self.dir = scratch.make("session-", base_dir)
@@ -149,38 +207,36 @@ class Session:
         self.committed = False  # COMMIT came: the restored copy stays, whatever happens to the session
         self.rounds = 0
         self._restorer = None
-        # ends the restored copy if serve dies before the commit (destination/guard.py);
-        # started now, its start-up is not in the restore's time
+        # holds the restored tasks' uffds, and ends the copy if serve dies
+        # before the commit (destination/guard.py); started now, its start-up
+        # is not in the restore's time
         self.pidfile = os.path.join(self.dir, "restore.pid")
-        self._guard = subprocess.Popen(
-            [sys.executable, "-m", "hybridmig.destination.guard", self.pidfile],
-            stdin=subprocess.PIPE,
-            start_new_session=True,
-            text=True,
-        )
+        self._guard = Guard(pidfile=self.pidfile)
 
-    def run(self):
-        """Serve frames until the source commits or aborts; returns 'committed' or 'aborted'."""
+    def run(self, first=None):
+        """Serve frames (`first`, then what comes) until the source commits
+        or aborts; returns 'committed' or 'aborted'."""
         while True:
-            kind, payload = self.channel.recv()
+            kind, payload = first or self.channel.recv()
+            first = None
+            if kind not in self.ACCEPTS[self.state]:
+                raise ProtocolError(f"unexpected {kind.name} from the source ({self.state})")
             if kind == Msg.PAGES:
-                store_pages(self.store, *wire.decode_pages(payload))
+                self._store(*wire.decode_pages(payload))
                 self.remote.pages_arrived()
             elif kind == Msg.INVALIDATE:
+                # costs what the store holds in the range, not its length (pagestore.c)
                 self.store.invalidate(*wire.decode_range(payload))
             elif kind == Msg.ROUND:
+                self._check_quota()
                 self.rounds, _ = wire.decode_round(payload)
                 st = self.store.stats()
                 self.channel.send(Msg.ROUND_ACK, wire.encode_ack(self.rounds, st["pages_data"] + st["pages_zero"]))
             elif kind == Msg.FILE:
-                name, offset, data = wire.decode_file(payload)
-                fd = os.open(os.path.join(self.images, name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    os.pwrite(fd, data, offset)
-                finally:
-                    os.close(fd)
+                self._write_image(*wire.decode_file(payload))
             elif kind == Msg.RESTORE:
                 opts = wire.decode_json(payload)
+                self.state = "restoring"
                 self._restorer = threading.Thread(target=self._restore, args=(opts,), name="restore", daemon=True)
                 self._restorer.start()
             elif kind == Msg.COMMIT:
@@ -198,6 +254,44 @@ class Session:
                 return "aborted"
             else:
                 raise ProtocolError(f"unexpected {kind.name} from the source")
+
+    def _used(self):
+        return self.store.stats()["pages_data"] * PAGE_SIZE + sum(self.image_sizes.values())
+
+    def _store(self, key, extents, data):
+        """A PAGES body into the store, within the quota and the task cap.
+        Over either, pages are dropped and the session fails at the next
+        ROUND or RESTORE, where the source hears why (while it sends it
+        does not read)."""
+        if self.over_quota is None and key not in self.tasks and len(self.tasks) >= MAX_TASKS:
+            self.over_quota = f"more than {MAX_TASKS} processes"
+        if self.over_quota is None and self._used() + len(data) > self.max_memory:
+            self.over_quota = "the page store would exceed serve's --max-memory of %d MiB" % (self.max_memory >> 20)
+        if self.over_quota is not None:
+            return
+        self.tasks.add(key)
+        store_pages(self.store, key, extents, data)
+
+    def _write_image(self, name, offset, data):
+        end = max(self.image_sizes.get(name, 0), offset + len(data))
+        if name not in self.image_sizes and len(self.image_sizes) >= MAX_IMAGE_FILES:
+            self.over_quota = self.over_quota or f"more than {MAX_IMAGE_FILES} image files"
+        elif self._used() - self.image_sizes.get(name, 0) + end > self.max_memory:
+            self.over_quota = self.over_quota or "the images would exceed serve's --max-memory of %d MiB" % (
+                self.max_memory >> 20
+            )
+        if self.over_quota is not None:
+            return
+        self.image_sizes[name] = end
+        fd = os.open(os.path.join(self.images, name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def _check_quota(self):
+        if self.over_quota is not None:
+            raise HybridmigError(f"migration refused: {self.over_quota}")
 
     def _await_end(self):
         """Committed: the copy here is the one. The source's CRIU now ends
@@ -228,14 +322,23 @@ class Session:
         result = {"ok": False}
         daemon = server = None
         try:
-            check_criu_opts(opts.get("criu_opts", []))
-            daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store)
+            self._check_quota()
+            criu_opts = opts.get("criu_opts", [])
+            if not isinstance(criu_opts, list) or not all(isinstance(o, str) for o in criu_opts):
+                raise ProtocolError(f"RESTORE with criu_opts {str(criu_opts)[:80]}: not a list of strings")
+            check_criu_opts(criu_opts, self.limits.criu_opts)
+            daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store, guard=self._guard)
             daemon.listen()
             t_listening = time.monotonic()
             served = {}
-            server = threading.Thread(
-                target=lambda: served.update(stats=daemon.serve(timeout=30)), name="lazy-pages", daemon=True
-            )
+
+            def serve_pages():
+                try:
+                    served["stats"] = daemon.serve(timeout=30)
+                except Exception as e:  # noqa: BLE001 -- reported by the restore below
+                    served["error"] = e
+
+            server = threading.Thread(target=serve_pages, name="lazy-pages", daemon=True)
             server.start()
             cmd = dies_with_me(
                 [
@@ -252,7 +355,7 @@ class Session:
                     "-o",
                     "restore.log",
                     CRIU_LOG_LEVEL,
-                    *opts.get("criu_opts", []),
+                    *criu_opts,
                 ]
             )
             proc = subprocess.run(
@@ -263,13 +366,13 @@ class Session:
                 self.restored_pid = int(open(self.pidfile).read().strip() or 0) or None
             if proc.returncode != 0:
                 self.kill_restored()
-                raise HybridmigError(
+                raise CriuError(
                     "criu restore failed (exit %d): %s"
                     % (proc.returncode, log_tail(os.path.join(self.images, "restore.log")))
                 )
             server.join(self.restore_timeout)
             if server.is_alive() or "stats" not in served:
-                raise HybridmigError("the restored process's pages were not all installed")
+                raise HybridmigError("the restored process's pages were not all installed: %s" % served.get("error"))
             # (read by the daemon's thread: they can come after CRIU's exit)
             finished = min(daemon.restore_finished_at / 1e9, t_restored) if daemon.restore_finished_at else t_restored
             connected = min(daemon.connected_at / 1e9, finished) if daemon.connected_at else finished
@@ -327,31 +430,34 @@ class Session:
 
     def _tell_guard(self, word):
         """ "commit" or "release": the guard's work is over, either way."""
-        if self._guard.stdin.closed:
-            return
-        try:
-            self._guard.stdin.write(word + "\n")
-            self._guard.stdin.close()
-        except OSError as e:  # the guard is gone: serve alone ends copies now
-            log.warning("the restored copy's guard is gone: %s", e)
+        if not self._guard.finish(word):  # serve alone ends copies now
+            log.warning("the restored copy's guard is gone")
 
     def cleanup(self, keep=False):
         """At the session's end: the copy was committed, or ended."""
         self._tell_guard("release")
-        try:
-            self._guard.wait(10)
-        except subprocess.TimeoutExpired:
-            self._guard.kill()
-            self._guard.wait()
+        self._guard.wait(10)
         if keep:
             scratch.disown(self.dir)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
-    """Accept sources one at a time; with `once`, return after the first session's outcome.
-    `keep`: leave every session's directory (images, CRIU's restore.log) in base_dir."""
+def answer_outcome(channel, outcomes, payload):
+    """OUTCOME: what became of the copy of the session the source names."""
+    session_id = wire.decode_json(payload).get("session")
+    outcome = outcomes.get(session_id) if isinstance(session_id, str) else "unknown"
+    log.warning("%s asks what became of session %s: %s", channel.peer, session_id, outcome)
+    channel.send_json(Msg.OUTCOME, {"session": session_id, "outcome": outcome})
+
+
+def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, mode=wire.SEALED, limits=None):
+    """Serve sources one at a time (their handshakes at once: accept.py); with `once`, return after the
+    first session's outcome. `keep`: leave every session's directory (images, CRIU's restore.log) in
+    base_dir. `mode`: wire.PLAINTEXT only with --insecure-plaintext. `limits`: what a session may take
+    (Limits)."""
+    limits = limits or Limits()
+    outcomes = Outcomes()
     host, port = wire.parse_addr(listen)
     base_dir = os.path.abspath(base_dir)  # CRIU resolves the paths we pass it from its own working directory
     if not os.path.isdir(base_dir) or not os.access(base_dir, os.W_OK):
@@ -364,47 +470,63 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False):
         lsock.bind((host, port))
     except OSError as e:
         raise HybridmigError(f"cannot listen on {listen}: {e.strerror}") from e
-    lsock.listen(4)
+    lsock.listen(128)
+    acceptor = Acceptor(lsock, key, tls=tls, mode=mode)
     log.info("listening on %s", listen)
     if ready is not None:
         ready()
     outcome = None
     try:
         while True:
-            sock, peer = lsock.accept()
-            wire.tune(sock)
+            channel = acceptor.next_channel()
+            channel.sock.settimeout(SESSION_IDLE_S)
+            session_id = secrets.token_hex(16)
             try:
-                sock.settimeout(HANDSHAKE_TIMEOUT)  # an idle peer must not hold the server
-                if tls is not None:
-                    sock = tls.wrap_socket(sock, server_side=True)
-                channel = wire.Channel(sock, "%s:%d" % peer[:2])
-                channel.server_handshake(key)
-                sock.settimeout(SESSION_IDLE_S)
-            except (ProtocolError, OSError) as e:
-                log.warning("refused %s:%d: %s", peer[0], peer[1], e)
-                sock.close()
+                channel.send_json(
+                    Msg.HOST,
+                    {
+                        "boot_id": wire.boot_id(),
+                        "kernel": os.uname().release,
+                        "session": session_id,
+                        "criu_opts_allowed": sorted(limits.criu_opts),
+                    },
+                )
+                first = channel.recv()
+                if first[0] == Msg.OUTCOME:  # a source asking about an earlier session, not a migration
+                    answer_outcome(channel, outcomes, first[1])
+                    channel.close()
+                    continue
+            except ProtocolError as e:
+                log.warning("%s: %s", channel.peer, e)
+                channel.close()
                 continue
-            session = Session(channel, base_dir, keep=keep)
+            session = Session(channel, base_dir, keep=keep, limits=limits, session_id=session_id)
+            outcomes.set(session_id, "pending")
             try:
-                channel.send_json(Msg.HOST, {"boot_id": wire.boot_id(), "kernel": os.uname().release})
-                outcome = session.run()
+                outcome = session.run(first)
                 log.info("session from %s %s", channel.peer, outcome)
             except Exception as e:  # noqa: BLE001 -- any failure ends this session, not the server
-                # The source is gone. A restore it did not commit to is
-                # ended (once it has run its course): without COMMIT answered
-                # the source resumes its own copy. (After COMMIT the session
-                # ends in _await_end, which keeps the copy.)
+                # The source is gone, or broke the protocol (it is told
+                # why). A restore it did not commit to is ended (once it has
+                # run its course): without COMMIT answered the source
+                # resumes its own copy. (After COMMIT the session ends in
+                # _await_end, which keeps the copy.)
                 log.error("session from %s broke: %s", channel.peer, e)
+                channel.sock.settimeout(5)  # a source that reads nothing does not hold serve
+                channel.send_error(str(e))
                 session._join_restorer()
                 if not session.committed:
                     session.kill_restored()
                 outcome = "broken"
             finally:
                 channel.close()
+                # a committed copy stays unless the source said ABORT since
+                outcomes.set(session_id, "kept" if session.committed and session.restored_pid else "ended")
                 session.cleanup(
                     keep=keep or (outcome != "committed" and logging.getLogger().isEnabledFor(logging.DEBUG))
                 )
             if once:
                 return outcome
     finally:
+        acceptor.close()
         lsock.close()

@@ -1,14 +1,43 @@
-"""Where lazy pages come from: the local pages images of a CRIU dump.
+"""Where lazy pages come from: what a page source is, and the local pages
+images of a CRIU dump.
 
 A page source fills the page store for a range of one task's lazy pages;
-the Fetcher decides the order. (The remote source, CRIU's page server,
-lives in pageserver.py.)"""
+the Fetcher decides the order. (The others: CRIU's page server in
+criu/pageserver.py, the frozen source of `run` in serve.py's RemotePages.)"""
 
 import bisect
 import os
+from typing import Protocol
 
-from ..criu.images import PAGE_SIZE
+from ..bindings import PAGE_SIZE
+from ..bindings.pagestore import PageStore
+from ..criu.images import TaskImages
 from ..errors import ImageError
+
+
+class PageSource(Protocol):
+    """What the lazy-pages daemon and its Fetcher need of a page source."""
+
+    #: every page is mapped into the store before restore starts (no fetching)
+    preload: bool
+    #: the Fetcher reads ahead of the faults (False: the store holds the pages
+    #: already, fetch only what a fault asks for)
+    prefetch: bool
+
+    def add_task(self, key: int, task: TaskImages) -> None:
+        """Serve task `key`, whose lazy pages the images describe."""
+
+    def read_into(
+        self, store: PageStore, key: int, vaddr: int, npages: int, pid: int | None = None, src: int | None = None
+    ) -> None:
+        """The images' pages of task `pid` (default: key) at `src` (default:
+        vaddr), into store task `key` at `vaddr`."""
+
+    def abort(self) -> None:
+        """End after a failure (the source's peer, if any, is told)."""
+
+    def close(self) -> None:
+        """End after success."""
 
 
 class LocalImages:
@@ -18,6 +47,7 @@ class LocalImages:
     (store.load_file maps the file, so that costs no copy and no memory)."""
 
     preload = True
+    prefetch = True
 
     def __init__(self):
         self._tasks = {}  # key -> (fd, [LazyRun] sorted, [vaddr])

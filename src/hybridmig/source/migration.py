@@ -15,14 +15,20 @@ import psutil
 from .. import scratch, wire
 from ..bindings.ranges import Ranges
 from ..criu import images
-from ..criu.command import LazyDump, check_criu_opts
-from ..errors import CriuError, HybridmigError, ProtocolError, SetupError
+from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LONG_OPTS, LazyDump, check_criu_opts
+from ..criu.hook import IN_DOUBT
+from ..destination.guard import end_tree
+from ..errors import CriuError, HybridmigError, InDoubtError, ProtocolError, SetupError
 from ..wire import Msg
 from .converge import AutoConverge
+from .options import DEFAULTS
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
 
 log = logging.getLogger("hybridmig.source.migration")
 FILE_PART = 16 << 20
+# Asking a destination that did not answer COMMIT: a new connection this
+# often until it tells what it did with its copy, or the time is up.
+ASK_OUTCOME_EVERY_S = 1.0
 
 
 def check_target(pid):
@@ -54,16 +60,17 @@ class Migration:
         pid,
         to,
         key,
-        max_rounds=30,
-        target_downtime_ms=300.0,
-        bandwidth_limit=0,
+        max_rounds=DEFAULTS.max_rounds,
+        target_downtime_ms=DEFAULTS.target_downtime_ms,
+        bandwidth_limit=DEFAULTS.bandwidth_limit,
         criu_opts=(),
         work_dir=None,
-        timeout=120.0,
+        timeout=DEFAULTS.timeout,
         progress=None,
-        compress=True,
+        compress=DEFAULTS.compress,
         tls=None,
-        auto_converge=True,
+        auto_converge=DEFAULTS.auto_converge,
+        wire_mode=wire.SEALED,
     ):
         self.pid = pid
         self.to = to
@@ -77,6 +84,7 @@ class Migration:
         self.progress = progress or (lambda kind, obj: None)
         self.compress = compress
         self.tls = tls
+        self.wire_mode = wire_mode
         self.auto_converge = auto_converge
         self.converge = None
         self.times = {}
@@ -85,8 +93,12 @@ class Migration:
         self.remote_faults = 0
         self.result = None
         self.channel = None
+        self.images_dir = None
         self.tracker = None
         self.dump = None
+        self.session = None  # the destination's id of this migration (HOST): asked about after a lost DONE
+        self.in_doubt = False  # the source is left frozen for the operator: nothing may resume or end it
+        self.criu_died_frozen = False  # CRIU died before its verdict: the source ran on meanwhile
         self.warnings = []  # after a commit: what went wrong without undoing it
 
     # --- the steps --------------------------------------------------------------
@@ -94,7 +106,7 @@ class Migration:
     def run(self):
         """Migrate; returns the report. Raises HybridmigError with the source
         running and intact on any failure before the destination confirmed."""
-        check_criu_opts(self.criu_opts)
+        check_criu_opts(self.criu_opts, allowed=CRIU_LONG_OPTS)  # hybridmig's own refusals, before any connection
         check_target(self.pid)
         same_host_init_check = self._connect()
         if same_host_init_check and ns_pid(self.pid) != 1:
@@ -115,7 +127,7 @@ class Migration:
         try:
             # CRIU starts now and waits at its pre-dump hook, so that its
             # start-up is over when pre-copy converges.
-            images_dir = os.path.join(work, "images")
+            images_dir = self.images_dir = os.path.join(work, "images")
             os.makedirs(images_dir, exist_ok=True)
             self.dump = LazyDump(self.pid, images_dir, work, self.criu_opts)
             self.sender = Sender(
@@ -145,12 +157,13 @@ class Migration:
             if self.dump is not None:
                 if "go" not in self.times:
                     self.dump.cancel()
-                self.dump.wait(self.timeout)
+                if not self.in_doubt:  # else CRIU waits, the tree frozen, for `hybridmig settle`
+                    self.dump.wait(self.timeout)
                 self.dump.close()
             if self.tracker is not None:
                 self.tracker.detach()
             self.channel.close()
-            if not self.work_dir:
+            if not self.work_dir and not self.in_doubt:  # the waiting CRIU's images dir: left to it
                 shutil.rmtree(work, ignore_errors=True)
         return self.report()
 
@@ -163,11 +176,14 @@ class Migration:
     def _connect(self):
         # no frame from the destination (an ack, RESULT) for --timeout ends
         # the migration: a destination that hangs must not hold the source
-        self.channel = wire.connect(self.to, self.key, tls=self.tls, idle_timeout=self.timeout)
+        self.channel = wire.connect(self.to, self.key, tls=self.tls, idle_timeout=self.timeout, mode=self.wire_mode)
         kind, payload = self.channel.recv()
         if kind != Msg.HOST:
             raise ProtocolError(f"{self.channel.peer} did not describe itself")
         host = wire.decode_json(payload)
+        self.session = host.get("session")
+        # the destination's CRIU runs them: refused here, before the source is touched
+        check_criu_opts(self.criu_opts, allowed=set(host.get("criu_opts_allowed", ALLOWED_CRIU_OPTS)))
         return host.get("boot_id") == wire.boot_id()
 
     def _switch_over(self, images_dir):
@@ -186,8 +202,18 @@ class Migration:
             raise
         self.times["dumped"] = time.time()
         with conn:
-            verdict = self._final(images_dir) and self._commit()
-            conn.sendall(b"0" if verdict else b"1")
+            verdict = self._final(images_dir) and self._source_still_frozen() and self._commit()
+            self.in_doubt = verdict is None
+            conn.sendall(IN_DOUBT if self.in_doubt else b"0" if verdict else b"1")
+        if self.in_doubt:
+            raise InDoubtError(
+                "the destination did not answer the commit, and could not be asked what it did within %ss: "
+                "it may run the migrated copy. The source (pid %d) is left frozen by criu dump (pid %d). "
+                "Once you know which copy to keep: `hybridmig settle %d resume` resumes the source (only if the "
+                "destination has no copy running), `hybridmig settle %d end` ends it (only if it has); run either "
+                "here, on the source host. CRIU's images and dump.log stay in %s"
+                % (self.timeout, self.pid, self.dump.proc.pid, self.dump.proc.pid, self.dump.proc.pid, self.images_dir)
+            )
         rc = self.dump.wait(self.timeout)
         self.times["source_done"] = time.time()
         if verdict and (rc == 0 or rc is None or not alive(self.pid)):
@@ -201,17 +227,33 @@ class Migration:
                 self._warn(f"could not tell the destination that the source has ended: {e}")
             return
         if verdict:
-            # CRIU failed after the commit and resumed the source: keep
-            # exactly one copy, the source.
-            self.channel.send(Msg.ABORT)
-            self._expect_done()
-            raise CriuError(self.dump.failed() or "criu dump did not finish: the source was resumed")
-        self._abort_destination()
-        raise HybridmigError(
-            "the destination did not restore the process: {}; the source was resumed".format(
-                (self.result or {}).get("error", "no result")
+            # CRIU failed (or was killed) after the commit and the source runs
+            # again. The destination's copy is the one: it took the commit
+            # holding every page. Only one side may decide, and the hook's
+            # end-session child, told "commit", ends the source too when it
+            # finds CRIU gone: so does run, never undoing a commit.
+            self._end_source()
+            self._warn(
+                "criu dump failed after the commit (%s): the source, resumed by it, was ended"
+                % (self.dump.failed() or "exit %s" % rc)
             )
-        )
+            try:
+                self.channel.send(Msg.ENDED)
+            except ProtocolError as e:
+                self._warn(f"could not tell the destination that the source has ended: {e}")
+            return
+        self._abort_destination()
+        error = (self.result or {}).get("error", "no result")
+        if self.criu_died_frozen:
+            raise CriuError(f"{error}; the destination's copy was ended")
+        raise HybridmigError(f"the destination did not restore the process: {error}; the source was resumed")
+
+    def _end_source(self):
+        """End the source tree (stopped first, by pid: psutil checks identity)."""
+        try:
+            end_tree(psutil.Process(self.pid))
+        except psutil.NoSuchProcess:
+            pass
 
     def _final(self, images_dir):
         """Tasks frozen: the last dirty pages, the pages CRIU lists that the
@@ -270,19 +312,68 @@ class Migration:
             self.result = {"ok": False, "error": str(e)}
             return False
 
+    def _source_still_frozen(self):
+        """CRIU holds the tree frozen until its verdict; one that died has let
+        it run again, and the pages sent since the final scan are no snapshot
+        of it: no commit then (the source runs on, as it is)."""
+        failed = self.dump.failed()
+        if failed:
+            self.result = {"ok": False, "error": f"{failed} before the commit, letting the source run again"}
+            self.criu_died_frozen = True
+        return not failed
+
     def _commit(self):
         """COMMIT, answered by DONE once the destination holds its copy as
         the one: it keeps it from then on, even if the session breaks. Until
         then a session that breaks (this process killed, the link cut) makes
         it end its copy, while CRIU, given no verdict, resumes the source.
-        False if the destination does not answer: the source resumes."""
+        Without DONE the destination may have committed all the same (DONE
+        lost on its way): it is asked. True: it keeps its copy; False: it
+        ended it, the source resumes; None: unknown, the source stays frozen."""
         try:
             self.channel.send(Msg.COMMIT)
             self._expect_done()
             return True
         except ProtocolError as e:
-            self.result = {"ok": False, "error": f"the destination did not take the commit: {e}"}
-            return False
+            self._warn(f"no answer to the commit ({e}); asking the destination what it did, the source frozen")
+        self.channel.close()  # the destination's session ends, and records its outcome
+        kept = self._ask_outcome()
+        if kept is False:
+            self.result = {"ok": False, "error": "the destination did not take the commit: it ended its copy"}
+        elif kept:
+            self._warn("the destination, asked again, has kept its copy: the commit stands")
+        return kept
+
+    def _ask_outcome(self):
+        """Whether the destination kept its copy of this session (True/False),
+        asked over new connections until --timeout is up; None if it never
+        said."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.session is None:
+                return None
+            channel = None
+            try:
+                channel = wire.connect(self.to, self.key, timeout=min(left, 10.0), tls=self.tls, idle_timeout=left)
+                kind, _ = channel.recv()  # HOST, of the connection: not ours
+                channel.send_json(Msg.OUTCOME, {"session": self.session})
+                kind, payload = channel.recv()
+                if kind != Msg.OUTCOME:
+                    raise ProtocolError(f"{channel.peer} answered OUTCOME with {kind.name}")
+                outcome = wire.decode_json(payload).get("outcome")
+                log.warning("the destination says session %s: %s", self.session, outcome)
+                if outcome in ("kept", "ended"):
+                    return outcome == "kept"
+                if outcome != "pending":  # it does not know the session: it never will
+                    self._warn(f"the destination does not know session {self.session} ({outcome})")
+                    return None
+            except ProtocolError as e:
+                log.warning("cannot ask the destination about the commit yet: %s", e)
+            finally:
+                if channel is not None:
+                    channel.close()
+            time.sleep(min(ASK_OUTCOME_EVERY_S, max(0.0, deadline - time.monotonic())))
 
     def _warn(self, text):
         log.warning("%s", text)
@@ -335,6 +426,11 @@ class Migration:
             kind, payload = self.channel.recv()
             if kind == Msg.FETCH:
                 key, vaddr, npages = wire.decode_range(payload)
+                if key not in host_of or not 0 < npages <= wire.MAX_FRAME_PAGES or vaddr % PAGE_SIZE:
+                    raise ProtocolError(
+                        "%s asked for %d pages at 0x%x of pid %d, not one of the tree's, or not a valid range"
+                        % (self.channel.peer, npages, vaddr, key)
+                    )
                 self.remote_faults += npages
                 self.sender.send_ranges(host_of[key], [(vaddr, vaddr + npages * PAGE_SIZE)], self.final)
             elif kind == Msg.RESULT:

@@ -11,19 +11,19 @@ frozen. They count in every estimate of that round; when auto-converge
 slows the tree down the tracker drops them, so that rounds show it."""
 
 import contextlib
-import errno
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 
 from .. import wire
+from ..bindings import PAGE_SIZE
 from ..bindings.ranges import Ranges
-from ..errors import NativeError
+from ..errors import ProcessGone
 from ..wire import Msg
 from .converge import slowed_down
+from .options import DEFAULTS
 from .tracker import TreeTracker, read_pages
 
-PAGE_SIZE = 4096
 log = logging.getLogger("hybridmig.source.precopy")
 BATCH_PAGES = 256  # 1 MiB of pages per PAGES frame
 MAX_EXTENTS = 4096  # scattered dirty pages: one frame carries many runs
@@ -125,7 +125,7 @@ class Sender:
     keys: dict  # host pid -> ns pid (store key)
     root: int = 0  # the tree's root: its exit is an error
     compress: bool = True
-    throttle: Throttle = None
+    throttle: Throttle | None = None
     held: dict = field(default_factory=dict)  # ns pid -> Ranges held by the destination
 
     def __post_init__(self):
@@ -144,8 +144,8 @@ class Sender:
         exits meanwhile is skipped: it has nothing left to migrate."""
         try:
             self._send_ranges(pid, ranges, rnd)
-        except NativeError as e:
-            if e.errno != errno.ESRCH or pid == self.root:
+        except ProcessGone:
+            if pid == self.root:
                 raise
             log.info("pid %d exited during pre-copy", pid)
 
@@ -189,7 +189,15 @@ class Sender:
 class PreCopy:
     """Rounds until convergence. `progress(round)` is called after each."""
 
-    def __init__(self, tracker, sender, max_rounds=30, target_downtime_ms=300.0, progress=None, converge=None):
+    def __init__(
+        self,
+        tracker,
+        sender,
+        max_rounds=DEFAULTS.max_rounds,
+        target_downtime_ms=DEFAULTS.target_downtime_ms,
+        progress=None,
+        converge=None,
+    ):
         self.tracker = tracker
         self.converge = converge  # an AutoConverge, or None
         self.sender = sender

@@ -13,8 +13,9 @@ Anonymous pages dropped with MADV_DONTNEED count as written: their content
 changed to zeros (read_pages() then marks them zero).
 
 Ranges are sorted, merged (start, end) tuples of page addresses. Errors are
-NativeError with the errno that says what happened: ESRCH the process does
-not exist or exited, EPERM not permitted, EINVAL a kernel thread.
+NativeError with the errno that says what happened: ProcessGone (ESRCH) the
+process does not exist or exited, AccessDenied (EPERM) not permitted, EINVAL
+a kernel thread.
 TreeTracker follows a process and all its descendants.
 """
 
@@ -28,10 +29,10 @@ from typing import NamedTuple
 
 import psutil
 
+from ..bindings import PAGE_SIZE
 from ..bindings import tracker as native
-from ..errors import HybridmigError, NativeError
+from ..errors import AccessDenied, HybridmigError, NativeError, ProcessGone, native_error
 
-PAGE_SIZE = 4096
 Range = tuple[int, int]
 
 UFFD_WP = "uffd-wp"
@@ -134,7 +135,7 @@ def parse_maps(text) -> list[Range]:
 
 
 def _gone(pid, why="exited"):
-    return NativeError(errno.ESRCH, "process %d %s" % (pid, why))
+    return ProcessGone(errno.ESRCH, "process %d %s" % (pid, why), pid=pid)
 
 
 def _stat(pid):
@@ -213,7 +214,7 @@ def read_vmas(pid) -> list[Range]:
     except FileNotFoundError:
         raise _gone(pid) from None
     except PermissionError as e:
-        raise NativeError(errno.EPERM, "cannot read /proc/%d/maps: not permitted" % pid) from e
+        raise AccessDenied(errno.EPERM, "cannot read /proc/%d/maps: not permitted" % pid, pid=pid) from e
     if not text:
         check_process(pid)  # a kernel thread or a zombie: say which
         raise _gone(pid)
@@ -226,7 +227,7 @@ class PageBatch(NamedTuple):
     each byte, for page i), data holds the other pages in order."""
 
     vaddr: int
-    data: bytes  # bytes-like (a memoryview when no page is zero)
+    data: bytes | memoryview  # a memoryview when no page is zero
     zero_bitmap: bytes
     npages: int
     nzero: int
@@ -382,7 +383,8 @@ class DirtyTracker:
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except OSError as e:
-            raise NativeError(e.errno, "cannot open a pidfd of process %d: %s" % (self.pid, e.strerror)) from e
+            message = "cannot open a pidfd of process %d: %s" % (self.pid, e.strerror)
+            raise native_error(e.errno or 0, message, origin="pidfd_open", pid=self.pid) from e
         try:
             vmas = read_vmas(self.pid)
             stop_ns = self._attach_native()
@@ -415,14 +417,18 @@ class DirtyTracker:
                 " userfaultfd(), and this process may not suspend it (that needs CAP_SYS_ADMIN and no"
                 " seccomp filter of its own); nothing was run in it",
             }
-            raise NativeError(
-                e.errno, "cannot track process %d: %s%s" % (self.pid, e.strerror, hint.get(e.errno, ""))
-            ) from e
+            message = "cannot track process %d: %s%s" % (self.pid, e.strerror, hint.get(e.errno or 0, ""))
+            raise native_error(e.errno or 0, message, origin=e.origin, pid=self.pid) from e
 
     def detach(self) -> None:
         """Stop tracking (idempotent); the target keeps running untouched."""
         self.attached = False
         self._release()
+
+    def _native(self) -> native.Tracker:
+        """The userfaultfd tracker (uffd-wp method, attached)."""
+        assert self._tracker is not None, "uffd-wp tracker used before attach()"
+        return self._tracker
 
     def _release(self):
         if self._tracker is not None:
@@ -463,7 +469,7 @@ class DirtyTracker:
             return
         for start, end in ranges:
             try:
-                self._tracker.register(start, end)
+                self._native().register(start, end)
             except NativeError:
                 self._raise_if_gone()
                 self._untracked = merge(self._untracked + [(start, end)])
@@ -576,10 +582,10 @@ class DirtyTracker:
         written: list[Range] = []
         for start, end in clip(vmas, ranges):
             try:
-                written += self._tracker.scan(start, end, protect)
+                written += self._native().scan(start, end, protect)
             except NativeError as e:
                 self._raise_if_gone()
-                if e.errno != errno.EPERM:
+                if not isinstance(e, AccessDenied):
                     raise
                 # A VMA there was replaced (munmap + mmap at the same place)
                 # and is not registered: its content is new. What the scan
@@ -601,7 +607,7 @@ class DirtyTracker:
         except NativeError as e:
             self._raise_if_gone()
             tracer = _tracer(self.pid)
-            if e.errno != errno.EPERM or not tracer:
+            if not isinstance(e, AccessDenied) or not tracer:
                 raise
             raise NativeError(
                 errno.EBUSY,
@@ -706,17 +712,15 @@ class TreeTracker:
                 stop_ms = tracker.attach()
                 self.trackers[pid] = tracker
                 whole = merge(tracker.vmas())
-            except NativeError as e:
-                if e.errno == errno.ESRCH:
-                    continue  # exited (or a zombie) before we got to it
-                if e.errno != errno.EPERM or not _tracer(pid):
+            except ProcessGone:
+                continue  # exited (or a zombie) before we got to it
+            except AccessDenied:
+                if not _tracer(pid):
                     raise
                 try:
                     stop_ms, whole = 0.0, merge(read_vmas(pid))
-                except NativeError as gone:
-                    if gone.errno == errno.ESRCH:
-                        continue
-                    raise
+                except ProcessGone:
+                    continue
             self.stop_ms[pid] = stop_ms
             results[pid] = ScanResult(
                 dirty=whole,
@@ -733,8 +737,8 @@ class TreeTracker:
         for pid, tracker in list(self.trackers.items()):
             try:
                 results[pid] = tracker.scan()
-            except NativeError as e:
-                if e.errno != errno.ESRCH or pid == self.root:
+            except ProcessGone:
+                if pid == self.root:
                     raise
                 tracker.detach()
                 del self.trackers[pid]

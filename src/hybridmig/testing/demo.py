@@ -16,6 +16,7 @@ from rich.console import Console
 
 from .. import doctor
 from ..errors import HybridmigError
+from ..keys import generate_key
 from .netns import TwoHosts
 from .workload import Workload, become_subreaper
 
@@ -34,8 +35,7 @@ def run_demo(size_mb, threads, rate, console):
     serve = workload = restored = None
     try:
         key = os.path.join(tmp, "key")
-        with open(key, "wb") as f:
-            f.write(os.urandom(32))
+        generate_key(key)
         dst_dir = os.path.join(tmp, "destination")
         os.mkdir(dst_dir)
         with TwoHosts(prefix="hmdemo") as hosts:

@@ -2,7 +2,7 @@
  * memwork: a self-verifying memory workload for migration tests.
  *
  *   memwork --size-mb N [--threads T] [--procs P] [--report FILE]
- *           [--rate PAGES_PER_S_PER_THREAD] [--hot PERCENT]
+ *           [--rate PAGES_PER_S_PER_THREAD] [--hot PERCENT] [--check-writes 1]
  *
  * Every process of the tree owns one private anonymous region of N MiB and,
  * in separate memory, a generation counter per page.  Writer threads keep
@@ -32,6 +32,14 @@
  * sigwaitinfo(); handlers are installed as well because the init of a PID
  * namespace only receives signals it has a handler for.
  *
+ * With --check-writes 1 a writer also checks a page's header before it
+ * rewrites it, and reports the first wrong one it meets ({"event":"corrupt"}):
+ * a copy that reads memory it does not have (a migration's page still owed,
+ * read as zeros) says so within milliseconds, not at the next verify.  A
+ * crash (SIGSEGV, SIGBUS, SIGFPE, SIGILL: zeroed bookkeeping, e.g. a null
+ * page address) is reported as {"event":"crash"} before the process dies of
+ * it, always (see raw_begin() for how).
+ *
  * The report file is opened (O_APPEND), written with one write() per line,
  * and closed every time: no descriptor stays open across a checkpoint.
  * Nothing is written to stdout/stderr after the arguments are parsed.
@@ -52,6 +60,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -77,6 +86,7 @@ struct writer {
 	size_t stride, pos;
 	uint64_t ops;
 	uint64_t max_gap_ns, max_gap_at_ns, recent_gap_ns;
+	int corrupt_reported; /* --check-writes: the first wrong page only */
 	struct tl_slot tl[TL_BUCKETS];
 };
 
@@ -100,7 +110,13 @@ static int g_threads = 1;
 static int g_procs = 1;
 static double g_rate;
 static double g_hot = 100; /* percent of each writer's slice it keeps rewriting */
+static int g_check_writes;
 static const char *g_report;
+/* The report path, copied out of argv: CRIU leaves only the page at a
+ * thread's stack pointer out of a lazy restore, and argv lies above it. In
+ * .data, a private file mapping, never lazy, so a copy that runs on memory it
+ * was never given can still say so. */
+static char g_report_path[4096] __attribute__((section(".data")));
 static int g_proc_index; /* 0 = root of the tree */
 
 static size_t g_psize;       /* page size */
@@ -292,6 +308,113 @@ static void report_line(struct buf *b)
 	close(fd);
 }
 
+/*
+ * The "corrupt" and "crash" lines are made with no libc but raw system
+ * calls: in a copy running on memory it was never given, the heap, a
+ * thread's TLS (libc's locale and cancellation state) and most of its stack
+ * may read as zeros, and snprintf() or open() would fault on them.
+ */
+struct rawline {
+	char p[384];
+	size_t len;
+};
+
+static void raw_str(struct rawline *l, const char *s)
+{
+	while (*s && l->len < sizeof(l->p) - 2)
+		l->p[l->len++] = *s++;
+}
+
+static void raw_num(struct rawline *l, uint64_t v)
+{
+	char d[24];
+	int n = 0;
+
+	do
+		d[n++] = (char)('0' + v % 10);
+	while ((v /= 10));
+	while (n && l->len < sizeof(l->p) - 2)
+		l->p[l->len++] = d[--n];
+}
+
+static void raw_begin(struct rawline *l, const char *event)
+{
+	struct timespec ts = { 0, 0 };
+
+	syscall(SYS_clock_gettime, CLOCK_REALTIME, &ts);
+	l->len = 0;
+	raw_str(l, "{\"event\":\"");
+	raw_str(l, event);
+	raw_str(l, "\",\"pid\":");
+	raw_num(l, (uint64_t)syscall(SYS_getpid));
+	raw_str(l, ",\"proc_index\":");
+	raw_num(l, (uint64_t)g_proc_index);
+	raw_str(l, ",\"realtime\":");
+	raw_num(l, (uint64_t)ts.tv_sec);
+}
+
+static void raw_report(struct rawline *l)
+{
+	long fd;
+
+	l->p[l->len++] = '}';
+	l->p[l->len++] = '\n';
+	if (!g_report)
+		return;
+	fd = syscall(SYS_openat, AT_FDCWD, g_report, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return;
+	syscall(SYS_write, fd, l->p, l->len);
+	syscall(SYS_close, fd);
+}
+
+static void on_crash(int sig, siginfo_t *si, void *ctx)
+{
+	struct rawline l;
+
+	(void)ctx;
+	raw_begin(&l, "crash");
+	raw_str(&l, ",\"signal\":");
+	raw_num(&l, (uint64_t)sig);
+	raw_str(&l, ",\"addr\":");
+	raw_num(&l, (uint64_t)(uintptr_t)si->si_addr);
+	raw_report(&l);
+	/* SA_RESETHAND: the faulting instruction runs again and kills us. */
+}
+
+/* Before page i is rewritten: does it still hold generation g_gen[i]? */
+static void check_before_write(struct writer *w, size_t i)
+{
+	const uint64_t *p = (const uint64_t *)g_addr[i];
+	uint64_t g = g_gen[i];
+	const char *why = NULL;
+	struct rawline l;
+
+	if (p[0] != MAGIC)
+		why = page_is_zero(p) ? "zero" : "magic";
+	else if (p[1] != i)
+		why = "index";
+	else if (p[2] != g)
+		why = p[2] < g ? "stale" : "gen";
+	else if (p[3] != header_check(i, g))
+		why = "check";
+	if (!why)
+		return;
+	w->corrupt_reported = 1;
+	raw_begin(&l, "corrupt");
+	raw_str(&l, ",\"thread\":");
+	raw_num(&l, (uint64_t)w->idx);
+	raw_str(&l, ",\"page\":");
+	raw_num(&l, i);
+	raw_str(&l, ",\"kind\":\"");
+	raw_str(&l, why);
+	raw_str(&l, "\",\"expect_gen\":");
+	raw_num(&l, g);
+	raw_str(&l, ",\"found_gen\":");
+	raw_num(&l, p[2]);
+	raw_report(&l);
+}
+
 static void report_begin(struct buf *b, const char *event)
 {
 	buf_init(b);
@@ -452,6 +575,8 @@ static void *writer_loop(void *arg)
 			last = now_ns(CLOCK_REALTIME);
 			continue;
 		}
+		if (g_check_writes && !w->corrupt_reported)
+			check_before_write(w, i);
 		g_gen[i]++;
 		fill_page(i, g_gen[i]);
 		w->ops++;
@@ -689,7 +814,7 @@ static void usage(const char *argv0)
 {
 	fprintf(stderr,
 		"usage: %s --size-mb N [--threads T] [--procs P] [--report FILE] "
-		"[--rate PAGES_PER_S_PER_THREAD] [--hot PERCENT]\n",
+		"[--rate PAGES_PER_S_PER_THREAD] [--hot PERCENT] [--check-writes 1]\n",
 		argv0);
 	exit(2);
 }
@@ -707,12 +832,14 @@ static void parse_args(int argc, char **argv)
 			g_threads = atoi(v);
 		else if (!strcmp(a, "--procs"))
 			g_procs = atoi(v);
-		else if (!strcmp(a, "--report"))
-			g_report = v;
+		else if (!strcmp(a, "--report") && strlen(v) < sizeof(g_report_path))
+			g_report = strcpy(g_report_path, v);
 		else if (!strcmp(a, "--rate"))
 			g_rate = atof(v);
 		else if (!strcmp(a, "--hot"))
 			g_hot = atof(v);
+		else if (!strcmp(a, "--check-writes"))
+			g_check_writes = atoi(v);
 		else
 			usage(argv[0]);
 		k++;
@@ -786,6 +913,10 @@ int main(int argc, char **argv)
 	for (int sig = 1; sig < NSIG; sig++)
 		if (sigismember(&set, sig))
 			sigaction(sig, &sa, NULL);
+	sa.sa_sigaction = on_crash;
+	sa.sa_flags = SA_SIGINFO | SA_RESETHAND;
+	for (int k = 0; k < 4; k++)
+		sigaction((int[]){ SIGSEGV, SIGBUS, SIGFPE, SIGILL }[k], &sa, NULL);
 	/* Blocked before any fork or thread: everything inherits the mask. */
 	sigprocmask(SIG_BLOCK, &set, NULL);
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import psutil
 
+from ..errors import WorkloadError
+
 # memwork.c ships as package data, so that `hybridmig demo` works from a
 # wheel too; binaries go to a cache of root's (every user of them is root).
 MEMWORK_SRC = Path(__file__).resolve().with_name("memwork.c")
@@ -42,10 +44,6 @@ FORK_VERIFY_COMM = "memwork-fv"
 CHURN_SIGNAL = signal.SIGRTMIN
 
 PR_SET_CHILD_SUBREAPER = 36
-
-
-class WorkloadError(RuntimeError):
-    """The workload did not start, died, or did not answer in time."""
 
 
 def build_program(src: os.PathLike, name: str, dest_dir: os.PathLike | None = None) -> str:
@@ -68,7 +66,13 @@ def build_program(src: os.PathLike, name: str, dest_dir: os.PathLike | None = No
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, "-O2", "-pthread", "-Wall", "-o", tmp, str(src)], capture_output=True, text=True, timeout=120
+            # -z now: every symbol bound at start, so that a copy running on
+            # zeroed memory does not fault in the dynamic linker before it
+            # can report it (memwork's "crash" and "corrupt" lines)
+            [cc, "-O2", "-pthread", "-Wall", "-Wl,-z,now", "-o", tmp, str(src)],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if proc.returncode != 0:
             raise WorkloadError(f"building {name} failed:\n{proc.stderr}")
@@ -172,12 +176,15 @@ class Workload:
         report: os.PathLike | None = None,
         timeout: float = 60,
         binary: str | None = None,
+        check_writes: bool = False,
     ) -> Workload:
         """Start a tree of ``procs`` processes of ``size_mb`` MiB and
         ``threads`` writers each, rate-limited to ``rate`` pages/s/thread
         (0: unlimited) over the first ``hot`` percent of each writer's
         slice, in a new PID namespace, optionally inside network
-        namespace /run/netns/``netns``.  Returns once every process reported
+        namespace /run/netns/``netns``.  ``check_writes``: each writer checks
+        a page before rewriting it and reports the first wrong one
+        (``reports("corrupt")``).  Returns once every process reported
         "ready"."""
         binary = binary or build_memwork()
         owned_dir = None
@@ -217,6 +224,8 @@ class Workload:
             "--report",
             str(report),
         ]
+        if check_writes:
+            cmd += ["--check-writes", "1"]
         popen = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,

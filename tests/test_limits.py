@@ -1,0 +1,317 @@
+"""What an authenticated source may make a real `hybridmig serve` do (issue
+12, findings 4 and 7): the order of messages, caps on ranges, pages,
+decompressed sizes and memory, CRIU options after CRIU's own abbreviation
+rules; and a fuzz of every message body. Spoken on the wire directly, after
+a real handshake with the key, to a real serve on 127.0.0.1."""
+
+import json
+import os
+import random
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import lz4.block
+import psutil
+import pytest
+
+from hybridmig import wire
+from hybridmig.criu.command import check_criu_opts
+from hybridmig.errors import ProtocolError, UsageError
+from hybridmig.source.migration import Migration
+from hybridmig.wire import Msg
+from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
+from lazy_util import wait_for
+
+KEY = os.urandom(32)
+PAGE = 4096
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def serve(tmp_path, criu_ready):
+    """`hybridmig serve` on 127.0.0.1 (not --once), ended at teardown by its pid."""
+    started = []
+
+    def start(*extra):
+        key = tmp_path / "key"
+        key.write_bytes(KEY)
+        key.chmod(0o600)  # serve refuses a key file others may read
+        base = tmp_path / "serve"
+        base.mkdir(exist_ok=True)
+        log = open(tmp_path / f"serve-{len(started)}.log", "w")
+        port = free_port()
+        proc = subprocess.Popen(
+            [HYBRIDMIG, "serve", "--listen", f"127.0.0.1:{port}", "--dir", str(base), "--key-file", str(key), "-v3"]
+            + list(extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        started.append(proc)
+        proc.addr, proc.base = f"127.0.0.1:{port}", base
+        proc.log = lambda: (tmp_path / f"serve-{len(started) - 1}.log").read_text()
+        wait_for(lambda: "listening on" in proc.log() or proc.poll() is not None, 30, "serve to listen")
+        assert proc.poll() is None, proc.log()
+        return proc
+
+    yield start
+    for proc in started:
+        for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            child.kill()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def session(serve_proc):
+    """An authenticated channel to serve, past its HOST."""
+    ch = wire.connect(serve_proc.addr, KEY, idle_timeout=30)
+    kind, payload = ch.recv()
+    assert kind == Msg.HOST
+    return ch, wire.decode_json(payload)
+
+
+def refused(ch, timeout=30):
+    """What serve said before it ended the session: its ERROR's text (recv
+    raises it as a ProtocolError "... reports: TEXT")."""
+    ch.sock.settimeout(timeout)
+    try:
+        while True:
+            kind, payload = ch.recv()  # RESULT of a restore may come first
+    except ProtocolError as e:
+        return str(e)
+    finally:
+        ch.close()
+
+
+def pages(key, vaddr, npages, fill=b"x"):
+    return wire.encode_pages(key, [(vaddr, npages, bytes((npages + 7) // 8))], fill * (npages * PAGE), False)[0]
+
+
+def round_acked(ch, n=0):
+    ch.send(Msg.ROUND, wire.encode_round(n, {}))
+    kind, payload = ch.recv()
+    return kind == Msg.ROUND_ACK and wire.decode_ack(payload)
+
+
+def no_restore_left(serve_proc):
+    return not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "restore" in (p.info["cmdline"] or []) and str(serve_proc.base) in " ".join(p.info["cmdline"])
+    ]
+
+
+# --- the order of messages ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("after", [Msg.FILE, Msg.RESTORE, Msg.INVALIDATE, Msg.ROUND])
+def test_nothing_but_pages_commit_or_abort_after_restore(serve, after):
+    srv = serve()
+    ch, _ = session(srv)
+    ch.send_json(Msg.RESTORE, {"criu_opts": []})  # no images: the restore fails, RESULT not ok
+    body = {
+        Msg.FILE: wire.encode_file("core-1.img", 0, b"x"),
+        Msg.RESTORE: json.dumps({"criu_opts": []}).encode(),
+        Msg.INVALIDATE: wire.encode_range(1, 0, 1),
+        Msg.ROUND: wire.encode_round(1, {}),
+    }[after]
+    ch.send(after, body)
+    assert f"unexpected {after.name}" in refused(ch)
+    assert srv.poll() is None
+    wait_for(lambda: no_restore_left(srv), 30, "the restore to end")
+
+
+@pytest.mark.timeout(60)
+def test_commit_before_restore_is_refused(serve):
+    srv = serve()
+    ch, _ = session(srv)
+    ch.send(Msg.COMMIT)
+    assert "unexpected COMMIT" in refused(ch)
+
+
+# --- caps -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_invalidate_costs_what_the_store_holds_not_the_range(serve):
+    """2^52 pages took about a day (a step per 2 MiB of the range)."""
+    srv = serve()
+    ch, _ = session(srv)
+    ch.send(Msg.PAGES, pages(1, 1 << 40, 4))
+    ch.send(Msg.INVALIDATE, wire.encode_range(1, 0, (1 << 52) - 1))
+    ch.sock.settimeout(60)  # a day before; no speed target, only "not unbounded"
+    assert round_acked(ch) == (0, 0)  # and the pages are gone
+    ch.close()
+
+
+@pytest.mark.timeout(60)
+def test_lz4_bomb_is_refused(serve):
+    """A frame claiming 1 Mi pages (4 GiB) of lz4 data that expands ~250x."""
+    srv = serve()
+    ch, _ = session(srv)
+    rss = psutil.Process(srv.pid).memory_info().rss
+    npages = 1 << 20
+    body = lz4.block.compress(bytes(64 << 20), store_size=False)
+    head = struct.pack("!QHB", 1, 1, wire.LZ4) + struct.pack("!QI", 1 << 30, npages) + bytes(npages // 8)
+    ch.send(Msg.PAGES, head + body)
+    assert "describes over" in refused(ch)
+    assert psutil.Process(srv.pid).memory_info().rss < rss + (256 << 20)
+
+
+@pytest.mark.timeout(60)
+def test_zero_bits_past_npages_are_refused(serve):
+    srv = serve()
+    ch, _ = session(srv)
+    head = struct.pack("!QHB", 1, 1, wire.RAW) + struct.pack("!QI", 1 << 30, 3) + bytes([0xFF])
+    ch.send(Msg.PAGES, head)  # 3 pages, 8 zero bits: it claimed 3 pages and stored "-5" data pages
+    assert "past its 3 pages" in refused(ch)
+
+
+@pytest.mark.timeout(60)
+def test_page_store_quota_fails_the_migration_with_a_clear_error(serve):
+    srv = serve("--max-memory", "8M")
+    ch, _ = session(srv)
+    for i in range(12):
+        ch.send(Msg.PAGES, pages(1, (1 << 30) + i * (1 << 20), 256))
+    with pytest.raises(ProtocolError, match="max-memory of 8 MiB"):
+        round_acked(ch)
+    ch.close()
+    assert srv.poll() is None
+    ch, _ = session(srv)  # serve goes on
+    ch.send(Msg.PAGES, pages(1, 1 << 30, 256))
+    assert round_acked(ch) == (0, 256)
+    ch.close()
+
+
+# --- CRIU options ------------------------------------------------------------------------------
+
+BYPASSES = ["--leave-run", "--action-scr=/x", "--pidf=/x", "--images-d=/x", "-R", "-Rv4", "--conf=/x", "-D/x"]
+
+
+@pytest.mark.parametrize("opt", BYPASSES)
+def test_abbreviated_criu_options_are_refused(opt):
+    with pytest.raises(UsageError) as e:
+        check_criu_opts([opt])
+    assert opt in str(e.value)
+
+
+def test_restore_options_are_allowed():
+    check_criu_opts(["--tcp-established", "--tcp-close", "--ext-unix-sk", "--shell-job", "--file-locks"])
+    check_criu_opts(["--link-remap", "--skip-in-flight", "-v4", "--tcp-est", "-jl"])
+
+
+@pytest.mark.timeout(60)
+def test_serve_refuses_an_abbreviated_option_and_can_widen_the_list(serve):
+    srv = serve("--allow-criu-opt", "ghost-limit")
+    ch, host = session(srv)
+    assert "ghost-limit" in host["criu_opts_allowed"] and "action-script" not in host["criu_opts_allowed"]
+    ch.send_json(Msg.RESTORE, {"criu_opts": ["--action-scr=/x"]})
+    kind, payload = ch.recv()
+    result = wire.decode_json(payload)
+    assert kind == Msg.RESULT and not result["ok"] and "--action-scr=/x (--action-script)" in result["error"], result
+    ch.close()
+    assert "--action-scr" not in " ".join(" ".join(p.cmdline()) for p in psutil.Process(srv.pid).children(True))
+
+
+# --- run's side ---------------------------------------------------------------------------------
+
+
+def test_fetch_for_an_unknown_pid_is_a_protocol_error():
+    """run, waiting for RESULT, is asked for pages of a pid that is not in
+    its tree: a ProtocolError (it was a KeyError)."""
+    a, b = socket.socketpair()
+    dest, src = wire.Channel(a, "destination"), wire.Channel(b, "source")
+    mig = Migration(1, "127.0.0.1:1", KEY)
+    mig.channel = src
+    mig.sender = type("Keys", (), {"keys": {4242: 1}})()
+    dest.send(Msg.FETCH, wire.encode_range(99, 1 << 30, 1))
+    with pytest.raises(ProtocolError, match="pid 99"):
+        mig._await_result()
+    a.close()
+    b.close()
+
+
+# --- fuzz ------------------------------------------------------------------------------------------
+
+
+def valid_bodies():
+    return {
+        Msg.PAGES: pages(1, 1 << 30, 3),
+        Msg.INVALIDATE: wire.encode_range(1, 1 << 30, 1),
+        Msg.ROUND: wire.encode_round(0, {"pages": 1}),
+        Msg.FILE: wire.encode_file("inventory.img", 0, b"x" * 64),
+        Msg.RESTORE: json.dumps({"criu_opts": ["--tcp-close"]}).encode(),
+        Msg.COMMIT: b"",
+        Msg.ABORT: b"",
+        Msg.ENDED: b"",
+        Msg.OUTCOME: json.dumps({"session": "x"}).encode(),
+        Msg.FETCH: wire.encode_range(1, 0, 1),
+        Msg.ROUND_ACK: wire.encode_ack(0, 0),
+        Msg.RESULT: b"{}",
+        Msg.DONE: b"",
+        Msg.HOST: b"{}",
+        Msg.HELLO: b"",
+        Msg.AUTH_OK: b"",
+    }
+
+
+def mutate(rng, body):
+    body = bytearray(body)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(4)
+        if op == 0 and body:
+            body[rng.randrange(len(body))] = rng.randrange(256)
+        elif op == 1 and body:
+            del body[rng.randrange(len(body)) :]
+        elif op == 2:
+            body += os.urandom(rng.randint(1, 64))
+        elif len(body) >= 8:
+            i = rng.randrange(len(body) - 7)
+            body[i : i + 8] = struct.pack("!Q", rng.choice([0, 1, 0xFFFFFFFF, 1 << 52, (1 << 64) - 1]))
+    return bytes(body)
+
+
+@pytest.mark.timeout(120)
+def test_fuzz_every_message_body(serve):
+    """Random and mutated bodies of every message after authentication, for a
+    few seconds: serve stays up and answers, its memory stays bounded, and no
+    restore is left running."""
+    srv = serve("--max-memory", "64M")
+    rng = random.Random(int.from_bytes(os.urandom(4), "big"))
+    print("seed-free run; bodies logged on failure")
+    bodies = valid_bodies()
+    deadline = time.monotonic() + 8
+    rss0 = psutil.Process(srv.pid).memory_info().rss
+    sent = 0
+    while time.monotonic() < deadline:
+        ch, _ = session(srv)
+        try:
+            for _ in range(rng.randint(1, 6)):
+                kind = rng.choice(list(bodies))
+                body = os.urandom(rng.randint(0, 64)) if rng.random() < 0.3 else mutate(rng, bodies[kind])
+                ch.send(kind, body)
+                sent += 1
+        except ProtocolError:
+            pass  # serve ended the session: as it should for most of them
+        reader = threading.Thread(target=refused, args=(ch, 5))
+        reader.start()
+        reader.join(10)
+        assert srv.poll() is None, srv.log()[-3000:]
+    print(f"{sent} fuzzed frames")
+    assert "Traceback" not in srv.log(), srv.log()[-3000:]
+    assert psutil.Process(srv.pid).memory_info().rss < rss0 + (256 << 20)
+    wait_for(lambda: no_restore_left(srv), 60, "no restore left")
+    ch, _ = session(srv)  # still serving
+    ch.send(Msg.PAGES, pages(1, 1 << 30, 1))
+    assert round_acked(ch) == (0, 1)
+    ch.close()
