@@ -28,6 +28,14 @@ def need_runc():
     return None
 
 
+def unmount_under(path):
+    """Lazily unmount every mount below path, deepest first."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    for mount in sorted((m for m in mounts if m.startswith(f"{path}/")), reverse=True):
+        subprocess.run(["umount", "-l", mount], timeout=30)
+
+
 def kill_cgroup(name: str, timeout: float = 10):
     """SIGKILL, by pid, whatever is left in the cgroups runc made for
     container `name` (a CRIU or a task a failed restore left behind), then
@@ -70,6 +78,7 @@ class RuncBundle:
         self.report = self.report_dir / "report.jsonl"
         self.names: list[str] = []
         self._pipes: list[int] = []
+        self.image_dirs: list[Path] = []  # of checkpoints and restores, cleaned by close()
         build_rootfs(self.dir / "rootfs")
         subprocess.run([RUNC, "spec", "--bundle", str(self.dir)], check=True, timeout=30)
         config_path = self.dir / "config.json"
@@ -157,9 +166,8 @@ class RuncBundle:
             kill_cgroup(name)
         for fd in self._pipes:
             os.close(fd)
-        # a restore that failed may leave CRIU's root yard mounted in the state dir
-        with open("/proc/self/mountinfo") as f:
-            mounts = [line.split()[4] for line in f]
-        for mount in sorted((m for m in mounts if m.startswith(str(self.dir) + "/")), reverse=True):
-            subprocess.run(["umount", "-l", mount], timeout=30)
+        # a restore that failed leaves CRIU's root yard mounted in runc's
+        # state dir, and its cgroup yard in the images dir
+        for d in [self.dir, *self.image_dirs]:
+            unmount_under(d)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -52,6 +52,7 @@ class LazyCheckpoint:
         self.images, work = tmp_path / "images", tmp_path / "work"
         self.images.mkdir()
         work.mkdir()
+        bundle.image_dirs.append(self.images)
         self.port = free_port()
         status_r, status_w = os.pipe()  # runc wants its --status-fd write-only
         self.proc = subprocess.Popen(
@@ -142,12 +143,6 @@ def test_runc_lazy_migration_through_hybridmig_lazy_pages(bundle, tmp_path):
         checkpoint.close()
 
 
-@pytest.mark.xfail(
-    raises=subprocess.TimeoutExpired,
-    strict=True,
-    reason="CRIU 4.2.1 hangs in its failure path: after catch_tasks() it kills the restored root and "
-    "waitpid()s it without reaping the threads it still traces (cr-restore.c, out_kill); see docs/containers.md",
-)
 def test_runc_restore_fails_when_the_page_server_closes(bundle, tmp_path):
     """The daemon's page server closes at the first request: the daemon
     exits non-zero, `runc restore` fails within a bound, and the source
