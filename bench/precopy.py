@@ -74,6 +74,7 @@ if str(REPO) not in sys.path:
 
 from hybridmig import wire  # noqa: E402
 from hybridmig.keys import generate_key  # noqa: E402
+from hybridmig.messages import RoundStats  # noqa: E402
 from hybridmig.source.precopy import PreCopy, Round, Sender, Throttle, track  # noqa: E402
 from hybridmig.source.tracker import PAGE_SIZE, TreeTracker, merge, pages_in, read_vmas  # noqa: E402
 from hybridmig.testing.netns import TwoHosts  # noqa: E402
@@ -211,7 +212,7 @@ class SinkChannel:
     def send(self, kind, body=b""):
         self.bytes_sent += len(body)
         if kind == wire.Msg.ROUND:
-            self._acks.append(wire.decode_round(body)[0])
+            self._acks.append(RoundStats.decode(body).number)
 
     def recv(self):
         return wire.Msg.ROUND_ACK, wire.encode_ack(self._acks.pop(0), 0)

@@ -1,15 +1,23 @@
 """Benchmark: the sealed wire (AES-256-GCM, the default) against
---insecure-plaintext, in round 0 of real migrations over an unshaped veth.
+--insecure-plaintext and against a raw TCP `sendall` loop, in round 0 of
+real migrations over an unshaped veth.
 
-    .venv/bin/python -m bench.wire [--size-mb 512] [--pairs 3]
+    .venv/bin/python -m bench.wire [--size-mb 512] [--pairs 3] [--profile DIR]
 
 Each pair migrates a fresh memwork workload (random pages: lz4 gives up on
-them, as on most real memory) once each way, the order alternating from pair
-to pair; round 0 sends every page once, so its raw bytes over its duration
-is the wire's throughput. Reported: the median of each mode and the median of
-the per-pair ratios sealed / plaintext (docs/bench-wire.md)."""
+them, as on much real memory) once each way and runs the raw loop once, the
+order rotating from pair to pair; round 0 sends every page once, so its raw
+bytes over its duration is the wire's throughput. The raw loop is two
+Python processes, one per namespace, moving the same number of bytes in
+1 MiB `sendall`s into `recv_into`: what the veth carries for a Python
+program that does nothing else. Reported: the median of each mode, the
+median of the per-pair ratios, and round 0's breakdown (run --json).
+`--profile DIR` records `run` and `serve` with py-spy (raw folded stacks,
+one file per process) and prints where round 0's CPU samples went
+(docs/bench-wire.md)."""
 
 import argparse
+import collections
 import json
 import os
 import shutil
@@ -26,16 +34,75 @@ from hybridmig.testing.netns import TwoHosts
 from hybridmig.testing.workload import Workload, become_subreaper, kill_tree
 
 HYBRIDMIG = os.path.join(os.path.dirname(sys.executable), "hybridmig")
+PYSPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
 PORT = 7790
 MODES = {"sealed": [], "plaintext": ["--insecure-plaintext"]}
 
+# The raw loop: the receiver prints its MB/s once it got every byte.
+RECEIVER = """
+import socket, sys, time
+n = int(sys.argv[2])
+ls = socket.create_server((sys.argv[1], %d))
+c, _ = ls.accept()
+buf = memoryview(bytearray(1 << 20))
+got, t0 = 0, time.monotonic()
+while got < n:
+    r = c.recv_into(buf)
+    if not r:
+        break
+    got += r
+print(got / (time.monotonic() - t0) / 1e6)
+""" % (PORT + 1)
+SENDER = """
+import os, socket, sys, time
+n = int(sys.argv[2])
+for _ in range(100):
+    try:
+        s = socket.create_connection((sys.argv[1], %d))
+        break
+    except OSError:
+        time.sleep(0.05)
+data = os.urandom(1 << 20)
+for _ in range(n >> 20):
+    s.sendall(data)
+s.close()
+""" % (PORT + 1)
 
-def migrate(hosts, key, work, size_mb, mode):
-    """One migration; round 0's throughput in MB/s of raw pages."""
+
+def raw_tcp(hosts, nbytes):
+    """MB/s of the raw loop over the veth."""
+    recv = subprocess.Popen(
+        hosts.run_in(hosts.dst) + [sys.executable, "-c", RECEIVER, hosts.dst_addr, str(nbytes)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        subprocess.run(
+            hosts.run_in(hosts.src) + [sys.executable, "-c", SENDER, hosts.dst_addr, str(nbytes)],
+            check=True,
+            timeout=120,
+        )
+        out, _ = recv.communicate(timeout=120)
+        return float(out)
+    finally:
+        kill_tree(recv.pid)
+
+
+def _spy(profile, name):
+    if not profile:
+        return []
+    # --nonblocking: sampling does not stop the process (it would slow the wire)
+    out = os.path.join(profile, name)
+    return [PYSPY, "record", "--format", "raw", "--rate", "250", "--nonblocking", "-o", out, "--"]
+
+
+def migrate(hosts, key, work, size_mb, mode, profile=None, tag=""):
+    """One migration; round 0 of its run --json report."""
     serve_dir = tempfile.mkdtemp(prefix="bw-serve-", dir=work)
     listen = "%s:%d" % (hosts.dst_addr, PORT)
     serve = subprocess.Popen(
         hosts.run_in(hosts.dst)
+        + _spy(profile, f"serve-{mode}{tag}.txt")
         + [HYBRIDMIG, "serve", "--listen", listen, "--dir", serve_dir, "--key-file", key, "--once", *MODES[mode]],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -44,20 +111,21 @@ def migrate(hosts, key, work, size_mb, mode):
     kills = [psutil.Process(serve.pid)]
     wl = None
     try:
-        time.sleep(1.0)  # serve listens (it fails the run below if not)
+        time.sleep(1.5 if profile else 1.0)  # serve listens (it fails the run below if not)
         wl = Workload.start(size_mb, threads=1, rate=100, netns=hosts.src, timeout=120)
         kills.append(psutil.Process(wl.host_pid))
-        cmd = hosts.run_in(hosts.src) + [
+        cmd = hosts.run_in(hosts.src) + _spy(profile, f"run-{mode}{tag}.txt") + [
             HYBRIDMIG, "run", str(wl.host_pid), "--to", listen, "--key-file", key, "--json", *MODES[mode],
         ]  # fmt: skip
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{mode} migration failed: {proc.stderr[-2000:]}")
-        rep = json.loads(proc.stdout)
+        rep, _ = json.JSONDecoder().raw_decode(proc.stdout, proc.stdout.index("{"))  # py-spy may print after it
         if rep.get("restored_pid"):
             kills.append(psutil.Process(rep["restored_pid"]))
-        r0 = rep["rounds"][0]
-        return r0["bytes_raw"] / r0["duration_s"] / 1e6
+        if profile:
+            serve.wait(timeout=60)  # py-spy writes its file when serve exits
+        return rep["rounds"][0]
     finally:
         if wl is not None:
             wl.stop()
@@ -66,35 +134,91 @@ def migrate(hosts, key, work, size_mb, mode):
         shutil.rmtree(serve_dir, ignore_errors=True)
 
 
+# Where a CPU sample of round 0 goes: the first of these found in its stack
+# (innermost frame first). Source samples count only inside first_round,
+# destination samples only inside Session.run's PAGES handling and recv.
+STEPS = [
+    ("read the target's pages", ("read_run", "read_pages", "read_into", "hm_read_pages")),
+    ("lz4 probe and compress", ("lz4_compress", "worth_it", "lz4.block.compress", "compress (")),
+    ("seal / open (AES-GCM)", ("_frame_parts", "_recv_sealed", "encrypt", "decrypt")),
+    ("MAC (HMAC-SHA256)", ("_mac (", "hmac")),
+    ("socket send", ("sendall", "sendmsg", "_send_parts", "_send_frame", "send (")),
+    ("socket recv", ("recv_into", "_recv_exact")),
+    ("store puts", ("put_pages", "store_pages", "put (")),
+    ("page bodies (head, lz4 decompress)", ("encode_pages", "decode_pages", "pages_head", "_flush", "_frame")),
+]
+
+
+def summarize(paths, within):
+    """{step: share of round 0's samples} of py-spy raw files (every pair's)."""
+    counts = collections.Counter()
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            for line in f:
+                stack, _, n = line.rstrip().rpartition(" ")
+                if not any(w in stack for w in within):
+                    continue
+                frames = stack.split(";")[::-1]
+                step = next((s for fr in frames for s, keys in STEPS if any(k in fr for k in keys)), "other")
+                counts[step] += int(n)
+    total = sum(counts.values()) or 1
+    return {s: round(c / total, 3) for s, c in counts.most_common()} | {"samples": total}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=512)
     ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--profile", metavar="DIR", help="record run and serve with py-spy into DIR")
     args = ap.parse_args(argv)
     become_subreaper()  # restored workloads are re-parented to us
     work = tempfile.mkdtemp(prefix="bench-wire-")
-    results = {m: [] for m in MODES}
-    ratios = []
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    modes = ["sealed", "plaintext", "tcp"]
+    results = {m: [] for m in modes}
+    rounds = {m: [] for m in MODES}
+    ratios = collections.defaultdict(list)
     try:
         key = os.path.join(work, "key")
         generate_key(key)
         with TwoHosts(prefix="bw") as hosts:  # unshaped
             for i in range(args.pairs):
-                order = ["sealed", "plaintext"] if i % 2 == 0 else ["plaintext", "sealed"]
-                pair = {m: migrate(hosts, key, work, args.size_mb, m) for m in order}
+                order = modes[i % 3 :] + modes[: i % 3]
+                pair = {}
+                for m in order:
+                    if m == "tcp":
+                        pair[m] = raw_tcp(hosts, args.size_mb << 20)
+                    else:
+                        r0 = migrate(hosts, key, work, args.size_mb, m, args.profile, "-%d" % i)
+                        rounds[m].append(r0)
+                        pair[m] = r0["bytes_raw"] / r0["duration_s"] / 1e6
                 for m, v in pair.items():
                     results[m].append(v)
-                ratios.append(pair["sealed"] / pair["plaintext"])
-                print("pair %d: sealed %.0f MB/s, plaintext %.0f MB/s" % (i, pair["sealed"], pair["plaintext"]))
+                ratios["sealed/plaintext"].append(pair["sealed"] / pair["plaintext"])
+                ratios["sealed/tcp"].append(pair["sealed"] / pair["tcp"])
+                ratios["plaintext/tcp"].append(pair["plaintext"] / pair["tcp"])
+                print("pair %d: " % i + ", ".join("%s %.0f MB/s" % (m, pair[m]) for m in order), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = {
         "size_mb": args.size_mb,
         "round0_MBps": results,
         "median_MBps": {m: statistics.median(v) for m, v in results.items()},
-        "sealed_over_plaintext": ratios,
-        "median_ratio": statistics.median(ratios),
+        "ratios": dict(ratios),
+        "median_ratios": {k: statistics.median(v) for k, v in ratios.items()},
+        "round0": rounds,
     }
+    if args.profile:
+        summary["profile"] = {
+            f"{side}-{m}": summarize(
+                [os.path.join(args.profile, f"{side}-{m}-{i}.txt") for i in range(args.pairs)], within
+            )
+            for m in MODES
+            for side, within in (("run", ("first_round",)), ("serve", ("Session.run", "run (hybridmig/destination")))
+        }
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -4,7 +4,6 @@ decompressed sizes and memory, CRIU options after CRIU's own abbreviation
 rules; and a fuzz of every message body. Spoken on the wire directly, after
 a real handshake with the key, to a real serve on 127.0.0.1."""
 
-import json
 import os
 import random
 import socket
@@ -20,6 +19,7 @@ import pytest
 from hybridmig import wire
 from hybridmig.criu.command import check_criu_opts
 from hybridmig.errors import ProtocolError, UsageError
+from hybridmig.messages import Host, OutcomeQuery, Restore, Result, RoundStats
 from hybridmig.source.migration import Migration
 from hybridmig.wire import Msg
 from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
@@ -76,7 +76,7 @@ def session(serve_proc):
     ch = wire.connect(serve_proc.addr, KEY, idle_timeout=30)
     kind, payload = ch.recv()
     assert kind == Msg.HOST
-    return ch, wire.decode_json(payload)
+    return ch, Host.decode(payload)
 
 
 def refused(ch, timeout=30):
@@ -97,7 +97,7 @@ def pages(key, vaddr, npages, fill=b"x"):
 
 
 def round_acked(ch, n=0):
-    ch.send(Msg.ROUND, wire.encode_round(n, {}))
+    ch.send(Msg.ROUND, RoundStats(n).encode())
     kind, payload = ch.recv()
     return kind == Msg.ROUND_ACK and wire.decode_ack(payload)
 
@@ -118,17 +118,28 @@ def no_restore_left(serve_proc):
 def test_nothing_but_pages_commit_or_abort_after_restore(serve, after):
     srv = serve()
     ch, _ = session(srv)
-    ch.send_json(Msg.RESTORE, {"criu_opts": []})  # no images: the restore fails, RESULT not ok
+    ch.send(Msg.RESTORE, Restore([]).encode())  # no images: the restore fails, RESULT not ok
     body = {
         Msg.FILE: wire.encode_file("core-1.img", 0, b"x"),
-        Msg.RESTORE: json.dumps({"criu_opts": []}).encode(),
+        Msg.RESTORE: Restore([]).encode(),
         Msg.INVALIDATE: wire.encode_range(1, 0, 1),
-        Msg.ROUND: wire.encode_round(1, {}),
+        Msg.ROUND: RoundStats(1).encode(),
     }[after]
     ch.send(after, body)
     assert f"unexpected {after.name}" in refused(ch)
     assert srv.poll() is None
     wait_for(lambda: no_restore_left(srv), 30, "the restore to end")
+
+
+@pytest.mark.timeout(60)
+def test_a_json_body_of_the_wrong_shape_ends_the_session(serve):
+    """RESTORE's options are checked as the body is read (messages.py), not left to the restore."""
+    srv = serve()
+    ch, _ = session(srv)
+    ch.send(Msg.RESTORE, b'{"criu_opts": "--tcp-close"}')
+    assert "RESTORE body: criu_opts has type str, not list[str]" in refused(ch)
+    assert srv.poll() is None
+    assert no_restore_left(srv)
 
 
 @pytest.mark.timeout(60)
@@ -214,11 +225,11 @@ def test_restore_options_are_allowed():
 def test_serve_refuses_an_abbreviated_option_and_can_widen_the_list(serve):
     srv = serve("--allow-criu-opt", "ghost-limit")
     ch, host = session(srv)
-    assert "ghost-limit" in host["criu_opts_allowed"] and "action-script" not in host["criu_opts_allowed"]
-    ch.send_json(Msg.RESTORE, {"criu_opts": ["--action-scr=/x"]})
+    assert "ghost-limit" in host.criu_opts_allowed and "action-script" not in host.criu_opts_allowed
+    ch.send(Msg.RESTORE, Restore(["--action-scr=/x"]).encode())
     kind, payload = ch.recv()
-    result = wire.decode_json(payload)
-    assert kind == Msg.RESULT and not result["ok"] and "--action-scr=/x (--action-script)" in result["error"], result
+    result = Result.decode(payload)
+    assert kind == Msg.RESULT and not result.ok and "--action-scr=/x (--action-script)" in result.error, result
     ch.close()
     assert "--action-scr" not in " ".join(" ".join(p.cmdline()) for p in psutil.Process(srv.pid).children(True))
 
@@ -248,13 +259,13 @@ def valid_bodies():
     return {
         Msg.PAGES: pages(1, 1 << 30, 3),
         Msg.INVALIDATE: wire.encode_range(1, 1 << 30, 1),
-        Msg.ROUND: wire.encode_round(0, {"pages": 1}),
+        Msg.ROUND: RoundStats(0, pages_sent=1).encode(),
         Msg.FILE: wire.encode_file("inventory.img", 0, b"x" * 64),
-        Msg.RESTORE: json.dumps({"criu_opts": ["--tcp-close"]}).encode(),
+        Msg.RESTORE: Restore(["--tcp-close"]).encode(),
         Msg.COMMIT: b"",
         Msg.ABORT: b"",
         Msg.ENDED: b"",
-        Msg.OUTCOME: json.dumps({"session": "x"}).encode(),
+        Msg.OUTCOME: OutcomeQuery("x").encode(),
         Msg.FETCH: wire.encode_range(1, 0, 1),
         Msg.ROUND_ACK: wire.encode_ack(0, 0),
         Msg.RESULT: b"{}",

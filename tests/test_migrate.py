@@ -154,6 +154,10 @@ def assert_migrated(env, wl, rc, rep, err, serve, size_mb, procs=1, dst_ns=None,
     assert isinstance(rounds, list) and len(rounds) >= 2, rounds
     assert [bool(r.get("final")) for r in rounds] == [False] * (len(rounds) - 1) + [True], rounds
     assert rounds[0]["number"] == 0 and rounds[0]["pages_sent"] >= procs * size_mb * MIB // 4096, rounds[0]
+    for r in rounds:  # each round's rate, and where its time went (within its duration)
+        parts = sum(r[k] for k in ("scan_s", "read_s", "encode_s", "seal_s", "send_s", "ack_s"))
+        assert r["frames"] >= r["frames_lz4"] >= 0 and parts <= r["duration_s"] * 1.01 + 1e-3, r
+        assert r["rate_mb_s"] == pytest.approx(r["bytes_raw"] / r["duration_s"] / 1e6 if r["duration_s"] else 0), r
     assert rep["downtime_ms"] is not None and rep["downtime_ms"] > 0, rep
     assert rep["bytes_sent"] >= procs * size_mb * MIB, rep["bytes_sent"]
     assert rep["remote_faults"] == 0, rep

@@ -5,6 +5,8 @@ source's memory, page by page, for every tracked (private anonymous) page."""
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -99,7 +101,7 @@ def assert_store_equals_memory(store_session, channel, sender, vmas):
     """Every tracked page of the (frozen) source is in the destination's
     store, equal; returns how many were checked."""
     # a round marker orders the check after every page is stored
-    channel.send(wire.Msg.ROUND, wire.encode_round(99, {}))
+    channel.send(wire.Msg.ROUND, Round(99).encode())
     assert channel.recv()[0] == wire.Msg.ROUND_ACK
     store = store_session.store
     checked = 0
@@ -277,3 +279,58 @@ def test_throttle_steps():
         assert hold_s(share_of_hold(0.08)) == pytest.approx(0.08)
     finally:
         converge.stop()
+
+
+HOLDER = """
+import ctypes, os, sys
+PAGE = 4096
+n = int(sys.argv[1])
+line = b"%08d some text that compresses, "  # 36 bytes
+# exactly n pages: assigning a shorter slice below would shrink mem
+text = b"".join(line % i for i in range(n * PAGE // 36 + 1))[: n * PAGE]
+# [text][random][zero pages, every other one][text], each region n pages
+mem = bytearray(4 * n * PAGE + PAGE)
+base = -ctypes.addressof(ctypes.c_char.from_buffer(mem)) % PAGE
+mem[base : base + n * PAGE] = text
+mem[base + n * PAGE : base + 2 * n * PAGE] = os.urandom(n * PAGE)
+for i in range(1, n, 2):
+    mem[base + (2 * n + i) * PAGE : base + (2 * n + i + 1) * PAGE] = os.urandom(PAGE)
+mem[base + 3 * n * PAGE : base + 4 * n * PAGE] = text
+print(ctypes.addressof(ctypes.c_char.from_buffer(mem)) + base, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.root
+def test_lz4_only_where_a_sample_compresses(session):
+    """Random frames skip lz4 (the probe says so), text frames use it; zero
+    pages travel as flags; the store equals the memory page by page, and the
+    round's counters say which frames were compressed."""
+    store_session, channel = session
+    n = 512  # 2 frames per region
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        base = int(holder.stdout.readline())
+        sender = Sender(channel, {holder.pid: 1})
+        regions = {}
+        for name, i in (("text", 0), ("random", 1), ("half zero", 2)):
+            rnd = Round(0)
+            sender.send_ranges(holder.pid, [(base + i * n * PAGE_SIZE, base + (i + 1) * n * PAGE_SIZE)], rnd)
+            regions[name] = rnd
+        whole = Round(0)  # all four regions in one call: frames mix them
+        sender.send_ranges(holder.pid, [(base, base + 4 * n * PAGE_SIZE)], whole)
+        checked = assert_store_equals_memory(
+            store_session, channel, sender, {holder.pid: [(base, base + 4 * n * PAGE_SIZE)]}
+        )
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert checked == 4 * n
+    text, rand, half = regions["text"], regions["random"], regions["half zero"]
+    assert text.frames == text.frames_lz4 == 2 and text.bytes_wire < text.bytes_raw / 3
+    assert rand.frames == 2 and rand.frames_lz4 == 0 and rand.bytes_wire >= rand.bytes_raw
+    assert half.pages_zero == n // 2 and half.bytes_raw == n // 2 * PAGE_SIZE and half.frames_lz4 == 0
+    # frames hold 256 pages, zero pages included: the regions' frames do not mix
+    assert whole.pages_sent == 4 * n and whole.frames == 8 and whole.frames_lz4 == 4

@@ -1,19 +1,36 @@
-"""The wire protocol over real sockets: authentication, integrity, page bodies."""
+"""The wire protocol over real sockets: authentication, integrity, page bodies; the JSON bodies."""
 
 import hashlib
+import json
 import os
+import re
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import threading
 import time
+from dataclasses import fields
 
 import pytest
 
 from hybridmig import wire
 from hybridmig.errors import ProtocolError, UsageError
 from hybridmig.keys import read_key
+from hybridmig.messages import (
+    MAX_ERROR,
+    MAX_ITEMS,
+    MAX_JSON,
+    MAX_TEXT,
+    Host,
+    Outcome,
+    OutcomeQuery,
+    Restore,
+    Result,
+    RoundStats,
+)
+from hybridmig.source.precopy import Round
 from hybridmig.wire import Msg
 from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
 
@@ -48,9 +65,9 @@ def pair(server_key=KEY, client_key=KEY, server_mode=wire.SEALED, client_mode=wi
 def test_handshake_and_frames():
     server, client, errors = pair()
     assert not errors
-    client.send(Msg.ROUND, wire.encode_round(3, {"pages": 7}))
+    client.send(Msg.ROUND, RoundStats(3, pages_sent=7).encode())
     kind, payload = server.recv()
-    assert kind == Msg.ROUND and wire.decode_round(payload) == (3, {"pages": 7})
+    assert kind == Msg.ROUND and RoundStats.decode(payload) == RoundStats(3, pages_sent=7)
     server.send(Msg.ROUND_ACK, wire.encode_ack(3, 42))
     kind, payload = client.recv()
     assert (kind, bytes(payload)) == (Msg.ROUND_ACK, wire.encode_ack(3, 42))
@@ -178,7 +195,7 @@ def test_plaintext_only_when_both_ends_say_so():
     t.join(10)
     server, client, errors = pair(server_mode=wire.PLAINTEXT, client_mode=wire.PLAINTEXT)
     assert not errors and not client.sealed
-    client.send(Msg.ROUND, wire.encode_round(1, {}))
+    client.send(Msg.ROUND, RoundStats(1).encode())
     assert server.recv()[0] == Msg.ROUND
 
 
@@ -292,6 +309,138 @@ def test_file_names_cannot_escape():
     with pytest.raises(ProtocolError):
         wire.decode_file(wire.encode_file("../etc/passwd", 0, b""))
     assert wire.decode_file(wire.encode_file("pages-1.img", 1 << 40, b"x")) == ("pages-1.img", 1 << 40, b"x")
+
+
+# --- the JSON bodies (messages.py) ---------------------------------------------------------
+
+RESULT_OK = Result(
+    ok=True,
+    restored_pid=4242,
+    restore_s=0.25,
+    installed_s=0.5,
+    remote_pages=0,
+    lazy={"tasks": 1, "fault_latency_us": {"p50": 3.5}, "install_s": None},
+    restore_breakdown_ms={"daemon_ready": 1.0, "criu_to_connected": 2.0},
+)
+BODIES = {
+    # each body with the JSON keys it carries on the wire, in order (docs/protocol.md)
+    "HOST": (Host("b00t", "6.18.0", "5e55", ["shell-job", "tcp-close"]), "boot_id kernel session criu_opts_allowed"),
+    "RESTORE": (Restore(["--tcp-established"]), "criu_opts"),
+    "ROUND": (RoundStats(3, pages_sent=7, duration_s=0.5), " ".join(f.name for f in fields(RoundStats))),
+    "RESULT ok": (RESULT_OK, "ok restored_pid restore_s installed_s remote_pages lazy restore_breakdown_ms"),
+    "RESULT failed": (Result(ok=False, error="criu restore failed"), "ok error"),
+    "OUTCOME query": (OutcomeQuery("5e55"), "session"),
+    "OUTCOME": (Outcome("5e55", "kept"), "session outcome"),
+}
+
+
+def _json_of(encoded, body):
+    """The JSON object of an encoded body (ROUND: after its round number)."""
+    return json.loads(encoded[4:] if isinstance(body, RoundStats) else encoded)
+
+
+@pytest.mark.parametrize("name", list(BODIES))
+def test_json_bodies_round_trip_field_for_field(name):
+    body, keys = BODIES[name]
+    encoded = body.encode()
+    assert type(body).decode(encoded) == body
+    assert list(_json_of(encoded, body)) == keys.split()
+
+
+def test_round_stats_are_the_source_rounds():
+    """pre-copy's Round is what ROUND carries: its report and the wire agree."""
+    rnd = Round(2, pages_written=5, est_downtime_ms=1.5)
+    assert RoundStats.decode(rnd.encode()).as_dict() == rnd.as_dict()
+    assert rnd.encode()[:4] == struct.pack("!I", 2)
+
+
+def _mutated(name, change):
+    """BODIES[name] encoded with its JSON object changed by change(obj)."""
+    body, _ = BODIES[name]
+    obj = _json_of(body.encode(), body)
+    change(obj)
+    raw = json.dumps(obj).encode()
+    return struct.pack("!I", body.number) + raw if isinstance(body, RoundStats) else raw
+
+
+def _set(key, value):
+    return lambda obj: obj.__setitem__(key, value)
+
+
+def _drop(key):
+    return lambda obj: obj.pop(key)
+
+
+REFUSALS = [
+    # (body, change to its JSON, what the error names)
+    ("HOST", _drop("session"), "HOST body: session is missing"),
+    ("HOST", _set("criu_opts_allowed", "shell-job"), "HOST body: criu_opts_allowed has type str, not list[str]"),
+    ("HOST", _set("criu_opts_allowed", ["x"] * (MAX_ITEMS + 1)), "HOST body: criu_opts_allowed holds 1025 entries"),
+    ("HOST", _set("kernel", "x" * (MAX_TEXT + 1)), "HOST body: kernel is 4097 characters long"),
+    ("HOST", _set("boot_id", None), "HOST body: boot_id has type NoneType, not str"),
+    ("RESTORE", _drop("criu_opts"), "RESTORE body: criu_opts is missing"),
+    ("RESTORE", _set("criu_opts", ["-v4", 4]), "RESTORE body: criu_opts[1] has type int, not str"),
+    ("RESTORE", _set("criu_opts", ["-v4"] * (MAX_ITEMS + 1)), "RESTORE body: criu_opts holds 1025 entries"),
+    ("RESTORE", _set("criu_opts", ["-" * (MAX_TEXT + 1)]), "RESTORE body: criu_opts[0] is 4097 characters"),
+    ("RESTORE", _set("root", "/"), "RESTORE body: field root is none of its fields"),
+    ("ROUND", _drop("pages_sent"), "ROUND body: pages_sent is missing"),
+    ("ROUND", _set("pages_sent", True), "ROUND body: pages_sent has type bool, not int"),
+    ("ROUND", _set("pages_sent", -1), "ROUND body: pages_sent is -1: not a count"),
+    ("ROUND", _set("duration_s", "0.5"), "ROUND body: duration_s has type str, not float"),
+    ("ROUND", _set("number", 4), "ROUND body: number is 4, not the round's 3"),
+    ("RESULT ok", _drop("restored_pid"), "RESULT body: restored_pid is missing"),
+    ("RESULT ok", _set("remote_pages", "0"), "RESULT body: remote_pages has type str, not int"),
+    ("RESULT ok", _set("lazy", []), "RESULT body: lazy has type list"),
+    ("RESULT ok", _set("restore_breakdown_ms", {str(i): 1.0 for i in range(MAX_ITEMS + 1)}), "holds 1025 entries"),
+    ("RESULT ok", _set("restore_breakdown_ms", {"x": "1"}), "RESULT body: restore_breakdown_ms['x'] has type str"),
+    ("RESULT ok", _set("error", "x"), "RESULT body: field error is none of its fields"),
+    ("RESULT ok", _drop("ok"), "RESULT body: ok is missing, or no bool"),
+    ("RESULT ok", _set("ok", 1), "RESULT body: ok is missing, or no bool"),
+    ("RESULT failed", _drop("error"), "RESULT body: error is missing"),
+    ("RESULT failed", _set("error", None), "RESULT body: error is null in a failure"),
+    ("RESULT failed", _set("error", "x" * (MAX_ERROR + 1)), "RESULT body: error is 65537 characters long"),
+    ("OUTCOME query", _drop("session"), "OUTCOME body: session is missing"),
+    ("OUTCOME query", _set("session", 5), "OUTCOME body: session has type int, not str"),
+    ("OUTCOME query", _set("session", "x" * (MAX_TEXT + 1)), "OUTCOME body: session is 4097 characters long"),
+    ("OUTCOME", _drop("outcome"), "OUTCOME body: outcome is missing"),
+    ("OUTCOME", _set("outcome", "maybe"), "OUTCOME body: outcome is 'maybe', none of kept, ended, pending, unknown"),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "error"), REFUSALS, ids=[f"{r[0]}: {r[2][:40]}" for r in REFUSALS])
+def test_json_bodies_refuse_what_they_do_not_describe(name, change, error):
+    body, _ = BODIES[name]
+    with pytest.raises(ProtocolError, match=re.escape(error)):
+        type(body).decode(_mutated(name, change))
+
+
+def test_json_numbers_are_finite():
+    """Python's JSON reads 1e999 as inf (and NaN, Infinity): no stat, count or time is."""
+    encoded = RoundStats(3, duration_s=0.5).encode()
+    with pytest.raises(ProtocolError, match="ROUND body: duration_s is inf"):
+        RoundStats.decode(encoded.replace(b'"duration_s": 0.5', b'"duration_s": 1e999'))
+    with pytest.raises(ProtocolError, match="Infinity is no number"):
+        RoundStats.decode(encoded.replace(b'"duration_s": 0.5', b'"duration_s": -Infinity'))
+
+
+@pytest.mark.parametrize("name", list(BODIES))
+def test_json_bodies_refuse_no_object(name):
+    body, _ = BODIES[name]
+    prefix = struct.pack("!I", 3) if isinstance(body, RoundStats) else b""
+    cls = type(body)
+    for raw, error in [
+        (b"{", "malformed JSON"),
+        (b"\xff", "malformed JSON"),
+        (b'{"a": NaN}', "malformed JSON: NaN is no number"),
+        (b"[1, 2]", "JSON that is no object"),
+        (b"[" * 100000 + b"]" * 100000, "malformed JSON"),
+        (b" " * (MAX_JSON + 1), "at most %d" % MAX_JSON),
+    ]:
+        with pytest.raises(ProtocolError, match=error):
+            cls.decode(prefix + raw)
+    if prefix:
+        with pytest.raises(ProtocolError, match="ROUND message too short"):
+            cls.decode(b"\0\0")
 
 
 def test_key_file_must_hold_a_secret(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from hybridmig import wire
 from hybridmig.errors import ProtocolError
 from hybridmig.keys import generate_key
+from hybridmig.messages import RoundStats
 from hybridmig.testing.workload import kill_tree
 from hybridmig.wire import Msg
 from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
@@ -31,7 +32,7 @@ def _valid_client_stream():
     t = threading.Thread(target=lambda: _quiet(server.server_handshake, KEY))
     t.start()
     client.client_handshake(KEY)
-    client.send(Msg.ROUND, wire.encode_round(0, {}))
+    client.send(Msg.ROUND, RoundStats(0).encode())
     t.join(10)
     b.close()
     return a.recv(1 << 16)  # (what the server had not read yet: nothing of its handshake)

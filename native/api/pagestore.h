@@ -23,6 +23,12 @@ int hm_store_new(hm_store **out);
 void hm_store_free(hm_store *s);
 int hm_store_put(hm_store *s, uint64_t key, uint64_t vaddr, const uint8_t *buf, uint64_t npages);
 int hm_store_put_zero(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages);
+/* npages pages at vaddr as a PAGES extent carries them: bit i of
+ * zero_bitmap set, page i is all zeros (a flag); the others' data follow
+ * each other in data, which holds ndata pages. Returns the data pages
+ * used, or -EINVAL if data holds fewer than the extent needs. */
+int64_t hm_store_put_pages(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages, const uint8_t *zero_bitmap,
+			   const uint8_t *data, uint64_t ndata);
 int hm_store_load_fd(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages, int fd, uint64_t offset);
 int hm_store_invalidate(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages);
 int hm_store_get(hm_store *s, uint64_t key, uint64_t vaddr, uint8_t *out);

@@ -60,11 +60,15 @@ int hm_remote_syscall(int32_t pid, int64_t nr, const int64_t *args, int64_t *ret
 
 /* Read npages pages of pid at vaddr into buf (npages * 4096 bytes) with
  * process_vm_readv, 4 MiB per call, and set bit i of zero_bitmap
- * ((npages + 7) / 8 bytes, may be NULL) for each all-zero page i. Returns
- * the number of pages read: fewer than npages when a page cannot be read
- * (e.g. unmapped meanwhile), which is then the page at
- * vaddr + returned * 4096; or -errno (-ESRCH, -EPERM) when nothing could. */
-int64_t hm_read_pages(int32_t pid, uint64_t vaddr, uint64_t npages, uint8_t *buf, uint8_t *zero_bitmap);
+ * ((npages + 7) / 8 bytes, may be NULL) for each all-zero page i. With
+ * ndata (zero_bitmap then required), the pages that are not all zeros are
+ * packed to the front of buf, in order, and *ndata is their count: a PAGES
+ * body's data, read in place. Returns the number of pages read: fewer than
+ * npages when a page cannot be read (e.g. unmapped meanwhile), which is then
+ * the page at vaddr + returned * 4096; or -errno (-ESRCH, -EPERM) when
+ * nothing could. */
+int64_t hm_read_pages(int32_t pid, uint64_t vaddr, uint64_t npages, uint8_t *buf, uint8_t *zero_bitmap,
+		      uint64_t *ndata);
 
 /* Soft-dirty fallback (kernels without WP_ASYNC but with
  * CONFIG_MEM_SOFT_DIRTY): clear every soft-dirty bit of pid (clear_refs 4). */

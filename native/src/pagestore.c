@@ -346,6 +346,37 @@ int hm_store_put_zero(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages
 	return for_each_chunk(s, key, vaddr, npages, 1, put_zero_chunk, NULL);
 }
 
+int64_t hm_store_put_pages(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages, const uint8_t *zero_bitmap,
+			   const uint8_t *data, uint64_t ndata)
+{
+	uint64_t used = 0, i = 0;
+	int rc = check_range(vaddr, npages);
+
+	if (rc)
+		return rc;
+	/* one call per run of zero or data pages, in address order: a later
+	 * page of the extent overrides nothing of an earlier one */
+	while (i < npages) {
+		int zero = zero_bitmap[i / 8] >> (i % 8) & 1;
+		uint64_t j = i + 1;
+
+		while (j < npages && (zero_bitmap[j / 8] >> (j % 8) & 1) == zero)
+			j++;
+		if (zero) {
+			rc = hm_store_put_zero(s, key, vaddr + i * PAGE_SZ, j - i);
+		} else if (ndata - used < j - i) {
+			rc = -EINVAL;
+		} else {
+			rc = hm_store_put(s, key, vaddr + i * PAGE_SZ, data + used * PAGE_SZ, j - i);
+			used += j - i;
+		}
+		if (rc)
+			return rc;
+		i = j;
+	}
+	return (int64_t)used;
+}
+
 struct load_arg {
 	int fd;
 	uint64_t offset;

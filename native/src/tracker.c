@@ -293,12 +293,29 @@ static int page_is_zero(const uint8_t *p)
 	return 1;
 }
 
-int64_t hm_read_pages(int32_t pid, uint64_t vaddr, uint64_t npages, uint8_t *buf, uint8_t *zero_bitmap)
+/* Move the pages not flagged zero to the front of buf, in order: memmove
+ * only from the first zero page on (data pages before it are in place). */
+static uint64_t pack_pages(uint8_t *buf, uint64_t npages, const uint8_t *zero_bitmap)
+{
+	uint64_t k = 0;
+
+	for (uint64_t i = 0; i < npages; i++) {
+		if (zero_bitmap[i / 8] >> (i % 8) & 1)
+			continue;
+		if (k != i)
+			memmove(buf + k * PAGE_SZ, buf + i * PAGE_SZ, PAGE_SZ);
+		k++;
+	}
+	return k;
+}
+
+int64_t hm_read_pages(int32_t pid, uint64_t vaddr, uint64_t npages, uint8_t *buf, uint8_t *zero_bitmap,
+		      uint64_t *ndata)
 {
 	uint64_t done = 0;
 	pid_t tid;
 
-	if (pid <= 0 || !page_aligned(vaddr) || (npages && !buf))
+	if (pid <= 0 || !page_aligned(vaddr) || (npages && !buf) || (ndata && !zero_bitmap))
 		return -EINVAL;
 	if (zero_bitmap)
 		memset(zero_bitmap, 0, (npages + 7) / 8);
@@ -328,6 +345,8 @@ int64_t hm_read_pages(int32_t pid, uint64_t vaddr, uint64_t npages, uint8_t *buf
 		if (pages < want)
 			break; /* a partial read stops at the first unreadable page */
 	}
+	if (ndata)
+		*ndata = pack_pages(buf, done, zero_bitmap);
 	return (int64_t)done;
 }
 

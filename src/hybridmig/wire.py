@@ -14,7 +14,6 @@ clear, only authenticated (HMAC-SHA256).
 import enum
 import hashlib
 import hmac
-import json
 import os
 import socket
 import ssl
@@ -56,10 +55,10 @@ _HELLO_C = struct.Struct("!4sHB32s32s")  # magic, version, mode, nonce_c, proof
 _PAGES = struct.Struct("!QHB")  # key, extents, encoding
 _EXTENT = struct.Struct("!QI")  # vaddr, npages
 _RANGE = struct.Struct("!QQQ")  # key, vaddr, npages
-_ROUND = struct.Struct("!I")
 _ACK = struct.Struct("!IQ")
 
 RAW, LZ4 = 0, 1
+_SCRATCH_STEP = 256 << 10  # reused buffers grow in steps: page frames differ in their heads' length
 
 
 class Msg(enum.IntEnum):
@@ -136,8 +135,14 @@ class Channel:
         self._send_seq = 0
         self._recv_seq = 0
         self._send_lock = threading.Lock()
+        # Reused buffers: a fresh 1 MiB buffer per frame (its allocation and
+        # page faults) cost more than sealing it (docs/bench-wire.md).
+        self._sealed_out = bytearray()  # a sealed frame being sent
+        self._in = bytearray()  # a frame being received
+        self._plain_in = bytearray()  # a sealed frame opened (recv(transient=True))
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.seal_s = 0.0  # time spent sealing (or MACing) outgoing frames
 
     @property
     def authenticated(self):
@@ -221,29 +226,74 @@ class Channel:
         m.update(payload)
         return m.digest()[:MAC_SIZE]
 
-    def _frame(self, kind, payload, flags):
+    def _scratch(self, name, n):
+        """n bytes of the reused buffer self.<name>: replaced, not resized,
+        when too small (a caller may still hold a view of the old one)."""
+        buf = getattr(self, name)
+        if len(buf) < n:
+            buf = bytearray(-(-n // _SCRATCH_STEP) * _SCRATCH_STEP)
+            setattr(self, name, buf)
+        return memoryview(buf)[:n]
+
+    def _frame_parts(self, kind, buf, start, end, flags):
+        """The frame of payload buf[start:end] as buffers to send in order,
+        the payload not copied. buf[start - 1] is scratch: a sealed frame
+        seals the type there, with the payload, into a reused buffer."""
+        view = memoryview(buf)
+        t = time.perf_counter()
         if self._seal is not None:
             # the type travels sealed with the payload: only the length shows
-            header = _SEALED_HEADER.pack(1 + len(payload) + MAC_SIZE)
+            n = end - start + 1
+            header = _SEALED_HEADER.pack(n + MAC_SIZE)
             nonce = _NONCE.pack(self._send_dir, self._send_seq)
-            return header + self._seal.encrypt(nonce, bytes((kind,)) + payload, header)
-        header = _HEADER.pack(kind, flags, 0, len(payload), self._send_seq)
-        frame = header + payload
-        if self._mac_key is not None:
-            frame += self._mac(header, payload)
-        return frame
+            view[start - 1] = kind
+            out = self._scratch("_sealed_out", n + MAC_SIZE)
+            self._seal.encrypt_into(nonce, view[start - 1 : end], header, out)
+            parts = [header, out]
+        else:
+            header = _HEADER.pack(kind, flags, 0, end - start, self._send_seq)
+            parts = [header, view[start:end]]
+            if self._mac_key is not None:
+                parts.append(self._mac(header, view[start:end]))
+        self.seal_s += time.perf_counter() - t
+        return parts
+
+    def _frame(self, kind, payload, flags):
+        """One whole frame as bytes, as send() puts it on the wire (the tests
+        forge frames with it)."""
+        buf = bytearray(1) + payload
+        return b"".join(self._frame_parts(kind, buf, 1, len(buf), flags))
 
     def send(self, kind, payload=b"", flags=0):
+        buf = bytearray(1) + payload  # room for the type: sealed with the payload
+        self.send_from(kind, buf, 1, len(buf), flags)
+
+    def send_from(self, kind, buf, start, end, flags=0):
+        """Send buf[start:end] (a writable buffer) as the payload of a frame,
+        with no copy of it (the page frames); buf[start - 1] is overwritten."""
         with self._send_lock:
-            frame = self._frame(kind, payload, flags)
+            parts = self._frame_parts(kind, buf, start, end, flags)
             self._send_seq += 1
             try:
                 if self.deadline is not None:
                     self._settimeout_to_deadline()
-                self.sock.sendall(frame)
+                self._send_parts(parts)
             except OSError as e:
                 raise ProtocolError(f"connection to {self.peer} lost while sending: {e}") from e
-            self.bytes_sent += len(frame)
+            self.bytes_sent += sum(len(p) for p in parts)
+
+    def _send_parts(self, parts):
+        if isinstance(self.sock, ssl.SSLSocket):  # no sendmsg() on TLS sockets
+            for p in parts:
+                self.sock.sendall(p)
+            return
+        views = [memoryview(p) for p in parts]
+        while views:
+            n = self.sock.sendmsg(views)  # may send part of it (a timeout, a signal)
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]
 
     def _settimeout_to_deadline(self):
         left = self.deadline - time.monotonic()
@@ -251,9 +301,10 @@ class Channel:
             raise ProtocolError(f"{self.peer} did not complete the handshake within its deadline")
         self.sock.settimeout(left)
 
-    def _recv_exact(self, n):
-        buf = bytearray(n)
-        view = memoryview(buf)
+    def _recv_exact(self, n, scratch=None):
+        """n bytes: a fresh bytearray, or a view of the reused buffer named
+        scratch."""
+        view = memoryview(bytearray(n)) if scratch is None else self._scratch(scratch, n)
         got = 0
         while got < n:
             try:
@@ -267,17 +318,19 @@ class Channel:
             if r == 0:
                 raise ProtocolError(f"{self.peer} closed the connection")
             got += r
-        return buf
+        return view if scratch is not None else view.obj
 
-    def _recv_sealed(self):
+    def _recv_sealed(self, transient):
         header = bytes(self._recv_exact(_SEALED_HEADER.size))
         (length,) = _SEALED_HEADER.unpack(header)
         if not 1 + MAC_SIZE <= length <= 1 + MAX_PAYLOAD + MAC_SIZE:
             raise ProtocolError("%s sent a %d-byte sealed frame (limit %d)" % (self.peer, length, MAX_PAYLOAD))
-        sealed = self._recv_exact(length)
+        sealed = self._recv_exact(length, "_in")
         nonce = _NONCE.pack(self._recv_dir, self._recv_seq)
+        n = length - MAC_SIZE
+        plain = self._scratch("_plain_in", n) if transient else memoryview(bytearray(n))
         try:
-            plain = self._open.decrypt(nonce, sealed, header)
+            self._open.decrypt_into(nonce, sealed, header, plain)
         except InvalidTag as e:
             raise ProtocolError(
                 "frame %d from %s failed authentication (changed, replayed, reordered or not ours): refused"
@@ -285,9 +338,9 @@ class Channel:
             ) from e
         self._recv_seq += 1
         self.bytes_received += _SEALED_HEADER.size + length
-        return plain[0], memoryview(plain)[1:]
+        return plain[0], plain[1:]
 
-    def _recv_plain(self):
+    def _recv_plain(self, transient):
         header = bytes(self._recv_exact(_HEADER.size))
         kind, _flags, _res, length, seq = _HEADER.unpack(header)
         limit = MAX_PAYLOAD if self.authenticated else MAX_PREAUTH_PAYLOAD
@@ -296,7 +349,7 @@ class Channel:
         if seq != self._recv_seq:
             raise ProtocolError("%s sent frame %d where %d was due" % (self.peer, seq, self._recv_seq))
         self._recv_seq += 1
-        payload = self._recv_exact(length)
+        payload = self._recv_exact(length, "_in" if transient else None)
         if self._mac_key is not None:
             mac = bytes(self._recv_exact(MAC_SIZE))
             if not hmac.compare_digest(mac, self._mac(header, payload, self._peer_mac_key)):
@@ -304,8 +357,11 @@ class Channel:
         self.bytes_received += _HEADER.size + length + (MAC_SIZE if self._mac_key else 0)
         return kind, payload
 
-    def recv(self):
-        kind, payload = self._recv_sealed() if self._open is not None else self._recv_plain()
+    def recv(self, transient=False):
+        """(kind, payload). transient: the payload is a view of a buffer the
+        next recv() reuses (the destination's page frames: no allocation per
+        frame)."""
+        kind, payload = self._recv_sealed(transient) if self._open is not None else self._recv_plain(transient)
         try:
             kind = Msg(kind)
         except ValueError as e:
@@ -320,9 +376,6 @@ class Channel:
         except ProtocolError:
             pass  # the peer is gone already: nothing more to tell
 
-    def send_json(self, kind, obj):
-        self.send(kind, json.dumps(obj).encode())
-
     def close(self):
         try:
             self.sock.close()
@@ -331,22 +384,40 @@ class Channel:
 
 
 # --- message bodies -----------------------------------------------------------
+# (binary ones; the JSON bodies are in messages.py)
 
 
-def encode_pages(key, extents, data, compress=True):
-    """A PAGES body for store task `key`: extents are (vaddr, npages,
+def pages_head(key, extents, enc):
+    """What precedes the data in a PAGES body: extents are (vaddr, npages,
     zero_bitmap) with bit i of zero_bitmap set for an all-zero page, which
-    travels as nothing; `data` holds every other page, extent after extent."""
-    body = bytes(data)
-    enc = RAW
-    if compress and body:
-        packed = lz4.block.compress(body, store_size=False)
-        if len(packed) < len(body):
-            body, enc = packed, LZ4
+    travels as nothing."""
     head = [_PAGES.pack(key, len(extents), enc)]
     for vaddr, npages, zero in extents:
         head.append(_EXTENT.pack(vaddr, npages) + bytes(zero[: (npages + 7) // 8]))
-    return b"".join(head) + body, enc == LZ4
+    return b"".join(head)
+
+
+def pages_head_max(pages):
+    """The longest head of a PAGES body of at most `pages` pages."""
+    return _PAGES.size + pages * (_EXTENT.size + 1) + pages // 8 + 1
+
+
+def lz4_compress(data):
+    """A PAGES body's data as one lz4 block (decode_pages knows its size)."""
+    return lz4.block.compress(data, store_size=False)
+
+
+def encode_pages(key, extents, data, compress=True):
+    """A PAGES body for store task `key` (pages_head); `data` holds every
+    page not flagged zero, extent after extent, lz4-compressed when
+    `compress` and that is smaller. Returns (body, compressed)."""
+    body = bytes(data)
+    enc = RAW
+    if compress and body:
+        packed = lz4_compress(body)
+        if len(packed) < len(body):
+            body, enc = packed, LZ4
+    return pages_head(key, extents, enc) + body, enc == LZ4
 
 
 def decode_pages(payload):
@@ -388,17 +459,6 @@ def decode_pages(payload):
     return key, extents, body
 
 
-def decode_json(payload):
-    """A JSON object (a dict: every JSON message is one)."""
-    try:
-        obj = json.loads(bytes(payload))
-    except (ValueError, RecursionError) as e:
-        raise ProtocolError(f"malformed JSON message: {e}") from e
-    if not isinstance(obj, dict):
-        raise ProtocolError(f"a JSON message that is no object: {str(obj)[:80]}")
-    return obj
-
-
 def encode_range(key, vaddr, npages):
     return _RANGE.pack(key, vaddr, npages)
 
@@ -413,18 +473,6 @@ def decode_range(payload):
     if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE >= 1 << 64:
         raise ProtocolError("%d pages at 0x%x of pid %d: no page range" % (npages, vaddr, key))
     return key, vaddr, npages
-
-
-def encode_round(n, stats):
-    return _ROUND.pack(n) + json.dumps(stats).encode()
-
-
-def decode_round(payload):
-    try:
-        (n,) = _ROUND.unpack_from(payload)
-    except struct.error as e:
-        raise ProtocolError("ROUND message too short") from e
-    return n, decode_json(bytes(payload[_ROUND.size :]) or b"{}")
 
 
 def encode_ack(n, pages):

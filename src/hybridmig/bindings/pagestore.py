@@ -42,6 +42,20 @@ class PageStore:
         check_range(vaddr, npages)
         _check(lib.hm_store_put_zero(self._s, key, vaddr, npages), "hm_store_put_zero")
 
+    def put_pages(self, key: int, vaddr: int, npages: int, zero: bytes, data: bytes | bytearray | memoryview) -> int:
+        """Store one PAGES extent: npages pages at vaddr, bit i of `zero` set
+        for an all-zero page, the others' data in order at the start of
+        `data`. Returns the bytes of data used."""
+        check_range(vaddr, npages)
+        if len(zero) < (npages + 7) // 8:
+            raise UsageError("zero bitmap of %d bytes for %d pages" % (len(zero), npages))
+        buf = ffi.from_buffer("uint8_t[]", data)
+        used = _check(
+            lib.hm_store_put_pages(self._s, key, vaddr, npages, zero, buf, len(data) // PAGE_SIZE),
+            "hm_store_put_pages",
+        )
+        return used * PAGE_SIZE
+
     def load_file(self, key: int, vaddr: int, npages: int, fd: int, offset: int) -> None:
         """Read npages pages from file descriptor fd at offset straight into the store."""
         check_range(vaddr, npages)

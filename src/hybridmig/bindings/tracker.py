@@ -127,10 +127,12 @@ def remote_syscall(pid: int, nr: int, *args: int) -> tuple[int, int]:
     return int(ret[0]), int(stop[0])
 
 
-def read_pages_into(pid: int, vaddr: int, buf: bytearray | memoryview) -> tuple[int, bytes]:
+def read_pages_into(pid: int, vaddr: int, buf: bytearray | memoryview) -> tuple[int, bytes, int]:
     """Read len(buf) // 4096 pages of pid at vaddr into the writable buffer
-    buf: (pages read, zero bitmap bytes, bit i = page i is all zeros).
-    Fewer pages than asked means the next page could not be read."""
+    buf: (pages read, zero bitmap bytes, bit i = page i is all zeros, data
+    pages). The pages that are not all zeros are packed to the front of buf,
+    in order: buf then starts with a PAGES body's data. Fewer pages than
+    asked means the next page could not be read."""
     _check_pid(pid)
     view = memoryview(buf)
     if view.readonly:
@@ -139,8 +141,9 @@ def read_pages_into(pid: int, vaddr: int, buf: bytearray | memoryview) -> tuple[
     check_range(vaddr, npages)
     data = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
     bitmap = ffi.new("uint8_t[]", (npages + 7) // 8)
-    got = check(lib.hm_read_pages(pid, vaddr, npages, data, bitmap), "hm_read_pages", pid=pid)
-    return got, bytes(ffi.buffer(bitmap, (got + 7) // 8))
+    ndata = ffi.new("uint64_t *")
+    got = check(lib.hm_read_pages(pid, vaddr, npages, data, bitmap, ndata), "hm_read_pages", pid=pid)
+    return got, bytes(ffi.buffer(bitmap, (got + 7) // 8)), int(ndata[0])
 
 
 def softdirty_clear(pid: int) -> None:

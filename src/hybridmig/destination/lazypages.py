@@ -169,6 +169,23 @@ class LazyPagesDaemon:
         self.bind()
         self.prepare()
 
+    def _accept_criu(self, timeout):
+        """CRIU's connection. One that closes before it says anything is no
+        restore but a second daemon asking whether this socket is in use
+        (listen()): it must not cost this daemon its restore."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError as e:
+                raise ProtocolError(f"no criu restore connected to {SOCKET_NAME} within {timeout}s") from e
+            self.connected_at = time.monotonic_ns()
+            conn.settimeout(None)
+            if conn.recv(1, socket.MSG_PEEK):
+                return conn
+            conn.close()
+
     def _accept_task(self, conn, pid):
         """Register one restored task: its uffd, what it is owed, where the pages come from."""
         uffd, sender = _recv_uffd(conn, pid)
@@ -194,14 +211,8 @@ class LazyPagesDaemon:
         failure before the restore finished, which makes it fail.
         eager_delay: seconds between restore-finished and eager install,
         during which pages go in only when faulted (experiments, tests)."""
-        self.sock.settimeout(timeout)
-        try:
-            conn, _ = self.sock.accept()
-        except TimeoutError as e:
-            raise ProtocolError(f"no criu restore connected to {SOCKET_NAME} within {timeout}s") from e
-        self.connected_at = time.monotonic_ns()
+        conn = self._accept_criu(timeout)
         self.sock.close()
-        conn.settimeout(None)
         self.loop.start()
         self.fetcher.start()
         with conn:

@@ -23,6 +23,7 @@ from ..bindings import PAGE_SIZE
 from ..bindings.pagestore import PageStore
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from ..errors import CriuError, HybridmigError, ProtocolError
+from ..messages import Host, Outcome, OutcomeQuery, Restore, Result, RoundStats
 from ..wire import Msg
 from .accept import Acceptor
 from .guard import Guard, end_tree
@@ -94,23 +95,12 @@ class Outcomes:
 
 
 def store_pages(store, key, extents, data):
-    """Put one PAGES body into the store: runs of zero pages as flags."""
+    """Put one PAGES body into the store: zero pages as flags (one native
+    call per extent)."""
     data = memoryview(data)
     off = 0
     for vaddr, npages, zero in extents:
-        i = 0
-        while i < npages:
-            is_zero = zero[i >> 3] >> (i & 7) & 1
-            j = i + 1
-            while j < npages and (zero[j >> 3] >> (j & 7) & 1) == is_zero:
-                j += 1
-            if is_zero:
-                store.put_zero(key, vaddr + i * PAGE_SIZE, j - i)
-            else:
-                n = (j - i) * PAGE_SIZE
-                store.put(key, vaddr + i * PAGE_SIZE, data[off : off + n])
-                off += n
-            i = j
+        off += store.put_pages(key, vaddr, npages, zero, data[off:])
 
 
 class RemotePages:
@@ -217,7 +207,8 @@ class Session:
         """Serve frames (`first`, then what comes) until the source commits
         or aborts; returns 'committed' or 'aborted'."""
         while True:
-            kind, payload = first or self.channel.recv()
+            # transient: each payload is done with before the next recv()
+            kind, payload = first or self.channel.recv(transient=True)
             first = None
             if kind not in self.ACCEPTS[self.state]:
                 raise ProtocolError(f"unexpected {kind.name} from the source ({self.state})")
@@ -229,19 +220,19 @@ class Session:
                 self.store.invalidate(*wire.decode_range(payload))
             elif kind == Msg.ROUND:
                 self._check_quota()
-                self.rounds, _ = wire.decode_round(payload)
+                self.rounds = RoundStats.decode(payload).number
                 st = self.store.stats()
                 self.channel.send(Msg.ROUND_ACK, wire.encode_ack(self.rounds, st["pages_data"] + st["pages_zero"]))
             elif kind == Msg.FILE:
                 self._write_image(*wire.decode_file(payload))
             elif kind == Msg.RESTORE:
-                opts = wire.decode_json(payload)
+                restore = Restore.decode(payload)
                 self.state = "restoring"
-                self._restorer = threading.Thread(target=self._restore, args=(opts,), name="restore", daemon=True)
+                self._restorer = threading.Thread(target=self._restore, args=(restore,), name="restore", daemon=True)
                 self._restorer.start()
             elif kind == Msg.COMMIT:
                 self._join_restorer()
-                if not (self.result and self.result.get("ok")):
+                if not (self.result and self.result.ok):
                     raise ProtocolError("the source committed to a restore that failed")
                 self.committed = True
                 self._tell_guard("commit")
@@ -316,16 +307,13 @@ class Session:
         if self._restorer is not None:
             self._restorer.join(self.restore_timeout + 60)
 
-    def _restore(self, opts):
+    def _restore(self, restore):
         """criu restore --lazy-pages served from the store; RESULT to the source."""
         t0 = time.monotonic()
-        result = {"ok": False}
         daemon = server = None
         try:
             self._check_quota()
-            criu_opts = opts.get("criu_opts", [])
-            if not isinstance(criu_opts, list) or not all(isinstance(o, str) for o in criu_opts):
-                raise ProtocolError(f"RESTORE with criu_opts {str(criu_opts)[:80]}: not a list of strings")
+            criu_opts = restore.criu_opts
             check_criu_opts(criu_opts, self.limits.criu_opts)
             daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store, guard=self._guard)
             daemon.listen()
@@ -376,34 +364,34 @@ class Session:
             # (read by the daemon's thread: they can come after CRIU's exit)
             finished = min(daemon.restore_finished_at / 1e9, t_restored) if daemon.restore_finished_at else t_restored
             connected = min(daemon.connected_at / 1e9, finished) if daemon.connected_at else finished
-            result = {
-                "ok": True,
-                "restored_pid": self.restored_pid,
-                "restore_s": t_restored - t0,
-                "installed_s": time.monotonic() - t0,
-                "remote_pages": self.remote.remote_pages,
-                "lazy": served["stats"],
+            result = Result(
+                ok=True,
+                restored_pid=self.restored_pid,
+                restore_s=t_restored - t0,
+                installed_s=time.monotonic() - t0,
+                remote_pages=self.remote.remote_pages,
+                lazy=served["stats"],
                 # where the restore's time goes: images read and socket up; CRIU
                 # until it connects to the lazy-pages socket (its tasks forked),
                 # then until its restore-finished message; CRIU's exit after it
-                "restore_breakdown_ms": {
+                restore_breakdown_ms={
                     "daemon_ready": (t_listening - t0) * 1000,
                     "criu_to_connected": (connected - t_listening) * 1000,
                     "connected_to_finished": (finished - connected) * 1000,
                     "finished_to_exit": (t_restored - finished) * 1000,
                 },
-            }
+            )
         except Exception as e:  # reported to the source, which then resumes its copy
             log.error("restore failed: %s", e)
             self.kill_restored()
-            result = {"ok": False, "error": str(e)}
+            result = Result(ok=False, error=str(e))
         try:
-            self.channel.send_json(Msg.RESULT, result)
+            self.channel.send(Msg.RESULT, result.encode())
         except ProtocolError as e:
             # the source never learns of the success: it resumes its copy
             log.error("could not report the restore result: %s", e)
             self.kill_restored()
-            result = {"ok": False, "error": str(e)}
+            result = Result(ok=False, error=str(e))
         self.result = result
         if daemon is not None:
             # Freed only once its thread is out of the fault loop: after a
@@ -445,10 +433,10 @@ class Session:
 
 def answer_outcome(channel, outcomes, payload):
     """OUTCOME: what became of the copy of the session the source names."""
-    session_id = wire.decode_json(payload).get("session")
-    outcome = outcomes.get(session_id) if isinstance(session_id, str) else "unknown"
+    session_id = OutcomeQuery.decode(payload).session
+    outcome = outcomes.get(session_id)
     log.warning("%s asks what became of session %s: %s", channel.peer, session_id, outcome)
-    channel.send_json(Msg.OUTCOME, {"session": session_id, "outcome": outcome})
+    channel.send(Msg.OUTCOME, Outcome(session_id, outcome).encode())
 
 
 def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, mode=wire.SEALED, limits=None):
@@ -482,15 +470,8 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
             channel.sock.settimeout(SESSION_IDLE_S)
             session_id = secrets.token_hex(16)
             try:
-                channel.send_json(
-                    Msg.HOST,
-                    {
-                        "boot_id": wire.boot_id(),
-                        "kernel": os.uname().release,
-                        "session": session_id,
-                        "criu_opts_allowed": sorted(limits.criu_opts),
-                    },
-                )
+                host = Host(wire.boot_id(), os.uname().release, session_id, sorted(limits.criu_opts))
+                channel.send(Msg.HOST, host.encode())
                 first = channel.recv()
                 if first[0] == Msg.OUTCOME:  # a source asking about an earlier session, not a migration
                     answer_outcome(channel, outcomes, first[1])
@@ -499,6 +480,8 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
             except ProtocolError as e:
                 log.warning("%s: %s", channel.peer, e)
                 channel.close()
+                if once:  # the source came, and broke before its first message (the link cut in its first frame)
+                    return "broken"
                 continue
             session = Session(channel, base_dir, keep=keep, limits=limits, session_id=session_id)
             outcomes.set(session_id, "pending")

@@ -15,10 +15,11 @@ import psutil
 from .. import scratch, wire
 from ..bindings.ranges import Ranges
 from ..criu import images
-from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LONG_OPTS, LazyDump, check_criu_opts
+from ..criu.command import CRIU_LONG_OPTS, LazyDump, check_criu_opts
 from ..criu.hook import IN_DOUBT
 from ..destination.guard import end_tree
 from ..errors import CriuError, HybridmigError, InDoubtError, ProtocolError, SetupError
+from ..messages import Host, Outcome, OutcomeQuery, Restore, Result
 from ..wire import Msg
 from .converge import AutoConverge
 from .options import DEFAULTS
@@ -91,7 +92,7 @@ class Migration:
         self.rounds = []
         self.final = Round(-1)
         self.remote_faults = 0
-        self.result = None
+        self.result = None  # the destination's RESULT (a Result), or why there is none
         self.channel = None
         self.images_dir = None
         self.tracker = None
@@ -180,11 +181,11 @@ class Migration:
         kind, payload = self.channel.recv()
         if kind != Msg.HOST:
             raise ProtocolError(f"{self.channel.peer} did not describe itself")
-        host = wire.decode_json(payload)
-        self.session = host.get("session")
+        host = Host.decode(payload)
+        self.session = host.session
         # the destination's CRIU runs them: refused here, before the source is touched
-        check_criu_opts(self.criu_opts, allowed=set(host.get("criu_opts_allowed", ALLOWED_CRIU_OPTS)))
-        return host.get("boot_id") == wire.boot_id()
+        check_criu_opts(self.criu_opts, allowed=set(host.criu_opts_allowed))
+        return host.boot_id == wire.boot_id()
 
     def _switch_over(self, images_dir):
         self.dump.wait_hook("pre-dump", self.timeout)
@@ -243,7 +244,7 @@ class Migration:
                 self._warn(f"could not tell the destination that the source has ended: {e}")
             return
         self._abort_destination()
-        error = (self.result or {}).get("error", "no result")
+        error = (self.result and self.result.error) or "no result"
         if self.criu_died_frozen:
             raise CriuError(f"{error}; the destination's copy was ended")
         raise HybridmigError(f"the destination did not restore the process: {error}; the source was resumed")
@@ -281,11 +282,12 @@ class Migration:
             # at 4 GiB), frozen time better spent sending. run() detaches
             # once the outcome is known; if committed, the source's memory is
             # gone by then and the close costs nothing.
-            t_scanned = time.time()
+            t_scanned, t0, cpu0 = time.time(), time.monotonic(), time.process_time()
             for pid, key in self.sender.keys.items():
                 need = self._lacking(images_dir, key, dirty.get(pid, []))
                 self.sender.send_ranges(pid, need, final)
             self.times["final_sent"] = time.time()
+            final.ended(t0, cpu0)  # its send alone: no ack, the images follow
             log.info(
                 "final round: scan %.1f ms, %d pages sent in %.1f ms",
                 (t_scanned - self.times["dumped"]) * 1000,
@@ -303,13 +305,13 @@ class Migration:
                         offset += len(data)
                         if len(data) < FILE_PART:
                             break
-            self.channel.send_json(Msg.RESTORE, {"criu_opts": self.criu_opts})
+            self.channel.send(Msg.RESTORE, Restore(self.criu_opts).encode())
             self.times["images_sent"] = time.time()
             self.result = self._await_result()
             self.times["restored"] = time.time()
-            return bool(self.result.get("ok"))
+            return self.result.ok
         except HybridmigError as e:
-            self.result = {"ok": False, "error": str(e)}
+            self.result = Result(ok=False, error=str(e))
             return False
 
     def _source_still_frozen(self):
@@ -318,7 +320,7 @@ class Migration:
         of it: no commit then (the source runs on, as it is)."""
         failed = self.dump.failed()
         if failed:
-            self.result = {"ok": False, "error": f"{failed} before the commit, letting the source run again"}
+            self.result = Result(ok=False, error=f"{failed} before the commit, letting the source run again")
             self.criu_died_frozen = True
         return not failed
 
@@ -339,7 +341,7 @@ class Migration:
         self.channel.close()  # the destination's session ends, and records its outcome
         kept = self._ask_outcome()
         if kept is False:
-            self.result = {"ok": False, "error": "the destination did not take the commit: it ended its copy"}
+            self.result = Result(ok=False, error="the destination did not take the commit: it ended its copy")
         elif kept:
             self._warn("the destination, asked again, has kept its copy: the commit stands")
         return kept
@@ -357,11 +359,11 @@ class Migration:
             try:
                 channel = wire.connect(self.to, self.key, timeout=min(left, 10.0), tls=self.tls, idle_timeout=left)
                 kind, _ = channel.recv()  # HOST, of the connection: not ours
-                channel.send_json(Msg.OUTCOME, {"session": self.session})
+                channel.send(Msg.OUTCOME, OutcomeQuery(self.session).encode())
                 kind, payload = channel.recv()
                 if kind != Msg.OUTCOME:
                     raise ProtocolError(f"{channel.peer} answered OUTCOME with {kind.name}")
-                outcome = wire.decode_json(payload).get("outcome")
+                outcome = Outcome.decode(payload).outcome
                 log.warning("the destination says session %s: %s", self.session, outcome)
                 if outcome in ("kept", "ended"):
                     return outcome == "kept"
@@ -434,7 +436,7 @@ class Migration:
                 self.remote_faults += npages
                 self.sender.send_ranges(host_of[key], [(vaddr, vaddr + npages * PAGE_SIZE)], self.final)
             elif kind == Msg.RESULT:
-                return wire.decode_json(payload)
+                return Result.decode(payload)
             else:
                 raise ProtocolError(f"unexpected {kind.name} while the destination restores")
 
@@ -457,7 +459,7 @@ class Migration:
         (criu restore done on the destination); pages still installing by
         then are served from the destination's RAM."""
         t = self.times
-        dest = self.result or {}
+        dest = self.result  # a success: report() follows a commit
         breakdown = {
             # the part of CRIU's start-up (begun with pre-copy) still to go
             # when pre-copy converged (the tree still runs, unless
@@ -466,10 +468,10 @@ class Migration:
             "freeze_to_dumped_ms": (t["dumped"] - t["go"]) * 1000,
             "final_pages_ms": (t["final_sent"] - t["dumped"]) * 1000,
             "images_ms": (t["images_sent"] - t["final_sent"]) * 1000,
-            "restore_ms": dest.get("restore_s", 0.0) * 1000,
+            "restore_ms": dest.restore_s * 1000,
         }
         downtime = sum(breakdown.values())
-        breakdown["installing_after_resume_ms"] = (dest.get("installed_s", 0.0) - dest.get("restore_s", 0.0)) * 1000
+        breakdown["installing_after_resume_ms"] = (dest.installed_s - dest.restore_s) * 1000
         rounds = [r.as_dict() for r in self.rounds] + [dict(self.final.as_dict(), final=True)]
         return {
             "result": "migrated",
@@ -483,7 +485,7 @@ class Migration:
             "attach_stop_ms": t.get("attach_stop_ms"),
             "auto_converge_held_s": self.converge.held_s if self.converge else 0.0,
             "precopy_s": t["precopy_done"] - t["start"],
-            "restored_pid": (self.result or {}).get("restored_pid"),
-            "destination": self.result,
+            "restored_pid": dest.restored_pid,
+            "destination": dest.as_dict(),
             "warnings": self.warnings,
         }

@@ -13,39 +13,26 @@ slows the tree down the tracker drops them, so that rounds show it."""
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .. import wire
 from ..bindings import PAGE_SIZE
 from ..bindings.ranges import Ranges
 from ..errors import ProcessGone
+from ..messages import RoundStats
 from ..wire import Msg
 from .converge import slowed_down
 from .options import DEFAULTS
-from .tracker import TreeTracker, read_pages
+from .tracker import TreeTracker, read_run
 
 log = logging.getLogger("hybridmig.source.precopy")
-BATCH_PAGES = 256  # 1 MiB of pages per PAGES frame
-MAX_EXTENTS = 4096  # scattered dirty pages: one frame carries many runs
+FRAME_PAGES = 256  # pages per PAGES frame (1 MiB), zero pages included; scattered runs share a frame
 WORTHWHILE_MS = 5.0  # a final transfer estimated shorter than this is not worth another round
 
 
-@dataclass
-class Round:
-    number: int
-    pages_scanned: int = 0
-    pages_written: int = 0  # to send in this round (or carried to the final one)
-    pages_hot: int = 0  # also owed, left for the final round (hot pages)
-    pages_sent: int = 0
-    pages_zero: int = 0
-    bytes_raw: int = 0
-    bytes_wire: int = 0
-    duration_s: float = 0.0
-    scan_s: float = 0.0
-    dirty_rate_pps: float = 0.0
-    bandwidth_bps: float = 0.0
-    est_downtime_ms: float = 0.0
-    throttle_pct: float = 0.0  # auto-converge: share of the time the tree was held
+class Round(RoundStats):
+    """A round's stats, as ROUND carries them (messages.RoundStats: a new
+    stat goes there)."""
 
     @property
     def pages_owed(self):
@@ -53,8 +40,12 @@ class Round:
         would send if the rounds stopped here."""
         return self.pages_written + self.pages_hot
 
-    def as_dict(self):
-        return asdict(self)
+    def ended(self, t0, cpu0):
+        """The round's time since monotonic t0 and its CPU since process_time cpu0."""
+        self.duration_s = time.monotonic() - t0
+        self.cpu_s = time.process_time() - cpu0
+        if self.duration_s > 0:
+            self.rate_mb_s = self.bytes_raw / self.duration_s / 1e6
 
 
 def track(pid, keep_hot=True):
@@ -94,32 +85,34 @@ class Throttle:
 
 
 class Compression:
-    """lz4 where it pays: after a run of frames it did not shrink, stop
-    trying for a while (a process's memory is often already dense)."""
+    """lz4 where it pays: a frame is compressed only if a sample of its
+    pages shrinks (PROBE_PAGES pages spread over it, each alone: ~1 % of the
+    cost of compressing the frame). Random or already dense memory then
+    costs almost nothing, and a compressible frame is compressed whole."""
 
-    SKIP_AFTER, SKIP_FOR = 8, 64
+    PROBE_PAGES = 4
+    PROBE_RATIO = 0.9  # the sample must shrink below this share of its size
 
     def __init__(self, enabled=True):
         self.enabled = enabled
-        self.misses = 0
-        self.skip = 0
 
-    def wanted(self):
-        if self.skip:
-            self.skip -= 1
+    def worth_it(self, data):
+        n = len(data) // PAGE_SIZE
+        if not self.enabled or not n:
             return False
-        return self.enabled
-
-    def result(self, shrank):
-        self.misses = 0 if shrank else self.misses + 1
-        if self.misses >= self.SKIP_AFTER:
-            self.misses, self.skip = 0, self.SKIP_FOR
+        step = max(1, n // self.PROBE_PAGES)
+        sample = [data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(step // 2, n, step)]
+        packed = sum(len(wire.lz4_compress(page)) for page in sample)
+        return packed < self.PROBE_RATIO * len(sample) * PAGE_SIZE
 
 
 @dataclass
 class Sender:
     """Reads pages of the source tasks and sends them in PAGES frames of up
-    to BATCH_PAGES pages, scattered pages gathered into one frame."""
+    to frame_pages pages, scattered pages gathered into one frame. A frame is
+    read straight into one reused buffer, its data pages packed by the
+    native read, its head written just before them, and sealed and sent
+    from there: no copy of the pages in Python. One thread at a time."""
 
     channel: wire.Channel
     keys: dict  # host pid -> ns pid (store key)
@@ -127,17 +120,38 @@ class Sender:
     compress: bool = True
     throttle: Throttle | None = None
     held: dict = field(default_factory=dict)  # ns pid -> Ranges held by the destination
+    frame_pages: int = FRAME_PAGES
 
     def __post_init__(self):
         self.compression = Compression(self.compress)
+        # [scratch byte for the sealed type][room for the longest head][data]
+        self._data_at = 1 + wire.pages_head_max(self.frame_pages)
+        self._buf = bytearray(self._data_at + self.frame_pages * PAGE_SIZE)
+        self._view = memoryview(self._buf)
 
-    def _flush(self, key, extents, parts, rnd):
-        body, packed = wire.encode_pages(key, extents, b"".join(parts), self.compression.wanted())
-        self.compression.result(packed)
-        self.channel.send(Msg.PAGES, body)
-        rnd.bytes_wire += len(body)
+    def _flush(self, key, extents, ndata, rnd):
+        t = time.perf_counter()
+        data = self._view[self._data_at : self._data_at + ndata * PAGE_SIZE]
+        enc, end = wire.RAW, self._data_at + len(data)
+        if self.compression.worth_it(data):
+            packed = wire.lz4_compress(data)
+            if len(packed) < len(data):
+                data[: len(packed)] = packed
+                enc, end = wire.LZ4, self._data_at + len(packed)
+                rnd.frames_lz4 += 1
+        head = wire.pages_head(key, extents, enc)
+        start = self._data_at - len(head)
+        self._view[start : self._data_at] = head
+        t_sent, sealing = time.perf_counter(), self.channel.seal_s
+        rnd.encode_s += t_sent - t
+        self.channel.send_from(Msg.PAGES, self._buf, start, end)
+        sealed = self.channel.seal_s - sealing
+        rnd.seal_s += sealed
+        rnd.send_s += time.perf_counter() - t_sent - sealed
+        rnd.frames += 1
+        rnd.bytes_wire += end - start
         if self.throttle:
-            self.throttle.account(len(body))
+            self.throttle.account(end - start)
 
     def send_ranges(self, pid, ranges, rnd):
         """Send the pages of ranges of process pid. A process of the tree that
@@ -152,21 +166,28 @@ class Sender:
     def _send_ranges(self, pid, ranges, rnd):
         key = self.keys[pid]
         held = self.held.setdefault(key, Ranges())
-        extents, parts, npages = [], [], 0
+        extents, npages, ndata = [], 0, 0
         for start, end in ranges:
-            for b in read_pages(pid, start, end, BATCH_PAGES):
-                extents.append((b.vaddr, b.npages, b.zero_bitmap))
-                parts.append(b.data)
-                npages += b.npages
-                held.add(b.vaddr, b.vaddr + b.npages * PAGE_SIZE)
-                rnd.pages_sent += b.npages
-                rnd.pages_zero += b.nzero
-                rnd.bytes_raw += (b.npages - b.nzero) * PAGE_SIZE
-                if npages >= BATCH_PAGES or len(extents) >= MAX_EXTENTS:
-                    self._flush(key, extents, parts, rnd)
-                    extents, parts, npages = [], [], 0
+            at = start
+            while at < end:
+                # what is left of the frame: its data space from ndata on
+                room = self._view[self._data_at + ndata * PAGE_SIZE :][: (self.frame_pages - npages) * PAGE_SIZE]
+                t = time.perf_counter()
+                got, zero, nd, nxt = read_run(pid, at, end, room)
+                rnd.read_s += time.perf_counter() - t
+                if got:
+                    extents.append((at, got, zero))
+                    held.add(at, at + got * PAGE_SIZE)
+                    npages, ndata = npages + got, ndata + nd
+                    rnd.pages_sent += got
+                    rnd.pages_zero += got - nd
+                    rnd.bytes_raw += nd * PAGE_SIZE
+                at = nxt
+                if npages >= self.frame_pages:
+                    self._flush(key, extents, ndata, rnd)
+                    extents, npages, ndata = [], 0, 0
         if extents:
-            self._flush(key, extents, parts, rnd)
+            self._flush(key, extents, ndata, rnd)
 
     def adopt(self, pid):
         """A process that joined the tree since the start (a fork); False if
@@ -210,14 +231,16 @@ class PreCopy:
 
     def _ack(self, rnd):
         """A round marker the destination acknowledges once all before it is stored."""
-        self.sender.channel.send(Msg.ROUND, wire.encode_round(rnd.number, rnd.as_dict()))
+        t = time.perf_counter()
+        self.sender.channel.send(Msg.ROUND, rnd.encode())
         kind, payload = self.sender.channel.recv()
         if kind != Msg.ROUND_ACK or wire.decode_ack(payload)[0] != rnd.number:
             raise wire.ProtocolError("expected the ack of round %d, got %s" % (rnd.number, kind.name))
+        rnd.ack_s = time.perf_counter() - t
 
-    def _finish(self, rnd, t0):
+    def _finish(self, rnd, t0, cpu0):
         self._ack(rnd)
-        rnd.duration_s = time.monotonic() - t0
+        rnd.ended(t0, cpu0)
         if rnd.bytes_wire and rnd.duration_s > 0:
             self.bandwidth = rnd.bytes_wire / rnd.duration_s
         rnd.bandwidth_bps = self.bandwidth
@@ -226,14 +249,14 @@ class PreCopy:
 
     def first_round(self):
         rnd = Round(0)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         for pid, vmas in self.tracker.vmas().items():
             if not self.sender.adopt(pid):
                 continue  # forked while the tracker attached, exited since
             rnd.pages_scanned += _pages(vmas)
             self.sender.send_ranges(pid, vmas, rnd)
         rnd.pages_written = rnd.pages_scanned
-        self._finish(rnd, t0)
+        self._finish(rnd, t0, cpu0)
         return rnd
 
     def scan(self, rnd):
@@ -254,16 +277,16 @@ class PreCopy:
             rnd.pages_hot += _pages(res.hot)
         return dirty
 
-    def _send(self, rnd, dirty, t0):
+    def _send(self, rnd, dirty, t0, cpu0):
         for pid, ranges in dirty.items():
             self.sender.send_ranges(pid, ranges, rnd)
-        self._finish(rnd, t0)
+        self._finish(rnd, t0, cpu0)
 
     def round(self, number):
         """One round as next_round sends it, without deciding whether to stop
         (the bench's steady state)."""
-        rnd, t0 = Round(number), time.monotonic()
-        self._send(rnd, self.scan(rnd), t0)
+        rnd, t0, cpu0 = Round(number), time.monotonic(), time.process_time()
+        self._send(rnd, self.scan(rnd), t0, cpu0)
         return rnd
 
     def next_round(self, number):
@@ -271,7 +294,7 @@ class PreCopy:
         nothing and leaves its dirty pages in self.pending for the final round
         (the tracker still holds the hot ones)."""
         rnd = Round(number)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         since = self.rounds[-1].duration_s if self.rounds else 0
         dirty = self.scan(rnd)
         owed = rnd.pages_owed
@@ -314,11 +337,11 @@ class PreCopy:
             if self.converge is not None:
                 self.converge.hold_all()
             self.pending = dirty
-            rnd.duration_s = time.monotonic() - t0
+            rnd.ended(t0, cpu0)
             self.rounds.append(rnd)
             self.progress(rnd)
             return rnd, True
-        self._send(rnd, dirty, t0)
+        self._send(rnd, dirty, t0, cpu0)
         return rnd, False
 
     def run(self):

@@ -227,51 +227,41 @@ class PageBatch(NamedTuple):
     each byte, for page i), data holds the other pages in order."""
 
     vaddr: int
-    data: bytes | memoryview  # a memoryview when no page is zero
+    data: memoryview
     zero_bitmap: bytes
     npages: int
     nzero: int
 
 
+def read_run(pid, at, end, view) -> tuple[int, bytes, int, int]:
+    """Read the pages of [at, end) of pid that fit in view (a writable
+    memoryview of whole pages) into it, the data pages packed at its front:
+    (pages read, zero bitmap, data pages, where to read next). Pages that
+    cannot be read (unmapped meanwhile) are skipped: the next scan reports
+    them removed. NativeError ESRCH when the process is gone."""
+    npages = min(len(view) // PAGE_SIZE, (end - at) // PAGE_SIZE)
+    got, zero, ndata = native.read_pages_into(pid, at, view[: npages * PAGE_SIZE])
+    nxt = at + got * PAGE_SIZE
+    if got < npages:
+        nxt = next_mapped(pid, nxt + PAGE_SIZE, end)
+    return got, zero, ndata, nxt
+
+
 def read_pages(pid, start, end, batch_pages=READ_BATCH_PAGES) -> Iterator[PageBatch]:
     """Yield PageBatch(vaddr, data, zero_bitmap, npages, nzero) for the pages
-    of [start, end) of pid, at most batch_pages at a time. Pages that cannot
-    be read (unmapped meanwhile) are skipped: the next scan reports them
-    removed. NativeError ESRCH when the process is gone."""
+    of [start, end) of pid, at most batch_pages at a time (read_run)."""
     if start % PAGE_SIZE or end % PAGE_SIZE:
         raise ValueError(f"range 0x{start:x}-0x{end:x} is not page aligned")
     at = start
     while at < end:
-        npages = min(batch_pages, (end - at) // PAGE_SIZE)
-        buf = bytearray(npages * PAGE_SIZE)
-        got, zero = native.read_pages_into(pid, at, buf)
+        buf = memoryview(bytearray(min(batch_pages, (end - at) // PAGE_SIZE) * PAGE_SIZE))
+        got, zero, ndata, nxt = read_run(pid, at, end, buf)
         if got:
-            yield _batch(at, buf, got, zero)
-        at += got * PAGE_SIZE
-        if got < npages:
-            at = _next_mapped(pid, at + PAGE_SIZE, end)
+            yield PageBatch(at, buf[: ndata * PAGE_SIZE], zero, got, got - ndata)
+        at = nxt
 
 
-def _batch(vaddr, buf, npages, zero) -> PageBatch:
-    nzero = sum(bin(b).count("1") for b in zero)
-    view = memoryview(buf)
-    if not nzero:
-        return PageBatch(vaddr, view[: npages * PAGE_SIZE], zero, npages, 0)
-    # Keep the runs of non-zero pages, in order.
-    kept, run = [], None
-    for i in range(npages):
-        if zero[i // 8] >> (i % 8) & 1:
-            if run is not None:
-                kept.append(view[run * PAGE_SIZE : i * PAGE_SIZE])
-                run = None
-        elif run is None:
-            run = i
-    if run is not None:
-        kept.append(view[run * PAGE_SIZE : npages * PAGE_SIZE])
-    return PageBatch(vaddr, b"".join(kept), zero, npages, nzero)
-
-
-def _next_mapped(pid, addr, end) -> int:
+def next_mapped(pid, addr, end) -> int:
     """The first mapped address >= addr (end if none before it)."""
     try:
         text = _read_maps(pid)
