@@ -80,7 +80,7 @@ def _end_without_page_server(criu_pid, commit):
     it: an uncommitted tree runs on."""
     import psutil
 
-    from ..destination.guard import end_tree
+    from ..proctree import end_tree
 
     for pid in ([os.environ.get("CRTOOLS_INIT_PID")] if commit else []) + ([criu_pid] if criu_pid else []):
         try:

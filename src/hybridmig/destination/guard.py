@@ -34,25 +34,11 @@ import sys
 import psutil
 
 from ..errors import HybridmigError
+from ..proctree import end_tree
 
 _MAX_MSG = 64
 _FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
 _OVER = (b"commit", b"release", b"done")
-
-
-def end_tree(root):
-    """SIGKILL the process `root` (a psutil.Process) and its descendants,
-    stopped first so that none of it forks meanwhile."""
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        try:
-            tree = [root] + root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            return
-        for proc in tree:
-            try:
-                proc.send_signal(sig)  # (psutil checks that the pid is still this process)
-            except psutil.NoSuchProcess:
-                pass
 
 
 class Guard:

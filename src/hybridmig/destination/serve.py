@@ -24,9 +24,10 @@ from ..bindings.pagestore import PageStore
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from ..errors import CriuError, HybridmigError, ProtocolError
 from ..messages import Host, Outcome, OutcomeQuery, Restore, Result, RoundStats
+from ..proctree import end_tree
 from ..wire import Msg
 from .accept import Acceptor
-from .guard import Guard, end_tree
+from .guard import Guard
 from .lazypages import LazyPagesDaemon
 
 log = logging.getLogger("hybridmig.destination.serve")

@@ -17,9 +17,9 @@ from ..bindings.ranges import Ranges
 from ..criu import images
 from ..criu.command import CRIU_LONG_OPTS, LazyDump, check_criu_opts
 from ..criu.hook import IN_DOUBT
-from ..destination.guard import end_tree
 from ..errors import CriuError, HybridmigError, InDoubtError, ProtocolError, SetupError
 from ..messages import Host, Outcome, OutcomeQuery, Restore, Result
+from ..proctree import end_tree
 from ..wire import Msg
 from .converge import AutoConverge
 from .options import DEFAULTS
