@@ -19,6 +19,7 @@ DEB_PACKAGES=(
     libnftables-dev libnl-3-dev libprotobuf-c-dev libprotobuf-dev
     protobuf-c-compiler protobuf-compiler uuid-dev libaio-dev
     iproute2 util-linux procps xz-utils dpkg-dev patch redis-server
+    podman runc busybox-static
 )
 
 say() { printf '== %s\n' "$*"; }

@@ -5,6 +5,7 @@ runs the tests marked with none of `root`, `criu`, `slow` (pyproject.toml).
 """
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,22 @@ def criu_ready():
     """What a `criu` test needs beyond the skip hook's checks."""
     # Restored trees are re-parented: adopt them so they can be reaped.
     become_subreaper()
+
+
+# CRIU's page server tee()s up to 4 MiB (PIPE_MAX_SIZE pages)
+PAGE_SERVER_PIPE_SIZE = 4194304
+
+
+@pytest.fixture(scope="module")
+def pipe_max_size():
+    """CRIU's page server needs pipes of 4 MiB; root without CAP_SYS_RESOURCE
+    cannot exceed fs.pipe-max-size. Raised for the tests, then restored."""
+    path = "/proc/sys/fs/pipe-max-size"
+    old = int(Path(path).read_text())
+    if old < PAGE_SERVER_PIPE_SIZE:
+        Path(path).write_text(str(PAGE_SERVER_PIPE_SIZE))
+    try:
+        yield
+    finally:
+        if old < PAGE_SERVER_PIPE_SIZE:
+            Path(path).write_text(str(old))

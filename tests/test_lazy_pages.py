@@ -2,9 +2,11 @@
 self-verifying workload: every page of every process must verify after the
 restore, whatever the process does while pages are still pending."""
 
+import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -244,6 +246,44 @@ def test_corrupted_pagemap(dumped):
     data[8:] = b"\xff" * (len(data) - 8)  # keep the magic, garble the entries
     path.write_bytes(bytes(data))
     failed_restore(images, report, "pagemap-1.img")
+
+
+def writer_of(fifo):
+    """A write end of fifo once a reader has it open, else None."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return None
+        raise
+
+
+def test_listens_before_reading_images(dumped):
+    """The socket is up before any image is read (runc's users start the
+    daemon and `runc restore --lazy-pages` back to back): with pstree.img a
+    FIFO nobody writes, reading the images blocks, yet a client connects.
+    When the images then turn out bad, the connected client is dropped."""
+    images, _ = dumped
+    pstree = images / "pstree.img"
+    pstree.unlink()
+    os.mkfifo(pstree)
+    with LazyDaemon(images) as daemon:
+        assert daemon.wait_listening(), daemon.output()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(30)
+        try:
+            client.connect(str(images / "lazy-pages.socket"))
+            # the daemon waits in the FIFO's open: let it read an empty image
+            os.close(wait_for(lambda: writer_of(pstree), 30, "the daemon to open pstree.img"))
+            assert daemon.wait(30) != 0
+            with pytest.raises(ConnectionResetError):
+                if client.recv(1) == b"":  # dropped, as a restore would be
+                    raise ConnectionResetError
+        finally:
+            client.close()
+        out = daemon.output()
+    assert "pstree.img" in out and "Traceback" not in out, out
+    assert not (images / "lazy-pages.socket").exists()
 
 
 def test_socket_in_use(dumped):

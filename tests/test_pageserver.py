@@ -31,7 +31,6 @@ from hybridmig import doctor
 
 REPO = Path(__file__).resolve().parent.parent
 HYBRIDMIG = REPO / ".venv" / "bin" / "hybridmig"
-PIPE_MAX_SIZE = 4194304  # CRIU's page server tee()s up to 4 MiB (PIPE_MAX_SIZE pages)
 NPAGES = 6000  # the pattern region: 23.4 MiB, not a multiple of 2 MiB
 SEED = 0x5EED
 PAGE = 4096
@@ -183,21 +182,6 @@ def subreaper():
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-@pytest.fixture(scope="module")
-def pipe_max_size():
-    """CRIU's page server needs pipes of 4 MiB; root without CAP_SYS_RESOURCE
-    cannot exceed fs.pipe-max-size. Raised for the tests, then restored."""
-    path = "/proc/sys/fs/pipe-max-size"
-    old = int(Path(path).read_text())
-    if old < PIPE_MAX_SIZE:
-        Path(path).write_text(str(PIPE_MAX_SIZE))
-    try:
-        yield
-    finally:
-        if old < PIPE_MAX_SIZE:
-            Path(path).write_text(str(old))
-
-
 class Migration:
     """One workload, its lazy dump and everything started for it; close()
     stops all of it by pid."""
@@ -335,6 +319,17 @@ class Migration:
                 pass
         return proc
 
+    def assert_restore_gone(self):
+        """Only the dumped (frozen) original is left of the workload."""
+
+        def others():
+            return [p for p in _pids_running(self.script) if p not in (self.unshare.pid, self.host_pid)]
+
+        try:
+            _wait_for(lambda: not others(), 30, "the failed restore's processes to go")
+        except AssertionError:
+            raise AssertionError(f"left running after the failed restore: {others()}") from None
+
     def close(self):
         _stop_popen(self.daemon)
         _stop_popen(self.dump)
@@ -439,13 +434,7 @@ def test_wrong_port_fails_cleanly(root_criu, migration):
     assert r.returncode != 0, "criu restore succeeded without its lazy pages"
 
     # Nothing of the restore is left: only the dumped (frozen) original runs.
-    def others():
-        return [p for p in _pids_running(m.script) if p not in (m.unshare.pid, m.host_pid)]
-
-    try:
-        _wait_for(lambda: not others(), 30, "the failed restore's processes to go")
-    except AssertionError:
-        raise AssertionError(f"left running after the failed restore: {others()}") from None
+    m.assert_restore_gone()
     assert _alive(m.host_pid)
     if m.restored_pid:
         assert not _alive(m.restored_pid)
@@ -464,6 +453,59 @@ def test_wrong_port_fails_cleanly(root_criu, migration):
         raise AssertionError("criu dump did not end after the aborted session") from None
     assert rc != 0
     assert "Lazy pages transfer FAILED" in (m.images / "dump.log").read_text(errors="replace")
+    assert m.check(m.host_pid) == "OK %d" % NPAGES
+
+
+def test_page_server_closing_early_fails_the_restore(root_criu, migration):
+    """The page server closes the connection at the first request (as a
+    source CRIU that fails does): the daemon must exit non-zero naming it,
+    and the restore it serves must fail, not hang."""
+    m = migration
+    m.start_workload()
+    m.start_lazy_dump()
+    closer = socket.socket()
+    closer.bind(("127.0.0.1", 0))
+    closer.listen(1)
+    closer.settimeout(60)
+    requests = []
+
+    def close_at_first_request():
+        try:
+            c, _ = closer.accept()
+        except OSError:
+            return
+        with c:
+            c.settimeout(60)
+            requests.append(c.recv(PSI.size))
+
+    server = threading.Thread(target=close_at_first_request, daemon=True)
+    server.start()
+    try:
+        m.start_daemon(closer.getsockname()[1])
+        r = m.restore()  # bounded by its own timeout: a hang fails the test
+        assert r.returncode != 0, "criu restore succeeded without its lazy pages"
+        try:
+            rc = m.daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("hybridmig lazy-pages still running after its page server closed") from None
+    finally:
+        closer.close()
+        server.join(10)
+    out = m.daemon_out.read_text()
+    assert requests and requests[0], "the daemon never asked the page server for a page"
+    assert rc != 0
+    assert "hybridmig: error:" in out and "closed the connection" in out, out
+    assert "Traceback" not in out, out
+
+    m.assert_restore_gone()
+    # the real page server was never asked: told of the failure, its dump
+    # resumes the original, intact
+    from hybridmig.criu.pageserver import PageServerSource
+
+    src = PageServerSource("127.0.0.1", m.port)
+    src.connect()
+    src.abort()
+    assert m.dump.wait(60) != 0
     assert m.check(m.host_pid) == "OK %d" % NPAGES
 
 

@@ -115,17 +115,21 @@ def lazy_pages(
         source = PageServerSource(address, port)
     daemon = guard = None
     try:
-        if source is not None:
-            source.connect()  # fail before criu restore starts, not halfway
         # ends the restored tasks if this daemon dies, or fails, before every page is in
         guard = Guard(owner="hybridmig lazy-pages")
         daemon = LazyPagesDaemon(
             images_dir, work_dir, source=source, installers=installers, batch_pages=batch_pages, guard=guard
         )
-        daemon.listen()
+        # Listening first, as runc's users expect of a daemon they start just
+        # before `runc restore --lazy-pages`; a failure below closes the
+        # socket, and a restore already connected then fails.
+        daemon.bind()
         if status_fd is not None:
             os.write(status_fd, b"\0")
             os.close(status_fd)
+        if source is not None:
+            source.connect()  # fail before the restore sends its tasks, not halfway
+        daemon.prepare()
         stats = daemon.serve(timeout=timeout, eager_delay=eager_delay)
         guard.finish("done")
     except HybridmigError as e:

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import resource
+import select
 import socket
 import struct
 import time
@@ -158,9 +159,15 @@ class LazyPagesDaemon:
                 self.store.populate(pid)
                 self._preloaded.add(pid)
 
-    def listen(self):
-        self.prepare()
+    def bind(self):
+        """The socket first: a `criu restore` started now waits in its
+        backlog while prepare() reads the images (runc's users start the
+        daemon and the restore back to back)."""
         self.sock = listen(self.work_dir)
+
+    def listen(self):
+        self.bind()
+        self.prepare()
 
     def _accept_criu(self, timeout):
         """CRIU's connection. One that closes before it says anything is no
@@ -210,12 +217,12 @@ class LazyPagesDaemon:
         self.fetcher.start()
         with conn:
             for _ in range(self._nr_tasks):
-                (pid,) = _INT.unpack(_recv_exact(conn, _INT.size, "a pid"))
+                (pid,) = _INT.unpack(self._recv_from_criu(conn, _INT.size, "a pid"))
                 if pid < 0:
                     self.zombies.append(-pid)
                     continue
                 self._accept_task(conn, pid)
-            (fin,) = struct.unpack("=I", _recv_exact(conn, 4, "restore-finished"))
+            (fin,) = struct.unpack("=I", self._recv_from_criu(conn, 4, "restore-finished"))
             if fin != RESTORE_FINISHED:
                 raise ProtocolError(f"unexpected message 0x{fin:x} instead of restore-finished")
             self.restore_finished_at = time.monotonic_ns()
@@ -228,6 +235,18 @@ class LazyPagesDaemon:
                 self.guard.installed()
         self.completed = True
         return self.stats()
+
+    def _recv_from_criu(self, conn, n, what):
+        """_recv_exact, failing as soon as the fetcher does: a restored task
+        may wait in a fault for a page that will never come, and CRIU with it
+        for ever. Raising closes the socket and the uffds; CRIU then fails
+        the restore and kills the tasks."""
+        while not select.select([conn], [], [], 0.1)[0]:
+            if self.fetcher.error is not None:
+                raise HybridmigError(
+                    f"reading pages failed during the restore: {self.fetcher.error}"
+                ) from self.fetcher.error
+        return _recv_exact(conn, n, what)
 
     def _watch_fetcher(self, seconds):
         deadline = time.monotonic() + seconds
