@@ -242,7 +242,7 @@ def dump_phases(log_path):
     the memory pass after the last VMA's pagemap (vmsplicing the pages into
     page pipes, the pagemap image). Empty if the log says too little (a log
     level under -v3, a dump that did not reach post-dump)."""
-    phases = {}
+    phases: dict[str, float] = {}
     phase = None
     prev = None
     try:
