@@ -104,3 +104,11 @@ def restored_alive(report_path):
         except OSError:
             continue
     return pids
+
+
+def lost_memory(wl):
+    """What any copy of wl (memwork --check-writes) logged about memory it
+    was never given: a page that no longer held what it last wrote there
+    (zeros, for a page owed and never installed), or a crash (a zeroed
+    pointer)."""
+    return wl.reports("corrupt") + wl.reports("crash")

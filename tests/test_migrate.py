@@ -23,7 +23,7 @@ import pytest
 from hybridmig.keys import generate_key
 from hybridmig.testing.netns import TwoHosts
 from hybridmig.testing.workload import Workload, WorkloadError
-from lazy_util import HYBRIDMIG_BIN, restored_alive
+from lazy_util import HYBRIDMIG_BIN, lost_memory, restored_alive
 from migrate_util import (
     PORT,
     BackgroundRun,
@@ -626,13 +626,6 @@ def test_destination_killed_while_installing(env):
     # segfaults within ~50 ms on it)
     assert "guard: ended the restored copy, pid %d" % copy.pid in serve.log(), serve.log()
     assert_intact(wl.verify(), 1)
-
-
-def lost_memory(wl):
-    """What any copy of wl logged about memory it was never given: a page
-    that no longer held what it last wrote there (zeros, for a page owed
-    and never installed), or a crash (a zeroed pointer)."""
-    return wl.reports("corrupt") + wl.reports("crash")
 
 
 def _kill_serve_after_restore(env, wl, delay):

@@ -35,6 +35,7 @@ struct hm_loop_stats {
 	uint64_t gate_slept;     /* waits that outlasted the spin and slept on an installer's copy lock */
 	uint64_t installers_pinned; /* installers running on a CPU of their own */
 	uint64_t claims_cut;     /* installer claims stopped between two ioctls by a fault at the gate */
+	uint64_t guard_holds;    /* forked children's uffds handed to the guard (hm_loop_set_guard) */
 };
 
 /* The operations a fatal error names (error_op). */
@@ -48,6 +49,7 @@ struct hm_loop_stats {
 #define HM_LOOP_OP_REMAP 7    /* a REMAP event */
 #define HM_LOOP_OP_REMOVE 8   /* a REMOVE or UNMAP event */
 #define HM_LOOP_OP_SETTLE 9   /* owing again the rest of an installer's claim */
+#define HM_LOOP_OP_GUARD 10   /* handing a forked child's uffd to the guard */
 
 /* Histograms (hm_loop_histogram): HM_HIST_BUCKETS buckets, 8 per power of
  * two of nanoseconds; hm_loop_bucket_ns(b) is the lower bound of bucket b. */
@@ -79,6 +81,12 @@ int hm_loop_new(hm_store *store, hm_loop **out);
 int hm_loop_configure(hm_loop *l, int installers, int batch_pages);
 /* runs: nruns pairs (vaddr, npages) of pages the task is owed. */
 int hm_loop_add_task(hm_loop *l, int uffd, uint64_t key, int32_t pid, const uint64_t *runs, uint64_t nruns);
+/* The guard's socket (destination/guard.py; SOCK_SEQPACKET): the loop keeps
+ * a duplicate, -1 drops it. The uffd of a child forked while its parent owes
+ * pages is sent there ("hold 0", SCM_RIGHTS) before the child is served; a
+ * send that fails, or waits more than 50 ms, is a fatal error
+ * (HM_LOOP_OP_GUARD). */
+int hm_loop_set_guard(hm_loop *l, int sockfd);
 int hm_loop_start(hm_loop *l);
 int hm_loop_begin_eager(hm_loop *l);
 int hm_loop_notify(hm_loop *l);

@@ -103,6 +103,7 @@ int hm_loop_new(hm_store *store, hm_loop **out)
 	if (!l)
 		return -ENOMEM;
 	l->store = store;
+	l->guard_fd = -1;
 	l->next_fork_key = FORK_KEY_BASE;
 	l->ninstallers = ncpu > 0 && ncpu < INSTALLERS_DEFAULT ? (int)ncpu : INSTALLERS_DEFAULT;
 	l->batch_pages = BATCH_PAGES_DEFAULT;
@@ -179,6 +180,20 @@ int hm_loop_add_task(hm_loop *l, int uffd, uint64_t key, int32_t pid, const uint
 	if (rc)
 		hm_ranges_free(owed);
 	return rc;
+}
+
+int hm_loop_set_guard(hm_loop *l, int sockfd)
+{
+	int fd = -1;
+
+	if (l->started)
+		return -EBUSY;
+	if (sockfd >= 0 && (fd = fcntl(sockfd, F_DUPFD_CLOEXEC, 0)) < 0)
+		return -errno;
+	if (l->guard_fd >= 0)
+		close(l->guard_fd);
+	l->guard_fd = fd;
+	return 0;
 }
 
 static void join_all(hm_loop *l, int ninstallers)
@@ -291,6 +306,8 @@ void hm_loop_free(hm_loop *l)
 		close(l->miss_rd);
 	if (l->miss_wr >= 0)
 		close(l->miss_wr);
+	if (l->guard_fd >= 0)
+		close(l->guard_fd);
 	pthread_cond_destroy(&l->cond);
 	for (int i = 0; i < INSTALLERS_MAX; i++)
 		pthread_mutex_destroy(&l->installers[i].copy_lock);

@@ -4,14 +4,18 @@
  * (handle_uffd): page faults (handle_pagefault) from the store, with a zero
  * page outside what is owed, or queued until they can be served; and the
  * events FORK, REMAP, REMOVE and UNMAP (handle_fork, handle_remap,
- * handle_remove). How the threads fit: faultloop.c.
+ * handle_remove); the uffds of forked children go to the guard first
+ * (hold_forks). How the threads fit: faultloop.c.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
 #include <linux/userfaultfd.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "faultloop_internal.h"
@@ -160,6 +164,101 @@ static void retry_waiting(hm_loop *l, struct task *t)
 	free(w);
 }
 
+/* --- the guard: forked children's uffds (fault thread, gate closed) ------- */
+
+/*
+ * One uffd to the guard (destination/guard.py): "hold 0" with the fd
+ * (SCM_RIGHTS), the message the daemon sends for each task CRIU hands over.
+ * Once sent it is held, whatever happens to us: a descriptor in flight counts
+ * as open. The guard is never waited for long: the socket is written without
+ * blocking, and a guard whose socket stays full (stopped, starved) for
+ * GUARD_SEND_MS fails the loop, as one that is gone (EPIPE) does; the restore
+ * then fails and the copy is ended. 0, or -errno.
+ */
+static int guard_hold(hm_loop *l, int ufd)
+{
+	static const char word[] = "hold 0";
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} ctl;
+	struct iovec iov = { .iov_base = (void *)word, .iov_len = sizeof(word) - 1 };
+	struct msghdr mh = {
+		.msg_iov = &iov,
+		.msg_iovlen = 1,
+		.msg_control = ctl.buf,
+		.msg_controllen = sizeof(ctl.buf),
+	};
+	uint64_t deadline = now_ns() + GUARD_SEND_MS * 1000000ULL;
+	struct cmsghdr *c;
+
+	memset(&ctl, 0, sizeof(ctl));
+	c = CMSG_FIRSTHDR(&mh);
+	c->cmsg_level = SOL_SOCKET;
+	c->cmsg_type = SCM_RIGHTS;
+	c->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(c), &ufd, sizeof(int));
+	for (;;) {
+		struct pollfd pfd = { .fd = l->guard_fd, .events = POLLOUT };
+		uint64_t now;
+
+		if (sendmsg(l->guard_fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) >= 0) {
+			l->st.guard_holds++;
+			return 0;
+		}
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN)
+			return -errno;
+		now = now_ns();
+		if (now >= deadline)
+			return -ETIMEDOUT;
+		if (poll(&pfd, 1, (int)((deadline - now) / 1000000) + 1) < 0 && errno != EINTR)
+			return -errno;
+	}
+}
+
+/*
+ * The uffds of the children forked in a batch just read from t, to the guard,
+ * before anything of the batch is served. Why at once (Linux 6.18,
+ * userfaultfd_ctx_read and resolve_userfault_fork in fs/userfaultfd.c): the
+ * read that returns a FORK event installs the child's uffd in our fd table
+ * and completes the event, and the parent's fork() goes on from there: the
+ * child may run and fault right away. Its faults wait, its uffd not yet being
+ * in our epoll set; but until the guard holds a duplicate, ours is the only
+ * one, and were we to die, its closing would end the registration
+ * (userfaultfd_release) and the child would read zero pages where it is owed
+ * data until the guard ended the tree. What remains is the time between the
+ * read and the send, microseconds.
+ *
+ * "hold 0": the child has no pid yet. The kernel queues the event from
+ * dup_mmap(), inside copy_process(), before alloc_pid(), and the message
+ * carries none. The guard needs none: the child is a descendant of a task it
+ * holds or of the pidfile's root, and it ends their trees whole.
+ *
+ * Only while t owes pages: a child of a parent that owes none owes none
+ * either (the gate is closed: no claim of t is in flight, so t's owed list
+ * is all it lacks). And so no hold is sent once everything is installed,
+ * when the guard has let go of its duplicates (holding one then, a fault in
+ * memory the copy zapped since would wait for a reader that is gone) and its
+ * socket may be shut (a send would fail the loop under a committed copy).
+ * A failure is returned for the caller to fail the loop once the batch is
+ * served: the child's uffd stays in the loop, its faults waiting, until the
+ * copy is ended.
+ */
+static int hold_forks(hm_loop *l, struct task *t, const struct uffd_msg *msgs, size_t n)
+{
+	int rc = 0;
+	size_t i;
+
+	if (l->guard_fd < 0 || !hm_ranges_count(t->owed))
+		return 0;
+	for (i = 0; !rc && i < n; i++)
+		if (msgs[i].event == UFFD_EVENT_FORK)
+			rc = guard_hold(l, (int)msgs[i].arg.fork.ufd);
+	return rc;
+}
+
 /* --- uffd events (fault thread, gate closed) ------------------------------ */
 
 /* A task starts served: what it owes is in place before its uffd joins the
@@ -201,8 +300,10 @@ static int add_remap(struct task *t, uint64_t from, uint64_t to, uint64_t len)
 }
 
 /* The child of a fork owes what its parent owed at the fork, with the same
- * contents. Its uffd arrives with the event; the parent's fork() waits in the
- * kernel until we have read the event, so nothing of the child runs yet. The
+ * contents. Its uffd arrives with the event, and the guard already holds a
+ * duplicate (hold_forks); the parent's fork() waited in the kernel until we
+ * read the event, and the child may run from then on, but its faults and
+ * events wait on its uffd until new_task adds it to our epoll set. The
  * parent's gate is closed: none of its pages is claimed, so "owed" is all
  * the parent still lacks, and the store holds all of it that has come. */
 static int handle_fork(hm_loop *l, struct task *parent, struct uffd_msg *msg)
@@ -327,7 +428,7 @@ static uint64_t event_addr(const struct uffd_msg *m)
 static int handle_uffd(hm_loop *l, struct task *t, uint64_t since_ns)
 {
 	struct uffd_msg msgs[32];
-	int rc = 0;
+	int rc = 0, held = 0;
 
 	t->install_seen = t->copying > 0;
 	l->gate_ns = now_ns();
@@ -348,6 +449,7 @@ static int handle_uffd(hm_loop *l, struct task *t, uint64_t since_ns)
 		}
 		if (n == 0)
 			break;
+		held = held ?: hold_forks(l, t, msgs, n / sizeof(msgs[0]));
 		t->blocked = 0;
 		for (i = 0; !rc && i < n / sizeof(msgs[0]); i++) {
 			struct uffd_msg *m = &msgs[i];
@@ -375,6 +477,10 @@ static int handle_uffd(hm_loop *l, struct task *t, uint64_t since_ns)
 			if (rc)
 				loop_fail(l, event_op(m->event), t, event_addr(m), rc);
 		}
+	}
+	if (!rc && held) {
+		rc = held;
+		loop_fail(l, HM_LOOP_OP_GUARD, t, 0, rc);
 	}
 	if (!rc && !t->blocked && t->nwaiting)
 		retry_waiting(l, t);

@@ -41,6 +41,12 @@
 #define CLAIM_PAGES 64
 #define LAT_BUCKETS HM_HIST_BUCKETS
 
+/* The longest the fault thread waits for room in the guard's socket (a
+ * stopped or starved guard) before it fails the loop: every fault waits
+ * meanwhile. The guard reads a message in microseconds, and its socket holds
+ * hundreds. */
+#define GUARD_SEND_MS 50
+
 struct waiting {
 	uint64_t addr;
 	uint64_t since_ns;
@@ -104,6 +110,7 @@ struct hm_loop {
 	} installers[INSTALLERS_MAX];
 	int ninstallers, batch_pages;
 	int started;
+	int guard_fd; /* the guard's socket (a duplicate), -1 if none; set before start */
 
 	/* Everything below is guarded by lock. The fault thread drops it only
 	 * in epoll_wait and at the gate; installers while they copy and wait. */

@@ -23,6 +23,7 @@ OPERATIONS = {
     lib.HM_LOOP_OP_REMAP: "a REMAP event",
     lib.HM_LOOP_OP_REMOVE: "a REMOVE/UNMAP event",
     lib.HM_LOOP_OP_SETTLE: "owing again an installer's rest",
+    lib.HM_LOOP_OP_GUARD: "handing a forked child's uffd to the guard",
 }
 # hm_loop_histogram's histograms, by the names the stats give them
 HISTOGRAMS = {
@@ -68,6 +69,12 @@ class FaultLoop:
             "hm_loop_add_task",
             pid,
         )
+
+    def set_guard(self, sockfd: int) -> None:
+        """Before start: the guard's socket (destination/guard.py), of which
+        the loop keeps a duplicate; the uffd of a child forked while its
+        parent owes pages goes there before the child is served."""
+        _check(lib.hm_loop_set_guard(self._l, sockfd), "hm_loop_set_guard")
 
     def start(self) -> None:
         _check(lib.hm_loop_start(self._l), "hm_loop_start")

@@ -18,14 +18,21 @@ in docs/design.md for every process that can die, at every step.
     python -m hybridmig.destination.guard [--pidfile F] [--owner NAME]   (stdin: the socket)
 
 Messages (SOCK_SEQPACKET): "hold PID" with the task's uffd (SCM_RIGHTS);
-"installed" (the duplicates are closed, then "ok" is answered); "commit" or
-"release" (serve: the copy stays, or serve ended it itself); "done" (the
-daemon alone: every page installed, its work is over).
+"hold 0" with the uffd of a child forked after the restore, sent by the
+daemon's native fault loop from the fork event, which names no pid (the
+child is ended with the tree of the task it descends from); "installed"
+(the duplicates are closed, then "ok" is answered, or why not: a "hold"
+whose descriptor did not come); "commit" or "release" (serve: the copy
+stays, or serve ended it itself); "done" (the daemon alone: every page
+installed, its work is over). The fault loop writes to a duplicate of the
+daemon's end: the daemon shuts its end down, and does not only close it,
+for the guard to see the end of its work.
 """
 
 import argparse
 import array
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -56,6 +63,12 @@ class Guard:
             theirs.close()
         self.sock: socket.socket | None = ours
 
+    def fileno(self):
+        """The daemon's end, for the fault loop to send forked children's uffds on."""
+        if self.sock is None:
+            raise HybridmigError("the restored copy's guard was already let go")
+        return self.sock.fileno()
+
     def _send(self, msg, fds=()):
         if self.sock is None:
             raise HybridmigError("the restored copy's guard was already let go")
@@ -84,7 +97,7 @@ class Guard:
         except OSError as e:
             answer = str(e).encode()
         if answer != b"ok":
-            raise HybridmigError(f"the restored copy's guard (pid {self.proc.pid}) is gone: {answer.decode() or 'EOF'}")
+            raise HybridmigError(f"the restored copy's guard (pid {self.proc.pid}) failed: {answer.decode() or 'gone'}")
 
     def finish(self, word):
         """ "commit", "release" or "done": the guard's work is over. Returns
@@ -97,12 +110,17 @@ class Guard:
         except HybridmigError:
             return False
         finally:
-            self.sock.close()
-            self.sock = None
+            self.close()
 
     def close(self):
         """Without a word: the guard ends the tasks it holds (the owner failed)."""
         if self.sock is not None:
+            try:
+                # the end of the guard's input even while the fault loop's
+                # duplicate of this socket is open; the loop's next send fails
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # the guard is gone
             self.sock.close()
             self.sock = None
 
@@ -116,6 +134,7 @@ class Guard:
 
 def _receive(sock, held):
     """Messages until one that ends the guard's work (returned), or EOF (b"")."""
+    lost = 0  # "hold" messages whose descriptor did not come (out of descriptors)
     while True:
         try:
             msg, anc, _, _ = sock.recvmsg(_MAX_MSG, _FD_SPACE)
@@ -135,11 +154,14 @@ def _receive(sock, held):
                 pass
             held.append((task, fds[0]))
             continue
+        lost += msg.startswith(b"hold ")
         for fd in fds:
             os.close(fd)
         if msg == b"installed":
             _let_go(held)
-            sock.send(b"ok")
+            # a task it could not hold may have read zero pages: the owner
+            # must not go on to the commit
+            sock.send(b"ok" if not lost else b"could not hold the uffds of %d tasks" % lost)
         elif not msg or msg in _OVER:
             return msg
 
@@ -160,6 +182,12 @@ def main(argv=None):
     # owner itself has decided about the copy
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # one descriptor per restored task, and per child forked while pages are owed
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass  # (an unlimited hard limit is above fs.nr_open): the soft one stays
     sock = socket.socket(fileno=0)
     held: list = []  # (psutil.Process or None, uffd or None) of each restored task
     if _receive(sock, held):

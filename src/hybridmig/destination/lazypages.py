@@ -130,6 +130,9 @@ class LazyPagesDaemon:
         self.loop = FaultLoop(self.store, installers=installers, batch_pages=batch_pages)
         self.fetcher = Fetcher(self.store, self.loop, self.source)
         self.guard = guard  # guard.Guard: holds a duplicate of each uffd until every page is in
+        if guard is not None:
+            # the uffds of children forked while pages are owed go to it from the fault loop
+            self.loop.set_guard(guard.fileno())
         self.sock = None
         self._images = {}  # pid -> images.TaskImages of the live tasks, read by prepare()
         self._nr_tasks = 0
@@ -278,6 +281,7 @@ class LazyPagesDaemon:
             "batch_pages": st["batch_pages"],
             "fault_thread_rt": bool(st["fault_thread_rt"]),
             "forks": st["events_fork"],
+            "forks_held": st["guard_holds"],
             "events_remap": st["events_remap"],
             "events_remove": st["events_remove"],
             "events_unmap": st["events_unmap"],
