@@ -20,7 +20,9 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias, cast
 
 import lz4.block
 from cryptography.exceptions import InvalidTag
@@ -58,6 +60,12 @@ _RANGE = struct.Struct("!QQQ")  # key, vaddr, npages
 _ACK = struct.Struct("!IQ")
 
 RAW, LZ4 = 0, 1
+# A PAGES extent: (vaddr, npages, zero bitmap), bit i set for an all-zero page
+Extent: TypeAlias = tuple[int, int, bytes]
+# What a body may come in: recv()'s payloads are views of its buffers
+BytesLike: TypeAlias = bytes | bytearray | memoryview
+# A file a TLS helper loads
+StrPath: TypeAlias = str | os.PathLike[str]
 _SCRATCH_STEP = 256 << 10  # reused buffers grow in steps: page frames differ in their heads' length
 
 
@@ -81,25 +89,25 @@ class Msg(enum.IntEnum):
     OUTCOME = 28
 
 
-def boot_id():
+def boot_id() -> str:
     """This boot's id: HOST carries it, so that the source knows a
     destination on its own machine."""
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()
 
 
-def parse_addr(text):
+def parse_addr(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(f"{text!r} is not ADDRESS:PORT (a port from 1 to 65535)")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _mode_name(mode):
+def _mode_name(mode: int) -> str:
     return "--insecure-plaintext" if mode == PLAINTEXT else "sealed frames (the default)"
 
 
-def channel_binding(sock):
+def channel_binding(sock: socket.socket) -> bytes:
     """What ties the handshake to this TLS connection (RFC 5929's
     tls-unique: the first Finished message, which differs on the two legs of
     a relay); empty without TLS."""
@@ -108,7 +116,9 @@ def channel_binding(sock):
     return b"tls-unique" + (sock.get_channel_binding("tls-unique") or b"")
 
 
-def _session_keys(key, hello_s, hello_c_unproven, binding):
+def _session_keys(
+    key: bytes, hello_s: bytes, hello_c_unproven: bytes, binding: bytes
+) -> tuple[bytes, bytes, bytes, bytes, bytes]:
     """(client proof key, server proof key, client-to-server key,
     server-to-client key, transcript hash): all of them bound to both
     nonces, to both modes and to the TLS channel."""
@@ -124,13 +134,14 @@ class Channel:
     """One authenticated, framed connection. send() may be called from
     several threads; recv() from one."""
 
-    def __init__(self, sock, peer, deadline=None):
+    def __init__(self, sock: socket.socket, peer: str, deadline: float | None = None) -> None:
         self.sock = sock
         self.peer = peer
         self.deadline = deadline  # time.monotonic() by which the handshake must be over
-        self._seal = self._open = None  # AESGCM of each direction, once authenticated
-        self._mac_key = None  # plaintext mode: ours; the peer's frames carry _peer_mac_key
-        self._peer_mac_key = None
+        self._seal: AESGCM | None = None  # AESGCM of each direction, once authenticated
+        self._open: AESGCM | None = None
+        self._mac_key: bytes | None = None  # plaintext mode: ours; the peer's frames carry _peer_mac_key
+        self._peer_mac_key: bytes | None = None
         self._send_dir = self._recv_dir = b""
         self._send_seq = 0
         self._recv_seq = 0
@@ -145,16 +156,16 @@ class Channel:
         self.seal_s = 0.0  # time spent sealing (or MACing) outgoing frames
 
     @property
-    def authenticated(self):
+    def authenticated(self) -> bool:
         return self._seal is not None or self._mac_key is not None
 
     @property
-    def sealed(self):
+    def sealed(self) -> bool:
         return self._seal is not None
 
     # --- authentication ------------------------------------------------------
 
-    def _start(self, keys, mode, server):
+    def _start(self, keys: tuple[bytes, bytes], mode: int, server: bool) -> None:
         c2s, s2c = keys
         if server:
             out, into, self._send_dir, self._recv_dir = s2c, c2s, b"s2c\0", b"c2s\0"
@@ -168,7 +179,7 @@ class Channel:
             self._seal, self._open = AESGCM(out), AESGCM(into)
         self.deadline = None
 
-    def server_handshake(self, key, mode=SEALED):
+    def server_handshake(self, key: bytes, mode: int = SEALED) -> None:
         nonce_s = os.urandom(32)
         hello_s = _HELLO_S.pack(MAGIC, VERSION, mode, nonce_s)
         self.send(Msg.HELLO, hello_s)
@@ -194,7 +205,7 @@ class Channel:
         self.send(Msg.AUTH_OK, hmac.new(ks, transcript + proof, hashlib.sha256).digest())
         self._start((c2s, s2c), mode, server=True)
 
-    def client_handshake(self, key, mode=SEALED):
+    def client_handshake(self, key: bytes, mode: int = SEALED) -> None:
         kind, payload = self.recv()
         if kind != Msg.HELLO or len(payload) != _HELLO_S.size:
             raise ProtocolError(f"{self.peer} is not a hybridmig destination (of protocol version {VERSION})")
@@ -221,21 +232,25 @@ class Channel:
 
     # --- frames ------------------------------------------------------------------
 
-    def _mac(self, header, payload, key=None):
-        m = hmac.new(key or self._mac_key, header, hashlib.sha256)
+    def _mac(self, header: bytes, payload: BytesLike, key: bytes | None = None) -> bytes:
+        mac_key = key or self._mac_key
+        assert mac_key is not None  # only in plaintext mode, where both keys are set
+        m = hmac.new(mac_key, header, hashlib.sha256)
         m.update(payload)
         return m.digest()[:MAC_SIZE]
 
-    def _scratch(self, name, n):
+    def _scratch(self, name: str, n: int) -> memoryview:
         """n bytes of the reused buffer self.<name>: replaced, not resized,
         when too small (a caller may still hold a view of the old one)."""
-        buf = getattr(self, name)
+        buf: bytearray = getattr(self, name)
         if len(buf) < n:
             buf = bytearray(-(-n // _SCRATCH_STEP) * _SCRATCH_STEP)
             setattr(self, name, buf)
         return memoryview(buf)[:n]
 
-    def _frame_parts(self, kind, buf, start, end, flags):
+    def _frame_parts(
+        self, kind: int, buf: bytearray | memoryview, start: int, end: int, flags: int
+    ) -> list[bytes | memoryview]:
         """The frame of payload buf[start:end] as buffers to send in order,
         the payload not copied. buf[start - 1] is scratch: a sealed frame
         seals the type there, with the payload, into a reused buffer."""
@@ -249,7 +264,7 @@ class Channel:
             view[start - 1] = kind
             out = self._scratch("_sealed_out", n + MAC_SIZE)
             self._seal.encrypt_into(nonce, view[start - 1 : end], header, out)
-            parts = [header, out]
+            parts: list[bytes | memoryview] = [header, out]
         else:
             header = _HEADER.pack(kind, flags, 0, end - start, self._send_seq)
             parts = [header, view[start:end]]
@@ -258,17 +273,17 @@ class Channel:
         self.seal_s += time.perf_counter() - t
         return parts
 
-    def _frame(self, kind, payload, flags):
+    def _frame(self, kind: int, payload: BytesLike, flags: int) -> bytes:
         """One whole frame as bytes, as send() puts it on the wire (the tests
         forge frames with it)."""
         buf = bytearray(1) + payload
         return b"".join(self._frame_parts(kind, buf, 1, len(buf), flags))
 
-    def send(self, kind, payload=b"", flags=0):
+    def send(self, kind: int, payload: BytesLike = b"", flags: int = 0) -> None:
         buf = bytearray(1) + payload  # room for the type: sealed with the payload
         self.send_from(kind, buf, 1, len(buf), flags)
 
-    def send_from(self, kind, buf, start, end, flags=0):
+    def send_from(self, kind: int, buf: bytearray | memoryview, start: int, end: int, flags: int = 0) -> None:
         """Send buf[start:end] (a writable buffer) as the payload of a frame,
         with no copy of it (the page frames); buf[start - 1] is overwritten."""
         with self._send_lock:
@@ -282,7 +297,7 @@ class Channel:
                 raise ProtocolError(f"connection to {self.peer} lost while sending: {e}") from e
             self.bytes_sent += sum(len(p) for p in parts)
 
-    def _send_parts(self, parts):
+    def _send_parts(self, parts: list[bytes | memoryview]) -> None:
         if isinstance(self.sock, ssl.SSLSocket):  # no sendmsg() on TLS sockets
             for p in parts:
                 self.sock.sendall(p)
@@ -295,13 +310,14 @@ class Channel:
             if n:
                 views[0] = views[0][n:]
 
-    def _settimeout_to_deadline(self):
+    def _settimeout_to_deadline(self) -> None:
+        assert self.deadline is not None  # called only during the handshake, which has one
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise ProtocolError(f"{self.peer} did not complete the handshake within its deadline")
         self.sock.settimeout(left)
 
-    def _recv_exact(self, n, scratch=None):
+    def _recv_exact(self, n: int, scratch: str | None = None) -> memoryview | bytearray:
         """n bytes: a fresh bytearray, or a view of the reused buffer named
         scratch."""
         view = memoryview(bytearray(n)) if scratch is None else self._scratch(scratch, n)
@@ -318,9 +334,9 @@ class Channel:
             if r == 0:
                 raise PeerClosed(f"{self.peer} closed the connection")
             got += r
-        return view if scratch is not None else view.obj
+        return view if scratch is not None else cast(bytearray, view.obj)
 
-    def _recv_sealed(self, transient):
+    def _recv_sealed(self, transient: bool) -> tuple[int, memoryview]:
         header = bytes(self._recv_exact(_SEALED_HEADER.size))
         (length,) = _SEALED_HEADER.unpack(header)
         if not 1 + MAC_SIZE <= length <= 1 + MAX_PAYLOAD + MAC_SIZE:
@@ -329,6 +345,7 @@ class Channel:
         nonce = _NONCE.pack(self._recv_dir, self._recv_seq)
         n = length - MAC_SIZE
         plain = self._scratch("_plain_in", n) if transient else memoryview(bytearray(n))
+        assert self._open is not None  # recv() reads sealed frames once authenticated
         try:
             self._open.decrypt_into(nonce, sealed, header, plain)
         except InvalidTag as e:
@@ -340,7 +357,7 @@ class Channel:
         self.bytes_received += _SEALED_HEADER.size + length
         return plain[0], plain[1:]
 
-    def _recv_plain(self, transient):
+    def _recv_plain(self, transient: bool) -> tuple[int, memoryview | bytearray]:
         header = bytes(self._recv_exact(_HEADER.size))
         kind, _flags, _res, length, seq = _HEADER.unpack(header)
         limit = MAX_PAYLOAD if self.authenticated else MAX_PREAUTH_PAYLOAD
@@ -357,26 +374,27 @@ class Channel:
         self.bytes_received += _HEADER.size + length + (MAC_SIZE if self._mac_key else 0)
         return kind, payload
 
-    def recv(self, transient=False):
+    def recv(self, transient: bool = False) -> tuple[Msg, memoryview | bytearray]:
         """(kind, payload). transient: the payload is a view of a buffer the
         next recv() reuses (the destination's page frames: no allocation per
         frame)."""
-        kind, payload = self._recv_sealed(transient) if self._open is not None else self._recv_plain(transient)
+        payload: memoryview | bytearray
+        number, payload = self._recv_sealed(transient) if self._open is not None else self._recv_plain(transient)
         try:
-            kind = Msg(kind)
+            kind = Msg(number)
         except ValueError as e:
-            raise ProtocolError("%s sent unknown message type %d" % (self.peer, kind)) from e
+            raise ProtocolError("%s sent unknown message type %d" % (self.peer, number)) from e
         if kind == Msg.ERROR and self.authenticated:
             raise ProtocolError("{} reports: {}".format(self.peer, bytes(payload).decode(errors="replace")))
         return kind, payload
 
-    def send_error(self, text):
+    def send_error(self, text: str) -> None:
         try:
             self.send(Msg.ERROR, text.encode())
         except ProtocolError:
             pass  # the peer is gone already: nothing more to tell
 
-    def close(self):
+    def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
@@ -387,7 +405,7 @@ class Channel:
 # (binary ones; the JSON bodies are in messages.py)
 
 
-def pages_head(key, extents, enc):
+def pages_head(key: int, extents: Sequence[Extent], enc: int) -> bytes:
     """What precedes the data in a PAGES body: extents are (vaddr, npages,
     zero_bitmap) with bit i of zero_bitmap set for an all-zero page, which
     travels as nothing."""
@@ -397,17 +415,18 @@ def pages_head(key, extents, enc):
     return b"".join(head)
 
 
-def pages_head_max(pages):
+def pages_head_max(pages: int) -> int:
     """The longest head of a PAGES body of at most `pages` pages."""
     return _PAGES.size + pages * (_EXTENT.size + 1) + pages // 8 + 1
 
 
-def lz4_compress(data):
+def lz4_compress(data: BytesLike) -> bytes:
     """A PAGES body's data as one lz4 block (decode_pages knows its size)."""
-    return lz4.block.compress(data, store_size=False)
+    packed: bytes = lz4.block.compress(data, store_size=False)
+    return packed
 
 
-def encode_pages(key, extents, data, compress=True):
+def encode_pages(key: int, extents: Sequence[Extent], data: BytesLike, compress: bool = True) -> tuple[bytes, bool]:
     """A PAGES body for store task `key` (pages_head); `data` holds every
     page not flagged zero, extent after extent, lz4-compressed when
     `compress` and that is smaller. Returns (body, compressed)."""
@@ -420,14 +439,15 @@ def encode_pages(key, extents, data, compress=True):
     return pages_head(key, extents, enc) + body, enc == LZ4
 
 
-def decode_pages(payload):
+def decode_pages(payload: BytesLike) -> tuple[int, list[Extent], bytes | memoryview]:
     """(key, [(vaddr, npages, zero_bitmap)], data of the non-zero pages).
     At most MAX_FRAME_PAGES pages, each extent page-aligned and within the
     address space, no zero bit past an extent's pages."""
     view = memoryview(payload)
     try:
         key, n, enc = _PAGES.unpack_from(view)
-        off, extents, nonzero, total = _PAGES.size, [], 0, 0
+        extents: list[Extent] = []
+        off, nonzero, total = _PAGES.size, 0, 0
         for _ in range(n):
             vaddr, npages = _EXTENT.unpack_from(view, off)
             off += _EXTENT.size
@@ -446,7 +466,7 @@ def decode_pages(payload):
             nonzero += npages - sum(bin(b).count("1") for b in zero)
     except struct.error as e:
         raise ProtocolError("PAGES frame too short for its extents") from e
-    body = view[off:]
+    body: bytes | memoryview = view[off:]
     if enc == LZ4:
         try:
             body = lz4.block.decompress(body, uncompressed_size=nonzero * PAGE_SIZE)
@@ -459,11 +479,11 @@ def decode_pages(payload):
     return key, extents, body
 
 
-def encode_range(key, vaddr, npages):
+def encode_range(key: int, vaddr: int, npages: int) -> bytes:
     return _RANGE.pack(key, vaddr, npages)
 
 
-def decode_range(payload):
+def decode_range(payload: BytesLike) -> tuple[int, int, int]:
     """(key, vaddr, npages) of INVALIDATE and FETCH: a page-aligned range
     within the address space."""
     try:
@@ -475,23 +495,23 @@ def decode_range(payload):
     return key, vaddr, npages
 
 
-def encode_ack(n, pages):
+def encode_ack(n: int, pages: int) -> bytes:
     return _ACK.pack(n, pages)
 
 
-def decode_ack(payload):
+def decode_ack(payload: BytesLike) -> tuple[int, int]:
     try:
         return _ACK.unpack(bytes(payload))
     except struct.error as e:
         raise ProtocolError("ROUND_ACK message of the wrong size") from e
 
 
-def encode_file(name, offset, data):
+def encode_file(name: str, offset: int, data: BytesLike) -> bytes:
     raw = name.encode()
     return struct.pack("!HQ", len(raw), offset) + raw + data
 
 
-def decode_file(payload):
+def decode_file(payload: BytesLike) -> tuple[str, int, bytes]:
     """(name, offset, data): a part of an image file."""
     try:
         n, offset = struct.unpack_from("!HQ", payload)
@@ -503,7 +523,7 @@ def decode_file(payload):
     return name, offset, bytes(payload[10 + n :])
 
 
-def _load_tls(ctx, what, fn, *args):
+def _load_tls(ctx: ssl.SSLContext, what: str, fn: Callable[..., None], *args: StrPath) -> ssl.SSLContext:
     try:
         fn(*args)
     except (OSError, ssl.SSLError) as e:
@@ -511,7 +531,7 @@ def _load_tls(ctx, what, fn, *args):
     return ctx
 
 
-def tls_server_context(cert, key_file, ca):
+def tls_server_context(cert: StrPath, key_file: StrPath, ca: StrPath) -> ssl.SSLContext:
     """TLS for `serve`: its certificate, and the CA that must have signed
     every source's certificate (mutual authentication)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -531,10 +551,12 @@ class TlsClient:
     name: str | None = None
     fingerprint: bytes | None = None
 
-    def wrap(self, sock, peer):
+    def wrap(self, sock: socket.socket, peer: str) -> ssl.SSLSocket:
         tls = self.context.wrap_socket(sock, server_hostname=self.name)
         if self.fingerprint is not None:
-            got = hashlib.sha256(tls.getpeercert(binary_form=True)).digest()
+            cert = tls.getpeercert(binary_form=True)
+            assert cert is not None  # the handshake verified it (PROTOCOL_TLS_CLIENT: CERT_REQUIRED)
+            got = hashlib.sha256(cert).digest()
             if not hmac.compare_digest(got, self.fingerprint):
                 tls.close()
                 raise ProtocolError(
@@ -543,7 +565,7 @@ class TlsClient:
         return tls
 
 
-def parse_fingerprint(text):
+def parse_fingerprint(text: str) -> bytes:
     """A SHA-256 fingerprint as openssl prints it (colons or not)."""
     try:
         raw = bytes.fromhex(text.replace(":", "").removeprefix("sha256//").strip())
@@ -554,7 +576,9 @@ def parse_fingerprint(text):
     return raw
 
 
-def tls_client_context(ca, cert, key_file, name=None, fingerprint=None):
+def tls_client_context(
+    ca: StrPath, cert: StrPath, key_file: StrPath, name: str | None = None, fingerprint: str | None = None
+) -> TlsClient:
     """TLS for `run`: mutual (our certificate for the destination to check),
     and the destination identified by name or by fingerprint, as any
     certificate of the CA is not enough."""
@@ -577,7 +601,7 @@ DEAD_PEER_S = 30
 _KEEPALIVE_IDLE_S, _KEEPALIVE_INTERVAL_S = 10, 5
 
 
-def tune(sock):
+def tune(sock: socket.socket) -> None:
     """TCP options of a session socket, on both sides."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_S * 1000)
@@ -587,7 +611,14 @@ def tune(sock):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, (DEAD_PEER_S - _KEEPALIVE_IDLE_S) // _KEEPALIVE_INTERVAL_S)
 
 
-def connect(addr, key, timeout=HANDSHAKE_DEADLINE_S * 2, tls=None, idle_timeout=None, mode=SEALED):
+def connect(
+    addr: str | tuple[str, int],
+    key: bytes,
+    timeout: float = HANDSHAKE_DEADLINE_S * 2,
+    tls: TlsClient | None = None,
+    idle_timeout: float | None = None,
+    mode: int = SEALED,
+) -> Channel:
     """An authenticated channel to addr: `timeout` bounds the connection and
     the whole handshake, `idle_timeout` (None: no bound) every wait after
     them. `tls`: a TlsClient."""

@@ -471,8 +471,8 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
             channel.sock.settimeout(SESSION_IDLE_S)
             session_id = secrets.token_hex(16)
             try:
-                host = Host(wire.boot_id(), os.uname().release, session_id, sorted(limits.criu_opts))
-                channel.send(Msg.HOST, host.encode())
+                host_msg = Host(wire.boot_id(), os.uname().release, session_id, sorted(limits.criu_opts))
+                channel.send(Msg.HOST, host_msg.encode())
                 first = channel.recv()
                 if first[0] == Msg.OUTCOME:  # a source asking about an earlier session, not a migration
                     answer_outcome(channel, outcomes, first[1])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .. import wire
 from ..bindings import PAGE_SIZE
 from ..bindings.ranges import Ranges
-from ..errors import ProcessGone
+from ..errors import ProcessGone, ProtocolError
 from ..messages import RoundStats
 from ..wire import Msg
 from .converge import slowed_down
@@ -235,7 +235,7 @@ class PreCopy:
         self.sender.channel.send(Msg.ROUND, rnd.encode())
         kind, payload = self.sender.channel.recv()
         if kind != Msg.ROUND_ACK or wire.decode_ack(payload)[0] != rnd.number:
-            raise wire.ProtocolError("expected the ack of round %d, got %s" % (rnd.number, kind.name))
+            raise ProtocolError("expected the ack of round %d, got %s" % (rnd.number, kind.name))
         rnd.ack_s = time.perf_counter() - t
 
     def _finish(self, rnd, t0, cpu0):
