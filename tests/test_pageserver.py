@@ -456,6 +456,7 @@ def test_wrong_port_fails_cleanly(root_criu, migration):
     assert m.check(m.host_pid) == "OK %d" % NPAGES
 
 
+@pytest.mark.criu
 def test_page_server_closing_early_fails_the_restore(root_criu, migration):
     """The page server closes the connection at the first request (as a
     source CRIU that fails does): the daemon must exit non-zero naming it,

@@ -116,6 +116,7 @@ def test_sealed_decoder_refuses_mutations_cleanly():
     assert cases > 20
 
 
+@pytest.mark.criu  # serve checks its CRIU at start
 @pytest.mark.timeout(120)
 def test_serve_survives_fuzzing(tmp_path):
     """A real serve on loopback, fed random and mutated handshakes over many
