@@ -286,20 +286,16 @@ class Session:
             raise HybridmigError(f"migration refused: {self.over_quota}")
 
     def _await_end(self):
-        """Committed: the copy here is the one. The source's CRIU now ends
-        its tasks, and the source says how that went: ENDED, or ABORT if
-        CRIU failed and resumed them. Not hearing from it, the copy stays:
-        the source may well be gone."""
+        """Committed: the copy here is the one, whatever comes now (a source
+        whose CRIU failed after the commit ends its own tasks: one decision,
+        never undone). The source says ENDED once they are gone. Not
+        hearing from it, the copy stays: the source may well be gone."""
         self.channel.sock.settimeout(END_WAIT_S)
         try:
             kind, _ = self.channel.recv()
         except ProtocolError as e:
             log.warning("no word from the source after its commit (%s): the restored copy stays", e)
             return "committed"
-        if kind == Msg.ABORT:
-            self.kill_restored()
-            self.channel.send(Msg.DONE)
-            return "aborted"
         if kind != Msg.ENDED:
             log.warning("unexpected %s from the source after its commit: the restored copy stays", kind.name)
         return "committed"
