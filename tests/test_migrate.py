@@ -471,16 +471,16 @@ exec {criu} "$@"
 """
 
 
-def criu_with_restore_hook(env, hook_text):
-    """A `criu` for serve's $CRIU: the real one, whose restores run hook_text
-    as their action script."""
+def criu_with_hook(env, hook_text, wrapper_text=None):
+    """A `criu` for $CRIU: the real one, run by wrapper_text (default
+    CRIU_WRAPPER: restores run hook_text as their action script)."""
     from hybridmig.doctor import find_criu
 
     tools = env.new_dir("criu-wrapper")
-    hook = tools / "restore-hook"
+    hook = tools / "hook"
     hook.write_text(hook_text)
     wrapper = tools / "criu"
-    wrapper.write_text(CRIU_WRAPPER.format(criu=find_criu(), hook=hook))
+    wrapper.write_text((wrapper_text or CRIU_WRAPPER).format(criu=find_criu(), hook=hook))
     os.chmod(hook, 0o755)
     os.chmod(wrapper, 0o755)
     return wrapper
@@ -491,7 +491,7 @@ def criu_with_restore_hook(env, hook_text):
 def test_restore_fails(env, stage):
     """criu restore fails on the destination (an action script of its fails
     at `stage`): the destination reports it and the source resumes."""
-    wrapper = criu_with_restore_hook(env, FAIL_STAGE_HOOK.format(stage=stage))
+    wrapper = criu_with_hook(env, FAIL_STAGE_HOOK.format(stage=stage))
 
     wl = env.workload(128, threads=2, procs=2, rate=2000)
     pids = wl.pids()
@@ -528,7 +528,7 @@ def test_restore_outlasts_the_timeout(env):
     """The destination's restore hangs (an action script sleeps at
     pre-restore) longer than `run --timeout`: run gives up, the source
     resumes intact, and the destination ends the copy it restores late."""
-    wrapper = criu_with_restore_hook(env, HANG_HOOK.format(seconds=20))
+    wrapper = criu_with_hook(env, HANG_HOOK.format(seconds=20))
 
     wl = env.workload(64, threads=2, rate=2000)
     pids = wl.pids()
@@ -550,7 +550,7 @@ def test_run_killed_while_the_destination_restores(env):
     pre-restore action script). CRIU, given no verdict, resumes the source;
     the destination, never sent COMMIT, ends the copy it restores, though
     that restore succeeds and its RESULT leaves. One copy: the source."""
-    wrapper = criu_with_restore_hook(env, HANG_HOOK.format(seconds=5))
+    wrapper = criu_with_hook(env, HANG_HOOK.format(seconds=5))
     wl = env.workload(64, threads=2, rate=2000)
     pids = wl.pids()
     serve = env.serve(env={"CRIU": str(wrapper)})
@@ -571,7 +571,7 @@ def test_destination_killed_during_the_switch_over(env):
     """serve is SIGKILLed while its criu restore runs (held in a pre-restore
     action script): the source resumes intact, and serve's CRIU dies with
     it (a parent-death signal) instead of restoring a second copy later."""
-    wrapper = criu_with_restore_hook(env, HANG_HOOK.format(seconds=15))
+    wrapper = criu_with_hook(env, HANG_HOOK.format(seconds=15))
 
     wl = env.workload(64, threads=2, rate=2000)
     pids = wl.pids()
@@ -710,7 +710,7 @@ def test_destination_killed_at_random_after_the_restore(env):
 DUMP_KILLER_WRAPPER = """#!/bin/sh
 # the real criu, whose dumps run one more action script: CRIU runs them in
 # the reverse order of their options, so this one runs after hybridmig's
-if [ "$1" = dump ]; then shift; exec {criu} dump --action-script {killer} "$@"; fi
+if [ "$1" = dump ]; then shift; exec {criu} dump --action-script {hook} "$@"; fi
 exec {criu} "$@"
 """
 KILL_CRIU_AT_POST_DUMP = """#!/bin/sh
@@ -727,16 +727,7 @@ def test_criu_killed_after_the_commit(env, monkeypatch):
     Exactly one copy must be left: the committed one. (run used to ABORT
     the destination while the hook's end-session child, told "commit",
     ended the source: no copy at all.)"""
-    from hybridmig.doctor import find_criu
-
-    tools = env.new_dir("criu-killer")
-    killer = tools / "kill-criu"
-    killer.write_text(KILL_CRIU_AT_POST_DUMP)
-    wrapper = tools / "criu"
-    wrapper.write_text(DUMP_KILLER_WRAPPER.format(criu=find_criu(), killer=killer))
-    os.chmod(killer, 0o755)
-    os.chmod(wrapper, 0o755)
-
+    wrapper = criu_with_hook(env, KILL_CRIU_AT_POST_DUMP, DUMP_KILLER_WRAPPER)
     wl = env.workload(64, threads=2, rate=2000)
     pids = wl.pids()
     serve = env.serve()
@@ -762,7 +753,7 @@ def test_criu_killed_before_the_verdict(env):
     no snapshot any more. run must not commit: the destination ends its copy,
     the source runs on intact, and the hook (still waiting for its verdict
     when CRIU died) leaves nothing behind and ends nothing."""
-    wrapper = criu_with_restore_hook(env, HANG_HOOK.format(seconds=3))
+    wrapper = criu_with_hook(env, HANG_HOOK.format(seconds=3))
     wl = env.workload(64, threads=2, rate=2000)
     pids = wl.pids()
     serve = env.serve(env={"CRIU": str(wrapper)})
