@@ -595,6 +595,48 @@ def test_destination_killed_during_the_switch_over(env):
     assert_intact(wl.verify(), 1)
 
 
+HANG_AFTER_SETUP_NS = """#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = post-setup-namespaces ] && sleep 15
+exit 0
+"""
+
+
+@pytest.mark.timeout(180)
+def test_destination_killed_with_its_restore_half_done(env):
+    """serve is SIGKILLed while its criu restore has forked the restored
+    root but not finished (held in a post-setup-namespaces action script):
+    CRIU dies with serve, and the root, half-restored in CRIU's restorer and
+    named by no pidfile yet, must not stay behind (found by the soak). The
+    guard knows it from serve's own restore action script."""
+    wrapper = criu_with_hook(env, HANG_AFTER_SETUP_NS)
+    wl = env.workload(64, threads=2, rate=2000)
+    pids = wl.pids()
+    serve = env.serve(env={"CRIU": str(wrapper)})
+    run = env.run_background(wl.host_pid)
+    session = wait_for(lambda: list(serve.base_dir.glob("session-*")) or not run.running(), 60, "the session")
+    root_file = session[0] / "restore.root"
+    wait_for(lambda: root_file.exists() or not run.running(), 120, "the restored root")
+    assert run.running(), run.err_path.read_text()
+    root = int(root_file.read_text())
+    serve.kill()
+    rc, rep, err = run.wait(120)
+    assert_rolled_back(env, wl, pids, rc, rep, err)
+    dst = netns_inode(env.hosts.dst)
+
+    def left():
+        out = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if net_ns_inode(p.info["pid"]) == dst and state(p.info["pid"]) != "Z":
+                    out.append(p.info["pid"])
+            except OSError:  # gone, or not ours to look at (init)
+                pass
+        return out
+
+    wait_for(lambda: not left(), 20, "nothing left in the destination's namespace (the half-restored root %d)" % root)
+    assert_intact(wl.verify(), 1)
+
+
 @pytest.mark.timeout(240)
 def test_destination_killed_while_installing(env):
     """serve is SIGKILLed once its criu restore has exited, the restored

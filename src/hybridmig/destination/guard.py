@@ -51,11 +51,13 @@ _OVER = (b"commit", b"release", b"done")
 class Guard:
     """The daemon's end of a guard process: started before the restore."""
 
-    def __init__(self, pidfile=None, owner="serve"):
+    def __init__(self, pidfile=None, owner="serve", root_file=None):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         cmd = [sys.executable, "-m", "hybridmig.destination.guard", "--owner", owner]
         if pidfile:
             cmd += ["--pidfile", pidfile]
+        if root_file:
+            cmd += ["--root-file", root_file]
         try:
             # its own session: the owner's Ctrl-C must not reach it
             self.proc = subprocess.Popen(cmd, stdin=theirs.fileno(), start_new_session=True)
@@ -176,6 +178,9 @@ def _let_go(held):
 def main(argv=None):
     args = argparse.ArgumentParser()
     args.add_argument("--pidfile")
+    # the restored root's pid as soon as it exists, long before CRIU writes
+    # the pidfile at the end of its restore (serve's restore action script)
+    args.add_argument("--root-file")
     args.add_argument("--owner", default="serve")
     opts = args.parse_args(argv)
     # the owner's Ctrl-C or SIGTERM must not reach the guard before the
@@ -194,11 +199,13 @@ def main(argv=None):
         _let_go(held)
         return
     roots = [task for task, _ in held if task is not None]
-    try:
-        with open(opts.pidfile or "") as f:
-            roots.insert(0, psutil.Process(int(f.read().strip())))
-    except (OSError, ValueError, psutil.NoSuchProcess):
-        pass  # no copy restored yet, or gone already: the tasks held, if any, are ended
+    for path in (opts.pidfile, opts.root_file):
+        try:
+            with open(path or "") as f:
+                roots.insert(0, psutil.Process(int(f.read().strip())))
+            break
+        except (OSError, ValueError, psutil.NoSuchProcess):
+            pass  # no copy restored yet, or gone already: the tasks held, if any, are ended
     for root in roots:
         end_tree(root)
     _let_go(held)  # the tasks are dead: their faults no longer wait

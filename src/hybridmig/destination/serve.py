@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -45,6 +46,15 @@ OUTCOME_KEEP_S = 3600
 # image files. Pages and image bytes count against Limits.max_memory.
 MAX_TASKS = 1 << 16
 MAX_IMAGE_FILES = 1 << 16
+# The action script of serve's criu restore: at setup-namespaces the
+# restored root exists (CRIU passes its pid) while the pidfile comes only at
+# the end of the restore. A serve killed in between takes its CRIU along
+# (parent-death signal) and leaves that root half-restored in CRIU's
+# restorer: the guard ends it by this file (found by the soak).
+ROOT_HOOK = """#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = setup-namespaces ] && echo "$CRTOOLS_INIT_PID" > {root}.tmp && mv {root}.tmp {root}
+exit 0
+"""
 # Run by setpriv once it has set the parent-death signal: a parent that died
 # before then is caught here, as the child has been reparented meanwhile.
 _PARENT_CHECK = 'test "$PPID" = "$1" || exit 111; shift; exec "$@"'
@@ -202,7 +212,12 @@ class Session:
         # before the commit (destination/guard.py); started now, its start-up
         # is not in the restore's time
         self.pidfile = os.path.join(self.dir, "restore.pid")
-        self._guard = Guard(pidfile=self.pidfile)
+        root_file = os.path.join(self.dir, "restore.root")
+        self._root_hook = os.path.join(self.dir, "restore-hook")
+        with open(self._root_hook, "w") as f:
+            f.write(ROOT_HOOK.format(root=shlex.quote(root_file)))
+        os.chmod(self._root_hook, 0o700)
+        self._guard = Guard(pidfile=self.pidfile, root_file=root_file)
 
     def run(self, first=None):
         """Serve frames (`first`, then what comes) until the source commits
@@ -337,6 +352,8 @@ class Session:
                     "-d",
                     "--pidfile",
                     self.pidfile,
+                    "--action-script",
+                    self._root_hook,
                     "-o",
                     "restore.log",
                     CRIU_LOG_LEVEL,
