@@ -158,10 +158,13 @@ class Host(Body):
 @dataclass
 class Restore(Body):
     """RESTORE (S→D): restore now, with these options of `run --criu-opt`
-    (serve checks them against its allowlist)."""
+    (serve checks them against its allowlist). `postcopy`: the store lacks
+    pages the source still owes (the final dirty set was not sent): the copy
+    resumes at once and pulls them (FETCH) while the source pushes them."""
 
     KIND = Msg.RESTORE
     criu_opts: list[str]
+    postcopy: bool = False
 
 
 @dataclass
@@ -213,10 +216,12 @@ class RoundStats(Body):
 
 @dataclass
 class Result(Body):
-    """RESULT (D→S): how the restore went. A failure is `ok` and `error`
+    """RESULT (D→S): how the restore went. A failure is `ok`, `error` and
+    `ran` (the restored tasks were released by CRIU: the copy may have run)
     alone; a success every other field. `lazy` is the lazy-pages daemon's
     stats (destination/lazypages.py), any JSON object: run only reports it;
-    `restore_breakdown_ms` splits restore_s (docs/protocol.md)."""
+    `restore_breakdown_ms` splits restore_s (docs/protocol.md); `postcopy`
+    the remote faults and pushed pages of a post-copy (destination/postcopy.py)."""
 
     KIND = Msg.RESULT
     ok: bool
@@ -227,11 +232,13 @@ class Result(Body):
     remote_pages: int = 0
     lazy: dict[str, Any] = field(default_factory=dict)
     restore_breakdown_ms: dict[str, float] = field(default_factory=dict)
+    postcopy: dict[str, Any] = field(default_factory=dict)
+    ran: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         if not self.ok:
-            return {"ok": False, "error": self.error}
-        return {k: v for k, v in super().as_dict().items() if k != "error"}
+            return {"ok": False, "error": self.error, "ran": self.ran}
+        return {k: v for k, v in super().as_dict().items() if k not in ("error", "ran")}
 
     @classmethod
     def decode(cls, payload: bytes | bytearray | memoryview) -> Self:
@@ -239,11 +246,11 @@ class Result(Body):
         if type(obj.get("ok")) is not bool:
             _fail("RESULT", "ok", "is missing, or no bool")
         if not obj["ok"]:
-            result = cls._from(obj, ("ok", "error"))
+            result = cls._from(obj, ("ok", "error", "ran"))
             if result.error is None:
                 _fail("RESULT", "error", "is null in a failure")
             return result
-        return cls._from(obj, [f.name for f in dataclasses.fields(cls) if f.name != "error"])
+        return cls._from(obj, [f.name for f in dataclasses.fields(cls) if f.name not in ("error", "ran")])
 
 
 @dataclass

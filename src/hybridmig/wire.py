@@ -58,6 +58,8 @@ _PAGES = struct.Struct("!QHB")  # key, extents, encoding
 _EXTENT = struct.Struct("!QI")  # vaddr, npages
 _RANGE = struct.Struct("!QQQ")  # key, vaddr, npages
 _ACK = struct.Struct("!IQ")
+_KEY = struct.Struct("!Q")  # STALE: the task, before its ranges
+_STALE_RANGE = struct.Struct("!QQ")  # vaddr, npages
 
 RAW, LZ4 = 0, 1
 # A PAGES extent: (vaddr, npages, zero bitmap), bit i set for an all-zero page
@@ -78,6 +80,7 @@ class Msg(enum.IntEnum):
     ROUND = 12
     ROUND_ACK = 13
     FETCH = 14
+    STALE = 15
     FILE = 20
     RESTORE = 21
     RESULT = 22
@@ -493,6 +496,30 @@ def decode_range(payload: BytesLike) -> tuple[int, int, int]:
     if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE >= 1 << 64:
         raise ProtocolError("%d pages at 0x%x of pid %d: no page range" % (npages, vaddr, key))
     return key, vaddr, npages
+
+
+#: ranges of one STALE frame at most (16 bytes each)
+MAX_STALE_RANGES = 1 << 16
+
+
+def encode_stale(key: int, ranges: Sequence[tuple[int, int]]) -> bytes:
+    """STALE: u64 key, then (u64 vaddr, u64 npages) per range of byte
+    addresses [start, end): pages the destination holds an old version of."""
+    return _KEY.pack(key) + b"".join(_STALE_RANGE.pack(s, (e - s) // PAGE_SIZE) for s, e in ranges)
+
+
+def decode_stale(payload: BytesLike) -> tuple[int, list[tuple[int, int]]]:
+    """(key, [(vaddr, npages), ...]) of a STALE frame, each a page range."""
+    body = bytes(payload)
+    n, rest = divmod(len(body) - _KEY.size, _STALE_RANGE.size)
+    if len(body) < _KEY.size or rest or n > MAX_STALE_RANGES:
+        raise ProtocolError(f"a STALE frame of {len(body)} bytes")
+    (key,) = _KEY.unpack_from(body)
+    ranges = [_STALE_RANGE.unpack_from(body, _KEY.size + i * _STALE_RANGE.size) for i in range(n)]
+    for vaddr, npages in ranges:
+        if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE >= 1 << 64:
+            raise ProtocolError("%d pages at 0x%x of pid %d: no page range" % (npages, vaddr, key))
+    return key, ranges
 
 
 def encode_ack(n: int, pages: int) -> bytes:

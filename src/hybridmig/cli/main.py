@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..errors import HybridmigError, InDoubtError
-from ..source.options import DEFAULTS
+from ..source.options import DEFAULTS, SWITCHOVERS
 
 
 class LazyGroup(click.Group):
@@ -285,8 +285,23 @@ def serve(
 @click.option(
     "--auto-converge/--no-auto-converge",
     default=DEFAULTS.auto_converge,
+    help="hold the tree in ptrace stops a growing share of the time while rounds do not converge "
+    "(default: only with --switchover precopy; with auto it replaces the switch to post-copy)",
+)
+@click.option(
+    "--switchover",
+    type=click.Choice(SWITCHOVERS),
+    default=DEFAULTS.switchover,
     show_default=True,
-    help="hold the tree in ptrace stops a growing share of the time while rounds do not converge",
+    help="precopy: rounds, then the rest frozen; postcopy: after --postcopy-after rounds the copy resumes "
+    "and pulls the rest from the frozen source; auto: pre-copy while rounds shrink, then post-copy",
+)
+@click.option(
+    "--postcopy-after",
+    type=click.IntRange(min=1),
+    default=DEFAULTS.postcopy_after,
+    show_default=True,
+    help="rounds (the first included) before --switchover postcopy switches over",
 )
 @click.option("--criu-opt", "criu_opts", multiple=True, help="extra CRIU option for dump and restore (repeatable)")
 @click.option(
@@ -319,6 +334,8 @@ def run(
     target_downtime,
     bandwidth_limit,
     auto_converge,
+    switchover,
+    postcopy_after,
     criu_opts,
     timeout,
     no_compress,
@@ -362,6 +379,8 @@ def run(
             tls=tls,
             wire_mode=wire.PLAINTEXT if insecure_plaintext else wire.SEALED,
             auto_converge=auto_converge,
+            switchover=switchover,
+            postcopy_after=postcopy_after,
         ).run()
     except HybridmigError as e:
         in_doubt = isinstance(e, InDoubtError)

@@ -49,5 +49,20 @@ class RunProgress:
             "%d rounds, %.1f MiB sent, %d remote faults; restored as pid %s"
             % (len(report["rounds"]), _mib(report["bytes_sent"]), report["remote_faults"], report["restored_pid"])
         )
+        pc = report.get("postcopy")
+        if pc:
+            lat = pc.get("remote_fault_latency_ms", {})
+            self.console.print(
+                "post-copy: %d pages pushed, %d remote faults (p50 %.2f ms, p99 %.2f ms, max %.2f ms); "
+                "every page in %.2f s after the resume"
+                % (
+                    pc.get("pages_pushed", 0),
+                    pc.get("remote_faults", 0),
+                    lat.get("p50", 0.0),
+                    lat.get("p99", 0.0),
+                    lat.get("max", 0.0),
+                    pc.get("post_resume_s") or 0.0,
+                )
+            )
         for warning in report["warnings"]:  # migrated all the same
             self.console.print(f"[yellow]warning:[/yellow] {warning}")

@@ -239,6 +239,13 @@ class LazyPagesDaemon:
         self.completed = True
         return self.stats()
 
+    def fail(self, error):
+        """From another thread: fail this restore (its page source is gone);
+        a task waiting for pages is ended rather than left waiting."""
+        if self.fetcher.error is None:
+            self.fetcher.error = error
+        self.loop.notify()
+
     def _recv_from_criu(self, conn, n, what):
         """_recv_exact, failing as soon as the fetcher does: a restored task
         may wait in a fault for a page that will never come, and CRIU with it

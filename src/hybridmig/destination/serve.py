@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+from typing import Any
 
 import psutil
 
@@ -148,15 +149,7 @@ class RemotePages:
             self.remote_pages += npages - data - zero
             log.warning("remote fault: pid %d, %d pages at 0x%x", src, npages, vaddr)
             self.channel.send(Msg.FETCH, wire.encode_range(src, vaddr, npages))
-            deadline = time.monotonic() + self.timeout
-            with self.arrived:
-                while not self._complete(src, vaddr, npages):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise ProtocolError(
-                            "source did not send %d pages at 0x%x of pid %d in %ss" % (npages, vaddr, src, self.timeout)
-                        )
-                    self.arrived.wait(left)
+            self._wait_for(src, vaddr, npages)
         for i in range(npages if src != key else 0):
             addr = vaddr + i * PAGE_SIZE
             kind, data = self.store.get(src, addr)
@@ -165,7 +158,19 @@ class RemotePages:
             else:
                 self.store.put_zero(key, addr, 1)
 
-    def pages_arrived(self):
+    def _wait_for(self, key, vaddr, npages):
+        deadline = time.monotonic() + self.timeout
+        with self.arrived:
+            while not self._complete(key, vaddr, npages):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ProtocolError(
+                        "source did not send %d pages at 0x%x of pid %d in %ss" % (npages, vaddr, key, self.timeout)
+                    )
+                self.arrived.wait(left)
+
+    def pages_arrived(self, key=None, extents=()):
+        """PAGES of task `key` came (extents: (vaddr, npages, zero bitmap))."""
         with self.arrived:
             self.arrived.notify_all()
 
@@ -181,7 +186,7 @@ class Session:
 
     # What may come in each state; anything else ends the session.
     ACCEPTS = {
-        "rounds": {Msg.PAGES, Msg.INVALIDATE, Msg.ROUND, Msg.FILE, Msg.RESTORE, Msg.ABORT},
+        "rounds": {Msg.PAGES, Msg.INVALIDATE, Msg.STALE, Msg.ROUND, Msg.FILE, Msg.RESTORE, Msg.ABORT},
         "restoring": {Msg.PAGES, Msg.COMMIT, Msg.ABORT},  # PAGES: answers to FETCH
     }
 
@@ -201,13 +206,15 @@ class Session:
             scratch.disown(self.dir)
         self.images = os.path.join(self.dir, "images")
         os.mkdir(self.images)
-        self.remote = RemotePages(channel, self.store)
+        self.remote: Any = RemotePages(channel, self.store)  # destination/postcopy.py PostCopyPages in post-copy
         self.restore_timeout = restore_timeout
         self.restored_pid = None
         self.result = None
         self.committed = False  # COMMIT came: the restored copy stays, whatever happens to the session
         self.rounds = 0
         self._restorer = None
+        self.postcopy = False  # RESTORE said so: the copy runs before every page is here
+        self._daemon = None  # the restore's LazyPagesDaemon, while it serves
         # holds the restored tasks' uffds, and ends the copy if serve dies
         # before the commit (destination/guard.py); started now, its start-up
         # is not in the restore's time
@@ -229,11 +236,16 @@ class Session:
             if kind not in self.ACCEPTS[self.state]:
                 raise ProtocolError(f"unexpected {kind.name} from the source ({self.state})")
             if kind == Msg.PAGES:
-                self._store(*wire.decode_pages(payload))
-                self.remote.pages_arrived()
+                key, extents, data = wire.decode_pages(payload)
+                self._store(key, extents, data)
+                self.remote.pages_arrived(key, extents)
             elif kind == Msg.INVALIDATE:
                 # costs what the store holds in the range, not its length (pagestore.c)
                 self.store.invalidate(*wire.decode_range(payload))
+            elif kind == Msg.STALE:  # (post-copy) pages written since they were sent: the source owes them
+                key, ranges = wire.decode_stale(payload)
+                for vaddr, npages in ranges:
+                    self.store.invalidate(key, vaddr, npages)
             elif kind == Msg.ROUND:
                 self._check_quota()
                 self.rounds = RoundStats.decode(payload).number
@@ -244,6 +256,11 @@ class Session:
             elif kind == Msg.RESTORE:
                 restore = Restore.decode(payload)
                 self.state = "restoring"
+                if restore.postcopy:
+                    from .postcopy import PostCopyPages  # (it builds on RemotePages, above)
+
+                    self.remote = PostCopyPages(self.channel, self.store)
+                    self.postcopy = True
                 self._restorer = threading.Thread(target=self._restore, args=(restore,), name="restore", daemon=True)
                 self._restorer.start()
             elif kind == Msg.COMMIT:
@@ -256,7 +273,8 @@ class Session:
                 return self._await_end()
             elif kind == Msg.ABORT:
                 self._join_restorer()
-                self.kill_restored()
+                if not self.committed:  # (post-copy: committed once every page was in)
+                    self.kill_restored()
                 self.channel.send(Msg.DONE)
                 return "aborted"
             else:
@@ -328,6 +346,9 @@ class Session:
             criu_opts = restore.criu_opts
             check_criu_opts(criu_opts, self.limits.criu_opts)
             daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store, guard=self._guard)
+            self._daemon = daemon
+            if self.postcopy:
+                self.remote.loop = daemon.loop
             daemon.listen()
             t_listening = time.monotonic()
             served = {}
@@ -372,7 +393,7 @@ class Session:
                     "criu restore failed (exit %d): %s"
                     % (proc.returncode, log_tail(os.path.join(self.images, "restore.log")))
                 )
-            server.join(self.restore_timeout)
+            self._wait_installed(server)
             if server.is_alive() or "stats" not in served:
                 raise HybridmigError("the restored process's pages were not all installed: %s" % served.get("error"))
             # (read by the daemon's thread: they can come after CRIU's exit)
@@ -385,6 +406,7 @@ class Session:
                 installed_s=time.monotonic() - t0,
                 remote_pages=self.remote.remote_pages,
                 lazy=served["stats"],
+                postcopy=self.remote.stats() if self.postcopy else {},
                 # where the restore's time goes: images read and socket up; CRIU
                 # until it connects to the lazy-pages socket (its tasks forked),
                 # then until its restore-finished message; CRIU's exit after it
@@ -395,17 +417,29 @@ class Session:
                     "finished_to_exit": (t_restored - finished) * 1000,
                 },
             )
+            if self.postcopy:
+                # The source never resumes once the copy may have run: this
+                # copy, whole now, is the one, whatever happens next.
+                self.committed = True
+                self._tell_guard("commit")
         except Exception as e:  # reported to the source, which then resumes its copy
+            ran = daemon is not None and daemon.restore_finished_at is not None
+            if self.postcopy and ran:
+                lost = daemon.loop.stats()["pages_owed"]
+                log.error("post-copy failed with %d pages never received: %s", lost, e)
+                e = HybridmigError(f"{e}; the copy lacked {lost} pages, and was ended")
             log.error("restore failed: %s", e)
             self.kill_restored()
-            result = Result(ok=False, error=str(e))
+            result = Result(ok=False, error=str(e), ran=ran)
         try:
             self.channel.send(Msg.RESULT, result.encode())
         except ProtocolError as e:
             # the source never learns of the success: it resumes its copy
+            # (after a post-copy it stays frozen: this copy is the one)
             log.error("could not report the restore result: %s", e)
-            self.kill_restored()
-            result = Result(ok=False, error=str(e))
+            if not self.committed:
+                self.kill_restored()
+                result = Result(ok=False, error=str(e))
         self.result = result
         if daemon is not None:
             # Freed only once its thread is out of the fault loop: after a
@@ -417,6 +451,25 @@ class Session:
                 log.error("the lazy-pages daemon did not stop: left as it is, not freed under its thread")
             else:
                 daemon.close()
+
+    def _wait_installed(self, server):
+        """Until the daemon has installed every page: pre-copy within the
+        restore timeout; post-copy as long as pages keep coming (the source
+        pushes them all), failing once none came for the restore timeout."""
+        if not self.postcopy:
+            server.join(self.restore_timeout)
+            return
+        while server.is_alive() and self.remote.idle_s() < self.restore_timeout:
+            server.join(0.5)
+        if server.is_alive():
+            self.broken(f"no page came from the source for {self.restore_timeout}s")
+            server.join(10)
+
+    def broken(self, why):
+        """The session broke (or the source is silent): a post-copy daemon
+        waiting for pages that will not come fails at once."""
+        if self._daemon is not None:
+            self._daemon.fail(HybridmigError(f"the source is gone: {why}"))
 
     def kill_restored(self):
         """End a restored copy the source did not commit to: its whole tree
@@ -514,6 +567,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
                 log.error("session from %s broke: %s", channel.peer, e)
                 channel.sock.settimeout(5)  # a source that reads nothing does not hold serve
                 channel.send_error(str(e))
+                session.broken(str(e))
                 session._join_restorer()
                 if not session.committed:
                     session.kill_restored()

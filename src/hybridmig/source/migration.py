@@ -15,14 +15,15 @@ import psutil
 from .. import scratch, wire
 from ..bindings.ranges import Ranges
 from ..criu import images
-from ..criu.command import CRIU_LONG_OPTS, LazyDump, check_criu_opts, dump_phases
+from ..criu.command import CRIU_LONG_OPTS, LazyDump, check_criu_opts, dump_phases, settle
 from ..criu.hook import IN_DOUBT
-from ..errors import CriuError, HybridmigError, InDoubtError, ProtocolError, SetupError
+from ..errors import CriuError, HybridmigError, InDoubtError, ProtocolError, SetupError, UsageError
 from ..messages import Host, Outcome, OutcomeQuery, Restore, Result
 from ..proctree import end_tree
 from ..wire import Msg
 from .converge import AutoConverge
-from .options import DEFAULTS
+from .options import DEFAULTS, SWITCHOVERS
+from .postcopy import PostCopy, SourceLost, intersect, send_stale
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
 
 log = logging.getLogger("hybridmig.source.migration")
@@ -72,6 +73,8 @@ class Migration:
         tls=None,
         auto_converge=DEFAULTS.auto_converge,
         wire_mode=wire.SEALED,
+        switchover=DEFAULTS.switchover,
+        postcopy_after=DEFAULTS.postcopy_after,
     ):
         self.pid = pid
         self.to = to
@@ -86,7 +89,13 @@ class Migration:
         self.compress = compress
         self.tls = tls
         self.wire_mode = wire_mode
-        self.auto_converge = auto_converge
+        if switchover not in SWITCHOVERS:
+            raise UsageError(f"--switchover {switchover}: one of {', '.join(SWITCHOVERS)}")
+        if postcopy_after < 1:
+            raise UsageError(f"--postcopy-after {postcopy_after}: at least 1 (round 0 sends the whole memory)")
+        # None: on for pre-copy alone (today's behaviour); auto switches to
+        # post-copy where throttling would start, unless asked to throttle
+        self.auto_converge = (switchover == "precopy") if auto_converge is None else auto_converge
         self.converge = None
         self.times = {}
         self.rounds = []
@@ -102,6 +111,13 @@ class Migration:
         self.in_doubt = False  # the source is left frozen for the operator: nothing may resume or end it
         self.criu_died_frozen = False  # CRIU died before its verdict: the source ran on meanwhile
         self.warnings = []  # after a commit: what went wrong without undoing it
+        self.switchover = switchover
+        self.postcopy_after = postcopy_after
+        self.postcopy = False  # pre-copy chose to switch over to post-copy
+        self.postcopy_run = None  # its PostCopy
+        self.stop_reason = None  # why pre-copy stopped (PreCopy.stop_reason)
+        self.doubt = None  # post-copy: why the source is left frozen
+        self.lost = None  # post-copy: the source (or its CRIU) died, the error to raise
 
     # --- the steps --------------------------------------------------------------
 
@@ -148,9 +164,12 @@ class Migration:
                 self.target_downtime_ms,
                 progress=self._round_done,
                 converge=self.converge,
+                switchover=self.switchover,
+                postcopy_after=self.postcopy_after,
             )
             self.rounds = precopy.run()
             self.pending = precopy.pending
+            self.postcopy, self.stop_reason = precopy.postcopy, precopy.stop_reason
             self.times["precopy_done"] = time.time()
             self._switch_over(images_dir)
         finally:
@@ -204,20 +223,35 @@ class Migration:
             raise
         self.times["dumped"] = time.time()
         with conn:
-            verdict = self._final(images_dir) and self._source_still_frozen() and self._commit()
-            self.in_doubt = verdict is None
-            conn.sendall(IN_DOUBT if self.in_doubt else b"0" if verdict else b"1")
+            if self.postcopy:
+                verdict = self._postcopy(images_dir, conn)  # answers the hook itself, at once
+                self.in_doubt = verdict is None
+            else:
+                verdict = self._final(images_dir) and self._source_still_frozen() and self._commit()
+                self.in_doubt = verdict is None
+                conn.sendall(IN_DOUBT if self.in_doubt else b"0" if verdict else b"1")
         # read once the tree is no longer held on it
         self.criu_phases = dump_phases(self.dump.log)
         if self.in_doubt:
             raise InDoubtError(
-                "the destination did not answer the commit, and could not be asked what it did within %ss: "
-                "it may run the migrated copy. The source (pid %d) is left frozen by criu dump (pid %d). "
+                "%s. The source (pid %d) is left frozen by criu dump (pid %d). "
                 "Once you know which copy to keep: `hybridmig settle %d resume` resumes the source (only if the "
                 "destination has no copy running), `hybridmig settle %d end` ends it (only if it has); run either "
                 "here, on the source host. CRIU's images and dump.log stay in %s"
-                % (self.timeout, self.pid, self.dump.proc.pid, self.dump.proc.pid, self.dump.proc.pid, self.images_dir)
+                % (
+                    self.doubt
+                    or "the destination did not answer the commit, and could not be asked what it did within %ss: "
+                    "it may run the migrated copy"
+                    % self.timeout,
+                    self.pid,
+                    self.dump.proc.pid,
+                    self.dump.proc.pid,
+                    self.dump.proc.pid,
+                    self.images_dir,
+                )
             )
+        if self.lost is not None:
+            raise self.lost
         rc = self.dump.wait(self.timeout)
         self.times["source_done"] = time.time()
         if verdict and (rc == 0 or rc is None or not alive(self.pid)):
@@ -252,6 +286,109 @@ class Migration:
             raise CriuError(f"{error}; the destination's copy was ended")
         raise HybridmigError(f"the destination did not restore the process: {error}; the source was resumed")
 
+    # --- post-copy (source/postcopy.py; docs/design.md, "Post-copy") ---------------
+
+    def _postcopy(self, images_dir, conn):
+        """The tree frozen: tell the destination which of its pages are
+        stale, keep the tree frozen whatever happens to run (hook verdict
+        IN_DOUBT), restore there at once and serve what it lacks until it
+        has every page. True: committed, the source was ended; False: the
+        copy never ran, the source was resumed; None: left frozen (self.doubt
+        says why), the operator decides."""
+        final = self.final = Round(len(self.rounds))
+        t0, cpu0 = time.monotonic(), time.process_time()
+        try:
+            dirty = self._final_scan(final)
+            owed = {}
+            for pid, key in self.sender.keys.items():
+                ranges = dirty.get(pid, [])
+                held = self.sender.held.get(key) or Ranges()
+                stale = intersect(ranges, held)
+                if stale:
+                    send_stale(self.channel, key, stale)
+                    for start, end in stale:
+                        held.remove(start, end)
+                owed[pid] = Ranges(self._lacking(images_dir, key, ranges))
+            self.times["final_sent"] = time.time()
+        except HybridmigError as e:  # nothing restored yet: the source resumes
+            conn.sendall(b"1")
+            self.result = Result(ok=False, error=str(e))
+            return False
+        # From here on CRIU holds the tree frozen until settled: `run`
+        # killed, the link cut, the destination gone, nothing resumes it
+        # behind the back of a copy that may have run.
+        conn.sendall(IN_DOUBT)
+        postcopy = self.postcopy_run = PostCopy(
+            self.channel, self.sender, owed, final, criu_alive=lambda: self.dump.proc.poll() is None
+        )
+        log.info("post-copy: %d pages owed to the destination", postcopy.pages_owed())
+        try:
+            self._send_images(images_dir, postcopy=True)
+            self.result = postcopy.serve()
+        except SourceLost as e:
+            final.ended(t0, cpu0)
+            return self._source_lost(e)
+        except ProtocolError as e:
+            final.ended(t0, cpu0)
+            self.result = Result(ok=False, error=str(e), ran=True)
+            return self._postcopy_broken(f"the session broke during post-copy ({e})")
+        final.ended(t0, cpu0)
+        self.times["restored"] = time.time()
+        if not self.result.ok:
+            if not self.result.ran:  # CRIU never let the copy run: the source may
+                self._settle(end=False)
+                return False
+            self.doubt = "the destination's copy ran and then failed: %s" % self.result.error
+            return None
+        kept = self._commit()  # after DONE the destination holds its copy as the one
+        if kept:
+            return self._settle(end=True)
+        self.doubt = "the destination has every page but did not take the commit (%s)" % (
+            "it ended its copy" if kept is False else "no answer"
+        )
+        return None
+
+    def _postcopy_broken(self, why):
+        """No RESULT: ask what the destination did. A copy it kept (it had
+        every page) is the one; otherwise it may have run: left frozen."""
+        self.channel.close()
+        kept = self._ask_outcome()
+        if kept:
+            self._warn(f"{why}; the destination, asked, has kept its copy with every page")
+            return self._settle(end=True)
+        self.doubt = "%s: the destination %s" % (
+            why,
+            "ended its copy, which had run: resuming the source would replay what it did"
+            if kept is False
+            else "could not be asked what became of its copy",
+        )
+        return None
+
+    def _source_lost(self, e):
+        """The frozen tree, or the CRIU holding it, is gone: the destination
+        cannot get what it lacks; it is told, and ends its copy. A tree that
+        CRIU's death let run again is the one copy left."""
+        self._warn(str(e))
+        try:
+            self.channel.send_error(str(e))
+        except ProtocolError:
+            pass  # the destination ends its copy with the session anyway
+        if self.dump.proc.poll() is None:
+            self._settle(end=True)  # the tree is gone: let CRIU finish
+        self.result = Result(ok=False, error=str(e), ran=True)
+        self.lost = e
+        return False
+
+    def _settle(self, end):
+        """Decide for the CRIU left waiting by IN_DOUBT: end the tree, or resume it."""
+        try:
+            settle(self.dump.proc.pid, end=end, timeout=self.timeout)
+        except HybridmigError as e:
+            self._warn(f"could not {'end' if end else 'resume'} the frozen source through criu dump: {e}")
+            if end:
+                self._end_source()
+        return end
+
     def _end_source(self):
         """End the source tree (stopped first, by pid: psutil checks identity)."""
         try:
@@ -264,22 +401,7 @@ class Migration:
         destination lacks, the images; then restore. True once confirmed."""
         try:
             final = self.final = Round(len(self.rounds))
-            dirty = {}
-            for pid, res in self.tracker.scan().items():
-                self.sender.adopt(pid)
-                if res.removed:
-                    self.sender.invalidate(pid, res.removed)
-                log.info(
-                    "final scan of %d: %d pages written since the last round, %d hot, %d carried from it",
-                    pid,
-                    res.dirty_pages,
-                    res.hot_pages,
-                    sum(e - s for s, e in self.pending.get(pid, [])) // PAGE_SIZE,
-                )
-                # hot pages were never sent in a round: they go now
-                merged = Ranges(res.owed + list(self.pending.get(pid, [])))
-                dirty[pid] = list(merged)
-                final.pages_written += merged.total() // PAGE_SIZE
+            dirty = self._final_scan(final)
             # Not detached yet: closing the tracker's userfaultfd makes the
             # kernel clear write-protection over all the tracked memory (200 ms
             # at 4 GiB), frozen time better spent sending. run() detaches
@@ -297,25 +419,50 @@ class Migration:
                 final.pages_sent,
                 (self.times["final_sent"] - t_scanned) * 1000,
             )
-            for name in sorted(os.listdir(images_dir)):
-                if name.endswith(".log"):
-                    continue
-                with open(os.path.join(images_dir, name), "rb") as f:
-                    offset = 0
-                    while True:  # in parts: memory CRIU does not dump lazily can be large
-                        data = f.read(FILE_PART)
-                        self.channel.send(Msg.FILE, wire.encode_file(name, offset, data))
-                        offset += len(data)
-                        if len(data) < FILE_PART:
-                            break
-            self.channel.send(Msg.RESTORE, Restore(self.criu_opts).encode())
-            self.times["images_sent"] = time.time()
+            self._send_images(images_dir)
             self.result = self._await_result()
             self.times["restored"] = time.time()
             return self.result.ok
         except HybridmigError as e:
             self.result = Result(ok=False, error=str(e))
             return False
+
+    def _final_scan(self, final):
+        """The tree frozen: {host pid: ranges} written since the last round
+        (hot pages included); VMAs gone are invalidated on the destination."""
+        dirty = {}
+        for pid, res in self.tracker.scan().items():
+            self.sender.adopt(pid)
+            if res.removed:
+                self.sender.invalidate(pid, res.removed)
+            log.info(
+                "final scan of %d: %d pages written since the last round, %d hot, %d carried from it",
+                pid,
+                res.dirty_pages,
+                res.hot_pages,
+                sum(e - s for s, e in self.pending.get(pid, [])) // PAGE_SIZE,
+            )
+            # hot pages were never sent in a round: they go now
+            merged = Ranges(res.owed + list(self.pending.get(pid, [])))
+            dirty[pid] = list(merged)
+            final.pages_written += merged.total() // PAGE_SIZE
+        return dirty
+
+    def _send_images(self, images_dir, postcopy=False):
+        """CRIU's images, then RESTORE."""
+        for name in sorted(os.listdir(images_dir)):
+            if name.endswith(".log"):
+                continue
+            with open(os.path.join(images_dir, name), "rb") as f:
+                offset = 0
+                while True:  # in parts: memory CRIU does not dump lazily can be large
+                    data = f.read(FILE_PART)
+                    self.channel.send(Msg.FILE, wire.encode_file(name, offset, data))
+                    offset += len(data)
+                    if len(data) < FILE_PART:
+                        break
+        self.channel.send(Msg.RESTORE, Restore(self.criu_opts, postcopy=postcopy).encode())
+        self.times["images_sent"] = time.time()
 
     def _source_still_frozen(self):
         """CRIU holds the tree frozen until its verdict; one that died has let
@@ -455,6 +602,15 @@ class Migration:
         except ProtocolError:
             pass  # the destination is gone: it ends an unconfirmed restore itself
 
+    def _missed_because(self, breakdown):
+        """Why the blackout was longer than the target, in words."""
+        if not self.postcopy and self.stop_reason and self.stop_reason != "fits":
+            return self.stop_reason + ": the final round carried what the rounds could not"
+        step, ms = max(
+            ((k, v) for k, v in breakdown.items() if k != "installing_after_resume_ms"), key=lambda kv: kv[1]
+        )
+        return "the switch-over's steps took longer than estimated (the longest: %s, %.0f ms)" % (step, ms)
+
     # --- report --------------------------------------------------------------------
 
     def report(self):
@@ -476,8 +632,26 @@ class Migration:
         downtime = sum(breakdown.values())
         breakdown["installing_after_resume_ms"] = (dest.installed_s - dest.restore_s) * 1000
         rounds = [r.as_dict() for r in self.rounds] + [dict(self.final.as_dict(), final=True)]
+        report_postcopy = None
+        if self.postcopy_run is not None:
+            pc = dict(self.postcopy_run.stats(), **dest.postcopy)
+            # pages the copy lacked when it resumed, until all were in
+            pc["post_resume_s"] = dest.installed_s - dest.restore_s
+            report_postcopy = pc
+        target = {"target_ms": self.target_downtime_ms, "missed": downtime > self.target_downtime_ms, "reason": None}
+        if target["missed"]:
+            target["reason"] = self._missed_because(breakdown)
+            self._warn(
+                "the blackout of %.0f ms missed --target-downtime %.0f ms: %s"
+                % (downtime, self.target_downtime_ms, target["reason"])
+            )
         return {
             "result": "migrated",
+            "switchover": "postcopy" if self.postcopy else "precopy",
+            "switchover_mode": self.switchover,
+            "stop_reason": self.stop_reason,
+            "target_downtime": target,
+            "postcopy": report_postcopy,
             "pid": self.pid,
             "to": self.to,
             "rounds": rounds,
@@ -494,7 +668,7 @@ class Migration:
             else {},
             "criu_lazy_pages_in_place": self.dump.in_place,
             "bytes_sent": self.channel.bytes_sent,
-            "remote_faults": self.remote_faults,
+            "remote_faults": report_postcopy["remote_faults"] if report_postcopy else self.remote_faults,
             "attach_stop_ms": t.get("attach_stop_ms"),
             "auto_converge_held_s": self.converge.held_s if self.converge else 0.0,
             "precopy_s": t["precopy_done"] - t["start"],

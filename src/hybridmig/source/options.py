@@ -12,8 +12,15 @@ class RunOptions:
     target_downtime_ms: float = 300.0
     #: bytes/s for pre-copy (0: no limit)
     bandwidth_limit: int = 0
-    #: throttle a tree whose rounds do not converge (source/converge.py)
-    auto_converge: bool = True
+    #: throttle a tree whose rounds do not converge (source/converge.py);
+    #: None: only with --switchover precopy (auto switches to post-copy instead)
+    auto_converge: bool | None = None
+    #: precopy (rounds, then everything frozen), postcopy (after
+    #: postcopy_after rounds the copy resumes and pulls the rest), auto
+    #: (pre-copy while rounds shrink, post-copy once they stop)
+    switchover: str = "auto"
+    #: rounds before a --switchover postcopy resumes the copy (round 0 included)
+    postcopy_after: int = 1
     #: seconds for the dump, for the restore, and for any silence of the destination
     timeout: float = 120.0
     #: pages travel lz4-compressed
@@ -21,3 +28,4 @@ class RunOptions:
 
 
 DEFAULTS = RunOptions()
+SWITCHOVERS = ("precopy", "postcopy", "auto")

@@ -218,8 +218,14 @@ class PreCopy:
         target_downtime_ms=DEFAULTS.target_downtime_ms,
         progress=None,
         converge=None,
+        switchover="precopy",
+        postcopy_after=1,
     ):
         self.tracker = tracker
+        self.switchover = switchover  # options.SWITCHOVERS
+        self.postcopy_after = postcopy_after
+        self.postcopy = False  # the rounds ended in a switch-over to post-copy
+        self.stop_reason = None  # why they ended: see next_round
         self.converge = converge  # an AutoConverge, or None
         self.sender = sender
         self.max_rounds = max_rounds
@@ -333,6 +339,9 @@ class PreCopy:
                 # the dirty set shrink as the tree slows down
                 self.tracker.drop_hot()
         converged = (fits and not worth_another) or number >= self.max_rounds or stalled
+        self._choose(rnd, number, converged, fits, stalled)
+        if self.postcopy:
+            converged = True
         if converged:
             if self.converge is not None:
                 self.converge.hold_all()
@@ -343,6 +352,28 @@ class PreCopy:
             return rnd, True
         self._send(rnd, dirty, t0, cpu0)
         return rnd, False
+
+    def _choose(self, rnd, number, converged, fits, stalled):
+        """Why the rounds stop, and whether post-copy takes over: after
+        postcopy_after rounds (postcopy), or (auto) where pre-copy would
+        throttle or carry a final round over the target: rounds that stop
+        halving what is owed, or the last one allowed."""
+        if fits:
+            self.stop_reason = "fits"
+        elif number >= self.max_rounds:
+            self.stop_reason = "rounds exhausted (--max-rounds %d)" % self.max_rounds
+        elif rnd.pages_hot and rnd.pages_hot >= rnd.pages_written:
+            self.stop_reason = "hot set too large (%d pages written round after round)" % rnd.pages_hot
+        else:
+            self.stop_reason = "link too slow for the dirty rate (%.0f pages/s over %.1f MB/s)" % (
+                rnd.dirty_rate_pps,
+                self.bandwidth / 1e6,
+            )
+        if self.switchover == "postcopy":
+            self.postcopy = number >= self.postcopy_after
+        elif self.switchover == "auto" and self.converge is None and not fits:
+            not_halved = rnd.pages_owed > 0.5 * self.rounds[-1].pages_owed
+            self.postcopy = not_halved or stalled or (converged and not fits)
 
     def run(self):
         self.first_round()

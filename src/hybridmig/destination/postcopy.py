@@ -1,0 +1,115 @@
+"""Post-copy on the destination: the copy runs before the store has every
+page, and what it lacks comes from the frozen source.
+
+The source pushes every owed page in address order on its own; a fault on
+a page not in the store is asked for at once (FETCH of a few pages from the
+faulted one), and the source sends those ahead of the push. Unlike
+pre-copy's RemotePages, a FETCH does not wait here: the fetcher thread goes
+on with the next fault, and the fault loop retries the waiting faults as
+pages arrive (the session's thread stores them and notifies it). Each
+FETCH is timed from its send to the arrival of its last page: the remote
+faults' latency in RESULT. docs/design.md, "Post-copy"."""
+
+import logging
+import threading
+import time
+
+from .. import wire
+from ..bindings import PAGE_SIZE
+from ..bindings.ranges import Ranges
+from ..wire import Msg
+from .serve import RemotePages  # (serve imports this module only when a post-copy begins)
+
+log = logging.getLogger("hybridmig.destination.postcopy")
+FAULT_PAGES = 16  # pages asked for per fault: the faulted one and those after it
+CHUNK = 2 << 20  # a FETCH never crosses a store chunk
+ASK_AGAIN_S = 1.0  # a range asked for is not asked again sooner (the push or the answer is on its way)
+
+
+def percentiles_ms(samples_s):
+    if not samples_s:
+        return {"p50": 0.0, "p99": 0.0, "max": 0.0}
+    s = sorted(samples_s)
+    return {"p50": s[len(s) // 2] * 1000, "p99": s[min(len(s) - 1, int(len(s) * 0.99))] * 1000, "max": s[-1] * 1000}
+
+
+class PostCopyPages(RemotePages):
+    """The lazy daemon's page source in post-copy (a PageSource)."""
+
+    def __init__(self, channel, store, timeout=60.0):
+        super().__init__(channel, store, timeout)
+        self.loop = None  # the daemon's FaultLoop, set once it exists
+        self._lock = threading.Lock()
+        self._asked = {}  # (key, vaddr) -> monotonic of the FETCH
+        self._outstanding = {}  # key -> [(monotonic sent, Ranges not arrived)]
+        self.latencies = []
+        self.fetches = 0
+        self.pages_arrived_after = 0  # pages that came after RESTORE (pushed or fetched)
+        self.last_arrival = time.monotonic()
+
+    def read_into(self, store, key, vaddr, npages, pid=None, src=None):
+        """A task's own pages at their own address: asked for, not waited
+        for. Pages of a forked child's parent, or moved by mremap before
+        they came, are fetched and waited for, then copied (RemotePages)."""
+        owner = key if pid is None else pid
+        at = vaddr if src is None else src
+        if owner != key or at != vaddr:
+            self._copy_from(store, key, vaddr, npages, owner, at)
+            return
+        self._ask(key, vaddr, npages)
+
+    def _ask(self, key, vaddr, npages):
+        npages = min(npages, FAULT_PAGES, ((vaddr // CHUNK + 1) * CHUNK - vaddr) // PAGE_SIZE)
+        data, zero = self.store.count(key, vaddr, npages)
+        if data + zero == npages:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._asked.get((key, vaddr), -ASK_AGAIN_S) < ASK_AGAIN_S:
+                return
+            self._asked[(key, vaddr)] = now
+            self._outstanding.setdefault(key, []).append((now, Ranges([(vaddr, vaddr + npages * PAGE_SIZE)])))
+            self.fetches += 1
+        self.remote_pages += npages
+        self.channel.send(Msg.FETCH, wire.encode_range(key, vaddr, npages))
+
+    def _copy_from(self, store, key, vaddr, npages, owner, at):
+        """Pages of task `owner` at `at` into task `key` at `vaddr`, once
+        they are in the store (a FETCH if they are not)."""
+        if not self._complete(owner, at, npages):
+            self.remote_pages += npages
+            self.channel.send(Msg.FETCH, wire.encode_range(owner, at, npages))
+            self._wait_for(owner, at, npages)
+        for i in range(npages):
+            kind, data = self.store.get(owner, at + i * PAGE_SIZE)
+            if data is not None:
+                self.store.put(key, vaddr + i * PAGE_SIZE, data)
+            else:
+                self.store.put_zero(key, vaddr + i * PAGE_SIZE, 1)
+
+    def pages_arrived(self, key=None, extents=()):
+        now = time.monotonic()
+        self.last_arrival = now
+        with self._lock:
+            waiting = self._outstanding.get(key)
+            if waiting:
+                for vaddr, npages, _ in extents:
+                    for _, missing in waiting:
+                        missing.remove(vaddr, vaddr + npages * PAGE_SIZE)
+                self.latencies += [now - sent for sent, missing in waiting if not missing.total()]
+                self._outstanding[key] = [w for w in waiting if w[1].total()]
+        self.pages_arrived_after += sum(n for _, n, _ in extents)
+        if self.loop is not None:
+            self.loop.notify()  # the faults waiting for these pages retry, idle installers wake
+        super().pages_arrived()
+
+    def idle_s(self):
+        """Seconds since the last page came."""
+        return time.monotonic() - self.last_arrival
+
+    def stats(self):
+        return {
+            "remote_faults": self.fetches,
+            "remote_fault_latency_ms": percentiles_ms(self.latencies),
+            "pages_arrived_after_restore": self.pages_arrived_after,
+        }

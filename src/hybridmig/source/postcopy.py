@@ -1,0 +1,175 @@
+"""Post-copy on the source: switch over before the destination has every
+page, and serve the rest from the frozen tree.
+
+At post-dump (the tree frozen by CRIU, the images written) the source
+sends no page: it tells the destination which of the pages it holds are
+stale (STALE: written since they were sent), answers CRIU's hook "keep the
+tree frozen" (hook.IN_DOUBT: from now on nothing but an explicit decision
+resumes or ends it, whatever happens to `run`), sends the images and
+RESTORE. The destination restores at once and its copy runs, pulling the
+pages it lacks (FETCH) while this side pushes every owed page in address
+order, a fault's pages ahead of the push. When the destination has
+installed every page it reports RESULT; COMMIT and DONE follow as in
+pre-copy, and only then is the frozen tree ended (settled through CRIU's
+page server). Why the source never resumes once the copy may have run,
+and what each failure leaves: docs/design.md, "Post-copy"."""
+
+import logging
+import select
+import socket
+import ssl
+import time
+from collections import deque
+
+from .. import wire
+from ..bindings import PAGE_SIZE
+from ..errors import HybridmigError, ProcessGone, ProtocolError
+from ..messages import Result
+from ..wire import Msg
+
+log = logging.getLogger("hybridmig.source.postcopy")
+PUSH_PAGES = 64  # pages per pushed frame (256 KiB): what a fault's pages may wait behind
+# Unsent bytes the socket may hold (TCP_NOTSENT_LOWAT): a fault's pages go
+# out behind at most this much of the push and one pushed frame.
+NOT_SENT_LOWAT = 128 << 10
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+CRIU_CHECK_S = 0.1  # how often the serving loop looks at CRIU, which holds the tree frozen
+
+
+class SourceLost(HybridmigError):
+    """The frozen tree (or the CRIU holding it) is gone during post-copy:
+    pages the destination lacks are lost, or the tree runs again."""
+
+
+def intersect(ranges, held):
+    """The parts of `ranges` (byte [start, end) pairs) inside Ranges `held`."""
+    out = []
+    for start, end in ranges:
+        at = start
+        while at < end:
+            nxt = held.next(at)
+            if not nxt or nxt[0] >= end:
+                break
+            out.append((max(at, nxt[0]), min(end, nxt[1])))
+            at = nxt[1]
+    return out
+
+
+def send_stale(channel, key, ranges):
+    """STALE frames for `ranges` of store task `key`."""
+    for i in range(0, len(ranges), wire.MAX_STALE_RANGES):
+        channel.send(Msg.STALE, wire.encode_stale(key, ranges[i : i + wire.MAX_STALE_RANGES]))
+
+
+class PostCopy:
+    """Serves one destination's post-copy until its RESULT: FETCHed ranges
+    at once, else the next PUSH_PAGES of the owed pages, task after task in
+    address order. `owed`: host pid -> Ranges the destination lacks.
+    `criu_alive()`: False once the CRIU holding the tree frozen is gone."""
+
+    def __init__(self, channel, sender, owed, rnd, criu_alive=lambda: True):
+        self.channel, self.sender, self.owed, self.rnd = channel, sender, owed, rnd
+        self.criu_alive = criu_alive
+        self.host_of = {key: pid for pid, key in sender.keys.items()}
+        self.faults: deque = deque()  # (monotonic when asked, host pid, start, end)
+        self.fetches = 0
+        self.pages_fetched = 0
+        self.pages_pushed = 0
+        self.serve_s = []  # per FETCH: asked -> its pages in the socket
+        self.started = self.pushed_all = None  # monotonic
+
+    def pages_owed(self):
+        return sum(r.total() for r in self.owed.values()) // PAGE_SIZE
+
+    def _readable(self, timeout):
+        sock = self.channel.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        return bool(select.select([sock], [], [], timeout)[0])
+
+    def _take(self, kind, payload):
+        """One frame from the destination; a Result ends the serving."""
+        if kind == Msg.RESULT:
+            return Result.decode(payload)
+        if kind != Msg.FETCH:
+            raise ProtocolError(f"unexpected {kind.name} while the destination runs the copy (post-copy)")
+        key, vaddr, npages = wire.decode_range(payload)
+        if key not in self.host_of or not 0 < npages <= wire.MAX_FRAME_PAGES or vaddr % PAGE_SIZE:
+            raise ProtocolError(
+                "%s asked for %d pages at 0x%x of pid %d, not one of the tree's, or not a valid range"
+                % (self.channel.peer, npages, vaddr, key)
+            )
+        self.faults.append((time.monotonic(), self.host_of[key], vaddr, vaddr + npages * PAGE_SIZE))
+        return None
+
+    def _send(self, pid, start, end):
+        """The pages of [start, end) of pid, read from the frozen tree. Every
+        process of it must still be there: a page of any that is gone is
+        lost (Sender.send_ranges would skip it)."""
+        try:
+            self.sender._send_ranges(pid, [(start, end)], self.rnd)
+        except ProcessGone as e:
+            raise SourceLost(
+                "process %d of the frozen source is gone (%s): %d pages the destination lacks are lost"
+                % (pid, e, self.pages_owed())
+            ) from e
+        owed = self.owed.get(pid)
+        if owed is not None:
+            owed.remove(start, end)
+
+    def _next_push(self):
+        for pid, owed in self.owed.items():
+            nxt = owed.next(0)
+            if nxt:
+                return pid, nxt[0], min(nxt[1], nxt[0] + PUSH_PAGES * PAGE_SIZE)
+        return None
+
+    def serve(self):
+        """Until the destination's RESULT (returned). Raises ProtocolError
+        when the session breaks, SourceLost when the tree does."""
+        sock = self.channel.sock
+        try:  # a fault's pages wait behind less of the push
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOT_SENT_LOWAT)
+        except OSError as e:
+            log.info("no TCP_NOTSENT_LOWAT (%s): faults may wait behind more of the push", e)
+        self.started = time.monotonic()
+        checked = 0.0
+        while True:
+            push = None if self.faults else self._next_push()
+            if push is None and not self.faults and self.pushed_all is None:
+                self.pushed_all = time.monotonic()
+                log.info("post-copy: every owed page pushed in %.2f s", self.pushed_all - self.started)
+            # with nothing to send, wait for the destination (its silence is
+            # bounded by the socket's timeout, run's --timeout, in recv)
+            while self._readable(0 if (push or self.faults) else CRIU_CHECK_S):
+                result = self._take(*self.channel.recv())
+                if result is not None:
+                    return result
+            now = time.monotonic()
+            if now - checked >= CRIU_CHECK_S:
+                checked = now
+                if not self.criu_alive():
+                    raise SourceLost(
+                        "criu dump, which held the source frozen, is gone during post-copy: the source runs "
+                        "again, and %d pages the destination lacks can no longer be sent as they were"
+                        % self.pages_owed()
+                    )
+            if self.faults:
+                asked, pid, start, end = self.faults.popleft()
+                self._send(pid, start, end)
+                self.fetches += 1
+                self.pages_fetched += (end - start) // PAGE_SIZE
+                self.serve_s.append(time.monotonic() - asked)
+            elif push is not None:
+                self._send(*push)
+                self.pages_pushed += (push[2] - push[1]) // PAGE_SIZE
+
+    def stats(self):
+        return {
+            "fetches": self.fetches,
+            "pages_fetched": self.pages_fetched,
+            "pages_pushed": self.pages_pushed,
+            "push_s": (self.pushed_all - self.started) if self.pushed_all and self.started else None,
+            # FETCH received -> its pages in the socket (the destination times the whole way)
+            "fetch_served_max_ms": max(self.serve_s, default=0.0) * 1000,
+        }

@@ -1,0 +1,96 @@
+"""Post-copy after pre-copy (issue 17), end to end: real CRIU, real
+userfaultfd, memwork checking every page, two network namespaces.
+
+The copy resumes before the destination has every page; what it lacks comes
+from the frozen source (faulted pages first, the rest pushed). A run
+limited to a slow --bandwidth-limit keeps the copy in post-copy for
+seconds, long enough to fork it or churn its mappings meanwhile."""
+
+import threading
+import time
+
+import pytest
+from test_migrate import assert_intact, assert_migrated, env  # noqa: F401 -- env: the fixture
+
+from migrate_util import wait_for
+
+MIB = 1 << 20
+pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.slow]
+
+
+def assert_postcopy_report(rep, size_mb):
+    pc = rep["postcopy"]
+    assert rep["switchover"] == "postcopy", rep
+    assert pc["pages_pushed"] + pc["pages_fetched"] > 0, pc
+    lat = pc["remote_fault_latency_ms"]
+    assert pc["remote_faults"] == rep["remote_faults"] >= 0, pc
+    assert 0 <= lat["p50"] <= lat["p99"] <= lat["max"], lat
+    assert pc["post_resume_s"] > 0, pc
+    # every page crossed the wire about once: no final round carried the dirty set
+    assert rep["rounds"][-1]["pages_sent"] == pc["pages_pushed"] + pc["pages_fetched"], (rep["rounds"][-1], pc)
+    print("post-copy: %s" % {k: v for k, v in pc.items()})
+
+
+def restored_pid(serve, run, timeout=60):
+    """The restored copy's root pid (serve's pidfile), once CRIU wrote it; None if the run ended first."""
+    found = {}
+
+    def written():
+        for f in serve.base_dir.glob("*/restore.pid"):
+            text = f.read_text().strip()
+            if text:
+                found["pid"] = int(text)
+                return True
+        return not run.running()
+
+    wait_for(written, timeout, "the copy to be restored")
+    return found.get("pid")
+
+
+@pytest.mark.timeout(300)
+def test_postcopy_migrates_every_page(env):
+    """--switchover postcopy after one round: the dirty set is never sent
+    frozen; the copy resumes and pulls it, every page verified."""
+    wl = env.workload(64, rate=5000, threads=2)
+    serve = env.serve()
+    rc, rep, err = env.run(wl.host_pid, "--switchover", "postcopy", "--bandwidth-limit", "40M")
+    assert_migrated(env, wl, rc, rep, err, serve, 64, postcopy=True)
+    assert_postcopy_report(rep, 64)
+    assert len(rep["rounds"]) == 3, rep["rounds"]  # round 0, round 1's scan, the post-copy
+
+
+@pytest.mark.timeout(300)
+def test_postcopy_after_two_rounds_with_fork_and_churn_during_it(env):
+    """Two rounds, then post-copy over a slow link: while the copy still
+    lacks most of its pages it forks a child that checks the inherited
+    snapshot (fork-verify) and churns its mappings (mmap, munmap, mremap,
+    madvise) and checks them: all verified, then the whole memory."""
+    wl = env.workload(96, rate=20000, procs=2)
+    serve = env.serve()
+    run = env.run_background(wl.host_pid, "--switchover", "postcopy", "--postcopy-after", "2", "--bandwidth-limit", "15M")
+    pid = restored_pid(serve, run)
+    assert pid is not None and run.running(), "the run was over before the copy could be worked on"
+    new = env.adopt(pid, wl)
+    checks = {}
+
+    def work():
+        try:
+            checks["fork"] = new.fork_verify(120)
+            checks["churn"] = new.churn_verify(120)
+        except Exception as e:  # noqa: BLE001 -- reported below
+            checks["error"] = e
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(150)
+    assert "error" not in checks, checks
+    for r in checks["fork"] + checks["churn"]:
+        assert r.get("bad", 0) == 0, r
+    rc, rep, err = run.wait(240)
+    assert rc == 0, err
+    assert rep["postcopy"]["pages_pushed"] > 0, rep
+    assert rep["destination"]["lazy"]["forks"] >= 2, rep["destination"]["lazy"]
+    assert_intact(new.verify(), 2)
+    time.sleep(0.3)
+    assert_intact(new.verify(), 2)
+    assert serve.wait(60) == 0, serve.log()
