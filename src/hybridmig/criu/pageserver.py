@@ -83,6 +83,7 @@ class PageServerSource:
 
     preload = False  # a PageSource (destination/sources.py)
     prefetch = True
+    arrives_later = False
 
     def __init__(self, address, port, connect_timeout=10.0, io_timeout=60.0):
         self.address, self.port = address, int(port)

@@ -76,7 +76,8 @@ class Fetcher(threading.Thread):
                 )
                 self.source.read_into(self.store, key, vaddr, n, pid, src)
                 self.pages_fetched += n
-                self.loop.notify()
+                if not self.source.arrives_later:  # (else its pages notify the loop as they come)
+                    self.loop.notify()
                 continue
             nxt = pending.next(vaddr)
             if nxt and nxt[0] == vaddr:

@@ -16,6 +16,7 @@ import time
 
 from .. import wire
 from ..bindings import PAGE_SIZE
+from ..bindings.pagestore import DATA, ZERO
 from ..bindings.ranges import Ranges
 from ..wire import Msg
 from .serve import RemotePages  # (serve imports this module only when a post-copy begins)
@@ -36,6 +37,8 @@ def percentiles_ms(samples_s):
 class PostCopyPages(RemotePages):
     """The lazy daemon's page source in post-copy (a PageSource)."""
 
+    arrives_later = True
+
     def __init__(self, channel, store, timeout=60.0):
         super().__init__(channel, store, timeout)
         self.loop = None  # the daemon's FaultLoop, set once it exists
@@ -48,56 +51,68 @@ class PostCopyPages(RemotePages):
         self.last_arrival = time.monotonic()
 
     def read_into(self, store, key, vaddr, npages, pid=None, src=None):
-        """A task's own pages at their own address: asked for, not waited
-        for. Pages of a forked child's parent, or moved by mremap before
-        they came, are fetched and waited for, then copied (RemotePages)."""
+        """Asked for, not waited for: the pages of task `pid` (default key)
+        at `src` (default vaddr), for task `key` at `vaddr`. Those of a
+        forked child's parent, or moved by mremap before they came, are
+        copied to where they are wanted as they arrive (_forward)."""
         owner = key if pid is None else pid
         at = vaddr if src is None else src
-        if owner != key or at != vaddr:
-            self._copy_from(store, key, vaddr, npages, owner, at)
+        npages = min(npages, FAULT_PAGES, ((at // CHUNK + 1) * CHUNK - at) // PAGE_SIZE)
+        if (owner, at) != (key, vaddr) and self._complete(owner, at, npages):
+            for i in range(npages):  # here already (and not installed and released yet)
+                self._copy_page(key, vaddr + i * PAGE_SIZE, *self.store.get(owner, at + i * PAGE_SIZE))
             return
-        self._ask(key, vaddr, npages)
-
-    def _ask(self, key, vaddr, npages):
-        npages = min(npages, FAULT_PAGES, ((vaddr // CHUNK + 1) * CHUNK - vaddr) // PAGE_SIZE)
-        data, zero = self.store.count(key, vaddr, npages)
-        if data + zero == npages:
+        data, zero = self.store.count(owner, at, npages)
+        if (owner, at) == (key, vaddr) and data + zero == npages:
             return
         now = time.monotonic()
         with self._lock:
             if now - self._asked.get((key, vaddr), -ASK_AGAIN_S) < ASK_AGAIN_S:
                 return
             self._asked[(key, vaddr)] = now
-            self._outstanding.setdefault(key, []).append((now, Ranges([(vaddr, vaddr + npages * PAGE_SIZE)])))
+            # (sent, where the pages come from, Ranges of them not arrived yet, where they go)
+            end = at + npages * PAGE_SIZE
+            self._outstanding.setdefault(owner, []).append((now, at, end, Ranges([(at, end)]), key, vaddr))
             self.fetches += 1
         self.remote_pages += npages
-        self.channel.send(Msg.FETCH, wire.encode_range(key, vaddr, npages))
+        self.channel.send(Msg.FETCH, wire.encode_range(owner, at, npages))
 
-    def _copy_from(self, store, key, vaddr, npages, owner, at):
-        """Pages of task `owner` at `at` into task `key` at `vaddr`, once
-        they are in the store (a FETCH if they are not)."""
-        if not self._complete(owner, at, npages):
-            self.remote_pages += npages
-            self.channel.send(Msg.FETCH, wire.encode_range(owner, at, npages))
-            self._wait_for(owner, at, npages)
-        for i in range(npages):
-            kind, data = self.store.get(owner, at + i * PAGE_SIZE)
-            if data is not None:
-                self.store.put(key, vaddr + i * PAGE_SIZE, data)
-            else:
-                self.store.put_zero(key, vaddr + i * PAGE_SIZE, 1)
+    def _copy_page(self, key, addr, kind, data):
+        if kind == DATA:
+            self.store.put(key, addr, data)
+        elif kind == ZERO:
+            self.store.put_zero(key, addr, 1)
+        # ABSENT: installed and released meanwhile; asked for again
 
-    def pages_arrived(self, key=None, extents=()):
+    def _forward(self, at, end, to_key, to_vaddr, extents, data):
+        """Pages of a PAGES body (extents, data) in [at, end), into task
+        to_key at to_vaddr: before the owner's installers release them."""
+        data = memoryview(data)
+        off = 0
+        for vaddr, npages, zero in extents:
+            for i in range(npages):
+                addr = vaddr + i * PAGE_SIZE
+                is_zero = zero[i // 8] >> (i % 8) & 1
+                if at <= addr < end:
+                    page = None if is_zero else data[off : off + PAGE_SIZE]
+                    self._copy_page(to_key, to_vaddr + addr - at, ZERO if is_zero else DATA, page)
+                off += 0 if is_zero else PAGE_SIZE
+
+    def pages_arrived(self, key=None, extents=(), data=b""):
         now = time.monotonic()
         self.last_arrival = now
         with self._lock:
             waiting = self._outstanding.get(key)
             if waiting:
-                for vaddr, npages, _ in extents:
-                    for _, missing in waiting:
+                for sent, at, end, missing, to_key, to_vaddr in waiting:
+                    before = missing.total()
+                    for vaddr, npages, _ in extents:
                         missing.remove(vaddr, vaddr + npages * PAGE_SIZE)
-                self.latencies += [now - sent for sent, missing in waiting if not missing.total()]
-                self._outstanding[key] = [w for w in waiting if w[1].total()]
+                    if (to_key, to_vaddr) != (key, at) and missing.total() < before:
+                        self._forward(at, end, to_key, to_vaddr, extents, data)
+                    if not missing.total():
+                        self.latencies.append(now - sent)
+                self._outstanding[key] = [w for w in waiting if w[3].total()]
         self.pages_arrived_after += sum(n for _, n, _ in extents)
         if self.loop is not None:
             self.loop.notify()  # the faults waiting for these pages retry, idle installers wake

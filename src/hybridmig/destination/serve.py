@@ -122,6 +122,7 @@ class RemotePages:
 
     preload = False  # a PageSource (sources.py)
     prefetch = False  # the store holds every page already: fetch only what a fault asks for
+    arrives_later = False
 
     def __init__(self, channel, store, timeout=60.0):
         self.channel, self.store, self.timeout = channel, store, timeout
@@ -169,8 +170,8 @@ class RemotePages:
                     )
                 self.arrived.wait(left)
 
-    def pages_arrived(self, key=None, extents=()):
-        """PAGES of task `key` came (extents: (vaddr, npages, zero bitmap))."""
+    def pages_arrived(self, key=None, extents=(), data=b""):
+        """PAGES of task `key` came (extents: (vaddr, npages, zero bitmap); data: their pages)."""
         with self.arrived:
             self.arrived.notify_all()
 
@@ -238,7 +239,7 @@ class Session:
             if kind == Msg.PAGES:
                 key, extents, data = wire.decode_pages(payload)
                 self._store(key, extents, data)
-                self.remote.pages_arrived(key, extents)
+                self.remote.pages_arrived(key, extents, data)
             elif kind == Msg.INVALIDATE:
                 # costs what the store holds in the range, not its length (pagestore.c)
                 self.store.invalidate(*wire.decode_range(payload))

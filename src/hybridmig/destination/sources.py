@@ -23,6 +23,9 @@ class PageSource(Protocol):
     #: the Fetcher reads ahead of the faults (False: the store holds the pages
     #: already, fetch only what a fault asks for)
     prefetch: bool
+    #: read_into only asks for the pages; whoever stores them as they come
+    #: notifies the fault loop (post-copy: destination/postcopy.py)
+    arrives_later: bool
 
     def add_task(self, key: int, task: TaskImages) -> None:
         """Serve task `key`, whose lazy pages the images describe."""
@@ -48,6 +51,7 @@ class LocalImages:
 
     preload = True
     prefetch = True
+    arrives_later = False
 
     def __init__(self):
         self._tasks = {}  # key -> (fd, [LazyRun] sorted, [vaddr])
