@@ -7,12 +7,17 @@ limited to a slow --bandwidth-limit keeps the copy in post-copy for
 seconds, long enough to fork it or churn its mappings meanwhile."""
 
 import os
+import shutil
+import signal
+import subprocess
 import threading
 import time
 
+import psutil
 import pytest
 
-from migrate_util import wait_for
+from lazy_util import HYBRIDMIG_BIN, restored_alive
+from migrate_util import state, wait_for
 from test_migrate import assert_intact, assert_migrated
 from test_migrate import env as env  # noqa: F401 -- the fixture
 
@@ -100,3 +105,80 @@ def test_postcopy_after_two_rounds_with_fork_and_churn_during_it(env):
     time.sleep(0.3)
     assert_intact(new.verify(), len(checks["fork"]))
     assert serve.wait(60) == 0, serve.log()
+
+
+def gone(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.timeout(300)
+def test_link_cut_during_postcopy_leaves_the_source_frozen_and_intact(env):
+    """The link goes down for good while the copy still lacks pages: the
+    destination's copy, which has run, is ended (it waits in its faults
+    until then, never reading a page it lacks); the source stays frozen
+    inside its criu dump, whole, and run says how to settle it. Resuming it
+    is the operator's call (the copy ran meanwhile): here it is resumed,
+    and verified page by page."""
+    wl = env.workload(64, rate=20000)
+    pids = wl.pids()
+    serve = env.serve()
+    run = env.run_background(wl.host_pid, "--switchover", "postcopy", "--bandwidth-limit", "4M", "--timeout", "10")
+    restored = restored_pid(serve, run)
+    assert restored is not None and run.running(), "the run was over before the link could be cut"
+    env.cleanup.kill_pid_tree(restored)
+    dev = ["ip", "-n", env.hosts.src, "link", "set", "dev", env.hosts.veth[0]]
+    subprocess.run(dev + ["down"], check=True, timeout=10)
+    env.cleanup.add(subprocess.run, dev + ["up"])
+    rc, rep, err = run.wait(180)
+    assert rc != 0 and rep["result"] == "in doubt", (rc, rep)
+    error = rep["error"]
+    assert "post-copy" in error and "hybridmig settle" in error, error
+    criu_pid = int(error.split("hybridmig settle ")[1].split()[0])
+    env.cleanup.kill_pid_tree(criu_pid)
+    work = error.rsplit(" stay in ", 1)[1].strip()
+    env.cleanup.add(shutil.rmtree, os.path.dirname(work), True)
+    for pid in pids:
+        assert state(pid) in ("t", "T"), (pid, state(pid))
+    wait_for(lambda: gone(restored), 90, "the destination to end its copy")
+    assert serve.wait(60) not in (0, None), serve.log()
+    assert "pages never received" in serve.log(), serve.log()[-3000:]
+    time.sleep(1)  # still frozen a while later
+    assert all(state(pid) in ("t", "T") for pid in pids)
+    settle = subprocess.run(
+        env.hosts.run_in(env.hosts.src) + [HYBRIDMIG_BIN, "settle", str(criu_pid), "resume"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert settle.returncode == 0, settle.stderr
+    wait_for(lambda: all(state(p) not in ("t", "T") for p in pids), 10, "the source to run again")
+    assert_intact(wl.verify(), 1)
+
+
+@pytest.mark.timeout(300)
+def test_source_killed_during_postcopy_loses_the_process(env):
+    """The one case post-copy cannot recover: the frozen source is killed
+    while the copy still lacks pages that exist nowhere else. run reports
+    the pages lost; the destination says how many it never received and
+    ends its copy rather than let it run on memory it does not have. No
+    copy is left (pre-copy alone would have left the source running)."""
+    wl = env.workload(64, rate=20000)
+    pids = wl.pids()
+    serve = env.serve()
+    run = env.run_background(wl.host_pid, "--switchover", "postcopy", "--bandwidth-limit", "4M")
+    restored = restored_pid(serve, run)
+    assert restored is not None and run.running(), "the run was over before the source could be killed"
+    env.cleanup.kill_pid_tree(restored)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    rc, rep, err = run.wait(120)
+    assert rc != 0 and rep["result"] == "failed", (rc, rep)
+    assert "lost" in rep["error"], rep["error"]
+    wait_for(lambda: gone(restored), 60, "the destination to end its copy")
+    assert serve.wait(60) not in (0, None), serve.log()
+    assert "pages never received" in serve.log(), serve.log()[-3000:]
+    assert all(gone(p) for p in pids)
+    assert not restored_alive(wl.report_path), restored_alive(wl.report_path)
