@@ -272,7 +272,9 @@ class Iteration:
         if fault and fault["step"] == "start":
             self._inject(hosts, wl, None, serve, None)
         extra = ["--max-rounds", str(cfg["max_rounds"]), "--timeout", str(cfg["timeout"])]
-        extra += [] if cfg["auto_converge"] else ["--no-auto-converge"]
+        # pre-copy's invariants (post-copy leaves the source frozen on a
+        # broken link: tests/test_postcopy.py)
+        extra += ["--switchover", "precopy"] + ([] if cfg["auto_converge"] else ["--no-auto-converge"])
         run = BackgroundRun(hosts, hosts.src, wl.host_pid, to, key, *extra, cleanup=self.cleanup, log_dir=self.dir)
         steps = Steps(wl, run, serve)
         reached = None

@@ -314,7 +314,17 @@ def test_churn_during_precopy(env):
     serve = env.serve()
     # rate-limited rounds that do not converge on their own estimate: the
     # churns land in round 0 and in later rounds
-    run = env.run_background(wl.host_pid, "--max-rounds", "50", "--target-downtime", "1", "--bandwidth-limit", "60M")
+    run = env.run_background(
+        wl.host_pid,
+        "--switchover",
+        "precopy",
+        "--max-rounds",
+        "50",
+        "--target-downtime",
+        "1",
+        "--bandwidth-limit",
+        "60M",
+    )
     _wait_in_precopy(wl, run)
     churns = _during_precopy(wl, run, wl.churn_verify)
     assert len(churns) >= 2, "only %d churns happened during pre-copy" % len(churns)
@@ -335,7 +345,17 @@ def test_fork_during_precopy(env):
     memory it inherited) again and again during the rounds."""
     wl = env.workload(128, threads=1, procs=2, rate=1000)
     serve = env.serve()
-    run = env.run_background(wl.host_pid, "--max-rounds", "50", "--target-downtime", "1", "--bandwidth-limit", "60M")
+    run = env.run_background(
+        wl.host_pid,
+        "--switchover",
+        "precopy",
+        "--max-rounds",
+        "50",
+        "--target-downtime",
+        "1",
+        "--bandwidth-limit",
+        "60M",
+    )
     _wait_in_precopy(wl, run)
     forks = _during_precopy(wl, run, wl.fork_verify)
     assert len(forks) >= 2, "only %d fork-verifies happened during pre-copy" % len(forks)
@@ -1064,7 +1084,7 @@ def test_auto_converge_brings_a_fast_writer_to_a_small_final_round(env):
     the memory arrives intact."""
     wl = env.workload(64, rate=20000)
     serve = env.serve()
-    rc, rep, err = env.run(wl.host_pid, "--bandwidth-limit", "20M", timeout=240)
+    rc, rep, err = env.run(wl.host_pid, "--auto-converge", "--bandwidth-limit", "20M", timeout=240)
     assert_migrated(env, wl, rc, rep, err, serve, 64)
     rounds = rep["rounds"]
     throttle = [r["throttle_pct"] for r in rounds[:-1]]
@@ -1084,7 +1104,7 @@ def test_run_killed_while_holding_the_tree_leaves_it_running(env):
     wl = env.workload(64, rate=0)
     pids = wl.pids()
     serve = env.serve()
-    run = env.run_background(wl.host_pid, "--bandwidth-limit", "10M")
+    run = env.run_background(wl.host_pid, "--auto-converge", "--bandwidth-limit", "10M")
     wait_for(
         lambda: "auto-converge" in run.err_path.read_text() or not run.running(),
         120,
