@@ -297,6 +297,7 @@ class PreDump(Strategy):
 
 class Hybridmig(Strategy):
     name = "hybridmig"
+    switchover = "precopy"  # this row's history: pre-copy, auto-converge on
 
     def migrate(self, trial):
         h = trial.hosts
@@ -331,6 +332,8 @@ class Hybridmig(Strategy):
                     "-v3",
                     "--work-dir",
                     trial.logs / "run",
+                    "--switchover",
+                    self.switchover,
                     *opts,
                 ],
                 "run.err",
@@ -363,8 +366,26 @@ class Hybridmig(Strategy):
                 "breakdown": b,
                 "pages_installed_s": b["installing_after_resume_ms"] / 1000,
                 "run_wall_s": t1 - t0,
+                "switchover": report.get("switchover"),
+                "postcopy": report.get("postcopy"),
+                "bytes_sent": report.get("bytes_sent"),
+                "target_downtime": report.get("target_downtime"),
             },
         )
+
+
+class HybridmigPostCopy(Hybridmig):
+    """Post-copy after one round (--switchover postcopy)."""
+
+    name = "hybridmig-postcopy"
+    switchover = "postcopy"
+
+
+class HybridmigAuto(Hybridmig):
+    """The default: pre-copy while rounds shrink, then post-copy."""
+
+    name = "hybridmig-auto"
+    switchover = "auto"
 
 
 def _wait_log(path, needle, proc, timeout):
@@ -396,4 +417,6 @@ def _reap_daemon(trial, daemon, images):
         raise StrategyError("criu lazy-pages failed: {}".format(log_tail(os.path.join(images, "lazy-pages.log"))))
 
 
-STRATEGIES = {s.name: s for s in (StopAndCopy, LazyRestore, PostCopy, Floor, PreDump, Hybridmig)}
+STRATEGIES = {
+    s.name: s for s in (StopAndCopy, LazyRestore, PostCopy, Floor, PreDump, Hybridmig, HybridmigPostCopy, HybridmigAuto)
+}

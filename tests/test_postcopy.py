@@ -182,3 +182,48 @@ def test_source_killed_during_postcopy_loses_the_process(env):
     assert "pages never received" in serve.log(), serve.log()[-3000:]
     assert all(gone(p) for p in pids)
     assert not restored_alive(wl.report_path), restored_alive(wl.report_path)
+
+
+@pytest.mark.timeout(300)
+def test_auto_is_precopy_at_a_low_dirty_rate(env):
+    """auto (the default) at 500 pages/s: the rounds converge, the
+    switch-over is pre-copy's, and no page is faulted in remotely."""
+    wl = env.workload(64, rate=500)
+    serve = env.serve()
+    rc, rep, err = env.run(wl.host_pid)
+    assert_migrated(env, wl, rc, rep, err, serve, 64)
+    assert rep["switchover_mode"] == "auto" and rep["postcopy"] is None, rep
+    assert rep["stop_reason"] == "fits", rep["stop_reason"]
+
+
+@pytest.mark.timeout(300)
+def test_auto_switches_to_postcopy_when_rounds_stop_shrinking(env):
+    """auto at 20000 pages/s over 20 MB/s: the rounds cannot shrink, and
+    instead of throttling the tree (auto-converge) or carrying the dirty
+    set frozen, the copy resumes and pulls it; every page verified."""
+    wl = env.workload(64, rate=20000)
+    serve = env.serve()
+    rc, rep, err = env.run(wl.host_pid, "--bandwidth-limit", "20M")
+    assert_migrated(env, wl, rc, rep, err, serve, 64, postcopy=True)
+    assert_postcopy_report(rep, 64)
+    assert rep["auto_converge_held_s"] == 0, rep
+    # the dirty set was never carried frozen: the blackout's final step sent no page
+    assert rep["breakdown"]["final_pages_ms"] < 1000, rep["breakdown"]
+
+
+@pytest.mark.timeout(300)
+def test_a_missed_target_downtime_is_reported_with_its_reason(env):
+    """Pre-copy alone (no auto-converge) over a link too slow for the dirty
+    rate: the final round carries the dirty set frozen and the blackout
+    misses its target; the report and the terminal say so, and why."""
+    wl = env.workload(64, rate=20000)
+    serve = env.serve()
+    rc, rep, err = env.run(
+        wl.host_pid, "--switchover", "precopy", "--no-auto-converge", "--max-rounds", "3", "--bandwidth-limit", "20M"
+    )
+    assert_migrated(env, wl, rc, rep, err, serve, 64)
+    target = rep["target_downtime"]
+    assert target["missed"] and rep["downtime_ms"] > target["target_ms"], (target, rep["downtime_ms"])
+    assert "final round carried" in target["reason"], target
+    assert "missed --target-downtime" in err, err
+    assert any("missed --target-downtime" in w for w in rep["warnings"]), rep["warnings"]
