@@ -159,6 +159,54 @@ def test_link_cut_during_postcopy_leaves_the_source_frozen_and_intact(env):
 
 
 @pytest.mark.timeout(300)
+def test_link_cut_during_postcopy_that_heals_completes(env):
+    """The link goes down for 8 s while the copy still lacks pages, then
+    comes back: the copy's faults wait meanwhile, the connection (its
+    TCP_USER_TIMEOUT is 30 s) carries on, and the migration completes,
+    every page verified."""
+    wl = env.workload(64, rate=20000)
+    serve = env.serve()
+    run = env.run_background(wl.host_pid, "--switchover", "postcopy", "--bandwidth-limit", "4M", "--timeout", "60")
+    restored = restored_pid(serve, run)
+    assert restored is not None and run.running(), "the run was over before the link could be cut"
+    dev = ["ip", "-n", env.hosts.src, "link", "set", "dev", env.hosts.veth[0]]
+    subprocess.run(dev + ["down"], check=True, timeout=10)
+    try:
+        time.sleep(8)
+        assert run.running() and not gone(restored)
+    finally:
+        subprocess.run(dev + ["up"], check=True, timeout=10)
+    rc, rep, err = run.wait(180)
+    assert_migrated(env, wl, rc, rep, err, serve, 64, postcopy=True)
+    assert rep["postcopy"]["post_resume_s"] > 8, rep["postcopy"]
+
+
+@pytest.mark.timeout(300)
+def test_link_broken_during_postcopy_recovers_on_a_new_connection(env):
+    """The link goes down for 40 s, longer than TCP holds a connection
+    (TCP_USER_TIMEOUT 30 s): both ends see the session break, the copy's
+    faults wait, the source (frozen) connects again as soon as the link is
+    back and the destination takes the post-copy up on the new connection
+    (RESUME, QEMU's postcopy recovery); every page verified."""
+    wl = env.workload(64, rate=20000)
+    serve = env.serve()
+    run = env.run_background(wl.host_pid, "--switchover", "postcopy", "--bandwidth-limit", "2M", "--timeout", "90")
+    restored = restored_pid(serve, run)
+    assert restored is not None and run.running(), "the run was over before the link could be cut"
+    dev = ["ip", "-n", env.hosts.src, "link", "set", "dev", env.hosts.veth[0]]
+    subprocess.run(dev + ["down"], check=True, timeout=10)
+    try:
+        time.sleep(40)
+        assert run.running() and not gone(restored)
+    finally:
+        subprocess.run(dev + ["up"], check=True, timeout=10)
+    rc, rep, err = run.wait(240)
+    assert_migrated(env, wl, rc, rep, err, serve, 64, postcopy=True)
+    assert any("took the post-copy up again" in w for w in rep["warnings"]), rep["warnings"]
+    assert "the source is back" in serve.log(), serve.log()[-3000:]
+
+
+@pytest.mark.timeout(300)
 def test_source_killed_during_postcopy_loses_the_process(env):
     """The one case post-copy cannot recover: the frozen source is killed
     while the copy still lacks pages that exist nowhere else. run reports
@@ -190,7 +238,7 @@ def test_auto_is_precopy_at_a_low_dirty_rate(env):
     switch-over is pre-copy's, and no page is faulted in remotely."""
     wl = env.workload(64, rate=500)
     serve = env.serve()
-    rc, rep, err = env.run(wl.host_pid)
+    rc, rep, err = env.run(wl.host_pid, "--switchover", "auto")
     assert_migrated(env, wl, rc, rep, err, serve, 64)
     assert rep["switchover_mode"] == "auto" and rep["postcopy"] is None, rep
     assert rep["stop_reason"] == "fits", rep["stop_reason"]
@@ -203,7 +251,7 @@ def test_auto_switches_to_postcopy_when_rounds_stop_shrinking(env):
     set frozen, the copy resumes and pulls it; every page verified."""
     wl = env.workload(64, rate=20000)
     serve = env.serve()
-    rc, rep, err = env.run(wl.host_pid, "--bandwidth-limit", "20M")
+    rc, rep, err = env.run(wl.host_pid, "--switchover", "auto", "--bandwidth-limit", "20M")
     assert_migrated(env, wl, rc, rep, err, serve, 64, postcopy=True)
     assert_postcopy_report(rep, 64)
     assert rep["auto_converge_held_s"] == 0, rep

@@ -82,6 +82,10 @@ class PeerClosed(ProtocolError):
     """The peer closed the connection (as opposed to going silent or away)."""
 
 
+class PeerError(ProtocolError):
+    """The peer said why it ends the session (ERROR)."""
+
+
 class StaleNativeModule(HybridmigError, ImportError):
     """The compiled module was built from other native sources than the tree holds."""
 

@@ -165,6 +165,8 @@ class Restore(Body):
     KIND = Msg.RESTORE
     criu_opts: list[str]
     postcopy: bool = False
+    #: post-copy: how long the source tries to come back after a broken link (its --timeout)
+    reconnect_s: float = 120.0
 
 
 @dataclass
@@ -259,6 +261,16 @@ class OutcomeQuery(Body):
     that session's copy?"""
 
     KIND = Msg.OUTCOME
+    session: str
+
+
+@dataclass
+class Resume(Body):
+    """RESUME (S→D as the first message of a new connection, D→S as its
+    answer): the post-copy of this session goes on here, its old connection
+    broken."""
+
+    KIND = Msg.RESUME
     session: str
 
 

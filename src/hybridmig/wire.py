@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .bindings import PAGE_SIZE
-from .errors import PeerClosed, ProtocolError, UsageError
+from .errors import PeerClosed, PeerError, ProtocolError, UsageError
 
 MAGIC = b"HMIG"
 VERSION = 2
@@ -90,6 +90,7 @@ class Msg(enum.IntEnum):
     HOST = 26
     ENDED = 27
     OUTCOME = 28
+    RESUME = 29
 
 
 def boot_id() -> str:
@@ -388,7 +389,7 @@ class Channel:
         except ValueError as e:
             raise ProtocolError("%s sent unknown message type %d" % (self.peer, number)) from e
         if kind == Msg.ERROR and self.authenticated:
-            raise ProtocolError("{} reports: {}".format(self.peer, bytes(payload).decode(errors="replace")))
+            raise PeerError("{} reports: {}".format(self.peer, bytes(payload).decode(errors="replace")))
         return kind, payload
 
     def send_error(self, text: str) -> None:

@@ -11,6 +11,7 @@ FETCH is timed from its send to the arrival of its last page: the remote
 faults' latency in RESULT. docs/design.md, "Post-copy"."""
 
 import logging
+import os
 import threading
 import time
 
@@ -18,6 +19,8 @@ from .. import wire
 from ..bindings import PAGE_SIZE
 from ..bindings.pagestore import DATA, ZERO
 from ..bindings.ranges import Ranges
+from ..errors import ProtocolError
+from ..messages import Host, Resume
 from ..wire import Msg
 from .serve import RemotePages  # (serve imports this module only when a post-copy begins)
 
@@ -75,7 +78,10 @@ class PostCopyPages(RemotePages):
             self._outstanding.setdefault(owner, []).append((now, at, end, Ranges([(at, end)]), key, vaddr))
             self.fetches += 1
         self.remote_pages += npages
-        self.channel.send(Msg.FETCH, wire.encode_range(owner, at, npages))
+        try:
+            self.channel.send(Msg.FETCH, wire.encode_range(owner, at, npages))
+        except ProtocolError as e:  # the link: the faults wait, asked again once the source is back
+            log.warning("cannot ask the source for pages: %s", e)
 
     def _copy_page(self, key, addr, kind, data):
         if kind == DATA:
@@ -118,6 +124,17 @@ class PostCopyPages(RemotePages):
             self.loop.notify()  # the faults waiting for these pages retry, idle installers wake
         super().pages_arrived()
 
+    def reattach(self, channel):
+        """The source is back on `channel`: every waiting fault asks again
+        (what was asked, or pushed, may have been lost with the link)."""
+        with self._lock:
+            self.channel = channel
+            self._asked.clear()
+            self._outstanding.clear()
+        self.last_arrival = time.monotonic()
+        if self.loop is not None:
+            self.loop.notify()
+
     def idle_s(self):
         """Seconds since the last page came."""
         return time.monotonic() - self.last_arrival
@@ -128,3 +145,43 @@ class PostCopyPages(RemotePages):
             "remote_fault_latency_ms": percentiles_ms(self.latencies),
             "pages_arrived_after_restore": self.pages_arrived_after,
         }
+
+
+def recover(session, acceptor, outcomes, limits):
+    """A post-copy session broke while its copy lacks pages: wait for the
+    source to come back (RESUME with this session's id) while the copy's
+    faults wait, as long as the source tries (its --timeout), and go on with
+    the session on the new connection. Returns its outcome, or None if the
+    source did not come back (the copy is then ended). Other sources are
+    told that serve is busy; a source asking OUTCOME hears "pending"."""
+    from .serve import answer_outcome  # (serve imports this module)
+
+    log.warning("post-copy of session %s: waiting for the source to reconnect", session.id)
+    deadline = time.monotonic() + session.reconnect_s
+    while session.resumable(ProtocolError("the link")) and time.monotonic() < deadline:
+        channel = acceptor.next_channel(timeout=1.0)
+        if channel is None:
+            continue
+        try:
+            channel.send(
+                Msg.HOST, Host(wire.boot_id(), os.uname().release, session.id, sorted(limits.criu_opts)).encode()
+            )
+            kind, payload = channel.recv()
+            if kind == Msg.OUTCOME:
+                answer_outcome(channel, outcomes, payload)
+                channel.close()
+                continue
+            if kind != Msg.RESUME or Resume.decode(payload).session != session.id:
+                raise ProtocolError(f"busy: the post-copy of session {session.id} waits for its source")
+            old = session.channel
+            session.reattach(channel)
+            old.close()
+            channel.send(Msg.RESUME, Resume(session.id).encode())
+            log.warning("post-copy of session %s: the source is back (%s)", session.id, channel.peer)
+            return session.run()
+        except Exception as e:  # noqa: BLE001 -- that connection failed: wait for another
+            log.error("post-copy of session %s: %s", session.id, e)
+            channel.send_error(str(e))
+            if channel is not session.channel:
+                channel.close()
+    return None

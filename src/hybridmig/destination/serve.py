@@ -24,7 +24,7 @@ from .. import scratch, wire
 from ..bindings import PAGE_SIZE
 from ..bindings.pagestore import PageStore
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
-from ..errors import CriuError, HybridmigError, PeerClosed, ProtocolError
+from ..errors import CriuError, HybridmigError, PeerClosed, PeerError, ProtocolError
 from ..messages import Host, Outcome, OutcomeQuery, Restore, Result, RoundStats
 from ..proctree import end_tree
 from ..wire import Msg
@@ -215,6 +215,7 @@ class Session:
         self.rounds = 0
         self._restorer = None
         self.postcopy = False  # RESTORE said so: the copy runs before every page is here
+        self.reconnect_s = 0.0
         self._daemon = None  # the restore's LazyPagesDaemon, while it serves
         # holds the restored tasks' uffds, and ends the copy if serve dies
         # before the commit (destination/guard.py); started now, its start-up
@@ -262,6 +263,8 @@ class Session:
 
                     self.remote = PostCopyPages(self.channel, self.store)
                     self.postcopy = True
+                    # a broken link: the copy waits for its source as long as the source tries
+                    self.reconnect_s = min(self.restore_timeout, restore.reconnect_s)
                 self._restorer = threading.Thread(target=self._restore, args=(restore,), name="restore", daemon=True)
                 self._restorer.start()
             elif kind == Msg.COMMIT:
@@ -466,6 +469,24 @@ class Session:
             self.broken(f"no page came from the source for {self.restore_timeout}s")
             server.join(10)
 
+    def resumable(self, error):
+        """Whether a post-copy whose session broke may wait for its source
+        to reconnect: the copy still lacks pages, and the source did not
+        close or say why (it died, or gave up), it went silent (the link)."""
+        return (
+            self.postcopy
+            and not self.committed
+            and self._restorer is not None
+            and self._restorer.is_alive()
+            and isinstance(error, ProtocolError)
+            and not isinstance(error, (PeerClosed, PeerError))
+        )
+
+    def reattach(self, channel):
+        """The source came back on `channel` (RESUME)."""
+        self.channel = channel
+        self.remote.reattach(channel)
+
     def broken(self, why):
         """The session broke (or the source is silent): a post-copy daemon
         waiting for pages that will not come fails at once."""
@@ -568,13 +589,20 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
                 log.error("session from %s broke: %s", channel.peer, e)
                 channel.sock.settimeout(5)  # a source that reads nothing does not hold serve
                 channel.send_error(str(e))
-                session.broken(str(e))
-                session._join_restorer()
-                if not session.committed:
-                    session.kill_restored()
-                outcome = "broken"
+                outcome = None
+                if session.resumable(e):  # post-copy: the copy waits for its source to come back
+                    from .postcopy import recover
+
+                    outcome = recover(session, acceptor, outcomes, limits)
+                if outcome is None:
+                    session.broken(str(e))
+                    session._join_restorer()
+                    if not session.committed:
+                        session.kill_restored()
+                    outcome = "broken"
             finally:
                 channel.close()
+                session.channel.close()  # (a channel the source came back on)
                 # a committed copy stays unless the source said ABORT since
                 outcomes.set(session_id, "kept" if session.committed and session.restored_pid else "ended")
                 session.cleanup(

@@ -8,6 +8,8 @@ reported success lets CRIU end the source. Anything else resumes it."""
 import logging
 import os
 import shutil
+import socket
+import struct
 import time
 
 import psutil
@@ -17,8 +19,17 @@ from ..bindings.ranges import Ranges
 from ..criu import images
 from ..criu.command import CRIU_LONG_OPTS, LazyDump, check_criu_opts, dump_phases, settle
 from ..criu.hook import IN_DOUBT
-from ..errors import CriuError, HybridmigError, InDoubtError, ProtocolError, SetupError, UsageError
-from ..messages import Host, Outcome, OutcomeQuery, Restore, Result
+from ..errors import (
+    CriuError,
+    HybridmigError,
+    InDoubtError,
+    PeerClosed,
+    PeerError,
+    ProtocolError,
+    SetupError,
+    UsageError,
+)
+from ..messages import Host, Outcome, OutcomeQuery, Restore, Result, Resume
 from ..proctree import end_tree
 from ..wire import Msg
 from .converge import AutoConverge
@@ -118,6 +129,7 @@ class Migration:
         self.stop_reason = None  # why pre-copy stopped (PreCopy.stop_reason)
         self.doubt = None  # post-copy: why the source is left frozen
         self.lost = None  # post-copy: the source (or its CRIU) died, the error to raise
+        self.bytes_earlier = 0  # sent on connections since broken (post-copy recovery)
 
     # --- the steps --------------------------------------------------------------
 
@@ -324,7 +336,7 @@ class Migration:
         log.info("post-copy: %d pages owed to the destination", postcopy.pages_owed())
         try:
             self._send_images(images_dir, postcopy=True)
-            self.result = postcopy.serve()
+            self.result = self._serve_postcopy(postcopy)
         except SourceLost as e:
             final.ended(t0, cpu0)
             return self._source_lost(e)
@@ -347,6 +359,54 @@ class Migration:
             "it ended its copy" if kept is False else "no answer"
         )
         return None
+
+    def _serve_postcopy(self, postcopy):
+        """postcopy.serve(), over a new connection each time the link
+        breaks, for as long as the source comes back within --timeout
+        (the destination's copy waits in its faults meanwhile)."""
+        while True:
+            try:
+                return postcopy.serve()
+            except SourceLost:
+                raise
+            except ProtocolError as e:
+                if isinstance(e, (PeerClosed, PeerError)) or not self._reconnect(postcopy, e):
+                    raise
+
+    def _reconnect(self, postcopy, error):
+        """A new connection to the destination, on which it takes up this
+        session's post-copy (RESUME); False if none within --timeout."""
+        self._warn(f"the link broke during post-copy ({error}): reconnecting, the source frozen")
+        self.bytes_earlier += self.channel.bytes_sent
+        try:  # a reset, not a FIN the destination could read as "the source is gone"
+            self.channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        self.channel.close()
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            channel = None
+            try:
+                left = deadline - time.monotonic()
+                channel = wire.connect(
+                    self.to, self.key, timeout=min(left, 10.0), tls=self.tls, idle_timeout=left, mode=self.wire_mode
+                )
+                channel.recv()  # HOST
+                channel.send(Msg.RESUME, Resume(self.session).encode())
+                kind, payload = channel.recv()
+                if kind != Msg.RESUME or Resume.decode(payload).session != self.session:
+                    raise ProtocolError(f"{channel.peer} answered RESUME with {kind.name}")
+                channel.sock.settimeout(self.timeout)
+                self.channel = self.sender.channel = channel
+                postcopy.reattach(channel)
+                self._warn("the destination took the post-copy up again on a new connection")
+                return True
+            except ProtocolError as e:
+                log.warning("cannot reconnect to the destination yet: %s", e)
+                if channel is not None:
+                    channel.close()
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        return False
 
     def _postcopy_broken(self, why):
         """No RESULT: ask what the destination did. A copy it kept (it had
@@ -461,7 +521,7 @@ class Migration:
                     offset += len(data)
                     if len(data) < FILE_PART:
                         break
-        self.channel.send(Msg.RESTORE, Restore(self.criu_opts, postcopy=postcopy).encode())
+        self.channel.send(Msg.RESTORE, Restore(self.criu_opts, postcopy=postcopy, reconnect_s=self.timeout).encode())
         self.times["images_sent"] = time.time()
 
     def _source_still_frozen(self):
@@ -667,7 +727,7 @@ class Migration:
             if self.criu_phases
             else {},
             "criu_lazy_pages_in_place": self.dump.in_place,
-            "bytes_sent": self.channel.bytes_sent,
+            "bytes_sent": self.bytes_earlier + self.channel.bytes_sent,
             "remote_faults": report_postcopy["remote_faults"] if report_postcopy else self.remote_faults,
             "attach_stop_ms": t.get("attach_stop_ms"),
             "auto_converge_held_s": self.converge.held_s if self.converge else 0.0,

@@ -33,6 +33,9 @@ PUSH_PAGES = 64  # pages per pushed frame (256 KiB): what a fault's pages may wa
 # out behind at most this much of the push and one pushed frame.
 NOT_SENT_LOWAT = 128 << 10
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+# What the socket buffers of both ends may hold (the pushes a broken link
+# may have lost on their way): pushed again after a reconnection.
+RESEND_BYTES = 32 << 20
 CRIU_CHECK_S = 0.1  # how often the serving loop looks at CRIU, which holds the tree frozen
 
 
@@ -77,6 +80,23 @@ class PostCopy:
         self.pages_pushed = 0
         self.serve_s = []  # per FETCH: asked -> its pages in the socket
         self.started = self.pushed_all = None  # monotonic
+        self._recent: deque = deque()  # the last pushes (pid, start, end), for a reconnection
+        self.resent_pages = 0
+
+    def reattach(self, channel):
+        """Serving goes on over `channel`. What the broken one carried last
+        may not have arrived: the last RESEND_BYTES of the push are owed
+        again, and the destination asks again for what its faults wait for."""
+        self.channel = channel
+        self.faults.clear()
+        resend = 0
+        while self._recent and resend < RESEND_BYTES:
+            pid, start, end = self._recent.pop()
+            if pid in self.owed:
+                self.owed[pid].add(start, end)
+            resend += end - start
+        self.resent_pages += resend // PAGE_SIZE
+        self.pushed_all = None
 
     def pages_owed(self):
         return sum(r.total() for r in self.owed.values()) // PAGE_SIZE
@@ -132,7 +152,7 @@ class PostCopy:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOT_SENT_LOWAT)
         except OSError as e:
             log.info("no TCP_NOTSENT_LOWAT (%s): faults may wait behind more of the push", e)
-        self.started = time.monotonic()
+        self.started = self.started or time.monotonic()
         checked = 0.0
         while True:
             push = None if self.faults else self._next_push()
@@ -163,6 +183,9 @@ class PostCopy:
             elif push is not None:
                 self._send(*push)
                 self.pages_pushed += (push[2] - push[1]) // PAGE_SIZE
+                self._recent.append(push)
+                if len(self._recent) > RESEND_BYTES // (PUSH_PAGES * PAGE_SIZE):
+                    self._recent.popleft()
 
     def stats(self):
         return {
@@ -170,6 +193,7 @@ class PostCopy:
             "pages_fetched": self.pages_fetched,
             "pages_pushed": self.pages_pushed,
             "push_s": (self.pushed_all - self.started) if self.pushed_all and self.started else None,
+            "pages_resent": self.resent_pages,
             # FETCH received -> its pages in the socket (the destination times the whole way)
             "fetch_served_max_ms": max(self.serve_s, default=0.0) * 1000,
         }
