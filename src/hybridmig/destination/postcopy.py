@@ -49,6 +49,7 @@ class PostCopyPages(RemotePages):
         self._asked = {}  # (key, vaddr) -> monotonic of the FETCH
         self._outstanding = {}  # key -> [(monotonic sent, Ranges not arrived)]
         self.latencies = []
+        self._received = {}  # key -> Ranges of the pages that came since RESTORE
         self.fetches = 0
         self.pages_arrived_after = 0  # pages that came after RESTORE (pushed or fetched)
         self.last_arrival = time.monotonic()
@@ -66,8 +67,17 @@ class PostCopyPages(RemotePages):
                 self._copy_page(key, vaddr + i * PAGE_SIZE, *self.store.get(owner, at + i * PAGE_SIZE))
             return
         data, zero = self.store.count(owner, at, npages)
-        if (owner, at) == (key, vaddr) and data + zero == npages:
-            return
+        if (owner, at) == (key, vaddr):
+            if data + zero == npages:
+                return
+            # A task's own pages: up to the first that came already (in the
+            # store, or installed and released since): not asked twice.
+            with self._lock:
+                received = self._received.get(key) or Ranges()
+                for i in range(1, npages):
+                    if at + i * PAGE_SIZE in received:
+                        npages = i
+                        break
         now = time.monotonic()
         with self._lock:
             if now - self._asked.get((key, vaddr), -ASK_AGAIN_S) < ASK_AGAIN_S:
@@ -108,6 +118,9 @@ class PostCopyPages(RemotePages):
         now = time.monotonic()
         self.last_arrival = now
         with self._lock:
+            received = self._received.setdefault(key, Ranges())
+            for vaddr, npages, _ in extents:
+                received.add(vaddr, vaddr + npages * PAGE_SIZE)
             waiting = self._outstanding.get(key)
             if waiting:
                 for sent, at, end, missing, to_key, to_vaddr in waiting:
