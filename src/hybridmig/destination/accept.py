@@ -38,7 +38,7 @@ class Acceptor:
         self._thread.start()
 
     def next_channel(self, timeout=None):
-        """The next authenticated channel (blocks; None after `timeout` s)."""
+        """The next authenticated channel; None if none came within `timeout` s."""
         self._idle.set()
         try:
             return self._ready.get(timeout=timeout)
