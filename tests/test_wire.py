@@ -28,6 +28,7 @@ from hybridmig.messages import (
     OutcomeQuery,
     Restore,
     Result,
+    Resume,
     RoundStats,
 )
 from hybridmig.source.precopy import Round
@@ -325,10 +326,11 @@ RESULT_OK = Result(
 BODIES = {
     # each body with the JSON keys it carries on the wire, in order (docs/protocol.md)
     "HOST": (Host("b00t", "6.18.0", "5e55", ["shell-job", "tcp-close"]), "boot_id kernel session criu_opts_allowed"),
-    "RESTORE": (Restore(["--tcp-established"]), "criu_opts"),
+    "RESTORE": (Restore(["--tcp-established"]), "criu_opts postcopy reconnect_s"),
     "ROUND": (RoundStats(3, pages_sent=7, duration_s=0.5), " ".join(f.name for f in fields(RoundStats))),
-    "RESULT ok": (RESULT_OK, "ok restored_pid restore_s installed_s remote_pages lazy restore_breakdown_ms"),
-    "RESULT failed": (Result(ok=False, error="criu restore failed"), "ok error"),
+    "RESULT ok": (RESULT_OK, "ok restored_pid restore_s installed_s remote_pages lazy restore_breakdown_ms postcopy"),
+    "RESULT failed": (Result(ok=False, error="criu restore failed"), "ok error ran"),
+    "RESUME": (Resume("5e55"), "session"),
     "OUTCOME query": (OutcomeQuery("5e55"), "session"),
     "OUTCOME": (Outcome("5e55", "kept"), "session outcome"),
 }
@@ -649,3 +651,14 @@ def _pump(src, dst):
             s.close()
         except OSError:
             pass
+
+
+def test_stale_ranges_round_trip_and_bad_ones_are_refused():
+    """STALE (post-copy): a task's ranges the destination must drop."""
+    ranges = [(0x1000, 0x3000), (0x7F0000000000, 0x7F0000001000)]
+    key, got = wire.decode_stale(wire.encode_stale(42, ranges))
+    assert key == 42 and got == [(0x1000, 2), (0x7F0000000000, 1)]
+    with pytest.raises(ProtocolError, match="STALE frame of 7 bytes"):
+        wire.decode_stale(b"x" * 7)
+    with pytest.raises(ProtocolError, match="no page range"):
+        wire.decode_stale(struct.pack("!QQQ", 1, 0x1001, 1))
