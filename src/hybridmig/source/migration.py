@@ -176,7 +176,7 @@ class Migration:
                 self.target_downtime_ms,
                 progress=self._round_done,
                 converge=self.converge,
-                switchover=self.switchover,
+                switchover_mode=self.switchover,
                 postcopy_after=self.postcopy_after,
             )
             self.rounds = precopy.run()

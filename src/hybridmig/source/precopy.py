@@ -218,11 +218,12 @@ class PreCopy:
         target_downtime_ms=DEFAULTS.target_downtime_ms,
         progress=None,
         converge=None,
-        switchover="precopy",
-        postcopy_after=1,
+        switchover_mode="precopy",
+        postcopy_after=DEFAULTS.postcopy_after,
     ):
         self.tracker = tracker
-        self.switchover = switchover  # options.SWITCHOVERS
+        # options.SWITCHOVERS; pre-copy alone unless told (run's default is DEFAULTS.switchover)
+        self.switchover = switchover_mode
         self.postcopy_after = postcopy_after
         self.postcopy = False  # the rounds ended in a switch-over to post-copy
         self.stop_reason = None  # why they ended: see next_round
