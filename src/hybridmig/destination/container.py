@@ -1,0 +1,203 @@
+"""The destination's side of a podman container's migration (`serve
+--podman`): from the CRIU images and podman's files the source sent, the
+archive `podman container restore --import` takes, and that restore, made
+lazy by a CRIU config file of serve's own so that the session's lazy-pages
+daemon serves every page from the page store (docs/containers.md).
+
+What the source chooses is the container (its configuration, as podman
+wrote it on the source) and its name; never podman's options, storage or
+runtime (serve's operator gives those: --podman-opt), nor the CRIU config
+file, whose annotation serve rewrites to its own (docs/security.md)."""
+
+import json
+import logging
+import os
+import posixpath
+import re
+import subprocess
+import tarfile
+
+import psutil
+
+from ..criu.command import log_tail
+from ..errors import CriuError, HybridmigError
+from ..podman import CONFIG_DUMP, CRIU_CONFIG_ANNOTATION, DELETED_FILES, PODMAN_FILES, ROOTFS_DIFF, SPEC_DUMP, said
+from ..proctree import end_tree
+
+log = logging.getLogger("hybridmig.destination.container")
+MAX_JSON_FILE = 16 << 20  # config.dump and spec.dump are a few KiB
+MAX_DELETED = 1 << 16
+# config.dump's host paths of the source's podman that podman would reuse
+# instead of making its own (the conmon pidfile under the source's runroot
+# fails the restore); podman sets its defaults when they are absent.
+SOURCE_PATHS = ("conmonPidFile", "pid_file")
+
+
+class ContainerRestore:
+    """One container's restore into serve's podman."""
+
+    def __init__(self, podman, name, session_dir, images_dir, files_dir, root_hook, dies_with_me):
+        self.podman = podman
+        self.name = name
+        self.dir = session_dir
+        self.images = images_dir
+        self.files = files_dir
+        self.root_hook = root_hook
+        self.dies_with_me = dies_with_me
+        self.config_file = os.path.join(session_dir, "criu.conf")
+        self.archive = os.path.join(session_dir, "checkpoint.tar")
+        self.id = None  # of the container this restore created
+        self.started = False  # podman's restore ran: a container of this name is ours
+        self.restored_pid = None
+
+    def _load_json(self, name, kind):
+        path = os.path.join(self.files, name)
+        if not os.path.exists(path):
+            raise HybridmigError(f"the source sent no {name} for container {self.name}")
+        if os.path.getsize(path) > MAX_JSON_FILE:
+            raise HybridmigError(f"{name} of container {self.name} is over {MAX_JSON_FILE >> 20} MiB")
+        try:
+            with open(path) as f:
+                value = json.load(f)
+        except ValueError as e:
+            raise HybridmigError(f"{name} of container {self.name} is no JSON: {e}") from e
+        if not isinstance(value, kind):
+            raise HybridmigError(f"{name} of container {self.name} is no JSON {kind.__name__}")
+        return value
+
+    def prepare(self, criu_opts):
+        """Everything before the restore: checks, the config file, the
+        archive. HybridmigError says what is missing here."""
+        config = self._load_json(CONFIG_DUMP, dict)
+        spec = self._load_json(SPEC_DUMP, dict)
+        image = config.get("rootfsImageID") or config.get("rootfsImageName")
+        if not isinstance(image, str) or not image:
+            raise HybridmigError(f"container {self.name} has no image (a --rootfs container): not migrated")
+        if self.podman.run("image", "exists", image, check=False).returncode != 0:
+            raise HybridmigError(
+                "container %s's image %s (%s) is not in the destination's podman storage: copy it there first "
+                "(podman save / podman load)" % (self.name, config.get("rootfsImageName"), image)
+            )
+        if self.podman.inspect(self.name) is not None:
+            raise HybridmigError(f"the destination's podman has a container named {self.name} already")
+        for key in SOURCE_PATHS:
+            config.pop(key, None)
+        annotations = spec.get("annotations")
+        if not isinstance(annotations, dict):
+            raise HybridmigError(f"spec.dump of container {self.name} has no annotations")
+        annotations[CRIU_CONFIG_ANNOTATION] = self.config_file  # serve's file, not the source's path
+        if isinstance(config.get("spec"), dict) and isinstance(config["spec"].get("annotations"), dict):
+            config["spec"]["annotations"][CRIU_CONFIG_ANNOTATION] = self.config_file
+        # CRIU (run by runc) connects to the daemon's lazy-pages.socket in
+        # its work dir, and runs serve's hook (the restored root, for the guard)
+        lines = ["lazy-pages", "work-dir " + self.images, "action-script " + self.root_hook]
+        lines += config_lines(criu_opts)
+        with open(self.config_file, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with tarfile.open(self.archive, "w") as tar:
+            for name, value in ((CONFIG_DUMP, config), (SPEC_DUMP, spec)):
+                path = os.path.join(self.dir, name)
+                with open(path, "w") as f:
+                    json.dump(value, f)
+                tar.add(path, arcname=name)
+            if os.path.exists(os.path.join(self.files, ROOTFS_DIFF)):
+                check_rootfs_diff(os.path.join(self.files, ROOTFS_DIFF))
+                tar.add(os.path.join(self.files, ROOTFS_DIFF), arcname=ROOTFS_DIFF)
+            if os.path.exists(os.path.join(self.files, DELETED_FILES)):
+                deleted = self._load_json(DELETED_FILES, list)
+                if len(deleted) > MAX_DELETED or not all(
+                    isinstance(p, str) and p.startswith("/") and "\0" not in p for p in deleted
+                ):
+                    raise HybridmigError(f"deleted.files of container {self.name} is no list of absolute paths")
+                tar.add(os.path.join(self.files, DELETED_FILES), arcname=DELETED_FILES)
+            tar.add(self.images, arcname="checkpoint", filter=_no_logs)
+
+    def restore(self, timeout):
+        """`podman container restore --import` under the same name (a new
+        container ID: the source's container, frozen, still holds its own,
+        and runc's state and cgroups are by ID). Returns the restored init's
+        pid; CriuError with podman's and CRIU's words if it fails."""
+        cmd = self.dies_with_me(
+            self.podman.command("container", "restore", "--import", self.archive, "--name", self.name)
+        )
+        self.started = True
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise CriuError(f"podman container restore of {self.name} did not finish within {timeout}s") from e
+        if proc.returncode != 0:
+            raise CriuError(
+                "podman container restore of %s failed (exit %d): %s%s"
+                % (self.name, proc.returncode, said(proc), log_tail(os.path.join(self.images, "restore.log")))
+            )
+        info = self.podman.inspect(self.name)
+        if info is None or not (info.get("State") or {}).get("Running"):
+            raise CriuError(f"podman restored {self.name}, but does not say it runs")
+        self.id = info.get("Id")
+        self.restored_pid = info["State"]["Pid"]
+        return self.restored_pid
+
+    def remove(self, pid=None):
+        """End and remove the restored container (not committed to): its
+        tasks by pid at once, then podman's record of it, if this restore
+        made it (a container of that name before ours is not touched)."""
+        for p in (pid, self.restored_pid):
+            if p:
+                try:
+                    end_tree(psutil.Process(p))
+                except psutil.NoSuchProcess:
+                    pass
+        if not self.started:
+            return
+        info = self.podman.inspect(self.name)
+        if info is None or (self.id is not None and info.get("Id") != self.id):
+            return
+        proc = self.podman.run("container", "rm", "--force", "--time", "0", info["Id"], check=False)
+        if proc.returncode != 0:
+            log.error("could not remove the restored container %s: %s", self.name, said(proc))
+
+    def cleanup(self):
+        for path in (self.archive, self.config_file):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def config_lines(criu_opts):
+    """The source's CRIU options (already checked against serve's
+    allowlist) as config file lines: long names only, one word each, so
+    that no option brings a line of its own into the file."""
+    lines = []
+    for opt in criu_opts:
+        if not re.fullmatch(r"--[a-z][a-z-]*(=[!-~]+)?", opt):
+            raise HybridmigError(f"CRIU option {opt[:80]!r}: a container's options are --name or --name=VALUE")
+        lines.append(opt[2:].replace("=", " ", 1))
+    return lines
+
+
+def _no_logs(info):
+    return None if info.name.endswith(".log") or info.name.endswith(".socket") else info
+
+
+def check_rootfs_diff(path):
+    """The source's rootfs-diff.tar holds plain files, directories and links
+    below the container's root, nothing else (no device, no path out)."""
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                name = posixpath.normpath(m.name)
+                if name.startswith("/") or name == ".." or name.startswith("../"):
+                    raise HybridmigError(f"rootfs-diff.tar names {m.name!r}, outside the container's root")
+                if not (m.isfile() or m.isdir() or m.issym() or m.islnk() or m.isfifo()):
+                    raise HybridmigError(f"rootfs-diff.tar holds {m.name!r}, a device or special file")
+                if m.islnk():
+                    target = posixpath.normpath(m.linkname)
+                    if target.startswith("/") or target == ".." or target.startswith("../"):
+                        raise HybridmigError(f"rootfs-diff.tar links {m.name!r} to {m.linkname!r}, outside the root")
+    except tarfile.TarError as e:
+        raise HybridmigError(f"rootfs-diff.tar is no tar: {e}") from e
+
+
+def is_podman_file(name):
+    return name in PODMAN_FILES
