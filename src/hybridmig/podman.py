@@ -62,6 +62,19 @@ class Podman:
             raise SetupError(f"`{' '.join(self.command('version'))}` failed: {said(proc)}")
         return proc.stdout.strip()
 
+    def runtime(self):
+        """The OCI runtime this podman runs containers with: its --runtime
+        option, else its default (podman info)."""
+        runtime = None
+        for i, opt in enumerate(self.opts):  # the last one counts, as for podman
+            if opt.startswith("--runtime="):
+                runtime = opt.split("=", 1)[1]
+            elif opt == "--runtime" and i + 1 < len(self.opts):
+                runtime = self.opts[i + 1]
+        if runtime:
+            return runtime
+        return self.run("info", "--format", "{{.Host.OCIRuntime.Name}}", timeout=30).stdout.strip()
+
     def inspect(self, name):
         """`podman container inspect NAME` as a dict; None if there is no
         such container."""

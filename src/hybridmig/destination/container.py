@@ -82,6 +82,14 @@ class ContainerRestore:
             raise HybridmigError(f"the destination's podman has a container named {self.name} already")
         for key in SOURCE_PATHS:
             config.pop(key, None)
+        # podman restores with the runtime the archive names unless told one:
+        # serve's own, never a program the source names
+        config["runtime"] = self.podman.runtime()
+        # OCI hooks are programs runc runs as root: the destination's podman
+        # applies its own hooks dirs, the source's list is not taken
+        spec.pop("hooks", None)
+        if isinstance(config.get("spec"), dict):
+            config["spec"].pop("hooks", None)
         annotations = spec.get("annotations")
         if not isinstance(annotations, dict):
             raise HybridmigError(f"spec.dump of container {self.name} has no annotations")
