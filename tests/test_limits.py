@@ -19,7 +19,7 @@ import pytest
 from hybridmig import wire
 from hybridmig.criu.command import check_criu_opts
 from hybridmig.errors import ProtocolError, UsageError
-from hybridmig.messages import Host, OutcomeQuery, Restore, Result, RoundStats
+from hybridmig.messages import Container, Host, OutcomeQuery, Restore, Result, RoundStats
 from hybridmig.source.migration import Migration
 from hybridmig.wire import Msg
 from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
@@ -148,6 +148,59 @@ def test_commit_before_restore_is_refused(serve):
     ch, _ = session(srv)
     ch.send(Msg.COMMIT)
     assert "unexpected COMMIT" in refused(ch)
+
+
+# --- containers (serve --podman) -------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_container_refused_by_a_serve_without_podman(serve):
+    srv = serve()
+    ch, host = session(srv)
+    assert host.containers == []
+    ch.send(Msg.CONTAINER, Container("podman", "web").encode())
+    assert "does not restore podman containers (start it with --podman)" in refused(ch)
+    assert srv.poll() is None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("core-1.img", "the source sent 'core-1.img' as a container's file, none of podman's"),
+        ("config.json", "the source sent 'config.json' as a container's file"),
+    ],
+)
+def test_a_container_sends_only_podman_files(serve, name, error):
+    """After CONTAINER the FILE frames are podman's, by fixed names only, and
+    nothing but FILE, RESTORE or ABORT may come."""
+    srv = serve("--podman")
+    ch, host = session(srv)
+    assert host.containers == ["podman"]
+    ch.send(Msg.CONTAINER, Container("podman", "web").encode())
+    ch.send(Msg.FILE, wire.encode_file(name, 0, b"{}"))
+    assert error in refused(ch)
+    ch, _ = session(srv)
+    ch.send(Msg.CONTAINER, Container("podman", "web").encode())
+    ch.send(Msg.ROUND, RoundStats(0).encode())
+    assert "unexpected ROUND from the source (container)" in refused(ch)
+
+
+@pytest.mark.timeout(60)
+def test_a_container_restore_takes_no_option_that_would_add_a_config_line(serve):
+    """A container's CRIU options go into a config file: one that passes the
+    allowlist but carries a second line (an action script) is refused."""
+    srv = serve("--podman")
+    ch, _ = session(srv)
+    ch.send(Msg.CONTAINER, Container("podman", "web").encode())
+    for name, body in (("config.dump", b'{"rootfsImageID": "x"}'), ("spec.dump", b'{"annotations": {}}')):
+        ch.send(Msg.FILE, wire.encode_file(name, 0, body))
+    ch.send(Msg.RESTORE, Restore(["--ext-unix-sk=1\naction-script /tmp/x"]).encode())
+    kind, payload = ch.recv()
+    assert kind == Msg.RESULT
+    result = Result.decode(payload)
+    assert not result.ok and "a container's options are --name or --name=VALUE" in result.error, result
+    ch.close()
 
 
 # --- caps -----------------------------------------------------------------------------------

@@ -181,7 +181,11 @@ def settle(criu_pid, end, timeout=10.0):
         cmdline = psutil.Process(criu_pid).cmdline()
     except psutil.NoSuchProcess as e:
         raise UsageError(f"no process {criu_pid}") from e
-    if "dump" not in cmdline or "--lazy-pages" not in cmdline or not os.path.basename(cmdline[0]).startswith("criu"):
+    # runc's CRIU (a podman container's dump) runs as `criu swrk FD`: its
+    # options came over RPC; the page server's port below is the check
+    rpc = cmdline[1:2] == ["swrk"]
+    lazy_dump = rpc or ("dump" in cmdline and "--lazy-pages" in cmdline)
+    if not lazy_dump or not cmdline or not os.path.basename(cmdline[0]).startswith("criu"):
         raise UsageError(f"pid {criu_pid} is not a `criu dump --lazy-pages`: {' '.join(cmdline)[:200]}")
     port = hook.page_server_port(criu_pid, timeout)
     if port is None:

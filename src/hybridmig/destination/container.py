@@ -68,6 +68,7 @@ class ContainerRestore:
     def prepare(self, criu_opts):
         """Everything before the restore: checks, the config file, the
         archive. HybridmigError says what is missing here."""
+        option_lines = config_lines(criu_opts)
         config = self._load_json(CONFIG_DUMP, dict)
         spec = self._load_json(SPEC_DUMP, dict)
         image = config.get("rootfsImageID") or config.get("rootfsImageName")
@@ -99,7 +100,7 @@ class ContainerRestore:
         # CRIU (run by runc) connects to the daemon's lazy-pages.socket in
         # its work dir, and runs serve's hook (the restored root, for the guard)
         lines = ["lazy-pages", "work-dir " + self.images, "action-script " + self.root_hook]
-        lines += config_lines(criu_opts)
+        lines += option_lines
         with open(self.config_file, "w") as f:
             f.write("\n".join(lines) + "\n")
         with tarfile.open(self.archive, "w") as tar:
