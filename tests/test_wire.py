@@ -329,7 +329,7 @@ BODIES = {
         Host("b00t", "6.18.0", "5e55", ["shell-job", "tcp-close"], ["podman"]),
         "boot_id kernel session criu_opts_allowed containers",
     ),
-    "CONTAINER": (Container("podman", "web-1.a_b"), "engine name"),
+    "CONTAINER": (Container("podman", "web-1.a_b", "d5c5" * 16), "engine name image"),
     "RESTORE": (Restore(["--tcp-established"]), "criu_opts"),
     "ROUND": (RoundStats(3, pages_sent=7, duration_s=0.5), " ".join(f.name for f in fields(RoundStats))),
     "RESULT ok": (RESULT_OK, "ok restored_pid restore_s installed_s remote_pages lazy restore_breakdown_ms"),

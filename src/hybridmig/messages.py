@@ -281,14 +281,18 @@ class Outcome(Body):
 
 @dataclass
 class Container(Body):
-    """CONTAINER (S→D), after the images and before RESTORE: what is
-    restored is a container of `engine` (ENGINES), to run under `name`.
-    The FILE frames that follow, until RESTORE, are the engine's files
-    (podman.PODMAN_FILES), not CRIU images."""
+    """CONTAINER (S→D), the first message of a container's migration,
+    before any page: what is migrated is a container of `engine`
+    (ENGINES), to run under `name`, made from `image` (the destination
+    checks now that it has the image and no container of that name, and
+    answers with the same body, D→S, or ERROR). The engine's files
+    (podman.PODMAN_FILES) come later as FILE frames by those names, beside
+    CRIU's images."""
 
     KIND = Msg.CONTAINER
     engine: str = field(metadata={"choices": ENGINES})
     name: str
+    image: str
 
     @classmethod
     def decode(cls, payload: bytes | bytearray | memoryview) -> Self:

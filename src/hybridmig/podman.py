@@ -36,6 +36,7 @@ class Podman:
     def __init__(self, opts=(), binary=None):
         self.opts = list(opts)
         self.binary = binary or shutil.which("podman")
+        self._runtime = None
 
     def command(self, *args):
         if not self.binary:
@@ -73,7 +74,9 @@ class Podman:
                 runtime = self.opts[i + 1]
         if runtime:
             return runtime
-        return self.run("info", "--format", "{{.Host.OCIRuntime.Name}}", timeout=30).stdout.strip()
+        if self._runtime is None:  # asked once (serve: at its start, not in a blackout)
+            self._runtime = self.run("info", "--format", "{{.Host.OCIRuntime.Name}}", timeout=30).stdout.strip()
+        return self._runtime
 
     def inspect(self, name):
         """`podman container inspect NAME` as a dict; None if there is no

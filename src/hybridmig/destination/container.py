@@ -9,6 +9,7 @@ wrote it on the source) and its name; never podman's options, storage or
 runtime (serve's operator gives those: --podman-opt), nor the CRIU config
 file, whose annotation serve rewrites to its own (docs/security.md)."""
 
+import datetime
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import posixpath
 import re
 import subprocess
 import tarfile
+import time
 
 import psutil
 
@@ -47,7 +49,8 @@ class ContainerRestore:
         self.config_file = os.path.join(session_dir, "criu.conf")
         self.archive = os.path.join(session_dir, "checkpoint.tar")
         self.id = None  # of the container this restore created
-        self.started = False  # podman's restore ran: a container of this name is ours
+        self.image = None  # its ID, checked at CONTAINER
+        self.started = None  # when podman's restore started: a container of this name made since is ours
         self.restored_pid = None
 
     def _load_json(self, name, kind):
@@ -65,22 +68,28 @@ class ContainerRestore:
             raise HybridmigError(f"{name} of container {self.name} is no JSON {kind.__name__}")
         return value
 
+    def check(self, image):
+        """At CONTAINER, before any page: the image is here, the name free.
+        (Not again in the blackout: podman's restore fails on either.)"""
+        if not re.fullmatch(r"[0-9a-f]{64}", image):
+            raise HybridmigError(f"container {self.name}: {image[:80]!r} is no image ID")
+        if self.podman.run("image", "exists", image, check=False).returncode != 0:
+            raise HybridmigError(
+                "container %s's image %s is not in the destination's podman storage: copy it there first "
+                "(podman save / podman load)" % (self.name, image[:12])
+            )
+        if self.podman.inspect(self.name) is not None:
+            raise HybridmigError(f"the destination's podman has a container named {self.name} already")
+        self.image = image
+
     def prepare(self, criu_opts):
         """Everything before the restore: checks, the config file, the
         archive. HybridmigError says what is missing here."""
         option_lines = config_lines(criu_opts)
         config = self._load_json(CONFIG_DUMP, dict)
         spec = self._load_json(SPEC_DUMP, dict)
-        image = config.get("rootfsImageID") or config.get("rootfsImageName")
-        if not isinstance(image, str) or not image:
-            raise HybridmigError(f"container {self.name} has no image (a --rootfs container): not migrated")
-        if self.podman.run("image", "exists", image, check=False).returncode != 0:
-            raise HybridmigError(
-                "container %s's image %s (%s) is not in the destination's podman storage: copy it there first "
-                "(podman save / podman load)" % (self.name, config.get("rootfsImageName"), image)
-            )
-        if self.podman.inspect(self.name) is not None:
-            raise HybridmigError(f"the destination's podman has a container named {self.name} already")
+        if config.get("rootfsImageID") != self.image:
+            raise HybridmigError(f"config.dump of container {self.name} names another image than CONTAINER did")
         for key in SOURCE_PATHS:
             config.pop(key, None)
         # podman restores with the runtime the archive names unless told one:
@@ -129,7 +138,7 @@ class ContainerRestore:
         cmd = self.dies_with_me(
             self.podman.command("container", "restore", "--import", self.archive, "--name", self.name)
         )
-        self.started = True
+        self.started = time.time()
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
@@ -156,11 +165,13 @@ class ContainerRestore:
                     end_tree(psutil.Process(p))
                 except psutil.NoSuchProcess:
                     pass
-        if not self.started:
+        if self.started is None:
             return
         info = self.podman.inspect(self.name)
         if info is None or (self.id is not None and info.get("Id") != self.id):
             return
+        if self.id is None and _created(info) < self.started - 1:
+            return  # not made by our restore: a container that took the name since check()
         proc = self.podman.run("container", "rm", "--force", "--time", "0", info["Id"], check=False)
         if proc.returncode != 0:
             log.error("could not remove the restored container %s: %s", self.name, said(proc))
@@ -171,6 +182,15 @@ class ContainerRestore:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+def _created(info):
+    """When podman created the container (seconds since the epoch; 0 if it does not say)."""
+    try:
+        stamp = info["Created"][:26].rstrip("Z")  # 2026-12-05T23:16:54.073439, to the microsecond
+        return datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.UTC).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return 0.0
 
 
 def config_lines(criu_opts):

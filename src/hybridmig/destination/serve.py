@@ -184,8 +184,6 @@ class Session:
     # What may come in each state; anything else ends the session.
     ACCEPTS = {
         "rounds": {Msg.PAGES, Msg.INVALIDATE, Msg.ROUND, Msg.FILE, Msg.RESTORE, Msg.ABORT, Msg.CONTAINER},
-        # after CONTAINER: FILE frames are the container engine's files
-        "container": {Msg.FILE, Msg.RESTORE, Msg.ABORT},
         "restoring": {Msg.PAGES, Msg.COMMIT, Msg.ABORT},  # PAGES: answers to FETCH
     }
 
@@ -287,22 +285,24 @@ class Session:
         store_pages(self.store, key, extents, data)
 
     def _container(self, body):
-        """CONTAINER: the restore is a container's; the files that follow are its engine's."""
+        """CONTAINER, before any page: the restore is a container's; its
+        image and name are checked now."""
         podman = self.limits.podman
         if podman is None:
             raise HybridmigError("this serve does not restore podman containers (start it with --podman)")
+        if self.container is not None or self.tasks or self.image_sizes:
+            raise ProtocolError("CONTAINER comes once, before any page or file")
         files = os.path.join(self.dir, "podman")
         os.mkdir(files)
         self.container = ContainerRestore(
             podman, body.name, self.dir, self.images, files, self._root_hook, dies_with_me
         )
-        self.state = "container"
+        self.container.check(body.image)
+        self.channel.send(Msg.CONTAINER, body.encode())  # checked: the source goes on
 
     def _write_image(self, name, offset, data):
         directory = self.images
-        if self.container is not None:
-            if not is_podman_file(name):
-                raise ProtocolError(f"the source sent {name!r} as a container's file, none of podman's")
+        if self.container is not None and is_podman_file(name):  # podman's, not CRIU's
             directory, name = self.container.files, "podman/" + name  # (its key in image_sizes)
         end = max(self.image_sizes.get(name, 0), offset + len(data))
         if name not in self.image_sizes and len(self.image_sizes) >= MAX_IMAGE_FILES:

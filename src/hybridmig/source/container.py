@@ -22,7 +22,7 @@ import tarfile
 
 from .. import scratch
 from ..criu.command import CRIU_LONG_OPTS, NO, LazyDump, in_place_opts, resolve_criu_opts, write_hook
-from ..errors import HybridmigError, SetupError, UsageError
+from ..errors import HybridmigError, ProtocolError, SetupError, UsageError
 from ..messages import Container
 from ..podman import (
     CONFIG_DUMP,
@@ -264,6 +264,13 @@ class ContainerMigration(Migration):
                 "the destination's serve does not restore podman containers: start it with --podman "
                 "(and --podman-opt for its podman's options, e.g. --podman-opt=--root=DIR)"
             )
+        # before any page: the destination checks its image and the name,
+        # and answers the same (or ERROR, why not) before the container is touched
+        said = Container("podman", self.name, self.info["Image"])
+        self.channel.send(Msg.CONTAINER, said.encode())
+        kind, payload = self.channel.recv()
+        if kind != Msg.CONTAINER or Container.decode(payload) != said:
+            raise ProtocolError(f"{self.channel.peer} answered CONTAINER with {kind.name}")
         return same_host
 
     def _start_dump(self, work):
@@ -272,7 +279,6 @@ class ContainerMigration(Migration):
     def _send_extra(self):
         """podman's config.dump and spec.dump (podman wrote them before the
         dump, as --export was given) and the root file system's changes."""
-        self.channel.send(Msg.CONTAINER, Container("podman", self.name).encode())
         for name in (CONFIG_DUMP, SPEC_DUMP):
             path = os.path.join(self.dump.userdata, name)
             if not os.path.exists(path):
