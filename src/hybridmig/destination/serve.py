@@ -505,6 +505,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
     criu_binary()  # a CRIU that cannot restore is reported now, not to a source
     if limits.podman is not None:  # so is a podman that cannot run with serve's options
         log.info("restoring containers into podman %s %s", limits.podman.version(), " ".join(limits.podman.opts))
+        limits.podman.runtime()  # asked now, not in a restore's blackout
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     lsock = socket.socket(family, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
