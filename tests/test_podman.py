@@ -17,10 +17,10 @@ import pytest
 
 from hybridmig.keys import generate_key
 from hybridmig.testing.netns import TwoHosts
+from hybridmig.testing.podman import PodmanPair, need_podman
 from hybridmig.testing.workload import Workload
 from lazy_util import HYBRIDMIG_BIN
 from migrate_util import PORT, Cleanup, Serve, kill_by_report, wait_for
-from podman_util import PodmanPair, need_podman
 
 pytestmark = [pytest.mark.usefixtures("criu_ready"), pytest.mark.timeout(300)]
 NAME = "hm-mig"

@@ -181,6 +181,7 @@ class PodmanCheckpoint(LazyDump):
         self.log = os.path.join(self.userdata, "dump.log")
         self.config_file = info["Config"]["Annotations"][CRIU_CONFIG_ANNOTATION]
         self.export = os.path.join(work, "podman-export.tar")
+        os.makedirs(work, exist_ok=True)  # (run --work-dir: made here, as LazyDump makes its images dir)
         hook_sock = self._listen()
         lines = [
             "lazy-pages",

@@ -1,4 +1,4 @@
-"""podman "hosts" for the container tests: each its own storage root,
+"""podman "hosts" for the container tests and the bench: each its own storage root,
 runroot and tmpdir (`--root`/`--runroot`/`--tmpdir`), holding the busybox
 image with memwork (testing/rootfs.py); close() removes every container,
 image, mount, cgroup and directory it made."""
@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from container_util import kill_cgroup, unmount_under
-from hybridmig.testing.rootfs import MEMWORK_IN_ROOTFS, REPORT_DIR_IN_ROOTFS, build_rootfs_tarball
-from hybridmig.testing.workload import Workload
+from .leftovers import kill_cgroup, unmount_under
+from .rootfs import MEMWORK_IN_ROOTFS, REPORT_DIR_IN_ROOTFS, build_rootfs_tarball
+from .workload import Workload
 
 IMAGE = "localhost/hm-busybox:latest"
 # root lacks CAP_SYS_RESOURCE here: podman's default limits would fail ("error setting rlimit")
