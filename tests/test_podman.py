@@ -190,6 +190,25 @@ def test_serve_where_podman_is_missing(env, tmp_path):
     assert proc.returncode != 0 and "podman is not installed" in proc.stderr, proc.stderr
 
 
+# two busybox nc joined by a TCP connection inside the container (its own netns)
+TCP_PAIR = (
+    "sleep 1000 | busybox nc -l -p 5555 >/dev/null & sleep 0.3; "
+    "sleep 1000 | busybox nc 127.0.0.1 5555 >/dev/null & sleep 0.3; "
+)
+
+
+def test_container_criu_cannot_dump(env):
+    """An established TCP connection, which CRIU dumps only when told
+    (--tcp-established): the dump fails after the freeze, CRIU resumes the
+    container, and the error says CRIU's reason."""
+    wl = env.pair.src.start(NAME, env.pair.report_dir, before=TCP_PAIR)
+    serve = env.serve()
+    rc, report, err = env.run(NAME)
+    error = assert_source_untouched(env, wl, rc, report, err)
+    assert "podman container checkpoint hm-mig failed" in error and "tcp-established" in error, error
+    assert serve.wait(60) not in (0, None)
+
+
 def test_image_missing_on_the_destination(env):
     env.pair.dst.podman("rmi", "--all", "--force")
     wl = env.pair.src.start(NAME, env.pair.report_dir)

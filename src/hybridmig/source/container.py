@@ -21,7 +21,7 @@ import subprocess
 import tarfile
 
 from .. import scratch
-from ..criu.command import CRIU_LONG_OPTS, NO, LazyDump, in_place_opts, resolve_criu_opts, write_hook
+from ..criu.command import CRIU_LONG_OPTS, NO, LazyDump, in_place_opts, log_tail, resolve_criu_opts, write_hook
 from ..errors import HybridmigError, ProtocolError, SetupError, UsageError
 from ..messages import Container
 from ..podman import (
@@ -214,10 +214,11 @@ class PodmanCheckpoint(LazyDump):
             text = os.read(fd, 65536).decode(errors="replace")
         except BlockingIOError:
             text = ""
-        return "podman container checkpoint %s failed (exit %d): %s" % (
+        return "podman container checkpoint %s failed (exit %d): %s%s" % (
             self.name,
             rc,
             said(subprocess.CompletedProcess([], rc, "", text)),
+            log_tail(self.log) if os.path.exists(self.log) else "",  # CRIU's reason
         )
 
     def kill(self):
