@@ -20,6 +20,8 @@ import stat
 import subprocess
 import tarfile
 
+import psutil
+
 from .. import scratch
 from ..criu.command import CRIU_LONG_OPTS, NO, LazyDump, in_place_opts, log_tail, resolve_criu_opts, write_hook
 from ..errors import HybridmigError, ProtocolError, SetupError, UsageError
@@ -224,12 +226,13 @@ class PodmanCheckpoint(LazyDump):
     def kill(self):
         """CRIU first: podman killed alone may leave runc's CRIU waiting. A
         CRIU that dies before post-dump resumes what it froze."""
-        for pid in (self.criu_pid,):
-            if pid:
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
+        if self.criu_pid:
+            try:
+                criu = psutil.Process(self.criu_pid)
+                if criu.name().startswith("criu"):  # not a pid reused since
+                    criu.kill()
+            except psutil.NoSuchProcess:
+                pass
         super().kill()
 
     def close(self):
@@ -292,6 +295,8 @@ class ContainerMigration(Migration):
         try:
             for name in rootfs_changes(data["UpperDir"], lowers, out):
                 self._send_file(name, os.path.join(out, name))
+        except OSError as e:  # the verdict is then 1: CRIU resumes the container
+            raise HybridmigError(f"cannot read the root file system's changes of {self.name}: {e}") from e
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
