@@ -30,9 +30,16 @@ log = logging.getLogger("hybridmig.destination.container")
 MAX_JSON_FILE = 16 << 20  # config.dump and spec.dump are a few KiB
 MAX_DELETED = 1 << 16
 # config.dump's host paths of the source's podman that podman would reuse
-# instead of making its own (the conmon pidfile under the source's runroot
-# fails the restore); podman sets its defaults when they are absent.
-SOURCE_PATHS = ("conmonPidFile", "pid_file")
+# instead of making its own: the conmon pidfile under the source's runroot
+# fails the restore, and podman unmounts the paths of `mounts` (the
+# source's /dev/shm dir) when it cleans the container up. podman sets its
+# own when they are absent.
+SOURCE_PATHS = (
+    "conmonPidFile", "pid_file", "mounts", "ShmDir", "sdnotifySocket", "logPath", "staticDir", "secretsPath",
+)  # fmt: skip
+# config.dump's fields that would make podman use or create host data the
+# source names: refused (the source refuses such containers already)
+REFUSED = {"rootfs": "a --rootfs container (its root is a host path)", "namedVolumes": "named volumes"}
 
 
 class ContainerRestore:
@@ -90,6 +97,9 @@ class ContainerRestore:
         spec = self._load_json(SPEC_DUMP, dict)
         if config.get("rootfsImageID") != self.image:
             raise HybridmigError(f"config.dump of container {self.name} names another image than CONTAINER did")
+        for key, what in REFUSED.items():
+            if config.get(key):
+                raise HybridmigError(f"container {self.name} has {what}: not migrated")
         for key in SOURCE_PATHS:
             config.pop(key, None)
         # podman restores with the runtime the archive names unless told one:
