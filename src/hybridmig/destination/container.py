@@ -223,11 +223,17 @@ def check_rootfs_diff(path):
     """The source's rootfs-diff.tar holds plain files, directories and links
     below the container's root, nothing else (no device, no path out)."""
     try:
+        links = set()  # symlinks the tar makes: nothing may be written through one
         with tarfile.open(path) as tar:
             for m in tar:
                 name = posixpath.normpath(m.name)
                 if name.startswith("/") or name == ".." or name.startswith("../"):
                     raise HybridmigError(f"rootfs-diff.tar names {m.name!r}, outside the container's root")
+                parts = name.split("/")
+                if any("/".join(parts[:i]) in links for i in range(1, len(parts))):
+                    raise HybridmigError(f"rootfs-diff.tar writes {m.name!r} through a symbolic link of its own")
+                if m.issym():
+                    links.add(name)
                 if not (m.isfile() or m.isdir() or m.issym() or m.islnk() or m.isfifo()):
                     raise HybridmigError(f"rootfs-diff.tar holds {m.name!r}, a device or special file")
                 if m.islnk():
