@@ -90,7 +90,8 @@ class Msg(enum.IntEnum):
     HOST = 26
     ENDED = 27
     OUTCOME = 28
-    RESUME = 29
+    CONTAINER = 29
+    RESUME = 30
 
 
 def boot_id() -> str:

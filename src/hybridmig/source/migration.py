@@ -100,6 +100,7 @@ class Migration:
         self.compress = compress
         self.tls = tls
         self.wire_mode = wire_mode
+        switchover = switchover or "auto"
         if switchover not in SWITCHOVERS:
             raise UsageError(f"--switchover {switchover}: one of {', '.join(SWITCHOVERS)}")
         if postcopy_after < 1:
@@ -118,6 +119,7 @@ class Migration:
         self.images_dir = None
         self.tracker = None
         self.dump = None
+        self.host = None  # the destination's HOST
         self.session = None  # the destination's id of this migration (HOST): asked about after a lost DONE
         self.in_doubt = False  # the source is left frozen for the operator: nothing may resume or end it
         self.criu_died_frozen = False  # CRIU died before its verdict: the source ran on meanwhile
@@ -157,9 +159,8 @@ class Migration:
         try:
             # CRIU starts now and waits at its pre-dump hook, so that its
             # start-up is over when pre-copy converges.
-            images_dir = self.images_dir = os.path.join(work, "images")
-            os.makedirs(images_dir, exist_ok=True)
-            self.dump = LazyDump(self.pid, images_dir, work, self.criu_opts)
+            self.dump = self._start_dump(work)
+            images_dir = self.images_dir = self.dump.images_dir
             self.sender = Sender(
                 self.channel,
                 {p: ns_pid(p) for p in tree},
@@ -200,6 +201,28 @@ class Migration:
                 shutil.rmtree(work, ignore_errors=True)
         return self.report()
 
+    def _start_dump(self, work):
+        """The switch-over's dump, started: it waits at its pre-dump hook."""
+        images_dir = os.path.join(work, "images")
+        os.makedirs(images_dir, exist_ok=True)
+        return LazyDump(self.pid, images_dir, work, self.criu_opts)
+
+    def _send_extra(self):
+        """What the destination needs besides CRIU's images, sent before
+        RESTORE while the tree is frozen (a container's configuration)."""
+
+    def _send_file(self, name, path):
+        """One file as FILE frames, in parts: memory CRIU does not dump
+        lazily can be large."""
+        with open(path, "rb") as f:
+            offset = 0
+            while True:
+                data = f.read(FILE_PART)
+                self.channel.send(Msg.FILE, wire.encode_file(name, offset, data))
+                offset += len(data)
+                if len(data) < FILE_PART:
+                    break
+
     def _round_done(self, rnd):
         failed = self.dump.failed()
         if failed:  # a CRIU that cannot start (options, permissions) ends pre-copy now, not at its end
@@ -213,7 +236,7 @@ class Migration:
         kind, payload = self.channel.recv()
         if kind != Msg.HOST:
             raise ProtocolError(f"{self.channel.peer} did not describe itself")
-        host = Host.decode(payload)
+        host = self.host = Host.decode(payload)
         self.session = host.session
         # the destination's CRIU runs them: refused here, before the source is touched
         check_criu_opts(self.criu_opts, allowed=set(host.criu_opts_allowed))
@@ -256,9 +279,9 @@ class Migration:
                     "it may run the migrated copy"
                     % self.timeout,
                     self.pid,
-                    self.dump.proc.pid,
-                    self.dump.proc.pid,
-                    self.dump.proc.pid,
+                    self.dump.criu_pid,
+                    self.dump.criu_pid,
+                    self.dump.criu_pid,
                     self.images_dir,
                 )
             )
@@ -333,7 +356,7 @@ class Migration:
         # behind the back of a copy that may have run.
         conn.sendall(IN_DOUBT)
         postcopy = self.postcopy_run = PostCopy(
-            self.channel, self.sender, owed, final, criu_alive=lambda: self.dump.proc.poll() is None
+            self.channel, self.sender, owed, final, criu_alive=lambda: alive(self.dump.criu_pid)
         )
         log.info("post-copy: %d pages owed to the destination", postcopy.pages_owed())
         try:
@@ -435,7 +458,7 @@ class Migration:
             self.channel.send_error(str(e))
         except ProtocolError:
             pass  # the destination ends its copy with the session anyway
-        if self.dump.proc.poll() is None:
+        if alive(self.dump.criu_pid):
             self._settle(end=True)  # the tree is gone: let CRIU finish
         self.result = Result(ok=False, error=str(e), ran=True)
         self.lost = e
@@ -444,7 +467,7 @@ class Migration:
     def _settle(self, end):
         """Decide for the CRIU left waiting by IN_DOUBT: end the tree, or resume it."""
         try:
-            settle(self.dump.proc.pid, end=end, timeout=self.timeout)
+            settle(self.dump.criu_pid, end=end, timeout=self.timeout)
         except HybridmigError as e:
             self._warn(f"could not {'end' if end else 'resume'} the frozen source through criu dump: {e}")
             if end:
@@ -512,18 +535,11 @@ class Migration:
         return dirty
 
     def _send_images(self, images_dir, postcopy=False):
-        """CRIU's images, then RESTORE."""
+        """CRIU's images, what else the destination needs, then RESTORE."""
         for name in sorted(os.listdir(images_dir)):
-            if name.endswith(".log"):
-                continue
-            with open(os.path.join(images_dir, name), "rb") as f:
-                offset = 0
-                while True:  # in parts: memory CRIU does not dump lazily can be large
-                    data = f.read(FILE_PART)
-                    self.channel.send(Msg.FILE, wire.encode_file(name, offset, data))
-                    offset += len(data)
-                    if len(data) < FILE_PART:
-                        break
+            if not name.endswith(".log"):
+                self._send_file(name, os.path.join(images_dir, name))
+        self._send_extra()
         self.channel.send(Msg.RESTORE, Restore(self.criu_opts, postcopy=postcopy, reconnect_s=self.timeout).encode())
         self.times["images_sent"] = time.time()
 

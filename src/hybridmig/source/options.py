@@ -17,8 +17,9 @@ class RunOptions:
     auto_converge: bool | None = None
     #: precopy (rounds, then everything frozen), postcopy (after
     #: postcopy_after rounds the copy resumes and pulls the rest), auto
-    #: (pre-copy while rounds shrink, post-copy once they stop)
-    switchover: str = "auto"
+    #: (pre-copy while rounds shrink, post-copy once they stop); None: auto,
+    #: but precopy for `run --container` (post-copy is untested there)
+    switchover: str | None = None
     #: rounds before a --switchover postcopy resumes the copy (round 0 included)
     postcopy_after: int = 1
     #: seconds for the dump, for the restore, and for any silence of the destination
