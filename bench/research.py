@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hybridmig.testing.netns import TwoHosts
@@ -398,7 +399,8 @@ def _rotated(strategies, rep):
 def _line(rec) -> str:
     head = "%s %s %s #%d" % (rec["config"], rec["link_rate"], rec["strategy"], rec["rep"])
     if not rec.get("ok"):
-        return "{}: [red]failed[/red]: {}".format(head, rec.get("error"))
+        # (an error may quote "[...]", which rich would read as markup)
+        return "{}: [red]failed[/red]: {}".format(head, escape(str(rec.get("error"))))
     tp = rec["throughput"]["after_vs_before"]
     return "{}: blackout {:.0f} ms, {:.1f} MiB on the wire, {} remote faults, throughput after {}".format(
         head,
