@@ -30,6 +30,7 @@ from ..wire import Msg
 from .accept import Acceptor
 from .guard import Guard
 from .lazypages import LazyPagesDaemon
+from .pace import RoundPace
 
 log = logging.getLogger("hybridmig.destination.serve")
 # A source silent for this long (stopped, hung) ends its session, so that
@@ -222,14 +223,19 @@ class Session:
     def run(self, first=None):
         """Serve frames (`first`, then what comes) until the source commits
         or aborts; returns 'committed' or 'aborted'."""
+        pace = RoundPace(self.channel)
         while True:
             # transient: each payload is done with before the next recv()
+            t = time.perf_counter()
             kind, payload = first or self.channel.recv(transient=True)
+            t_got = time.perf_counter()
+            pace.received(t_got - t)
             first = None
             if kind not in self.ACCEPTS[self.state]:
                 raise ProtocolError(f"unexpected {kind.name} from the source ({self.state})")
             if kind == Msg.PAGES:
                 self._store(*wire.decode_pages(payload))
+                pace.stored(time.perf_counter() - t_got)
                 self.remote.pages_arrived()
             elif kind == Msg.INVALIDATE:
                 # costs what the store holds in the range, not its length (pagestore.c)
@@ -238,7 +244,8 @@ class Session:
                 self._check_quota()
                 self.rounds = RoundStats.decode(payload).number
                 st = self.store.stats()
-                self.channel.send(Msg.ROUND_ACK, wire.encode_ack(self.rounds, st["pages_data"] + st["pages_zero"]))
+                held = st["pages_data"] + st["pages_zero"]
+                self.channel.send(Msg.ROUND_ACK, wire.encode_ack(self.rounds, held, pace.ack()))
             elif kind == Msg.FILE:
                 self._write_image(*wire.decode_file(payload))
             elif kind == Msg.RESTORE:

@@ -19,7 +19,7 @@ from .. import wire
 from ..bindings import PAGE_SIZE
 from ..bindings.ranges import Ranges
 from ..errors import ProcessGone, ProtocolError
-from ..messages import RoundStats
+from ..messages import RoundStats, Stored
 from ..wire import Msg
 from .converge import slowed_down
 from .options import DEFAULTS
@@ -236,6 +236,10 @@ class PreCopy:
         kind, payload = self.sender.channel.recv()
         if kind != Msg.ROUND_ACK or wire.decode_ack(payload)[0] != rnd.number:
             raise ProtocolError("expected the ack of round %d, got %s" % (rnd.number, kind.name))
+        if tail := wire.ack_stats(payload):
+            dest = Stored.decode(tail)
+            rnd.dest_frames, rnd.dest_recv_s, rnd.dest_open_s = dest.frames, dest.recv_s, dest.open_s
+            rnd.dest_store_s, rnd.dest_cpu_s = dest.store_s, dest.cpu_s
         rnd.ack_s = time.perf_counter() - t
 
     def _finish(self, rnd, t0, cpu0):
