@@ -100,59 +100,18 @@ static struct chunk *find_chunk(struct store_task *t, uint64_t addr, int create)
 	return c;
 }
 
-/* A put that fills at least this much of a fresh chunk at once (pre-copy's
- * first round: frames of whole VMAs) backs the chunk with one transparent
- * huge page: one fault and one 2 MiB clear instead of 512 faults, which
- * were most of the 0.49 s/GiB of puts into fresh chunks (docs/bench-wire.md).
- * A sparser chunk keeps 4 KiB pages: a huge page would hold 2 MiB for a few
- * of them (at most twice the data this way). */
-#define HUGE_FILL_PAGES (CHUNK_PAGES / 2)
-
-static void *map_chunk(size_t len)
-{
-	/* NORESERVE: only the pages actually filled cost memory. */
-	return mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-}
-
-/* A 2 MiB-aligned buffer (a huge page needs it): the kernel aligns most
- * such mappings itself; if not, twice the size and the ends trimmed. */
-static void *map_chunk_aligned(void)
-{
-	uint8_t *p = map_chunk(CHUNK_SZ), *a;
-
-	if (p == MAP_FAILED || !((uintptr_t)p & (CHUNK_SZ - 1)))
-		return p;
-	munmap(p, CHUNK_SZ);
-	p = map_chunk(2 * CHUNK_SZ);
-	if (p == MAP_FAILED)
-		return p;
-	a = (uint8_t *)(((uintptr_t)p + CHUNK_SZ - 1) & ~(CHUNK_SZ - 1));
-	if (a > p)
-		munmap(p, a - p);
-	munmap(a + CHUNK_SZ, p + 2 * CHUNK_SZ - (a + CHUNK_SZ));
-	return a;
-}
-
-/* The chunk's buffer, mapped now if it has none; huge: backed by a huge
- * page if the kernel allows (a hint: 4 KiB pages if not). */
-static int chunk_buffer_for(struct chunk *c, int huge)
+static int chunk_buffer(struct chunk *c)
 {
 	void *p;
 
 	if (c->buf)
 		return 0;
-	p = huge ? map_chunk_aligned() : map_chunk(CHUNK_SZ);
+	/* NORESERVE: only the pages actually filled cost memory. */
+	p = mmap(NULL, CHUNK_SZ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (p == MAP_FAILED)
 		return -errno;
-	if (huge)
-		madvise(p, CHUNK_SZ, MADV_HUGEPAGE);
 	c->buf = p;
 	return 0;
-}
-
-static int chunk_buffer(struct chunk *c)
-{
-	return chunk_buffer_for(c, 0);
 }
 
 /* Drop the buffer of a chunk without data (into g, if given, to be unmapped
@@ -355,16 +314,27 @@ static int for_each_chunk(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t np
 	return 0;
 }
 
+/* Runs of at least this many pages are populated before the copy: one
+ * madvise allocates their pages without a fault each (pre-copy's first
+ * round: puts into fresh chunks, 0.44 -> 0.33 CPU s/GiB here). Transparent
+ * huge pages were tried too: 0.2 s/GiB when free huge pages were at hand,
+ * 0.5-2.6 when the kernel had to compact memory for them first (this
+ * machine's defrag setting: madvise, so stalls), so not used. */
+#define POPULATE_MIN_PAGES 64
+
 static int put_chunk(struct store_task *t, struct chunk *c, uint64_t first, uint64_t n, uint64_t done, void *arg)
 {
 	const uint8_t *buf = arg;
-	int rc = chunk_buffer_for(c, n >= HUGE_FILL_PAGES);
+	int rc = chunk_buffer(c);
 
 	if (rc)
 		return rc;
 	/* the pages may be mapped read-only from a file (load_chunk) */
 	if (mprotect(c->buf + first * PAGE_SZ, n * PAGE_SZ, PROT_READ | PROT_WRITE))
 		return -errno;
+	/* a hint: on kernels without it (before 5.14) the copy faults them in */
+	if (n >= POPULATE_MIN_PAGES)
+		madvise(c->buf + first * PAGE_SZ, n * PAGE_SZ, MADV_POPULATE_WRITE);
 	memcpy(c->buf + first * PAGE_SZ, buf + done * PAGE_SZ, n * PAGE_SZ);
 	mark(c, first, n, HM_PAGE_DATA);
 	return 0;

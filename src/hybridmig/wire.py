@@ -247,7 +247,7 @@ class Channel:
     def _scratch(self, name: str, n: int) -> memoryview:
         """n bytes of the reused buffer self.<name>: replaced, not resized,
         when too small (a caller may still hold a view of the old one)."""
-        buf: bytearray = getattr(self, name)
+        buf: bytearray = getattr(self, name, None) or bytearray()  # (slots past 0: created on first use)
         if len(buf) < n:
             buf = bytearray(-(-n // _SCRATCH_STEP) * _SCRATCH_STEP)
             setattr(self, name, buf)
@@ -341,7 +341,7 @@ class Channel:
             got += r
         return view if scratch is not None else cast(bytearray, view.obj)
 
-    def _recv_sealed(self, transient: bool) -> tuple[int, memoryview]:
+    def _recv_sealed(self, transient: bool, slot: int) -> tuple[int, memoryview]:
         header = bytes(self._recv_exact(_SEALED_HEADER.size))
         (length,) = _SEALED_HEADER.unpack(header)
         if not 1 + MAC_SIZE <= length <= 1 + MAX_PAYLOAD + MAC_SIZE:
@@ -349,7 +349,7 @@ class Channel:
         sealed = self._recv_exact(length, "_in")
         nonce = _NONCE.pack(self._recv_dir, self._recv_seq)
         n = length - MAC_SIZE
-        plain = self._scratch("_plain_in", n) if transient else memoryview(bytearray(n))
+        plain = self._scratch("_plain_in" + (str(slot) if slot else ""), n) if transient else memoryview(bytearray(n))
         assert self._open is not None  # recv() reads sealed frames once authenticated
         t = time.perf_counter()
         try:
@@ -364,7 +364,7 @@ class Channel:
         self.bytes_received += _SEALED_HEADER.size + length
         return plain[0], plain[1:]
 
-    def _recv_plain(self, transient: bool) -> tuple[int, memoryview | bytearray]:
+    def _recv_plain(self, transient: bool, slot: int) -> tuple[int, memoryview | bytearray]:
         header = bytes(self._recv_exact(_HEADER.size))
         kind, _flags, _res, length, seq = _HEADER.unpack(header)
         limit = MAX_PAYLOAD if self.authenticated else MAX_PREAUTH_PAYLOAD
@@ -373,7 +373,7 @@ class Channel:
         if seq != self._recv_seq:
             raise ProtocolError("%s sent frame %d where %d was due" % (self.peer, seq, self._recv_seq))
         self._recv_seq += 1
-        payload = self._recv_exact(length, "_in" if transient else None)
+        payload = self._recv_exact(length, "_in" + (str(slot) if slot else "") if transient else None)
         if self._mac_key is not None:
             mac = bytes(self._recv_exact(MAC_SIZE))
             t = time.perf_counter()
@@ -383,12 +383,15 @@ class Channel:
         self.bytes_received += _HEADER.size + length + (MAC_SIZE if self._mac_key else 0)
         return kind, payload
 
-    def recv(self, transient: bool = False) -> tuple[Msg, memoryview | bytearray]:
+    def recv(self, transient: bool = False, slot: int = 0) -> tuple[Msg, memoryview | bytearray]:
         """(kind, payload). transient: the payload is a view of a buffer the
-        next recv() reuses (the destination's page frames: no allocation per
-        frame)."""
+        next transient recv() of the same slot reuses (the destination's page
+        frames: no allocation per frame; a reader thread alternates slots)."""
         payload: memoryview | bytearray
-        number, payload = self._recv_sealed(transient) if self._open is not None else self._recv_plain(transient)
+        if self._open is not None:
+            number, payload = self._recv_sealed(transient, slot)
+        else:
+            number, payload = self._recv_plain(transient, slot)
         try:
             kind = Msg(number)
         except ValueError as e:

@@ -29,6 +29,7 @@ from ..proctree import end_tree
 from ..wire import Msg
 from .accept import Acceptor
 from .guard import Guard
+from .inbound import Inbound
 from .lazypages import LazyPagesDaemon
 from .pace import RoundPace
 
@@ -223,11 +224,17 @@ class Session:
     def run(self, first=None):
         """Serve frames (`first`, then what comes) until the source commits
         or aborts; returns 'committed' or 'aborted'."""
-        pace = RoundPace(self.channel)
+        pace, inbound = RoundPace(self.channel), Inbound(self.channel)
+        try:
+            return self._run(first, pace, inbound)
+        finally:
+            inbound.close()
+
+    def _run(self, first, pace, inbound):
         while True:
             # transient: each payload is done with before the next recv()
             t = time.perf_counter()
-            kind, payload = first or self.channel.recv(transient=True)
+            kind, payload = first or inbound.recv()
             t_got = time.perf_counter()
             pace.received(t_got - t)
             first = None

@@ -12,6 +12,8 @@ slows the tree down the tracker drops them, so that rounds show it."""
 
 import contextlib
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +30,16 @@ from .tracker import TreeTracker, read_run
 log = logging.getLogger("hybridmig.source.precopy")
 FRAME_PAGES = 256  # pages per PAGES frame (1 MiB), zero pages included; scattered runs share a frame
 WORTHWHILE_MS = 5.0  # a final transfer estimated shorter than this is not worth another round
+# Frame buffers of the sender: one being read while the other is sealed and
+# sent (a reader thread), the memory of `run`'s data path bounded by them.
+FRAME_BUFFERS = 2
+# Ranges of fewer pages than this are read and sent by one thread (a
+# thread's start costs more than it overlaps).
+PIPELINE_MIN_PAGES = 4 * FRAME_PAGES
+
+
+class _Stopped(Exception):
+    """The sender gave up: the reader thread stops."""
 
 
 class Round(RoundStats):
@@ -110,9 +122,12 @@ class Compression:
 class Sender:
     """Reads pages of the source tasks and sends them in PAGES frames of up
     to frame_pages pages, scattered pages gathered into one frame. A frame is
-    read straight into one reused buffer, its data pages packed by the
-    native read, its head written just before them, and sealed and sent
-    from there: no copy of the pages in Python. One thread at a time."""
+    read straight into one of FRAME_BUFFERS reused buffers, its data pages
+    packed by the native read, its head written just before them, and
+    sealed and sent from there: no copy of the pages in Python. Large
+    ranges are read by a reader thread while the caller's seals and sends
+    the frame before (both release the GIL); frames go out in the order
+    they were read. One caller at a time."""
 
     channel: wire.Channel
     keys: dict  # host pid -> ns pid (store key)
@@ -121,17 +136,18 @@ class Sender:
     throttle: Throttle | None = None
     held: dict = field(default_factory=dict)  # ns pid -> Ranges held by the destination
     frame_pages: int = FRAME_PAGES
+    reader_thread: bool = True  # read ahead in a thread (large ranges)
 
     def __post_init__(self):
         self.compression = Compression(self.compress)
         # [scratch byte for the sealed type][room for the longest head][data]
         self._data_at = 1 + wire.pages_head_max(self.frame_pages)
-        self._buf = bytearray(self._data_at + self.frame_pages * PAGE_SIZE)
-        self._view = memoryview(self._buf)
+        self._bufs = [bytearray(self._data_at + self.frame_pages * PAGE_SIZE) for _ in range(FRAME_BUFFERS)]
 
-    def _flush(self, key, extents, ndata, rnd):
+    def _flush(self, buf, key, extents, ndata, rnd):
         t = time.perf_counter()
-        data = self._view[self._data_at : self._data_at + ndata * PAGE_SIZE]
+        view = memoryview(buf)
+        data = view[self._data_at : self._data_at + ndata * PAGE_SIZE]
         enc, end = wire.RAW, self._data_at + len(data)
         if self.compression.worth_it(data):
             packed = wire.lz4_compress(data)
@@ -141,10 +157,10 @@ class Sender:
                 rnd.frames_lz4 += 1
         head = wire.pages_head(key, extents, enc)
         start = self._data_at - len(head)
-        self._view[start : self._data_at] = head
+        view[start : self._data_at] = head
         t_sent, sealing = time.perf_counter(), self.channel.seal_s
         rnd.encode_s += t_sent - t
-        self.channel.send_from(Msg.PAGES, self._buf, start, end)
+        self.channel.send_from(Msg.PAGES, buf, start, end)
         sealed = self.channel.seal_s - sealing
         rnd.seal_s += sealed
         rnd.send_s += time.perf_counter() - t_sent - sealed
@@ -164,14 +180,27 @@ class Sender:
             log.info("pid %d exited during pre-copy", pid)
 
     def _send_ranges(self, pid, ranges, rnd):
+        if self.reader_thread and _pages(ranges) >= PIPELINE_MIN_PAGES:
+            self._send_pipelined(pid, ranges, rnd)
+            return
+        buf = self._bufs[0]
+        for frame in self._frames(pid, ranges, rnd, lambda: buf, lambda b: None):
+            self._flush(*frame, rnd)
+
+    def _frames(self, pid, ranges, rnd, take, give):
+        """Read ranges of pid into frames: yields (buffer, key, extents,
+        data pages), each buffer from take() (given back to give() if
+        nothing was read into it)."""
         key = self.keys[pid]
         held = self.held.setdefault(key, Ranges())
-        extents, npages, ndata = [], 0, 0
+        buf, extents, npages, ndata = None, [], 0, 0
         for start, end in ranges:
             at = start
             while at < end:
+                if buf is None:
+                    buf = take()
                 # what is left of the frame: its data space from ndata on
-                room = self._view[self._data_at + ndata * PAGE_SIZE :][: (self.frame_pages - npages) * PAGE_SIZE]
+                room = memoryview(buf)[self._data_at + ndata * PAGE_SIZE :][: (self.frame_pages - npages) * PAGE_SIZE]
                 t = time.perf_counter()
                 got, zero, nd, nxt = read_run(pid, at, end, room)
                 rnd.read_s += time.perf_counter() - t
@@ -184,10 +213,52 @@ class Sender:
                     rnd.bytes_raw += nd * PAGE_SIZE
                 at = nxt
                 if npages >= self.frame_pages:
-                    self._flush(key, extents, ndata, rnd)
-                    extents, npages, ndata = [], 0, 0
+                    yield buf, key, extents, ndata
+                    buf, extents, npages, ndata = None, [], 0, 0
         if extents:
-            self._flush(key, extents, ndata, rnd)
+            yield buf, key, extents, ndata
+        elif buf is not None:
+            give(buf)
+
+    def _send_pipelined(self, pid, ranges, rnd):
+        """_frames in a reader thread, each frame sent here as soon as it
+        is read: reading the next overlaps sealing and sending this one.
+        Bounded by the FRAME_BUFFERS buffers; an error on either side stops
+        both (the reader's is raised here, after the frames read before it
+        are sent, as one thread would)."""
+        free, full, stop = queue.Queue(), queue.Queue(), threading.Event()
+        for b in self._bufs:
+            free.put(b)
+
+        def take():
+            while True:
+                try:
+                    return free.get(timeout=0.1)
+                except queue.Empty:
+                    if stop.is_set():
+                        raise _Stopped from None
+
+        def reader():
+            try:
+                for frame in self._frames(pid, ranges, rnd, take, free.put):
+                    full.put(frame)
+                full.put(None)
+            except _Stopped:
+                pass
+            except BaseException as e:  # noqa: BLE001 -- raised in the sending thread
+                full.put(e)
+
+        th = threading.Thread(target=reader, name="precopy-reader", daemon=True)
+        th.start()
+        try:
+            while (item := full.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                self._flush(*item, rnd)
+                free.put(item[0])
+        finally:
+            stop.set()
+            th.join()
 
     def adopt(self, pid):
         """A process that joined the tree since the start (a fork); False if
