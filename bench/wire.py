@@ -3,7 +3,7 @@
 real migrations over an unshaped veth.
 
     .venv/bin/python -m bench.wire [--size-mb 512] [--pairs 3] [--profile DIR]
-        [--modes sealed,plaintext,tcp] [--before VENV_BIN]
+        [--modes sealed,plaintext,tcp] [--before VENV_BIN] [--rate 1gbit]
 
 Each pair migrates a fresh memwork workload (random pages: lz4 gives up on
 them, as on much real memory) once each way and runs the raw loop once, the
@@ -48,7 +48,7 @@ MODES = {"sealed": [], "plaintext": ["--insecure-plaintext"]}
 RECEIVER = """
 import socket, sys, time
 n = int(sys.argv[2])
-ls = socket.create_server((sys.argv[1], %d))
+ls = socket.create_server((sys.argv[1], int(sys.argv[3])))
 c, _ = ls.accept()
 buf = memoryview(bytearray(1 << 20))
 got, t0 = 0, time.monotonic()
@@ -58,13 +58,13 @@ while got < n:
         break
     got += r
 print(got / (time.monotonic() - t0) / 1e6)
-""" % (PORT + 1)
+"""
 SENDER = """
 import os, socket, sys, time
 n = int(sys.argv[2])
 for _ in range(100):
     try:
-        s = socket.create_connection((sys.argv[1], %d))
+        s = socket.create_connection((sys.argv[1], int(sys.argv[3])))
         break
     except OSError:
         time.sleep(0.05)
@@ -72,26 +72,39 @@ data = os.urandom(1 << 20)
 for _ in range(n >> 20):
     s.sendall(data)
 s.close()
-""" % (PORT + 1)
+"""
 
 
-def raw_tcp(hosts, nbytes):
-    """MB/s of the raw loop over the veth."""
-    recv = subprocess.Popen(
-        hosts.run_in(hosts.dst) + [sys.executable, "-c", RECEIVER, hosts.dst_addr, str(nbytes)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        subprocess.run(
-            hosts.run_in(hosts.src) + [sys.executable, "-c", SENDER, hosts.dst_addr, str(nbytes)],
-            check=True,
-            timeout=120,
+def raw_tcp(hosts, nbytes, streams=1):
+    """MB/s of the raw loop over the veth: `streams` connections at once,
+    each a sender and a receiver process moving nbytes / streams (the
+    total over the wall time from the first byte to the last)."""
+    each = nbytes // streams
+    recvs = [
+        subprocess.Popen(
+            hosts.run_in(hosts.dst) + [sys.executable, "-c", RECEIVER, hosts.dst_addr, str(each), str(PORT + 1 + i)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        out, _ = recv.communicate(timeout=120)
-        return float(out)
+        for i in range(streams)
+    ]
+    try:
+        senders = [
+            subprocess.Popen(
+                hosts.run_in(hosts.src) + [sys.executable, "-c", SENDER, hosts.dst_addr, str(each), str(PORT + 1 + i)]
+            )
+            for i in range(streams)
+        ]
+        for p in senders:
+            if p.wait(timeout=120) != 0:
+                raise RuntimeError("the raw TCP sender failed")
+        rates = [float(r.communicate(timeout=120)[0]) for r in recvs]
+        # each receiver's rate over its own time, from its first accept: the
+        # slowest sets the total's pace
+        return streams * min(rates)
     finally:
-        kill_tree(recv.pid)
+        for r in recvs:
+            kill_tree(r.pid)
 
 
 def _spy(profile, name):
@@ -198,27 +211,28 @@ def main(argv=None):
     ap.add_argument("--profile", metavar="DIR", help="record run and serve with py-spy into DIR")
     ap.add_argument("--modes", default="sealed,plaintext,tcp", help="of sealed, plaintext, tcp")
     ap.add_argument("--before", metavar="DIR", help="a bin directory with another hybridmig to compare")
+    ap.add_argument("--rate", help="shape the veth with tbf at this rate (tc's syntax: 1gbit); default unshaped")
     args = ap.parse_args(argv)
     become_subreaper()  # restored workloads are re-parented to us
     work = tempfile.mkdtemp(prefix="bench-wire-")
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
-    modes = args.modes.split(",")
+    modes = args.modes.split(",")  # tcpN: N raw streams at once
     if args.before:
         modes += [m + "-before" for m in modes if m in MODES]
     results = {m: [] for m in modes}
-    rounds = {m: [] for m in modes if m != "tcp"}
+    rounds = {m: [] for m in modes if not m.startswith("tcp")}
     ratios = collections.defaultdict(list)
     try:
         key = os.path.join(work, "key")
         generate_key(key)
-        with TwoHosts(prefix="bw") as hosts:  # unshaped
+        with TwoHosts(prefix="bw", rate=args.rate) as hosts:
             for i in range(args.pairs):
                 order = modes[i % len(modes) :] + modes[: i % len(modes)]
                 pair = {}
                 for m in order:
-                    if m == "tcp":
-                        pair[m] = raw_tcp(hosts, args.size_mb << 20)
+                    if m.startswith("tcp"):
+                        pair[m] = raw_tcp(hosts, args.size_mb << 20, int(m[3:] or 1))
                     else:
                         r0 = migrate(hosts, key, work, args.size_mb, m, args.profile, "-%d" % i, args.before)
                         rounds[m].append(r0)
@@ -235,6 +249,7 @@ def main(argv=None):
         shutil.rmtree(work, ignore_errors=True)
     summary = {
         "size_mb": args.size_mb,
+        "link": args.rate or "unshaped",
         "round0_MBps": results,
         "median_MBps": {m: statistics.median(v) for m, v in results.items()},
         "ratios": dict(ratios),

@@ -185,7 +185,8 @@ class RoundStats(Body):
     rate_mb_s: float = 0.0  # bytes_raw over duration_s
     # where duration_s went (the rest: scans' bookkeeping, throttling)
     scan_s: float = 0.0
-    read_s: float = 0.0  # reading the tasks' pages (process_vm_readv, zero pages)
+    read_s: float = 0.0  # reading the tasks' pages (process_vm_readv, zero pages), or waiting for the reader thread
+    read_ahead_s: float = 0.0  # the reader thread's time in reads (overlaps the others)
     encode_s: float = 0.0  # the lz4 probe and compression, frame heads
     seal_s: float = 0.0  # sealing (or MACing) the frames
     send_s: float = 0.0  # in the socket: the link's pace, or the destination's

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 
 from .. import wire
@@ -187,10 +188,12 @@ class Sender:
         for frame in self._frames(pid, ranges, rnd, lambda: buf, lambda b: None):
             self._flush(*frame, rnd)
 
-    def _frames(self, pid, ranges, rnd, take, give):
+    def _frames(self, pid, ranges, rnd, take, give, clock=None):
         """Read ranges of pid into frames: yields (buffer, key, extents,
         data pages), each buffer from take() (given back to give() if
-        nothing was read into it)."""
+        nothing was read into it); the time in reads goes to clock.read_s
+        (default: the round's)."""
+        clock = clock or rnd
         key = self.keys[pid]
         held = self.held.setdefault(key, Ranges())
         buf, extents, npages, ndata = None, [], 0, 0
@@ -203,7 +206,7 @@ class Sender:
                 room = memoryview(buf)[self._data_at + ndata * PAGE_SIZE :][: (self.frame_pages - npages) * PAGE_SIZE]
                 t = time.perf_counter()
                 got, zero, nd, nxt = read_run(pid, at, end, room)
-                rnd.read_s += time.perf_counter() - t
+                clock.read_s += time.perf_counter() - t
                 if got:
                     extents.append((at, got, zero))
                     held.add(at, at + got * PAGE_SIZE)
@@ -225,8 +228,12 @@ class Sender:
         is read: reading the next overlaps sealing and sending this one.
         Bounded by the FRAME_BUFFERS buffers; an error on either side stops
         both (the reader's is raised here, after the frames read before it
-        are sent, as one thread would)."""
+        are sent, as one thread would). The round's read_s is the time
+        spent here waiting for a frame (its parts add up to its duration);
+        the reader's own time in reads, overlapping the rest, is
+        read_ahead_s."""
         free, full, stop = queue.Queue(), queue.Queue(), threading.Event()
+        clock = types.SimpleNamespace(read_s=0.0)
         for b in self._bufs:
             free.put(b)
 
@@ -240,7 +247,7 @@ class Sender:
 
         def reader():
             try:
-                for frame in self._frames(pid, ranges, rnd, take, free.put):
+                for frame in self._frames(pid, ranges, rnd, take, free.put, clock):
                     full.put(frame)
                 full.put(None)
             except _Stopped:
@@ -251,7 +258,12 @@ class Sender:
         th = threading.Thread(target=reader, name="precopy-reader", daemon=True)
         th.start()
         try:
-            while (item := full.get()) is not None:
+            while True:
+                t = time.perf_counter()
+                item = full.get()
+                rnd.read_s += time.perf_counter() - t
+                if item is None:
+                    break
                 if isinstance(item, BaseException):
                     raise item
                 self._flush(*item, rnd)
@@ -259,6 +271,7 @@ class Sender:
         finally:
             stop.set()
             th.join()
+            rnd.read_ahead_s += clock.read_s
 
     def adopt(self, pid):
         """A process that joined the tree since the start (a fork); False if
