@@ -31,7 +31,7 @@ session = test_precopy.session  # the fixture: a destination Session and the sou
 # serve; "slow R" passes run's bytes on at R bytes/s, 64 KiB at a time
 # (serve's answers at once).
 _RELAY = """
-import socket, struct, sys, threading, time
+import os, socket, struct, sys, threading, time
 host, listen, target, mode, arg = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 lsock = socket.create_server((host, listen))
 print("listening", flush=True)
@@ -40,7 +40,7 @@ far = socket.create_connection((host, target))
 def reset(*socks):
     for s in socks:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
-        s.close()
+    os._exit(0)  # closes both at once (a close here would wait for the other thread's recv)
 def forward(a, b, limit=None, rate=None):
     passed, t0 = 0, time.monotonic()
     try:

@@ -29,14 +29,17 @@ from .options import DEFAULTS
 from .tracker import TreeTracker, read_run
 
 log = logging.getLogger("hybridmig.source.precopy")
-FRAME_PAGES = 256  # pages per PAGES frame (1 MiB), zero pages included; scattered runs share a frame
+# Pages per PAGES frame (4 MiB), zero pages included; scattered runs share a
+# frame. 4 MiB frames took 0.3-0.5 CPU s/GiB less than 1 MiB ones over both
+# ends (fewer syscalls, thread hand-offs and wake-ups: docs/bench-wire.md).
+FRAME_PAGES = 1024
 WORTHWHILE_MS = 5.0  # a final transfer estimated shorter than this is not worth another round
 # Frame buffers of the sender: one being read while the other is sealed and
 # sent (a reader thread), the memory of `run`'s data path bounded by them.
 FRAME_BUFFERS = 2
 # Ranges of fewer pages than this are read and sent by one thread (a
 # thread's start costs more than it overlaps).
-PIPELINE_MIN_PAGES = 4 * FRAME_PAGES
+PIPELINE_MIN_PAGES = 2 * FRAME_PAGES
 
 
 class _Stopped(Exception):
