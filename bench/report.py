@@ -47,7 +47,8 @@ def table(config, link, strategies) -> list:
         f"### {config} over {link}",
         "",
         "| strategy | ok | blackout ms | vs stop-and-copy | dump / copy / restore s | total s | wire MiB "
-        "| pre-copy MB/s | remote faults | throughput after / before | source CPU s | dest. CPU s | dest. peak RSS MiB |",
+        "| pre-copy MB/s | remote faults | throughput after / before | source CPU s | dest. CPU s "
+        "| dest. peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in strategies.items():

@@ -17,8 +17,8 @@ LAST = (Msg.COMMIT, Msg.ABORT)
 class Inbound:
     def __init__(self, channel):
         self.channel = channel
-        self._full = queue.Queue()
-        self._free = queue.Queue()
+        self._full: queue.Queue[tuple] = queue.Queue()
+        self._free: queue.Queue[int] = queue.Queue()
         for slot in range(SLOTS):
             self._free.put(slot)
         self._held = None  # the slot of the payload last handed out

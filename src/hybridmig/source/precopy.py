@@ -188,8 +188,8 @@ class Sender:
             self._send_pipelined(pid, ranges, rnd)
             return
         buf = self._bufs[0]
-        for frame in self._frames(pid, ranges, rnd, lambda: buf, lambda b: None):
-            self._flush(*frame, rnd)
+        for _, key, extents, ndata in self._frames(pid, ranges, rnd, lambda: buf, lambda b: None):
+            self._flush(buf, key, extents, ndata, rnd)
 
     def _frames(self, pid, ranges, rnd, take, give, clock=None):
         """Read ranges of pid into frames: yields (buffer, key, extents,
@@ -235,7 +235,9 @@ class Sender:
         spent here waiting for a frame (its parts add up to its duration);
         the reader's own time in reads, overlapping the rest, is
         read_ahead_s."""
-        free, full, stop = queue.Queue(), queue.Queue(), threading.Event()
+        free: queue.Queue[bytearray] = queue.Queue()
+        full: queue.Queue[tuple | BaseException | None] = queue.Queue()
+        stop = threading.Event()
         clock = types.SimpleNamespace(read_s=0.0)
         for b in self._bufs:
             free.put(b)
@@ -269,8 +271,9 @@ class Sender:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                self._flush(*item, rnd)
-                free.put(item[0])
+                buf, key, extents, ndata = item
+                self._flush(buf, key, extents, ndata, rnd)
+                free.put(buf)
         finally:
             stop.set()
             th.join()
