@@ -105,7 +105,7 @@ def test_page_verified_migration(env, memory, tmp_path):
         assert r0["frames_lz4"] >= 0.9 * r0["frames"] and r0["bytes_wire"] < r0["bytes_raw"] / 3, r0
     else:
         # (the few compressed frames: the libraries, the stacks)
-        assert r0["frames_lz4"] <= 0.05 * r0["frames"] and r0["bytes_wire"] >= 0.95 * r0["bytes_raw"], r0
+        assert r0["frames_lz4"] < r0["frames"] / 4 and r0["bytes_wire"] >= 0.95 * r0["bytes_raw"], r0
 
 
 @pytest.mark.timeout(240)
