@@ -70,6 +70,13 @@ for t in threads:
 """
 
 
+@pytest.fixture
+def threads_on(monkeypatch):
+    """The data path's threads (cpus.py) in run, serve and this process,
+    whatever the machine: a 2-CPU machine goes without them."""
+    monkeypatch.setenv("HYBRIDMIG_DATA_THREADS", "1")
+
+
 def _relay(env, mode, arg):
     h = env.hosts
     proc = subprocess.Popen(
@@ -85,12 +92,15 @@ def _relay(env, mode, arg):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("memory", ["incompressible", "compressible"])
-def test_page_verified_migration(env, memory, tmp_path):
-    """Round 0 with the reader threads of both ends; every page verified
-    after the restore. Random memory skips lz4 (the probe), compressible
-    memory travels compressed; the destination stored as many frames as
-    were sent (its ROUND_ACK stats)."""
+@pytest.mark.parametrize(
+    "memory,threads", [("incompressible", "1"), ("compressible", "1"), ("incompressible", "0"), ("compressible", "0")]
+)
+def test_page_verified_migration(env, memory, threads, tmp_path, monkeypatch):
+    """Round 0 with and without the data path's threads on both ends; every
+    page verified after the restore. Random memory skips lz4 (the probe),
+    compressible memory travels compressed; the destination stored as many
+    frames as were sent (its ROUND_ACK stats)."""
+    monkeypatch.setenv("HYBRIDMIG_DATA_THREADS", threads)
     # memwork as this checkout has it (--compressible), not the shared build
     binary = build_program(MEMWORK_SRC, "memwork", tmp_path / "bin")
     wl = env.workload(128, threads=2, rate=1000, compressible=memory == "compressible", binary=binary)
@@ -99,7 +109,7 @@ def test_page_verified_migration(env, memory, tmp_path):
     assert_migrated(env, wl, rc, rep, err, serve, 128, compressed=memory == "compressible")
     r0 = rep["rounds"][0]
     assert r0["dest_frames"] == r0["frames"] > 0, r0
-    assert r0["read_ahead_s"] > 0, r0  # round 0's large ranges were read by the reader thread
+    assert (r0["read_ahead_s"] > 0) == (threads == "1"), r0  # round 0's large ranges: by the reader thread
     assert 0 < r0["dest_cpu_s"] and 0 <= r0["dest_open_s"] and 0 < r0["dest_store_s"], r0
     if memory == "compressible":
         assert r0["frames_lz4"] >= 0.9 * r0["frames"] and r0["bytes_wire"] < r0["bytes_raw"] / 3, r0
@@ -110,6 +120,7 @@ def test_page_verified_migration(env, memory, tmp_path):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", ["sealed", "plaintext"])
+@pytest.mark.usefixtures("threads_on")
 def test_connection_cut_mid_round(env, mode):
     """The connection is reset in the middle of round 0, at full speed, with
     the reader threads busy on both ends: the round fails (run exits non-zero
@@ -148,6 +159,7 @@ def test_connection_cut_mid_round(env, mode):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.usefixtures("threads_on")
 def test_slow_destination_backpressure(env):
     """The link carries run's bytes at 24 MB/s (a relay that reads slowly):
     run's sends block, its reader thread waits for a free frame buffer, and
@@ -196,7 +208,7 @@ def _region(npages):
     return buf, addr
 
 
-def test_a_later_send_overrides_an_earlier_one_through_both_threads(session):
+def test_a_later_send_overrides_an_earlier_one_through_both_threads(threads_on, session):
     """The reader thread on the source and the inbound thread on the
     destination keep the order of the frames: a page sent again (its newer
     content) overrides the first copy, whether the second send is pipelined
@@ -207,11 +219,12 @@ def test_a_later_send_overrides_an_earlier_one_through_both_threads(session):
     pid = os.getpid()
     for i in range(n):
         buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = os.urandom(PAGE_SIZE) if i % 3 else bytes(PAGE_SIZE)
-    piped, serial = Sender(channel, {pid: 7}), Sender(channel, {pid: 7}, reader_thread=False)
+    piped, serial = Sender(channel, {pid: 7}, reader_thread=True), Sender(channel, {pid: 7}, reader_thread=False)
     first, again = Round(0), Round(0)
     piped.send_ranges(pid, [(base, base + n * PAGE_SIZE)], first)
     serial.send_ranges(pid, [(base, base + n * PAGE_SIZE)], again)
     assert first.read_ahead_s > 0 and again.read_ahead_s == 0
+    assert "inbound" in [t.name for t in threading.enumerate()]  # the destination reads ahead too
     assert (first.frames, first.bytes_wire, first.pages_zero) == (again.frames, again.bytes_wire, again.pages_zero)
     # newer contents: every page, sent again through the pipelined sender,
     # and one run once more alone (not pipelined): the last send wins
@@ -237,7 +250,7 @@ def test_a_reader_error_stops_the_round_after_the_frames_before_it(session):
     holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     holder.kill()
     holder.wait(10)
-    sender = Sender(channel, {holder.pid: 9}, root=holder.pid)
+    sender = Sender(channel, {holder.pid: 9}, root=holder.pid, reader_thread=True)
     before = threading.active_count()
     with pytest.raises(ProcessGone):
         sender.send_ranges(holder.pid, [(0x10000000, 0x10000000 + n * PAGE_SIZE)], Round(0))

@@ -22,6 +22,7 @@ import psutil
 from .. import scratch, wire
 from ..bindings import PAGE_SIZE
 from ..bindings.pagestore import PageStore
+from ..cpus import data_threads
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from ..errors import CriuError, HybridmigError, PeerClosed, ProtocolError
 from ..messages import Host, Outcome, OutcomeQuery, Restore, Result, RoundStats
@@ -224,17 +225,19 @@ class Session:
     def run(self, first=None):
         """Serve frames (`first`, then what comes) until the source commits
         or aborts; returns 'committed' or 'aborted'."""
-        pace, inbound = RoundPace(self.channel), Inbound(self.channel)
+        pace, inbound = RoundPace(self.channel), Inbound(self.channel) if data_threads() else None
         try:
             return self._run(first, pace, inbound)
         finally:
-            inbound.close()
+            if inbound is not None:
+                inbound.close()
 
     def _run(self, first, pace, inbound):
+        recv = inbound.recv if inbound is not None else lambda: self.channel.recv(transient=True)
         while True:
             # transient: each payload is done with before the next recv()
             t = time.perf_counter()
-            kind, payload = first or inbound.recv()
+            kind, payload = first or recv()
             t_got = time.perf_counter()
             pace.received(t_got - t)
             first = None

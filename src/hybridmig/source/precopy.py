@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from .. import wire
 from ..bindings import PAGE_SIZE
 from ..bindings.ranges import Ranges
+from ..cpus import data_threads
 from ..errors import ProcessGone, ProtocolError
 from ..messages import RoundStats, Stored
 from ..wire import Msg
@@ -128,10 +129,10 @@ class Sender:
     to frame_pages pages, scattered pages gathered into one frame. A frame is
     read straight into one of FRAME_BUFFERS reused buffers, its data pages
     packed by the native read, its head written just before them, and
-    sealed and sent from there: no copy of the pages in Python. Large
-    ranges are read by a reader thread while the caller's seals and sends
-    the frame before (both release the GIL); frames go out in the order
-    they were read. One caller at a time."""
+    sealed and sent from there: no copy of the pages in Python. Where it
+    pays (cpus.py), large ranges are read by a reader thread while the
+    caller's seals and sends the frame before (both release the GIL);
+    frames go out in the order they were read. One caller at a time."""
 
     channel: wire.Channel
     keys: dict  # host pid -> ns pid (store key)
@@ -140,9 +141,11 @@ class Sender:
     throttle: Throttle | None = None
     held: dict = field(default_factory=dict)  # ns pid -> Ranges held by the destination
     frame_pages: int = FRAME_PAGES
-    reader_thread: bool = True  # read ahead in a thread (large ranges)
+    reader_thread: bool | None = None  # read ahead in a thread (large ranges); None: cpus.data_threads()
 
     def __post_init__(self):
+        if self.reader_thread is None:
+            self.reader_thread = data_threads()
         self.compression = Compression(self.compress)
         # [scratch byte for the sealed type][room for the longest head][data]
         self._data_at = 1 + wire.pages_head_max(self.frame_pages)
