@@ -30,10 +30,12 @@ from .options import DEFAULTS
 from .tracker import TreeTracker, read_run
 
 log = logging.getLogger("hybridmig.source.precopy")
-# Pages per PAGES frame (4 MiB), zero pages included; scattered runs share a
-# frame. 4 MiB frames took 0.3-0.5 CPU s/GiB less than 1 MiB ones over both
-# ends (fewer syscalls, thread hand-offs and wake-ups: docs/bench-wire.md).
-FRAME_PAGES = 1024
+# Pages per PAGES frame (1 MiB), zero pages included; scattered runs share a
+# frame. With the data path's threads (cpus.py) 4 MiB frames cost 0.3-0.5
+# CPU s/GiB less over both ends (fewer hand-offs); without them, 1 MiB
+# frames overlap the two ends better (the socket buffers hold several:
+# sealed round 0 at 0.7 of its pace with 4 MiB frames; docs/bench-wire.md).
+FRAME_PAGES = 256
 WORTHWHILE_MS = 5.0  # a final transfer estimated shorter than this is not worth another round
 # Frame buffers of the sender: one being read while the other is sealed and
 # sent (a reader thread), the memory of `run`'s data path bounded by them.
