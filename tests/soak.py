@@ -44,6 +44,7 @@ from pathlib import Path
 import psutil
 
 from hybridmig.keys import generate_key
+from hybridmig.proctree import all_held
 from hybridmig.testing.netns import TwoHosts
 from hybridmig.testing.workload import (
     FORK_VERIFY_COMM,
@@ -54,7 +55,7 @@ from hybridmig.testing.workload import (
     build_program,
     ns_pid,
 )
-from migrate_util import PORT, BackgroundRun, Cleanup, Serve, kill_by_report, tracked, uffd_fds
+from migrate_util import HYBRIDMIG, PORT, BackgroundRun, Cleanup, Serve, kill_by_report, tracked, uffd_fds
 
 # The soak's own memwork binary: a rebuild of the shared one could change it
 # under another user's dumped images.
@@ -302,7 +303,8 @@ class Iteration:
         for t in self.threads:
             t.join(60)
         verdict = Invariant(hosts, wl, rep, rc, killed_run=bool(fault and fault["kind"] == "kill_run" and reached))
-        violations = verdict.check()
+        violations = self._settle(hosts, wl, rep, verdict) if (rep or {}).get("result") == "in doubt" else []
+        violations += verdict.check()
         return {
             "rc": rc,
             "result": (rep or {}).get("result"),
@@ -312,6 +314,28 @@ class Iteration:
             "survivor": verdict.survivor,
             "violations": violations,
         }
+
+    def _settle(self, hosts, wl, rep, verdict):
+        """run left the source in doubt: it must be frozen whole; then settle
+        it as an operator would, by whether the destination runs a copy."""
+        error = rep.get("error") or ""
+        try:
+            criu_pid = int(error.split("hybridmig settle ")[1].split()[0])
+        except (IndexError, ValueError):
+            return [f"in doubt, and no settle command named: {error[:200]}"]
+        out = [] if all_held(wl.pids()) else [f"in doubt, but the source is not frozen: {wl.pids()}"]
+        copies, _ = verdict._state()
+        decision = "end" if copies["dst"] else "resume"
+        settle = subprocess.run(
+            hosts.run_in(hosts.src) + [HYBRIDMIG, "settle", str(criu_pid), decision],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.notes.append(f"in doubt: settled with {decision!r} (exit {settle.returncode})")
+        if settle.returncode != 0:
+            out.append(f"hybridmig settle {criu_pid} {decision} failed: {settle.stderr.strip()[-300:]}")
+        return out
 
     # --- faults ---------------------------------------------------------------
     def _inject(self, hosts, wl, run, serve, steps):
@@ -498,6 +522,8 @@ class Invariant:
             return []  # no report to hold it to
         if self.rc is None or self.rep is None:
             return [f"run gave no report (exit {self.rc})"]
+        if self.rep.get("result") == "in doubt":  # settled by the operator (Iteration._settle)
+            return [] if self.rc not in (0, None) else [f"run reported in doubt with exit {self.rc}"]
         migrated = self.rc == 0 and self.rep.get("result") == "migrated"
         if self.survivor == "dst" and not migrated:
             return [f"the destination's copy runs, but run reported exit {self.rc}, {self.rep.get('result')}"]

@@ -144,9 +144,12 @@ def running_copies(wl):
 
 
 @pytest.mark.timeout(240)
-def test_lost_done_is_asked_about_and_the_commit_stands(env):  # noqa: F811
+@pytest.mark.parametrize("once", [False, True], ids=["serve", "serve-once"])
+def test_lost_done_is_asked_about_and_the_commit_stands(env, once):  # noqa: F811
+    """serve --once, committed without hearing ENDED, stays to answer the
+    source's question (the soak's source was left in doubt when it exited)."""
     wl = env.workload(32, rate=1000)
-    serve = serve_for_many(env)
+    serve = env.serve() if once else serve_for_many(env)
     proxy = Proxy(env, "drop-done")
     rc, rep, err = env.run(wl.host_pid, "--timeout", "10", to=proxy.to)
     assert "dropped DONE" in proxy.text(), proxy.text()
@@ -160,6 +163,8 @@ def test_lost_done_is_asked_about_and_the_commit_stands(env):  # noqa: F811
     assert_intact(new.verify(), 1)
     assert running_copies(wl) == [rep["restored_pid"]], (running_copies(wl), rep["restored_pid"])
     assert "asks what became of session" in serve.log(), serve.log()
+    if once:
+        assert serve.wait(30) == 0, serve.log()  # gone once it has told the source
 
 
 @pytest.mark.timeout(240)

@@ -788,6 +788,44 @@ def test_criu_killed_after_the_commit(env, monkeypatch):
     assert_intact(restored.verify(), 1)
 
 
+# runs before hybridmig's hook (CRIU runs action scripts in the reverse order
+# of their options) and leaves a killer of CRIU behind, for the final round
+KILL_CRIU_DURING_THE_FINAL_ROUND = """#!/bin/sh
+if [ "$CRTOOLS_SCRIPT_ACTION" = post-dump ]; then
+    criu=$PPID
+    (sleep 0.5; kill -9 $criu) </dev/null >/dev/null 2>&1 &
+fi
+exit 0
+"""
+DUMP_HOOK_FIRST_WRAPPER = """#!/bin/sh
+if [ "$1" = dump ]; then exec {criu} "$@" --action-script {hook}; fi
+exec {criu} "$@"
+"""
+
+
+@pytest.mark.timeout(180)
+def test_criu_killed_during_the_final_round(env, monkeypatch):
+    """The source's criu dump is SIGKILLed while run reads and sends the
+    final pages (slowed to seconds by --bandwidth-limit): the tree runs
+    again in the middle of it, so what was sent is torn (a page read before
+    a write, its bookkeeping after). The destination must not restore it:
+    a copy running on it read a stale page in the soak. run fails before
+    RESTORE and the source runs on, intact."""
+    wrapper = criu_with_hook(env, KILL_CRIU_DURING_THE_FINAL_ROUND, DUMP_HOOK_FIRST_WRAPPER)
+    restored = env.new_dir("marker") / "restored"
+    marker = criu_with_hook(env, "#!/bin/sh\ntouch %s\nexit 0\n" % restored)  # serve's restores
+    wl = env.workload(64, threads=2, rate=5000)
+    pids = wl.pids()
+    serve = env.serve(env={"CRIU": str(marker)})
+    monkeypatch.setenv("CRIU", str(wrapper))  # run's CRIU only: serve has started
+    rc, rep, err = env.run(wl.host_pid, "--max-rounds", "1", "--bandwidth-limit", "10M", "--no-compress")
+    error = assert_rolled_back(env, wl, pids, rc, rep, err)
+    assert "during the final round" in error and "nothing was restored" in error, error
+    assert serve.wait(60) is not None, serve.log()
+    assert not restored.exists(), "serve ran criu restore on the torn pages"
+    assert not [r for r in wl.reports() if r.get("event") in ("corrupt", "crash")], wl.reports()
+
+
 @pytest.mark.timeout(180)
 def test_criu_killed_before_the_verdict(env):
     """The source's criu dump is SIGKILLed while the destination restores

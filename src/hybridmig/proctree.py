@@ -1,7 +1,8 @@
 """Ending a process tree: what the source (a resumed source after a
 commit), the destination (an uncommitted copy, its guard) and CRIU's hook
-all do, by pid, never by name."""
+all do, by pid, never by name; and telling whether a tree is still held."""
 
+import os
 import signal
 
 import psutil
@@ -20,3 +21,28 @@ def end_tree(root):
                 proc.send_signal(sig)  # (psutil checks that the pid is still this process)
             except psutil.NoSuchProcess:
                 pass
+
+
+# A thread CRIU holds is in tracing stop; one that has exited cannot write.
+_HELD_STATES = frozenset("tZX")
+
+
+def all_held(pids):
+    """Whether every thread of the processes `pids` is in tracing stop (or
+    has exited). Seen after reading their memory, this proves the reads a
+    snapshot: a tracer that died let its tracees run, and none of them
+    enters tracing stop again without a new tracer."""
+    for pid in pids:
+        try:
+            tids = os.listdir("/proc/%d/task" % pid)
+        except FileNotFoundError:
+            return False
+        for tid in tids:
+            try:
+                with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError):
+                return False  # exited meanwhile: it ran
+            if state not in _HELD_STATES:
+                return False
+    return True

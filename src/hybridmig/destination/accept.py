@@ -37,11 +37,13 @@ class Acceptor:
         self._thread = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
         self._thread.start()
 
-    def next_channel(self):
-        """The next authenticated channel (blocks)."""
+    def next_channel(self, timeout=None):
+        """The next authenticated channel; None if none came within `timeout` s."""
         self._idle.set()
         try:
-            return self._ready.get()
+            return self._ready.get(timeout=timeout)
+        except queue.Empty:
+            return None
         finally:
             self._idle.clear()
 

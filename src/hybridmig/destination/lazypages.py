@@ -9,6 +9,7 @@ the socket), the restore fails and CRIU kills the tasks. See docs/lazy-pages.md.
 """
 
 import array
+import contextlib
 import errno
 import logging
 import os
@@ -54,16 +55,27 @@ def listen(work_dir):
                 os.unlink(path)  # stale socket of a daemon that is gone
             finally:
                 probe.close()
+        # Bound under a private name and renamed once it listens: a client
+        # that finds the name never meets a socket that refuses it (bind()
+        # creates the file, listen() comes after).
+        private = ".%s.%d" % (SOCKET_NAME, os.getpid())
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(short)
+            try:
+                os.unlink(private, dir_fd=dirfd)
+            except FileNotFoundError:
+                pass
+            sock.bind("/proc/self/fd/%d/%s" % (dirfd, private))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # each uffd comes with its task's pid
+            sock.listen(1)
+            os.rename(private, SOCKET_NAME, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         except OSError as e:
             sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(private, dir_fd=dirfd)
             raise SetupError(f"cannot create {path}: {e.strerror} (is the work dir writable?)") from e
     finally:
         os.close(dirfd)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # each uffd comes with its task's pid
-    sock.listen(1)
     return sock
 
 

@@ -45,6 +45,10 @@ END_WAIT_S = 600
 # How long serve remembers what became of a session's copy, for a source
 # whose DONE was lost and that asks again (OUTCOME).
 OUTCOME_KEEP_S = 3600
+# serve --once, committed without hearing ENDED: the source may not know
+# that its DONE came (it asks, OUTCOME, for up to its --timeout, 120 s by
+# default); serve stays this long to tell it, answering nothing else.
+ONCE_LINGER_S = 150
 # What an authenticated source may make a session hold: store tasks (pids),
 # image files. Pages and image bytes count against Limits.max_memory.
 MAX_TASKS = 1 << 16
@@ -209,6 +213,7 @@ class Session:
         self.restored_pid = None
         self.result = None
         self.committed = False  # COMMIT came: the restored copy stays, whatever happens to the session
+        self.source_ended = False  # ENDED came after the commit: the source knows
         self.rounds = 0
         self._restorer = None
         # holds the restored tasks' uffds, and ends the copy if serve dies
@@ -330,6 +335,8 @@ class Session:
             return "committed"
         if kind != Msg.ENDED:
             log.warning("unexpected %s from the source after its commit: the restored copy stays", kind.name)
+        else:
+            self.source_ended = True
         return "committed"
 
     def _join_restorer(self):
@@ -468,6 +475,36 @@ def answer_outcome(channel, outcomes, payload):
     outcome = outcomes.get(session_id)
     log.warning("%s asks what became of session %s: %s", channel.peer, session_id, outcome)
     channel.send(Msg.OUTCOME, Outcome(session_id, outcome).encode())
+    return session_id
+
+
+def linger(acceptor, outcomes, session_id):
+    """Answer OUTCOME queries (only) until the one about `session_id`, or
+    for ONCE_LINGER_S: a --once serve that exits at once leaves a source
+    whose DONE was lost unable to learn that its copy was kept."""
+    log.warning(
+        "the source did not say it has ended: waiting up to %ds for it to ask what became of its copy", ONCE_LINGER_S
+    )
+    deadline = time.monotonic() + ONCE_LINGER_S
+    while (left := deadline - time.monotonic()) > 0:
+        channel = acceptor.next_channel(timeout=left)
+        if channel is None:
+            break
+        try:
+            channel.sock.settimeout(10)
+            channel.send(Msg.HOST, Host(wire.boot_id(), os.uname().release, secrets.token_hex(16), []).encode())
+            kind, payload = channel.recv()
+            if kind != Msg.OUTCOME:
+                channel.send_error("this serve --once has served its migration")
+                continue
+            asked = answer_outcome(channel, outcomes, payload)
+        except ProtocolError as e:
+            log.warning("%s: %s", channel.peer, e)
+            continue
+        finally:
+            channel.close()
+        if asked == session_id:
+            return
 
 
 def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, mode=wire.SEALED, limits=None):
@@ -543,6 +580,8 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
                     keep=keep or (outcome != "committed" and logging.getLogger().isEnabledFor(logging.DEBUG))
                 )
             if once:
+                if session.committed and not session.source_ended:
+                    linger(acceptor, outcomes, session_id)
                 return outcome
     finally:
         acceptor.close()

@@ -19,7 +19,7 @@ from ..criu.command import CRIU_LONG_OPTS, LazyDump, check_criu_opts, dump_phase
 from ..criu.hook import IN_DOUBT
 from ..errors import CriuError, HybridmigError, InDoubtError, ProtocolError, SetupError
 from ..messages import Host, Outcome, OutcomeQuery, Restore, Result
-from ..proctree import end_tree
+from ..proctree import all_held, end_tree
 from ..wire import Msg
 from .converge import AutoConverge
 from .options import DEFAULTS
@@ -249,7 +249,8 @@ class Migration:
         self._abort_destination()
         error = (self.result and self.result.error) or "no result"
         if self.criu_died_frozen:
-            raise CriuError(f"{error}; the destination's copy was ended")
+            ended = "the destination's copy was ended" if "images_sent" in self.times else "nothing was restored"
+            raise CriuError(f"{error}; {ended}")
         raise HybridmigError(f"the destination did not restore the process: {error}; the source was resumed")
 
     def _end_source(self):
@@ -290,6 +291,7 @@ class Migration:
                 need = self._lacking(images_dir, key, dirty.get(pid, []))
                 self.sender.send_ranges(pid, need, final)
             self.times["final_sent"] = time.time()
+            self._check_snapshot()
             final.ended(t0, cpu0)  # its send alone: no ack, the images follow
             log.info(
                 "final round: scan %.1f ms, %d pages sent in %.1f ms",
@@ -316,6 +318,18 @@ class Migration:
         except HybridmigError as e:
             self.result = Result(ok=False, error=str(e))
             return False
+
+    def _check_snapshot(self):
+        """The final pages were read from a tree frozen throughout: if CRIU
+        died meanwhile, the tree ran again and the pages sent are torn (a
+        page read before a write, its bookkeeping after). The destination
+        must not run that: no RESTORE (the soak saw such a copy read a
+        stale page)."""
+        if all_held(self.tracker.pids()):
+            return
+        self.criu_died_frozen = True
+        failed = self.dump.failed() or "criu dump let the tree go"
+        raise CriuError(f"{failed} during the final round: the source ran again, the pages sent are no snapshot")
 
     def _source_still_frozen(self):
         """CRIU holds the tree frozen until its verdict; one that died has let
