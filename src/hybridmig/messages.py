@@ -226,8 +226,8 @@ class Stored(Body):
 
     KIND = Msg.ROUND_ACK
     frames: int = 0  # PAGES frames stored
-    recv_s: float = 0.0  # in the socket: the source's pace (or the link's), and the copy out of the kernel
-    open_s: float = 0.0  # opening the sealed frames (or checking their MAC)
+    recv_s: float = 0.0  # waiting for the next frame: the source's pace (or the link's), the copy out of the kernel
+    open_s: float = 0.0  # opening the sealed frames (or checking their MAC); in the inbound thread, if any
     store_s: float = 0.0  # decoding PAGES bodies and putting them into the page store
     cpu_s: float = 0.0  # serve's CPU time (all its threads)
 

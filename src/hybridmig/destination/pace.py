@@ -10,8 +10,9 @@ from ..messages import Stored
 class RoundPace:
     """Counts one round's frames and times; `ack()` ends the round."""
 
-    def __init__(self, channel):
+    def __init__(self, channel, read_ahead=False):
         self.channel = channel
+        self.read_ahead = read_ahead  # frames opened by the inbound thread: not in recv_s
         self._reset()
 
     def _reset(self):
@@ -20,7 +21,8 @@ class RoundPace:
         self._cpu0 = time.process_time()
 
     def received(self, seconds):
-        """recv() took this long (waiting for the frame, and opening it)."""
+        """The session waited this long for a frame (and opened it, unless
+        the inbound thread does)."""
         self.stats.recv_s += seconds
 
     def stored(self, seconds):
@@ -31,7 +33,8 @@ class RoundPace:
         """The round's stats as ROUND_ACK carries them; the next round starts."""
         st = self.stats
         st.open_s = self.channel.open_s - self._open0
-        st.recv_s = max(0.0, st.recv_s - st.open_s)
+        if not self.read_ahead:
+            st.recv_s = max(0.0, st.recv_s - st.open_s)
         st.cpu_s = time.process_time() - self._cpu0
         self._reset()
         return st.encode()

@@ -230,7 +230,8 @@ class Session:
     def run(self, first=None):
         """Serve frames (`first`, then what comes) until the source commits
         or aborts; returns 'committed' or 'aborted'."""
-        pace, inbound = RoundPace(self.channel), Inbound(self.channel) if data_threads() else None
+        inbound = Inbound(self.channel) if data_threads() else None
+        pace = RoundPace(self.channel, read_ahead=inbound is not None)
         try:
             return self._run(first, pace, inbound)
         finally:

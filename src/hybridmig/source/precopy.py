@@ -31,7 +31,7 @@ from .tracker import TreeTracker, read_run
 
 log = logging.getLogger("hybridmig.source.precopy")
 # Pages per PAGES frame (1 MiB), zero pages included; scattered runs share a
-# frame. With the data path's threads (cpus.py) 4 MiB frames cost 0.3-0.5
+# frame. With the data path's threads (cpus.py) 4 MiB frames cost 0.2-1.3
 # CPU s/GiB less over both ends (fewer hand-offs); without them, 1 MiB
 # frames overlap the two ends better (the socket buffers hold several:
 # sealed round 0 at 0.7 of its pace with 4 MiB frames; docs/bench-wire.md).
