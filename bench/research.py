@@ -82,8 +82,16 @@ def make_workloads(names, sizes, rates, hot, app_size):
             from .workloads.pyheap import PyHeap
 
             made.append(lambda: PyHeap(app_size))
+        elif name == "podman":
+            from .workloads.podman import PodmanMemwork
+
+            for s in sizes:
+                for r in rates:
+                    make = lambda s=s, r=r: PodmanMemwork(s, rate=r, hot=hot)  # noqa: E731
+                    make.container = True  # type: ignore[attr-defined]
+                    made.append(make)
         else:
-            raise SystemExit(f"hybridmig bench: unknown workload {name!r} (memwork, redis, pyheap)")
+            raise SystemExit(f"hybridmig bench: unknown workload {name!r} (memwork, redis, pyheap, podman)")
     return made
 
 
@@ -264,7 +272,11 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="the quick set (make bench): 256 MiB, one repetition")
     p.add_argument("--out", default="bench/out/research", help="output directory (default: %(default)s)")
     p.add_argument("--strategies", help="comma-separated, of: " + ", ".join(STRATEGIES) + " (default: all)")
-    p.add_argument("--workloads", help="comma-separated, of: memwork, redis, pyheap (default: all)")
+    p.add_argument(
+        "--workloads",
+        help="comma-separated, of: memwork, redis, pyheap, podman (memwork in a podman container, for the "
+        "strategies podman-stop-copy and hybridmig-container) (default: memwork, redis, pyheap)",
+    )
     p.add_argument("--sizes", help="memwork sizes, MiB, comma-separated (quick 256; full 1024,4096)")
     p.add_argument("--rates", help="memwork dirty rates, pages/s, comma-separated (quick 500; full 500,20000)")
     p.add_argument("--hot", type=float, default=100, help="memwork: percent of memory it keeps rewriting")
@@ -327,6 +339,8 @@ def main(argv=None) -> int:
         for make in makers
         for link in cfg["link_rates"]
         for s in _rotated(cfg["strategies"], rep)
+        # container strategies migrate containers, the others processes
+        if STRATEGIES[s].container == getattr(make, "container", False)
     ]
     results = {
         "machine": machine(),

@@ -80,6 +80,7 @@ def _status_fd_wait(rfd: int, proc, timeout: float, what: str, log) -> None:
 
 class Strategy:
     name = "?"
+    container = False  # migrates a container workload (PodmanMemwork), and nothing else
 
     def migrate(self, trial: Trial) -> Outcome:
         raise NotImplementedError
@@ -308,7 +309,8 @@ class Hybridmig(Strategy):
         listen = "%s:%d" % (h.dst_addr, SERVE_PORT)
         serve = trial.spawn(
             "dst",
-            [HYBRIDMIG, "serve", "--listen", listen, "--dir", serve_dir, "--key-file", key, "--once", "--keep", "-v3"],
+            [HYBRIDMIG, "serve", "--listen", listen, "--dir", serve_dir, "--key-file", key, "--once", "--keep", "-v3"]
+            + self.serve_args(trial),
             "serve.log",
         )
         _wait_log(trial.logs / "serve.log", "listening on", serve, 30)
@@ -320,7 +322,7 @@ class Hybridmig(Strategy):
                 [
                     HYBRIDMIG,
                     "run",
-                    trial.workload.host_pid,
+                    *self.what(trial),
                     "--to",
                     listen,
                     "--key-file",
@@ -368,6 +370,63 @@ class Hybridmig(Strategy):
             },
         )
 
+    def serve_args(self, trial):
+        return []
+
+    def what(self, trial):
+        """What `run` migrates: its first arguments."""
+        return [trial.workload.host_pid]
+
+
+def _podman(trial, side):
+    """`podman` with the options of the workload's podman storage on `side`."""
+    pair = getattr(trial.workload, "pair", None)
+    if pair is None:
+        raise StrategyError("a container strategy needs a container workload (--workloads podman)")
+    return ["podman", *(pair.src if side == "src" else pair.dst).opts]
+
+
+class PodmanStopCopy(Strategy):
+    """podman's own migration: `container checkpoint --export` (the
+    container frozen from here), the archive over the link, `container
+    restore --import` under the same name on the destination's podman."""
+
+    name = "podman-stop-copy"
+    container = True
+
+    def migrate(self, trial):
+        name = trial.workload.name
+        src, dst = trial.work / "src-export", trial.work / "dst-import"
+        src.mkdir()
+        t0 = time.time()
+        export = ["container", "checkpoint", name, "--export", src / "checkpoint.tar", "--compress", "none"]
+        trial.run("src", _podman(trial, "src") + export, "podman-checkpoint.log", "podman container checkpoint")
+        t1 = time.time()
+        self.copy(trial, src, dst)
+        t2 = time.time()
+        restore = ["container", "restore", "--import", dst / "checkpoint.tar", "--name", name]
+        trial.run("dst", _podman(trial, "dst") + restore, "podman-restore.log", "podman container restore")
+        t3 = time.time()
+        info = trial.workload.pair.dst.inspect(name)
+        if not info or not info["State"]["Running"]:
+            raise StrategyError(f"podman restored {name}, but does not say it runs")
+        trial.restored.append(info["State"]["Pid"])
+        return Outcome(info["State"]["Pid"], {"dump": t1 - t0, "copy": t2 - t1, "restore": t3 - t2}, t3, {})
+
+
+class HybridmigContainer(Hybridmig):
+    """`hybridmig run --container` to `serve --podman`."""
+
+    name = "hybridmig-container"
+    container = True
+
+    def serve_args(self, trial):
+        _podman(trial, "dst")  # a container workload, or a clear error
+        return trial.workload.pair.dst.podman_opt_args()
+
+    def what(self, trial):
+        return ["--container", trial.workload.name, *trial.workload.pair.src.podman_opt_args()]
+
 
 def _wait_log(path, needle, proc, timeout):
     deadline = time.monotonic() + timeout
@@ -398,4 +457,7 @@ def _reap_daemon(trial, daemon, images):
         raise StrategyError("criu lazy-pages failed: {}".format(log_tail(os.path.join(images, "lazy-pages.log"))))
 
 
-STRATEGIES = {s.name: s for s in (StopAndCopy, LazyRestore, PostCopy, Floor, PreDump, Hybridmig)}
+STRATEGIES = {
+    s.name: s
+    for s in (StopAndCopy, LazyRestore, PostCopy, Floor, PreDump, Hybridmig, PodmanStopCopy, HybridmigContainer)
+}

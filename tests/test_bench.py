@@ -70,7 +70,8 @@ def test_memwork_hot_set_confines_the_writes():
 def test_quick_bench_end_to_end(criu_ready, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [*HYBRIDMIG, "bench", "--quick", "--workloads", "memwork", "--sizes", "64", "--out", str(out)],
+        # memwork as a process, and in a podman container (its own strategies: podman-stop-copy, hybridmig-container)
+        [*HYBRIDMIG, "bench", "--quick", "--workloads", "memwork,podman", "--sizes", "64", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=840,
@@ -92,7 +93,9 @@ def test_quick_bench_end_to_end(criu_ready, tmp_path):
         assert run["throughput"]["ops_per_s_before"] > 0
         assert set(run["phases"]) >= {"dump", "copy", "restore"}
         assert run["cpu_s"]["src"] > 0 and run["cpu_s"]["dst"] > 0
-    assert runs["hybridmig"]["remote_faults"] == 0 and runs["hybridmig"]["rounds"] >= 1
+    for name in ("hybridmig", "hybridmig-container"):
+        assert runs[name]["remote_faults"] == 0 and runs[name]["rounds"] >= 1, runs[name]
+    assert runs["podman-stop-copy"]["workload"]["kind"] == "podman-memwork"
     assert runs["criu-post-copy"]["remote_faults"] > 0  # the workload faulted its pages over the link
     per_run = list((out / "runs").rglob("*.json"))
     assert len(per_run) == len(STRATEGIES) and all(json.loads(p.read_text()) for p in per_run)
@@ -100,7 +103,7 @@ def test_quick_bench_end_to_end(criu_ready, tmp_path):
     for name in STRATEGIES:
         assert f"| {name} |" in summary
     pngs = list(out.glob("*.png"))
-    assert {p.name for p in pngs} >= {"blackout.png", "wire.png"} and len(pngs) == 3
+    assert {p.name for p in pngs} >= {"blackout.png", "wire.png"} and len(pngs) == 4  # a throughput plot each
     for png in pngs:
         data = png.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10000, png
@@ -111,7 +114,7 @@ def test_quick_bench_end_to_end(criu_ready, tmp_path):
         [*HYBRIDMIG, "bench", "--summarize", "--out", str(out)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    assert (out / "summary.md").read_text() == summary and len(list(out.glob("*.png"))) == 3
+    assert (out / "summary.md").read_text() == summary and len(list(out.glob("*.png"))) == 4
 
 
 class _FailsAfterRestore(StopAndCopy):

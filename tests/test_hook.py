@@ -2,6 +2,7 @@
 end the session, the hook's child does what CRIU would have done."""
 
 import subprocess
+import time
 
 import psutil
 
@@ -55,3 +56,20 @@ def test_abort_ends_only_criu(monkeypatch):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_no_page_server_from_a_criu_that_exited_unreaped():
+    """run killed, its CRIU exited and not reaped yet (a zombie lists no
+    socket, and raises nothing): the hook's child must not wait out its
+    minute for a page server (the soak found it left behind)."""
+    criu = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 5
+        while psutil.Process(criu.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert hook.page_server_port(criu.pid, timeout=30) is None
+        assert time.monotonic() - t0 < 5
+    finally:
+        criu.wait()

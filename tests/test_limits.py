@@ -18,14 +18,15 @@ import pytest
 
 from hybridmig import wire
 from hybridmig.criu.command import check_criu_opts
-from hybridmig.errors import ProtocolError, UsageError
-from hybridmig.messages import Host, OutcomeQuery, Restore, Result, RoundStats
+from hybridmig.errors import HybridmigError, ProtocolError, UsageError
+from hybridmig.messages import Container, Host, OutcomeQuery, Restore, Result, RoundStats
 from hybridmig.source.migration import Migration
 from hybridmig.wire import Msg
 from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
 from lazy_util import wait_for
 
 KEY = os.urandom(32)
+IMAGE_ID = "0123456789abcdef" * 4  # no image of any podman here
 PAGE = 4096
 
 
@@ -148,6 +149,52 @@ def test_commit_before_restore_is_refused(serve):
     ch, _ = session(srv)
     ch.send(Msg.COMMIT)
     assert "unexpected COMMIT" in refused(ch)
+
+
+# --- containers (serve --podman) -------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_container_refused_by_a_serve_without_podman(serve):
+    srv = serve()
+    ch, host = session(srv)
+    assert host.containers == []
+    ch.send(Msg.CONTAINER, Container("podman", "web", IMAGE_ID).encode())
+    assert "does not restore podman containers (start it with --podman)" in refused(ch)
+    assert srv.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_container_is_checked_before_any_page(serve):
+    """CONTAINER comes first, once; its image must be an ID that serve's
+    podman holds: refused at once, before the source has sent a page."""
+    srv = serve("--podman")
+    ch, host = session(srv)
+    assert host.containers == ["podman"]
+    ch.send(Msg.CONTAINER, Container("podman", "web", "localhost/x:latest").encode())
+    assert "'localhost/x:latest' is no image ID" in refused(ch)
+    ch, _ = session(srv)
+    ch.send(Msg.CONTAINER, Container("podman", "web", IMAGE_ID).encode())
+    assert "is not in the destination's podman storage" in refused(ch)
+    ch, _ = session(srv)
+    ch.send(Msg.PAGES, pages(1, 0x10000, 1))
+    ch.send(Msg.CONTAINER, Container("podman", "web", IMAGE_ID).encode())
+    assert "CONTAINER comes once, before any page or file" in refused(ch)
+    assert srv.poll() is None
+
+
+@pytest.mark.parametrize(
+    "opt", ["--ext-unix-sk=1\naction-script /tmp/x", "--tcp-established action-script=/x", "-v4", "--x=\x00"]
+)
+def test_a_container_restore_takes_no_option_that_would_add_a_config_line(opt):
+    """A container's CRIU options go into serve's CRIU config file: one that
+    passes the allowlist but would bring a line or word of its own (an
+    action script) is refused."""
+    from hybridmig.destination.container import config_lines
+
+    with pytest.raises(HybridmigError, match="a container's options are --name or --name=VALUE"):
+        config_lines([opt])
+    assert config_lines(["--tcp-established", "--ext-unix-sk=1"]) == ["tcp-established", "ext-unix-sk 1"]
 
 
 # --- caps -----------------------------------------------------------------------------------

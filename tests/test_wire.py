@@ -23,6 +23,7 @@ from hybridmig.messages import (
     MAX_ITEMS,
     MAX_JSON,
     MAX_TEXT,
+    Container,
     Host,
     Outcome,
     OutcomeQuery,
@@ -324,7 +325,11 @@ RESULT_OK = Result(
 )
 BODIES = {
     # each body with the JSON keys it carries on the wire, in order (docs/protocol.md)
-    "HOST": (Host("b00t", "6.18.0", "5e55", ["shell-job", "tcp-close"]), "boot_id kernel session criu_opts_allowed"),
+    "HOST": (
+        Host("b00t", "6.18.0", "5e55", ["shell-job", "tcp-close"], ["podman"]),
+        "boot_id kernel session criu_opts_allowed containers",
+    ),
+    "CONTAINER": (Container("podman", "web-1.a_b", "d5c5" * 16), "engine name image"),
     "RESTORE": (Restore(["--tcp-established"]), "criu_opts"),
     "ROUND": (RoundStats(3, pages_sent=7, duration_s=0.5), " ".join(f.name for f in fields(RoundStats))),
     "RESULT ok": (RESULT_OK, "ok restored_pid restore_s installed_s remote_pages lazy restore_breakdown_ms"),
@@ -378,6 +383,15 @@ REFUSALS = [
     ("HOST", _set("criu_opts_allowed", ["x"] * (MAX_ITEMS + 1)), "HOST body: criu_opts_allowed holds 1025 entries"),
     ("HOST", _set("kernel", "x" * (MAX_TEXT + 1)), "HOST body: kernel is 4097 characters long"),
     ("HOST", _set("boot_id", None), "HOST body: boot_id has type NoneType, not str"),
+    ("HOST", _drop("containers"), "HOST body: containers is missing"),
+    ("HOST", _set("containers", ["docker"]), "HOST body: containers[0] is 'docker', none of podman"),
+    ("CONTAINER", _drop("name"), "CONTAINER body: name is missing"),
+    ("CONTAINER", _set("engine", "lxc"), "CONTAINER body: engine is 'lxc', none of podman"),
+    ("CONTAINER", _set("name", "../etc"), "CONTAINER body: name is '../etc': no container name"),
+    ("CONTAINER", _set("name", "a\nb"), "CONTAINER body: name is 'a\\nb': no container name"),
+    ("CONTAINER", _set("name", "a" * 254), "CONTAINER body: name is"),
+    ("CONTAINER", _set("name", ""), "CONTAINER body: name is '': no container name"),
+    ("CONTAINER", _set("root", "/"), "CONTAINER body: field root is none of its fields"),
     ("RESTORE", _drop("criu_opts"), "RESTORE body: criu_opts is missing"),
     ("RESTORE", _set("criu_opts", ["-v4", 4]), "RESTORE body: criu_opts[1] has type int, not str"),
     ("RESTORE", _set("criu_opts", ["-v4"] * (MAX_ITEMS + 1)), "RESTORE body: criu_opts holds 1025 entries"),

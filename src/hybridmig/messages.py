@@ -1,5 +1,5 @@
 """The JSON bodies of the messages between `run` and `serve`: HOST, RESTORE,
-ROUND's stats, RESULT and OUTCOME (docs/protocol.md), written and read by
+ROUND's stats, RESULT, OUTCOME and CONTAINER (docs/protocol.md), written and read by
 both sides through these dataclasses.
 
 A module beside wire.py rather than inside it: wire.py is the frames (the
@@ -18,6 +18,7 @@ source reads the destination's bodies the same way.
 import dataclasses
 import json
 import math
+import re
 import struct
 import types
 import typing
@@ -35,6 +36,10 @@ MAX_INT = (1 << 63) - 1  # counts and pids: never negative
 
 # what serve tells of a session's copy (OUTCOME)
 OUTCOMES = ("kept", "ended", "pending", "unknown")
+# the container engines serve may restore into (HOST, CONTAINER)
+ENGINES = ("podman",)
+# a container's name: podman's rule (libpod/define.NameRegex), bounded
+CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,252}")
 
 _ROUND = struct.Struct("!I")  # ROUND's round number, before its JSON stats
 _MISSING = object()
@@ -146,13 +151,23 @@ class Host(Body):
     """HOST (D→S), the first message of every connection: the source
     refuses a process that is not its pid namespace's init on the same
     machine (boot_id), and the CRIU options the destination does not
-    allow; `session` names this migration for OUTCOME."""
+    allow; `session` names this migration for OUTCOME; `containers`, the
+    engines (ENGINES) serve restores containers into (`serve --podman`)."""
 
     KIND = Msg.HOST
     boot_id: str
     kernel: str
     session: str
     criu_opts_allowed: list[str]
+    containers: list[str] = field(default_factory=list)
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray | memoryview) -> Self:
+        host = super().decode(payload)
+        for i, engine in enumerate(host.containers):
+            if engine not in ENGINES:
+                _fail("HOST", f"containers[{i}]", "is %r, none of %s" % (engine[:80], ", ".join(ENGINES)))
+        return host
 
 
 @dataclass
@@ -283,3 +298,26 @@ class Outcome(Body):
     KIND = Msg.OUTCOME
     session: str
     outcome: str = field(metadata={"choices": OUTCOMES})
+
+
+@dataclass
+class Container(Body):
+    """CONTAINER (S→D), the first message of a container's migration,
+    before any page: what is migrated is a container of `engine`
+    (ENGINES), to run under `name`, made from `image` (the destination
+    checks now that it has the image and no container of that name, and
+    answers with the same body, D→S, or ERROR). The engine's files
+    (podman.PODMAN_FILES) come later as FILE frames by those names, beside
+    CRIU's images."""
+
+    KIND = Msg.CONTAINER
+    engine: str = field(metadata={"choices": ENGINES})
+    name: str
+    image: str
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray | memoryview) -> Self:
+        body = super().decode(payload)
+        if not CONTAINER_NAME.fullmatch(body.name):
+            _fail("CONTAINER", "name", "is %r: no container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)" % body.name[:80])
+        return body

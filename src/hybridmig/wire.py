@@ -88,6 +88,7 @@ class Msg(enum.IntEnum):
     HOST = 26
     ENDED = 27
     OUTCOME = 28
+    CONTAINER = 29
 
 
 def boot_id() -> str:

@@ -226,6 +226,13 @@ def _size(text):
     multiple=True,
     help="also let sources pass this CRIU option (full long name; repeatable)",
 )
+@click.option("--podman", "use_podman", is_flag=True, help="also restore podman containers (`run --container`)")
+@click.option(
+    "--podman-opt",
+    "podman_opts",
+    multiple=True,
+    help="a global option of that podman, e.g. --podman-opt=--root=DIR (repeatable; implies --podman)",
+)
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
 def serve(
     listen,
@@ -239,6 +246,8 @@ def serve(
     keep,
     max_memory,
     allow_criu_opts,
+    use_podman,
+    podman_opts,
     verbosity,
 ):
     """Destination: keep pre-copied pages in RAM and restore migrated processes."""
@@ -246,6 +255,7 @@ def serve(
     from ..criu.command import check_allowed_names
     from ..destination import serve as destination
     from ..keys import read_key
+    from ..podman import Podman
 
     _setup_logging(verbosity, None)
     if (tls_cert, tls_key, tls_ca) != (None, None, None) and not (tls_cert and tls_key and tls_ca):
@@ -255,7 +265,9 @@ def serve(
         tls = wire.tls_server_context(tls_cert, tls_key, tls_ca) if tls_cert else None
         mode = wire.PLAINTEXT if insecure_plaintext else wire.SEALED
         limits = destination.Limits(
-            max_memory=_size(max_memory) if max_memory else None, criu_opts=check_allowed_names(allow_criu_opts)
+            max_memory=_size(max_memory) if max_memory else None,
+            criu_opts=check_allowed_names(allow_criu_opts),
+            podman=Podman(podman_opts) if use_podman or podman_opts else None,
         )
         outcome = destination.serve(listen, base_dir, key, once=once, tls=tls, keep=keep, mode=mode, limits=limits)
     except HybridmigError as e:
@@ -267,7 +279,15 @@ def serve(
 
 
 @main.command()
-@click.argument("pid", type=int)
+@click.argument("pid", type=int, required=False)
+@click.option("--container", help="migrate this podman container (instead of PID): see docs/containers.md")
+@click.option(
+    "--podman-opt",
+    "podman_opts",
+    multiple=True,
+    help="with --container: a global option of the source's podman, e.g. --podman-opt=--root=DIR (repeatable)",
+)
+@click.option("--rm", "remove", is_flag=True, help="with --container: remove the source container once migrated")
 @click.option("--to", required=True, help="ADDRESS:PORT of `hybridmig serve`")
 @click.option("--key-file", required=True, type=click.Path(dir_okay=False), help="shared secret, as on the destination")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
@@ -312,6 +332,9 @@ def serve(
 @click.option("-v", "--verbosity", type=int, default=2, is_flag=False, flag_value=4, help="0 (errors) .. 4 (debug)")
 def run(
     pid,
+    container,
+    podman_opts,
+    remove,
     to,
     key_file,
     as_json,
@@ -332,13 +355,17 @@ def run(
     insecure_plaintext,
     verbosity,
 ):
-    """Source: live-migrate process tree PID to a destination."""
+    """Source: live-migrate process tree PID (or a podman container) to a destination."""
     from .. import wire
     from ..keys import read_key
     from ..source.migration import Migration, alive
     from .progress import RunProgress
 
     _setup_logging(verbosity, None)
+    if (pid is None) == (container is None):
+        fail("give a PID or --container NAME (one of them)")
+    if (podman_opts or remove) and container is None:
+        fail("--podman-opt and --rm go with --container")
     if report_file and not os.access(os.path.dirname(os.path.abspath(report_file)), os.W_OK):
         fail(f"--report {report_file}: its directory is not writable (checked before migrating, not after)")
     if (tls_cert, tls_key, tls_ca) != (None, None, None) and not (tls_cert and tls_key and tls_ca):
@@ -347,10 +374,7 @@ def run(
     try:
         key = read_key(key_file)
         tls = wire.tls_client_context(tls_ca, tls_cert, tls_key, tls_name, tls_fingerprint) if tls_ca else None
-        report = Migration(
-            pid,
-            to,
-            key,
+        options = dict(
             max_rounds=max_rounds,
             target_downtime_ms=target_downtime,
             bandwidth_limit=_size(bandwidth_limit),
@@ -362,16 +386,32 @@ def run(
             tls=tls,
             wire_mode=wire.PLAINTEXT if insecure_plaintext else wire.SEALED,
             auto_converge=auto_converge,
-        ).run()
+        )
+        if container is not None:
+            from ..source.container import ContainerMigration
+
+            migration = ContainerMigration(container, to, key, podman_opts=podman_opts, remove=remove, **options)
+            pid = migration.pid
+            report = migration.run()
+        else:
+            report = Migration(pid, to, key, **options).run()
     except HybridmigError as e:
         in_doubt = isinstance(e, InDoubtError)
         failed = {"result": "in doubt" if in_doubt else "failed", "error": str(e), "pid": pid}
+        if container is not None:
+            failed["container"] = container
         if report_file:
             with open(report_file, "w") as f:
                 json.dump(failed, f, indent=2)
         if as_json:
             click.echo(json.dumps(failed))
         # (not said of a pid that is gone or a zombie, or left frozen: the error is about that)
+        if container is not None:
+            fail(
+                "%s (container %s keeps running on the source)" % (e, container)
+                if pid and alive(pid) and not in_doubt
+                else str(e)
+            )
         fail("%s (pid %d keeps running on the source)" % (e, pid) if alive(pid) and not in_doubt else str(e))
     if report_file:
         with open(report_file, "w") as f:

@@ -7,6 +7,7 @@ import re
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -180,7 +181,11 @@ def settle(criu_pid, end, timeout=10.0):
         cmdline = psutil.Process(criu_pid).cmdline()
     except psutil.NoSuchProcess as e:
         raise UsageError(f"no process {criu_pid}") from e
-    if "dump" not in cmdline or "--lazy-pages" not in cmdline or not os.path.basename(cmdline[0]).startswith("criu"):
+    # runc's CRIU (a podman container's dump) runs as `criu swrk FD`: its
+    # options came over RPC; the page server's port below is the check
+    rpc = cmdline[1:2] == ["swrk"]
+    lazy_dump = rpc or ("dump" in cmdline and "--lazy-pages" in cmdline)
+    if not lazy_dump or not cmdline or not os.path.basename(cmdline[0]).startswith("criu"):
         raise UsageError(f"pid {criu_pid} is not a `criu dump --lazy-pages`: {' '.join(cmdline)[:200]}")
     port = hook.page_server_port(criu_pid, timeout)
     if port is None:
@@ -275,13 +280,17 @@ def dump_phases(log_path):
     return {}
 
 
-def write_hook(directory):
+def write_hook(directory, hook_sock=None):
     """The action script CRIU runs, written into ``directory``: hook.py run
     by this interpreter with -S (no site-packages: it starts while the tasks
-    are frozen, and needs only the standard library)."""
+    are frozen, and needs only the standard library). `hook_sock`: the
+    socket of `run`, written into the script, for a CRIU whose environment
+    is not ours (podman's: runc starts it)."""
     path = os.path.join(directory, "criu-hook")
     with open(path, "w") as f:
         f.write(f"#!{sys.executable} -S\n")
+        if hook_sock:
+            f.write(f"import os; os.environ[{HOOK_ENV!r}] = {hook_sock!r}\n")
         f.write(
             f"exec(compile(open({hook.__file__!r}, 'rb').read(), {hook.__file__!r}, 'exec'), {{'__name__': '__main__'}})\n"  # noqa: E501
         )
@@ -296,6 +305,14 @@ def in_place_opts():
     destination holds them from pre-copy; one it lacks is read from the
     frozen tree on request). `--criu-opt=--no-lazy-pages-in-place` undoes it."""
     return ["--lazy-pages-in-place"] if doctor.check_criu_lazy_in_place().ok else []
+
+
+def _parent_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class LazyDump:
@@ -314,14 +331,7 @@ class LazyDump:
     def __init__(self, pid, images_dir, hook_dir, criu_opts=()):
         self.images_dir = images_dir
         self.log = os.path.join(images_dir, "dump.log")
-        # The socket lives apart from the work dir: a UNIX socket path has
-        # at most 107 bytes, a --work-dir can be longer.
-        self._sock_dir = scratch.make("hybridmig-hook-")
-        hook_sock = os.path.join(self._sock_dir, "hook.sock")
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(hook_sock)
-        self._listener.listen(1)
-        self._pre_dump = None  # the pre-dump hook's connection, until go() or cancel()
+        hook_sock = self._listen()
         cmd = [
             criu_binary(),
             "dump",
@@ -349,6 +359,19 @@ class LazyDump:
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True
         )
 
+    def _listen(self):
+        """The hook's socket, listening; returns its path."""
+        # The socket lives apart from the work dir: a UNIX socket path has
+        # at most 107 bytes, a --work-dir can be longer.
+        self._sock_dir = scratch.make("hybridmig-hook-")
+        hook_sock = os.path.join(self._sock_dir, "hook.sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(hook_sock)
+        self._listener.listen(1)
+        self._pre_dump = None  # the pre-dump hook's connection, until go() or cancel()
+        self.criu_pid = None  # CRIU's pid, once its hook called
+        return hook_sock
+
     def wait_hook(self, stage, timeout):
         """The connection of CRIU's hook at `stage` ("pre-dump" or
         "post-dump"), once it calls; CriuError if CRIU fails or is silent."""
@@ -360,6 +383,9 @@ class LazyDump:
             if time.monotonic() > deadline:
                 raise CriuError(f"criu dump did not reach {stage} within {timeout}s")
         conn, _ = self._listener.accept()
+        if self.criu_pid is None:  # the hook's parent: CRIU runs its action scripts itself
+            hook_pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            self.criu_pid = _parent_of(hook_pid)
         said = conn.recv(64).decode(errors="replace").strip()
         if said != stage:
             conn.close()

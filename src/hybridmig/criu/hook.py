@@ -44,14 +44,19 @@ def page_server_port(criu_pid, timeout=60.0):
     import psutil
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            for c in psutil.Process(criu_pid).net_connections("tcp"):
+    try:
+        criu = psutil.Process(criu_pid)
+        while time.monotonic() < deadline:
+            # A CRIU that has exited but is not reaped yet (its parent, run,
+            # killed) lists no socket, and raises nothing: ask its state.
+            if criu.status() == psutil.STATUS_ZOMBIE:
+                return None
+            for c in criu.net_connections("tcp"):
                 if c.status == psutil.CONN_LISTEN:
                     return c.laddr.port
-        except psutil.NoSuchProcess:
-            return None
-        time.sleep(0.01)
+            time.sleep(0.01)
+    except psutil.NoSuchProcess:
+        pass
     return None
 
 

@@ -25,10 +25,11 @@ from ..bindings.pagestore import PageStore
 from ..cpus import data_threads
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from ..errors import CriuError, HybridmigError, PeerClosed, ProtocolError
-from ..messages import Host, Outcome, OutcomeQuery, Restore, Result, RoundStats
+from ..messages import Container, Host, Outcome, OutcomeQuery, Restore, Result, RoundStats
 from ..proctree import end_tree
 from ..wire import Msg
 from .accept import Acceptor
+from .container import ContainerRestore, is_podman_file
 from .guard import Guard
 from .inbound import Inbound
 from .lazypages import LazyPagesDaemon
@@ -89,6 +90,7 @@ class Limits:
 
     max_memory: int | None = None  # bytes of pages and images; None: default_max_memory() at the session's start
     criu_opts: frozenset = ALLOWED_CRIU_OPTS  # CRIU options a source may ask for (full long names)
+    podman: object = None  # podman.Podman that containers are restored into (serve --podman); None: no containers
 
 
 class Outcomes:
@@ -188,7 +190,7 @@ class Session:
 
     # What may come in each state; anything else ends the session.
     ACCEPTS = {
-        "rounds": {Msg.PAGES, Msg.INVALIDATE, Msg.ROUND, Msg.FILE, Msg.RESTORE, Msg.ABORT},
+        "rounds": {Msg.PAGES, Msg.INVALIDATE, Msg.ROUND, Msg.FILE, Msg.RESTORE, Msg.ABORT, Msg.CONTAINER},
         "restoring": {Msg.PAGES, Msg.COMMIT, Msg.ABORT},  # PAGES: answers to FETCH
     }
 
@@ -208,6 +210,7 @@ class Session:
             scratch.disown(self.dir)
         self.images = os.path.join(self.dir, "images")
         os.mkdir(self.images)
+        self.container = None  # ContainerRestore, after CONTAINER
         self.remote = RemotePages(channel, self.store)
         self.restore_timeout = restore_timeout
         self.restored_pid = None
@@ -264,6 +267,8 @@ class Session:
                 self.channel.send(Msg.ROUND_ACK, wire.encode_ack(self.rounds, held, pace.ack()))
             elif kind == Msg.FILE:
                 self._write_image(*wire.decode_file(payload))
+            elif kind == Msg.CONTAINER:
+                self._container(Container.decode(payload))
             elif kind == Msg.RESTORE:
                 restore = Restore.decode(payload)
                 self.state = "restoring"
@@ -302,7 +307,26 @@ class Session:
         self.tasks.add(key)
         store_pages(self.store, key, extents, data)
 
+    def _container(self, body):
+        """CONTAINER, before any page: the restore is a container's; its
+        image and name are checked now."""
+        podman = self.limits.podman
+        if podman is None:
+            raise HybridmigError("this serve does not restore podman containers (start it with --podman)")
+        if self.container is not None or self.tasks or self.image_sizes:
+            raise ProtocolError("CONTAINER comes once, before any page or file")
+        files = os.path.join(self.dir, "podman")
+        os.mkdir(files)
+        self.container = ContainerRestore(
+            podman, body.name, self.dir, self.images, files, self._root_hook, dies_with_me
+        )
+        self.container.check(body.image)
+        self.channel.send(Msg.CONTAINER, body.encode())  # checked: the source goes on
+
     def _write_image(self, name, offset, data):
+        directory = self.images
+        if self.container is not None and is_podman_file(name):  # podman's, not CRIU's
+            directory, name = self.container.files, "podman/" + name  # (its key in image_sizes)
         end = max(self.image_sizes.get(name, 0), offset + len(data))
         if name not in self.image_sizes and len(self.image_sizes) >= MAX_IMAGE_FILES:
             self.over_quota = self.over_quota or f"more than {MAX_IMAGE_FILES} image files"
@@ -313,7 +337,7 @@ class Session:
         if self.over_quota is not None:
             return
         self.image_sizes[name] = end
-        fd = os.open(os.path.join(self.images, name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(os.path.join(directory, os.path.basename(name)), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.pwrite(fd, data, offset)
         finally:
@@ -352,6 +376,8 @@ class Session:
             self._check_quota()
             criu_opts = restore.criu_opts
             check_criu_opts(criu_opts, self.limits.criu_opts)
+            if self.container is not None:
+                self.container.prepare(criu_opts)
             daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store, guard=self._guard)
             daemon.listen()
             t_listening = time.monotonic()
@@ -365,38 +391,11 @@ class Session:
 
             server = threading.Thread(target=serve_pages, name="lazy-pages", daemon=True)
             server.start()
-            cmd = dies_with_me(
-                [
-                    criu_binary(),
-                    "restore",
-                    "-D",
-                    self.images,
-                    "-W",
-                    self.images,
-                    "--lazy-pages",
-                    "-d",
-                    "--pidfile",
-                    self.pidfile,
-                    "--action-script",
-                    self._root_hook,
-                    "-o",
-                    "restore.log",
-                    CRIU_LOG_LEVEL,
-                    *criu_opts,
-                ]
-            )
-            proc = subprocess.run(
-                cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=self.restore_timeout
-            )
+            if self.container is not None:
+                self.restored_pid = self.container.restore(self.restore_timeout)
+            else:
+                self._criu_restore(criu_opts)
             t_restored = time.monotonic()
-            if os.path.exists(self.pidfile):
-                self.restored_pid = int(open(self.pidfile).read().strip() or 0) or None
-            if proc.returncode != 0:
-                self.kill_restored()
-                raise CriuError(
-                    "criu restore failed (exit %d): %s"
-                    % (proc.returncode, log_tail(os.path.join(self.images, "restore.log")))
-                )
             server.join(self.restore_timeout)
             if server.is_alive() or "stats" not in served:
                 raise HybridmigError("the restored process's pages were not all installed: %s" % served.get("error"))
@@ -443,9 +442,46 @@ class Session:
             else:
                 daemon.close()
 
+    def _criu_restore(self, criu_opts):
+        """criu restore --lazy-pages of the images, detached; the restored
+        root's pid in self.restored_pid."""
+        cmd = dies_with_me(
+            [
+                criu_binary(),
+                "restore",
+                "-D",
+                self.images,
+                "-W",
+                self.images,
+                "--lazy-pages",
+                "-d",
+                "--pidfile",
+                self.pidfile,
+                "--action-script",
+                self._root_hook,
+                "-o",
+                "restore.log",
+                CRIU_LOG_LEVEL,
+                *criu_opts,
+            ]
+        )
+        proc = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=self.restore_timeout
+        )
+        if os.path.exists(self.pidfile):
+            self.restored_pid = int(open(self.pidfile).read().strip() or 0) or None
+        if proc.returncode != 0:
+            self.kill_restored()
+            raise CriuError(
+                "criu restore failed (exit %d): %s"
+                % (proc.returncode, log_tail(os.path.join(self.images, "restore.log")))
+            )
+
     def kill_restored(self):
         """End a restored copy the source did not commit to: its whole tree
         (only the init of a pid namespace takes its tree down with it)."""
+        if self.container is not None:  # podman's record of it too, whether or not it runs
+            self.container.remove(self.restored_pid)
         if not self.restored_pid:
             return
         try:
@@ -462,6 +498,8 @@ class Session:
 
     def cleanup(self, keep=False):
         """At the session's end: the copy was committed, or ended."""
+        if self.container is not None and not keep:
+            self.container.cleanup()
         self._tell_guard("release")
         self._guard.wait(10)
         if keep:
@@ -520,6 +558,9 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
     if not os.path.isdir(base_dir) or not os.access(base_dir, os.W_OK):
         raise HybridmigError(f"--dir {base_dir} is not a writable directory")
     criu_binary()  # a CRIU that cannot restore is reported now, not to a source
+    if limits.podman is not None:  # so is a podman that cannot run with serve's options
+        log.info("restoring containers into podman %s %s", limits.podman.version(), " ".join(limits.podman.opts))
+        limits.podman.runtime()  # asked now, not in a restore's blackout
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     lsock = socket.socket(family, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -539,7 +580,13 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
             channel.sock.settimeout(SESSION_IDLE_S)
             session_id = secrets.token_hex(16)
             try:
-                host_msg = Host(wire.boot_id(), os.uname().release, session_id, sorted(limits.criu_opts))
+                host_msg = Host(
+                    wire.boot_id(),
+                    os.uname().release,
+                    session_id,
+                    sorted(limits.criu_opts),
+                    ["podman"] if limits.podman is not None else [],
+                )
                 channel.send(Msg.HOST, host_msg.encode())
                 first = channel.recv()
                 if first[0] == Msg.OUTCOME:  # a source asking about an earlier session, not a migration

@@ -98,6 +98,7 @@ class Migration:
         self.images_dir = None
         self.tracker = None
         self.dump = None
+        self.host = None  # the destination's HOST
         self.session = None  # the destination's id of this migration (HOST): asked about after a lost DONE
         self.in_doubt = False  # the source is left frozen for the operator: nothing may resume or end it
         self.criu_died_frozen = False  # CRIU died before its verdict: the source ran on meanwhile
@@ -129,9 +130,8 @@ class Migration:
         try:
             # CRIU starts now and waits at its pre-dump hook, so that its
             # start-up is over when pre-copy converges.
-            images_dir = self.images_dir = os.path.join(work, "images")
-            os.makedirs(images_dir, exist_ok=True)
-            self.dump = LazyDump(self.pid, images_dir, work, self.criu_opts)
+            self.dump = self._start_dump(work)
+            images_dir = self.images_dir = self.dump.images_dir
             self.sender = Sender(
                 self.channel,
                 {p: ns_pid(p) for p in tree},
@@ -169,6 +169,28 @@ class Migration:
                 shutil.rmtree(work, ignore_errors=True)
         return self.report()
 
+    def _start_dump(self, work):
+        """The switch-over's dump, started: it waits at its pre-dump hook."""
+        images_dir = os.path.join(work, "images")
+        os.makedirs(images_dir, exist_ok=True)
+        return LazyDump(self.pid, images_dir, work, self.criu_opts)
+
+    def _send_extra(self):
+        """What the destination needs besides CRIU's images, sent before
+        RESTORE while the tree is frozen (a container's configuration)."""
+
+    def _send_file(self, name, path):
+        """One file as FILE frames, in parts: memory CRIU does not dump
+        lazily can be large."""
+        with open(path, "rb") as f:
+            offset = 0
+            while True:
+                data = f.read(FILE_PART)
+                self.channel.send(Msg.FILE, wire.encode_file(name, offset, data))
+                offset += len(data)
+                if len(data) < FILE_PART:
+                    break
+
     def _round_done(self, rnd):
         failed = self.dump.failed()
         if failed:  # a CRIU that cannot start (options, permissions) ends pre-copy now, not at its end
@@ -182,7 +204,7 @@ class Migration:
         kind, payload = self.channel.recv()
         if kind != Msg.HOST:
             raise ProtocolError(f"{self.channel.peer} did not describe itself")
-        host = Host.decode(payload)
+        host = self.host = Host.decode(payload)
         self.session = host.session
         # the destination's CRIU runs them: refused here, before the source is touched
         check_criu_opts(self.criu_opts, allowed=set(host.criu_opts_allowed))
@@ -216,7 +238,7 @@ class Migration:
                 "Once you know which copy to keep: `hybridmig settle %d resume` resumes the source (only if the "
                 "destination has no copy running), `hybridmig settle %d end` ends it (only if it has); run either "
                 "here, on the source host. CRIU's images and dump.log stay in %s"
-                % (self.timeout, self.pid, self.dump.proc.pid, self.dump.proc.pid, self.dump.proc.pid, self.images_dir)
+                % (self.timeout, self.pid, self.dump.criu_pid, self.dump.criu_pid, self.dump.criu_pid, self.images_dir)
             )
         rc = self.dump.wait(self.timeout)
         self.times["source_done"] = time.time()
@@ -300,16 +322,9 @@ class Migration:
                 (self.times["final_sent"] - t_scanned) * 1000,
             )
             for name in sorted(os.listdir(images_dir)):
-                if name.endswith(".log"):
-                    continue
-                with open(os.path.join(images_dir, name), "rb") as f:
-                    offset = 0
-                    while True:  # in parts: memory CRIU does not dump lazily can be large
-                        data = f.read(FILE_PART)
-                        self.channel.send(Msg.FILE, wire.encode_file(name, offset, data))
-                        offset += len(data)
-                        if len(data) < FILE_PART:
-                            break
+                if not name.endswith(".log"):
+                    self._send_file(name, os.path.join(images_dir, name))
+            self._send_extra()
             self.channel.send(Msg.RESTORE, Restore(self.criu_opts).encode())
             self.times["images_sent"] = time.time()
             self.result = self._await_result()

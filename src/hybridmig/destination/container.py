@@ -1,0 +1,248 @@
+"""The destination's side of a podman container's migration (`serve
+--podman`): from the CRIU images and podman's files the source sent, the
+archive `podman container restore --import` takes, and that restore, made
+lazy by a CRIU config file of serve's own so that the session's lazy-pages
+daemon serves every page from the page store (docs/containers.md).
+
+What the source chooses is the container (its configuration, as podman
+wrote it on the source) and its name; never podman's options, storage or
+runtime (serve's operator gives those: --podman-opt), nor the CRIU config
+file, whose annotation serve rewrites to its own (docs/security.md)."""
+
+import datetime
+import json
+import logging
+import os
+import posixpath
+import re
+import subprocess
+import tarfile
+import time
+
+import psutil
+
+from ..criu.command import log_tail
+from ..errors import CriuError, HybridmigError
+from ..podman import CONFIG_DUMP, CRIU_CONFIG_ANNOTATION, DELETED_FILES, PODMAN_FILES, ROOTFS_DIFF, SPEC_DUMP, said
+from ..proctree import end_tree
+
+log = logging.getLogger("hybridmig.destination.container")
+MAX_JSON_FILE = 16 << 20  # config.dump and spec.dump are a few KiB
+MAX_DELETED = 1 << 16
+# config.dump's host paths of the source's podman that podman would reuse
+# instead of making its own: the conmon pidfile under the source's runroot
+# fails the restore, and podman unmounts the paths of `mounts` (the
+# source's /dev/shm dir) when it cleans the container up. podman sets its
+# own when they are absent.
+SOURCE_PATHS = (
+    "conmonPidFile", "pid_file", "mounts", "ShmDir", "sdnotifySocket", "logPath", "staticDir", "secretsPath",
+)  # fmt: skip
+# config.dump's fields that would make podman use or create host data the
+# source names: refused (the source refuses such containers already)
+REFUSED = {"rootfs": "a --rootfs container (its root is a host path)", "namedVolumes": "named volumes"}
+
+
+class ContainerRestore:
+    """One container's restore into serve's podman."""
+
+    def __init__(self, podman, name, session_dir, images_dir, files_dir, root_hook, dies_with_me):
+        self.podman = podman
+        self.name = name
+        self.dir = session_dir
+        self.images = images_dir
+        self.files = files_dir
+        self.root_hook = root_hook
+        self.dies_with_me = dies_with_me
+        self.config_file = os.path.join(session_dir, "criu.conf")
+        self.archive = os.path.join(session_dir, "checkpoint.tar")
+        self.id = None  # of the container this restore created
+        self.image = None  # its ID, checked at CONTAINER
+        self.started = None  # when podman's restore started: a container of this name made since is ours
+        self.restored_pid = None
+
+    def _load_json(self, name, kind):
+        path = os.path.join(self.files, name)
+        if not os.path.exists(path):
+            raise HybridmigError(f"the source sent no {name} for container {self.name}")
+        if os.path.getsize(path) > MAX_JSON_FILE:
+            raise HybridmigError(f"{name} of container {self.name} is over {MAX_JSON_FILE >> 20} MiB")
+        try:
+            with open(path) as f:
+                value = json.load(f)
+        except ValueError as e:
+            raise HybridmigError(f"{name} of container {self.name} is no JSON: {e}") from e
+        if not isinstance(value, kind):
+            raise HybridmigError(f"{name} of container {self.name} is no JSON {kind.__name__}")
+        return value
+
+    def check(self, image):
+        """At CONTAINER, before any page: the image is here, the name free.
+        (Not again in the blackout: podman's restore fails on either.)"""
+        if not re.fullmatch(r"[0-9a-f]{64}", image):
+            raise HybridmigError(f"container {self.name}: {image[:80]!r} is no image ID")
+        if self.podman.run("image", "exists", image, check=False).returncode != 0:
+            raise HybridmigError(
+                "container %s's image %s is not in the destination's podman storage: copy it there first "
+                "(podman save / podman load)" % (self.name, image[:12])
+            )
+        if self.podman.inspect(self.name) is not None:
+            raise HybridmigError(f"the destination's podman has a container named {self.name} already")
+        self.image = image
+
+    def prepare(self, criu_opts):
+        """Everything before the restore: checks, the config file, the
+        archive. HybridmigError says what is missing here."""
+        option_lines = config_lines(criu_opts)
+        config = self._load_json(CONFIG_DUMP, dict)
+        spec = self._load_json(SPEC_DUMP, dict)
+        if config.get("rootfsImageID") != self.image:
+            raise HybridmigError(f"config.dump of container {self.name} names another image than CONTAINER did")
+        for key, what in REFUSED.items():
+            if config.get(key):
+                raise HybridmigError(f"container {self.name} has {what}: not migrated")
+        for key in SOURCE_PATHS:
+            config.pop(key, None)
+        # podman restores with the runtime the archive names unless told one:
+        # serve's own, never a program the source names
+        config["runtime"] = self.podman.runtime()
+        # OCI hooks are programs runc runs as root: the destination's podman
+        # applies its own hooks dirs, the source's list is not taken
+        spec.pop("hooks", None)
+        if isinstance(config.get("spec"), dict):
+            config["spec"].pop("hooks", None)
+        annotations = spec.get("annotations")
+        if not isinstance(annotations, dict):
+            raise HybridmigError(f"spec.dump of container {self.name} has no annotations")
+        annotations[CRIU_CONFIG_ANNOTATION] = self.config_file  # serve's file, not the source's path
+        if isinstance(config.get("spec"), dict) and isinstance(config["spec"].get("annotations"), dict):
+            config["spec"]["annotations"][CRIU_CONFIG_ANNOTATION] = self.config_file
+        # CRIU (run by runc) connects to the daemon's lazy-pages.socket in
+        # its work dir, and runs serve's hook (the restored root, for the guard)
+        lines = ["lazy-pages", "work-dir " + self.images, "action-script " + self.root_hook]
+        lines += option_lines
+        with open(self.config_file, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with tarfile.open(self.archive, "w") as tar:
+            for name, value in ((CONFIG_DUMP, config), (SPEC_DUMP, spec)):
+                path = os.path.join(self.dir, name)
+                with open(path, "w") as f:
+                    json.dump(value, f)
+                tar.add(path, arcname=name)
+            if os.path.exists(os.path.join(self.files, ROOTFS_DIFF)):
+                check_rootfs_diff(os.path.join(self.files, ROOTFS_DIFF))
+                tar.add(os.path.join(self.files, ROOTFS_DIFF), arcname=ROOTFS_DIFF)
+            if os.path.exists(os.path.join(self.files, DELETED_FILES)):
+                deleted = self._load_json(DELETED_FILES, list)
+                if len(deleted) > MAX_DELETED or not all(
+                    isinstance(p, str) and p.startswith("/") and "\0" not in p for p in deleted
+                ):
+                    raise HybridmigError(f"deleted.files of container {self.name} is no list of absolute paths")
+                tar.add(os.path.join(self.files, DELETED_FILES), arcname=DELETED_FILES)
+            tar.add(self.images, arcname="checkpoint", filter=_no_logs)
+
+    def restore(self, timeout):
+        """`podman container restore --import` under the same name (a new
+        container ID: the source's container, frozen, still holds its own,
+        and runc's state and cgroups are by ID). Returns the restored init's
+        pid; CriuError with podman's and CRIU's words if it fails."""
+        cmd = self.dies_with_me(
+            self.podman.command("container", "restore", "--import", self.archive, "--name", self.name)
+        )
+        self.started = time.time()
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise CriuError(f"podman container restore of {self.name} did not finish within {timeout}s") from e
+        if proc.returncode != 0:
+            raise CriuError(
+                "podman container restore of %s failed (exit %d): %s%s"
+                % (self.name, proc.returncode, said(proc), log_tail(os.path.join(self.images, "restore.log")))
+            )
+        info = self.podman.inspect(self.name)
+        if info is None or not (info.get("State") or {}).get("Running"):
+            raise CriuError(f"podman restored {self.name}, but does not say it runs")
+        self.id = info.get("Id")
+        self.restored_pid = info["State"]["Pid"]
+        return self.restored_pid
+
+    def remove(self, pid=None):
+        """End and remove the restored container (not committed to): its
+        tasks by pid at once, then podman's record of it, if this restore
+        made it (a container of that name before ours is not touched)."""
+        for p in (pid, self.restored_pid):
+            if p:
+                try:
+                    end_tree(psutil.Process(p))
+                except psutil.NoSuchProcess:
+                    pass
+        if self.started is None:
+            return
+        info = self.podman.inspect(self.name)
+        if info is None or (self.id is not None and info.get("Id") != self.id):
+            return
+        if self.id is None and _created(info) < self.started - 1:
+            return  # not made by our restore: a container that took the name since check()
+        proc = self.podman.run("container", "rm", "--force", "--time", "0", info["Id"], check=False)
+        if proc.returncode != 0:
+            log.error("could not remove the restored container %s: %s", self.name, said(proc))
+
+    def cleanup(self):
+        for path in (self.archive, self.config_file):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def _created(info):
+    """When podman created the container (seconds since the epoch; 0 if it does not say)."""
+    try:
+        stamp = info["Created"][:26].rstrip("Z")  # 2026-12-05T23:16:54.073439, to the microsecond
+        return datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.UTC).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+
+
+def config_lines(criu_opts):
+    """The source's CRIU options (already checked against serve's
+    allowlist) as config file lines: long names only, one word each, so
+    that no option brings a line of its own into the file."""
+    lines = []
+    for opt in criu_opts:
+        if not re.fullmatch(r"--[a-z][a-z-]*(=[!-~]+)?", opt):
+            raise HybridmigError(f"CRIU option {opt[:80]!r}: a container's options are --name or --name=VALUE")
+        lines.append(opt[2:].replace("=", " ", 1))
+    return lines
+
+
+def _no_logs(info):
+    return None if info.name.endswith(".log") or info.name.endswith(".socket") else info
+
+
+def check_rootfs_diff(path):
+    """The source's rootfs-diff.tar holds plain files, directories and links
+    below the container's root, nothing else (no device, no path out)."""
+    try:
+        links = set()  # symlinks the tar makes: nothing may be written through one
+        with tarfile.open(path) as tar:
+            for m in tar:
+                name = posixpath.normpath(m.name)
+                if name.startswith("/") or name == ".." or name.startswith("../"):
+                    raise HybridmigError(f"rootfs-diff.tar names {m.name!r}, outside the container's root")
+                parts = name.split("/")
+                if any("/".join(parts[:i]) in links for i in range(1, len(parts))):
+                    raise HybridmigError(f"rootfs-diff.tar writes {m.name!r} through a symbolic link of its own")
+                if m.issym():
+                    links.add(name)
+                if not (m.isfile() or m.isdir() or m.issym() or m.islnk() or m.isfifo()):
+                    raise HybridmigError(f"rootfs-diff.tar holds {m.name!r}, a device or special file")
+                if m.islnk():
+                    target = posixpath.normpath(m.linkname)
+                    if target.startswith("/") or target == ".." or target.startswith("../"):
+                        raise HybridmigError(f"rootfs-diff.tar links {m.name!r} to {m.linkname!r}, outside the root")
+    except tarfile.TarError as e:
+        raise HybridmigError(f"rootfs-diff.tar is no tar: {e}") from e
+
+
+def is_podman_file(name):
+    return name in PODMAN_FILES

@@ -1,0 +1,97 @@
+"""The root file system's changes of a container: what the source reads
+from overlay's upper dir (source/container.py), and what serve takes of
+the tar a source sends (destination/container.py)."""
+
+import io
+import json
+import os
+import tarfile
+
+import pytest
+
+from hybridmig.destination.container import check_rootfs_diff
+from hybridmig.errors import HybridmigError
+from hybridmig.source.container import rootfs_changes
+
+
+def _tar(path, *members):
+    with tarfile.open(path, "w") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _member(name, kind=tarfile.REGTYPE, data=b"", linkname=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    if kind == tarfile.REGTYPE:
+        info.size = len(data)
+        return info, data
+    return info, None
+
+
+def test_plain_files_dirs_and_links_pass(tmp_path):
+    check_rootfs_diff(
+        _tar(
+            tmp_path / "ok.tar",
+            _member("tmp", tarfile.DIRTYPE),
+            _member("tmp/a", data=b"x"),
+            _member("tmp/l", tarfile.SYMTYPE, linkname="/etc/passwd"),  # resolved in the root by the container
+            _member("tmp/h", tarfile.LNKTYPE, linkname="tmp/a"),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("member", "error"),
+    [
+        (_member("/etc/passwd", data=b"x"), "outside the container's root"),
+        (_member("../../etc/passwd", data=b"x"), "outside the container's root"),
+        (_member("tmp/../../x", data=b"x"), "outside the container's root"),
+        (_member("dev/sda", tarfile.CHRTYPE), "a device or special file"),
+        (_member("dev/sdb", tarfile.BLKTYPE), "a device or special file"),
+        (_member("tmp/h", tarfile.LNKTYPE, linkname="../../etc/shadow"), "outside the root"),
+        (_member("tmp/h", tarfile.LNKTYPE, linkname="/etc/shadow"), "outside the root"),
+    ],
+)
+def test_what_would_leave_the_root_or_add_a_device_is_refused(tmp_path, member, error):
+    with pytest.raises(HybridmigError, match=error):
+        check_rootfs_diff(_tar(tmp_path / "bad.tar", member))
+
+
+def test_nothing_is_written_through_a_link_of_the_tar(tmp_path):
+    """A symlink to the host's /etc, then a file below it: the untar would
+    follow the link out of the root."""
+    path = _tar(tmp_path / "via.tar", _member("x", tarfile.SYMTYPE, linkname="/etc"), _member("x/passwd", data=b"r"))
+    with pytest.raises(HybridmigError, match="through a symbolic link of its own"):
+        check_rootfs_diff(path)
+
+
+def test_a_non_tar_is_refused(tmp_path):
+    path = tmp_path / "x.tar"
+    path.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(HybridmigError, match="no tar"):
+        check_rootfs_diff(path)
+
+
+@pytest.mark.root
+def test_changes_from_an_upper_dir(tmp_path):
+    """Added and changed files go into the tar (podman's own files do
+    not), whiteouts and what an opaque directory hides into deleted.files."""
+    upper, lower, out = tmp_path / "upper", tmp_path / "lower", tmp_path / "out"
+    for d in (upper / "tmp", upper / "etc", upper / "opaque", lower / "opaque", out):
+        d.mkdir(parents=True)
+    (upper / "tmp" / "new").write_text("new")
+    (upper / "etc" / "hosts").write_text("podman's")
+    os.mknod(upper / "tmp" / "gone", 0o600 | 0o020000, os.makedev(0, 0))  # a whiteout
+    (lower / "opaque" / "hidden").write_text("lower")
+    (upper / "opaque" / "kept").write_text("upper")
+    os.setxattr(upper / "opaque", "trusted.overlay.opaque", b"y")
+    files = rootfs_changes(str(upper), [str(lower)], str(out))
+    assert files == ["rootfs-diff.tar", "deleted.files"]
+    with tarfile.open(out / "rootfs-diff.tar") as tar:
+        names = set(tar.getnames())
+    assert {"tmp/new", "opaque/kept", "tmp", "opaque"} <= names
+    assert "etc/hosts" not in names and "tmp/gone" not in names
+    assert sorted(json.loads((out / "deleted.files").read_text())) == ["/opaque/hidden", "/tmp/gone"]
+    check_rootfs_diff(out / "rootfs-diff.tar")

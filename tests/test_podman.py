@@ -1,0 +1,271 @@
+"""`hybridmig run --container NAME` → `hybridmig serve --podman`: a real
+podman container (busybox + memwork, which checks every page) moved
+between two podman storages (--root/--runroot/--tmpdir each) on two
+network-namespace "hosts". A migration leaves the container running under
+its name in the destination's podman, its memory and a file it wrote
+intact, and the source container stopped (or removed); a failure leaves
+the source container running ("Up", memory verified) and nothing on the
+destination."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from hybridmig.keys import generate_key
+from hybridmig.testing.netns import TwoHosts
+from hybridmig.testing.podman import PodmanPair, need_podman
+from hybridmig.testing.workload import Workload
+from lazy_util import HYBRIDMIG_BIN
+from migrate_util import PORT, Cleanup, Serve, kill_by_report, wait_for
+
+pytestmark = [pytest.mark.usefixtures("criu_ready"), pytest.mark.timeout(300)]
+NAME = "hm-mig"
+
+
+class Env:
+    def __init__(self, hosts, tmp_path, cleanup, pair):
+        self.hosts, self.tmp, self.cleanup, self.pair = hosts, tmp_path, cleanup, pair
+        self.key = tmp_path / "key"
+        generate_key(self.key)
+
+    def serve(self, *extra, podman=True, env=None):
+        base = self.pair.base / f"serve-{time.monotonic_ns()}"
+        opts = self.pair.dst.podman_opt_args() if podman else []
+        return Serve(
+            self.hosts, self.hosts.dst, self.hosts.dst_addr, base, self.key, self.cleanup, self.tmp,
+            extra=[*opts, *extra], env=env,
+        ).wait_listening()  # fmt: skip
+
+    def run_cmd(self, name, *extra):
+        return self.hosts.run_in(self.hosts.src) + [
+            HYBRIDMIG_BIN, "run", "--container", name, *self.pair.src.podman_opt_args(),
+            "--to", f"{self.hosts.dst_addr}:{PORT}", "--key-file", str(self.key), "--json", "--timeout", "60",
+            "-v3", *extra,
+        ]  # fmt: skip
+
+    def run(self, name, *extra, timeout=240):
+        proc = subprocess.run(
+            self.run_cmd(name, *extra), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+        )
+        print(f"run --container {name} -> rc {proc.returncode}\n--- stderr\n{proc.stderr[-6000:]}")
+        try:
+            report = json.loads(proc.stdout)
+        except ValueError:
+            report = None
+        return proc.returncode, report, proc.stderr
+
+
+@pytest.fixture
+def pair(pipe_max_size):
+    reason = need_podman()
+    if reason:
+        pytest.skip(reason)
+    p = PodmanPair()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def env(criu_ready, tmp_path, pair):
+    cleanup = Cleanup()
+    with TwoHosts() as hosts:
+        try:
+            yield Env(hosts, tmp_path, cleanup, pair)
+        finally:
+            cleanup.run()
+            kill_by_report(str(pair.report_dir / "report.jsonl"))  # a copy restored where none should be
+
+
+def verified(wl):
+    """Every page of wl checked twice, 0.2 s apart (it runs, it is not frozen)."""
+    for _ in range(2):
+        reports = wl.verify()
+        assert len(reports) == 1 and reports[0]["bad"] == 0 and reports[0]["zero_pages_bad"] == 0, [
+            {k: v for k, v in r.items() if k != "timeline"} for r in reports
+        ]
+        time.sleep(0.2)
+
+
+def assert_source_untouched(env, wl, rc, report, err):
+    """A refused or rolled-back run: non-zero, said why, and the source
+    container running ("Up") with every page intact, its CRIU config file
+    gone, nothing of that name on the destination."""
+    assert rc != 0
+    assert "error" in err, err
+    assert report is not None and report["result"] == "failed" and report["error"], report
+    assert env.pair.src.status(NAME) == "running"
+    assert wl.alive()
+    verified(wl)
+    assert not (env.pair.src.dir / "criu" / f"{NAME}.conf").exists()
+    assert NAME not in env.pair.dst.names()
+    return report["error"]
+
+
+@pytest.mark.parametrize("remove", [False, True], ids=["stopped", "rm"])
+def test_container_migrates_with_its_memory_and_files(env, remove):
+    wl = env.pair.src.start(NAME, env.pair.report_dir, size_mb=128, before="echo moved > /tmp/before; ")
+    source_id = env.pair.src.inspect(NAME)["Id"]
+    verified(wl)
+    serve = env.serve()
+    rc, report, err = env.run(NAME, *(["--rm"] if remove else []))
+    assert rc == 0, err
+    assert report["result"] == "migrated" and report["container"] == NAME, report
+    assert report["remote_faults"] == 0, report
+    assert serve.wait(60) == 0, serve.log()
+    # destination: running under the same name (a new ID: the source's was held until the commit)
+    info = env.pair.dst.inspect(NAME)
+    assert info is not None and info["State"]["Status"] == "running", info and info["State"]
+    assert info["Id"] != source_id and info["State"]["Pid"] == report["restored_pid"]
+    ps = env.pair.dst.podman("ps", "--format", "{{.Names}} {{.Status}}").stdout
+    assert f"{NAME} Up" in ps, ps
+    restored = Workload(info["State"]["Pid"], env.pair.report_dir / "report.jsonl", 1)
+    verified(restored)
+    assert env.pair.dst.podman("exec", NAME, "cat", "/tmp/before").stdout == "moved\n"
+    # source: stopped by its checkpoint, or removed
+    if remove:
+        assert NAME not in env.pair.src.names()
+    else:
+        assert env.pair.src.status(NAME) == "exited"
+    assert not (env.pair.src.dir / "criu" / f"{NAME}.conf").exists()
+    assert not wl.alive()
+
+
+def test_no_such_container(env):
+    serve = env.serve()
+    rc, report, err = env.run("hm-nobody")
+    assert rc != 0 and "no podman container named 'hm-nobody'" in err, err
+    assert report["result"] == "failed", report
+    assert serve.proc.poll() is None  # never contacted: it serves on
+
+
+def test_stopped_container(env):
+    wl = env.pair.src.start(NAME, env.pair.report_dir)
+    env.pair.src.podman("stop", "--time", "1", NAME)
+    serve = env.serve()
+    rc, report, err = env.run(NAME)
+    assert rc != 0 and "is exited, not running" in err, err
+    assert env.pair.src.status(NAME) == "exited" and not wl.alive()
+    assert serve.proc.poll() is None
+
+
+def test_container_without_the_annotation(env):
+    wl = env.pair.src.start(NAME, env.pair.report_dir, annotate=False)
+    serve = env.serve()
+    rc, report, err = env.run(NAME)
+    assert rc != 0 and "created without the org.criu.config annotation" in err, err
+    assert "podman run --annotation org.criu.config=" in err, err
+    assert env.pair.src.status(NAME) == "running"
+    verified(wl)
+    assert serve.proc.poll() is None
+
+
+def test_destination_serve_without_podman(env):
+    wl = env.pair.src.start(NAME, env.pair.report_dir)
+    env.serve(podman=False)
+    rc, report, err = env.run(NAME)
+    error = assert_source_untouched(env, wl, rc, report, err)
+    assert "does not restore podman containers: start it with --podman" in error, error
+
+
+def test_serve_where_podman_is_missing(env, tmp_path):
+    """serve --podman on a host without podman refuses to start, saying so."""
+    from hybridmig.doctor import find_criu
+
+    path = tmp_path / "bin"
+    path.mkdir()
+    for tool in ("setpriv", "sh", "nsenter"):
+        os.symlink(f"/usr/bin/{tool}" if os.path.exists(f"/usr/bin/{tool}") else f"/bin/{tool}", path / tool)
+    proc = subprocess.run(
+        [HYBRIDMIG_BIN, "serve", "--listen", "127.0.0.1:1", "--dir", str(tmp_path), "--key-file", str(env.key)]
+        + ["--podman"],
+        env=dict(os.environ, PATH=str(path), CRIU=find_criu()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and "podman is not installed" in proc.stderr, proc.stderr
+
+
+# two busybox nc joined by a TCP connection inside the container (its own netns)
+TCP_PAIR = (
+    "sleep 1000 | busybox nc -l -p 5555 >/dev/null & sleep 0.3; "
+    "sleep 1000 | busybox nc 127.0.0.1 5555 >/dev/null & sleep 0.3; "
+)
+
+
+def test_container_criu_cannot_dump(env):
+    """An established TCP connection, which CRIU dumps only when told
+    (--tcp-established): the dump fails after the freeze, CRIU resumes the
+    container, and the error says CRIU's reason."""
+    wl = env.pair.src.start(NAME, env.pair.report_dir, before=TCP_PAIR)
+    serve = env.serve()
+    rc, report, err = env.run(NAME)
+    error = assert_source_untouched(env, wl, rc, report, err)
+    assert "podman container checkpoint hm-mig failed" in error and "tcp-established" in error, error
+    assert serve.wait(60) not in (0, None)
+
+
+def test_image_missing_on_the_destination(env):
+    env.pair.dst.podman("rmi", "--all", "--force")
+    wl = env.pair.src.start(NAME, env.pair.report_dir)
+    serve = env.serve()
+    rc, report, err = env.run(NAME)
+    error = assert_source_untouched(env, wl, rc, report, err)
+    assert "is not in the destination's podman storage" in error, error
+    assert serve.wait(60) not in (0, None)
+
+
+# A runc for the destination's podman (--runtime): `restore` fails, or waits
+# first; every other command is runc's own.
+RUNTIME_WRAPPER = """#!/bin/sh
+for a in "$@"; do
+  if [ "$a" = restore ]; then
+    {action}
+  fi
+done
+exec {runc} "$@"
+"""
+
+
+def runtime_wrapper(env, action):
+    import shutil
+
+    path = env.pair.base / "runtime-wrapper"
+    path.write_text(RUNTIME_WRAPPER.format(action=action, runc=shutil.which("runc")))
+    path.chmod(0o755)
+    return f"--podman-opt=--runtime={path}"
+
+
+def test_destination_restore_fails(env):
+    """runc's restore fails on the destination: podman's restore fails, the
+    source's CRIU is told to resume, and the source container runs on."""
+    wl = env.pair.src.start(NAME, env.pair.report_dir)
+    serve = env.serve(runtime_wrapper(env, 'echo "injected failure" >&2; exit 1'))
+    rc, report, err = env.run(NAME)
+    error = assert_source_untouched(env, wl, rc, report, err)
+    assert "podman container restore of hm-mig failed" in error and "injected failure" in error, error
+    assert serve.wait(60) not in (0, None)
+
+
+def test_run_killed_while_the_destination_restores(env):
+    """`run` is SIGKILLed while the destination's podman restores (its runc
+    held 5 s first): CRIU, given no verdict, resumes the source container;
+    the destination, never sent COMMIT, ends and removes its copy."""
+    wl = env.pair.src.start(NAME, env.pair.report_dir)
+    marker = env.pair.base / "restoring"
+    serve = env.serve(runtime_wrapper(env, f"touch {marker}; sleep 5"))
+    run = subprocess.Popen(env.run_cmd(NAME), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    env.cleanup.kill_pid_tree(run.pid)
+    wait_for(lambda: marker.exists() or run.poll() is not None, 120, "the destination's restore")
+    assert run.poll() is None, "run ended before the destination restored"
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait(10)
+    run.stdout.close()
+    wait_for(lambda: env.pair.src.status(NAME) == "running", 60, "the source container to run again")
+    assert serve.wait(90) not in (0, None), serve.log()
+    wait_for(lambda: NAME not in env.pair.dst.names(), 30, "the destination's copy to be removed")
+    verified(wl)
