@@ -49,8 +49,9 @@ def table(config, link, strategies) -> list:
         f"### {config} over {link}",
         "",
         "| strategy | ok | blackout ms | vs stop-and-copy | dump / copy / restore s | total s | wire MiB "
-        "| remote faults | throughput after / before | source CPU s | dest. CPU s | dest. peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pre-copy MB/s | remote faults | throughput after / before | source CPU s | dest. CPU s "
+        "| dest. peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in strategies.items():
         good = [r for r in runs if r.get("ok")]
@@ -58,7 +59,7 @@ def table(config, link, strategies) -> list:
         if not good:
             errors = sorted({(r.get("error") or "?")[:300] for r in runs})
             lines.append(
-                "| {} | {} | failed: {} |  |  |  |  |  |  |  |  |  |".format(
+                "| {} | {} | failed: {} |  |  |  |  |  |  |  |  |  |  |".format(
                     name, ok, "; ".join(errors).replace("|", "/")
                 )
             )
@@ -67,7 +68,7 @@ def table(config, link, strategies) -> list:
         if any("pre-copy" in r["phases"] for r in good):
             phases += " (pre-copy {})".format(_mmm([r["phases"]["pre-copy"] for r in good], "%.1f"))
         lines.append(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 name,
                 ok,
                 _mmm([r["blackout_ms"] for r in good]),
@@ -75,6 +76,7 @@ def table(config, link, strategies) -> list:
                 phases,
                 _mmm([r["total_s"] for r in good], "%.1f"),
                 _mmm([r["wire_bytes"] for r in good], "%.0f", 1 / (1 << 20)),
+                _mmm([r.get("precopy_mb_s") for r in good]),
                 _mmm([r.get("remote_faults") for r in good]),
                 _mmm([r["throughput"]["after_vs_before"] for r in good], "%.0f %%", 100),
                 _mmm([r["cpu_s"]["src"] for r in good], "%.1f"),

@@ -364,6 +364,8 @@ class Hybridmig(Strategy):
             {
                 "remote_faults": report["remote_faults"],
                 "rounds": len(report["rounds"]) - 1,
+                # round 0 sends every page once: the data path's pace
+                "precopy_mb_s": report["rounds"][0]["rate_mb_s"],
                 "downtime_ms": report["downtime_ms"],
                 "breakdown": b,
                 "pages_installed_s": b["installing_after_resume_ms"] / 1000,

@@ -3,6 +3,7 @@
 real migrations over an unshaped veth.
 
     .venv/bin/python -m bench.wire [--size-mb 512] [--pairs 3] [--profile DIR]
+        [--modes sealed,plaintext,tcp] [--before VENV_BIN] [--rate 1gbit]
 
 Each pair migrates a fresh memwork workload (random pages: lz4 gives up on
 them, as on much real memory) once each way and runs the raw loop once, the
@@ -14,7 +15,12 @@ program that does nothing else. Reported: the median of each mode, the
 median of the per-pair ratios, and round 0's breakdown (run --json).
 `--profile DIR` records `run` and `serve` with py-spy (raw folded stacks,
 one file per process) and prints where round 0's CPU samples went
-(docs/bench-wire.md)."""
+(docs/bench-wire.md). `--before DIR`: also the modes of the hybridmig
+in DIR (another checkout's .venv/bin), as sealed-before and
+plaintext-before, in the same rotation: before and after in one run.
+Per GiB of round 0, medians over the pairs: where each end's time went
+(the source's from its round stats, the destination's from its
+ROUND_ACK: `dest_*`)."""
 
 import argparse
 import collections
@@ -42,7 +48,7 @@ MODES = {"sealed": [], "plaintext": ["--insecure-plaintext"]}
 RECEIVER = """
 import socket, sys, time
 n = int(sys.argv[2])
-ls = socket.create_server((sys.argv[1], %d))
+ls = socket.create_server((sys.argv[1], int(sys.argv[3])))
 c, _ = ls.accept()
 buf = memoryview(bytearray(1 << 20))
 got, t0 = 0, time.monotonic()
@@ -52,13 +58,13 @@ while got < n:
         break
     got += r
 print(got / (time.monotonic() - t0) / 1e6)
-""" % (PORT + 1)
+"""
 SENDER = """
 import os, socket, sys, time
 n = int(sys.argv[2])
 for _ in range(100):
     try:
-        s = socket.create_connection((sys.argv[1], %d))
+        s = socket.create_connection((sys.argv[1], int(sys.argv[3])))
         break
     except OSError:
         time.sleep(0.05)
@@ -66,26 +72,39 @@ data = os.urandom(1 << 20)
 for _ in range(n >> 20):
     s.sendall(data)
 s.close()
-""" % (PORT + 1)
+"""
 
 
-def raw_tcp(hosts, nbytes):
-    """MB/s of the raw loop over the veth."""
-    recv = subprocess.Popen(
-        hosts.run_in(hosts.dst) + [sys.executable, "-c", RECEIVER, hosts.dst_addr, str(nbytes)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        subprocess.run(
-            hosts.run_in(hosts.src) + [sys.executable, "-c", SENDER, hosts.dst_addr, str(nbytes)],
-            check=True,
-            timeout=120,
+def raw_tcp(hosts, nbytes, streams=1):
+    """MB/s of the raw loop over the veth: `streams` connections at once,
+    each a sender and a receiver process moving nbytes / streams (the
+    total over the wall time from the first byte to the last)."""
+    each = nbytes // streams
+    recvs = [
+        subprocess.Popen(
+            hosts.run_in(hosts.dst) + [sys.executable, "-c", RECEIVER, hosts.dst_addr, str(each), str(PORT + 1 + i)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        out, _ = recv.communicate(timeout=120)
-        return float(out)
+        for i in range(streams)
+    ]
+    try:
+        senders = [
+            subprocess.Popen(
+                hosts.run_in(hosts.src) + [sys.executable, "-c", SENDER, hosts.dst_addr, str(each), str(PORT + 1 + i)]
+            )
+            for i in range(streams)
+        ]
+        for p in senders:
+            if p.wait(timeout=120) != 0:
+                raise RuntimeError("the raw TCP sender failed")
+        rates = [float(r.communicate(timeout=120)[0]) for r in recvs]
+        # each receiver's rate over its own time, from its first accept: the
+        # slowest sets the total's pace
+        return streams * min(rates)
     finally:
-        kill_tree(recv.pid)
+        for r in recvs:
+            kill_tree(r.pid)
 
 
 def _spy(profile, name):
@@ -96,14 +115,17 @@ def _spy(profile, name):
     return [PYSPY, "record", "--format", "raw", "--rate", "250", "--nonblocking", "-o", out, "--"]
 
 
-def migrate(hosts, key, work, size_mb, mode, profile=None, tag=""):
-    """One migration; round 0 of its run --json report."""
+def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None):
+    """One migration; round 0 of its run --json report. A mode ending in
+    -before runs the hybridmig in `before`."""
+    exe = os.path.join(before, "hybridmig") if mode.endswith("-before") else HYBRIDMIG
+    flags = MODES[mode.removesuffix("-before")]
     serve_dir = tempfile.mkdtemp(prefix="bw-serve-", dir=work)
     listen = "%s:%d" % (hosts.dst_addr, PORT)
     serve = subprocess.Popen(
         hosts.run_in(hosts.dst)
         + _spy(profile, f"serve-{mode}{tag}.txt")
-        + [HYBRIDMIG, "serve", "--listen", listen, "--dir", serve_dir, "--key-file", key, "--once", *MODES[mode]],
+        + [exe, "serve", "--listen", listen, "--dir", serve_dir, "--key-file", key, "--once", *flags],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -115,7 +137,7 @@ def migrate(hosts, key, work, size_mb, mode, profile=None, tag=""):
         wl = Workload.start(size_mb, threads=1, rate=100, netns=hosts.src, timeout=120)
         kills.append(psutil.Process(wl.host_pid))
         cmd = hosts.run_in(hosts.src) + _spy(profile, f"run-{mode}{tag}.txt") + [
-            HYBRIDMIG, "run", str(wl.host_pid), "--to", listen, "--key-file", key, "--json", *MODES[mode],
+            exe, "run", str(wl.host_pid), "--to", listen, "--key-file", key, "--json", *flags,
         ]  # fmt: skip
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
@@ -167,48 +189,72 @@ def summarize(paths, within):
     return {s: round(c / total, 3) for s, c in counts.most_common()} | {"samples": total}
 
 
+# round 0's times, per GiB of its raw bytes (the dest_ ones: the destination's)
+PER_GIB = ["duration_s", "read_s", "encode_s", "seal_s", "send_s", "ack_s", "cpu_s"]
+PER_GIB_DEST = ["dest_recv_s", "dest_open_s", "dest_store_s", "dest_cpu_s"]
+
+
+def per_gib(r0s):
+    """{time: median s/GiB} of round-0 reports."""
+    out = {}
+    for k in PER_GIB + PER_GIB_DEST:
+        vals = [r[k] * (1 << 30) / r["bytes_raw"] for r in r0s if k in r and r["bytes_raw"]]
+        if vals:
+            out[k] = round(statistics.median(vals), 3)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=512)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--profile", metavar="DIR", help="record run and serve with py-spy into DIR")
+    ap.add_argument("--modes", default="sealed,plaintext,tcp", help="of sealed, plaintext, tcp")
+    ap.add_argument("--before", metavar="DIR", help="a bin directory with another hybridmig to compare")
+    ap.add_argument("--rate", help="shape the veth with tbf at this rate (tc's syntax: 1gbit); default unshaped")
     args = ap.parse_args(argv)
     become_subreaper()  # restored workloads are re-parented to us
     work = tempfile.mkdtemp(prefix="bench-wire-")
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
-    modes = ["sealed", "plaintext", "tcp"]
+    modes = args.modes.split(",")  # tcpN: N raw streams at once
+    if args.before:
+        modes += [m + "-before" for m in modes if m in MODES]
     results = {m: [] for m in modes}
-    rounds = {m: [] for m in MODES}
+    rounds = {m: [] for m in modes if not m.startswith("tcp")}
     ratios = collections.defaultdict(list)
     try:
         key = os.path.join(work, "key")
         generate_key(key)
-        with TwoHosts(prefix="bw") as hosts:  # unshaped
+        with TwoHosts(prefix="bw", rate=args.rate) as hosts:
             for i in range(args.pairs):
-                order = modes[i % 3 :] + modes[: i % 3]
+                order = modes[i % len(modes) :] + modes[: i % len(modes)]
                 pair = {}
                 for m in order:
-                    if m == "tcp":
-                        pair[m] = raw_tcp(hosts, args.size_mb << 20)
+                    if m.startswith("tcp"):
+                        pair[m] = raw_tcp(hosts, args.size_mb << 20, int(m[3:] or 1))
                     else:
-                        r0 = migrate(hosts, key, work, args.size_mb, m, args.profile, "-%d" % i)
+                        r0 = migrate(hosts, key, work, args.size_mb, m, args.profile, "-%d" % i, args.before)
                         rounds[m].append(r0)
                         pair[m] = r0["bytes_raw"] / r0["duration_s"] / 1e6
                 for m, v in pair.items():
                     results[m].append(v)
-                ratios["sealed/plaintext"].append(pair["sealed"] / pair["plaintext"])
-                ratios["sealed/tcp"].append(pair["sealed"] / pair["tcp"])
-                ratios["plaintext/tcp"].append(pair["plaintext"] / pair["tcp"])
+                for a, b in [("sealed", "plaintext"), ("sealed", "tcp"), ("plaintext", "tcp")] + [
+                    (m, m + "-before") for m in MODES
+                ]:
+                    if a in pair and b in pair:
+                        ratios[f"{a}/{b}"].append(pair[a] / pair[b])
                 print("pair %d: " % i + ", ".join("%s %.0f MB/s" % (m, pair[m]) for m in order), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = {
         "size_mb": args.size_mb,
+        "link": args.rate or "unshaped",
         "round0_MBps": results,
         "median_MBps": {m: statistics.median(v) for m, v in results.items()},
         "ratios": dict(ratios),
         "median_ratios": {k: statistics.median(v) for k, v in ratios.items()},
+        "round0_s_per_GiB": {m: per_gib(r) for m, r in rounds.items()},
         "round0": rounds,
     }
     if args.profile:
@@ -216,7 +262,7 @@ def main(argv=None):
             f"{side}-{m}": summarize(
                 [os.path.join(args.profile, f"{side}-{m}-{i}.txt") for i in range(args.pairs)], within
             )
-            for m in MODES
+            for m in rounds
             for side, within in (("run", ("first_round",)), ("serve", ("Session.run", "run (hybridmig/destination")))
         }
     print(json.dumps(summary, indent=2))

@@ -313,7 +313,7 @@ def test_lz4_only_where_a_sample_compresses(session):
     )
     try:
         base = int(holder.stdout.readline())
-        sender = Sender(channel, {holder.pid: 1})
+        sender = Sender(channel, {holder.pid: 1}, frame_pages=256)
         regions = {}
         for name, i in (("text", 0), ("random", 1), ("half zero", 2)):
             rnd = Round(0)

@@ -205,12 +205,19 @@ class RoundStats(Body):
     rate_mb_s: float = 0.0  # bytes_raw over duration_s
     # where duration_s went (the rest: scans' bookkeeping, throttling)
     scan_s: float = 0.0
-    read_s: float = 0.0  # reading the tasks' pages (process_vm_readv, zero pages)
+    read_s: float = 0.0  # reading the tasks' pages (process_vm_readv, zero pages), or waiting for the reader thread
+    read_ahead_s: float = 0.0  # the reader thread's time in reads (overlaps the others)
     encode_s: float = 0.0  # the lz4 probe and compression, frame heads
     seal_s: float = 0.0  # sealing (or MACing) the frames
     send_s: float = 0.0  # in the socket: the link's pace, or the destination's
     ack_s: float = 0.0  # waiting for the destination to store the round
     cpu_s: float = 0.0  # the source's CPU time (all of run's threads) during the round
+    # the destination's side of the round, from its ROUND_ACK (Stored)
+    dest_frames: int = 0
+    dest_recv_s: float = 0.0
+    dest_open_s: float = 0.0
+    dest_store_s: float = 0.0
+    dest_cpu_s: float = 0.0
     dirty_rate_pps: float = 0.0
     bandwidth_bps: float = 0.0
     est_downtime_ms: float = 0.0
@@ -229,6 +236,20 @@ class RoundStats(Body):
         if stats.number != number:
             _fail("ROUND", "number", f"is {stats.number}, not the round's {number}")
         return stats
+
+
+@dataclass
+class Stored(Body):
+    """ROUND_ACK (D→S) after its binary head (wire.encode_ack): where the
+    destination's time went since the previous ROUND_ACK, the source's
+    round, as seen from the other end."""
+
+    KIND = Msg.ROUND_ACK
+    frames: int = 0  # PAGES frames stored
+    recv_s: float = 0.0  # waiting for the next frame: the source's pace (or the link's), the copy out of the kernel
+    open_s: float = 0.0  # opening the sealed frames (or checking their MAC); in the inbound thread, if any
+    store_s: float = 0.0  # decoding PAGES bodies and putting them into the page store
+    cpu_s: float = 0.0  # serve's CPU time (all its threads)
 
 
 @dataclass

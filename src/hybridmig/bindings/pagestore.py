@@ -35,8 +35,8 @@ class PageStore:
         if len(data) % PAGE_SIZE:
             raise UsageError("data length %d is not a whole number of pages" % len(data))
         check_range(vaddr, len(data) // PAGE_SIZE)
-        buf = ffi.from_buffer("uint8_t[]", data)
-        _check(lib.hm_store_put(self._s, key, vaddr, buf, len(data) // PAGE_SIZE), "hm_store_put")
+        with ffi.from_buffer("uint8_t[]", data) as buf:  # (released at once: see tracker.read_pages_into)
+            _check(lib.hm_store_put(self._s, key, vaddr, buf, len(data) // PAGE_SIZE), "hm_store_put")
 
     def put_zero(self, key: int, vaddr: int, npages: int) -> None:
         check_range(vaddr, npages)
@@ -49,11 +49,11 @@ class PageStore:
         check_range(vaddr, npages)
         if len(zero) < (npages + 7) // 8:
             raise UsageError("zero bitmap of %d bytes for %d pages" % (len(zero), npages))
-        buf = ffi.from_buffer("uint8_t[]", data)
-        used = _check(
-            lib.hm_store_put_pages(self._s, key, vaddr, npages, zero, buf, len(data) // PAGE_SIZE),
-            "hm_store_put_pages",
-        )
+        with ffi.from_buffer("uint8_t[]", data) as buf:
+            used = _check(
+                lib.hm_store_put_pages(self._s, key, vaddr, npages, zero, buf, len(data) // PAGE_SIZE),
+                "hm_store_put_pages",
+            )
         return used * PAGE_SIZE
 
     def load_file(self, key: int, vaddr: int, npages: int, fd: int, offset: int) -> None:

@@ -139,10 +139,13 @@ def read_pages_into(pid: int, vaddr: int, buf: bytearray | memoryview) -> tuple[
         raise UsageError("buffer is read-only")
     npages = view.nbytes // PAGE_SIZE
     check_range(vaddr, npages)
-    data = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
     bitmap = ffi.new("uint8_t[]", (npages + 7) // 8)
     ndata = ffi.new("uint64_t *")
-    got = check(lib.hm_read_pages(pid, vaddr, npages, data, bitmap, ndata), "hm_read_pages", pid=pid)
+    # released before an error propagates: a traceback kept in a reference
+    # cycle (an error handed to another thread) would otherwise hold the
+    # export, and the collector clearing the cycle crashed on it
+    with ffi.from_buffer("uint8_t[]", buf, require_writable=True) as data:
+        got = check(lib.hm_read_pages(pid, vaddr, npages, data, bitmap, ndata), "hm_read_pages", pid=pid)
     return got, bytes(ffi.buffer(bitmap, (got + 7) // 8)), int(ndata[0])
 
 

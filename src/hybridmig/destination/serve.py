@@ -23,6 +23,7 @@ import psutil
 from .. import scratch, wire
 from ..bindings import PAGE_SIZE
 from ..bindings.pagestore import PageStore
+from ..cpus import data_threads
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from ..errors import CriuError, HybridmigError, PeerClosed, PeerError, ProtocolError
 from ..messages import Container, Host, Outcome, OutcomeQuery, Restore, Result, RoundStats
@@ -31,7 +32,9 @@ from ..wire import Msg
 from .accept import Acceptor
 from .container import ContainerRestore, is_podman_file
 from .guard import Guard
+from .inbound import Inbound
 from .lazypages import LazyPagesDaemon
+from .pace import RoundPace
 
 log = logging.getLogger("hybridmig.destination.serve")
 # A source silent for this long (stopped, hung) ends its session, so that
@@ -239,15 +242,29 @@ class Session:
     def run(self, first=None):
         """Serve frames (`first`, then what comes) until the source commits
         or aborts; returns 'committed' or 'aborted'."""
+        inbound = Inbound(self.channel) if data_threads() else None
+        pace = RoundPace(self.channel, read_ahead=inbound is not None)
+        try:
+            return self._run(first, pace, inbound)
+        finally:
+            if inbound is not None:
+                inbound.close()
+
+    def _run(self, first, pace, inbound):
+        recv = inbound.recv if inbound is not None else lambda: self.channel.recv(transient=True)
         while True:
             # transient: each payload is done with before the next recv()
-            kind, payload = first or self.channel.recv(transient=True)
+            t = time.perf_counter()
+            kind, payload = first or recv()
+            t_got = time.perf_counter()
+            pace.received(t_got - t)
             first = None
             if kind not in self.ACCEPTS[self.state]:
                 raise ProtocolError(f"unexpected {kind.name} from the source ({self.state})")
             if kind == Msg.PAGES:
                 key, extents, data = wire.decode_pages(payload)
                 self._store(key, extents, data)
+                pace.stored(time.perf_counter() - t_got)
                 self.remote.pages_arrived(key, extents, data)
             elif kind == Msg.INVALIDATE:
                 # costs what the store holds in the range, not its length (pagestore.c)
@@ -260,7 +277,8 @@ class Session:
                 self._check_quota()
                 self.rounds = RoundStats.decode(payload).number
                 st = self.store.stats()
-                self.channel.send(Msg.ROUND_ACK, wire.encode_ack(self.rounds, st["pages_data"] + st["pages_zero"]))
+                held = st["pages_data"] + st["pages_zero"]
+                self.channel.send(Msg.ROUND_ACK, wire.encode_ack(self.rounds, held, pace.ack()))
             elif kind == Msg.FILE:
                 self._write_image(*wire.decode_file(payload))
             elif kind == Msg.CONTAINER:

@@ -12,22 +12,41 @@ slows the tree down the tracker drops them, so that rounds show it."""
 
 import contextlib
 import logging
+import queue
+import threading
 import time
+import types
 from dataclasses import dataclass, field
 
 from .. import wire
 from ..bindings import PAGE_SIZE
 from ..bindings.ranges import Ranges
+from ..cpus import data_threads
 from ..errors import ProcessGone, ProtocolError
-from ..messages import RoundStats
+from ..messages import RoundStats, Stored
 from ..wire import Msg
 from .converge import slowed_down
 from .options import DEFAULTS
 from .tracker import TreeTracker, read_run
 
 log = logging.getLogger("hybridmig.source.precopy")
-FRAME_PAGES = 256  # pages per PAGES frame (1 MiB), zero pages included; scattered runs share a frame
+# Pages per PAGES frame (1 MiB), zero pages included; scattered runs share a
+# frame. With the data path's threads (cpus.py) 4 MiB frames cost 0.2-1.3
+# CPU s/GiB less over both ends (fewer hand-offs); without them, 1 MiB
+# frames overlap the two ends better (the socket buffers hold several:
+# sealed round 0 at 0.7 of its pace with 4 MiB frames; docs/bench-wire.md).
+FRAME_PAGES = 256
 WORTHWHILE_MS = 5.0  # a final transfer estimated shorter than this is not worth another round
+# Frame buffers of the sender: one being read while the other is sealed and
+# sent (a reader thread), the memory of `run`'s data path bounded by them.
+FRAME_BUFFERS = 2
+# Ranges of fewer pages than this are read and sent by one thread (a
+# thread's start costs more than it overlaps).
+PIPELINE_MIN_PAGES = 2 * FRAME_PAGES
+
+
+class _Stopped(Exception):
+    """The sender gave up: the reader thread stops."""
 
 
 class Round(RoundStats):
@@ -110,9 +129,12 @@ class Compression:
 class Sender:
     """Reads pages of the source tasks and sends them in PAGES frames of up
     to frame_pages pages, scattered pages gathered into one frame. A frame is
-    read straight into one reused buffer, its data pages packed by the
-    native read, its head written just before them, and sealed and sent
-    from there: no copy of the pages in Python. One thread at a time."""
+    read straight into one of FRAME_BUFFERS reused buffers, its data pages
+    packed by the native read, its head written just before them, and
+    sealed and sent from there: no copy of the pages in Python. Where it
+    pays (cpus.py), large ranges are read by a reader thread while the
+    caller's seals and sends the frame before (both release the GIL);
+    frames go out in the order they were read. One caller at a time."""
 
     channel: wire.Channel
     keys: dict  # host pid -> ns pid (store key)
@@ -121,17 +143,20 @@ class Sender:
     throttle: Throttle | None = None
     held: dict = field(default_factory=dict)  # ns pid -> Ranges held by the destination
     frame_pages: int = FRAME_PAGES
+    reader_thread: bool | None = None  # read ahead in a thread (large ranges); None: cpus.data_threads()
 
     def __post_init__(self):
+        if self.reader_thread is None:
+            self.reader_thread = data_threads()
         self.compression = Compression(self.compress)
         # [scratch byte for the sealed type][room for the longest head][data]
         self._data_at = 1 + wire.pages_head_max(self.frame_pages)
-        self._buf = bytearray(self._data_at + self.frame_pages * PAGE_SIZE)
-        self._view = memoryview(self._buf)
+        self._bufs = [bytearray(self._data_at + self.frame_pages * PAGE_SIZE) for _ in range(FRAME_BUFFERS)]
 
-    def _flush(self, key, extents, ndata, rnd):
+    def _flush(self, buf, key, extents, ndata, rnd):
         t = time.perf_counter()
-        data = self._view[self._data_at : self._data_at + ndata * PAGE_SIZE]
+        view = memoryview(buf)
+        data = view[self._data_at : self._data_at + ndata * PAGE_SIZE]
         enc, end = wire.RAW, self._data_at + len(data)
         if self.compression.worth_it(data):
             packed = wire.lz4_compress(data)
@@ -141,10 +166,10 @@ class Sender:
                 rnd.frames_lz4 += 1
         head = wire.pages_head(key, extents, enc)
         start = self._data_at - len(head)
-        self._view[start : self._data_at] = head
+        view[start : self._data_at] = head
         t_sent, sealing = time.perf_counter(), self.channel.seal_s
         rnd.encode_s += t_sent - t
-        self.channel.send_from(Msg.PAGES, self._buf, start, end)
+        self.channel.send_from(Msg.PAGES, buf, start, end)
         sealed = self.channel.seal_s - sealing
         rnd.seal_s += sealed
         rnd.send_s += time.perf_counter() - t_sent - sealed
@@ -164,17 +189,32 @@ class Sender:
             log.info("pid %d exited during pre-copy", pid)
 
     def _send_ranges(self, pid, ranges, rnd):
+        if self.reader_thread and _pages(ranges) >= PIPELINE_MIN_PAGES:
+            self._send_pipelined(pid, ranges, rnd)
+            return
+        buf = self._bufs[0]
+        for _, key, extents, ndata in self._frames(pid, ranges, rnd, lambda: buf, lambda b: None):
+            self._flush(buf, key, extents, ndata, rnd)
+
+    def _frames(self, pid, ranges, rnd, take, give, clock=None):
+        """Read ranges of pid into frames: yields (buffer, key, extents,
+        data pages), each buffer from take() (given back to give() if
+        nothing was read into it); the time in reads goes to clock.read_s
+        (default: the round's)."""
+        clock = clock or rnd
         key = self.keys[pid]
         held = self.held.setdefault(key, Ranges())
-        extents, npages, ndata = [], 0, 0
+        buf, extents, npages, ndata = None, [], 0, 0
         for start, end in ranges:
             at = start
             while at < end:
+                if buf is None:
+                    buf = take()
                 # what is left of the frame: its data space from ndata on
-                room = self._view[self._data_at + ndata * PAGE_SIZE :][: (self.frame_pages - npages) * PAGE_SIZE]
+                room = memoryview(buf)[self._data_at + ndata * PAGE_SIZE :][: (self.frame_pages - npages) * PAGE_SIZE]
                 t = time.perf_counter()
                 got, zero, nd, nxt = read_run(pid, at, end, room)
-                rnd.read_s += time.perf_counter() - t
+                clock.read_s += time.perf_counter() - t
                 if got:
                     extents.append((at, got, zero))
                     held.add(at, at + got * PAGE_SIZE)
@@ -184,10 +224,65 @@ class Sender:
                     rnd.bytes_raw += nd * PAGE_SIZE
                 at = nxt
                 if npages >= self.frame_pages:
-                    self._flush(key, extents, ndata, rnd)
-                    extents, npages, ndata = [], 0, 0
+                    yield buf, key, extents, ndata
+                    buf, extents, npages, ndata = None, [], 0, 0
         if extents:
-            self._flush(key, extents, ndata, rnd)
+            yield buf, key, extents, ndata
+        elif buf is not None:
+            give(buf)
+
+    def _send_pipelined(self, pid, ranges, rnd):
+        """_frames in a reader thread, each frame sent here as soon as it
+        is read: reading the next overlaps sealing and sending this one.
+        Bounded by the FRAME_BUFFERS buffers; an error on either side stops
+        both (the reader's is raised here, after the frames read before it
+        are sent, as one thread would). The round's read_s is the time
+        spent here waiting for a frame (its parts add up to its duration);
+        the reader's own time in reads, overlapping the rest, is
+        read_ahead_s."""
+        free: queue.Queue[bytearray] = queue.Queue()
+        full: queue.Queue[tuple | BaseException | None] = queue.Queue()
+        stop = threading.Event()
+        clock = types.SimpleNamespace(read_s=0.0)
+        for b in self._bufs:
+            free.put(b)
+
+        def take():
+            while True:
+                try:
+                    return free.get(timeout=0.1)
+                except queue.Empty:
+                    if stop.is_set():
+                        raise _Stopped from None
+
+        def reader():
+            try:
+                for frame in self._frames(pid, ranges, rnd, take, free.put, clock):
+                    full.put(frame)
+                full.put(None)
+            except _Stopped:
+                pass
+            except BaseException as e:  # noqa: BLE001 -- raised in the sending thread
+                full.put(e)
+
+        th = threading.Thread(target=reader, name="precopy-reader", daemon=True)
+        th.start()
+        try:
+            while True:
+                t = time.perf_counter()
+                item = full.get()
+                rnd.read_s += time.perf_counter() - t
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                buf, key, extents, ndata = item
+                self._flush(buf, key, extents, ndata, rnd)
+                free.put(buf)
+        finally:
+            stop.set()
+            th.join()
+            rnd.read_ahead_s += clock.read_s
 
     def adopt(self, pid):
         """A process that joined the tree since the start (a fork); False if
@@ -243,6 +338,10 @@ class PreCopy:
         kind, payload = self.sender.channel.recv()
         if kind != Msg.ROUND_ACK or wire.decode_ack(payload)[0] != rnd.number:
             raise ProtocolError("expected the ack of round %d, got %s" % (rnd.number, kind.name))
+        if tail := wire.ack_stats(payload):
+            dest = Stored.decode(tail)
+            rnd.dest_frames, rnd.dest_recv_s, rnd.dest_open_s = dest.frames, dest.recv_s, dest.open_s
+            rnd.dest_store_s, rnd.dest_cpu_s = dest.store_s, dest.cpu_s
         rnd.ack_s = time.perf_counter() - t
 
     def _finish(self, rnd, t0, cpu0):

@@ -3,6 +3,7 @@
  *
  *   memwork --size-mb N [--threads T] [--procs P] [--report FILE]
  *           [--rate PAGES_PER_S_PER_THREAD] [--hot PERCENT] [--check-writes 1]
+ *           [--compressible 1]
  *
  * Every process of the tree owns one private anonymous region of N MiB and,
  * in separate memory, a generation counter per page.  Writer threads keep
@@ -168,6 +169,19 @@ static inline uint64_t header_check(uint64_t i, uint64_t g)
 	return splitmix64(&s);
 }
 
+/* --compressible 1: a page's body is its first COMPRESSIBLE_PERIOD random
+ * words over and over (lz4 shrinks it to ~1/7), as much memory of real
+ * programs does; else random words throughout (incompressible). */
+#define COMPRESSIBLE_PERIOD 64
+static int g_compressible;
+
+static inline uint64_t body_word(const uint64_t *w, size_t k, uint64_t *s)
+{
+	if (g_compressible && k >= 4 + COMPRESSIBLE_PERIOD)
+		return w[k - COMPRESSIBLE_PERIOD];
+	return splitmix64(s);
+}
+
 static void fill_page(size_t i, uint64_t g)
 {
 	uint64_t *w = (uint64_t *)g_addr[i];
@@ -179,7 +193,7 @@ static void fill_page(size_t i, uint64_t g)
 	w[2] = g;
 	w[3] = header_check(i, g);
 	for (size_t k = 4; k < nw; k++)
-		w[k] = splitmix64(&s);
+		w[k] = body_word(w, k, &s);
 }
 
 static int page_is_zero(const uint64_t *w)
@@ -212,7 +226,7 @@ static const char *check_page(size_t i, uint64_t *found_index, uint64_t *found_g
 		return "check";
 	s = page_seed(i, g);
 	for (size_t k = 4; k < nw; k++)
-		if (w[k] != splitmix64(&s))
+		if (w[k] != body_word(w, k, &s))
 			return "body";
 	return NULL;
 }
@@ -814,7 +828,7 @@ static void usage(const char *argv0)
 {
 	fprintf(stderr,
 		"usage: %s --size-mb N [--threads T] [--procs P] [--report FILE] "
-		"[--rate PAGES_PER_S_PER_THREAD] [--hot PERCENT] [--check-writes 1]\n",
+		"[--rate PAGES_PER_S_PER_THREAD] [--hot PERCENT] [--check-writes 1] [--compressible 1]\n",
 		argv0);
 	exit(2);
 }
@@ -840,6 +854,8 @@ static void parse_args(int argc, char **argv)
 			g_hot = atof(v);
 		else if (!strcmp(a, "--check-writes"))
 			g_check_writes = atoi(v);
+		else if (!strcmp(a, "--compressible"))
+			g_compressible = atoi(v);
 		else
 			usage(argv[0]);
 		k++;

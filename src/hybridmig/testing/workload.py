@@ -177,6 +177,7 @@ class Workload:
         timeout: float = 60,
         binary: str | None = None,
         check_writes: bool = False,
+        compressible: bool = False,
     ) -> Workload:
         """Start a tree of ``procs`` processes of ``size_mb`` MiB and
         ``threads`` writers each, rate-limited to ``rate`` pages/s/thread
@@ -184,7 +185,8 @@ class Workload:
         slice, in a new PID namespace, optionally inside network
         namespace /run/netns/``netns``.  ``check_writes``: each writer checks
         a page before rewriting it and reports the first wrong one
-        (``reports("corrupt")``).  Returns once every process reported
+        (``reports("corrupt")``). ``compressible``: pages lz4 shrinks
+        (~1/7), random ones if not.  Returns once every process reported
         "ready"."""
         binary = binary or build_memwork()
         owned_dir = None
@@ -226,6 +228,8 @@ class Workload:
         ]
         if check_writes:
             cmd += ["--check-writes", "1"]
+        if compressible:
+            cmd += ["--compressible", "1"]
         popen = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
