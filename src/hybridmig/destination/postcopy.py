@@ -132,10 +132,16 @@ class PostCopyPages(RemotePages):
                     if not missing.total():
                         self.latencies.append(now - sent)
                 self._outstanding[key] = [w for w in waiting if w[3].total()]
-        self.pages_arrived_after += sum(n for _, n, _ in extents)
-        if self.loop is not None:
-            self.loop.notify()  # the faults waiting for these pages retry, idle installers wake
+            self.pages_arrived_after += sum(n for _, n, _ in extents)
+            if self.loop is not None:  # (under the lock: detach_loop() before the loop is freed)
+                self.loop.notify()  # the faults waiting for these pages retry, idle installers wake
         super().pages_arrived()
+
+    def detach_loop(self):
+        """Before the daemon frees its fault loop: pages may still come (a
+        push or an answer in flight when the last page was installed)."""
+        with self._lock:
+            self.loop = None
 
     def reattach(self, channel):
         """The source is back on `channel`: every waiting fault asks again
@@ -145,8 +151,9 @@ class PostCopyPages(RemotePages):
             self._asked.clear()
             self._outstanding.clear()
         self.last_arrival = time.monotonic()
-        if self.loop is not None:
-            self.loop.notify()
+        with self._lock:
+            if self.loop is not None:
+                self.loop.notify()
 
     def idle_s(self):
         """Seconds since the last page came."""

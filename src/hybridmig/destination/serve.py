@@ -478,6 +478,8 @@ class Session:
             if server is not None and server.is_alive():
                 log.error("the lazy-pages daemon did not stop: left as it is, not freed under its thread")
             else:
+                if self.postcopy:
+                    self.remote.detach_loop()  # pages still on their way must not wake a freed loop
                 daemon.close()
 
     def _wait_installed(self, server):
