@@ -314,7 +314,7 @@ def serve(
     default=DEFAULTS.switchover,
     help="precopy: rounds, then the rest frozen; postcopy: after --postcopy-after rounds the copy resumes "
     "and pulls the rest from the frozen source; auto: pre-copy while rounds shrink, then post-copy "
-    "(default: auto; precopy with --container)",
+    "(default: precopy, until post-copy keeps pace at GiB sizes: docs/results.md)",
 )
 @click.option(
     "--postcopy-after",
@@ -391,8 +391,8 @@ def run(
     try:
         key = read_key(key_file)
         tls = wire.tls_client_context(tls_ca, tls_cert, tls_key, tls_name, tls_fingerprint) if tls_ca else None
-        if switchover is None:  # (post-copy of a container is untested)
-            switchover = "precopy" if container is not None else "auto"
+        if container is not None and switchover != "precopy":
+            fail("--container migrates with --switchover precopy only: post-copy of a container is untested")
         options = dict(
             max_rounds=max_rounds,
             target_downtime_ms=target_downtime,

@@ -100,7 +100,7 @@ class Migration:
         self.compress = compress
         self.tls = tls
         self.wire_mode = wire_mode
-        switchover = switchover or "auto"
+        switchover = switchover or DEFAULTS.switchover
         if switchover not in SWITCHOVERS:
             raise UsageError(f"--switchover {switchover}: one of {', '.join(SWITCHOVERS)}")
         if postcopy_after < 1:

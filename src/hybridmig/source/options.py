@@ -17,9 +17,11 @@ class RunOptions:
     auto_converge: bool | None = None
     #: precopy (rounds, then everything frozen), postcopy (after
     #: postcopy_after rounds the copy resumes and pulls the rest), auto
-    #: (pre-copy while rounds shrink, post-copy once they stop); None: auto,
-    #: but precopy for `run --container` (post-copy is untested there)
-    switchover: str | None = None
+    #: (pre-copy while rounds shrink, post-copy once they stop). precopy
+    #: until post-copy keeps pace at GiB sizes: 1 GiB at 20000 pages/s over
+    #: 1 Gbit/s, its push ran at 3.3 MB/s and the copy stalled 8.6-8.9 s
+    #: (docs/results.md)
+    switchover: str = "precopy"
     #: rounds before a --switchover postcopy resumes the copy (round 0 included)
     postcopy_after: int = 1
     #: seconds for the dump, for the restore, and for any silence of the destination
