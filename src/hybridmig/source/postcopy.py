@@ -122,12 +122,12 @@ class PostCopy:
         self.faults.append((time.monotonic(), self.host_of[key], vaddr, vaddr + npages * PAGE_SIZE))
         return None
 
-    def _send(self, pid, start, end):
-        """The pages of [start, end) of pid, read from the frozen tree. Every
+    def _send(self, pid, ranges):
+        """The pages of `ranges` of pid, read from the frozen tree. Every
         process of it must still be there: a page of any that is gone is
         lost (Sender.send_ranges would skip it)."""
         try:
-            self.sender._send_ranges(pid, [(start, end)], self.rnd)
+            self.sender._send_ranges(pid, ranges, self.rnd)
         except ProcessGone as e:
             raise SourceLost(
                 "process %d of the frozen source is gone (%s): %d pages the destination lacks are lost"
@@ -135,13 +135,24 @@ class PostCopy:
             ) from e
         owed = self.owed.get(pid)
         if owed is not None:
-            owed.remove(start, end)
+            for start, end in ranges:
+                owed.remove(start, end)
 
     def _next_push(self):
+        """(pid, ranges): the next PUSH_PAGES owed pages of one task, in
+        address order, across as many runs as it takes. After round 0 the
+        owed set is what was written since, in short runs: a frame per run
+        made tens of thousands of tiny frames (1 GiB at 20000 pages/s over
+        1 Gbit/s pushed at 3.3 MB/s)."""
         for pid, owed in self.owed.items():
-            nxt = owed.next(0)
-            if nxt:
-                return pid, nxt[0], min(nxt[1], nxt[0] + PUSH_PAGES * PAGE_SIZE)
+            ranges, room, at = [], PUSH_PAGES * PAGE_SIZE, 0
+            while room > 0 and (nxt := owed.next(at)):
+                end = min(nxt[1], nxt[0] + room)
+                ranges.append((nxt[0], end))
+                room -= end - nxt[0]
+                at = end
+            if ranges:
+                return pid, ranges
         return None
 
     def serve(self):
@@ -176,15 +187,16 @@ class PostCopy:
                     )
             if self.faults:
                 asked, pid, start, end = self.faults.popleft()
-                self._send(pid, start, end)
+                self._send(pid, [(start, end)])
                 self.fetches += 1
                 self.pages_fetched += (end - start) // PAGE_SIZE
                 self.serve_s.append(time.monotonic() - asked)
             elif push is not None:
-                self._send(*push)
-                self.pages_pushed += (push[2] - push[1]) // PAGE_SIZE
-                self._recent.append(push)
-                if len(self._recent) > RESEND_BYTES // (PUSH_PAGES * PAGE_SIZE):
+                pid, ranges = push
+                self._send(pid, ranges)
+                self.pages_pushed += sum(end - start for start, end in ranges) // PAGE_SIZE
+                self._recent.extend((pid, start, end) for start, end in ranges)
+                while len(self._recent) > RESEND_BYTES // PAGE_SIZE:  # at most that many pages, one run each
                     self._recent.popleft()
 
     def stats(self):
