@@ -314,7 +314,7 @@ def serve(
     default=DEFAULTS.switchover,
     help="precopy: rounds, then the rest frozen; postcopy: after --postcopy-after rounds the copy resumes "
     "and pulls the rest from the frozen source; auto: pre-copy while rounds shrink, then post-copy "
-    "(default: precopy, until post-copy keeps pace at GiB sizes: docs/results.md)",
+    "(default: precopy, until post-copy pauses the process as little: docs/results.md)",
 )
 @click.option(
     "--postcopy-after",

@@ -18,8 +18,8 @@ class RunOptions:
     #: precopy (rounds, then everything frozen), postcopy (after
     #: postcopy_after rounds the copy resumes and pulls the rest), auto
     #: (pre-copy while rounds shrink, post-copy once they stop). precopy
-    #: until post-copy keeps pace at GiB sizes: 1 GiB at 20000 pages/s over
-    #: 1 Gbit/s, its push ran at 3.3 MB/s and the copy stalled 8.6-8.9 s
+    #: until post-copy's pauses are as short: 1 GiB at 20000 pages/s over
+    #: 1 Gbit/s, the copy paused 685 ms against pre-copy's 323 ms
     #: (docs/results.md)
     switchover: str = "precopy"
     #: rounds before a --switchover postcopy resumes the copy (round 0 included)
