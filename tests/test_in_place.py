@@ -74,11 +74,14 @@ def test_switch_over_copies_no_page_at_two_sizes(env, in_place_criu):  # noqa: F
         pages = size * MIB // PAGE
         # every page of memwork's region is in the pagemap, lazy (plus its stacks, heap, libc's data)
         assert pages <= stats["pages_lazy"] <= pages + 4096, stats
-        # the pagemap CRIU wrote lists them all: as many pages as the tree had (the vDSO's, dumped
-        # whole, and a stack page or two touched meanwhile apart)
+        # the pagemap CRIU wrote lists them all: every page the tree had. A few hundred more: the
+        # vDSO's (dumped whole), and the uffd-wp markers our tracker leaves on empty PTEs
+        # (UFFD_FEATURE_WP_UNPOPULATED), which PAGEMAP_SCAN reports as swapped pages; a plain dump of
+        # memwork lists its anonymous pages + 3
         listed = pagemap_pages(work)
         assert listed == stats["pages_lazy"] + stats["pages_written"], (listed, stats)
-        assert abs(listed - had) <= 64, (listed, had)
+        assert had <= listed <= had + 1024, (listed, had)
+        print(size, "MiB: pagemap", listed, "pages, the tree had", had)
         # ... and none was copied: no page pipe for them; the few pages written are the
         # ones that are never lazy (the stack pages under a thread's sp, file-backed data)
         assert stats["pages_written"] < 64, stats
