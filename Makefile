@@ -47,7 +47,7 @@ bench-full: setup
 	$(VENV)/bin/hybridmig bench
 
 # CRIU's own zdtm tests in its lazy-pages modes, the patched CRIU against the
-# released one (scripts/zdtm-lazy.sh; not part of `make test`: ~15 min)
+# released one (scripts/zdtm-lazy.sh; not part of `make test`: 10-20 min)
 zdtm-lazy: setup
 	ZDTM_DIR=$(ZDTM_DIR) ZDTM_TESTS="$(ZDTM_TESTS)" bash scripts/zdtm-lazy.sh
 
