@@ -152,6 +152,33 @@ def test_stopped_container(env):
     assert serve.proc.poll() is None
 
 
+def test_paused_container(env):
+    """A paused container (frozen by podman) is refused, and stays paused."""
+    wl = env.pair.src.start(NAME, env.pair.report_dir)
+    env.pair.src.podman("pause", NAME)
+    serve = env.serve()
+    rc, report, err = env.run(NAME)
+    assert rc != 0 and "is paused, not running" in err, err
+    assert env.pair.src.status(NAME) == "paused"
+    env.pair.src.podman("unpause", NAME)
+    verified(wl)
+    assert serve.proc.poll() is None
+
+
+@pytest.mark.parametrize("switchover", ["postcopy", "auto"])
+def test_container_postcopy_refused(env, switchover):
+    """Only pre-copy moves a container: post-copy (or auto, which may switch
+    to it) is refused before the container or the destination is touched."""
+    wl = env.pair.src.start(NAME, env.pair.report_dir)
+    serve = env.serve()
+    rc, report, err = env.run(NAME, "--switchover", switchover)
+    assert rc != 0 and f"--switchover {switchover}" in err and "--switchover precopy" in err, err
+    assert env.pair.src.status(NAME) == "running"
+    verified(wl)
+    assert not (env.pair.src.dir / "criu" / f"{NAME}.conf").exists()
+    assert serve.proc.poll() is None  # never contacted: it serves on
+
+
 def test_container_without_the_annotation(env):
     wl = env.pair.src.start(NAME, env.pair.report_dir, annotate=False)
     serve = env.serve()
