@@ -45,13 +45,14 @@ REFUSED = {"rootfs": "a --rootfs container (its root is a host path)", "namedVol
 class ContainerRestore:
     """One container's restore into serve's podman."""
 
-    def __init__(self, podman, name, session_dir, images_dir, files_dir, root_hook, dies_with_me):
+    def __init__(self, podman, name, session_dir, images_dir, files_dir, root_hook, root_file, dies_with_me):
         self.podman = podman
         self.name = name
         self.dir = session_dir
         self.images = images_dir
         self.files = files_dir
         self.root_hook = root_hook
+        self.root_file = root_file  # the restored root's pid, written by root_hook
         self.dies_with_me = dies_with_me
         self.config_file = os.path.join(session_dir, "criu.conf")
         self.archive = os.path.join(session_dir, "checkpoint.tar")
@@ -158,11 +159,18 @@ class ContainerRestore:
                 "podman container restore of %s failed (exit %d): %s%s"
                 % (self.name, proc.returncode, said(proc), log_tail(os.path.join(self.images, "restore.log")))
             )
-        info = self.podman.inspect(self.name)
-        if info is None or not (info.get("State") or {}).get("Running"):
-            raise CriuError(f"podman restored {self.name}, but does not say it runs")
-        self.id = info.get("Id")
-        self.restored_pid = info["State"]["Pid"]
+        # No `podman inspect` here: it would be one more podman in the
+        # downtime. podman's restore printed the ID, and serve's hook (run
+        # by CRIU) wrote the restored init's pid, the one podman records.
+        printed = proc.stdout.split()
+        if not printed or not re.fullmatch(r"[0-9a-f]{64}", printed[-1]):
+            raise CriuError(f"podman restored {self.name}, but printed no container ID: {proc.stdout[-200:]!r}")
+        self.id = printed[-1]
+        try:
+            with open(self.root_file) as f:
+                self.restored_pid = int(f.read().strip())
+        except (OSError, ValueError) as e:
+            raise CriuError(f"podman restored {self.name}, but CRIU's hook gave no pid of its init: {e}") from e
         return self.restored_pid
 
     def remove(self, pid=None):

@@ -244,7 +244,7 @@ class Session:
         # before the commit (destination/guard.py); started now, its start-up
         # is not in the restore's time
         self.pidfile = os.path.join(self.dir, "restore.pid")
-        root_file = os.path.join(self.dir, "restore.root")
+        self._root_file = root_file = os.path.join(self.dir, "restore.root")
         self._root_hook = os.path.join(self.dir, "restore-hook")
         with open(self._root_hook, "w") as f:
             f.write(ROOT_HOOK.format(root=shlex.quote(root_file)))
@@ -352,7 +352,7 @@ class Session:
         files = os.path.join(self.dir, "podman")
         os.mkdir(files)
         self.container = ContainerRestore(
-            podman, body.name, self.dir, self.images, files, self._root_hook, dies_with_me
+            podman, body.name, self.dir, self.images, files, self._root_hook, self._root_file, dies_with_me
         )
         self.container.check(body.image)
         self.channel.send(Msg.CONTAINER, body.encode())  # checked: the source goes on
@@ -412,6 +412,7 @@ class Session:
             check_criu_opts(criu_opts, self.limits.criu_opts)
             if self.container is not None:
                 self.container.prepare(criu_opts)
+            t_prepared = time.monotonic()
             daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store, guard=self._guard)
             self._daemon = daemon
             if self.postcopy:
@@ -457,6 +458,8 @@ class Session:
                     "finished_to_exit": (t_restored - finished) * 1000,
                 },
             )
+            if self.container is not None:  # podman's archive built: part of daemon_ready
+                result.restore_breakdown_ms["container_archive"] = (t_prepared - t0) * 1000
             if self.postcopy:
                 # The source never resumes once the copy may have run: this
                 # copy, whole now, is the one, whatever happens next.
