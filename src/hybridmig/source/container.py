@@ -261,6 +261,15 @@ class ContainerMigration(Migration):
         self.info = check_container(self.podman, name)
         super().__init__(self.info["State"]["Pid"], to, key, **kw)
         config_lines(self.criu_opts)  # refused now, not at the switch-over
+        network = (self.info.get("HostConfig") or {}).get("NetworkMode") or "?"
+        if network != "none" and any(o.split("=")[0] == "--tcp-established" for o in self.criu_opts):
+            # the copy gets another address (podman restores it under --name,
+            # in another network namespace): a connection's socket could not be bound
+            raise UsageError(
+                "container %s is on network %s: its copy gets another address on the destination, so "
+                "--tcp-established cannot carry its connections (only a --network=none container's, "
+                "on its loopback)" % (name, network)
+            )
 
     def _connect(self):
         same_host = super()._connect()
