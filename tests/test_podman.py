@@ -299,7 +299,6 @@ def test_run_killed_while_the_destination_restores(env):
     verified(wl)
 
 
-
 FETCH = """
 import sys, urllib.request
 try:
