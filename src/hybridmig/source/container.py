@@ -261,14 +261,16 @@ class ContainerMigration(Migration):
         self.info = check_container(self.podman, name)
         super().__init__(self.info["State"]["Pid"], to, key, **kw)
         config_lines(self.criu_opts)  # refused now, not at the switch-over
-        network = (self.info.get("HostConfig") or {}).get("NetworkMode") or "?"
-        if network != "none" and any(o.split("=")[0] == "--tcp-established" for o in self.criu_opts):
-            # the copy gets another address (podman restores it under --name,
-            # in another network namespace): a connection's socket could not be bound
+        if any(o.split("=")[0] == "--tcp-established" for o in self.criu_opts):
+            # Tried: the copy's network namespace is a new one of the
+            # destination's podman (runc treats it as external), its address
+            # another on a bridge and its loopback still down while CRIU
+            # restores on --network=none ("Can't connect inet socket back:
+            # Network is unreachable"): no connection's socket can be restored.
             raise UsageError(
-                "container %s is on network %s: its copy gets another address on the destination, so "
-                "--tcp-established cannot carry its connections (only a --network=none container's, "
-                "on its loopback)" % (name, network)
+                "container %s: --tcp-established cannot carry a container's connections: its copy gets a new "
+                "network namespace from the destination's podman (another address on network %s)"
+                % (name, (self.info.get("HostConfig") or {}).get("NetworkMode") or "unknown")
             )
 
     def _connect(self):
