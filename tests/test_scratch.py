@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from hybridmig import scratch
 
 MAKE = "import sys; from hybridmig import scratch; print(scratch.make(sys.argv[1], sys.argv[2]), flush=True)"
@@ -52,3 +54,26 @@ def test_a_reused_pid_is_not_its_owner(tmp_path):
     scratch.make("hm-", str(tmp_path))
     assert not d.exists()
     assert other_ns.exists()  # its owner's pid means nothing here
+
+
+@pytest.mark.root
+def test_a_dead_owners_mounts_are_detached_not_emptied(tmp_path):
+    """What a killed CRIU leaves mounted in its work dir (its cgroup yard:
+    the host's cgroup hierarchies) is detached before the dir is removed:
+    removing through the mount would delete the host's own entries. Here a
+    bind mount of an outside dir stands for it, with a space in its name."""
+    outside = tmp_path / "host"
+    outside.mkdir()
+    (outside / "keep").write_text("the host's")
+    dead = subprocess.run(
+        [sys.executable, "-c", MAKE, "hm-", str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    yard = os.path.join(dead, "images", ".criu cgyard")
+    os.makedirs(yard)
+    subprocess.run(["mount", "--bind", str(outside), yard], check=True, timeout=10)
+    try:
+        scratch.make("hm-", str(tmp_path))
+        assert not os.path.exists(dead)
+        assert (outside / "keep").read_text() == "the host's"
+    finally:
+        subprocess.run(["umount", "-l", yard], capture_output=True, timeout=10)

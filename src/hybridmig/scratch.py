@@ -2,13 +2,41 @@
 each holds its owner's pid and start time, and whoever makes the next one of
 the same kind in the same place removes those whose owner is gone."""
 
+import ctypes
 import os
+import re
 import shutil
 import tempfile
 
 import psutil
 
 OWNER_FILE = ".hybridmig-owner"
+MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mounts_under(path):
+    """Mount points at or below `path` in this mount namespace, deepest first."""
+    top = os.path.realpath(path)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])  # \040: a space
+            if point == top or point.startswith(top + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def remove(path):
+    """rmtree, but first detach what is mounted below `path`: a CRIU killed
+    while it restores leaves its cgroup yard (every cgroup hierarchy,
+    mounted in its work dir), and rmtree would go down into those mounts
+    and remove host cgroups and files through them."""
+    for point in _mounts_under(path):
+        if _libc.umount2(point.encode(), MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot detach {point}, so {path} is left in place: {os.strerror(err)}")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _pid_namespace():
@@ -46,7 +74,10 @@ def sweep(prefix, parent=None):
         except (OSError, ValueError):
             continue
         if gone:
-            shutil.rmtree(path, ignore_errors=True)
+            try:
+                remove(path)
+            except OSError:
+                pass  # left mounted: not removed either
 
 
 def make(prefix, parent=None):

@@ -11,7 +11,6 @@ import logging
 import os
 import secrets
 import shlex
-import shutil
 import socket
 import subprocess
 import threading
@@ -616,7 +615,10 @@ class Session:
         if keep:
             scratch.disown(self.dir)
         else:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            try:
+                scratch.remove(self.dir)  # (a killed CRIU's mounts in its work dir)
+            except OSError as e:
+                log.error("%s", e)
 
 
 def answer_outcome(channel, outcomes, payload):

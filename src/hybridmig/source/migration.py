@@ -7,7 +7,6 @@ reported success lets CRIU end the source. Anything else resumes it."""
 
 import logging
 import os
-import shutil
 import socket
 import struct
 import time
@@ -198,7 +197,10 @@ class Migration:
                 self.tracker.detach()
             self.channel.close()
             if not self.work_dir and not self.in_doubt:  # the waiting CRIU's images dir: left to it
-                shutil.rmtree(work, ignore_errors=True)
+                try:
+                    scratch.remove(work)  # (a killed CRIU's mounts in its work dir)
+                except OSError as e:
+                    log.error("%s", e)
         return self.report()
 
     def _start_dump(self, work):
