@@ -270,9 +270,7 @@ class Session:
                 # costs what the store holds in the range, not its length (pagestore.c)
                 self.store.invalidate(*wire.decode_range(payload))
             elif kind == Msg.STALE:  # (post-copy) pages written since they were sent: the source owes them
-                key, ranges = wire.decode_stale(payload)
-                for vaddr, npages in ranges:
-                    self.store.invalidate(key, vaddr, npages)
+                self.store.forget(*wire.decode_stale(payload))
             elif kind == Msg.ROUND:
                 self._check_quota()
                 self.rounds = RoundStats.decode(payload).number

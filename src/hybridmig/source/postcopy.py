@@ -44,17 +44,17 @@ class SourceLost(HybridmigError):
     pages the destination lacks are lost, or the tree runs again."""
 
 
-def intersect(ranges, held):
-    """The parts of `ranges` (byte [start, end) pairs) inside Ranges `held`."""
-    out = []
+def held_part(ranges, held):
+    """The parts of `ranges` inside `held`, both sorted, disjoint lists of
+    byte [start, end) pairs: one sweep (the switch-over's frozen time)."""
+    out, j = [], 0
     for start, end in ranges:
-        at = start
-        while at < end:
-            nxt = held.next(at)
-            if not nxt or nxt[0] >= end:
-                break
-            out.append((max(at, nxt[0]), min(end, nxt[1])))
-            at = nxt[1]
+        while j < len(held) and held[j][1] <= start:
+            j += 1
+        k = j
+        while k < len(held) and held[k][0] < end:
+            out.append((max(start, held[k][0]), min(end, held[k][1])))
+            k += 1
     return out
 
 
