@@ -160,6 +160,7 @@ class Migration:
         try:
             # CRIU starts now and waits at its pre-dump hook, so that its
             # start-up is over when pre-copy converges.
+            images.load_reader()  # now, not in the blackout (50-250 ms of imports)
             self.dump = self._start_dump(work)
             images_dir = self.images_dir = self.dump.images_dir
             self.sender = Sender(
@@ -336,15 +337,15 @@ class Migration:
         t0, cpu0 = time.monotonic(), time.process_time()
         try:
             dirty = self._final_scan(final)
-            owed, stale = {}, {}
+            owed = {}
             # Frozen time: tens of thousands of scattered runs after round 0
             # (1 GiB at 20000 pages/s: 55 000), so sorted lists swept once,
             # never a native call per run (those took 0.8 s of the blackout).
             for pid, key in self.sender.keys.items():
                 ranges = dirty.get(pid, [])
-                stale[key] = held_part(ranges, list(self.sender.held.get(key) or ()))
-                if stale[key]:
-                    send_stale(self.channel, key, stale[key])
+                stale = held_part(ranges, list(self.sender.held.get(key) or ()))
+                if stale:
+                    send_stale(self.channel, key, stale)
                 owed[pid] = self._lacking(images_dir, key, ranges)
             self.times["final_sent"] = time.time()
             self._check_snapshot()  # (pages are read later, but the scan must be of a frozen tree)
@@ -366,10 +367,11 @@ class Migration:
                 final,
                 criu_alive=lambda: alive(self.dump.criu_pid),
             )
-            for key, ranges in stale.items():
-                held = self.sender.held.get(key)
-                for start, end in ranges if held is not None else ():
-                    held.remove(start, end)
+            # From here PostCopy knows what the destination lacks. `held`,
+            # full of the stale pages' holes, would move its whole array for
+            # every pushed run that fills one (Ranges.add): it starts over,
+            # the pushes appended at its end.
+            self.sender.held = {}
             log.info("post-copy: %d pages owed to the destination", postcopy.pages_owed())
             self.result = self._serve_postcopy(postcopy)
         except SourceLost as e:

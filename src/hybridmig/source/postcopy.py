@@ -68,7 +68,12 @@ class PostCopy:
     """Serves one destination's post-copy until its RESULT: FETCHed ranges
     at once, else the next PUSH_PAGES of the owed pages, task after task in
     address order. `owed`: host pid -> Ranges the destination lacks.
-    `criu_alive()`: False once the CRIU holding the tree frozen is gone."""
+    `criu_alive()`: False once the CRIU holding the tree frozen is gone.
+
+    The push walks each task's owed Ranges with a cursor and leaves them
+    whole: removing runs from the front of a native array of 55 000 moved
+    the whole array each time (5 ms of memmove per pushed frame at 1 GiB).
+    A FETCH removes what it sent from the part the push has yet to reach."""
 
     def __init__(self, channel, sender, owed, rnd, criu_alive=lambda: True):
         self.channel, self.sender, self.owed, self.rnd = channel, sender, owed, rnd
@@ -82,6 +87,7 @@ class PostCopy:
         self.started = self.pushed_all = None  # monotonic
         self._recent: deque = deque()  # the last pushes (pid, start, end), for a reconnection
         self.resent_pages = 0
+        self.cursor = dict.fromkeys(owed, 0)  # host pid -> where its push goes on
 
     def reattach(self, channel):
         """Serving goes on over `channel`. What the broken one carried last
@@ -90,16 +96,25 @@ class PostCopy:
         self.channel = channel
         self.faults.clear()
         resend = 0
-        while self._recent and resend < RESEND_BYTES:
+        while self._recent and resend < RESEND_BYTES:  # (in address order: the push goes back to the first)
             pid, start, end = self._recent.pop()
-            if pid in self.owed:
-                self.owed[pid].add(start, end)
+            self.cursor[pid] = min(self.cursor[pid], start)
             resend += end - start
         self.resent_pages += resend // PAGE_SIZE
         self.pushed_all = None
 
     def pages_owed(self):
-        return sum(r.total() for r in self.owed.values()) // PAGE_SIZE
+        """Owed pages the push has not reached and no FETCH took."""
+        left = 0
+        for pid, owed in self.owed.items():
+            at = self.cursor[pid]
+            if not at:
+                left += owed.total()
+                continue
+            while nxt := owed.next(at):
+                left += nxt[1] - nxt[0]
+                at = nxt[1]
+        return left // PAGE_SIZE
 
     def _readable(self, timeout):
         sock = self.channel.sock
@@ -133,10 +148,12 @@ class PostCopy:
                 "process %d of the frozen source is gone (%s): %d pages the destination lacks are lost"
                 % (pid, e, self.pages_owed())
             ) from e
-        owed = self.owed.get(pid)
-        if owed is not None:
-            for start, end in ranges:
-                owed.remove(start, end)
+
+    def _fetched(self, pid, start, end):
+        """A FETCH's pages went out: the push need not send them again."""
+        owed, at = self.owed.get(pid), self.cursor.get(pid, 0)
+        if owed is not None and end > at:
+            owed.remove(max(start, at), end)
 
     def _next_push(self):
         """(pid, ranges): the next PUSH_PAGES owed pages of one task, in
@@ -145,7 +162,7 @@ class PostCopy:
         made tens of thousands of tiny frames (1 GiB at 20000 pages/s over
         1 Gbit/s pushed at 3.3 MB/s)."""
         for pid, owed in self.owed.items():
-            ranges, room, at = [], PUSH_PAGES * PAGE_SIZE, 0
+            ranges, room, at = [], PUSH_PAGES * PAGE_SIZE, self.cursor[pid]
             while room > 0 and (nxt := owed.next(at)):
                 end = min(nxt[1], nxt[0] + room)
                 ranges.append((nxt[0], end))
@@ -188,12 +205,14 @@ class PostCopy:
             if self.faults:
                 asked, pid, start, end = self.faults.popleft()
                 self._send(pid, [(start, end)])
+                self._fetched(pid, start, end)
                 self.fetches += 1
                 self.pages_fetched += (end - start) // PAGE_SIZE
                 self.serve_s.append(time.monotonic() - asked)
             elif push is not None:
                 pid, ranges = push
                 self._send(pid, ranges)
+                self.cursor[pid] = ranges[-1][1]
                 self.pages_pushed += sum(end - start for start, end in ranges) // PAGE_SIZE
                 self._recent.extend((pid, start, end) for start, end in ranges)
                 while len(self._recent) > RESEND_BYTES // PAGE_SIZE:  # at most that many pages, one run each
