@@ -254,6 +254,8 @@ class Migration:
         self.times["go"] = time.time()
         self.dump.go()
         try:
+            if self.postcopy:  # while CRIU freezes and dumps: out of the frozen step
+                self._send_stale(self.pending)
             conn = self.dump.wait_hook("post-dump", self.timeout)
         except BaseException:
             self.dump.kill()  # CRIU resumes what it froze when it dies before post-dump
@@ -336,17 +338,12 @@ class Migration:
         final = self.final = Round(len(self.rounds))
         t0, cpu0 = time.monotonic(), time.process_time()
         try:
-            dirty = self._final_scan(final)
-            owed = {}
-            # Frozen time: tens of thousands of scattered runs after round 0
-            # (1 GiB at 20000 pages/s: 55 000), so sorted lists swept once,
-            # never a native call per run (those took 0.8 s of the blackout).
-            for pid, key in self.sender.keys.items():
-                ranges = dirty.get(pid, [])
-                stale = held_part(ranges, list(self.sender.held.get(key) or ()))
-                if stale:
-                    send_stale(self.channel, key, stale)
-                owed[pid] = self._lacking(images_dir, key, ranges)
+            # Frozen time: only what was written since the last scan is
+            # looked at here (the pages carried from it were declared stale
+            # while CRIU dumped); the owed set, tens of thousands of runs
+            # after round 0, is worked out once RESTORE is out.
+            fresh = self._final_scan(final, carry=False)
+            self._send_stale(fresh)
             self.times["final_sent"] = time.time()
             self._check_snapshot()  # (pages are read later, but the scan must be of a frozen tree)
         except HybridmigError as e:  # nothing restored yet: the source resumes
@@ -360,12 +357,13 @@ class Migration:
         try:
             self._send_images(images_dir, postcopy=True)
             # the destination restores meanwhile: the source's bookkeeping now
+            owed = {}
+            for pid, key in self.sender.keys.items():
+                dirty = merge(fresh.get(pid, []) + list(self.pending.get(pid, [])))
+                final.pages_written += pages_in(dirty)
+                owed[pid] = Ranges(self._lacking(images_dir, key, dirty))
             postcopy = self.postcopy_run = PostCopy(
-                self.channel,
-                self.sender,
-                {pid: Ranges(ranges) for pid, ranges in owed.items()},
-                final,
-                criu_alive=lambda: alive(self.dump.criu_pid),
+                self.channel, self.sender, owed, final, criu_alive=lambda: alive(self.dump.criu_pid)
             )
             # From here PostCopy knows what the destination lacks. `held`,
             # full of the stale pages' holes, would move its whole array for
@@ -525,9 +523,21 @@ class Migration:
             self.result = Result(ok=False, error=str(e))
             return False
 
-    def _final_scan(self, final):
+    def _send_stale(self, dirty):
+        """STALE for the pages of `dirty` ({host pid: sorted ranges}) that
+        the destination holds: sorted lists swept once, never a native call
+        per run (55 000 runs at 1 GiB after round 0: those took 0.8 s)."""
+        for pid, ranges in dirty.items():
+            key = self.sender.keys.get(pid)
+            stale = held_part(ranges, list(self.sender.held.get(key) or ())) if key is not None else []
+            if stale:
+                send_stale(self.channel, key, stale)
+
+    def _final_scan(self, final, carry=True):
         """The tree frozen: {host pid: ranges} written since the last round
-        (hot pages included); VMAs gone are invalidated on the destination."""
+        (hot pages included), and (carry) those the last scan found and
+        left for the final round, counted in final.pages_written; VMAs gone
+        are invalidated on the destination."""
         dirty = {}
         for pid, res in self.tracker.scan().items():
             self.sender.adopt(pid)
@@ -541,8 +551,11 @@ class Migration:
                 sum(e - s for s, e in self.pending.get(pid, [])) // PAGE_SIZE,
             )
             # hot pages were never sent in a round: they go now
-            dirty[pid] = merge(res.owed + list(self.pending.get(pid, [])))
-            final.pages_written += pages_in(dirty[pid])
+            if carry:
+                dirty[pid] = merge(res.owed + list(self.pending.get(pid, [])))
+                final.pages_written += pages_in(dirty[pid])
+            else:
+                dirty[pid] = res.owed
         return dirty
 
     def _send_images(self, images_dir, postcopy=False):
