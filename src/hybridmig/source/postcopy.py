@@ -37,6 +37,11 @@ TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 # may have lost on their way): pushed again after a reconnection.
 RESEND_BYTES = 32 << 20
 CRIU_CHECK_S = 0.1  # how often the serving loop looks at CRIU, which holds the tree frozen
+# The push waits for the copy's first FETCH, this long at most: the
+# destination's restore, then the first fault after the resume (which
+# lengthens the workload's pause across the switch-over), have the link and
+# the destination's CPU to themselves.
+PUSH_AFTER_S = 1.0
 
 
 class SourceLost(HybridmigError):
@@ -88,6 +93,7 @@ class PostCopy:
         self._recent: deque = deque()  # the last pushes (pid, start, end), for a reconnection
         self.resent_pages = 0
         self.cursor = dict.fromkeys(owed, 0)  # host pid -> where its push goes on
+        self.push_from = None  # monotonic: when the push may start (PUSH_AFTER_S)
 
     def reattach(self, channel):
         """Serving goes on over `channel`. What the broken one carried last
@@ -181,10 +187,13 @@ class PostCopy:
         except OSError as e:
             log.info("no TCP_NOTSENT_LOWAT (%s): faults may wait behind more of the push", e)
         self.started = self.started or time.monotonic()
+        if self.push_from is None:
+            self.push_from = self.started + PUSH_AFTER_S
         checked = 0.0
         while True:
-            push = None if self.faults else self._next_push()
-            if push is None and not self.faults and self.pushed_all is None:
+            pushing = time.monotonic() >= self.push_from
+            push = None if self.faults or not pushing else self._next_push()
+            if push is None and pushing and not self.faults and self.pushed_all is None:
                 self.pushed_all = time.monotonic()
                 log.info("post-copy: every owed page pushed in %.2f s", self.pushed_all - self.started)
             # with nothing to send, wait for the destination (its silence is
@@ -194,6 +203,8 @@ class PostCopy:
                 if result is not None:
                     return result
             now = time.monotonic()
+            if self.faults:  # the copy runs: the push may start (after this fault)
+                self.push_from = min(self.push_from, now)
             if now - checked >= CRIU_CHECK_S:
                 checked = now
                 if not self.criu_alive():
