@@ -253,7 +253,7 @@ def test_run_killed_during_postcopy_leaves_the_source_frozen(env):
 
 @pytest.mark.timeout(300)
 def test_auto_is_precopy_at_a_low_dirty_rate(env):
-    """auto (the default) at 500 pages/s: the rounds converge, the
+    """auto at 500 pages/s: the rounds converge, the
     switch-over is pre-copy's, and no page is faulted in remotely."""
     wl = env.workload(64, rate=500)
     serve = env.serve()
