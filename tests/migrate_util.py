@@ -17,6 +17,7 @@ from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
 from lazy_util import wait_for  # noqa: F401  (test_migrate takes it from here)
 
 PORT = 7777
+RELAY = str(Path(__file__).parent / "relay.py")  # a TCP relay between run and serve
 
 
 class Cleanup:

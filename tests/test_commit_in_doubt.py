@@ -11,100 +11,24 @@ import psutil
 import pytest
 
 from lazy_util import restored_alive
-from migrate_util import PORT, Serve, frozen_by, settle, state, wait_for
+from migrate_util import PORT, RELAY, Serve, frozen_by, settle, state, wait_for
 from test_migrate import assert_intact
 from test_migrate import env as env  # noqa: F401 -- the fixture
 
 PROXY_PORT = PORT + 1
 
-# Forwards LISTEN to UPSTREAM. On the first connection it reads the
-# destination's frames (16-byte header: type, flags, reserved, length,
-# sequence; a 16-byte MAC after AUTH_OK) and drops the first DONE (type 25).
-# With "refuse-later", every later connection is closed at once.
-PROXY = r"""
-import socket, struct, sys, threading
-listen, upstream, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-def addr(a):
-    h, p = a.rsplit(":", 1)
-    return h, int(p)
-def pump(src, dst):
-    try:
-        while True:
-            data = src.recv(65536)
-            if not data:
-                break
-            dst.sendall(data)
-    except OSError:
-        pass
-    for s in (src, dst):
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-def exact(s, n):
-    buf = b""
-    while len(buf) < n:
-        got = s.recv(n - len(buf))
-        if not got:
-            raise EOFError
-        buf += got
-    return buf
-def filter_frames(src, dst):
-    # The handshake's frames show their type; after AUTH_OK (2) frames are
-    # sealed, only their length shows: DONE is the destination's one frame
-    # with nothing but its type (1 byte) and the AEAD tag (16) inside.
-    sealed = dropped = False
-    try:
-        while True:
-            if sealed:
-                header = exact(src, 4)
-                (length,) = struct.unpack("!I", header)
-                frame = header + exact(src, length)
-                if length == 1 + 16 and not dropped:
-                    dropped = True
-                    print("dropped DONE", flush=True)
-                    continue
-            else:
-                header = exact(src, 16)
-                kind, _, _, length, _ = struct.unpack("!BBHIQ", header)
-                frame = header + exact(src, length)
-                sealed = kind == 2
-            dst.sendall(frame)
-    except (EOFError, OSError):
-        pass
-    for s in (src, dst):
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-lsock = socket.socket()
-lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-lsock.bind(addr(listen))
-lsock.listen(8)
-print("proxy listening", flush=True)
-first = True
-while True:
-    client, _ = lsock.accept()
-    if not first and mode == "refuse-later":
-        print("refused a connection", flush=True)
-        client.close()
-        continue
-    server = socket.create_connection(addr(upstream))
-    to_client = filter_frames if first else pump
-    first = False
-    threading.Thread(target=pump, args=(client, server), daemon=True).start()
-    threading.Thread(target=to_client, args=(server, client), daemon=True).start()
-"""
-
 
 class Proxy:
-    def __init__(self, env, mode):
-        self.log = env.tmp / f"proxy-{mode}.log"
+    """A relay (relay.py) that drops the destination's first DONE;
+    `extra` ["refuse-later"]: it closes every later connection at once."""
+
+    def __init__(self, env, *extra):
+        self.log = env.tmp / f"proxy-{'-'.join(extra) or 'drop-done'}.log"
         self._out = open(self.log, "w")
         addr = env.hosts.dst_addr
         self.proc = subprocess.Popen(
             env.hosts.run_in(env.hosts.dst)
-            + [sys.executable, "-c", PROXY, f"{addr}:{PROXY_PORT}", f"{addr}:{PORT}", mode],
+            + [sys.executable, RELAY, addr, str(PROXY_PORT), str(PORT), "drop-done", *extra],
             stdin=subprocess.DEVNULL,
             stdout=self._out,
             stderr=subprocess.STDOUT,
@@ -147,7 +71,7 @@ def test_lost_done_is_asked_about_and_the_commit_stands(env, once):  # noqa: F81
     source's question (the soak's source was left in doubt when it exited)."""
     wl = env.workload(32, rate=1000)
     serve = env.serve() if once else serve_for_many(env)
-    proxy = Proxy(env, "drop-done")
+    proxy = Proxy(env)
     rc, rep, err = env.run(wl.host_pid, "--timeout", "10", to=proxy.to)
     assert "dropped DONE" in proxy.text(), proxy.text()
     assert rc == 0, err

@@ -5,16 +5,20 @@ cached where this machine's /run cannot."""
 
 import os
 import signal
+import socket
+import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import psutil
 import pytest
 
-from criu_util import criu_binary
+from criu_util import criu_binary, criu_dump
 from hybridmig import doctor
 from hybridmig.criu import images
-from hybridmig.testing.workload import build_program
+from hybridmig.destination import lazypages
+from hybridmig.testing.workload import Workload, build_program
 from lazy_util import wait_for
 
 pytestmark = pytest.mark.usefixtures("criu_ready")
@@ -92,3 +96,54 @@ def test_kerndat_is_cached():
     subprocess.run([criu, "check"], capture_output=True, timeout=60)
     out = subprocess.run([criu, "check", "-v4"], capture_output=True, text=True, timeout=60)
     assert f"Loaded kdat cache from {rundir}/criu.kdat" in out.stderr + out.stdout, out.stderr[-2000:]
+
+
+def _daemon_that_leaves(sock, nr_tasks, gone):
+    """A lazy-pages daemon that takes every task's pid and userfaultfd, then
+    closes its socket before CRIU says "restore finished"."""
+    conn, _ = sock.accept()
+    with conn:
+        for _ in range(nr_tasks):
+            conn.recv(4, socket.MSG_WAITALL)  # the pid
+            _, anc, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(4))
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    for (fd,) in struct.iter_unpack("i", data[: len(data) - len(data) % 4]):
+                        os.close(fd)
+    gone.set()
+
+
+def test_failed_restore_ends_a_threaded_init(tmp_path):
+    """The lazy-pages daemon leaves after CRIU handed it the userfaultfds,
+    before "restore finished": CRIU, tracing every thread by then, kills the
+    tree. 4.2.1 as released then waited for ever on a pid-namespace init
+    with threads (their zombies only CRIU, their tracer, can reap, and
+    init's exit waits for them), and runc or podman above it with it;
+    patched, it reaps them and fails."""
+    imgs = tmp_path / "images"
+    with Workload.start(16, threads=2) as wl:
+        criu_dump(wl.host_pid, imgs)
+    sock = lazypages.listen(str(imgs))
+    gone = threading.Event()
+    daemon = threading.Thread(target=_daemon_that_leaves, args=(sock, len(images.task_pids(str(imgs))), gone))
+    daemon.start()
+    pidfile = tmp_path / "restore.pid"
+    cmd = [criu_binary(), "restore", "-D", str(imgs), "-W", str(imgs), "--lazy-pages", "-d"]
+    cmd += ["--pidfile", str(pidfile), "-o", "restore.log", "-v4"]
+    restore = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        rc = restore.wait(60)
+    except subprocess.TimeoutExpired:
+        rc = None
+        restore.kill()  # its tracees, released, end their exit
+        restore.wait(30)
+    finally:
+        restore.stderr.close()
+        sock.close()
+        daemon.join(30)
+    log = (imgs / "restore.log").read_text()
+    assert gone.is_set(), "CRIU never handed the daemon its tasks:\n" + log[-3000:]
+    assert rc is not None, "criu restore still waited 60 s after its lazy-pages daemon left:\n" + log[-2000:]
+    assert rc != 0 and "Failed sending restore finished indication" in log, log[-3000:]
+    root = int(pidfile.read_text()) if pidfile.exists() else None
+    assert root is None or not psutil.pid_exists(root) or psutil.Process(root).status() == psutil.STATUS_ZOMBIE

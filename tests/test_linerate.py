@@ -20,54 +20,11 @@ from hybridmig import wire
 from hybridmig.errors import ProcessGone
 from hybridmig.source.precopy import FRAME_PAGES, PAGE_SIZE, Round, Sender
 from hybridmig.testing.workload import MEMWORK_SRC, build_program
-from migrate_util import PORT, Serve, state, tracked, wait_for
+from migrate_util import PORT, RELAY, Serve, state, tracked, wait_for
 from test_migrate import assert_intact, assert_migrated, assert_rolled_back
 
 env = test_migrate.env  # the fixture: two hosts, a key, a cleanup
 session = test_precopy.session  # the fixture: a destination Session and the source's Channel
-
-# A TCP relay in the destination's namespace between run (on PORT + 1) and
-# serve: "cut N" resets both connections once N bytes went from run to
-# serve; "slow R" passes run's bytes on at R bytes/s, 64 KiB at a time
-# (serve's answers at once).
-_RELAY = """
-import os, socket, struct, sys, threading, time
-host, listen, target, mode, arg = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-lsock = socket.create_server((host, listen))
-print("listening", flush=True)
-conn, _ = lsock.accept()
-far = socket.create_connection((host, target))
-def reset(*socks):
-    for s in socks:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
-    os._exit(0)  # closes both at once (a close here would wait for the other thread's recv)
-def forward(a, b, limit=None, rate=None):
-    passed, t0 = 0, time.monotonic()
-    try:
-        while data := a.recv(1 << 16):
-            b.sendall(data)
-            passed += len(data)
-            if limit is not None and passed >= limit:
-                print("cut after %d bytes" % passed, flush=True)
-                reset(conn, far)
-                return
-            if rate:
-                time.sleep(max(0.0, passed / rate - (time.monotonic() - t0)))
-    except OSError:
-        pass
-    for s in (a, b):
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-up = dict(limit=arg) if mode == "cut" else dict(rate=arg)
-threads = [threading.Thread(target=forward, args=(conn, far), kwargs=up)]
-threads.append(threading.Thread(target=forward, args=(far, conn)))
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-"""
 
 
 @pytest.fixture
@@ -80,7 +37,7 @@ def threads_on(monkeypatch):
 def _relay(env, mode, arg):
     h = env.hosts
     proc = subprocess.Popen(
-        h.run_in(h.dst) + [sys.executable, "-c", _RELAY, h.dst_addr, str(PORT + 1), str(PORT), mode, str(arg)],
+        h.run_in(h.dst) + [sys.executable, RELAY, h.dst_addr, str(PORT + 1), str(PORT), mode, str(arg)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         text=True,

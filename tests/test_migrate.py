@@ -320,25 +320,24 @@ def _during_precopy(wl, run, action, seconds=30):
     return done
 
 
+def _run_slow_rounds(env, wl):
+    """run in the background with rate-limited rounds that do not converge
+    on their own estimate (what a test does to the tree lands in round 0
+    and in later rounds), once it is in pre-copy."""
+    run = env.run_background(
+        wl.host_pid, "--switchover", "precopy", "--max-rounds", "50", "--target-downtime", "1",
+        "--bandwidth-limit", "60M",
+    )  # fmt: skip
+    _wait_in_precopy(wl, run)
+    return run
+
+
 @pytest.mark.timeout(240)
 def test_churn_during_precopy(env):
     """mremap/munmap/MADV_DONTNEED of the source's memory during its rounds."""
     wl = env.workload(128, threads=2, rate=1000)
     serve = env.serve()
-    # rate-limited rounds that do not converge on their own estimate: the
-    # churns land in round 0 and in later rounds
-    run = env.run_background(
-        wl.host_pid,
-        "--switchover",
-        "precopy",
-        "--max-rounds",
-        "50",
-        "--target-downtime",
-        "1",
-        "--bandwidth-limit",
-        "60M",
-    )
-    _wait_in_precopy(wl, run)
+    run = _run_slow_rounds(env, wl)
     churns = _during_precopy(wl, run, wl.churn_verify)
     assert len(churns) >= 2, "only %d churns happened during pre-copy" % len(churns)
     for res in churns:
@@ -358,18 +357,7 @@ def test_fork_during_precopy(env):
     memory it inherited) again and again during the rounds."""
     wl = env.workload(128, threads=1, procs=2, rate=1000)
     serve = env.serve()
-    run = env.run_background(
-        wl.host_pid,
-        "--switchover",
-        "precopy",
-        "--max-rounds",
-        "50",
-        "--target-downtime",
-        "1",
-        "--bandwidth-limit",
-        "60M",
-    )
-    _wait_in_precopy(wl, run)
+    run = _run_slow_rounds(env, wl)
     forks = _during_precopy(wl, run, wl.fork_verify)
     assert len(forks) >= 2, "only %d fork-verifies happened during pre-copy" % len(forks)
     for res in forks:

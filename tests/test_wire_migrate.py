@@ -9,41 +9,10 @@ import pytest
 
 import test_migrate
 from hybridmig.testing.workload import PAGE_MAGIC
-from migrate_util import PORT, Serve, wait_for
+from migrate_util import PORT, RELAY, Serve, wait_for
 from test_migrate import assert_migrated
 
 env = test_migrate.env  # the fixture: two hosts, a key, a cleanup
-
-# A TCP relay in the destination's namespace that writes every byte it
-# passes, both ways, to a file: a sniffer on the link.
-_TAP = """
-import socket, sys, threading
-listen, target, out = (sys.argv[1], int(sys.argv[2])), (sys.argv[1], int(sys.argv[3])), open(sys.argv[4], "wb")
-lock = threading.Lock()
-def pump(a, b):
-    try:
-        while data := a.recv(1 << 16):
-            with lock:
-                out.write(data)
-            b.sendall(data)
-    except OSError:
-        pass
-    for s in (a, b):
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-lsock = socket.create_server(listen)
-print("listening", flush=True)
-conn, _ = lsock.accept()
-far = socket.create_connection(target)
-threads = [threading.Thread(target=pump, args=p) for p in ((conn, far), (far, conn))]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-out.close()
-"""
 
 # 200 connections that say nothing and 20 that send one byte a second, held
 # open from the source's namespace.
@@ -71,9 +40,9 @@ time.sleep(float(sys.argv[3]))
 """
 
 
-def _start(env, ns, script, *args):
+def _start(env, ns, argv, *args):
     proc = subprocess.Popen(
-        env.hosts.run_in(ns) + [sys.executable, "-c", script, *map(str, args)],
+        env.hosts.run_in(ns) + [sys.executable, *argv, *map(str, args)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         text=True,
@@ -99,7 +68,7 @@ def test_a_sniffer_reads_no_page_and_no_image(env, mode):
     )
     serve.wait_listening()
     capture = env.tmp / "capture.bin"
-    tap = _start(env, env.hosts.dst, _TAP, env.hosts.dst_addr, PORT + 1, PORT, capture)
+    tap = _start(env, env.hosts.dst, [RELAY], env.hosts.dst_addr, PORT + 1, PORT, "tap", capture)
     rc, rep, err = env.run(wl.host_pid, *extra, to="%s:%d" % (env.hosts.dst_addr, PORT + 1))
     assert_migrated(env, wl, rc, rep, err, serve, 32)
     tap.wait(30)
@@ -122,7 +91,7 @@ def test_idle_and_slow_peers_do_not_hold_serve(env):
     open against serve; a legitimate run gets through all the same."""
     wl = env.workload(64, rate=1000)
     serve = env.serve()
-    _start(env, env.hosts.src, _HOLD, env.hosts.dst_addr, PORT, 120)
+    _start(env, env.hosts.src, ["-c", _HOLD], env.hosts.dst_addr, PORT, 120)
     t = time.monotonic()
     rc, rep, err = env.run(wl.host_pid, timeout=120)
     assert_migrated(env, wl, rc, rep, err, serve, 64)

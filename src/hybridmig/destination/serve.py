@@ -138,6 +138,7 @@ class RemotePages:
         self.channel, self.store, self.timeout = channel, store, timeout
         self.arrived = threading.Condition()
         self.remote_pages = 0
+        self.gone = None  # why the source is gone: a fetch fails at once
 
     def add_task(self, key, task):
         pass  # every lazy run is owed; presence is checked per request
@@ -157,6 +158,8 @@ class RemotePages:
         src = key if pid is None else pid
         data, zero = self.store.count(src, vaddr, npages)
         if data + zero < npages:
+            if self.gone is not None:
+                raise ProtocolError(f"pid {src} needs {npages} pages at 0x{vaddr:x}; the source is gone: {self.gone}")
             self.remote_pages += npages - data - zero
             log.warning("remote fault: pid %d, %d pages at 0x%x", src, npages, vaddr)
             self.channel.send(Msg.FETCH, wire.encode_range(src, vaddr, npages))
@@ -173,6 +176,8 @@ class RemotePages:
         deadline = time.monotonic() + self.timeout
         with self.arrived:
             while not self._complete(key, vaddr, npages):
+                if self.gone is not None:
+                    raise ProtocolError(f"the source is gone before it sent {npages} pages at 0x{vaddr:x} of pid {key}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ProtocolError(
@@ -183,6 +188,13 @@ class RemotePages:
     def pages_arrived(self, key=None, extents=(), data=b""):
         """PAGES of task `key` came (extents: (vaddr, npages, zero bitmap); data: their pages)."""
         with self.arrived:
+            self.arrived.notify_all()
+
+    def source_gone(self, why):
+        """The session broke: a fetch waiting for the source, or asking it
+        now, fails at once; a restore that needs nothing more goes on."""
+        with self.arrived:
+            self.gone = why
             self.arrived.notify_all()
 
     def abort(self):
@@ -513,10 +525,19 @@ class Session:
         self.remote.reattach(channel)
 
     def broken(self, why):
-        """The session broke (or the source is silent): a post-copy daemon
-        waiting for pages that will not come fails at once."""
-        if self._daemon is not None:
-            self._daemon.fail(HybridmigError(f"the source is gone: {why}"))
+        """The session broke (or the source is silent). A post-copy daemon,
+        owed pages that will not come, fails at once. A pre-copy restore
+        holds every page but those a fault may still fetch: only such a
+        fetch fails; the restore runs its course and its copy, never
+        committed, is ended after it. (Failing the daemon while CRIU
+        restores makes CRIU kill the tree itself, and 4.2.1 then waits for
+        ever on a multi-threaded pid-namespace init whose threads it still
+        traces: docs/design.md, "Failure".)"""
+        if self.postcopy:
+            if self._daemon is not None:
+                self._daemon.fail(HybridmigError(f"the source is gone: {why}"))
+        else:
+            self.remote.source_gone(why)
 
     def _criu_restore(self, criu_opts):
         """criu restore --lazy-pages of the images, detached; the restored
