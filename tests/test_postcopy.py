@@ -33,8 +33,8 @@ def assert_postcopy_report(rep, size_mb):
     assert pc["remote_faults"] == rep["remote_faults"] >= 0, pc
     assert 0 <= lat["p50"] <= lat["p99"] <= lat["max"], lat
     assert pc["post_resume_s"] > 0, pc
-    # every page crossed the wire about once: no final round carried the dirty set
-    assert rep["rounds"][-1]["pages_sent"] == pc["pages_pushed"] + pc["pages_fetched"], (rep["rounds"][-1], pc)
+    # the dirty set went after the resume, pushed or fetched (the frozen step sends no page)
+    assert pc["pages_pushed"] + pc["pages_fetched"] >= rep["rounds"][-1]["pages_written"] > 0, (rep["rounds"][-1], pc)
     print("post-copy: %s" % {k: v for k, v in pc.items()})
 
 

@@ -144,9 +144,11 @@ class PostCopy:
         return None
 
     def _send(self, pid, ranges):
-        """The pages of `ranges` of pid, read from the frozen tree. Every
-        process of it must still be there: a page of any that is gone is
-        lost (Sender.send_ranges would skip it)."""
+        """The pages of `ranges` of pid, read from the frozen tree; how many
+        went (a FETCH's window may reach past its VMA: those are not sent).
+        Every process of it must still be there: a page of any that is gone
+        is lost (Sender.send_ranges would skip it)."""
+        before = self.rnd.pages_sent
         try:
             self.sender._send_ranges(pid, ranges, self.rnd)
         except ProcessGone as e:
@@ -154,6 +156,7 @@ class PostCopy:
                 "process %d of the frozen source is gone (%s): %d pages the destination lacks are lost"
                 % (pid, e, self.pages_owed())
             ) from e
+        return self.rnd.pages_sent - before
 
     def _fetched(self, pid, start, end):
         """A FETCH's pages went out: the push need not send them again."""
@@ -215,16 +218,14 @@ class PostCopy:
                     )
             if self.faults:
                 asked, pid, start, end = self.faults.popleft()
-                self._send(pid, [(start, end)])
+                self.pages_fetched += self._send(pid, [(start, end)])
                 self._fetched(pid, start, end)
                 self.fetches += 1
-                self.pages_fetched += (end - start) // PAGE_SIZE
                 self.serve_s.append(time.monotonic() - asked)
             elif push is not None:
                 pid, ranges = push
-                self._send(pid, ranges)
+                self.pages_pushed += self._send(pid, ranges)
                 self.cursor[pid] = ranges[-1][1]
-                self.pages_pushed += sum(end - start for start, end in ranges) // PAGE_SIZE
                 self._recent.extend((pid, start, end) for start, end in ranges)
                 while len(self._recent) > RESEND_BYTES // PAGE_SIZE:  # at most that many pages, one run each
                     self._recent.popleft()
