@@ -4,7 +4,8 @@ Each iteration migrates a self-verifying memwork tree (its writers check
 every page before they rewrite it: memwork --check-writes) between two
 network namespaces with `hybridmig run` and `hybridmig serve --once`, in a
 configuration drawn at random (size, dirty rate, threads, processes, a fork
-or mapping churn during the rounds, link speed, --max-rounds, --timeout),
+or mapping churn during the rounds, link speed, --max-rounds, --timeout,
+--switchover: precopy half the time, else postcopy or auto),
 and most of them with one fault aimed at one protocol step: SIGKILL of run,
 serve, serve's guard or CRIU, SIGSTOP of serve past --timeout, the link set
 down for a while, a garbage client. (serve's lazy-pages daemon is a thread
@@ -17,6 +18,11 @@ invariant:
 - nothing else is left in the two namespaces, and the copy carries no
   userfaultfd and no write-protect flag;
 - run's exit code and --json report agree with the copy that survived.
+
+A source left frozen "in doubt" (run's report names the settle command), or
+left frozen by a run killed in post-copy (no report: its CRIU is found as
+the tasks' tracer), is settled as an operator would: `end` if the
+destination runs a copy, else `resume`.
 
 One JSON line per iteration on stdout, then "soak: N passed, M failed";
 exit 1 if any iteration failed. Iteration i is drawn from Random("SEED:i"),
