@@ -9,7 +9,7 @@ C_SOURCES = $(wildcard native/api/*.h native/src/*.[ch])
 # the tests that need no root, no CRIU and little time (markers: pyproject.toml)
 UNIT := not root and not criu and not slow
 
-.PHONY: setup venv test test-unit lint fmt soak demo bench bench-full clean
+.PHONY: setup venv test test-unit lint fmt soak demo bench bench-full zdtm-lazy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -45,6 +45,11 @@ bench: setup
 
 bench-full: setup
 	$(VENV)/bin/hybridmig bench
+
+# CRIU's own zdtm tests in its lazy-pages modes, the patched CRIU against the
+# released one (scripts/zdtm-lazy.sh; not part of `make test`: 10-20 min)
+zdtm-lazy: setup
+	ZDTM_DIR=$(ZDTM_DIR) ZDTM_TESTS="$(ZDTM_TESTS)" bash scripts/zdtm-lazy.sh
 
 clean:
 	rm -rf $(VENV) build src/hybridmig/_native*.so src/hybridmig/_native.c

@@ -87,6 +87,15 @@ def table(config, link, strategies) -> list:
     return lines + [""]
 
 
+def _slope(points) -> str:
+    """ ", +N ms/GiB": what a GiB more adds to the blackout, between the
+    smallest and the largest size (empty with one size)."""
+    lo, hi = min(points), max(points)
+    if hi == lo:
+        return ""
+    return f", {(points[hi] - points[lo]) * 1024 / (hi - lo):+.0f} ms/GiB"
+
+
 def plot_blackout(groups, path: Path):
     """Blackout against memory size, one line per strategy and link (memwork only)."""
     series = defaultdict(dict)
@@ -100,7 +109,7 @@ def plot_blackout(groups, path: Path):
     fig, ax = plt.subplots(figsize=(8, 5))
     for key, points in sorted(series.items()):
         sizes = sorted(points)
-        ax.plot(sizes, [points[s] for s in sizes], marker="o", label=key)
+        ax.plot(sizes, [points[s] for s in sizes], marker="o", label=key + _slope(points))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("workload memory (MiB)")

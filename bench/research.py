@@ -60,7 +60,7 @@ QUICK = {
 }
 FULL = {
     "workloads": ["memwork", "redis", "pyheap"],
-    "sizes": [1024, 4096],
+    "sizes": [1024, 2048, 4096],  # three points: blackout.png shows each strategy's slope
     "app_size": 1024,
     "rates": [500, 20000],
     "link_rates": ["1gbit"],
@@ -278,7 +278,7 @@ def parse(argv):
         help="comma-separated, of: memwork, redis, pyheap, podman (memwork in a podman container, for the "
         "strategies podman-stop-copy and hybridmig-container) (default: memwork, redis, pyheap)",
     )
-    p.add_argument("--sizes", help="memwork sizes, MiB, comma-separated (quick 256; full 1024,4096)")
+    p.add_argument("--sizes", help="memwork sizes, MiB, comma-separated (quick 256; full 1024,2048,4096)")
     p.add_argument("--rates", help="memwork dirty rates, pages/s, comma-separated (quick 500; full 500,20000)")
     p.add_argument("--hot", type=float, default=100, help="memwork: percent of memory it keeps rewriting")
     p.add_argument("--app-size", type=int, help="redis and pyheap dataset, MiB (quick 256; full 1024)")

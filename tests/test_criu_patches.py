@@ -1,6 +1,7 @@
 """The CRIU that `make setup` builds carries fixes of CRIU bugs hybridmig
 runs into (scripts/criu-patches/); each is proven here against the CRIU on
-PATH, with a process that triggers the bug. It also keeps its kernel probes
+PATH, with a process that triggers the bug, and its speed-ups are shown to
+dump what CRIU dumped without them. It also keeps its kernel probes
 cached where this machine's /run cannot."""
 
 import os
@@ -79,6 +80,36 @@ def test_lazy_dump_with_a_page_aligned_stack_pointer(tmp_path):
                 p.send_signal(signal.SIGKILL)
             except psutil.NoSuchProcess:
                 pass
+        proc.wait(30)
+
+
+def test_pagemap_of_anonymous_and_file_pages_side_by_side(tmp_path):
+    """0005 drops the file-page filter of PAGEMAP_SCAN for anonymous VMAs
+    only: with an anonymous and a file mapping in one scan of the pagemap
+    cache, the dump keeps the 8 written anonymous pages and the 4 written
+    file pages, not the 12 file pages only read (16 with a filter dropped
+    for the whole scan)."""
+    binary = build_program(Path(__file__).parent / "workload" / "mixedmaps.c", "mixedmaps")
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(16 * 4096))
+    out = tmp_path / "out"
+    with open(out, "w") as f:
+        proc = subprocess.Popen([binary, str(data)], stdout=f, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: "ready" in out.read_text(), 30, "mixedmaps to start")
+        base = int(out.read_text().split()[0], 16)
+        imgs = tmp_path / "images"
+        criu_dump(proc.pid, imgs, ["--leave-running"])
+        _, entries = images._pagemap(str(imgs / f"pagemap-{proc.pid}.img"))
+
+        def dumped(lo, hi):
+            return sum(max(0, min(v + n * 4096, hi) - max(v, lo)) // 4096 for v, n, _ in entries)
+
+        mid = base + 16 * 4096
+        assert (dumped(base, mid), dumped(mid, mid + 16 * 4096)) == (8, 4), entries
+        assert "cache  mode" in (imgs / "dump.log").read_text()  # both VMAs were in one scan
+    finally:
+        proc.kill()
         proc.wait(30)
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -152,6 +153,33 @@ def test_stopped_container(env):
     assert serve.proc.poll() is None
 
 
+def test_paused_container(env):
+    """A paused container (frozen by podman) is refused, and stays paused."""
+    wl = env.pair.src.start(NAME, env.pair.report_dir)
+    env.pair.src.podman("pause", NAME)
+    serve = env.serve()
+    rc, report, err = env.run(NAME)
+    assert rc != 0 and "is paused, not running" in err, err
+    assert env.pair.src.status(NAME) == "paused"
+    env.pair.src.podman("unpause", NAME)
+    verified(wl)
+    assert serve.proc.poll() is None
+
+
+@pytest.mark.parametrize("switchover", ["postcopy", "auto"])
+def test_container_postcopy_refused(env, switchover):
+    """Only pre-copy moves a container: post-copy (or auto, which may switch
+    to it) is refused before the container or the destination is touched."""
+    wl = env.pair.src.start(NAME, env.pair.report_dir)
+    serve = env.serve()
+    rc, report, err = env.run(NAME, "--switchover", switchover)
+    assert rc != 0 and f"--switchover {switchover}" in err and "--switchover precopy" in err, err
+    assert env.pair.src.status(NAME) == "running"
+    verified(wl)
+    assert not (env.pair.src.dir / "criu" / f"{NAME}.conf").exists()
+    assert serve.proc.poll() is None  # never contacted: it serves on
+
+
 def test_container_without_the_annotation(env):
     wl = env.pair.src.start(NAME, env.pair.report_dir, annotate=False)
     serve = env.serve()
@@ -269,3 +297,58 @@ def test_run_killed_while_the_destination_restores(env):
     assert serve.wait(90) not in (0, None), serve.log()
     wait_for(lambda: NAME not in env.pair.dst.names(), 30, "the destination's copy to be removed")
     verified(wl)
+
+
+FETCH = """
+import sys, urllib.request
+try:
+    with urllib.request.urlopen("http://%s:8080/index.html" % sys.argv[1], timeout=2) as reply:
+        print(reply.read().decode(), end="")
+except OSError:
+    pass
+"""
+
+
+def fetch(ip, prefix=()):
+    """What the container's httpd answers at ip:8080 ('' if nothing), asked
+    from the network namespace `prefix` enters (none: this one)."""
+    proc = subprocess.run([*prefix, sys.executable, "-c", FETCH, ip], capture_output=True, text=True, timeout=30)
+    return proc.stdout
+
+
+def test_container_on_a_bridge_network(env):
+    """A container on podman's default bridge network (CNI) moves: the
+    destination's podman gives it an address of its own (podman restores
+    with --name, so not the old one), and the server listening in it
+    answers there; its memory is intact."""
+    page = "before the move"
+    httpd = f"echo '{page}' > /tmp/index.html; busybox httpd -f -p 8080 -h /tmp & "
+    wl = env.pair.src.start(NAME, env.pair.report_dir, network="bridge", before=httpd)
+    src_ip = env.pair.src.inspect(NAME)["NetworkSettings"]["IPAddress"]
+    wait_for(lambda: fetch(src_ip) == page + "\n", 30, "the container's httpd on the source")
+    serve = env.serve()
+    rc, report, err = env.run(NAME)
+    assert rc == 0, err
+    assert serve.wait(60) == 0, serve.log()
+    info = env.pair.dst.inspect(NAME)
+    dst_ip = info["NetworkSettings"]["IPAddress"]
+    assert dst_ip and dst_ip != src_ip, info["NetworkSettings"]
+    # the copy's veth is on the destination host's bridge (serve's podman
+    # ran there): asked from that host
+    assert fetch(dst_ip, env.hosts.run_in(env.hosts.dst)) == page + "\n"
+    verified(Workload(info["State"]["Pid"], env.pair.report_dir / "report.jsonl", 1))
+    assert not wl.alive()
+
+
+@pytest.mark.parametrize("network", ["none", "bridge"])
+def test_tcp_established_refused(env, network):
+    """--tcp-established cannot work for a container (tried: on a bridge the
+    copy's address changes; on none its new namespace's loopback is down
+    while CRIU restores): refused before the container is touched."""
+    wl = env.pair.src.start(NAME, env.pair.report_dir, network=network)
+    serve = env.serve()
+    rc, report, err = env.run(NAME, "--criu-opt=--tcp-established")
+    assert rc != 0 and "--tcp-established cannot carry" in err and f"on network {network}" in err, err
+    assert env.pair.src.status(NAME) == "running"
+    verified(wl)
+    assert serve.proc.poll() is None

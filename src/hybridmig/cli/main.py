@@ -392,7 +392,10 @@ def run(
         key = read_key(key_file)
         tls = wire.tls_client_context(tls_ca, tls_cert, tls_key, tls_name, tls_fingerprint) if tls_ca else None
         if container is not None and switchover != "precopy":
-            fail("--container migrates with --switchover precopy only: post-copy of a container is untested")
+            fail(
+                f"--switchover {switchover}: a container migrates with --switchover precopy only "
+                "(post-copy through podman's restore is not built)"
+            )
         options = dict(
             max_rounds=max_rounds,
             target_downtime_ms=target_downtime,

@@ -45,19 +45,21 @@ REFUSED = {"rootfs": "a --rootfs container (its root is a host path)", "namedVol
 class ContainerRestore:
     """One container's restore into serve's podman."""
 
-    def __init__(self, podman, name, session_dir, images_dir, files_dir, root_hook, dies_with_me):
+    def __init__(self, podman, name, session_dir, images_dir, files_dir, root_hook, root_file, dies_with_me):
         self.podman = podman
         self.name = name
         self.dir = session_dir
         self.images = images_dir
         self.files = files_dir
         self.root_hook = root_hook
+        self.root_file = root_file  # the restored root's pid, written by root_hook
         self.dies_with_me = dies_with_me
         self.config_file = os.path.join(session_dir, "criu.conf")
         self.archive = os.path.join(session_dir, "checkpoint.tar")
         self.id = None  # of the container this restore created
         self.image = None  # its ID, checked at CONTAINER
         self.started = None  # when podman's restore started: a container of this name made since is ours
+        self.proc: subprocess.Popen | None = None  # podman's restore
         self.restored_pid = None
 
     def _load_json(self, name, kind):
@@ -140,36 +142,68 @@ class ContainerRestore:
                 tar.add(os.path.join(self.files, DELETED_FILES), arcname=DELETED_FILES)
             tar.add(self.images, arcname="checkpoint", filter=_no_logs)
 
-    def restore(self, timeout):
+    def start(self):
         """`podman container restore --import` under the same name (a new
         container ID: the source's container, frozen, still holds its own,
-        and runc's state and cgroups are by ID). Returns the restored init's
-        pid; CriuError with podman's and CRIU's words if it fails."""
+        and runc's state and cgroups are by ID), started: its CRIU connects
+        to the lazy-pages socket a few hundred ms later (podman's import,
+        the container's creation and mounts, conmon, runc)."""
         cmd = self.dies_with_me(
             self.podman.command("container", "restore", "--import", self.archive, "--name", self.name)
         )
         self.started = time.time()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def wait(self, timeout):
+        """The restore's end: the restored init's pid; CriuError with
+        podman's and CRIU's words if it failed."""
+        proc = self.proc
+        assert proc is not None, "start() first"
         try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+            out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired as e:
             raise CriuError(f"podman container restore of {self.name} did not finish within {timeout}s") from e
         if proc.returncode != 0:
             raise CriuError(
                 "podman container restore of %s failed (exit %d): %s%s"
-                % (self.name, proc.returncode, said(proc), log_tail(os.path.join(self.images, "restore.log")))
+                % (
+                    self.name,
+                    proc.returncode,
+                    said(subprocess.CompletedProcess([], proc.returncode, out, err)),
+                    log_tail(os.path.join(self.images, "restore.log")),
+                )
             )
-        info = self.podman.inspect(self.name)
-        if info is None or not (info.get("State") or {}).get("Running"):
-            raise CriuError(f"podman restored {self.name}, but does not say it runs")
-        self.id = info.get("Id")
-        self.restored_pid = info["State"]["Pid"]
+        # No `podman inspect` here: it would be one more podman in the
+        # downtime. podman's restore printed the ID, and serve's hook (run
+        # by CRIU) wrote the restored init's pid, the one podman records.
+        printed = out.split()
+        if not printed or not re.fullmatch(r"[0-9a-f]{64}", printed[-1]):
+            raise CriuError(f"podman restored {self.name}, but printed no container ID: {out[-200:]!r}")
+        self.id = printed[-1]
+        self.restored_pid = self._hooked_pid()
+        if self.restored_pid is None:
+            raise CriuError(f"podman restored {self.name}, but CRIU's hook gave no pid of its init")
         return self.restored_pid
+
+    def _hooked_pid(self):
+        try:
+            with open(self.root_file) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
 
     def remove(self, pid=None):
         """End and remove the restored container (not committed to): its
         tasks by pid at once, then podman's record of it, if this restore
         made it (a container of that name before ours is not touched)."""
-        for p in (pid, self.restored_pid):
+        if self.proc is not None and self.proc.poll() is None:
+            # a restore under way: podman first (its CRIU then fails at the
+            # closed lazy-pages socket), then what CRIU may have forked
+            self.proc.kill()
+            self.proc.communicate(timeout=30)
+        for p in (pid, self.restored_pid, self._hooked_pid()):
             if p:
                 try:
                     end_tree(psutil.Process(p))

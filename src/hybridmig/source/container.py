@@ -261,6 +261,17 @@ class ContainerMigration(Migration):
         self.info = check_container(self.podman, name)
         super().__init__(self.info["State"]["Pid"], to, key, **kw)
         config_lines(self.criu_opts)  # refused now, not at the switch-over
+        if any(o.split("=")[0] == "--tcp-established" for o in self.criu_opts):
+            # Tried: the copy's network namespace is a new one of the
+            # destination's podman (runc treats it as external), its address
+            # another on a bridge and its loopback still down while CRIU
+            # restores on --network=none ("Can't connect inet socket back:
+            # Network is unreachable"): no connection's socket can be restored.
+            raise UsageError(
+                "container %s: --tcp-established cannot carry a container's connections: its copy gets a new "
+                "network namespace from the destination's podman (another address on network %s)"
+                % (name, (self.info.get("HostConfig") or {}).get("NetworkMode") or "unknown")
+            )
 
     def _connect(self):
         same_host = super()._connect()

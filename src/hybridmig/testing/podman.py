@@ -73,11 +73,13 @@ class PodmanHost:
         out = self.podman("ps", "-a", "--format", "{{.Names}} {{.ID}}").stdout.split("\n")
         return [line.split()[0] for line in out if line.strip()]
 
-    def start(self, name, report_dir: Path, size_mb=64, rate=2000, threads=2, annotate=True, before="") -> Workload:
+    def start(
+        self, name, report_dir: Path, size_mb=64, rate=2000, threads=2, annotate=True, before="", network="none"
+    ) -> Workload:
         """A container running memwork (reporting to report_dir, bind-mounted
         at /report), created with the org.criu.config annotation unless
         told not to; `before`: a shell command the container runs first."""
-        args = ["run", "-d", "--name", name, "--network=none", *ULIMITS]
+        args = ["run", "-d", "--name", name, f"--network={network}", *ULIMITS]
         if annotate:
             args += ["--annotation", f"org.criu.config={self.dir / 'criu' / name}.conf"]
         args += ["-v", f"{report_dir}:{REPORT_DIR_IN_ROOTFS}", IMAGE, "/bin/sh", "-c"]
