@@ -4,6 +4,7 @@ ends by pid whatever a test started, even when the test fails."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -244,6 +245,39 @@ def kill_by_report(report_path):
 def state(pid):
     with open("/proc/%d/stat" % pid) as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def frozen_by(env, error):
+    """The pid of the criu dump that holds a source frozen "in doubt", read
+    from run's error; it and its images dir are cleaned up after the test."""
+    criu_pid = int(error.split("hybridmig settle ")[1].split()[0])
+    env.cleanup.kill_pid_tree(criu_pid)
+    work = error.rsplit(" stay in ", 1)[1].strip()
+    env.cleanup.add(shutil.rmtree, os.path.dirname(work), True)
+    return criu_pid
+
+
+def settle(env, criu_pid, pids, decision):
+    """`hybridmig settle CRIU_PID decision` on the source host, once the
+    source (pids) is seen still frozen a second later."""
+    time.sleep(1)
+    assert all(state(pid) in ("t", "T") for pid in pids), [(pid, state(pid)) for pid in pids]
+    done = subprocess.run(
+        env.hosts.run_in(env.hosts.src) + [HYBRIDMIG, "settle", str(criu_pid), decision],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def tracer(pid):
+    """The pid tracing pid (0: none, or pid gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("TracerPid:")), 0)
+    except OSError:
+        return 0
 
 
 def net_ns_inode(pid):

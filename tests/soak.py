@@ -4,7 +4,8 @@ Each iteration migrates a self-verifying memwork tree (its writers check
 every page before they rewrite it: memwork --check-writes) between two
 network namespaces with `hybridmig run` and `hybridmig serve --once`, in a
 configuration drawn at random (size, dirty rate, threads, processes, a fork
-or mapping churn during the rounds, link speed, --max-rounds, --timeout),
+or mapping churn during the rounds, link speed, --max-rounds, --timeout,
+--switchover: precopy half the time, else postcopy or auto),
 and most of them with one fault aimed at one protocol step: SIGKILL of run,
 serve, serve's guard or CRIU, SIGSTOP of serve past --timeout, the link set
 down for a while, a garbage client. (serve's lazy-pages daemon is a thread
@@ -17,6 +18,11 @@ invariant:
 - nothing else is left in the two namespaces, and the copy carries no
   userfaultfd and no write-protect flag;
 - run's exit code and --json report agree with the copy that survived.
+
+A source left frozen "in doubt" (run's report names the settle command), or
+left frozen by a run killed in post-copy (no report: its CRIU is found as
+the tasks' tracer), is settled as an operator would: `end` if the
+destination runs a copy, else `resume`.
 
 One JSON line per iteration on stdout, then "soak: N passed, M failed";
 exit 1 if any iteration failed. Iteration i is drawn from Random("SEED:i"),
@@ -55,7 +61,7 @@ from hybridmig.testing.workload import (
     build_program,
     ns_pid,
 )
-from migrate_util import HYBRIDMIG, PORT, BackgroundRun, Cleanup, Serve, kill_by_report, tracked, uffd_fds
+from migrate_util import HYBRIDMIG, PORT, BackgroundRun, Cleanup, Serve, kill_by_report, tracer, tracked, uffd_fds
 
 # The soak's own memwork binary: a rebuild of the shared one could change it
 # under another user's dumped images.
@@ -88,7 +94,8 @@ def draw(rng):
         "link": rng.choice([None, "1gbit", "300mbit"]),
         "max_rounds": rng.choice([2, 5, 30]),
         "timeout": timeout,
-        "auto_converge": rng.random() < 0.7,
+        "auto_converge": rng.random() < 0.7,  # (pre-copy's)
+        "switchover": rng.choice(["precopy", "precopy", "postcopy", "auto"]),
     }
     fault = None
     if rng.random() < 0.8:
@@ -273,9 +280,9 @@ class Iteration:
         if fault and fault["step"] == "start":
             self._inject(hosts, wl, None, serve, None)
         extra = ["--max-rounds", str(cfg["max_rounds"]), "--timeout", str(cfg["timeout"])]
-        # pre-copy's invariants (post-copy leaves the source frozen on a
-        # broken link: tests/test_postcopy.py)
-        extra += ["--switchover", "precopy"] + ([] if cfg["auto_converge"] else ["--no-auto-converge"])
+        extra += ["--switchover", cfg["switchover"]]
+        if cfg["switchover"] == "precopy" and not cfg["auto_converge"]:
+            extra.append("--no-auto-converge")
         run = BackgroundRun(hosts, hosts.src, wl.host_pid, to, key, *extra, cleanup=self.cleanup, log_dir=self.dir)
         steps = Steps(wl, run, serve)
         reached = None
@@ -304,8 +311,15 @@ class Iteration:
             serve.kill()
         for t in self.threads:
             t.join(60)
-        verdict = Invariant(hosts, wl, rep, rc, killed_run=bool(fault and fault["kind"] == "kill_run" and reached))
-        violations = self._settle(hosts, wl, rep, verdict) if (rep or {}).get("result") == "in doubt" else []
+        killed_run = bool(fault and fault["kind"] == "kill_run" and reached)
+        verdict = Invariant(hosts, wl, rep, rc, killed_run=killed_run)
+        violations = []
+        if (rep or {}).get("result") == "in doubt":
+            violations = self._settle_named(hosts, wl, rep, verdict)
+        elif killed_run and (dump := self._left_frozen(wl)):
+            # post-copy: run killed once the copy may have run leaves the
+            # source frozen in its criu dump, and no report
+            violations = self._settle(hosts, wl, verdict, dump)
         violations += verdict.check()
         return {
             "rc": rc,
@@ -317,14 +331,29 @@ class Iteration:
             "violations": violations,
         }
 
-    def _settle(self, hosts, wl, rep, verdict):
-        """run left the source in doubt: it must be frozen whole; then settle
-        it as an operator would, by whether the destination runs a copy."""
+    def _settle_named(self, hosts, wl, rep, verdict):
+        """run left the source in doubt, and said how to settle it."""
         error = rep.get("error") or ""
         try:
             criu_pid = int(error.split("hybridmig settle ")[1].split()[0])
         except (IndexError, ValueError):
             return [f"in doubt, and no settle command named: {error[:200]}"]
+        return self._settle(hosts, wl, verdict, criu_pid)
+
+    def _left_frozen(self, wl, wait_s=5.0):
+        """The criu dump still holding the source frozen a while after run
+        was killed (post-copy's IN_DOUBT), or None (CRIU resumed it)."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            dump = tracer(wl.host_pid)
+            if not dump or comm(dump) != "criu" or not all_held(wl.pids()):
+                return None
+            time.sleep(0.2)
+        return dump
+
+    def _settle(self, hosts, wl, verdict, criu_pid):
+        """The source left frozen: it must be frozen whole; then settle it as
+        an operator would, by whether the destination runs a copy."""
         out = [] if all_held(wl.pids()) else [f"in doubt, but the source is not frozen: {wl.pids()}"]
         copies, _ = verdict._state()
         decision = "end" if copies["dst"] else "resume"

@@ -4,17 +4,14 @@ serve drops exactly the DONE frame; run asks serve again (OUTCOME) and
 learns the outcome, or, when it cannot, leaves the source frozen for
 `hybridmig settle`. Either way exactly one copy runs."""
 
-import os
-import shutil
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
 from lazy_util import restored_alive
-from migrate_util import HYBRIDMIG, PORT, RELAY, Serve, state, wait_for
+from migrate_util import PORT, RELAY, Serve, frozen_by, settle, state, wait_for
 from test_migrate import assert_intact
 from test_migrate import env as env  # noqa: F401 -- the fixture
 
@@ -106,10 +103,7 @@ def test_commit_in_doubt_leaves_the_source_frozen_for_the_operator(env):  # noqa
     assert "keeps running" not in err, err
     error = rep["error"]
     assert "hybridmig settle" in error and "resume" in error and "end" in error, error
-    criu_pid = int(error.split("hybridmig settle ")[1].split()[0])
-    env.cleanup.kill_pid_tree(criu_pid)
-    work = error.rsplit(" stay in ", 1)[1].strip()
-    env.cleanup.add(shutil.rmtree, os.path.dirname(work), True)
+    criu_pid = frozen_by(env, error)
     assert psutil.Process(criu_pid).cmdline()[1] == "dump"
     # the source stays frozen: only the destination's copy runs
     for pid in pids:
@@ -118,15 +112,7 @@ def test_commit_in_doubt_leaves_the_source_frozen_for_the_operator(env):  # noqa
     assert len(copies) == 1 and copies[0] not in pids, copies
     env.cleanup.kill_pid_tree(copies[0])
     # the destination kept its copy: the operator ends the source
-    time.sleep(1)  # still frozen a while later
-    assert all(state(pid) in ("t", "T") for pid in pids)
-    settle = subprocess.run(
-        env.hosts.run_in(env.hosts.src) + [HYBRIDMIG, "settle", str(criu_pid), "end"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert settle.returncode == 0, settle.stderr
+    settle(env, criu_pid, pids, "end")
     wl.wait_gone(30)
     assert running_copies(wl) == copies
     new = env.adopt(copies[0], wl)

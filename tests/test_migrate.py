@@ -23,7 +23,7 @@ import pytest
 from hybridmig.keys import generate_key
 from hybridmig.testing.netns import TwoHosts
 from hybridmig.testing.workload import Workload, WorkloadError
-from lazy_util import HYBRIDMIG_BIN, lost_memory, restored_alive
+from lazy_util import lost_memory, restored_alive
 from migrate_util import (
     PORT,
     BackgroundRun,
@@ -34,6 +34,7 @@ from migrate_util import (
     net_ns_inode,
     netns_inode,
     run_migration,
+    settle,
     state,
     tracked,
     uffd_fds,
@@ -725,13 +726,7 @@ def _kill_serve_after_restore(env, wl, delay):
         copies = restored_copies(wl, pids)
         assert len(copies) <= 1, copies  # (one process per copy here)
         word = "end" if copies else "resume"
-        settle = subprocess.run(
-            env.hosts.run_in(env.hosts.src) + [HYBRIDMIG_BIN, "settle", str(criu_pid), word],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert settle.returncode == 0, settle.stderr
+        settle(env, criu_pid, pids, word)
         if copies:
             wl.wait_gone(30)
             copy = env.adopt(min(copies), wl)

@@ -237,6 +237,25 @@ def test_invalidate_makes_pages_absent_and_returns_memory(s):
     assert s.get(1, BASE + 5 * P) == (ABSENT, None)
 
 
+def test_forget_makes_scattered_runs_absent_keeping_the_memory(s):
+    """Post-copy's STALE: many runs in one call, data and zero pages alike;
+    the chunk keeps its memory until it holds no page, and a page put again
+    reads back new."""
+    n = CHUNK_PAGES + 20
+    s.put(1, BASE, pages(1, 0, n))
+    s.put_zero(1, BASE + 10 * P, 2)
+    s.forget(1, [(BASE + 1 * P, 1), (BASE + 10 * P, 3), (BASE + CHUNK_PAGES * P, 20)])
+    for i in range(14):
+        assert kind_of(s, 1, BASE + i * P) == (ABSENT if i in (1, 10, 11, 12) else DATA), i
+    st = s.stats()
+    assert (st["chunks"], st["bytes_mapped"]) == (1, CHUNK)  # the second chunk emptied: gone
+    assert s.count(1, BASE, n) == (CHUNK_PAGES - 4, 0)
+    s.put(1, BASE + 11 * P, page(7))
+    assert s.get(1, BASE + 11 * P) == (DATA, page(7))
+    with pytest.raises(StoreError):
+        s.forget(1, [(BASE + 1, 1)])  # not page-aligned
+
+
 def test_invalidate_after_partial_invalidate_then_put_gives_new_contents(s):
     s.put(1, BASE, pages(1, 0, 8))
     s.invalidate(1, BASE + 2 * P, 2)  # MADV_DONTNEED of part of a live buffer

@@ -31,6 +31,9 @@ int64_t hm_store_put_pages(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t n
 			   const uint8_t *data, uint64_t ndata);
 int hm_store_load_fd(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages, int fd, uint64_t offset);
 int hm_store_invalidate(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages);
+/* Pages of n (vaddr, npages) pairs become absent; their memory is kept
+ * (no madvise): refilled soon, as post-copy's stale pages are. */
+int hm_store_forget(hm_store *s, uint64_t key, const uint64_t *pairs, uint64_t n);
 int hm_store_get(hm_store *s, uint64_t key, uint64_t vaddr, uint8_t *out);
 int hm_store_count(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npages, uint64_t *data, uint64_t *zero);
 int hm_store_clone_task(hm_store *s, uint64_t src, uint64_t dst);

@@ -12,14 +12,15 @@
 
 /* Claim the next run of t from `from` on: taken off the owed list, to be
  * copied with the loop lock dropped. 1 if claimed. Runs whose data has not
- * come are skipped (the first is remembered, to be asked for when idle). */
+ * come are skipped, CLAIM_SKIP_MAX at most (the first is remembered, to be
+ * asked for when idle). */
 static int claim_from(hm_loop *l, struct task *t, uint64_t from, int k, struct claim *c)
 {
 	uint64_t start, end, npages;
 	const uint8_t *data;
-	int kind;
+	int kind, skipped = 0;
 
-	while (hm_ranges_next(t->owed, from, &start, &end)) {
+	while (skipped < CLAIM_SKIP_MAX && hm_ranges_next(t->owed, from, &start, &end)) {
 		store_task_lock(t->st);
 		kind = store_run(t->st, start, MIN((uint64_t)MAX(l->batch_pages, CLAIM_PAGES), (end - start) / PAGE_SZ),
 				 &npages, &data);
@@ -28,6 +29,7 @@ static int claim_from(hm_loop *l, struct task *t, uint64_t from, int k, struct c
 			if (!t->first_absent)
 				t->first_absent = start, t->first_absent_pages = npages;
 			from = start + npages * PAGE_SZ;
+			skipped++;
 			continue;
 		}
 		/* The data stays where it is until we release it: the store unmaps

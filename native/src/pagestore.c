@@ -452,6 +452,29 @@ int hm_store_invalidate(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t npag
 	return for_each_chunk(s, key, vaddr, npages, 0, invalidate_chunk, NULL);
 }
 
+static int forget_chunk(struct store_task *t, struct chunk *c, uint64_t first, uint64_t n, uint64_t done, void *arg)
+{
+	mark(c, first, n, HM_PAGE_ABSENT);
+	chunk_trim(t, c);
+	return 0;
+}
+
+/*
+ * Post-copy's STALE: tens of thousands of scattered runs dropped while the
+ * process is frozen. Without invalidate's madvise per run (its syscall and
+ * TLB flush: 0.33 s for 55 000 runs of 1 GiB, in the blackout): the memory
+ * stays with its chunk, and the source pushes these very pages again soon.
+ */
+int hm_store_forget(hm_store *s, uint64_t key, const uint64_t *pairs, uint64_t n)
+{
+	uint64_t i;
+	int rc = 0;
+
+	for (i = 0; i < n && !rc; i++)
+		rc = for_each_chunk(s, key, pairs[2 * i], pairs[2 * i + 1], 0, forget_chunk, NULL);
+	return rc;
+}
+
 int hm_store_get(hm_store *s, uint64_t key, uint64_t vaddr, uint8_t *out)
 {
 	struct store_task *t;

@@ -529,7 +529,7 @@ def decode_stale(payload: BytesLike) -> tuple[int, list[tuple[int, int]]]:
     if len(body) < _KEY.size or rest or n > MAX_STALE_RANGES:
         raise ProtocolError(f"a STALE frame of {len(body)} bytes")
     (key,) = _KEY.unpack_from(body)
-    ranges = [_STALE_RANGE.unpack_from(body, _KEY.size + i * _STALE_RANGE.size) for i in range(n)]
+    ranges = list(_STALE_RANGE.iter_unpack(body[_KEY.size :]))
     for vaddr, npages in ranges:
         if vaddr % PAGE_SIZE or vaddr + npages * PAGE_SIZE >= 1 << 64:
             raise ProtocolError("%d pages at 0x%x of pid %d: no page range" % (npages, vaddr, key))

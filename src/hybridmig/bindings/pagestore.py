@@ -67,6 +67,13 @@ class PageStore:
         check_range(vaddr, npages)
         _check(lib.hm_store_invalidate(self._s, key, vaddr, npages), "hm_store_invalidate")
 
+    def forget(self, key: int, ranges: list[tuple[int, int]]) -> None:
+        """Pages of (vaddr, npages) ranges become absent, in one call, their
+        memory kept for the pages that replace them (post-copy's STALE).
+        Ranges are checked natively (unaligned: StoreError)."""
+        pairs = ffi.new("uint64_t[]", [x for r in ranges for x in r])
+        _check(lib.hm_store_forget(self._s, key, pairs, len(ranges)), "hm_store_forget")
+
     def get(self, key: int, vaddr: int) -> tuple[int, bytes | None]:
         """(kind, bytes): kind is ABSENT, DATA or ZERO; bytes only for DATA."""
         check_range(vaddr, 1)

@@ -4,6 +4,7 @@ pages lies in the pages image. Everything is checked before any page is
 served, so that a broken image fails the restore instead of leaving a process
 running on zero-filled memory."""
 
+import contextlib
 import os
 import struct
 from dataclasses import dataclass, field
@@ -12,6 +13,13 @@ from ..bindings import PAGE_SIZE
 from ..errors import ImageError
 
 _I32 = struct.Struct("<i")
+
+
+def load_reader():
+    """Import what reads images ahead of the first read (a frozen step's);
+    if it cannot be, that read says why."""
+    with contextlib.suppress(ImportError):
+        _pycriu()
 
 
 def _pycriu():

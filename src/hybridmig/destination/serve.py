@@ -23,6 +23,7 @@ from .. import scratch, wire
 from ..bindings import PAGE_SIZE
 from ..bindings.pagestore import PageStore
 from ..cpus import data_threads
+from ..criu import images
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from ..errors import CriuError, HybridmigError, PeerClosed, PeerError, ProtocolError
 from ..messages import Container, Host, Outcome, OutcomeQuery, Restore, Result, RoundStats
@@ -281,9 +282,7 @@ class Session:
                 # costs what the store holds in the range, not its length (pagestore.c)
                 self.store.invalidate(*wire.decode_range(payload))
             elif kind == Msg.STALE:  # (post-copy) pages written since they were sent: the source owes them
-                key, ranges = wire.decode_stale(payload)
-                for vaddr, npages in ranges:
-                    self.store.invalidate(key, vaddr, npages)
+                self.store.forget(*wire.decode_stale(payload))
             elif kind == Msg.ROUND:
                 self._check_quota()
                 self.rounds = RoundStats.decode(payload).number
@@ -682,6 +681,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
     except OSError as e:
         raise HybridmigError(f"cannot listen on {listen}: {e.strerror}") from e
     lsock.listen(128)
+    images.load_reader()  # now, not in a session's blackout (its restore reads the images)
     acceptor = Acceptor(lsock, key, tls=tls, mode=mode)
     log.info("listening on %s", listen)
     if ready is not None:

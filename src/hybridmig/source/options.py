@@ -18,9 +18,9 @@ class RunOptions:
     #: precopy (rounds, then everything frozen), postcopy (after
     #: postcopy_after rounds the copy resumes and pulls the rest), auto
     #: (pre-copy while rounds shrink, post-copy once they stop). precopy
-    #: until post-copy's pauses are as short: 1 GiB at 20000 pages/s over
-    #: 1 Gbit/s, the copy paused 685 ms against pre-copy's 323 ms
-    #: (docs/results.md)
+    #: while post-copy's pauses are longer: at 20000 pages/s over 1 Gbit/s
+    #: 1.4 x pre-copy's at 1 GiB, 1.75 x at 4 GiB; over 100 Mbit/s auto
+    #: paused 506-554 ms at 450 MiB (docs/results.md, 2026-12-06)
     switchover: str = "precopy"
     #: rounds before a --switchover postcopy resumes the copy (round 0 included)
     postcopy_after: int = 1

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import wire
@@ -144,6 +145,9 @@ class Sender:
     held: dict = field(default_factory=dict)  # ns pid -> Ranges held by the destination
     frame_pages: int = FRAME_PAGES
     reader_thread: bool | None = None  # read ahead in a thread (large ranges); None: cpus.data_threads()
+    # (pid, start, end) before pages are read (PreCopy's round 0): the
+    # tracker forgets what was written there (TreeTracker.refresh)
+    refresh: Callable[[int, int, int], None] | None = None
 
     def __post_init__(self):
         if self.reader_thread is None:
@@ -212,6 +216,8 @@ class Sender:
                     buf = take()
                 # what is left of the frame: its data space from ndata on
                 room = memoryview(buf)[self._data_at + ndata * PAGE_SIZE :][: (self.frame_pages - npages) * PAGE_SIZE]
+                if self.refresh is not None:
+                    self.refresh(pid, at, min(end, at + len(room)))
                 t = time.perf_counter()
                 got, zero, nd, nxt = read_run(pid, at, end, room)
                 clock.read_s += time.perf_counter() - t
@@ -476,7 +482,16 @@ class PreCopy:
             self.postcopy = not_halved or stalled or (converged and not fits)
 
     def run(self):
-        self.first_round()
+        # Round 0 only, the long one, and only where post-copy may follow
+        # (it resends whatever round 0 finds written): a refresh splits the
+        # runs the next scan finds written, and hot runs (keep_hot) may then
+        # be told a round later (test_precopy's hot-page test saw it).
+        if self.switchover != "precopy":
+            self.sender.refresh = self.tracker.refresh
+        try:
+            self.first_round()
+        finally:
+            self.sender.refresh = None
         number = 1
         while True:
             _, converged = self.next_round(number)

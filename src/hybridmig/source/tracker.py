@@ -19,6 +19,7 @@ a kernel thread.
 TreeTracker follows a process and all its descendants.
 """
 
+import contextlib
 import errno
 import os
 import select
@@ -420,6 +421,21 @@ class DirtyTracker:
         assert self._tracker is not None, "uffd-wp tracker used before attach()"
         return self._tracker
 
+    def refresh(self, start: int, end: int) -> None:
+        """[start, end) is about to be read whole and sent: its written pages
+        are protected again, what was written there so far forgotten (it
+        travels with this read; a write from now on counts in the next
+        scan). Without it a page written during a round before the round
+        reached it goes again in the next one: 70 % of 1 GiB written at 20000
+        pages/s over 1 Gbit/s came back after round 0. Exact tracking only
+        (uffd-wp, no hot pages: those are protected and looked at apart).
+        Called by the sender's reader thread, never during a scan. A failure
+        leaves the pages written: sent again, never lost."""
+        if not self.attached or self.method != UFFD_WP or self._hot or self._probation:
+            return
+        with contextlib.suppress(NativeError):
+            self._native().scan(start, end, True)
+
     def _release(self):
         if self._tracker is not None:
             self._tracker.close()
@@ -736,6 +752,12 @@ class TreeTracker:
                 exited.append(pid)
         new = list(self._attach_new(results))
         return TreeScanResult(results, new, exited)
+
+    def refresh(self, pid: int, start: int, end: int) -> None:
+        """DirtyTracker.refresh() of process pid, if tracked."""
+        tracker = self.trackers.get(pid)
+        if tracker is not None:
+            tracker.refresh(start, end)
 
     def drop_hot(self) -> None:
         """DirtyTracker.drop_hot() for every process, and no keep_hot for
