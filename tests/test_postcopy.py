@@ -18,7 +18,7 @@ import pytest
 
 from lazy_util import restored_alive
 from migrate_util import frozen_by, settle, state, tracer, wait_for
-from test_migrate import assert_intact, assert_migrated
+from test_migrate import HANG_HOOK, assert_intact, assert_migrated, criu_with_hook, serve_restores
 from test_migrate import env as env  # noqa: F401 -- the fixture
 
 MIB = 1 << 20
@@ -246,6 +246,36 @@ def test_run_killed_during_postcopy_leaves_the_source_frozen(env):
     assert_copy_ended(serve, restored)
     for pid in pids:
         assert state(pid) in ("t", "T"), (pid, state(pid))
+    settle(env, criu.pid, pids, "resume")
+    wait_for(lambda: all(state(p) not in ("t", "T") for p in pids), 10, "the source to run again")
+    assert_intact(wl.verify(), 1)
+
+
+@pytest.mark.timeout(300)
+def test_run_killed_as_the_postcopy_restore_starts(env):
+    """`run` SIGKILLed while serve's criu restore waits (2 s) at its
+    pre-restore action script: the session breaks before the copy exists.
+    Once CRIU goes on, the copy's first fault asks a source that is gone:
+    the daemon fails, and the guard ends the copy at once instead of
+    leaving its CRIU waiting for a task stuck in that fault until the
+    restore's timeout (found by the soak: seed 4, iteration 19, serve
+    still there 90 s later). The source, frozen in doubt, is settled."""
+    wrapper = criu_with_hook(env, HANG_HOOK.format(seconds=2))
+    wl = env.workload(64, rate=20000)
+    pids = wl.pids()
+    serve = env.serve(env={"CRIU": str(wrapper)})
+    run = env.run_background(wl.host_pid, "--switchover", "postcopy", "--bandwidth-limit", "4M", "--timeout", "60")
+    wait_for(lambda: serve_restores(serve) or not run.running(), 120, "serve's criu restore")
+    assert run.running(), run.err_path.read_text()
+    criu = psutil.Process(tracer(wl.host_pid))  # CRIU holds the tree frozen
+    env.cleanup.kill_pid_tree(criu.pid)
+    images = criu.cmdline()[criu.cmdline().index("-D") + 1]
+    env.cleanup.add(shutil.rmtree, os.path.dirname(images), True)
+    os.kill(run.proc.pid, signal.SIGKILL)
+    run.proc.wait(30)
+    t = time.monotonic()
+    assert serve.wait(30) not in (0, None), serve.log()[-3000:]
+    print("serve ended %.1f s after run was killed" % (time.monotonic() - t))
     settle(env, criu.pid, pids, "resume")
     wait_for(lambda: all(state(p) not in ("t", "T") for p in pids), 10, "the source to run again")
     assert_intact(wl.verify(), 1)

@@ -211,8 +211,8 @@ def main(argv=None):
     _let_go(held)  # the tasks are dead: their faults no longer wait
     if roots:
         print(
-            "hybridmig guard: ended the restored copy, pid %d: %s is gone before every page was installed "
-            "or the source committed to it" % (roots[0].pid, opts.owner),
+            "hybridmig guard: ended the restored copy, pid %d: %s failed or is gone before every page was "
+            "installed or the source committed to it" % (roots[0].pid, opts.owner),
             file=sys.stderr,
             flush=True,
         )

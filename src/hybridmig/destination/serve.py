@@ -240,6 +240,7 @@ class Session:
         self.postcopy = False  # RESTORE said so: the copy runs before every page is here
         self.reconnect_s = 0.0
         self._daemon = None  # the restore's LazyPagesDaemon, while it serves
+        self.broken_why = None  # the session broke: why (broken())
         # holds the restored tasks' uffds, and ends the copy if serve dies
         # before the commit (destination/guard.py); started now, its start-up
         # is not in the restore's time
@@ -413,6 +414,8 @@ class Session:
             t_prepared = time.monotonic()
             daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store, guard=self._guard)
             self._daemon = daemon
+            if self.postcopy and self.broken_why is not None:  # (broken() came before the daemon)
+                raise HybridmigError(f"the source is gone before the restore: {self.broken_why}")
             if self.postcopy:
                 self.remote.loop = daemon.loop
             if self.container is not None:
@@ -434,6 +437,10 @@ class Session:
                     served["stats"] = daemon.serve(timeout=30)
                 except Exception as e:  # noqa: BLE001 -- reported by the restore below
                     served["error"] = e
+                    # The copy never runs on, so it ends now (the guard ends
+                    # its tasks): its CRIU may be waiting for a task stuck in
+                    # a fault no one will answer, until the restore's timeout
+                    self._guard.close()
 
             server = threading.Thread(target=serve_pages, name="lazy-pages", daemon=True)
             server.start()
@@ -542,9 +549,11 @@ class Session:
         holds every page but those a fault may still fetch: only such a
         fetch fails; the restore runs its course and its copy, never
         committed, is ended after it. (Failing the daemon while CRIU
-        restores makes CRIU kill the tree itself, and 4.2.1 then waits for
-        ever on a multi-threaded pid-namespace init whose threads it still
-        traces: docs/design.md, "Failure".)"""
+        restores makes CRIU kill the tree itself: released 4.2.1 then
+        waited for ever on a multi-threaded pid-namespace init, fixed by
+        scripts/criu-patches/0004; docs/design.md, "Failure".) A daemon
+        that fails ends the copy at once through the guard (_restore)."""
+        self.broken_why = why
         if self.postcopy:
             if self._daemon is not None:
                 self._daemon.fail(HybridmigError(f"the source is gone: {why}"))
