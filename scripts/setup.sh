@@ -132,7 +132,10 @@ if ! criu_ok; then
     rm -f "$CRIU_SRC/criu/kerndat.o"  # RUNDIR is compiled into it, and make does not track it
     make -C "$CRIU_SRC" -j"$(nproc)" criu RUNDIR="$CRIU_RUNDIR" >"$CRIU_DIR/build.log" 2>&1 || \
         { tail -20 "$CRIU_DIR/build.log"; exit 1; }
-    install -m 0755 "$CRIU_SRC/criu/criu" /usr/local/sbin/criu
+    # under a temp name, then renamed: a criu started meanwhile (another
+    # checkout's tests) finds the old binary or the new one, never none
+    install -m 0755 "$CRIU_SRC/criu/criu" /usr/local/sbin/.criu.new
+    mv -f /usr/local/sbin/.criu.new /usr/local/sbin/criu
     echo "$CRIU_BUILD" >"$CRIU_STAMP"
     hash -r
     criu_ok || { echo "setup: the freshly built CRIU fails 'criu check'" >&2; criu check >&2 || true; exit 1; }
