@@ -240,7 +240,6 @@ class Session:
         self.postcopy = False  # RESTORE said so: the copy runs before every page is here
         self.reconnect_s = 0.0
         self._daemon = None  # the restore's LazyPagesDaemon, while it serves
-        self.broken_why = None  # the session broke: why (broken())
         # holds the restored tasks' uffds, and ends the copy if serve dies
         # before the commit (destination/guard.py); started now, its start-up
         # is not in the restore's time
@@ -414,8 +413,8 @@ class Session:
             t_prepared = time.monotonic()
             daemon = LazyPagesDaemon(self.images, self.images, source=self.remote, store=self.store, guard=self._guard)
             self._daemon = daemon
-            if self.postcopy and self.broken_why is not None:  # (broken() came before the daemon)
-                raise HybridmigError(f"the source is gone before the restore: {self.broken_why}")
+            if self.postcopy and self.remote.gone is not None:  # (broken() came before the daemon)
+                raise HybridmigError(f"the source is gone before the restore: {self.remote.gone}")
             if self.postcopy:
                 self.remote.loop = daemon.loop
             if self.container is not None:
@@ -553,12 +552,9 @@ class Session:
         waited for ever on a multi-threaded pid-namespace init, fixed by
         scripts/criu-patches/0004; docs/design.md, "Failure".) A daemon
         that fails ends the copy at once through the guard (_restore)."""
-        self.broken_why = why
-        if self.postcopy:
-            if self._daemon is not None:
-                self._daemon.fail(HybridmigError(f"the source is gone: {why}"))
-        else:
-            self.remote.source_gone(why)
+        self.remote.source_gone(why)
+        if self.postcopy and self._daemon is not None:
+            self._daemon.fail(HybridmigError(f"the source is gone: {why}"))
 
     def _criu_restore(self, criu_opts):
         """criu restore --lazy-pages of the images, detached; the restored
