@@ -280,6 +280,21 @@ def tracer(pid):
         return 0
 
 
+def held_by_criu(pids):
+    """Does a CRIU dump hold one of pids (the switch-over began)? A stopped
+    state alone does not say: run's tracker also stops a process briefly
+    (ptrace) when it attaches to one, as to a child forked during the rounds."""
+    for pid in pids:
+        t = tracer(pid)
+        try:
+            with open(f"/proc/{t}/comm") as f:
+                if t and f.read().strip() == "criu":
+                    return True
+        except OSError:
+            pass
+    return False
+
+
 def net_ns_inode(pid):
     return os.stat("/proc/%d/ns/net" % pid).st_ino
 

@@ -20,7 +20,7 @@ from hybridmig import wire
 from hybridmig.errors import ProcessGone
 from hybridmig.source.precopy import FRAME_PAGES, PAGE_SIZE, Round, Sender
 from hybridmig.testing.workload import MEMWORK_SRC, build_program
-from migrate_util import PORT, RELAY, Serve, state, tracked, wait_for
+from migrate_util import PORT, RELAY, Serve, held_by_criu, tracked, wait_for
 from test_migrate import assert_intact, assert_migrated, assert_rolled_back
 
 env = test_migrate.env  # the fixture: two hosts, a key, a cleanup
@@ -132,7 +132,7 @@ def test_slow_destination_backpressure(env):
     serve_ps = psutil.Process(serve.proc.pid)
     wait_for(lambda: tracked(wl.host_pid) or not run.running(), 30, "run to attach its tracker")
     rss, serve_rss = [], []
-    while run.running() and not any(state(p) in ("t", "T") for p in wl.pids()):
+    while run.running() and not held_by_criu(wl.pids()):
         try:
             rss.append(ps.memory_info().rss)
             serve_rss.append(serve_ps.memory_info().rss)

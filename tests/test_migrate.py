@@ -30,6 +30,7 @@ from migrate_util import (
     Cleanup,
     PyTree,
     Serve,
+    held_by_criu,
     kill_by_report,
     net_ns_inode,
     netns_inode,
@@ -306,12 +307,12 @@ def _during_precopy(wl, run, action, seconds=30):
     done = []
     t_end = time.monotonic() + seconds
     while run.running() and time.monotonic() < t_end:
-        if any(state(p) in ("t", "T") for p in wl.pids()):
-            break  # CRIU holds the tree: the switch-over began
+        if held_by_criu(wl.pids()):
+            break  # the switch-over began
         try:
             res = action()
         except WorkloadError:
-            if run.running() and wl.alive() and not any(state(p) in ("t", "T") for p in wl.pids()):
+            if run.running() and wl.alive() and not held_by_criu(wl.pids()):
                 raise
             break
         if not run.running():

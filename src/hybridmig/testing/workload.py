@@ -389,14 +389,17 @@ class Workload:
                 )
             time.sleep(0.02)
 
-    def _signal_and_wait(self, sig: int, event: str, timeout: float, key: str = "pid") -> list[dict]:
+    def _signal(self, sig: int) -> None:
         if self._root is None:
             raise WorkloadError("workload has no root process")
-        offset = self._offset()
         try:
             self._root.send_signal(sig)  # the root forwards it to the tree
         except psutil.NoSuchProcess:
             raise WorkloadError(f"workload root {self.host_pid} is gone") from None
+
+    def _signal_and_wait(self, sig: int, event: str, timeout: float, key: str = "pid") -> list[dict]:
+        offset = self._offset()
+        self._signal(sig)
         return self._wait_events(event, self.procs, offset, timeout, key=key)
 
     def verify(self, timeout: float = 60) -> list[dict]:
@@ -414,6 +417,16 @@ class Workload:
         """Every process moves (mremap), unmaps and zaps (MADV_DONTNEED) 16
         pages each, then checks all pages; one "churn-verify" dict each."""
         return self._signal_and_wait(CHURN_SIGNAL, "churn-verify", timeout)
+
+    def fork_and_churn_verify(self, timeout: float = 60) -> tuple[list[dict], list[dict]]:
+        """fork_verify() and churn_verify() at once: every process forks,
+        then churns while its child checks what it inherited. Returns
+        (fork-verify dicts, churn-verify dicts)."""
+        offset = self._offset()
+        self._signal(signal.SIGUSR2)  # a standard signal: taken before the real-time one
+        self._signal(CHURN_SIGNAL)
+        forks = self._wait_events("fork-verify", self.procs, offset, timeout, key="parent")
+        return forks, self._wait_events("churn-verify", self.procs, offset, timeout)
 
     # --- memory access from outside (as root) ---------------------------------------
     def page_address(self, page: int, pid: int | None = None) -> int:
