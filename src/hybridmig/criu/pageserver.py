@@ -146,6 +146,8 @@ class PageServerSource:
             self._sock.sendall(data)
         except TimeoutError as e:
             self._fail(f"sending {what} timed out after {self.io_timeout}s", e)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            self._fail(f"the page server closed the connection before we could send {what}", e)
         except OSError as e:
             self._fail(f"sending {what} failed: {e.strerror or e}", e)
 
@@ -156,6 +158,9 @@ class PageServerSource:
                 r = self._sock.recv_into(view[got:], n - got)
             except TimeoutError as e:
                 self._fail(f"no {what} within {self.io_timeout}s", e)
+            except ConnectionResetError as e:
+                # a page server that closes with requests of ours unread resets
+                self._fail(f"the page server closed the connection (reset) while we waited for {what}", e)
             except OSError as e:
                 self._fail(f"receiving {what} failed: {e.strerror or e}", e)
             if r == 0:  # (ProtocolError is an OSError: raised outside the try)
