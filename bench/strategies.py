@@ -299,6 +299,7 @@ class PreDump(Strategy):
 class Hybridmig(Strategy):
     name = "hybridmig"
     switchover = "precopy"  # this row's history: pre-copy, auto-converge on
+    run_args: tuple = ()  # more options of `run`
 
     def migrate(self, trial):
         h = trial.hosts
@@ -336,6 +337,7 @@ class Hybridmig(Strategy):
                     trial.logs / "run",
                     "--switchover",
                     self.switchover,
+                    *self.run_args,
                     *opts,
                 ],
                 "run.err",
@@ -442,6 +444,20 @@ class HybridmigPostCopy(Hybridmig):
     switchover = "postcopy"
 
 
+class HybridmigPostCopyNow(HybridmigPostCopy):
+    """Post-copy with no round at all (--postcopy-after 0): QEMU's pure post-copy."""
+
+    name = "hybridmig-postcopy-now"
+    run_args = ("--postcopy-after", "0")
+
+
+class HybridmigPostCopyHalf(HybridmigPostCopy):
+    """Post-copy after half of round 0 (--postcopy-after 0.5)."""
+
+    name = "hybridmig-postcopy-half"
+    run_args = ("--postcopy-after", "0.5")
+
+
 class HybridmigAuto(Hybridmig):
     """The default: pre-copy while rounds shrink, then post-copy."""
 
@@ -488,6 +504,8 @@ STRATEGIES = {
         PreDump,
         Hybridmig,
         HybridmigPostCopy,
+        HybridmigPostCopyNow,
+        HybridmigPostCopyHalf,
         HybridmigAuto,
         PodmanStopCopy,
         HybridmigContainer,

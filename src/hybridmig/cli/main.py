@@ -318,10 +318,12 @@ def serve(
 )
 @click.option(
     "--postcopy-after",
-    type=click.IntRange(min=1),
+    type=click.FloatRange(min=0),
     default=DEFAULTS.postcopy_after,
     show_default=True,
-    help="rounds (the first included) before --switchover postcopy switches over",
+    help="rounds (the first included) before --switchover postcopy switches over; below 1, the share of "
+    "round 0 sent first (0: none, every page pushed or faulted after the resume: each crosses the wire "
+    "about once, where a whole round 0 resends what the process writes meanwhile)",
 )
 @click.option("--criu-opt", "criu_opts", multiple=True, help="extra CRIU option for dump and restore (repeatable)")
 @click.option(

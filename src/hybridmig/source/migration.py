@@ -103,8 +103,12 @@ class Migration:
         switchover = switchover or DEFAULTS.switchover
         if switchover not in SWITCHOVERS:
             raise UsageError(f"--switchover {switchover}: one of {', '.join(SWITCHOVERS)}")
-        if postcopy_after < 1:
-            raise UsageError(f"--postcopy-after {postcopy_after}: at least 1 (round 0 sends the whole memory)")
+        if postcopy_after < 0 or (postcopy_after > 1 and postcopy_after != int(postcopy_after)):
+            raise UsageError(
+                f"--postcopy-after {postcopy_after}: a number of rounds, or a share of round 0 from 0 to 1"
+            )
+        if postcopy_after < 1 and switchover != "postcopy":
+            raise UsageError(f"--postcopy-after {postcopy_after} (less than round 0) needs --switchover postcopy")
         # None: on for pre-copy alone (today's behaviour); auto switches to
         # post-copy where throttling would start, unless asked to throttle
         self.auto_converge = (switchover == "precopy") if auto_converge is None else auto_converge

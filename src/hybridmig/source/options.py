@@ -22,8 +22,9 @@ class RunOptions:
     #: 1.4 x pre-copy's at 1 GiB, 1.75 x at 4 GiB; over 100 Mbit/s auto
     #: paused 506-554 ms at 450 MiB (docs/results.md, 2026-12-06)
     switchover: str = "precopy"
-    #: rounds before a --switchover postcopy resumes the copy (round 0 included)
-    postcopy_after: int = 1
+    #: rounds before a --switchover postcopy resumes the copy (round 0
+    #: included); below 1, the share of round 0 sent before it (0: none)
+    postcopy_after: float = 1
     #: seconds for the dump, for the restore, and for any silence of the destination
     timeout: float = 120.0
     #: pages travel lz4-compressed

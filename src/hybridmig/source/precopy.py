@@ -87,6 +87,18 @@ def _pages(ranges):
     return sum((e - s) // PAGE_SIZE for s, e in ranges)
 
 
+def _first_bytes(ranges, budget):
+    """(the first `budget` bytes of sorted ranges, the budget left)."""
+    out = []
+    for start, end in ranges:
+        if budget <= 0:
+            break
+        end = min(end, start + budget)
+        out.append((start, end))
+        budget -= end - start
+    return out, budget
+
+
 class Throttle:
     """--bandwidth-limit as a token bucket over bytes put on the wire."""
 
@@ -359,12 +371,18 @@ class PreCopy:
         self.rounds.append(rnd)
         self.progress(rnd)
 
-    def first_round(self):
+    def first_round(self, share=1.0):
+        """Round 0: every tracked page, or (share < 1, an early post-copy)
+        the first `share` of them, task after task in address order."""
         rnd = Round(0)
         t0, cpu0 = time.monotonic(), time.process_time()
-        for pid, vmas in self.tracker.vmas().items():
+        tree = self.tracker.vmas()
+        budget = None if share >= 1 else int(share * sum(_pages(v) for v in tree.values())) * PAGE_SIZE
+        for pid, vmas in tree.items():
             if not self.sender.adopt(pid):
                 continue  # forked while the tracker attached, exited since
+            if budget is not None:
+                vmas, budget = _first_bytes(vmas, budget)
             rnd.pages_scanned += _pages(vmas)
             self.sender.send_ranges(pid, vmas, rnd)
         rnd.pages_written = rnd.pages_scanned
@@ -477,6 +495,11 @@ class PreCopy:
             )
         if self.switchover == "postcopy":
             self.postcopy = number >= self.postcopy_after
+            if self.postcopy_after < 1:
+                self.stop_reason = "post-copy after %.0f %% of round 0 (--postcopy-after %g)" % (
+                    self.postcopy_after * 100,
+                    self.postcopy_after,
+                )
         elif self.switchover == "auto" and self.converge is None and not fits:
             not_halved = rnd.pages_owed > 0.5 * self.rounds[-1].pages_owed
             self.postcopy = not_halved or stalled or (converged and not fits)
@@ -488,8 +511,9 @@ class PreCopy:
         # be told a round later (test_precopy's hot-page test saw it).
         if self.switchover != "precopy":
             self.sender.refresh = self.tracker.refresh
+        early = self.switchover == "postcopy" and self.postcopy_after < 1
         try:
-            self.first_round()
+            self.first_round(self.postcopy_after if early else 1.0)
         finally:
             self.sender.refresh = None
         number = 1
