@@ -160,6 +160,7 @@ def test_source_killed_during_postcopy_now_loses_the_process(env):
     [
         (("--switchover", "precopy", "--postcopy-after", "0.5"), "needs --switchover postcopy"),
         (("--switchover", "postcopy", "--postcopy-after", "1.5"), "a share of round 0 from 0 to 1"),
+        (("--switchover", "postcopy", "--postcopy-after", "nan"), "a share of round 0 from 0 to 1"),
     ],
 )
 def test_postcopy_after_below_one_round_refused_where_it_means_nothing(env, args, says):

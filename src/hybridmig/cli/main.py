@@ -319,11 +319,14 @@ def serve(
 @click.option(
     "--postcopy-after",
     type=click.FloatRange(min=0),
+    metavar="N",
     default=DEFAULTS.postcopy_after,
     show_default=True,
     help="rounds (the first included) before --switchover postcopy switches over; below 1, the share of "
-    "round 0 sent first (0: none, every page pushed or faulted after the resume: each crosses the wire "
-    "about once, where a whole round 0 resends what the process writes meanwhile)",
+    "round 0 sent first (0: none, every page pushed or faulted in after the resume: each crosses the wire "
+    "about once, where a whole round 0 resends what the process writes meanwhile). The default is 1 "
+    "because the copy then runs at nearly its pace at once; with 0 a process writing all over its memory "
+    "runs at a few percent of it until every page is in (docs/results.md)",
 )
 @click.option("--criu-opt", "criu_opts", multiple=True, help="extra CRIU option for dump and restore (repeatable)")
 @click.option(

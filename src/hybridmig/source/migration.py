@@ -6,6 +6,7 @@ the images; the destination restores from its page store and reports; only a
 reported success lets CRIU end the source. Anything else resumes it."""
 
 import logging
+import math
 import os
 import socket
 import struct
@@ -103,7 +104,7 @@ class Migration:
         switchover = switchover or DEFAULTS.switchover
         if switchover not in SWITCHOVERS:
             raise UsageError(f"--switchover {switchover}: one of {', '.join(SWITCHOVERS)}")
-        if postcopy_after < 0 or (postcopy_after > 1 and postcopy_after != int(postcopy_after)):
+        if not 0 <= postcopy_after < math.inf or (postcopy_after > 1 and postcopy_after != int(postcopy_after)):
             raise UsageError(
                 f"--postcopy-after {postcopy_after}: a number of rounds, or a share of round 0 from 0 to 1"
             )
