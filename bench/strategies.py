@@ -362,7 +362,9 @@ class Hybridmig(Strategy):
         return Outcome(
             report["restored_pid"],
             phases,
-            t1,
+            # run ends once every page is installed (RESULT): the copy
+            # resumed that long before (else total counted it twice)
+            t1 - b["installing_after_resume_ms"] / 1000,
             {
                 "remote_faults": report["remote_faults"],
                 "rounds": len(report["rounds"]) - 1,

@@ -73,10 +73,17 @@ def test_postcopy_after_two_rounds_with_fork_and_churn_during_it(env):
     snapshot (fork-verify) and churns its mappings (mmap, munmap, mremap,
     madvise) and checks them: all verified, then the whole memory."""
     wl = env.workload(int(os.environ.get("PC_MB", 96)), rate=20000, procs=int(os.environ.get("PC_PROCS", 2)))
+    rep = fork_and_churn_during_postcopy(env, wl, "--postcopy-after", "2", "--bandwidth-limit", "15M")
+    assert rep["postcopy"]["pages_pushed"] > 0, rep
+
+
+def fork_and_churn_during_postcopy(env, wl, *extra):
+    """A post-copy run of wl; while the copy still lacks most of its pages
+    it forks a child that checks the inherited snapshot (fork-verify) and
+    churns its mappings (mmap, munmap, mremap, madvise) and checks them:
+    all verified, then the whole memory, twice. Returns run's report."""
     serve = env.serve()
-    run = env.run_background(
-        wl.host_pid, "--switchover", "postcopy", "--postcopy-after", "2", "--bandwidth-limit", "15M"
-    )
+    run = env.run_background(wl.host_pid, "--switchover", "postcopy", *extra)
     pid = restored_pid(serve, run)
     assert pid is not None and run.running(), "the run was over before the copy could be worked on"
     new = env.adopt(pid, wl)
@@ -99,12 +106,12 @@ def test_postcopy_after_two_rounds_with_fork_and_churn_during_it(env):
         assert r.get("bad", 0) == 0, r
     rc, rep, err = run.wait(240)
     assert rc == 0, err
-    assert rep["postcopy"]["pages_pushed"] > 0, rep
     assert rep["destination"]["lazy"]["forks"] >= len(checks["fork"]), rep["destination"]["lazy"]
     assert_intact(new.verify(), len(checks["fork"]))
     time.sleep(0.3)
     assert_intact(new.verify(), len(checks["fork"]))
     assert serve.wait(60) == 0, serve.log()
+    return rep
 
 
 def gone(pid):

@@ -10,8 +10,6 @@ what round 0 did not reach plus what was written after it was sent."""
 
 import os
 import signal
-import threading
-import time
 
 import pytest
 
@@ -19,7 +17,14 @@ from lazy_util import restored_alive
 from migrate_util import frozen_by, settle, state, wait_for
 from test_migrate import assert_intact, assert_migrated
 from test_migrate import env as env  # noqa: F401 -- the fixture
-from test_postcopy import assert_copy_ended, cut_link, gone, postcopy_running, restored_pid, set_link
+from test_postcopy import (
+    assert_copy_ended,
+    cut_link,
+    fork_and_churn_during_postcopy,
+    gone,
+    postcopy_running,
+    set_link,
+)
 
 MIB = 1 << 20
 PAGE = 4096
@@ -47,38 +52,8 @@ def test_postcopy_now_with_fork_and_churn_during_it(env):
     (fork-verify) and churns its mappings (mmap, munmap, mremap, madvise)
     and checks them: all verified, then the whole memory."""
     wl = env.workload(96, rate=20000, procs=2)
-    serve = env.serve()
-    run = env.run_background(
-        wl.host_pid, "--switchover", "postcopy", "--postcopy-after", "0", "--bandwidth-limit", "15M"
-    )
-    pid = restored_pid(serve, run)
-    assert pid is not None and run.running(), "the run was over before the copy could be worked on"
-    new = env.adopt(pid, wl)
-    checks = {}
-
-    def work():
-        try:
-            checks["fork"] = new.fork_verify(120)
-            checks["churn"] = new.churn_verify(120)
-        except Exception as e:  # noqa: BLE001 -- reported below
-            checks["error"] = e
-
-    t = threading.Thread(target=work)
-    t.start()
-    t.join(150)
-    if "error" in checks:
-        print("run log:\n" + run.err_path.read_text()[-8000:] + "\nserve log:\n" + serve.log()[-8000:])
-    assert "error" not in checks, checks
-    for r in checks["fork"] + checks["churn"]:
-        assert r.get("bad", 0) == 0, r
-    rc, rep, err = run.wait(240)
-    assert rc == 0, err
+    rep = fork_and_churn_during_postcopy(env, wl, "--postcopy-after", "0", "--bandwidth-limit", "15M")
     assert_early(rep, 0, 96, procs=2)
-    assert rep["destination"]["lazy"]["forks"] >= len(checks["fork"]), rep["destination"]["lazy"]
-    assert_intact(new.verify(), len(checks["fork"]))
-    time.sleep(0.3)
-    assert_intact(new.verify(), len(checks["fork"]))
-    assert serve.wait(60) == 0, serve.log()
 
 
 @pytest.mark.timeout(300)
