@@ -862,6 +862,7 @@ def test_criu_killed_before_the_verdict(env):
     assert run.running(), run.err_path.read_text()
     dumps = [p for p in psutil.Process(run.proc.pid).children(recursive=True) if "dump" in p.cmdline()]
     assert dumps, "no criu dump under run"
+    dump_pid = dumps[0].pid
     dumps[0].kill()
     rc, rep, err = run.wait(120)
     assert_rolled_back(env, wl, pids, rc, rep, err)
@@ -869,7 +870,11 @@ def test_criu_killed_before_the_verdict(env):
     assert serve.wait(60) not in (0, None), serve.log()
     wait_for(lambda: not restored_copies(wl, pids), 10, "the destination's copy to be ended")
     time.sleep(2)  # the hook's end-session child, if any, has acted by now
-    hooks = [p for p in psutil.process_iter(["cmdline"]) if "end-session" in (p.info["cmdline"] or [])]
+    hooks = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if (p.info["cmdline"] or [])[-3:-1] == ["end-session", str(dump_pid)]  # (not another run's)
+    ]
     assert not hooks, [p.info["cmdline"] for p in hooks]
     assert_intact(wl.verify(), 1)
 
@@ -1170,7 +1175,8 @@ def test_run_killed_while_holding_the_tree_leaves_it_running(env):
     time.sleep(0.3)
     after = assert_intact(wl.verify(), 1)[0]
     assert after["ops"] > ops, "the writer does not write any more"
-    assert all(os.path.isdir(d) for d in left), left
+    # (the killed run's dirs are not asserted to be there still: any run on
+    # this machine, another test's too, removes those of a run that is gone)
     assert serve.wait(60) not in (0, None), serve.log()
     serve = env.serve()
     rc, rep, err = env.run(wl.host_pid)
