@@ -14,6 +14,7 @@ import pytest
 
 import test_linerate
 import test_migrate
+import test_postcopy
 from hybridmig.testing.workload import MEMWORK_SRC, build_program
 from migrate_util import PORT, Serve, wait_for
 from test_migrate import assert_intact, assert_migrated, assert_rolled_back
@@ -55,6 +56,41 @@ def test_page_verified_migration(env, memory, streams, tmp_path):
         assert r0["frames_lz4"] < r0["frames"] / 4 and r0["bytes_wire"] >= 0.95 * r0["bytes_raw"], r0
     joined = serve.log().count("page stream ")
     assert joined == (streams if streams > 1 else 0), serve.log()
+
+
+@pytest.mark.timeout(240)
+def test_churn_during_rounds_over_streams(env):
+    """mremap/munmap/MADV_DONTNEED of the source's memory during many
+    rate-limited rounds over 3 streams: each scan's INVALIDATEs come between
+    two stream rounds (ROUND_START after them); every page verified."""
+    wl = env.workload(128, threads=2, rate=1000)
+    serve = env.serve()
+    run = env.run_background(
+        wl.host_pid, "--streams", "3", "--max-rounds", "50", "--target-downtime", "1", "--bandwidth-limit", "60M"
+    )
+    test_migrate._wait_in_precopy(wl, run)
+    churns = test_migrate._during_precopy(wl, run, wl.churn_verify)
+    assert len(churns) >= 2, "only %d churns happened during pre-copy" % len(churns)
+    rc, rep, err = run.wait(180)
+    new = assert_migrated(env, wl, rc, rep, err, serve, 128)
+    assert len(rep["rounds"]) > 3, rep["rounds"]
+    for r in assert_intact(new.churn_verify(), 1):
+        assert r["churn"]["done"], r
+    assert_intact(new.verify(), 1)
+
+
+@pytest.mark.timeout(300)
+def test_postcopy_after_stream_rounds(env):
+    """Two rounds over 2 streams, then post-copy: STALE, the push and the
+    remote faults on the control channel after the last stream round;
+    every page verified."""
+    wl = env.workload(64, rate=5000, threads=2)
+    serve = env.serve()
+    rc, rep, err = env.run(
+        wl.host_pid, "--streams", "2", "--switchover", "postcopy", "--postcopy-after", "2", "--bandwidth-limit", "40M"
+    )
+    assert_migrated(env, wl, rc, rep, err, serve, 64, postcopy=True)
+    test_postcopy.assert_postcopy_report(rep, 64)
 
 
 @pytest.mark.timeout(300)

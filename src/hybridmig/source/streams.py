@@ -60,11 +60,10 @@ class _Lane:
         self.index, self.channel = index, channel
         self.queue: queue.Queue = queue.Queue()
         self.thread = None
-        self.sealed_s = self.send_s = 0.0
 
 
 class StreamSender(Sender):
-    """A Sender whose rounds go over page streams (streams()); after
+    """A Sender whose rounds go over page streams (use_streams()); after
     end_streams() it sends on the control channel as a Sender does (the
     final round, post-copy)."""
 
