@@ -4,7 +4,7 @@ real migrations over an unshaped veth.
 
     .venv/bin/python -m bench.wire [--size-mb 512] [--pairs 3] [--profile DIR]
         [--modes sealed,plaintext,tcp] [--before VENV_BIN] [--rate 1gbit]
-        [--streams 1,2] [--pace]
+        [--streams 1,2] [--limits 0,150M] [--pace]
 
 Each pair migrates a fresh memwork workload (random pages: lz4 gives up on
 them, as on much real memory) once each way and runs the raw loop once, the
@@ -30,7 +30,8 @@ it can (one writer over the first 1 % of its memory: those pages stay hot
 and travel in the final round) instead of 100 pages/s, and each migration
 reports the workload's pace during round 0 over its pace in the 3 s
 before `run` started (memwork's 100 ms timeline, read from the restored
-copy). Each migration records the load average (`uptime`) at its start."""
+copy). `--limits 0,150M`: each mode also once per `--bandwidth-limit`
+(modes ...-l0, ...-l150M). Each migration records the load average (`uptime`) at its start."""
 
 import argparse
 import collections
@@ -127,10 +128,12 @@ def _spy(profile, name):
 
 
 def mode_flags(mode):
-    """run's and serve's flags of a mode: sealed, plaintext, either with
-    -sN (N page streams) and/or -before."""
-    base, _, streams = mode.removesuffix("-before").partition("-s")
-    return MODES[base], (["--streams", streams] if streams else [])
+    """(serve's and run's flags, run's own) of a mode: sealed, plaintext,
+    either with -sN (N page streams), -lRATE (--bandwidth-limit RATE)
+    and/or -before."""
+    base, _, limit = mode.removesuffix("-before").partition("-l")
+    base, _, streams = base.partition("-s")
+    return MODES[base], (["--streams", streams] if streams else []) + (["--bandwidth-limit", limit] if limit else [])
 
 
 def pace_ratio(verify, started_at, duration_s):
@@ -259,6 +262,7 @@ def main(argv=None):
     ap.add_argument("--before", metavar="DIR", help="a bin directory with another hybridmig to compare")
     ap.add_argument("--rate", help="shape the veth with tbf at this rate (tc's syntax: 1gbit); default unshaped")
     ap.add_argument("--streams", help="counts of page streams, e.g. 1,2: sealed and plaintext once with each")
+    ap.add_argument("--limits", help="--bandwidth-limit values, e.g. 0,150M: each mode once with each")
     ap.add_argument("--pace", action="store_true", help="an unthrottled writer; its pace during round 0 (see above)")
     args = ap.parse_args(argv)
     become_subreaper()  # restored workloads are re-parented to us
@@ -269,6 +273,9 @@ def main(argv=None):
     if args.streams:
         modes = [f"{m}-s{n}" if m in MODES else m for m in modes for n in args.streams.split(",")]
         modes = list(dict.fromkeys(modes))  # (tcp once)
+    if args.limits:
+        modes = [f"{m}-l{x}" if not m.startswith("tcp") else m for m in modes for x in args.limits.split(",")]
+        modes = list(dict.fromkeys(modes))
     if args.before:
         modes += [m + "-before" for m in modes if m in MODES]
     results = {m: [] for m in modes}
@@ -299,6 +306,12 @@ def main(argv=None):
                 ):
                     if a in pair and b in pair:
                         ratios[f"{a}/{b}"].append(pair[a] / pair[b])
+                limits = args.limits.split(",") if args.limits else []
+                for m in list(pair):  # each limit against the first, the rest of the mode the same
+                    for x in limits[1:]:
+                        first = m.removesuffix(f"-l{x}") + f"-l{limits[0]}"
+                        if m.endswith(f"-l{x}") and first in pair:
+                            ratios[f"{m}/{first}"].append(pair[m] / pair[first])
                 print("pair %d: " % i + ", ".join("%s %.0f MB/s" % (m, pair[m]) for m in order), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
