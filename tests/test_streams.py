@@ -15,11 +15,13 @@ import pytest
 import test_linerate
 import test_migrate
 import test_postcopy
+import test_wire
 from hybridmig.testing.workload import MEMWORK_SRC, build_program
 from migrate_util import PORT, Serve, wait_for
 from test_migrate import assert_intact, assert_migrated, assert_rolled_back
 
 env = test_migrate.env  # the fixture: two hosts, a key, a cleanup
+pki = test_wire.pki  # the fixture: a CA and certificates for a destination and a source
 
 
 relay = test_linerate._relay  # a tests/relay.py between run and serve: (process, its address)
@@ -56,6 +58,21 @@ def test_page_verified_migration(env, memory, streams, tmp_path):
         assert r0["frames_lz4"] < r0["frames"] / 4 and r0["bytes_wire"] >= 0.95 * r0["bytes_raw"], r0
     joined = serve.log().count("page stream ")
     assert joined == (streams if streams > 1 else 0), serve.log()
+
+
+@pytest.mark.timeout(240)
+def test_streams_over_tls(env, pki):
+    """Each page stream runs TLS (mutual, the destination's name checked)
+    under the same key, as the control channel does; every page verified."""
+    wl = env.workload(64, threads=2, rate=1000)
+    serve = Serve(
+        env.hosts, env.hosts.dst, env.hosts.dst_addr, env.new_dir("serve"), env.key, env.cleanup, env.tmp,
+        extra=["--tls-cert", pki["dest"][0], "--tls-key", pki["dest"][1], "--tls-ca", pki["ca"]],
+    ).wait_listening()  # fmt: skip
+    tls = ["--tls-ca", pki["ca"], "--tls-cert", pki["source"][0], "--tls-key", pki["source"][1], "--tls-name", "dest"]
+    rc, rep, err = env.run(wl.host_pid, "--streams", "2", *tls)
+    assert_migrated(env, wl, rc, rep, err, serve, 64)
+    assert serve.log().count("page stream ") == 2, serve.log()
 
 
 @pytest.mark.timeout(240)

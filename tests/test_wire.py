@@ -627,6 +627,7 @@ def tls_server(ctx, key):
             ch.server_handshake(key)
             result["frame"] = ch.recv()
             result["cipher"] = ch.sock.cipher()
+            result["stream"] = ch.stream
         except (ProtocolError, OSError) as e:
             result["error"] = e
             conn.close()
@@ -640,14 +641,17 @@ def client(pki, cert="source", name="dest", fp=None):
     return wire.tls_client_context(pki["ca"], *pki[cert], name=name, fingerprint=fp)
 
 
-def test_tls_session_is_mutual_and_checks_the_name(pki):
+@pytest.mark.parametrize("stream", [False, True])
+def test_tls_session_is_mutual_and_checks_the_name(pki, stream):
+    """A page stream (run --streams) over TLS as the control channel."""
     port, t, result = tls_server(wire.tls_server_context(*pki["dest"], pki["ca"]), KEY)
-    ch = wire.connect(("127.0.0.1", port), KEY, tls=client(pki))
+    ch = wire.connect(("127.0.0.1", port), KEY, tls=client(pki), stream=stream)
     ch.send(Msg.COMMIT)
     t.join(10)
     ch.close()
     assert result["frame"][0] == Msg.COMMIT
     assert result["cipher"] is not None
+    assert result["stream"] == stream
 
 
 @pytest.mark.parametrize("cert", ["rogue", None])
