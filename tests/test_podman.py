@@ -19,7 +19,7 @@ import pytest
 
 from hybridmig.keys import generate_key
 from hybridmig.testing.netns import TwoHosts
-from hybridmig.testing.podman import PodmanPair, need_podman
+from hybridmig.testing.podman import IMAGE, ULIMITS, PodmanPair, need_podman
 from hybridmig.testing.workload import Workload
 from lazy_util import HYBRIDMIG_BIN
 from migrate_util import PORT, Cleanup, Serve, kill_by_report, wait_for
@@ -412,3 +412,28 @@ def test_empty_read_only_tmpfs_skips_tar(pair, tmp_path):
     assert pair.dst.podman("exec", NAME, "sh", "-c", SHOW_TMPFS).stdout == before
     verified(Workload(info["State"]["Pid"], pair.report_dir / "report.jsonl", 1))
     assert not wl.alive()
+
+
+@pytest.mark.parametrize("network", ["none", "bridge"])
+def test_restore_skips_the_network_lock_when_asked(pair, tmp_path, network):
+    """CRIU's patch 0007 (serve's restores ask for it): `network-lock skip`
+    in the restore's CRIU config, against a dump that locked with
+    iptables, means no lock and no unlock of the netns podman made for the
+    restore (`--network=none`: CRIU's --empty-ns net; a bridge: an
+    external netns); the restored container's netns holds no CRIU rule."""
+    conf = tmp_path / "criu.conf"  # absent at the dump: CRIU locks as usual
+    pair.src.podman("run", "-d", "--name", NAME, f"--network={network}", *ULIMITS,
+                    "--annotation", f"org.criu.config={conf}", IMAGE, "sleep", "1000", timeout=120)  # fmt: skip
+    archive = tmp_path / "checkpoint.tar"
+    pair.src.podman("container", "checkpoint", NAME, "--export", str(archive), "--compress", "none", timeout=120)
+    conf.write_text("network-lock skip\n")
+    proc = pair.dst.podman("container", "restore", "--import", str(archive), "--name", NAME, "--keep", timeout=120)
+    restored_id = proc.stdout.split()[-1]
+    info = pair.dst.inspect(NAME)
+    assert info["State"]["Status"] == "running", info["State"]
+    restore_log = next(pair.dst.dir.glob(f"root/overlay-containers/{restored_id}/userdata/restore.log")).read_text()
+    assert "Network lock skipped on restore, as asked" in restore_log, restore_log[-3000:]
+    for tool in ("iptables", "ip6tables"):
+        rules = subprocess.run(["nsenter", "-t", str(info["State"]["Pid"]), "-n", tool, "-S"],
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert rules.returncode == 0 and "CRIU" not in rules.stdout, (tool, rules.stdout, rules.stderr)
