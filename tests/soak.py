@@ -338,6 +338,8 @@ class Iteration:
             criu_pid = int(error.split("hybridmig settle ")[1].split()[0])
         except (IndexError, ValueError):
             return [f"in doubt, and no settle command named: {error[:200]}"]
+        if " stay in " in error:  # run's work dir, which it leaves to the operator
+            self.cleanup.add(shutil.rmtree, os.path.dirname(error.rsplit(" stay in ", 1)[1].strip()), True)
         return self._settle(hosts, wl, verdict, criu_pid)
 
     def _left_frozen(self, wl, wait_s=5.0):

@@ -105,8 +105,7 @@ def test_mremap_munmap_madvise_after_restore(tmp_path):
 
 def test_workload_exits_while_pages_pending(tmp_path):
     wl, pid, daemon = pending_restore(tmp_path, 256, delay=5.0)
-    with daemon:
-        restored = Workload.adopt(pid, report=wl)
+    with daemon, Workload.adopt(pid, report=wl) as restored:
         restored.stop()
         assert daemon.wait(60) == 0, daemon.output()
         assert not restored.alive()
@@ -118,8 +117,7 @@ def test_daemon_killed_while_pages_are_owed(tmp_path):
     guard, holding the tasks' uffds, ends the workload, which meanwhile waits
     on its faults instead of reading zero pages."""
     wl, pid, daemon = pending_restore(tmp_path, 256, delay=30.0)
-    with daemon:
-        restored = Workload.adopt(pid, report=wl)
+    with daemon, Workload.adopt(pid, report=wl) as restored:
         (guard,) = psutil.Process(daemon.proc.pid).children()
         time.sleep(0.3)  # the writers fault pages in, one by one
         daemon.proc.kill()
@@ -139,8 +137,7 @@ def test_daemon_killed_right_after_a_fork(tmp_path):
     wide window): the child's faults must wait on the guard's duplicate,
     never read zeros, until the guard, continued, ends the tree."""
     wl, pid, daemon = pending_restore(tmp_path, 256, delay=30.0)
-    with daemon:
-        restored = Workload.adopt(pid, report=wl)
+    with daemon, Workload.adopt(pid, report=wl) as restored:
         root = psutil.Process(pid)
         (guard,) = psutil.Process(daemon.proc.pid).children()
         guard.suspend()

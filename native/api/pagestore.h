@@ -16,8 +16,8 @@ struct hm_store_stats {
 };
 
 #define HM_PAGE_ABSENT 0
-#define HM_PAGE_DATA 1
-#define HM_PAGE_ZERO 2
+#define HM_PAGE_DATA   1
+#define HM_PAGE_ZERO   2
 
 int hm_store_new(hm_store **out);
 void hm_store_free(hm_store *s);

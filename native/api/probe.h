@@ -4,28 +4,28 @@
  * leaves nothing behind, and returns 0 or -errno. */
 
 /* userfaultfd features: the UFFD_FEATURE_* bits of the 6.8 uapi. */
-#define HM_UFFD_FEATURE_PAGEFAULT_FLAG_WP 1
-#define HM_UFFD_FEATURE_EVENT_FORK 2
-#define HM_UFFD_FEATURE_EVENT_REMAP 4
-#define HM_UFFD_FEATURE_EVENT_REMOVE 8
-#define HM_UFFD_FEATURE_MISSING_HUGETLBFS 16
-#define HM_UFFD_FEATURE_MISSING_SHMEM 32
-#define HM_UFFD_FEATURE_EVENT_UNMAP 64
-#define HM_UFFD_FEATURE_SIGBUS 128
-#define HM_UFFD_FEATURE_THREAD_ID 256
-#define HM_UFFD_FEATURE_MINOR_HUGETLBFS 512
-#define HM_UFFD_FEATURE_MINOR_SHMEM 1024
-#define HM_UFFD_FEATURE_EXACT_ADDRESS 2048
+#define HM_UFFD_FEATURE_PAGEFAULT_FLAG_WP  1
+#define HM_UFFD_FEATURE_EVENT_FORK	   2
+#define HM_UFFD_FEATURE_EVENT_REMAP	   4
+#define HM_UFFD_FEATURE_EVENT_REMOVE	   8
+#define HM_UFFD_FEATURE_MISSING_HUGETLBFS  16
+#define HM_UFFD_FEATURE_MISSING_SHMEM	   32
+#define HM_UFFD_FEATURE_EVENT_UNMAP	   64
+#define HM_UFFD_FEATURE_SIGBUS		   128
+#define HM_UFFD_FEATURE_THREAD_ID	   256
+#define HM_UFFD_FEATURE_MINOR_HUGETLBFS	   512
+#define HM_UFFD_FEATURE_MINOR_SHMEM	   1024
+#define HM_UFFD_FEATURE_EXACT_ADDRESS	   2048
 #define HM_UFFD_FEATURE_WP_HUGETLBFS_SHMEM 4096
-#define HM_UFFD_FEATURE_WP_UNPOPULATED 8192
-#define HM_UFFD_FEATURE_POISON 16384
-#define HM_UFFD_FEATURE_WP_ASYNC 32768
-#define HM_UFFD_FEATURE_MOVE 65536
+#define HM_UFFD_FEATURE_WP_UNPOPULATED	   8192
+#define HM_UFFD_FEATURE_POISON		   16384
+#define HM_UFFD_FEATURE_WP_ASYNC	   32768
+#define HM_UFFD_FEATURE_MOVE		   65536
 
 /* How to open a userfaultfd (hm_probe_uffd_open). */
-#define HM_UFFD_OPEN_SYSCALL 0   /* userfaultfd(2): what CRIU's lazy restore uses */
+#define HM_UFFD_OPEN_SYSCALL   0 /* userfaultfd(2): what CRIU's lazy restore uses */
 #define HM_UFFD_OPEN_USER_ONLY 1 /* userfaultfd(2) with UFFD_USER_MODE_ONLY: always allowed */
-#define HM_UFFD_OPEN_DEV 2       /* /dev/userfaultfd, USERFAULTFD_IOC_NEW (6.1+) */
+#define HM_UFFD_OPEN_DEV       2 /* /dev/userfaultfd, USERFAULTFD_IOC_NEW (6.1+) */
 
 /* Open a userfaultfd the first way that works (syscall, user-mode-only
  * syscall, /dev/userfaultfd) and learn the features and ioctls the kernel

@@ -4,14 +4,14 @@
 #include <time.h>
 
 #define PAGE_SHIFT 12
-#define PAGE_SZ (1UL << PAGE_SHIFT)
+#define PAGE_SZ	   (1UL << PAGE_SHIFT)
 
 /* Pages are kept in chunks of 2 MiB: big enough that one UFFDIO_COPY moves
  * megabytes, small enough that memory returns to the system soon after the
  * pages of a chunk are installed. */
-#define CHUNK_PAGES 512UL
-#define CHUNK_SZ (CHUNK_PAGES * PAGE_SZ)
-#define CHUNK_BASE(addr) ((addr) & ~(CHUNK_SZ - 1))
+#define CHUNK_PAGES	    512UL
+#define CHUNK_SZ	    (CHUNK_PAGES * PAGE_SZ)
+#define CHUNK_BASE(addr)    ((addr) & ~(CHUNK_SZ - 1))
 #define PAGE_IN_CHUNK(addr) (((addr) & (CHUNK_SZ - 1)) >> PAGE_SHIFT)
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))

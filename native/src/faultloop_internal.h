@@ -48,7 +48,7 @@
  * then to wait for the next arrival; a page it did not reach is installed
  * when faulted, or once the runs before it have come. */
 #define CLAIM_SKIP_MAX 64
-#define LAT_BUCKETS HM_HIST_BUCKETS
+#define LAT_BUCKETS    HM_HIST_BUCKETS
 
 /* The longest the fault thread waits for room in the guard's socket (a
  * stopped or starved guard) before it fails the loop: every fault waits

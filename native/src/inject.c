@@ -55,9 +55,9 @@
 #endif
 
 /* Kernel-internal restart codes a stopped syscall may hold in rax. */
-#define ERESTARTSYS 512
-#define ERESTARTNOINTR 513
-#define ERESTARTNOHAND 514
+#define ERESTARTSYS	      512
+#define ERESTARTNOINTR	      513
+#define ERESTARTNOHAND	      514
 #define ERESTART_RESTARTBLOCK 516
 
 #define USER_CS_64 0x33 /* __USER_CS: the thread runs 64-bit code */

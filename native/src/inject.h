@@ -13,12 +13,12 @@ int hm_pick_thread(pid_t pid, pid_t *tid);
 /* One stop of one thread of a target: begin, any number of syscalls, end. */
 struct hm_inject {
 	pid_t pid, tid;
-	uint64_t syscall_ip;  /* address of a `syscall` instruction in the target */
-	uint64_t t_begin;     /* CLOCK_MONOTONIC just before PTRACE_INTERRUPT */
-	int attached;         /* PTRACE_SEIZE succeeded: must detach */
-	int moved;            /* resumed since the first stop: regs no longer as saved */
+	uint64_t syscall_ip;   /* address of a `syscall` instruction in the target */
+	uint64_t t_begin;      /* CLOCK_MONOTONIC just before PTRACE_INTERRUPT */
+	int attached;	       /* PTRACE_SEIZE succeeded: must detach */
+	int moved;	       /* resumed since the first stop: regs no longer as saved */
 	int seccomp_suspended; /* PTRACE_O_SUSPEND_SECCOMP was granted */
-	uint64_t saved_mask;  /* the thread's signal mask */
+	uint64_t saved_mask;   /* the thread's signal mask */
 #if defined(__x86_64__)
 	struct user_regs_struct saved;
 #endif

@@ -21,7 +21,7 @@
 
 /* 6.1 has these two; guarded for build hosts older still. */
 #ifndef USERFAULTFD_IOC_NEW
-#define USERFAULTFD_IOC 0xAA
+#define USERFAULTFD_IOC	    0xAA
 #define USERFAULTFD_IOC_NEW _IO(USERFAULTFD_IOC, 0x00)
 #endif
 #ifndef UFFD_USER_MODE_ONLY
@@ -29,26 +29,26 @@
 #endif
 
 #ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
-#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM		(1<<12)	/* 6.0 */
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12) /* 6.0 */
 #endif
 #ifndef UFFD_FEATURE_WP_UNPOPULATED
-#define UFFD_FEATURE_WP_UNPOPULATED		(1<<13)	/* 6.4 */
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13) /* 6.4 */
 #endif
 #ifndef UFFD_FEATURE_POISON
-#define UFFD_FEATURE_POISON			(1<<14)	/* 6.6 */
+#define UFFD_FEATURE_POISON (1 << 14) /* 6.6 */
 #endif
 #ifndef UFFD_FEATURE_WP_ASYNC
-#define UFFD_FEATURE_WP_ASYNC			(1<<15)	/* 6.7 */
+#define UFFD_FEATURE_WP_ASYNC (1 << 15) /* 6.7 */
 #endif
 #ifndef UFFD_FEATURE_MOVE
-#define UFFD_FEATURE_MOVE			(1<<16)	/* 6.8 */
+#define UFFD_FEATURE_MOVE (1 << 16) /* 6.8 */
 #endif
 
 /* --- pagemap ioctl (include/uapi/linux/fs.h, 6.7) ------------------------ */
 
 #ifndef PAGEMAP_SCAN
 /* Pagemap ioctl */
-#define PAGEMAP_SCAN	_IOWR('f', 16, struct pm_scan_arg)
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
 
 /*
  * struct page_region - Page region with flags
@@ -63,8 +63,8 @@ struct page_region {
 };
 
 /* Flags for PAGEMAP_SCAN ioctl */
-#define PM_SCAN_WP_MATCHING	(1 << 0)	/* Write protect the pages matched. */
-#define PM_SCAN_CHECK_WPASYNC	(1 << 1)	/* Abort the scan when a non-WP-enabled page is found. */
+#define PM_SCAN_WP_MATCHING   (1 << 0) /* Write protect the pages matched. */
+#define PM_SCAN_CHECK_WPASYNC (1 << 1) /* Abort the scan when a non-WP-enabled page is found. */
 
 /*
  * struct pm_scan_arg - Pagemap ioctl argument
@@ -100,28 +100,28 @@ struct pm_scan_arg {
 
 /* Bitmasks provided in pm_scan_args masks and reported in page_region.categories. */
 #ifndef PAGE_IS_WPALLOWED
-#define PAGE_IS_WPALLOWED	(1 << 0)
+#define PAGE_IS_WPALLOWED (1 << 0)
 #endif
 #ifndef PAGE_IS_WRITTEN
-#define PAGE_IS_WRITTEN		(1 << 1)
+#define PAGE_IS_WRITTEN (1 << 1)
 #endif
 #ifndef PAGE_IS_FILE
-#define PAGE_IS_FILE		(1 << 2)
+#define PAGE_IS_FILE (1 << 2)
 #endif
 #ifndef PAGE_IS_PRESENT
-#define PAGE_IS_PRESENT		(1 << 3)
+#define PAGE_IS_PRESENT (1 << 3)
 #endif
 #ifndef PAGE_IS_SWAPPED
-#define PAGE_IS_SWAPPED		(1 << 4)
+#define PAGE_IS_SWAPPED (1 << 4)
 #endif
 #ifndef PAGE_IS_PFNZERO
-#define PAGE_IS_PFNZERO		(1 << 5)
+#define PAGE_IS_PFNZERO (1 << 5)
 #endif
 #ifndef PAGE_IS_HUGE
-#define PAGE_IS_HUGE		(1 << 6)
+#define PAGE_IS_HUGE (1 << 6)
 #endif
 #ifndef PAGE_IS_SOFT_DIRTY
-#define PAGE_IS_SOFT_DIRTY	(1 << 7)
+#define PAGE_IS_SOFT_DIRTY (1 << 7)
 #endif
 
 /* The kernel checks arg->size against its own struct: a wrong layout here
@@ -131,4 +131,4 @@ _Static_assert(sizeof(struct pm_scan_arg) == 96, "struct pm_scan_arg layout");
 
 /* /proc/PID/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst) */
 #define PM_ENTRY_SOFT_DIRTY (1ULL << 55)
-#define PM_ENTRY_PRESENT (1ULL << 63)
+#define PM_ENTRY_PRESENT    (1ULL << 63)

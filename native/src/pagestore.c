@@ -142,7 +142,7 @@ static void chunk_trim(struct store_task *t, struct chunk *c)
 
 static int addr_cmp(const void *a, const void *b)
 {
-	uintptr_t x = (uintptr_t) * (void *const *)a, y = (uintptr_t) * (void *const *)b;
+	uintptr_t x = (uintptr_t)*(void *const *)a, y = (uintptr_t)*(void *const *)b;
 
 	return x < y ? -1 : x > y;
 }
@@ -605,7 +605,8 @@ static int move_run(struct store_task *t, uint64_t src, uint64_t dst, uint64_t n
 			uint64_t a, b; /* [a, b): a run of data pages, taken from the end when moving up */
 
 			for (j = i + 1; j < n && (kinds[up ? n - 1 - j : j] == HM_PAGE_DATA) ==
-					       (kinds[up ? n - 1 - i : i] == HM_PAGE_DATA); j++)
+							 (kinds[up ? n - 1 - i : i] == HM_PAGE_DATA);
+			     j++)
 				;
 			a = up ? n - j : i;
 			b = up ? n - i : j;

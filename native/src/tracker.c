@@ -46,9 +46,9 @@ _Static_assert(sizeof(struct hm_page_region) == sizeof(struct page_region), "pag
 #define PIDFD_THREAD O_EXCL /* include/uapi/linux/pidfd.h, 6.9 */
 #endif
 
-#define UFFD_WANT (UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)
+#define UFFD_WANT	 (UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)
 #define READ_BATCH_PAGES 1024UL /* 4 MiB per process_vm_readv */
-#define PAGEMAP_BATCH 8192UL    /* pagemap entries per pread (64 KiB) */
+#define PAGEMAP_BATCH	 8192UL /* pagemap entries per pread (64 KiB) */
 
 struct hm_tracker {
 	int32_t pid;
