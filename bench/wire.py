@@ -4,6 +4,7 @@ real migrations over an unshaped veth.
 
     .venv/bin/python -m bench.wire [--size-mb 512] [--pairs 3] [--profile DIR]
         [--modes sealed,plaintext,tcp] [--before VENV_BIN] [--rate 1gbit]
+        [--streams 1,2] [--limits 0,150M] [--pace]
 
 Each pair migrates a fresh memwork workload (random pages: lz4 gives up on
 them, as on much real memory) once each way and runs the raw loop once, the
@@ -20,7 +21,17 @@ in DIR (another checkout's .venv/bin), as sealed-before and
 plaintext-before, in the same rotation: before and after in one run.
 Per GiB of round 0, medians over the pairs: where each end's time went
 (the source's from its round stats, the destination's from its
-ROUND_ACK: `dest_*`)."""
+ROUND_ACK: `dest_*`).
+
+`--streams 1,2`: each of sealed and plaintext once per count of page
+streams (`run --streams N`, as modes sealed-s1, sealed-s2, ...), in the
+same rotation as the raw loop. `--pace`: the workload writes as fast as
+it can (one writer over the first 1 % of its memory: those pages stay hot
+and travel in the final round) instead of 100 pages/s, and each migration
+reports the workload's pace during round 0 over its pace in the 3 s
+before `run` started (memwork's 100 ms timeline, read from the restored
+copy). `--limits 0,150M`: each mode also once per `--bandwidth-limit`
+(modes ...-l0, ...-l150M). Each migration records the load average (`uptime`) at its start."""
 
 import argparse
 import collections
@@ -43,6 +54,7 @@ HYBRIDMIG = os.path.join(os.path.dirname(sys.executable), "hybridmig")
 PYSPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
 PORT = 7790
 MODES = {"sealed": [], "plaintext": ["--insecure-plaintext"]}
+PACE_BEFORE_S = 3.0  # --pace: the workload's own pace is measured over this long before run starts
 
 # The raw loop: the receiver prints its MB/s once it got every byte.
 RECEIVER = """
@@ -115,11 +127,39 @@ def _spy(profile, name):
     return [PYSPY, "record", "--format", "raw", "--rate", "250", "--nonblocking", "-o", out, "--"]
 
 
-def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None):
-    """One migration; round 0 of its run --json report. A mode ending in
-    -before runs the hybridmig in `before`."""
+def mode_flags(mode):
+    """(serve's and run's flags, run's own) of a mode: sealed, plaintext,
+    either with -sN (N page streams), -lRATE (--bandwidth-limit RATE)
+    and/or -before."""
+    base, _, limit = mode.removesuffix("-before").partition("-l")
+    base, _, streams = base.partition("-s")
+    return MODES[base], (["--streams", streams] if streams else []) + (["--bandwidth-limit", limit] if limit else [])
+
+
+def pace_ratio(verify, started_at, duration_s):
+    """The workload's ops/s over [started_at, +duration_s] (round 0) over
+    its ops/s in the PACE_BEFORE_S before started_at (memwork's timeline)."""
+    tl = verify.get("timeline")
+    if not tl:
+        return None
+    bucket = tl["bucket_ms"] / 1000
+
+    def rate(t0, t1):
+        i0, i1 = int((t0 - tl["start"]) / bucket), int((t1 - tl["start"]) / bucket)
+        ops = tl["ops"][max(0, i0) : max(0, i1)]
+        return sum(ops) / (len(ops) * bucket) if ops else None
+
+    before = rate(started_at - PACE_BEFORE_S, started_at - 0.2)  # (run's start-up: its tracker attaches)
+    during = rate(started_at, started_at + duration_s)
+    return round(during / before, 3) if before and during is not None else None
+
+
+def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, pace=False):
+    """One migration; round 0 of its run --json report (with `load`, and
+    with --pace `pace`: the workload's). A mode ending in -before runs the
+    hybridmig in `before`."""
     exe = os.path.join(before, "hybridmig") if mode.endswith("-before") else HYBRIDMIG
-    flags = MODES[mode.removesuffix("-before")]
+    flags, run_flags = mode_flags(mode)
     serve_dir = tempfile.mkdtemp(prefix="bw-serve-", dir=work)
     listen = "%s:%d" % (hosts.dst_addr, PORT)
     serve = subprocess.Popen(
@@ -134,20 +174,29 @@ def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None):
     wl = None
     try:
         time.sleep(1.5 if profile else 1.0)  # serve listens (it fails the run below if not)
-        wl = Workload.start(size_mb, threads=1, rate=100, netns=hosts.src, timeout=120)
+        if pace:
+            wl = Workload.start(size_mb, threads=1, rate=0, hot=1, netns=hosts.src, timeout=120)
+            time.sleep(PACE_BEFORE_S + 0.5)  # its own pace first
+        else:
+            wl = Workload.start(size_mb, threads=1, rate=100, netns=hosts.src, timeout=120)
         kills.append(psutil.Process(wl.host_pid))
+        load = os.getloadavg()
         cmd = hosts.run_in(hosts.src) + _spy(profile, f"run-{mode}{tag}.txt") + [
-            exe, "run", str(wl.host_pid), "--to", listen, "--key-file", key, "--json", *flags,
+            exe, "run", str(wl.host_pid), "--to", listen, "--key-file", key, "--json", *flags, *run_flags,
         ]  # fmt: skip
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{mode} migration failed: {proc.stderr[-2000:]}")
         rep, _ = json.JSONDecoder().raw_decode(proc.stdout, proc.stdout.index("{"))  # py-spy may print after it
+        r0 = dict(rep["rounds"][0], load=[round(x, 2) for x in load])
         if rep.get("restored_pid"):
             kills.append(psutil.Process(rep["restored_pid"]))
+            if pace and "precopy_started_at" in rep:
+                new = Workload.adopt(rep["restored_pid"], report=wl)
+                r0["pace"] = pace_ratio(new.verify()[0], rep["precopy_started_at"], r0["duration_s"])
         if profile:
             serve.wait(timeout=60)  # py-spy writes its file when serve exits
-        return rep["rounds"][0]
+        return r0
     finally:
         if wl is not None:
             wl.stop()
@@ -190,7 +239,7 @@ def summarize(paths, within):
 
 
 # round 0's times, per GiB of its raw bytes (the dest_ ones: the destination's)
-PER_GIB = ["duration_s", "read_s", "encode_s", "seal_s", "send_s", "ack_s", "cpu_s"]
+PER_GIB = ["duration_s", "read_s", "encode_s", "seal_s", "send_s", "ack_s", "cpu_s", "streams_s"]
 PER_GIB_DEST = ["dest_recv_s", "dest_open_s", "dest_store_s", "dest_cpu_s"]
 
 
@@ -212,12 +261,21 @@ def main(argv=None):
     ap.add_argument("--modes", default="sealed,plaintext,tcp", help="of sealed, plaintext, tcp")
     ap.add_argument("--before", metavar="DIR", help="a bin directory with another hybridmig to compare")
     ap.add_argument("--rate", help="shape the veth with tbf at this rate (tc's syntax: 1gbit); default unshaped")
+    ap.add_argument("--streams", help="counts of page streams, e.g. 1,2: sealed and plaintext once with each")
+    ap.add_argument("--limits", help="--bandwidth-limit values, e.g. 0,150M: each mode once with each")
+    ap.add_argument("--pace", action="store_true", help="an unthrottled writer; its pace during round 0 (see above)")
     args = ap.parse_args(argv)
     become_subreaper()  # restored workloads are re-parented to us
     work = tempfile.mkdtemp(prefix="bench-wire-")
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     modes = args.modes.split(",")  # tcpN: N raw streams at once
+    if args.streams:
+        modes = [f"{m}-s{n}" if m in MODES else m for m in modes for n in args.streams.split(",")]
+        modes = list(dict.fromkeys(modes))  # (tcp once)
+    if args.limits:
+        modes = [f"{m}-l{x}" if not m.startswith("tcp") else m for m in modes for x in args.limits.split(",")]
+        modes = list(dict.fromkeys(modes))
     if args.before:
         modes += [m + "-before" for m in modes if m in MODES]
     results = {m: [] for m in modes}
@@ -234,16 +292,26 @@ def main(argv=None):
                     if m.startswith("tcp"):
                         pair[m] = raw_tcp(hosts, args.size_mb << 20, int(m[3:] or 1))
                     else:
-                        r0 = migrate(hosts, key, work, args.size_mb, m, args.profile, "-%d" % i, args.before)
+                        r0 = migrate(hosts, key, work, args.size_mb, m, args.profile, "-%d" % i, args.before, args.pace)
                         rounds[m].append(r0)
                         pair[m] = r0["bytes_raw"] / r0["duration_s"] / 1e6
                 for m, v in pair.items():
                     results[m].append(v)
-                for a, b in [("sealed", "plaintext"), ("sealed", "tcp"), ("plaintext", "tcp")] + [
-                    (m, m + "-before") for m in MODES
-                ]:
+                streams = args.streams.split(",") if args.streams else []
+                for a, b in (
+                    [("sealed", "plaintext"), ("sealed", "tcp"), ("plaintext", "tcp")]
+                    + [(m, m + "-before") for m in MODES]
+                    + [(f"{m}-s{n}", f"{m}-s{streams[0]}") for m in MODES for n in streams[1:]]
+                    + [(f"{m}-s{n}", "tcp") for m in MODES for n in streams]
+                ):
                     if a in pair and b in pair:
                         ratios[f"{a}/{b}"].append(pair[a] / pair[b])
+                limits = args.limits.split(",") if args.limits else []
+                for m in list(pair):  # each limit against the first, the rest of the mode the same
+                    for x in limits[1:]:
+                        first = m.removesuffix(f"-l{x}") + f"-l{limits[0]}"
+                        if m.endswith(f"-l{x}") and first in pair:
+                            ratios[f"{m}/{first}"].append(pair[m] / pair[first])
                 print("pair %d: " % i + ", ".join("%s %.0f MB/s" % (m, pair[m]) for m in order), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -255,8 +323,14 @@ def main(argv=None):
         "ratios": dict(ratios),
         "median_ratios": {k: statistics.median(v) for k, v in ratios.items()},
         "round0_s_per_GiB": {m: per_gib(r) for m, r in rounds.items()},
+        "load": {m: [r["load"] for r in rs] for m, rs in rounds.items()},
         "round0": rounds,
     }
+    if args.pace:
+        summary["pace"] = {m: [r.get("pace") for r in rs] for m, rs in rounds.items()}
+        summary["median_pace"] = {
+            m: statistics.median(ok) for m, v in summary["pace"].items() if (ok := [p for p in v if p is not None])
+        }
     if args.profile:
         summary["profile"] = {
             f"{side}-{m}": summarize(

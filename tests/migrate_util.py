@@ -409,3 +409,20 @@ class PyTree:
         after = len(self.lines())
         os.kill(pid, sig)
         return self.wait_event(event, after, timeout)
+
+
+def rss_during_precopy(run, serve, wl):
+    """RSS samples of run and of serve (lists, bytes) every 50 ms from
+    run's tracker attaching until CRIU holds the tree (pre-copy's span)."""
+    ps = psutil.Process(run.proc.pid)  # nsenter execs run: the pid is run's own
+    serve_ps = psutil.Process(serve.proc.pid)
+    wait_for(lambda: tracked(wl.host_pid) or not run.running(), 30, "run to attach its tracker")
+    rss, serve_rss = [], []
+    while run.running() and not held_by_criu(wl.pids()):
+        try:
+            rss.append(ps.memory_info().rss)
+            serve_rss.append(serve_ps.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    return rss, serve_rss

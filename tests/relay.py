@@ -8,7 +8,13 @@ connects each to TARGET on the same address and passes bytes both ways.
     python relay.py HOST LISTEN TARGET drop-done     drops the first DONE from TARGET; later connections pass
     python relay.py HOST LISTEN TARGET drop-done refuse-later   ... and later connections are closed at once
 
-tap, cut and slow relay one connection and exit when it ends.
+    python relay.py HOST LISTEN TARGET cut-conn K:N  every connection at once; resets only the K-th
+                                                   (from 0) once N bytes of it went to TARGET
+    python relay.py HOST LISTEN TARGET slow-all R    every connection at once, each at R bytes/s to TARGET
+
+tap, cut and slow relay one connection and exit when it ends; cut-conn and
+slow-all relay connections at once (run --streams: the control connection
+and its page streams) until killed.
 """
 
 import os
@@ -62,6 +68,42 @@ def forward(a, b, limit=None, rate=None, tap=None, lock=None):
     _shut(a, b)
 
 
+def forward_cut(a, b, limit):
+    """a's bytes to b; past `limit`, reset this one connection (both legs),
+    the relay going on with the others."""
+    passed = 0
+    try:
+        while data := a.recv(1 << 16):
+            b.sendall(data)
+            passed += len(data)
+            if passed >= limit:
+                print("cut after %d bytes" % passed, flush=True)
+                for s in (a, b):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+                break
+    except OSError:
+        pass
+    _shut(a, b)
+    for s in (a, b):
+        s.close()
+
+
+def relay_all(lsock, host, target, mode, arg):
+    """cut-conn and slow-all: each connection in threads of its own."""
+    n = 0
+    while True:
+        conn, _ = lsock.accept()
+        far = socket.create_connection((host, int(target)))
+        up = forward, {}
+        if mode == "slow-all":
+            up = forward, {"rate": int(arg)}
+        elif int(arg.split(":")[0]) == n:
+            up = forward_cut, {"limit": int(arg.split(":")[1])}
+        n += 1
+        threading.Thread(target=up[0], args=(conn, far), kwargs=up[1], daemon=True).start()
+        threading.Thread(target=forward, args=(far, conn), daemon=True).start()
+
+
 def drop_done(src, dst):
     """The destination's frames (16-byte header: type, flags, reserved,
     length, sequence) to the source, but the first DONE: after AUTH_OK
@@ -91,6 +133,8 @@ def drop_done(src, dst):
 def main(host, listen, target, mode, arg=None):
     lsock = socket.create_server((host, int(listen)))
     print("listening", flush=True)
+    if mode in ("cut-conn", "slow-all"):
+        relay_all(lsock, host, target, mode, arg)
     first = True
     while True:
         conn, _ = lsock.accept()

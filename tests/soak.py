@@ -112,6 +112,8 @@ def draw(rng):
         elif kind == "garbage_client":
             fault["bytes"] = rng.choice([0, 7, 64, 4096])
             fault["seconds"] = rng.uniform(0, 2)
+    # drawn last: the draws above stay what they were for a seed before page streams
+    config["streams"] = rng.choice([1, 1, 2, 3])
     return config, fault
 
 
@@ -280,7 +282,7 @@ class Iteration:
         if fault and fault["step"] == "start":
             self._inject(hosts, wl, None, serve, None)
         extra = ["--max-rounds", str(cfg["max_rounds"]), "--timeout", str(cfg["timeout"])]
-        extra += ["--switchover", cfg["switchover"]]
+        extra += ["--switchover", cfg["switchover"], "--streams", str(cfg.get("streams", 1))]
         if cfg["switchover"] == "precopy" and not cfg["auto_converge"]:
             extra.append("--no-auto-converge")
         run = BackgroundRun(hosts, hosts.src, wl.host_pid, to, key, *extra, cleanup=self.cleanup, log_dir=self.dir)

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 
-import psutil
 import pytest
 
 import test_migrate
@@ -20,7 +19,7 @@ from hybridmig import wire
 from hybridmig.errors import ProcessGone
 from hybridmig.source.precopy import FRAME_PAGES, PAGE_SIZE, Round, Sender
 from hybridmig.testing.workload import MEMWORK_SRC, build_program
-from migrate_util import PORT, RELAY, Serve, held_by_criu, tracked, wait_for
+from migrate_util import PORT, RELAY, Serve, rss_during_precopy, wait_for
 from test_migrate import assert_intact, assert_migrated, assert_rolled_back
 
 env = test_migrate.env  # the fixture: two hosts, a key, a cleanup
@@ -123,22 +122,19 @@ def test_slow_destination_backpressure(env):
     its memory stays bounded (a few MiB over its size before round 0)
     while round 0 takes seconds; serve's memory grows by the pages it
     stores, not more; the migration completes, every page verified."""
+    backpressure(env, "slow", 24_000_000)
+
+
+def backpressure(env, mode, rate, *extra):
+    """A migration of 96 MiB through a relay in `mode` ("slow": one
+    connection, "slow-all": each) at `rate` bytes/s: run waits in its
+    sends, its memory and serve's stay bounded, every page verified."""
     size_mb = 96
     wl = env.workload(size_mb, threads=2, rate=500)
     serve = env.serve()
-    _, to = _relay(env, "slow", 24_000_000)
-    run = env.run_background(wl.host_pid, to=to)
-    ps = psutil.Process(run.proc.pid)  # nsenter execs run: the pid is run's own
-    serve_ps = psutil.Process(serve.proc.pid)
-    wait_for(lambda: tracked(wl.host_pid) or not run.running(), 30, "run to attach its tracker")
-    rss, serve_rss = [], []
-    while run.running() and not held_by_criu(wl.pids()):
-        try:
-            rss.append(ps.memory_info().rss)
-            serve_rss.append(serve_ps.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
+    _, to = _relay(env, mode, rate)
+    run = env.run_background(wl.host_pid, *extra, to=to)
+    rss, serve_rss = rss_during_precopy(run, serve, wl)
     rc, rep, err = run.wait(240)
     assert_migrated(env, wl, rc, rep, err, serve, size_mb)
     r0 = rep["rounds"][0]

@@ -31,6 +31,8 @@ from hybridmig.messages import (
     Result,
     Resume,
     RoundStats,
+    Stream,
+    Streams,
 )
 from hybridmig.source.precopy import Round
 from hybridmig.wire import Msg
@@ -248,6 +250,73 @@ def test_mode_cannot_be_downgraded_in_transit():
     assert "wrong key" in str(errors["server"])
 
 
+def stream_pair(flip=False):
+    """A page stream's handshake (the source's HELLO flagged), through a
+    relay that clears the flag if `flip`: (server, client, errors)."""
+    a, b = socket.socketpair()
+    mitm_s, mitm_c = socket.socketpair()
+    server, client = wire.Channel(a, "source"), wire.Channel(mitm_c, "destination", stream=True)
+    errors = {}
+
+    def do_server():
+        try:
+            server.server_handshake(KEY)
+        except ProtocolError as e:
+            errors["server"] = e
+
+    def relay():
+        mitm_s.sendall(b.recv(wire._HEADER.size + wire._HELLO_S.size, socket.MSG_WAITALL))
+        hdr = bytearray(mitm_s.recv(wire._HEADER.size, socket.MSG_WAITALL))
+        if flip:
+            hdr[1] = 0
+        b.sendall(bytes(hdr) + mitm_s.recv(wire._HELLO_C.size, socket.MSG_WAITALL))
+        mitm_s.sendall(b.recv(1 << 16))
+
+    threads = [threading.Thread(target=do_server), threading.Thread(target=relay)]
+    for t in threads:
+        t.start()
+    try:
+        client.client_handshake(KEY)
+    except ProtocolError as e:
+        errors["client"] = e
+    for t in threads:
+        t.join(10)
+    return server, client, errors
+
+
+def test_a_page_stream_is_flagged_and_the_flag_is_bound():
+    """serve learns from the source's HELLO that a connection is a page
+    stream; a relay that clears the flag (to pass a stream off as a
+    session, or the reverse) fails the proofs."""
+    server, client, errors = stream_pair()
+    assert not errors and server.stream and client.stream
+    assert server.binding_key == client.binding_key and server.transcript == client.transcript
+    _, _, errors = stream_pair(flip=True)
+    assert "failed authentication" in str(errors["server"]), errors
+
+
+def test_a_stream_proof_holds_on_its_own_connection_only():
+    """STREAM's proof is made under the control channel's binding key over
+    the stream's own transcript: another control channel's key, or the
+    same proof shown on another stream connection, does not verify."""
+    control, control_c, _ = pair()
+    other, _, _ = pair()
+    stream_s, stream_c, _ = stream_pair()
+    stream2_s, _, _ = stream_pair()
+    proof = wire.stream_proof(control_c.binding_key, "5e55", 0, stream_c.transcript)
+    assert proof == wire.stream_proof(control.binding_key, "5e55", 0, stream_s.transcript)
+    assert proof != wire.stream_proof(other.binding_key, "5e55", 0, stream_s.transcript)
+    assert proof != wire.stream_proof(control.binding_key, "5e55", 0, stream2_s.transcript)
+    assert proof != wire.stream_proof(control.binding_key, "5e55", 1, stream_s.transcript)
+    assert proof != wire.stream_proof(control.binding_key, "5e56", 0, stream_s.transcript)
+
+
+def test_pages_take_their_blocks_stream():
+    block = wire.STREAM_BLOCK
+    assert [wire.stream_of(i * block + 4096, 3) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert wire.stream_of(block - 4096, 2) == 0 and wire.stream_of(block, 2) == 1
+
+
 def test_frame_before_authentication_is_small():
     """Finding 2: a header announcing 64 MiB before authentication is refused at once."""
     a, b = socket.socketpair()
@@ -338,6 +407,8 @@ BODIES = {
     "RESUME": (Resume("5e55"), "session"),
     "OUTCOME query": (OutcomeQuery("5e55"), "session"),
     "OUTCOME": (Outcome("5e55", "kept"), "session outcome"),
+    "STREAMS": (Streams(3), "count"),
+    "STREAM": (Stream("5e55", 1, "ab" * 32), "session index proof"),
 }
 
 
@@ -556,6 +627,7 @@ def tls_server(ctx, key):
             ch.server_handshake(key)
             result["frame"] = ch.recv()
             result["cipher"] = ch.sock.cipher()
+            result["stream"] = ch.stream
         except (ProtocolError, OSError) as e:
             result["error"] = e
             conn.close()
@@ -569,14 +641,17 @@ def client(pki, cert="source", name="dest", fp=None):
     return wire.tls_client_context(pki["ca"], *pki[cert], name=name, fingerprint=fp)
 
 
-def test_tls_session_is_mutual_and_checks_the_name(pki):
+@pytest.mark.parametrize("stream", [False, True])
+def test_tls_session_is_mutual_and_checks_the_name(pki, stream):
+    """A page stream (run --streams) over TLS as the control channel."""
     port, t, result = tls_server(wire.tls_server_context(*pki["dest"], pki["ca"]), KEY)
-    ch = wire.connect(("127.0.0.1", port), KEY, tls=client(pki))
+    ch = wire.connect(("127.0.0.1", port), KEY, tls=client(pki), stream=stream)
     ch.send(Msg.COMMIT)
     t.join(10)
     ch.close()
     assert result["frame"][0] == Msg.COMMIT
     assert result["cipher"] is not None
+    assert result["stream"] == stream
 
 
 @pytest.mark.parametrize("cert", ["rogue", None])

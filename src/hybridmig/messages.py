@@ -207,6 +207,11 @@ class RoundStats(Body):
     scan_s: float = 0.0
     read_s: float = 0.0  # reading the tasks' pages (process_vm_readv, zero pages), or waiting for the reader thread
     read_ahead_s: float = 0.0  # the reader thread's time in reads (overlaps the others)
+    # page streams (run --streams): their threads' time compressing, sealing
+    # and sending, summed over the streams (overlaps the round's other
+    # parts; encode_s, seal_s and send_s are then the caller's thread's:
+    # send_s its wait for the streams)
+    streams_s: float = 0.0
     encode_s: float = 0.0  # the lz4 probe and compression, frame heads
     seal_s: float = 0.0  # sealing (or MACing) the frames
     send_s: float = 0.0  # in the socket: the link's pace, or the destination's
@@ -340,3 +345,25 @@ class Container(Body):
         if not CONTAINER_NAME.fullmatch(body.name):
             _fail("CONTAINER", "name", "is %r: no container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)" % body.name[:80])
         return body
+
+
+@dataclass
+class Streams(Body):
+    """STREAMS (S→D on the control channel, after HOST, before any page):
+    the rounds' pages come over `count` page streams (run --streams), each
+    a connection of its own that joins with STREAM."""
+
+    KIND = Msg.STREAMS
+    count: int
+
+
+@dataclass
+class Stream(Body):
+    """STREAM (S→D, the first message of a page stream; D→S the same body
+    as the answer, or ERROR): stream `index` of `session`, `proof`
+    (hex) = wire.stream_proof over this connection's handshake."""
+
+    KIND = Msg.STREAM
+    session: str
+    index: int
+    proof: str

@@ -49,6 +49,14 @@ MAX_PREAUTH_PAYLOAD = 1024
 HANDSHAKE_DEADLINE_S = 5.0
 
 SEALED, PLAINTEXT = 0, 1  # the frame mode each side asks for in its HELLO
+# The flags of the source's HELLO frame: this connection is a page stream of
+# a session (run --streams), not a session of its own. Bound into the
+# transcript, so that a flag flipped in transit fails the proofs.
+STREAM_FLAG = 1
+_STREAM_BINDING = b"hybridmig stream\0"
+# Page streams: a page goes on stream (vaddr // STREAM_BLOCK) % N, always
+# the same one (docs/design.md, "Page streams").
+STREAM_BLOCK = 2 << 20
 
 _HEADER = struct.Struct("!BBHIQ")  # type, flags, reserved, length, sequence: handshake and plaintext frames
 _SEALED_HEADER = struct.Struct("!I")  # length of the sealed type and payload, tag included
@@ -82,6 +90,8 @@ class Msg(enum.IntEnum):
     ROUND_ACK = 13
     FETCH = 14
     STALE = 15
+    ROUND_START = 16
+    STREAM_ROUND = 17
     FILE = 20
     RESTORE = 21
     RESULT = 22
@@ -93,6 +103,8 @@ class Msg(enum.IntEnum):
     OUTCOME = 28
     CONTAINER = 29
     RESUME = 30
+    STREAMS = 31
+    STREAM = 32
 
 
 def boot_id() -> str:
@@ -122,6 +134,20 @@ def channel_binding(sock: socket.socket) -> bytes:
     return b"tls-unique" + (sock.get_channel_binding("tls-unique") or b"")
 
 
+def stream_of(vaddr: int, streams: int) -> int:
+    """The page stream that carries the page at vaddr."""
+    return (vaddr // STREAM_BLOCK) % streams
+
+
+def stream_proof(binding_key: bytes, session: str, index: int, stream_transcript: bytes) -> bytes:
+    """What a page stream shows to join its session: a MAC under the
+    control channel's binding key (only the two ends of that channel know
+    it) over the session, the stream's index and the stream's own
+    handshake transcript (valid on that one connection only)."""
+    msg = b"hybridmig stream proof\0" + session.encode() + b"\0" + index.to_bytes(4, "big") + stream_transcript
+    return hmac.new(binding_key, msg, hashlib.sha256).digest()
+
+
 def _session_keys(
     key: bytes, hello_s: bytes, hello_c_unproven: bytes, binding: bytes
 ) -> tuple[bytes, bytes, bytes, bytes, bytes]:
@@ -140,8 +166,15 @@ class Channel:
     """One authenticated, framed connection. send() may be called from
     several threads; recv() from one."""
 
-    def __init__(self, sock: socket.socket, peer: str, deadline: float | None = None) -> None:
+    def __init__(self, sock: socket.socket, peer: str, deadline: float | None = None, stream: bool = False) -> None:
         self.sock = sock
+        # a page stream of a session (STREAM_FLAG): set by the source, read
+        # from the source's HELLO by serve
+        self.stream = stream
+        self.transcript = b""  # the handshake's, once authenticated
+        # known to both ends only: page streams prove with it that they
+        # belong to this channel's session (stream_proof)
+        self.binding_key = b""
         self.peer = peer
         self.deadline = deadline  # time.monotonic() by which the handshake must be over
         self._seal: AESGCM | None = None  # AESGCM of each direction, once authenticated
@@ -151,6 +184,7 @@ class Channel:
         self._send_dir = self._recv_dir = b""
         self._send_seq = 0
         self._recv_seq = 0
+        self._last_flags = 0  # of the last plaintext frame (the source's HELLO: STREAM_FLAG)
         self._send_lock = threading.Lock()
         # Reused buffers: a fresh 1 MiB buffer per frame (its allocation and
         # page faults) cost more than sealing it (docs/bench-wire.md).
@@ -172,8 +206,10 @@ class Channel:
 
     # --- authentication ------------------------------------------------------
 
-    def _start(self, keys: tuple[bytes, bytes], mode: int, server: bool) -> None:
+    def _start(self, keys: tuple[bytes, bytes], mode: int, server: bool, transcript: bytes) -> None:
         c2s, s2c = keys
+        self.transcript = transcript
+        self.binding_key = hmac.new(c2s + s2c, b"hybridmig stream binding\0" + transcript, hashlib.sha256).digest()
         if server:
             out, into, self._send_dir, self._recv_dir = s2c, c2s, b"s2c\0", b"c2s\0"
         else:
@@ -193,6 +229,7 @@ class Channel:
         kind, payload = self.recv()
         if kind != Msg.HELLO or len(payload) != _HELLO_C.size:
             raise ProtocolError(f"{self.peer} did not start with a hybridmig hello")
+        self.stream = self._last_flags == STREAM_FLAG
         magic, version, peer_mode, _nonce_c, proof = _HELLO_C.unpack(payload)
         if magic != MAGIC or version != VERSION:
             self.send_error("protocol version %d not supported (this is %d)" % (version, VERSION))
@@ -205,12 +242,12 @@ class Channel:
                 "%s asked for %s, this destination wants %s: both ends must say --insecure-plaintext, or neither"
                 % (self.peer, _mode_name(peer_mode), _mode_name(mode))
             )
-        kc, ks, c2s, s2c, transcript = _session_keys(key, hello_s, bytes(payload[:-32]), channel_binding(self.sock))
+        kc, ks, c2s, s2c, transcript = _session_keys(key, hello_s, bytes(payload[:-32]), self._binding())
         if not hmac.compare_digest(proof, hmac.new(kc, transcript, hashlib.sha256).digest()):
             self.send_error("authentication failed: wrong key (or a relay between us)")
             raise ProtocolError(f"{self.peer} failed authentication (wrong key, or a relay)")
         self.send(Msg.AUTH_OK, hmac.new(ks, transcript + proof, hashlib.sha256).digest())
-        self._start((c2s, s2c), mode, server=True)
+        self._start((c2s, s2c), mode, server=True, transcript=transcript)
 
     def client_handshake(self, key: bytes, mode: int = SEALED) -> None:
         kind, payload = self.recv()
@@ -226,16 +263,21 @@ class Channel:
                 "nothing was sent" % (self.peer, _mode_name(peer_mode), _mode_name(mode))
             )
         unproven = _HELLO_C.pack(MAGIC, VERSION, mode, os.urandom(32), bytes(32))[:-32]
-        kc, ks, c2s, s2c, transcript = _session_keys(key, hello_s, unproven, channel_binding(self.sock))
+        kc, ks, c2s, s2c, transcript = _session_keys(key, hello_s, unproven, self._binding())
         proof = hmac.new(kc, transcript, hashlib.sha256).digest()
-        self.send(Msg.HELLO, unproven + proof)
+        self.send(Msg.HELLO, unproven + proof, flags=STREAM_FLAG if self.stream else 0)
         kind, payload = self.recv()
         if kind == Msg.ERROR:
             raise ProtocolError("{} refused us: {}".format(self.peer, bytes(payload).decode(errors="replace")))
         expect = hmac.new(ks, transcript + proof, hashlib.sha256).digest()
         if kind != Msg.AUTH_OK or not hmac.compare_digest(bytes(payload), expect):
             raise ProtocolError(f"{self.peer} failed authentication (wrong key, or a relay): nothing was sent")
-        self._start((c2s, s2c), mode, server=False)
+        self._start((c2s, s2c), mode, server=False, transcript=transcript)
+
+    def _binding(self) -> bytes:
+        """What the transcript binds besides the hellos: the TLS channel,
+        and whether this is a page stream."""
+        return channel_binding(self.sock) + (_STREAM_BINDING if self.stream else b"")
 
     # --- frames ------------------------------------------------------------------
 
@@ -371,7 +413,7 @@ class Channel:
 
     def _recv_plain(self, transient: bool, slot: int) -> tuple[int, memoryview | bytearray]:
         header = bytes(self._recv_exact(_HEADER.size))
-        kind, _flags, _res, length, seq = _HEADER.unpack(header)
+        kind, self._last_flags, _res, length, seq = _HEADER.unpack(header)
         limit = MAX_PAYLOAD if self.authenticated else MAX_PREAUTH_PAYLOAD
         if length > limit:
             raise ProtocolError("%s sent a %d-byte frame (limit %d)" % (self.peer, length, limit))
@@ -536,6 +578,22 @@ def decode_stale(payload: BytesLike) -> tuple[int, list[tuple[int, int]]]:
     return key, ranges
 
 
+_ROUND_NUMBER = struct.Struct("!I")
+
+
+def encode_round_number(n: int) -> bytes:
+    """ROUND_START, STREAM_ROUND: u32 round."""
+    return _ROUND_NUMBER.pack(n)
+
+
+def decode_round_number(payload: BytesLike) -> int:
+    try:
+        (n,) = _ROUND_NUMBER.unpack(bytes(payload))
+    except struct.error as e:
+        raise ProtocolError(f"a round number of {len(payload)} bytes, not {_ROUND_NUMBER.size}") from e
+    return int(n)
+
+
 def encode_ack(n: int, pages: int, stats: bytes = b"") -> bytes:
     """ROUND_ACK: the round's number, the pages the store holds, then the
     destination's stats of the round (messages.Stored), if any."""
@@ -666,10 +724,11 @@ def connect(
     tls: TlsClient | None = None,
     idle_timeout: float | None = None,
     mode: int = SEALED,
+    stream: bool = False,
 ) -> Channel:
     """An authenticated channel to addr: `timeout` bounds the connection and
     the whole handshake, `idle_timeout` (None: no bound) every wait after
-    them. `tls`: a TlsClient."""
+    them. `tls`: a TlsClient. `stream`: a page stream of a session (STREAM_FLAG)."""
     host, port = parse_addr(addr) if isinstance(addr, str) else addr
     peer = "%s:%d" % (host, port)
     deadline = time.monotonic() + timeout
@@ -684,7 +743,7 @@ def connect(
         except (OSError, ssl.SSLError) as e:
             sock.close()
             raise ProtocolError("TLS with %s failed: %s" % (peer, e)) from e
-    ch = Channel(sock, peer, deadline=deadline)
+    ch = Channel(sock, peer, deadline=deadline, stream=stream)
     try:
         ch.client_handshake(key, mode)
     except BaseException:

@@ -16,8 +16,9 @@ class PageStore:
     """Pages of many tasks in native memory, keyed by (task key, address).
 
     One thread may fill it (put, load_file) while the fault loop installs
-    from it; a later put of a page overrides an earlier one. Calls release
-    the GIL.
+    from it; a later put of a page overrides an earlier one. Several
+    threads may put at once (page streams): each call locks the task for
+    one chunk at a time. Calls release the GIL.
     """
 
     def __init__(self) -> None:

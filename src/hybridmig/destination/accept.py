@@ -26,8 +26,9 @@ _TICK_S = 0.25  # how often the accept thread cuts handshakes past their deadlin
 
 
 class Acceptor:
-    def __init__(self, lsock, key, tls=None, mode=wire.SEALED, deadline_s=wire.HANDSHAKE_DEADLINE_S):
+    def __init__(self, lsock, key, tls=None, mode=wire.SEALED, deadline_s=wire.HANDSHAKE_DEADLINE_S, streams=None):
         self.lsock, self.key, self.tls, self.mode, self.deadline_s = lsock, key, tls, mode, deadline_s
+        self.streams = streams  # streams.Registry: where page streams (run --streams) go; None: refused
         self._ready: queue.Queue[wire.Channel] = queue.Queue(1)
         self._idle = threading.Event()  # serve waits in next_channel(): no session under way
         self._pending = {}  # socket -> deadline, oldest first
@@ -112,6 +113,16 @@ class Acceptor:
                 cut = self._pending.pop(raw, None) is None
         if cut:  # past its deadline or evicted, yet it got through just then
             channel.close()
+            return
+        if channel.stream:  # a page stream of a session under way: never a session of its own
+            if self.streams is None:
+                log.warning("refused page stream from %s: this serve takes none", name)
+                channel.send_error("page stream refused: this serve takes none")
+                channel.close()
+                return
+            # its STREAM within what is left of the handshake's deadline
+            channel.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            self.streams.attach(channel)
             return
         try:
             # serve may be just finishing a session (a source asking OUTCOME

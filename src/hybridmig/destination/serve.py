@@ -26,7 +26,7 @@ from ..cpus import data_threads
 from ..criu import images
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from ..errors import CriuError, HybridmigError, PeerClosed, PeerError, ProtocolError
-from ..messages import Container, Host, Outcome, OutcomeQuery, Restore, Result, RoundStats
+from ..messages import Container, Host, Outcome, OutcomeQuery, Restore, Result, RoundStats, Streams
 from ..proctree import end_tree
 from ..wire import Msg
 from .accept import Acceptor
@@ -35,6 +35,7 @@ from .guard import Guard
 from .inbound import Inbound
 from .lazypages import LazyPagesDaemon
 from .pace import RoundPace
+from .streams import MAX_STREAMS, Registry, StreamSet
 
 log = logging.getLogger("hybridmig.destination.serve")
 # A source silent for this long (stopped, hung) ends its session, so that
@@ -208,12 +209,28 @@ class Session:
 
     # What may come in each state; anything else ends the session.
     ACCEPTS = {
-        "rounds": {Msg.PAGES, Msg.INVALIDATE, Msg.STALE, Msg.ROUND, Msg.FILE, Msg.RESTORE, Msg.ABORT, Msg.CONTAINER},
+        "rounds": {
+            Msg.PAGES,
+            Msg.INVALIDATE,
+            Msg.STALE,
+            Msg.ROUND,
+            Msg.FILE,
+            Msg.RESTORE,
+            Msg.ABORT,
+            Msg.CONTAINER,
+            Msg.STREAMS,
+            Msg.ROUND_START,
+        },
         "restoring": {Msg.PAGES, Msg.COMMIT, Msg.ABORT},  # PAGES: answers to FETCH
     }
 
-    def __init__(self, channel, base_dir, restore_timeout=120.0, keep=False, limits=None, session_id=None):
+    def __init__(
+        self, channel, base_dir, restore_timeout=120.0, keep=False, limits=None, session_id=None, registry=None
+    ):
         self.channel = channel
+        self.registry = registry  # streams.Registry: where this session's page streams join, if it has any
+        self.streams = None  # its StreamSet, after STREAMS
+        self._quota_lock = threading.Lock()  # page streams store from their own threads
         self.id = session_id or secrets.token_hex(16)
         self.limits = limits or Limits()
         self.max_memory = self.limits.max_memory if self.limits.max_memory is not None else default_max_memory()
@@ -273,19 +290,32 @@ class Session:
             first = None
             if kind not in self.ACCEPTS[self.state]:
                 raise ProtocolError(f"unexpected {kind.name} from the source ({self.state})")
+            if self.streams is not None and kind in (Msg.PAGES, Msg.STALE, Msg.FILE, Msg.RESTORE):
+                self.streams.finish()  # the rounds are over: only this channel writes the store now
             if kind == Msg.PAGES:
                 key, extents, data = wire.decode_pages(payload)
                 self._store(key, extents, data)
                 pace.stored(time.perf_counter() - t_got)
                 self.remote.pages_arrived(key, extents, data)
             elif kind == Msg.INVALIDATE:
+                if self.streams is not None and self.streams.in_round():
+                    raise ProtocolError("INVALIDATE while the page streams' round is open")
                 # costs what the store holds in the range, not its length (pagestore.c)
                 self.store.invalidate(*wire.decode_range(payload))
             elif kind == Msg.STALE:  # (post-copy) pages written since they were sent: the source owes them
                 self.store.forget(*wire.decode_stale(payload))
+            elif kind == Msg.STREAMS:
+                self._open_streams(Streams.decode(payload))
+            elif kind == Msg.ROUND_START:
+                if self.streams is None:
+                    raise ProtocolError("ROUND_START without page streams")
+                self.streams.start_round(wire.decode_round_number(payload))
             elif kind == Msg.ROUND:
+                number = RoundStats.decode(payload).number
+                if self.streams is not None:
+                    pace.add_streams(self.streams.end_round(number, SESSION_IDLE_S))
                 self._check_quota()
-                self.rounds = RoundStats.decode(payload).number
+                self.rounds = number
                 st = self.store.stats()
                 held = st["pages_data"] + st["pages_zero"]
                 self.channel.send(Msg.ROUND_ACK, wire.encode_ack(self.rounds, held, pace.ack()))
@@ -322,6 +352,29 @@ class Session:
             else:
                 raise ProtocolError(f"unexpected {kind.name} from the source")
 
+    def _open_streams(self, body):
+        """STREAMS: the rounds' pages come over body.count connections of
+        their own, which join through the registry."""
+        if self.streams is not None or self.rounds or self.tasks or self.image_sizes:
+            raise ProtocolError("STREAMS comes once, before any page or file")
+        if self.registry is None:
+            raise HybridmigError("this serve takes no page streams")
+        if not 2 <= body.count <= MAX_STREAMS:
+            raise HybridmigError(f"refused {body.count} page streams: this serve takes 2 to {MAX_STREAMS}")
+        self.streams = StreamSet(self.id, body.count, self.channel.binding_key, self._store, self._stream_broken)
+        self.registry.add(self.id, self.streams)
+        self.channel.send(Msg.STREAMS, body.encode())
+        log.info("session %s: pages over %d streams", self.id[:8], body.count)
+
+    def _stream_broken(self, why):
+        """A page stream failed (cut, or a bad frame): the session fails
+        now, and the source hears why on the control channel."""
+        self.channel.send_error(why)
+        try:
+            self.channel.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _used(self):
         return self.store.stats()["pages_data"] * PAGE_SIZE + sum(self.image_sizes.values())
 
@@ -330,13 +383,14 @@ class Session:
         Over either, pages are dropped and the session fails at the next
         ROUND or RESTORE, where the source hears why (while it sends it
         does not read)."""
-        if self.over_quota is None and key not in self.tasks and len(self.tasks) >= MAX_TASKS:
-            self.over_quota = f"more than {MAX_TASKS} processes"
-        if self.over_quota is None and self._used() + len(data) > self.max_memory:
-            self.over_quota = "the page store would exceed serve's --max-memory of %d MiB" % (self.max_memory >> 20)
-        if self.over_quota is not None:
-            return
-        self.tasks.add(key)
+        with self._quota_lock:  # (the puts outside it: page streams put in parallel)
+            if self.over_quota is None and key not in self.tasks and len(self.tasks) >= MAX_TASKS:
+                self.over_quota = f"more than {MAX_TASKS} processes"
+            if self.over_quota is None and self._used() + len(data) > self.max_memory:
+                self.over_quota = "the page store would exceed serve's --max-memory of %d MiB" % (self.max_memory >> 20)
+            if self.over_quota is not None:
+                return
+            self.tasks.add(key)
         store_pages(self.store, key, extents, data)
 
     def _container(self, body):
@@ -612,6 +666,9 @@ class Session:
 
     def cleanup(self, keep=False):
         """At the session's end: the copy was committed, or ended."""
+        if self.streams is not None:
+            self.registry.remove(self.id)
+            self.streams.close()
         if self.container is not None and not keep:
             self.container.cleanup()
         self._tell_guard("release")
@@ -687,7 +744,8 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
         raise HybridmigError(f"cannot listen on {listen}: {e.strerror}") from e
     lsock.listen(128)
     images.load_reader()  # now, not in a session's blackout (its restore reads the images)
-    acceptor = Acceptor(lsock, key, tls=tls, mode=mode)
+    registry = Registry()
+    acceptor = Acceptor(lsock, key, tls=tls, mode=mode, streams=registry)
     log.info("listening on %s", listen)
     if ready is not None:
         ready()
@@ -720,7 +778,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
                     # on HOST's allowlist) migrated nothing: serve waits on
                     return "broken"
                 continue
-            session = Session(channel, base_dir, keep=keep, limits=limits, session_id=session_id)
+            session = Session(channel, base_dir, keep=keep, limits=limits, session_id=session_id, registry=registry)
             outcomes.set(session_id, "pending")
             try:
                 outcome = session.run(first)

@@ -28,13 +28,14 @@ from ..errors import (
     SetupError,
     UsageError,
 )
-from ..messages import Host, Outcome, OutcomeQuery, Restore, Result, Resume
+from ..messages import Host, Outcome, OutcomeQuery, Restore, Result, Resume, Streams
 from ..proctree import all_held, end_tree
 from ..wire import Msg
 from .converge import AutoConverge
-from .options import DEFAULTS, SWITCHOVERS
+from .options import DEFAULTS, MAX_STREAMS, SWITCHOVERS, default_streams
 from .postcopy import PostCopy, SourceLost, held_part, send_stale
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
+from .streams import StreamSender, open_streams
 from .tracker import merge, pages_in, subtract
 
 log = logging.getLogger("hybridmig.source.migration")
@@ -86,8 +87,15 @@ class Migration:
         wire_mode=wire.SEALED,
         switchover=DEFAULTS.switchover,
         postcopy_after=DEFAULTS.postcopy_after,
+        streams=DEFAULTS.streams,
     ):
         self.pid = pid
+        if streams is None:
+            streams = default_streams(len(os.sched_getaffinity(0)))
+        if not 1 <= streams <= MAX_STREAMS:
+            raise UsageError(f"--streams {streams}: 1 to {MAX_STREAMS}")
+        self.streams = streams
+        self.stream_channels = []  # the page streams, while pre-copy uses them
         self.to = to
         self.key = key
         self.max_rounds = max_rounds
@@ -147,6 +155,11 @@ class Migration:
                 "CRIU restores the tree with its pids, which the frozen source still holds until the "
                 "destination confirms; start the workload with `unshare -p -f setsid ...`" % self.pid
             )
+        try:
+            self._open_streams()
+        except BaseException:
+            self.channel.close()
+            raise
         self.times["start"] = time.time()
         try:
             tree = [self.pid] + [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
@@ -162,13 +175,15 @@ class Migration:
             images.load_reader()  # now, not in the blackout (50-250 ms of imports)
             self.dump = self._start_dump(work)
             images_dir = self.images_dir = self.dump.images_dir
-            self.sender = Sender(
+            self.sender = (StreamSender if self.stream_channels else Sender)(
                 self.channel,
                 {p: ns_pid(p) for p in tree},
                 self.pid,
                 self.compress,
                 Throttle(self.bandwidth_limit) if self.bandwidth_limit else None,
             )
+            if isinstance(self.sender, StreamSender):
+                self.sender.use_streams(self.stream_channels)
             if self.auto_converge:
                 self.converge = AutoConverge(self.tracker.pids)
             precopy = PreCopy(
@@ -181,7 +196,10 @@ class Migration:
                 switchover_mode=self.switchover,
                 postcopy_after=self.postcopy_after,
             )
+            self.times["precopy_start"] = time.time()
             self.rounds = precopy.run()
+            if isinstance(self.sender, StreamSender):  # the rounds are over: the rest goes on the control channel
+                self.sender.end_streams()
             self.pending = precopy.pending
             self.postcopy, self.stop_reason = precopy.postcopy, precopy.stop_reason
             self.times["precopy_done"] = time.time()
@@ -197,6 +215,11 @@ class Migration:
                 self.dump.close()
             if self.tracker is not None:
                 self.tracker.detach()
+            sender = getattr(self, "sender", None)
+            if isinstance(sender, StreamSender):
+                sender.close()
+            for ch in self.stream_channels:
+                ch.close()
             self.channel.close()
             if not self.work_dir and not self.in_doubt:  # the waiting CRIU's images dir: left to it
                 try:
@@ -245,6 +268,25 @@ class Migration:
         # the destination's CRIU runs them: refused here, before the source is touched
         check_criu_opts(self.criu_opts, allowed=set(host.criu_opts_allowed))
         return host.boot_id == wire.boot_id()
+
+    def _open_streams(self):
+        """--streams N > 1: announce them (STREAMS), then N connections,
+        each authenticated as the control channel is and joined to its
+        session (STREAM). Before the process is touched."""
+        if self.streams < 2:
+            return
+        self.channel.send(Msg.STREAMS, Streams(self.streams).encode())
+        kind, payload = self.channel.recv()
+        if kind != Msg.STREAMS or Streams.decode(payload).count != self.streams:
+            raise ProtocolError(f"{self.channel.peer} answered STREAMS with {kind.name}")
+
+        def connect():
+            return wire.connect(
+                self.to, self.key, tls=self.tls, idle_timeout=self.timeout, mode=self.wire_mode, stream=True
+            )
+
+        self.stream_channels = open_streams(self.channel, self.session, self.streams, connect)
+        log.info("pre-copy over %d page streams", self.streams)
 
     def _switch_over(self, images_dir):
         self.dump.wait_hook("pre-dump", self.timeout)
@@ -757,6 +799,7 @@ class Migration:
             "result": "migrated",
             "switchover": "postcopy" if self.postcopy else "precopy",
             "switchover_mode": self.switchover,
+            "streams": self.streams,
             "stop_reason": self.stop_reason,
             "target_downtime": target,
             "postcopy": report_postcopy,
@@ -775,11 +818,14 @@ class Migration:
             if self.criu_phases
             else {},
             "criu_lazy_pages_in_place": self.dump.in_place,
-            "bytes_sent": self.bytes_earlier + self.channel.bytes_sent,
+            "bytes_sent": self.bytes_earlier
+            + self.channel.bytes_sent
+            + sum(ch.bytes_sent for ch in self.stream_channels),
             "remote_faults": report_postcopy["remote_faults"] if report_postcopy else self.remote_faults,
             "attach_stop_ms": t.get("attach_stop_ms"),
             "auto_converge_held_s": self.converge.held_s if self.converge else 0.0,
             "precopy_s": t["precopy_done"] - t["start"],
+            "precopy_started_at": t["precopy_start"],  # (epoch s: round 0 starts then)
             "restored_pid": dest.restored_pid,
             "destination": dest.as_dict(),
             "warnings": self.warnings,

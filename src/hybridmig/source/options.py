@@ -28,7 +28,20 @@ class RunOptions:
     timeout: float = 120.0
     #: pages travel lz4-compressed
     compress: bool = True
+    #: page streams of the pre-copy rounds; None: default_streams()
+    streams: int | None = None
 
 
 DEFAULTS = RunOptions()
+#: the most page streams `run --streams` asks for (serve refuses more: destination/streams.py)
+MAX_STREAMS = 8
+
+
+def default_streams(cpus: int) -> int:
+    """--streams unless told: 1 below 4 CPUs (on 2 vCPUs the extra threads
+    cost more than they brought: docs/bench-wire.md), else half the CPUs, at
+    most 4 (the workload keeps the rest)."""
+    return 1 if cpus < 4 else min(4, cpus // 2)
+
+
 SWITCHOVERS = ("precopy", "postcopy", "auto")

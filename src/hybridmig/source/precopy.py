@@ -94,12 +94,14 @@ class Throttle:
         self.rate = bytes_per_s
         self.t = time.monotonic()
         self.sent = 0
+        self._lock = threading.Lock()  # page streams account from their threads
 
     def account(self, n):
         if not self.rate:
             return
-        self.sent += n
-        ahead = self.sent / self.rate - (time.monotonic() - self.t)
+        with self._lock:
+            self.sent += n
+            ahead = self.sent / self.rate - (time.monotonic() - self.t)
         if ahead > 0:
             time.sleep(ahead)
 
@@ -157,7 +159,9 @@ class Sender:
         self._data_at = 1 + wire.pages_head_max(self.frame_pages)
         self._bufs = [bytearray(self._data_at + self.frame_pages * PAGE_SIZE) for _ in range(FRAME_BUFFERS)]
 
-    def _flush(self, buf, key, extents, ndata, rnd):
+    def _flush(self, buf, key, extents, ndata, rnd, channel=None):
+        """One frame out on `channel` (default: the control channel)."""
+        channel = channel or self.channel
         t = time.perf_counter()
         view = memoryview(buf)
         data = view[self._data_at : self._data_at + ndata * PAGE_SIZE]
@@ -171,10 +175,10 @@ class Sender:
         head = wire.pages_head(key, extents, enc)
         start = self._data_at - len(head)
         view[start : self._data_at] = head
-        t_sent, sealing = time.perf_counter(), self.channel.seal_s
+        t_sent, sealing = time.perf_counter(), channel.seal_s
         rnd.encode_s += t_sent - t
-        self.channel.send_from(Msg.PAGES, buf, start, end)
-        sealed = self.channel.seal_s - sealing
+        channel.send_from(Msg.PAGES, buf, start, end)
+        sealed = channel.seal_s - sealing
         rnd.seal_s += sealed
         rnd.send_s += time.perf_counter() - t_sent - sealed
         rnd.frames += 1
@@ -208,27 +212,14 @@ class Sender:
         clock = clock or rnd
         key = self.keys[pid]
         held = self.held.setdefault(key, Ranges())
-        buf, extents, npages, ndata = None, [], 0, 0
+        buf, npages, ndata = None, 0, 0
+        extents: list = []
         for start, end in ranges:
             at = start
             while at < end:
                 if buf is None:
                     buf = take()
-                # what is left of the frame: its data space from ndata on
-                room = memoryview(buf)[self._data_at + ndata * PAGE_SIZE :][: (self.frame_pages - npages) * PAGE_SIZE]
-                if self.refresh is not None:
-                    self.refresh(pid, at, min(end, at + len(room)))
-                t = time.perf_counter()
-                got, zero, nd, nxt = read_run(pid, at, end, room)
-                clock.read_s += time.perf_counter() - t
-                if got:
-                    extents.append((at, got, zero))
-                    held.add(at, at + got * PAGE_SIZE)
-                    npages, ndata = npages + got, ndata + nd
-                    rnd.pages_sent += got
-                    rnd.pages_zero += got - nd
-                    rnd.bytes_raw += nd * PAGE_SIZE
-                at = nxt
+                npages, ndata, at = self._read_piece(pid, held, buf, extents, npages, ndata, at, end, rnd, clock)
                 if npages >= self.frame_pages:
                     yield buf, key, extents, ndata
                     buf, extents, npages, ndata = None, [], 0, 0
@@ -236,6 +227,26 @@ class Sender:
             yield buf, key, extents, ndata
         elif buf is not None:
             give(buf)
+
+    def _read_piece(self, pid, held, buf, extents, npages, ndata, at, end, rnd, clock):
+        """Read pages of [at, end) of pid into what is left of the frame in
+        buf (npages pages described by extents, ndata of them data);
+        returns (npages, ndata, where to read next)."""
+        # what is left of the frame: its data space from ndata on
+        room = memoryview(buf)[self._data_at + ndata * PAGE_SIZE :][: (self.frame_pages - npages) * PAGE_SIZE]
+        if self.refresh is not None:
+            self.refresh(pid, at, min(end, at + len(room)))
+        t = time.perf_counter()
+        got, zero, nd, nxt = read_run(pid, at, end, room)
+        clock.read_s += time.perf_counter() - t
+        if got:
+            extents.append((at, got, zero))
+            held.add(at, at + got * PAGE_SIZE)
+            npages, ndata = npages + got, ndata + nd
+            rnd.pages_sent += got
+            rnd.pages_zero += got - nd
+            rnd.bytes_raw += nd * PAGE_SIZE
+        return npages, ndata, nxt
 
     def _send_pipelined(self, pid, ranges, rnd):
         """_frames in a reader thread, each frame sent here as soon as it
@@ -289,6 +300,12 @@ class Sender:
             stop.set()
             th.join()
             rnd.read_ahead_s += clock.read_s
+
+    def start_round(self, rnd):
+        """Before a round's pages (page streams: source/streams.py)."""
+
+    def end_round(self, rnd):
+        """After a round's pages, before its ROUND."""
 
     def adopt(self, pid):
         """A process that joined the tree since the start (a fork); False if
@@ -351,6 +368,7 @@ class PreCopy:
         rnd.ack_s = time.perf_counter() - t
 
     def _finish(self, rnd, t0, cpu0):
+        self.sender.end_round(rnd)
         self._ack(rnd)
         rnd.ended(t0, cpu0)
         if rnd.bytes_wire and rnd.duration_s > 0:
@@ -362,6 +380,7 @@ class PreCopy:
     def first_round(self):
         rnd = Round(0)
         t0, cpu0 = time.monotonic(), time.process_time()
+        self.sender.start_round(rnd)
         for pid, vmas in self.tracker.vmas().items():
             if not self.sender.adopt(pid):
                 continue  # forked while the tracker attached, exited since
@@ -390,6 +409,7 @@ class PreCopy:
         return dirty
 
     def _send(self, rnd, dirty, t0, cpu0):
+        self.sender.start_round(rnd)  # (after the scan's INVALIDATEs)
         for pid, ranges in dirty.items():
             self.sender.send_ranges(pid, ranges, rnd)
         self._finish(rnd, t0, cpu0)
