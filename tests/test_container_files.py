@@ -9,8 +9,9 @@ import tarfile
 
 import pytest
 
-from hybridmig.destination.container import check_rootfs_diff
+from hybridmig.destination.container import ContainerRestore, check_rootfs_diff
 from hybridmig.errors import HybridmigError
+from hybridmig.podman import Podman
 from hybridmig.source.container import rootfs_changes
 
 
@@ -95,3 +96,22 @@ def test_changes_from_an_upper_dir(tmp_path):
     assert "etc/hosts" not in names and "tmp/gone" not in names
     assert sorted(json.loads((out / "deleted.files").read_text())) == ["/opaque/hidden", "/tmp/gone"]
     check_rootfs_diff(out / "rootfs-diff.tar")
+
+
+def test_restore_config_skips_the_network_lock_whatever_the_source_asks(tmp_path):
+    """serve's CRIU config for a container's restore ends with `network-lock
+    skip` (the netns is new: nothing of the dump's lock is there; CRIU
+    patch 0007), after the source's options, a --network-lock among them."""
+    files, images = tmp_path / "files", tmp_path / "images"
+    files.mkdir()
+    images.mkdir()
+    image = "ab" * 32
+    (files / "config.dump").write_text(json.dumps({"rootfsImageID": image}))
+    (files / "spec.dump").write_text(json.dumps({"annotations": {}}))
+    restore = ContainerRestore(
+        Podman(["--runtime=/usr/bin/runc"]), "c", str(tmp_path), str(images), str(files), "/hook", "/pid", list
+    )
+    restore.image = image
+    restore.prepare(["--network-lock=iptables", "--tcp-close"])
+    lines = (tmp_path / "criu.conf").read_text().splitlines()
+    assert lines[-1] == "network-lock skip" and "network-lock iptables" in lines, lines

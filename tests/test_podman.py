@@ -12,13 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
 
 from hybridmig.keys import generate_key
 from hybridmig.testing.netns import TwoHosts
-from hybridmig.testing.podman import PodmanPair, need_podman
+from hybridmig.testing.podman import IMAGE, ULIMITS, PodmanPair, need_podman
 from hybridmig.testing.workload import Workload
 from lazy_util import HYBRIDMIG_BIN
 from migrate_util import PORT, Cleanup, Serve, kill_by_report, wait_for
@@ -352,3 +353,87 @@ def test_tcp_established_refused(env, network):
     assert env.pair.src.status(NAME) == "running"
     verified(wl)
     assert serve.proc.poll() is None
+
+
+# tmpfs mounts in a container: `podman run` options and where they are
+RO_EMPTY, SCRATCH = "/ro-empty", "/scratch"
+TMPFS_OPTS = ["--mount", f"type=tmpfs,destination={RO_EMPTY},ro=true,tmpfs-mode=0750", "--tmpfs", SCRATCH]
+# runc's masks (read-only, empty) that podman 4.3 gives every container here
+MASKED = ("/proc/acpi", "/sys/firmware", "/sys/dev/block")
+SHOW_TMPFS = (
+    # the tmpfs mounts (in CRIU's order after a restore: sorted) but the binds of /dev's on /proc files
+    f"grep -E ' ({'|'.join((*MASKED, RO_EMPTY, SCRATCH, '/dev', '/dev/shm', '/sys/fs/cgroup'))}) tmpfs ' /proc/mounts"
+    " | cut -d' ' -f2-4 | sort; "
+    f"stat -c '%n %a %u %g %h' {' '.join(MASKED)} {RO_EMPTY}; "
+    f"for d in {' '.join(MASKED)} {RO_EMPTY} {SCRATCH}; do echo $d: $(ls -A $d); done; cat {SCRATCH}/kept"
+)
+
+
+def tmpfs_mnt_ids(dump_log):
+    """{mount point in the container: CRIU's mnt_id} of its tmpfs mounts, from dump.log's mount list."""
+    found = {}
+    for line in dump_log.splitlines():
+        parts = line.split()
+        if "type" in parts and parts[parts.index("type") + 1] == "tmpfs" and "mnt_id" in parts and "@" in parts:
+            found[parts[parts.index("@") + 1][1:]] = int(parts[parts.index("mnt_id") + 1])
+    return found
+
+
+def test_empty_read_only_tmpfs_skips_tar(pair, tmp_path):
+    """CRIU's patch 0006: an empty read-only tmpfs (runc's masked paths, a
+    `--mount type=tmpfs,ro=true`) is dumped as the fixed empty archive
+    without tar, and restored without tar; a writable tmpfs keeps its
+    files through tar. podman's own checkpoint and restore (--keep, for
+    CRIU's logs and images), the restored mounts as the source's were."""
+    wl = pair.src.start(NAME, pair.report_dir, annotate=False, run_opts=TMPFS_OPTS, before=f"echo k > {SCRATCH}/kept; ")
+    before = pair.src.podman("exec", NAME, "sh", "-c", SHOW_TMPFS).stdout
+    assert f"{RO_EMPTY} tmpfs ro," in before and "mode=750" in before and f"{SCRATCH} tmpfs rw," in before, before
+    source_id = pair.src.inspect(NAME)["Id"]
+    archive = tmp_path / "checkpoint.tar"
+    pair.src.podman(
+        "container", "checkpoint", NAME, "--export", str(archive), "--compress", "none", "--keep", timeout=120
+    )
+    dump_log = next(pair.src.dir.glob(f"root/overlay-containers/{source_id}/userdata/dump.log")).read_text()
+    mnt_ids = tmpfs_mnt_ids(dump_log)
+    for path in (*MASKED, RO_EMPTY):
+        assert f"tmpfs {mnt_ids[path]} is empty and read-only: no tar" in dump_log, (path, mnt_ids)
+    for path in ("/dev", SCRATCH):  # files in them: tar as before
+        assert f"tmpfs {mnt_ids[path]} is empty" not in dump_log, (path, mnt_ids)
+    with tarfile.open(archive) as tar:
+        sizes = {m.name: m.size for m in tar if m.name.startswith("checkpoint/tmpfs-dev-")}
+    assert sorted(sizes.values()).count(45) == len(MASKED) + 1, sizes  # the fixed empty archive, 45 bytes each
+
+    proc = pair.dst.podman("container", "restore", "--import", str(archive), "--name", NAME, "--keep", timeout=120)
+    restored_id = proc.stdout.split()[-1]
+    info = pair.dst.inspect(NAME)
+    assert info["State"]["Status"] == "running", info["State"]
+    restore_log = next(pair.dst.dir.glob(f"root/overlay-containers/{restored_id}/userdata/restore.log")).read_text()
+    assert restore_log.count("was dumped empty: no tar") == len(MASKED) + 1, restore_log[-3000:]
+    assert pair.dst.podman("exec", NAME, "sh", "-c", SHOW_TMPFS).stdout == before
+    verified(Workload(info["State"]["Pid"], pair.report_dir / "report.jsonl", 1))
+    assert not wl.alive()
+
+
+@pytest.mark.parametrize("network", ["none", "bridge"])
+def test_restore_skips_the_network_lock_when_asked(pair, tmp_path, network):
+    """CRIU's patch 0007 (serve's restores ask for it): `network-lock skip`
+    in the restore's CRIU config, against a dump that locked with
+    iptables, means no lock and no unlock of the netns podman made for the
+    restore (`--network=none`: CRIU's --empty-ns net; a bridge: an
+    external netns); the restored container's netns holds no CRIU rule."""
+    conf = tmp_path / "criu.conf"  # absent at the dump: CRIU locks as usual
+    pair.src.podman("run", "-d", "--name", NAME, f"--network={network}", *ULIMITS,
+                    "--annotation", f"org.criu.config={conf}", IMAGE, "sleep", "1000", timeout=120)  # fmt: skip
+    archive = tmp_path / "checkpoint.tar"
+    pair.src.podman("container", "checkpoint", NAME, "--export", str(archive), "--compress", "none", timeout=120)
+    conf.write_text("network-lock skip\n")
+    proc = pair.dst.podman("container", "restore", "--import", str(archive), "--name", NAME, "--keep", timeout=120)
+    restored_id = proc.stdout.split()[-1]
+    info = pair.dst.inspect(NAME)
+    assert info["State"]["Status"] == "running", info["State"]
+    restore_log = next(pair.dst.dir.glob(f"root/overlay-containers/{restored_id}/userdata/restore.log")).read_text()
+    assert "Network lock skipped on restore, as asked" in restore_log, restore_log[-3000:]
+    for tool in ("iptables", "ip6tables"):
+        rules = subprocess.run(["nsenter", "-t", str(info["State"]["Pid"]), "-n", tool, "-S"],
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert rules.returncode == 0 and "CRIU" not in rules.stdout, (tool, rules.stdout, rules.stderr)

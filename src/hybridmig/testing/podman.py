@@ -74,12 +74,14 @@ class PodmanHost:
         return [line.split()[0] for line in out if line.strip()]
 
     def start(
-        self, name, report_dir: Path, size_mb=64, rate=2000, threads=2, annotate=True, before="", network="none"
-    ) -> Workload:
+        self, name, report_dir: Path, size_mb=64, rate=2000, threads=2, annotate=True, before="", network="none",
+        run_opts=(),
+    ) -> Workload:  # fmt: skip
         """A container running memwork (reporting to report_dir, bind-mounted
         at /report), created with the org.criu.config annotation unless
-        told not to; `before`: a shell command the container runs first."""
-        args = ["run", "-d", "--name", name, f"--network={network}", *ULIMITS]
+        told not to; `before`: a shell command the container runs first;
+        `run_opts`: more options of `podman run`."""
+        args = ["run", "-d", "--name", name, f"--network={network}", *ULIMITS, *run_opts]
         if annotate:
             args += ["--annotation", f"org.criu.config={self.dir / 'criu' / name}.conf"]
         args += ["-v", f"{report_dir}:{REPORT_DIR_IN_ROOTFS}", IMAGE, "/bin/sh", "-c"]
