@@ -18,9 +18,10 @@ class RunOptions:
     #: precopy (rounds, then everything frozen), postcopy (after
     #: postcopy_after rounds the copy resumes and pulls the rest), auto
     #: (pre-copy while rounds shrink, post-copy once they stop). precopy
-    #: while post-copy's pauses are longer: at 20000 pages/s over 1 Gbit/s
-    #: 1.4 x pre-copy's at 1 GiB, 1.75 x at 4 GiB; over 100 Mbit/s auto
-    #: paused 506-554 ms at 450 MiB (docs/results.md, 2026-12-06)
+    #: until post-copy is shown to pause less on a quiet machine too: at
+    #: 20000 pages/s over 1 Gbit/s it paused 1.4 x pre-copy's at 1 GiB and
+    #: 1.75 x at 4 GiB at load 6-10, 0.5-0.7 x at load 2-5; over 100 Mbit/s
+    #: auto paused 506-554 ms at 450 MiB (docs/results.md, 2026-12-06)
     switchover: str = "precopy"
     #: rounds before a --switchover postcopy resumes the copy (round 0
     #: included); below 1, the share of round 0 sent before it (0: none)
