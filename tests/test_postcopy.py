@@ -217,9 +217,15 @@ def test_source_killed_during_postcopy_loses_the_process(env):
     the pages lost; the destination says how many it never received and
     ends its copy rather than let it run on memory it does not have. No
     copy is left (pre-copy alone would have left the source running)."""
+    source_killed_during_postcopy(env)
+
+
+def source_killed_during_postcopy(env, *run_args):
+    """Kill the frozen source's tasks while the copy still lacks pages (run
+    given run_args as well); assert the process is lost and no copy is left."""
     wl = env.workload(64, rate=20000)
     pids = wl.pids()
-    serve, run, restored = postcopy_running(env, wl, "--bandwidth-limit", "4M")
+    serve, run, restored = postcopy_running(env, wl, *run_args, "--bandwidth-limit", "4M")
     env.cleanup.kill_pid_tree(restored)
     for pid in pids:
         os.kill(pid, signal.SIGKILL)

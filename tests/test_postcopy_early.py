@@ -8,12 +8,8 @@ and every page is pushed from the frozen source or faulted in (QEMU's pure
 post-copy). `--postcopy-after 0.5` stops round 0 half way: the owed set is
 what round 0 did not reach plus what was written after it was sent."""
 
-import os
-import signal
-
 import pytest
 
-from lazy_util import restored_alive
 from migrate_util import frozen_by, settle, state, wait_for
 from test_migrate import assert_intact, assert_migrated
 from test_migrate import env as env  # noqa: F401 -- the fixture
@@ -21,9 +17,9 @@ from test_postcopy import (
     assert_copy_ended,
     cut_link,
     fork_and_churn_during_postcopy,
-    gone,
     postcopy_running,
     set_link,
+    source_killed_during_postcopy,
 )
 
 MIB = 1 << 20
@@ -115,18 +111,7 @@ def test_source_killed_during_postcopy_now_loses_the_process(env):
     """The unrecoverable case, with no round: the frozen source is killed
     while it holds the only copy of most pages. run reports them lost; the
     destination ends its copy rather than run on memory it lacks."""
-    wl = env.workload(64, rate=20000)
-    pids = wl.pids()
-    serve, run, restored = postcopy_running(env, wl, "--postcopy-after", "0", "--bandwidth-limit", "4M")
-    env.cleanup.kill_pid_tree(restored)
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    rc, rep, err = run.wait(120)
-    assert rc != 0 and rep["result"] == "failed", (rc, rep)
-    assert "lost" in rep["error"], rep["error"]
-    assert_copy_ended(serve, restored)
-    assert all(gone(p) for p in pids)
-    assert not restored_alive(wl.report_path), restored_alive(wl.report_path)
+    source_killed_during_postcopy(env, "--postcopy-after", "0")
 
 
 @pytest.mark.timeout(120)
