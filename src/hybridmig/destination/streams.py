@@ -42,14 +42,22 @@ class Registry:
     def __init__(self):
         self._lock = threading.Lock()
         self._by_id = {}
+        self._faults = {}  # session id -> its FaultLane
 
     def add(self, session_id, streams):
         with self._lock:
             self._by_id[session_id] = streams
 
+    def add_faults(self, session_id, lane):
+        """The session's fault channel (destination/faults.py) joins here,
+        as a page stream of index wire.FAULT_LANE."""
+        with self._lock:
+            self._faults[session_id] = lane
+
     def remove(self, session_id):
         with self._lock:
             self._by_id.pop(session_id, None)
+            self._faults.pop(session_id, None)
 
     def attach(self, channel):
         """An authenticated stream connection (in the acceptor's handshake
@@ -61,10 +69,14 @@ class Registry:
                 raise ProtocolError(f"a page stream that starts with {kind.name}, not STREAM")
             body = Stream.decode(payload)
             with self._lock:
-                streams = self._by_id.get(body.session)
-            if streams is None:
-                raise ProtocolError("a page stream for an unknown or finished session")
-            streams.attach(channel, body)
+                by_id = self._faults if body.index == wire.FAULT_LANE else self._by_id
+                target = by_id.get(body.session)
+            if target is None:
+                raise ProtocolError(
+                    "a %s for an unknown or finished session"
+                    % ("fault channel" if body.index == wire.FAULT_LANE else "page stream")
+                )
+            target.attach(channel, body)
         except ProtocolError as e:
             log.warning("refused page stream from %s: %s", channel.peer, e)
             channel.send_error(f"page stream refused: {e}")
