@@ -54,8 +54,12 @@ NEAR_SPAN = 2 << 20  # a fault this close to a place being pushed renews it
 # The push yields while a fault's pages are on their way (the fault
 # channel's socket holds bytes not yet acknowledged): it looks again this
 # often meanwhile. (Remote faults at 1 Gbit/s: p50 2.9 ms without, 0.4-0.6
-# ms with: the link's queue holds no push in front of them.)
+# ms with: the link's queue holds no push in front of them.) Only while
+# those bytes are being acknowledged: with none acknowledged for
+# YIELD_MAX_S the link is in trouble and the push goes on (its unacknowledged
+# bytes are what make a cut link break the session, and the recovery start).
 YIELD_POLL_S = 0.0005
+YIELD_MAX_S = 0.05
 
 
 class SourceLost(HybridmigError):
@@ -103,6 +107,8 @@ class PostCopy:
         self.fault_channel_error = None
         self.near: deque = deque()  # [pid, next address, pages left]: the locality push's places
         self.pages_near = 0
+        self._outq = 0  # the fault channel's unacknowledged bytes at the last look
+        self._acked_at = 0.0  # monotonic: when they last went down (or were none)
         self.criu_alive = criu_alive
         self.host_of = {key: pid for pid, key in sender.keys.items()}
         self.faults: deque = deque()  # (monotonic when asked, host pid, start, end, channel)
@@ -159,14 +165,19 @@ class PostCopy:
 
     def _fault_in_flight(self):
         """Whether the fault channel's socket holds bytes the destination
-        has not acknowledged yet (a fault's pages on their way)."""
+        has not acknowledged yet (a fault's pages on their way), and is
+        being acknowledged (YIELD_MAX_S)."""
         if self.faults_channel is None:
             return False
         try:
-            out = fcntl.ioctl(self.faults_channel.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            out = struct.unpack("i", fcntl.ioctl(self.faults_channel.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
         except OSError:
             return False
-        return struct.unpack("i", out)[0] > 0
+        now = time.monotonic()
+        if out == 0 or out < self._outq:
+            self._acked_at = now
+        self._outq = out
+        return out > 0 and now - self._acked_at < YIELD_MAX_S
 
     def _recv(self, channel):
         """One frame from `channel` (_take); the fault channel failing
