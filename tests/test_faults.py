@@ -9,10 +9,8 @@ Cut, faults go on the control channel again and the migration completes;
 a connection that is not the session's fault channel is refused before it
 touches anything (docs/design.md, "The fault channel"; docs/security.md)."""
 
-import json
 import re
 import subprocess
-import sys
 
 import psutil
 import pytest
@@ -22,7 +20,7 @@ from test_migrate import assert_migrated
 from test_migrate import env as env  # noqa: F401 -- the fixture
 from test_postcopy import postcopy_running
 from test_postcopy_early import assert_early
-from test_streams import _serve_many
+from test_streams import CLIENT_HEAD, refusals
 
 pytestmark = [pytest.mark.root, pytest.mark.criu, pytest.mark.slow]
 
@@ -103,27 +101,13 @@ def test_fault_channel_cut_during_postcopy(env):
 
 # A client in the source's namespace that tries fault channels serve must
 # refuse; prints one JSON line: what each attempt heard.
-_CLIENT = r"""
-import json, sys
-from hybridmig import wire
-from hybridmig.errors import ProtocolError
-from hybridmig.keys import read_key
-from hybridmig.messages import Faults, Host, Stream
-from hybridmig.wire import Msg
+_CLIENT = (
+    CLIENT_HEAD
+    + r"""
+from hybridmig.messages import Faults
 
-addr, key = sys.argv[1], read_key(sys.argv[2])
-out = {}
-
-def join(name, session, binding_key, index=wire.FAULT_LANE):
-    try:
-        ch = wire.connect(addr, key, stream=True, idle_timeout=10)
-        proof = wire.stream_proof(binding_key, session, index, ch.transcript)
-        ch.send(Msg.STREAM, Stream(session, index, proof.hex()).encode())
-        kind, payload = ch.recv()
-        out[name] = "joined" if kind == Msg.STREAM else kind.name
-        return ch
-    except ProtocolError as e:
-        out[name] = "refused: %s" % e
+def join(name, session, binding_key):
+    return stream(name, session, wire.FAULT_LANE, binding_key)
 
 control = wire.connect(addr, key, idle_timeout=10)
 session = Host.decode(control.recv()[1]).session
@@ -153,6 +137,7 @@ except ProtocolError as e:
 control.close()
 print(json.dumps(out), flush=True)
 """
+)
 
 
 @pytest.mark.timeout(120)
@@ -162,17 +147,7 @@ def test_fault_channels_that_are_not_the_sessions_are_refused(env):
     FAULTS twice): each refused with a log line naming why, the session's
     own joins; serve goes on and migrates the next source over a fault
     channel."""
-    serve = _serve_many(env).wait_listening()
-    proc = subprocess.run(
-        env.hosts.run_in(env.hosts.src)
-        + [sys.executable, "-c", _CLIENT, "%s:%d" % (env.hosts.dst_addr, PORT), str(env.key)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
-    print(out)
+    serve, out = refusals(env, _CLIENT)
     assert "unknown or finished session" in out["not announced"], out
     assert "unknown or finished session" in out["wrong session"], out
     assert "session proof" in out["forged proof"], out

@@ -14,7 +14,6 @@ cap, PostCopyPages.pages_arrived). Anything else on it, or the connection
 breaking, ends the fault channel only: FETCHes go on the control channel,
 as without one, and the faults waiting ask again there."""
 
-import hmac
 import logging
 import socket
 import threading
@@ -22,6 +21,7 @@ import threading
 from .. import wire
 from ..errors import ProtocolError
 from ..wire import Msg
+from .streams import check_proof
 
 log = logging.getLogger("hybridmig.destination.faults")
 IDLE_S = 600  # the fault channel may stay silent this long (serve's SESSION_IDLE_S)
@@ -42,13 +42,8 @@ class FaultLane:
     # --- the acceptor's side -------------------------------------------------
 
     def attach(self, channel, body):
-        try:
-            proof = bytes.fromhex(body.proof)
-        except ValueError:
-            proof = b""
-        expect = wire.stream_proof(self.binding_key, self.session_id, wire.FAULT_LANE, channel.transcript)
-        if not hmac.compare_digest(proof, expect):
-            raise ProtocolError("the fault channel failed its session proof")
+        # (the registry gave it here for its index, FAULT_LANE: bound into the proof)
+        check_proof(self.binding_key, self.session_id, channel, body, "the fault channel")
         with self._lock:
             if self.closed:
                 raise ProtocolError("a fault channel for a session that is over")

@@ -35,6 +35,19 @@ JOIN_WAIT_S = 10.0  # ROUND_START 0 waits this long for streams still in their h
 IDLE_S = 600  # a stream silent this long in a round fails (serve's SESSION_IDLE_S)
 
 
+def check_proof(binding_key, session_id, channel, body, what):
+    """STREAM's proof, or ProtocolError: a MAC under the control channel's
+    binding key over the session, the index and this connection's own
+    handshake (wire.stream_proof)."""
+    try:
+        proof = bytes.fromhex(body.proof)
+    except ValueError:
+        proof = b""
+    expect = wire.stream_proof(binding_key, session_id, body.index, channel.transcript)
+    if not hmac.compare_digest(proof, expect):
+        raise ProtocolError(f"{what} failed its session proof")
+
+
 class Registry:
     """Sessions that take page streams, by session id: the acceptor hands
     each stream connection here (Acceptor.streams)."""
@@ -106,13 +119,7 @@ class StreamSet:
     def attach(self, channel, body):
         if not 0 <= body.index < self.count:
             raise ProtocolError(f"stream {body.index} beyond the {self.count} announced")
-        try:
-            proof = bytes.fromhex(body.proof)
-        except ValueError:
-            proof = b""
-        expect = wire.stream_proof(self.binding_key, self.session_id, body.index, channel.transcript)
-        if not hmac.compare_digest(proof, expect):
-            raise ProtocolError(f"stream {body.index} failed its session proof")
+        check_proof(self.binding_key, self.session_id, channel, body, f"stream {body.index}")
         with self.cond:
             if self.closed or self.error is not None:
                 raise ProtocolError("a page stream for a session whose rounds are over")
