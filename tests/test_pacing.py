@@ -117,19 +117,20 @@ def test_the_limit_is_the_lower_of_the_two():
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("keep", [None, "0"])
-def test_a_starved_workload_is_paced_and_migrates(env, keep):
+@pytest.mark.parametrize("keep,streams", [(None, 1), ("0", 1), (None, 2)])
+def test_a_starved_workload_is_paced_and_migrates(env, keep, streams):
     """The workload (a writer as fast as it can) pinned to one CPU with a
     busy loop: it waits for that CPU half of the time. By default round 0
-    is paced (windows in which the tree was starved, a limit); with
-    --keep-cpu 0 it is not. Either way every page arrives."""
+    is paced (windows in which the tree was starved, a limit), over one
+    connection or page streams (their threads account to the one limit);
+    with --keep-cpu 0 it is not. Either way every page arrives."""
     cpu = min(os.sched_getaffinity(0))
     wl = env.workload(256, threads=1, rate=0, hot=1)
     _pin(wl.host_pid, cpu)
     _busy(cpu, env.cleanup)
     wait_for(lambda: tree_cpu([wl.host_pid])[1] > 0.05, 10, "the workload waiting for its CPU")
     serve = env.serve()
-    rc, rep, err = env.run(wl.host_pid, *(["--keep-cpu", keep] if keep else []))
+    rc, rep, err = env.run(wl.host_pid, "--streams", str(streams), *(["--keep-cpu", keep] if keep else []))
     assert_migrated(env, wl, rc, rep, err, serve, 256)
     r0 = rep["rounds"][0]
     assert 0 < r0["tree_cpu_share"] < 0.85, r0
