@@ -418,7 +418,12 @@ class PreCopy:
         rnd.ended(t0, cpu0)
         self._paced(rnd, started)
         if rnd.bytes_wire and rnd.duration_s > 0:
-            self.bandwidth = rnd.bytes_wire / rnd.duration_s
+            rate = rnd.bytes_wire / rnd.duration_s
+            # A paced round measured the pace, not the link: the final round
+            # is not paced (the tree is frozen), so its estimate keeps the
+            # faster rate seen, lest a slow estimate buy rounds or throttling.
+            if not rnd.paced_windows or rate > self.bandwidth:
+                self.bandwidth = rate
         rnd.bandwidth_bps = self.bandwidth
         self.rounds.append(rnd)
         self.progress(rnd)
