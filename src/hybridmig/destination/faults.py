@@ -57,14 +57,16 @@ class FaultLane:
 
     # --- post-copy -------------------------------------------------------------
 
-    def start(self, store, remote):
+    def start(self, store, remote, over=lambda: False):
         """The copy is restored in post-copy: PAGES on this channel go into
         the store (`store(key, extents, data)`, the session's quota) and to
-        `remote` (PostCopyPages), whose FETCHes go out here (send())."""
+        `remote` (PostCopyPages), whose FETCHes go out here (send()).
+        `over()`: the copy has every page (the source closing the channel
+        then is no break)."""
         with self._lock:
             if self.channel is None or self.closed:
                 return False
-            self.thread = threading.Thread(target=self._read, args=(store, remote), name="faults", daemon=True)
+            self.thread = threading.Thread(target=self._read, args=(store, remote, over), name="faults", daemon=True)
             self.thread.start()
         return True
 
@@ -81,7 +83,7 @@ class FaultLane:
             self._lost(f"cannot send on it: {e}")
             return False
 
-    def _read(self, store, remote):
+    def _read(self, store, remote, over):
         channel = self.channel
         try:
             if channel is None:
@@ -94,7 +96,9 @@ class FaultLane:
                 store(key, extents, data)
                 remote.pages_arrived(key, extents, data)
         except Exception as e:  # noqa: BLE001 -- only this channel ends: FETCHes go on the control channel
-            if self._lost(str(e)):
+            if over():
+                self.close()
+            elif self._lost(str(e)):
                 remote.fault_channel_lost()
 
     def _lost(self, why):
@@ -117,7 +121,7 @@ class FaultLane:
             channel, self.channel = self.channel, None
         if channel is not None:
             _cut(channel)
-        if self.thread is not None:
+        if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(10)
 
 

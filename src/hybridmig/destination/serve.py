@@ -337,8 +337,9 @@ class Session:
 
                     self.remote = PostCopyPages(self.channel, self.store)
                     self.postcopy = True
-                    if self.faults is not None:  # its FETCHes and their pages on the fault channel
-                        self.remote.faults = self.faults if self.faults.start(self._store, self.remote) else None
+                    # its FETCHes and their pages on the fault channel
+                    if self.faults is not None and self.faults.start(self._store, self.remote, self._copy_whole):
+                        self.remote.faults = self.faults
                     # a broken link: the copy waits for its source as long as the source tries
                     self.reconnect_s = min(self.restore_timeout, restore.reconnect_s)
                 self._restorer = threading.Thread(target=self._restore, args=(restore,), name="restore", daemon=True)
@@ -386,6 +387,10 @@ class Session:
         self.faults = FaultLane(self.id, self.channel.binding_key)
         self.registry.add_faults(self.id, self.faults)
         self.channel.send(Msg.FAULTS, body.encode())
+
+    def _copy_whole(self):
+        """Post-copy: the copy has every page (and is held as the one)."""
+        return self.committed
 
     def _stream_broken(self, why):
         """A page stream failed (cut, or a bad frame): the session fails
