@@ -1,5 +1,6 @@
 """A container's restore started before the switch-over and held where
-podman starts conmon (docs/containers.md, "Held at conmon").
+podman starts conmon (docs/containers.md, "How it works", and its
+last section).
 
 `podman --conmon WRAPPER container restore --import` does all its own work
 (the container's creation, its storage and mounts, the network, the files
