@@ -5,7 +5,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 PY_SOURCES := src tests bench native
-C_SOURCES = $(wildcard native/api/*.h native/src/*.[ch])
+C_SOURCES = $(wildcard native/api/*.h native/src/*.[ch] native/hook/*.c)
 # the tests that need no root, no CRIU and little time (markers: pyproject.toml)
 UNIT := not root and not criu and not slow
 

@@ -26,3 +26,10 @@ if [ ! -f "$stamp" ] || [ -n "$newest" ] || [ "$extras" != "$have" ]; then
     echo "$extras" >"$stamp"
 fi
 "$VENV/bin/python" -c 'import hybridmig._native' || { echo "venv: the native module does not import" >&2; exit 1; }
+# The CRIU hook, compiled (it starts inside the blackout: criu/hook.py says
+# why); the sha256 of its source goes in, criu/command.py refuses a stale one.
+hook=src/hybridmig/criu/_hook
+if [ ! -x "$hook" ] || [ native/hook/criu_hook.c -nt "$hook" ]; then
+    sha=$(sha256sum native/hook/criu_hook.c | cut -d' ' -f1)
+    cc -O2 -Wall -Wextra -Werror -std=gnu11 -DHOOK_SOURCE_SHA256="\"$sha\"" -o "$hook" native/hook/criu_hook.c
+fi

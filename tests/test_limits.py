@@ -18,8 +18,9 @@ import pytest
 
 from hybridmig import wire
 from hybridmig.criu.command import check_criu_opts
+from hybridmig.destination.serve import Limits, Session
 from hybridmig.errors import HybridmigError, ProtocolError, UsageError
-from hybridmig.messages import Container, Host, OutcomeQuery, Restore, Result, RoundStats
+from hybridmig.messages import Container, Host, OutcomeQuery, Restore, Result, RoundStats, Stream, Streams
 from hybridmig.source.migration import Migration
 from hybridmig.wire import Msg
 from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
@@ -248,6 +249,83 @@ def test_page_store_quota_fails_the_migration_with_a_clear_error(serve):
     ch, _ = session(srv)  # serve goes on
     ch.send(Msg.PAGES, pages(1, 1 << 30, 256))
     assert round_acked(ch) == (0, 256)
+    ch.close()
+
+
+def test_parallel_puts_stay_within_the_quota(tmp_path):
+    """Page streams put in parallel, outside the quota's lock: each put
+    reserves its bytes before, so 8 frames of 6 MiB at once against a
+    quota of 8 MiB store one frame, not several (a real Session and page
+    store; a frame is one native put per extent, and between two of them
+    another stream's check would see the store without the rest)."""
+    sess = Session(None, str(tmp_path), limits=Limits(max_memory=8 << 20))
+
+    def frame(i):  # 6 extents of 1 MiB, as a frame of scattered pages comes
+        extents = [((1 << 30) + i * (64 << 20) + j * (4 << 20), 256, bytes(32)) for j in range(6)]
+        return wire.decode_pages(wire.encode_pages(1, extents, bytes([i + 1]) * (6 << 20), False)[0])[1:]
+
+    frames = [frame(i) for i in range(8)]
+    start = threading.Barrier(len(frames))
+
+    def put(extents, data):
+        start.wait(10)
+        sess._store(1, extents, data)
+
+    threads = [threading.Thread(target=put, args=frame) for frame in frames]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert sess.store.stats()["pages_data"] * PAGE <= 8 << 20, sess.store.stats()
+    assert "max-memory of 8 MiB" in sess.over_quota
+    assert sess._reserved == 0
+
+
+def streams_session(serve_proc, count):
+    """A control channel with `count` page streams joined, as run opens them."""
+    ch, host = session(serve_proc)
+    ch.send(Msg.STREAMS, Streams(count).encode())
+    assert ch.recv()[0] == Msg.STREAMS
+    lanes = []
+    for index in range(count):
+        lane = wire.connect(serve_proc.addr, KEY, stream=True, idle_timeout=30)
+        proof = wire.stream_proof(ch.binding_key, host.session, index, lane.transcript)
+        lane.send(Msg.STREAM, Stream(host.session, index, proof.hex()).encode())
+        assert lane.recv()[0] == Msg.STREAM
+        lanes.append(lane)
+    ch.send(Msg.ROUND_START, wire.encode_round_number(0))
+    return ch, lanes
+
+
+@pytest.mark.timeout(60)
+def test_a_page_on_another_streams_block_ends_the_session(serve):
+    """Each page has one stream (its 2 MiB block's): a page sent on another
+    is refused, so no two streams ever race on one page."""
+    srv = serve()
+    ch, lanes = streams_session(srv, 2)
+    vaddr = next(a for a in range(1 << 30, 1 << 31, wire.STREAM_BLOCK) if wire.stream_of(a, 2) == 1)
+    lanes[0].send(Msg.PAGES, pages(1, vaddr, 1))
+    ch.send(Msg.ROUND, RoundStats(0).encode())
+    assert "are not stream 0's" in refused(ch)
+    for lane in lanes:
+        lane.close()
+    assert "page stream 0 failed" in srv.log() and srv.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_garbage_on_a_joined_stream_ends_the_session(serve):
+    """Bytes that are no sealed frame, after a stream joined: the session
+    fails and the source hears why on the control channel; serve goes on."""
+    srv = serve()
+    ch, lanes = streams_session(srv, 2)
+    lanes[1].sock.sendall(struct.pack(">I", 4096) + os.urandom(4096))
+    ch.send(Msg.ROUND, RoundStats(0).encode())
+    assert "page stream 1 failed" in refused(ch)
+    for lane in lanes:
+        lane.close()
+    ch, _ = session(srv)  # serve goes on
+    ch.send(Msg.PAGES, pages(1, 1 << 30, 1))
+    assert round_acked(ch) == (0, 1)
     ch.close()
 
 

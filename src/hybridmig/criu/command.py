@@ -2,6 +2,8 @@
 switch-over with its post-dump hook."""
 
 import functools
+import hashlib
+import logging
 import os
 import re
 import select
@@ -16,6 +18,8 @@ from .. import doctor, scratch
 from ..errors import CriuError, UsageError
 from . import hook
 from .hook import HOOK_ENV
+
+log = logging.getLogger("hybridmig.criu.command")
 
 # CRIU's log level for every dump and restore: info. Debug (-v4) also logs
 # every page-pipe buffer while the tasks are frozen: 160 ms of a 4 GiB
@@ -280,13 +284,44 @@ def dump_phases(log_path):
     return {}
 
 
-def write_hook(directory, hook_sock=None):
-    """The action script CRIU runs, written into ``directory``: hook.py run
-    by this interpreter with -S (no site-packages: it starts while the tasks
-    are frozen, and needs only the standard library). `hook_sock`: the
-    socket of `run`, written into the script, for a CRIU whose environment
-    is not ours (podman's: runc starts it)."""
+HOOK_PROGRAM = os.path.join(os.path.dirname(hook.__file__), "_hook")  # built by scripts/venv.sh
+HOOK_SOURCE = os.path.join(os.path.dirname(hook.__file__), "..", "..", "..", "native", "hook", "criu_hook.c")
+
+
+def hook_program():
+    """The compiled hook (native/hook/criu_hook.c), if it was built from the
+    sources beside the package (or they are not there to compare); else None,
+    and hook.py stands in."""
+    try:
+        with open(HOOK_PROGRAM, "rb") as f:
+            program = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        with open(HOOK_SOURCE, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        return HOOK_PROGRAM  # an installed package: no sources to compare
+    if b"hybridmig-hook-sha256:" + digest.encode() not in program:
+        log.warning("%s was not built from %s: using hook.py (run make setup)", HOOK_PROGRAM, HOOK_SOURCE)
+        return None
+    return HOOK_PROGRAM
+
+
+def write_hook(directory, hook_sock=None, program=None):
+    """The action script CRIU runs, written into ``directory``: the compiled
+    hook, or else hook.py run by this interpreter with -S (no site-packages:
+    it starts while the tasks are frozen, and needs only the standard
+    library). `hook_sock`: the socket of `run`, written into the script, for
+    a CRIU whose environment is not ours (podman's: runc starts it).
+    `program`: hook_program() unless given ("": hook.py)."""
     path = os.path.join(directory, "criu-hook")
+    program = hook_program() if program is None else program
+    if program:
+        with open(path, "w") as f:  # what criu_hook.c reads: its socket, the python for its child
+            f.write(f"#!{program}\n{hook_sock or ''}\n{sys.executable}\n")
+        os.chmod(path, 0o700)
+        return path
     with open(path, "w") as f:
         f.write(f"#!{sys.executable} -S\n")
         if hook_sock:

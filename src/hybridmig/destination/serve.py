@@ -232,6 +232,7 @@ class Session:
         self.registry = registry  # streams.Registry: where this session's page streams join, if it has any
         self.streams = None  # its StreamSet, after STREAMS
         self._quota_lock = threading.Lock()  # page streams store from their own threads
+        self._reserved = 0  # bytes of puts under way outside the lock, counted against the quota
         self.id = session_id or secrets.token_hex(16)
         self.limits = limits or Limits()
         self.max_memory = self.limits.max_memory if self.limits.max_memory is not None else default_max_memory()
@@ -384,14 +385,18 @@ class Session:
             pass
 
     def _used(self):
-        return self.store.stats()["pages_data"] * PAGE_SIZE + sum(self.image_sizes.values())
+        """Bytes held or being put (with the quota lock held)."""
+        return self.store.stats()["pages_data"] * PAGE_SIZE + sum(self.image_sizes.values()) + self._reserved
 
     def _store(self, key, extents, data):
         """A PAGES body into the store, within the quota and the task cap.
         Over either, pages are dropped and the session fails at the next
         ROUND or RESTORE, where the source hears why (while it sends it
         does not read)."""
-        with self._quota_lock:  # (the puts outside it: page streams put in parallel)
+        # The puts run outside the lock (page streams put in parallel), so
+        # each reserves its bytes first: N streams cannot each pass the check
+        # against the same store size and overshoot the quota together.
+        with self._quota_lock:
             if self.over_quota is None and key not in self.tasks and len(self.tasks) >= MAX_TASKS:
                 self.over_quota = f"more than {MAX_TASKS} processes"
             if self.over_quota is None and self._used() + len(data) > self.max_memory:
@@ -399,7 +404,12 @@ class Session:
             if self.over_quota is not None:
                 return
             self.tasks.add(key)
-        store_pages(self.store, key, extents, data)
+            self._reserved += len(data)
+        try:
+            store_pages(self.store, key, extents, data)
+        finally:
+            with self._quota_lock:
+                self._reserved -= len(data)
 
     def _container(self, body):
         """CONTAINER, before any page: the restore is a container's; its
@@ -422,15 +432,16 @@ class Session:
         if self.container is not None and is_podman_file(name):  # podman's, not CRIU's
             directory, name = self.container.files, "podman/" + name  # (its key in image_sizes)
         end = max(self.image_sizes.get(name, 0), offset + len(data))
-        if name not in self.image_sizes and len(self.image_sizes) >= MAX_IMAGE_FILES:
-            self.over_quota = self.over_quota or f"more than {MAX_IMAGE_FILES} image files"
-        elif self._used() - self.image_sizes.get(name, 0) + end > self.max_memory:
-            self.over_quota = self.over_quota or "the images would exceed serve's --max-memory of %d MiB" % (
-                self.max_memory >> 20
-            )
-        if self.over_quota is not None:
-            return
-        self.image_sizes[name] = end
+        with self._quota_lock:
+            if name not in self.image_sizes and len(self.image_sizes) >= MAX_IMAGE_FILES:
+                self.over_quota = self.over_quota or f"more than {MAX_IMAGE_FILES} image files"
+            elif self._used() - self.image_sizes.get(name, 0) + end > self.max_memory:
+                self.over_quota = self.over_quota or "the images would exceed serve's --max-memory of %d MiB" % (
+                    self.max_memory >> 20
+                )
+            if self.over_quota is not None:
+                return
+            self.image_sizes[name] = end
         fd = os.open(os.path.join(directory, os.path.basename(name)), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.pwrite(fd, data, offset)
