@@ -1,6 +1,8 @@
 """The destination's side of a podman container's migration (`serve
---podman`): from the CRIU images and podman's files the source sent, the
-archive `podman container restore --import` takes, and that restore, made
+--podman`): from the configuration the source sent during pre-copy, the
+archive `podman container restore --import` takes, and that restore,
+started then and held at its conmon (conmon_hold.py); at RESTORE the root
+file system's changes applied (rootfs.py), and the restore let go, made
 lazy by a CRIU config file of serve's own so that the session's lazy-pages
 daemon serves every page from the page store (docs/containers.md).
 
@@ -29,7 +31,7 @@ from .conmon_hold import ConmonHold
 from .rootfs import ChangesApplier, has_members
 
 log = logging.getLogger("hybridmig.destination.container")
-MAX_JSON_FILE = 16 << 20  # config.dump and spec.dump are a few KiB
+MAX_JSON_FILE = 16 << 20  # deleted.files: at most MAX_DELETED paths
 MAX_DELETED = 1 << 16
 # config.dump's host paths of the source's podman that podman would reuse
 # instead of making its own: the conmon pidfile under the source's runroot
@@ -102,10 +104,11 @@ class ContainerRestore:
     def start(self, config, spec):
         """At CONTAINER_START, before the freeze: `podman container restore
         --import` of an archive with the source's config.dump and spec.dump
-        (`config`, `spec`: rewritten for this host) and no images yet, under the same name (a new
-        container ID: the source's container, frozen, still holds its own,
-        and runc's state and cgroups are by ID), held where podman starts
-        conmon (conmon_hold.py) until release()."""
+        (`config`, `spec`: rewritten for this host) and no images yet,
+        under the same name (a new container ID: the source's container,
+        frozen, still holds its own, and runc's state and cgroups are by
+        ID), held where podman starts conmon (conmon_hold.py) until
+        release()."""
         if config.get("rootfsImageID") != self.image:
             raise HybridmigError(f"config.dump of container {self.name} names another image than CONTAINER did")
         for key, what in REFUSED.items():
@@ -296,10 +299,6 @@ def config_lines(criu_opts):
             raise HybridmigError(f"CRIU option {opt[:80]!r}: a container's options are --name or --name=VALUE")
         lines.append(opt[2:].replace("=", " ", 1))
     return lines
-
-
-def _no_logs(info):
-    return None if info.name.endswith(".log") or info.name.endswith(".socket") else info
 
 
 def check_rootfs_diff(path):
