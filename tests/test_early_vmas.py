@@ -130,3 +130,15 @@ def test_switch_over_takes_the_vmas_read_before_the_freeze(env):  # noqa: F811
     phases = rep["criu_dump_phases_ms"]
     assert "early_vmas" not in phases and phases["vmas"] >= 0, phases
     assert abs(sum(phases.values()) - rep["breakdown"]["freeze_to_dumped_ms"]) < 1, (phases, rep["breakdown"])
+
+
+@pytest.mark.timeout(300)
+def test_switch_over_without_the_option(env):  # noqa: F811
+    """--criu-opt=--no-early-vmas: the dump reads the VMAs frozen, as CRIU
+    does by itself, and the report says no early read."""
+    wl = env.workload(64, threads=1, rate=2000)
+    serve = env.serve()
+    rc, rep, err = env.run(wl.host_pid, "--criu-opt=--no-early-vmas")
+    assert_migrated(env, wl, rc, rep, err, serve, 64).stop()
+    assert rep["criu_early_vmas"] == {}, rep["criu_early_vmas"]
+    assert rep["criu_dump_phases_ms"]["vmas"] > 0, rep["criu_dump_phases_ms"]

@@ -88,9 +88,9 @@ ALLOWED_CRIU_OPTS = frozenset(
     {"tcp-established", "tcp-close", "skip-in-flight", "ext-unix-sk", "shell-job", "file-locks", "link-remap"}
     | {"no-tcp-established", "no-tcp-close", "no-skip-in-flight", "no-shell-job", "no-file-locks", "no-link-remap"}
     | {"verbosity"}
-    # the switch-over's dump as CRIU does it without hybridmig (in_place_opts);
-    # a restore ignores it (0002)
-    | {"no-lazy-pages-in-place"}
+    # the switch-over's dump as CRIU does it without hybridmig (in_place_opts,
+    # early_vmas_opts); a restore ignores them (0002, 0008)
+    | {"no-lazy-pages-in-place", "no-early-vmas"}
 )
 # Never allowed, whatever serve allows: the second copy they would leave on
 # the source after a commit, or what hybridmig sets itself.
@@ -98,6 +98,7 @@ _SECOND_COPY = {"leave-running", "leave-stopped"}
 _SET_BY_HYBRIDMIG = {
     "tree", "images-dir", "work-dir", "log-file", "restore-detached", "lazy-pages", "page-server", "address",
     "port", "ps-socket", "action-script", "pidfile", "track-mem", "prev-images-dir", "lazy-pages-in-place",
+    "early-vmas",
 }  # fmt: skip
 
 

@@ -829,7 +829,7 @@ class Migration:
             else {},
             "criu_lazy_pages_in_place": self.dump.in_place,
             # --early-vmas: the pids whose VMAs the dump took from its read before the seize, and not
-            "criu_early_vmas": dict(self.criu_early_vmas, read_ms=early_vmas_ms),
+            "criu_early_vmas": dict(self.criu_early_vmas, read_ms=early_vmas_ms) if self.criu_early_vmas else {},
             "bytes_sent": self.bytes_earlier
             + self.channel.bytes_sent
             + sum(ch.bytes_sent for ch in self.stream_channels),
