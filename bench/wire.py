@@ -4,7 +4,7 @@ real migrations over an unshaped veth.
 
     .venv/bin/python -m bench.wire [--size-mb 512] [--pairs 3] [--profile DIR]
         [--modes sealed,plaintext,tcp] [--before VENV_BIN] [--rate 1gbit]
-        [--streams 1,2] [--limits 0,150M] [--pace]
+        [--streams 1,2] [--limits 0,150M] [--keeps 0,0.9] [--pace] [--compressible]
 
 Each pair migrates a fresh memwork workload (random pages: lz4 gives up on
 them, as on much real memory) once each way and runs the raw loop once, the
@@ -12,7 +12,9 @@ order rotating from pair to pair; round 0 sends every page once, so its raw
 bytes over its duration is the wire's throughput. The raw loop is two
 Python processes, one per namespace, moving the same number of bytes in
 1 MiB `sendall`s into `recv_into`: what the veth carries for a Python
-program that does nothing else. Reported: the median of each mode, the
+program that does nothing else; `tcpmem` (a mode) receives into fresh
+memory instead, as a destination's store does: on a VM whose host backs
+guest memory on first touch, that is a ceiling of its own. Reported: the median of each mode, the
 median of the per-pair ratios, and round 0's breakdown (run --json).
 `--profile DIR` records `run` and `serve` with py-spy (raw folded stacks,
 one file per process) and prints where round 0's CPU samples went
@@ -31,7 +33,10 @@ and travel in the final round) instead of 100 pages/s, and each migration
 reports the workload's pace during round 0 over its pace in the 3 s
 before `run` started (memwork's 100 ms timeline, read from the restored
 copy). `--limits 0,150M`: each mode also once per `--bandwidth-limit`
-(modes ...-l0, ...-l150M). Each migration records the load average (`uptime`) at its start."""
+(modes ...-l0, ...-l150M); `--keeps 0,0.9` the same per `--keep-cpu`
+(modes ...-k0, ...-k0.9). `--compressible`: memwork's pages are
+compressible instead of random. Each migration records the load average
+(`uptime`) at its start."""
 
 import argparse
 import collections
@@ -57,15 +62,18 @@ MODES = {"sealed": [], "plaintext": ["--insecure-plaintext"]}
 PACE_BEFORE_S = 3.0  # --pace: the workload's own pace is measured over this long before run starts
 
 # The raw loop: the receiver prints its MB/s once it got every byte.
+# With "fresh" it receives into fresh memory (an untouched mapping of all
+# n bytes, as a destination's store is) instead of reusing one buffer.
 RECEIVER = """
-import socket, sys, time
+import mmap, socket, sys, time
 n = int(sys.argv[2])
+fresh = sys.argv[4] == "fresh"
 ls = socket.create_server((sys.argv[1], int(sys.argv[3])))
 c, _ = ls.accept()
-buf = memoryview(bytearray(1 << 20))
+buf = memoryview(mmap.mmap(-1, n) if fresh else bytearray(1 << 20))
 got, t0 = 0, time.monotonic()
 while got < n:
-    r = c.recv_into(buf)
+    r = c.recv_into(buf[got : got + (1 << 20)] if fresh else buf)
     if not r:
         break
     got += r
@@ -87,14 +95,16 @@ s.close()
 """
 
 
-def raw_tcp(hosts, nbytes, streams=1):
+def raw_tcp(hosts, nbytes, streams=1, fresh=False):
     """MB/s of the raw loop over the veth: `streams` connections at once,
     each a sender and a receiver process moving nbytes / streams (the
-    total over the wall time from the first byte to the last)."""
+    total over the wall time from the first byte to the last); `fresh`:
+    each receiver writes what it receives into fresh memory."""
     each = nbytes // streams
     recvs = [
         subprocess.Popen(
-            hosts.run_in(hosts.dst) + [sys.executable, "-c", RECEIVER, hosts.dst_addr, str(each), str(PORT + 1 + i)],
+            hosts.run_in(hosts.dst)
+            + [sys.executable, "-c", RECEIVER, hosts.dst_addr, str(each), str(PORT + 1 + i), "fresh" * fresh],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -131,9 +141,14 @@ def mode_flags(mode):
     """(serve's and run's flags, run's own) of a mode: sealed, plaintext,
     either with -sN (N page streams), -lRATE (--bandwidth-limit RATE)
     and/or -before."""
-    base, _, limit = mode.removesuffix("-before").partition("-l")
+    base, _, keep = mode.removesuffix("-before").partition("-k")
+    base, _, limit = base.partition("-l")
     base, _, streams = base.partition("-s")
-    return MODES[base], (["--streams", streams] if streams else []) + (["--bandwidth-limit", limit] if limit else [])
+    return MODES[base], (
+        (["--streams", streams] if streams else [])
+        + (["--bandwidth-limit", limit] if limit else [])
+        + (["--keep-cpu", keep] if keep else [])
+    )
 
 
 def pace_ratio(verify, started_at, duration_s):
@@ -154,7 +169,7 @@ def pace_ratio(verify, started_at, duration_s):
     return round(during / before, 3) if before and during is not None else None
 
 
-def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, pace=False):
+def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, pace=False, compressible=False):
     """One migration; round 0 of its run --json report (with `load`, and
     with --pace `pace`: the workload's). A mode ending in -before runs the
     hybridmig in `before`."""
@@ -175,10 +190,12 @@ def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, 
     try:
         time.sleep(1.5 if profile else 1.0)  # serve listens (it fails the run below if not)
         if pace:
-            wl = Workload.start(size_mb, threads=1, rate=0, hot=1, netns=hosts.src, timeout=120)
+            wl = Workload.start(
+                size_mb, threads=1, rate=0, hot=1, netns=hosts.src, timeout=120, compressible=compressible
+            )
             time.sleep(PACE_BEFORE_S + 0.5)  # its own pace first
         else:
-            wl = Workload.start(size_mb, threads=1, rate=100, netns=hosts.src, timeout=120)
+            wl = Workload.start(size_mb, threads=1, rate=100, netns=hosts.src, timeout=120, compressible=compressible)
         kills.append(psutil.Process(wl.host_pid))
         load = os.getloadavg()
         cmd = hosts.run_in(hosts.src) + _spy(profile, f"run-{mode}{tag}.txt") + [
@@ -258,11 +275,13 @@ def main(argv=None):
     ap.add_argument("--size-mb", type=int, default=512)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--profile", metavar="DIR", help="record run and serve with py-spy into DIR")
-    ap.add_argument("--modes", default="sealed,plaintext,tcp", help="of sealed, plaintext, tcp")
+    ap.add_argument("--modes", default="sealed,plaintext,tcp", help="of sealed, plaintext, tcp, tcpN, tcpmem")
     ap.add_argument("--before", metavar="DIR", help="a bin directory with another hybridmig to compare")
     ap.add_argument("--rate", help="shape the veth with tbf at this rate (tc's syntax: 1gbit); default unshaped")
     ap.add_argument("--streams", help="counts of page streams, e.g. 1,2: sealed and plaintext once with each")
     ap.add_argument("--limits", help="--bandwidth-limit values, e.g. 0,150M: each mode once with each")
+    ap.add_argument("--compressible", action="store_true", help="memory lz4 shrinks (memwork --compressible)")
+    ap.add_argument("--keeps", help="--keep-cpu values, e.g. 0,0.9: each mode once with each")
     ap.add_argument("--pace", action="store_true", help="an unthrottled writer; its pace during round 0 (see above)")
     args = ap.parse_args(argv)
     become_subreaper()  # restored workloads are re-parented to us
@@ -275,6 +294,9 @@ def main(argv=None):
         modes = list(dict.fromkeys(modes))  # (tcp once)
     if args.limits:
         modes = [f"{m}-l{x}" if not m.startswith("tcp") else m for m in modes for x in args.limits.split(",")]
+        modes = list(dict.fromkeys(modes))
+    if args.keeps:
+        modes = [f"{m}-k{x}" if not m.startswith("tcp") else m for m in modes for x in args.keeps.split(",")]
         modes = list(dict.fromkeys(modes))
     if args.before:
         modes += [m + "-before" for m in modes if m in MODES]
@@ -289,10 +311,15 @@ def main(argv=None):
                 order = modes[i % len(modes) :] + modes[: i % len(modes)]
                 pair = {}
                 for m in order:
-                    if m.startswith("tcp"):
+                    if m == "tcpmem":
+                        pair[m] = raw_tcp(hosts, args.size_mb << 20, fresh=True)
+                    elif m.startswith("tcp"):
                         pair[m] = raw_tcp(hosts, args.size_mb << 20, int(m[3:] or 1))
                     else:
-                        r0 = migrate(hosts, key, work, args.size_mb, m, args.profile, "-%d" % i, args.before, args.pace)
+                        r0 = migrate(
+                            hosts, key, work, args.size_mb, m, args.profile, "-%d" % i, args.before, args.pace,
+                            args.compressible,
+                        )  # fmt: skip
                         rounds[m].append(r0)
                         pair[m] = r0["bytes_raw"] / r0["duration_s"] / 1e6
                 for m, v in pair.items():
@@ -306,17 +333,19 @@ def main(argv=None):
                 ):
                     if a in pair and b in pair:
                         ratios[f"{a}/{b}"].append(pair[a] / pair[b])
-                limits = args.limits.split(",") if args.limits else []
-                for m in list(pair):  # each limit against the first, the rest of the mode the same
-                    for x in limits[1:]:
-                        first = m.removesuffix(f"-l{x}") + f"-l{limits[0]}"
-                        if m.endswith(f"-l{x}") and first in pair:
-                            ratios[f"{m}/{first}"].append(pair[m] / pair[first])
+                for flag, values in (("l", args.limits), ("k", args.keeps)):
+                    values = values.split(",") if values else []
+                    for m in list(pair):  # each value against the first, the rest of the mode the same
+                        for x in values[1:]:
+                            first = m.removesuffix(f"-{flag}{x}") + f"-{flag}{values[0]}"
+                            if m.endswith(f"-{flag}{x}") and first in pair:
+                                ratios[f"{m}/{first}"].append(pair[m] / pair[first])
                 print("pair %d: " % i + ", ".join("%s %.0f MB/s" % (m, pair[m]) for m in order), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = {
         "size_mb": args.size_mb,
+        "compressible": args.compressible,
         "link": args.rate or "unshaped",
         "round0_MBps": results,
         "median_MBps": {m: statistics.median(v) for m, v in results.items()},

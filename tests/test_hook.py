@@ -16,6 +16,7 @@ import time
 import psutil
 import pytest
 
+from hybridmig import doctor
 from hybridmig.criu import command, hook
 
 
@@ -108,7 +109,7 @@ def test_other_actions_ask_nothing(tmp_path, program):
 
 def test_a_stale_compiled_hook_is_refused(tmp_path, monkeypatch):
     """A program not built from native/hook/criu_hook.c as it is: hook.py
-    stands in."""
+    stands in, and `hybridmig doctor` says so."""
     stale = tmp_path / "_hook"
     shutil.copy(command.HOOK_PROGRAM, stale)
     data = stale.read_bytes()
@@ -116,6 +117,8 @@ def test_a_stale_compiled_hook_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(command, "HOOK_PROGRAM", str(stale))
     assert command.hook_program() is None
     assert open(command.write_hook(str(tmp_path))).readline().endswith(" -S\n")
+    check = doctor.check_criu_hook()
+    assert not check.ok and "make setup" in check.detail, check
 
 
 def _sleeper(cleanup):

@@ -468,6 +468,22 @@ def check_criu_early_vmas() -> Check:
     )
 
 
+def check_criu_hook() -> Check:
+    """Whether the switch-over's CRIU action script is the compiled one
+    (native/hook/criu_hook.c): hook.py under python -S stands in otherwise,
+    ~10 ms later in every blackout."""
+    from .criu.command import HOOK_PROGRAM, hook_program  # (command imports this module)
+
+    if hook_program():
+        return Check("criu hook", True, f"compiled: {HOOK_PROGRAM}")
+    return Check(
+        "criu hook",
+        False,
+        f"{HOOK_PROGRAM} is missing or not built from native/hook/criu_hook.c: hook.py stands in, about 10 ms "
+        "later in every blackout — make setup compiles it",
+    )
+
+
 def _run_criu_check(*args):
     """(ok, the last meaningful lines of output) of `criu check ARGS`."""
     path = find_criu()
@@ -520,7 +536,13 @@ def lazy_restore_path() -> Path:
     return _path(
         checks,
         "userfaultfd with {}; {}".format("/".join(LAZY_FEATURES), check_criu().detail),
-        caveats=[check_sys_resource(), check_criu_patches(), check_criu_lazy_in_place(), check_criu_early_vmas()],
+        caveats=[
+            check_sys_resource(),
+            check_criu_patches(),
+            check_criu_lazy_in_place(),
+            check_criu_early_vmas(),
+            check_criu_hook(),
+        ],
     )
 
 
@@ -583,6 +605,7 @@ def all_checks() -> list[Check]:
         check_criu_patches(),
         check_criu_lazy_in_place(),
         check_criu_early_vmas(),
+        check_criu_hook(),
         check_criu_check(),
         check_criu_uffd(),
     ]

@@ -227,6 +227,12 @@ class RoundStats(Body):
     bandwidth_bps: float = 0.0
     est_downtime_ms: float = 0.0
     throttle_pct: float = 0.0  # auto-converge: share of the time the tree was held
+    # the tree's share of the CPU it asked for (running over running +
+    # waiting for a CPU), and the default pacing's part (source/pacing.py):
+    # windows in which the tree got less than --keep-cpu, the limit at the end
+    tree_cpu_share: float = 1.0
+    paced_windows: int = 0
+    pace_limit_mb_s: float = 0.0
 
     def encode(self) -> bytes:
         return _ROUND.pack(self.number) + super().encode()

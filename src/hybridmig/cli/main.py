@@ -303,6 +303,14 @@ def serve(
     "--bandwidth-limit", default=str(DEFAULTS.bandwidth_limit), help="bytes/s for pre-copy, e.g. 100M (0: no limit)"
 )
 @click.option(
+    "--keep-cpu",
+    type=click.FloatRange(0, 1),
+    default=DEFAULTS.keep_cpu,
+    show_default=True,
+    help="pre-copy slows down while the process tree gets less than this share of the CPU it asks for "
+    "(its threads' time running over running + waiting for a CPU; 0: never)",
+)
+@click.option(
     "--auto-converge/--no-auto-converge",
     default=DEFAULTS.auto_converge,
     help="hold the tree in ptrace stops a growing share of the time while rounds do not converge "
@@ -370,6 +378,7 @@ def run(
     max_rounds,
     target_downtime,
     bandwidth_limit,
+    keep_cpu,
     auto_converge,
     switchover,
     postcopy_after,
@@ -415,6 +424,7 @@ def run(
             max_rounds=max_rounds,
             target_downtime_ms=target_downtime,
             bandwidth_limit=_size(bandwidth_limit),
+            keep_cpu=keep_cpu,
             criu_opts=criu_opts,
             work_dir=work_dir,
             timeout=timeout,

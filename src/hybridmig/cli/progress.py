@@ -19,7 +19,7 @@ class RunProgress:
             return
         self.console.print(
             "round %2d: %8d pages written, %8d sent (%7.1f MiB raw, %7.1f MiB on the wire) in %6.3f s; "
-            "%sdirty %8.0f pages/s; est. downtime %7.1f ms%s"
+            "%sdirty %8.0f pages/s; est. downtime %7.1f ms%s%s"
             % (
                 rnd.number,
                 rnd.pages_written,
@@ -31,6 +31,10 @@ class RunProgress:
                 rnd.dirty_rate_pps,
                 rnd.est_downtime_ms,
                 f"; throttled {rnd.throttle_pct:.0f} %" if rnd.throttle_pct else "",
+                # (source/pacing.py: pre-copy gave way to the tree)
+                f"; paced in {rnd.paced_windows} windows, the tree at {rnd.tree_cpu_share:.0%} of the CPU it asked for"
+                if rnd.paced_windows
+                else "",
             )
         )
 

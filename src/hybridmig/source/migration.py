@@ -34,6 +34,7 @@ from ..proctree import all_held, end_tree
 from ..wire import Msg
 from .converge import AutoConverge
 from .options import DEFAULTS, MAX_STREAMS, SWITCHOVERS, default_streams
+from .pacing import Pacer
 from .postcopy import PostCopy, SourceLost, held_part, send_stale
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
 from .streams import StreamSender, open_streams
@@ -78,6 +79,7 @@ class Migration:
         max_rounds=DEFAULTS.max_rounds,
         target_downtime_ms=DEFAULTS.target_downtime_ms,
         bandwidth_limit=DEFAULTS.bandwidth_limit,
+        keep_cpu=DEFAULTS.keep_cpu,
         criu_opts=(),
         work_dir=None,
         timeout=DEFAULTS.timeout,
@@ -102,6 +104,9 @@ class Migration:
         self.max_rounds = max_rounds
         self.target_downtime_ms = target_downtime_ms
         self.bandwidth_limit = bandwidth_limit
+        if not 0 <= keep_cpu <= 1:
+            raise UsageError(f"--keep-cpu {keep_cpu}: a share from 0 to 1")
+        self.keep_cpu = keep_cpu
         self.criu_opts = list(criu_opts)
         self.work_dir = work_dir
         self.timeout = timeout
@@ -186,7 +191,7 @@ class Migration:
                 {p: ns_pid(p) for p in tree},
                 self.pid,
                 self.compress,
-                Throttle(self.bandwidth_limit) if self.bandwidth_limit else None,
+                self._throttle(),
             )
             if isinstance(self.sender, StreamSender):
                 self.sender.use_streams(self.stream_channels)
@@ -204,6 +209,8 @@ class Migration:
             )
             self.times["precopy_start"] = time.time()
             self.rounds = precopy.run()
+            if self.sender.throttle is not None:  # the tree is frozen next: it asks for no CPU
+                self.sender.throttle.stop_pacing()
             if isinstance(self.sender, StreamSender):  # the rounds are over: the rest goes on the control channel
                 self.sender.end_streams()
             self.pending = precopy.pending
@@ -233,6 +240,12 @@ class Migration:
                 except OSError as e:
                     log.error("%s", e)
         return self.report()
+
+    def _throttle(self):
+        """The pre-copy rounds' pace: --bandwidth-limit, and the tree's CPU
+        share kept (--keep-cpu, source/pacing.py)."""
+        pacer = Pacer(self.tracker.pids, self.keep_cpu) if self.keep_cpu else None
+        return Throttle(self.bandwidth_limit, pacer) if self.bandwidth_limit or pacer else None
 
     def _start_dump(self, work):
         """The switch-over's dump, started: it waits at its pre-dump hook."""

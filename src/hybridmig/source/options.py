@@ -12,6 +12,11 @@ class RunOptions:
     target_downtime_ms: float = 300.0
     #: bytes/s for pre-copy (0: no limit)
     bandwidth_limit: int = 0
+    #: pre-copy slows down while the tree gets less than this share of the
+    #: CPU it asks for (source/pacing.py; 0: never). A CPU-bound writer's
+    #: pace during round 0 followed its share within about 0.1, and issue 16
+    #: asks for 0.8 of its pace (docs/bench-wire.md)
+    keep_cpu: float = 0.85
     #: throttle a tree whose rounds do not converge (source/converge.py);
     #: None: only with --switchover precopy (auto switches to post-copy instead)
     auto_converge: bool | None = None

@@ -28,6 +28,7 @@ from ..messages import RoundStats, Stored
 from ..wire import Msg
 from .converge import slowed_down
 from .options import DEFAULTS
+from .pacing import tree_cpu
 from .tracker import TreeTracker, read_run
 
 log = logging.getLogger("hybridmig.source.precopy")
@@ -100,22 +101,37 @@ def _first_bytes(ranges, budget):
 
 
 class Throttle:
-    """--bandwidth-limit as a token bucket over bytes put on the wire."""
+    """A token bucket over bytes put on the wire: at --bandwidth-limit, and
+    (pacer, source/pacing.py) at the limit that keeps the tree's CPU share,
+    whichever is lower."""
 
-    def __init__(self, bytes_per_s):
+    def __init__(self, bytes_per_s, pacer=None):
+        self.limit = bytes_per_s
+        self.pacer = pacer
         self.rate = bytes_per_s
         self.t = time.monotonic()
         self.sent = 0
         self._lock = threading.Lock()  # page streams account from their threads
 
     def account(self, n):
-        if not self.rate:
-            return
         with self._lock:
+            if self.pacer is not None:
+                paced = self.pacer.account(n)
+                rate = min(self.limit, paced) if self.limit and paced else self.limit or paced
+                if rate != self.rate:  # a new rate counts from now
+                    self.rate, self.t, self.sent = rate, time.monotonic(), 0
+            if not self.rate:
+                return
             self.sent += n
             ahead = self.sent / self.rate - (time.monotonic() - self.t)
         if ahead > 0:
             time.sleep(ahead)
+
+    def stop_pacing(self):
+        """From now on --bandwidth-limit alone (the final round: the tree is frozen)."""
+        with self._lock:
+            self.pacer = None
+            self.rate, self.t, self.sent = self.limit, time.monotonic(), 0
 
 
 class Compression:
@@ -379,12 +395,35 @@ class PreCopy:
             rnd.dest_store_s, rnd.dest_cpu_s = dest.store_s, dest.cpu_s
         rnd.ack_s = time.perf_counter() - t
 
-    def _finish(self, rnd, t0, cpu0):
+    def _started(self):
+        """What a round's pacing stats count from (see _paced)."""
+        pacer = self.sender.throttle.pacer if self.sender.throttle else None
+        return tree_cpu(self.tracker.pids()), pacer.starved if pacer else 0
+
+    def _paced(self, rnd, started):
+        """The tree's share of the CPU it asked for during the round
+        (source/pacing.py), and what pacing did about it."""
+        (run0, wait0), starved0 = started
+        run, wait = tree_cpu(self.tracker.pids())
+        asked = (run - run0) + (wait - wait0)
+        rnd.tree_cpu_share = round((run - run0) / asked, 3) if asked > 0 else 1.0
+        throttle = self.sender.throttle
+        if throttle is not None and throttle.pacer is not None:
+            rnd.paced_windows = throttle.pacer.starved - starved0
+            rnd.pace_limit_mb_s = throttle.pacer.limit / 1e6
+
+    def _finish(self, rnd, t0, cpu0, started):
         self.sender.end_round(rnd)
         self._ack(rnd)
         rnd.ended(t0, cpu0)
+        self._paced(rnd, started)
         if rnd.bytes_wire and rnd.duration_s > 0:
-            self.bandwidth = rnd.bytes_wire / rnd.duration_s
+            rate = rnd.bytes_wire / rnd.duration_s
+            # A paced round measured the pace, not the link: the final round
+            # is not paced (the tree is frozen), so its estimate keeps the
+            # faster rate seen, lest a slow estimate buy rounds or throttling.
+            if not rnd.paced_windows or rate > self.bandwidth:
+                self.bandwidth = rate
         rnd.bandwidth_bps = self.bandwidth
         self.rounds.append(rnd)
         self.progress(rnd)
@@ -393,7 +432,7 @@ class PreCopy:
         """Round 0: every tracked page, or (share < 1, an early post-copy)
         the first `share` of them, task after task in address order."""
         rnd = Round(0)
-        t0, cpu0 = time.monotonic(), time.process_time()
+        t0, cpu0, started = time.monotonic(), time.process_time(), self._started()
         self.sender.start_round(rnd)
         tree = self.tracker.vmas()
         budget = None if share >= 1 else int(share * sum(_pages(v) for v in tree.values())) * PAGE_SIZE
@@ -405,7 +444,7 @@ class PreCopy:
             rnd.pages_scanned += _pages(vmas)
             self.sender.send_ranges(pid, vmas, rnd)
         rnd.pages_written = rnd.pages_scanned
-        self._finish(rnd, t0, cpu0)
+        self._finish(rnd, t0, cpu0, started)
         return rnd
 
     def scan(self, rnd):
@@ -426,17 +465,17 @@ class PreCopy:
             rnd.pages_hot += _pages(res.hot)
         return dirty
 
-    def _send(self, rnd, dirty, t0, cpu0):
+    def _send(self, rnd, dirty, t0, cpu0, started):
         self.sender.start_round(rnd)  # (after the scan's INVALIDATEs)
         for pid, ranges in dirty.items():
             self.sender.send_ranges(pid, ranges, rnd)
-        self._finish(rnd, t0, cpu0)
+        self._finish(rnd, t0, cpu0, started)
 
     def round(self, number):
         """One round as next_round sends it, without deciding whether to stop
         (the bench's steady state)."""
-        rnd, t0, cpu0 = Round(number), time.monotonic(), time.process_time()
-        self._send(rnd, self.scan(rnd), t0, cpu0)
+        rnd, t0, cpu0, started = Round(number), time.monotonic(), time.process_time(), self._started()
+        self._send(rnd, self.scan(rnd), t0, cpu0, started)
         return rnd
 
     def next_round(self, number):
@@ -444,7 +483,7 @@ class PreCopy:
         nothing and leaves its dirty pages in self.pending for the final round
         (the tracker still holds the hot ones)."""
         rnd = Round(number)
-        t0, cpu0 = time.monotonic(), time.process_time()
+        t0, cpu0, started = time.monotonic(), time.process_time(), self._started()
         since = self.rounds[-1].duration_s if self.rounds else 0
         dirty = self.scan(rnd)
         owed = rnd.pages_owed
@@ -494,7 +533,7 @@ class PreCopy:
             self.rounds.append(rnd)
             self.progress(rnd)
             return rnd, True
-        self._send(rnd, dirty, t0, cpu0)
+        self._send(rnd, dirty, t0, cpu0, started)
         return rnd, False
 
     def _choose(self, rnd, number, converged, fits, stalled):
