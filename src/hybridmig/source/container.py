@@ -25,7 +25,16 @@ import tarfile
 import psutil
 
 from .. import scratch
-from ..criu.command import CRIU_LONG_OPTS, NO, LazyDump, in_place_opts, log_tail, resolve_criu_opts, write_hook
+from ..criu.command import (
+    CRIU_LONG_OPTS,
+    NO,
+    LazyDump,
+    early_vmas_opts,
+    in_place_opts,
+    log_tail,
+    resolve_criu_opts,
+    write_hook,
+)
 from ..errors import HybridmigError, ProtocolError, SetupError, UsageError
 from ..messages import Container, ContainerStart
 from ..podman import (
@@ -191,7 +200,7 @@ class PodmanCheckpoint(LazyDump):
             "lazy-pages",
             "address 127.0.0.1",  # no port: CRIU binds where it can (criu/hook.py)
             "action-script " + write_hook(work, hook_sock),
-            *(o.removeprefix("--") for o in in_place_opts()),
+            *(o.removeprefix("--") for o in in_place_opts() + early_vmas_opts()),
             *config_lines(criu_opts),
         ]
         self.in_place = [o for o in lines if o.endswith("lazy-pages-in-place")][-1:] == ["lazy-pages-in-place"]
