@@ -105,6 +105,7 @@ class Msg(enum.IntEnum):
     RESUME = 30
     STREAMS = 31
     STREAM = 32
+    CONTAINER_START = 33
 
 
 def boot_id() -> str:

@@ -253,6 +253,10 @@ class Migration:
         os.makedirs(images_dir, exist_ok=True)
         return LazyDump(self.pid, images_dir, work, self.criu_opts)
 
+    def _before_freeze(self):
+        """What the destination may start on before the tree is frozen (a
+        container's restore, up to its conmon)."""
+
     def _send_extra(self):
         """What the destination needs besides CRIU's images, sent before
         RESTORE while the tree is frozen (a container's configuration)."""
@@ -310,6 +314,7 @@ class Migration:
     def _switch_over(self, images_dir):
         self.dump.wait_hook("pre-dump", self.timeout)
         self.times["criu_ready"] = time.time()
+        self._before_freeze()
         # Let go of an auto-converged tree only now, as CRIU seizes it next:
         # it runs free just for CRIU's few steps before the seizing.
         if self.converge is not None:
