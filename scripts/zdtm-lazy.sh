@@ -11,8 +11,8 @@
 # zdtm's --lazy-pages (plain dump, restore through a lazy-pages daemon
 # reading the images) and --lazy-migrate (dump --lazy-pages, restore
 # fetching pages from the dump's page server) modes; the patched one also
-# in --lazy-migrate with --lazy-pages-in-place (a wrapper adds it to lazy
-# dumps). The ns flavour only (-f ns: in the host one a lazy-migrate restore
+# in --lazy-migrate with the options of hybridmig's switch-over,
+# --lazy-pages-in-place and --early-vmas (a wrapper adds them to lazy dumps). The ns flavour only (-f ns: in the host one a lazy-migrate restore
 # finds its pids taken by the dumped tree, still there). The list is the memory-related subset of zdtm/static (the whole
 # suite takes hours here). Prints pass/fail counts per run; the reports
 # stay in ZDTM_DIR/reports. Exit 1 if the patched CRIU fails a test the
@@ -63,13 +63,13 @@ if [ ! -x "$DIR/released/criu/criu" ]; then
     }
 fi
 
-# --lazy-pages-in-place for lazy dumps only: zdtm has no option for it
+# --lazy-pages-in-place and --early-vmas for lazy dumps only: zdtm has no option for them
 cat >"$DIR/criu-in-place" <<EOF
 #!/bin/sh
 case " \$* " in
 *" dump "*" --lazy-pages "*)
     echo "\$*" >>"$DIR/reports/in-place-dumps"
-    exec "$DIR/patched/criu/criu" "\$@" --lazy-pages-in-place ;;
+    exec "$DIR/patched/criu/criu" "\$@" --lazy-pages-in-place --early-vmas ;;
 esac
 exec "$DIR/patched/criu/criu" "\$@"
 EOF
@@ -137,7 +137,7 @@ run_mode "$DIR/released" "$DIR/released/criu/criu" released-lazy-migrate --lazy-
 run_mode "$DIR/patched" "$DIR/patched/criu/criu" patched-lazy-migrate --lazy-migrate
 : >"$DIR/reports/in-place-dumps"
 run_mode "$DIR/patched" "$DIR/criu-in-place" patched-lazy-migrate-in-place --lazy-migrate
-echo "  (of which $(wc -l <"$DIR/reports/in-place-dumps") dumps with --lazy-pages-in-place)"
+echo "  (of which $(wc -l <"$DIR/reports/in-place-dumps") dumps with --lazy-pages-in-place --early-vmas)"
 
 # a regression: a test the released CRIU passes that the patched one does not
 status=0

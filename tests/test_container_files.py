@@ -10,6 +10,7 @@ import tarfile
 import pytest
 
 from hybridmig.destination.container import ContainerRestore, check_rootfs_diff
+from hybridmig.destination.rootfs import ChangesApplier
 from hybridmig.errors import HybridmigError
 from hybridmig.podman import Podman
 from hybridmig.source.container import rootfs_changes
@@ -115,3 +116,43 @@ def test_restore_config_skips_the_network_lock_whatever_the_source_asks(tmp_path
     restore.prepare(["--network-lock=iptables", "--tcp-close"])
     lines = (tmp_path / "criu.conf").read_text().splitlines()
     assert lines[-1] == "network-lock skip" and "network-lock iptables" in lines, lines
+
+
+def test_changes_land_inside_the_root_through_its_absolute_links(tmp_path):
+    """serve applies a container's changes to its root itself (its podman
+    restore started before they were known): the root's own links, an
+    absolute one like an image's /bin -> /usr/bin among them, resolve inside
+    the root, never on the host; then the deleted paths go, dirs whole."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "gone" / "sub").mkdir(parents=True)
+    (root / "gone" / "sub" / "f").write_text("x")
+    (root / "gone-file").write_text("x")
+    outside.mkdir()
+    os.symlink("/usr/bin", root / "bin")  # absolute: on the host it would be the host's /usr/bin
+    os.symlink(str(outside), root / "escape")  # a host path: in the container, a path of its own root
+    (root / str(outside).lstrip("/")).mkdir(parents=True)
+    diff = _tar(
+        tmp_path / "rootfs-diff.tar",
+        _member("bin/tool", data=b"tool"),
+        _member("escape/planted", data=b"planted"),
+        _member("etc", kind=tarfile.DIRTYPE),
+        _member("etc/new", data=b"new"),
+    )
+    check_rootfs_diff(diff)
+    ChangesApplier(list).apply(str(root), str(diff), ["/gone", "/gone-file", "/never-was"], timeout=30)
+    assert (root / "usr" / "bin" / "tool").read_bytes() == b"tool"
+    assert (root / "etc" / "new").read_bytes() == b"new"
+    assert (root / str(outside).lstrip("/") / "planted").read_bytes() == b"planted"  # inside the root
+    assert os.listdir(outside) == []
+    assert not (root / "gone").exists() and not (root / "gone-file").exists()
+    assert not os.path.exists("/usr/bin/tool") or open("/usr/bin/tool", "rb").read() != b"tool"
+
+
+def test_changes_that_cannot_be_applied_are_an_error(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "etc").write_text("a file where the diff wants a directory")
+    diff = _tar(tmp_path / "rootfs-diff.tar", _member("etc/new", data=b"new"))
+    with pytest.raises(HybridmigError, match="could not apply the root file system's changes"):
+        ChangesApplier(list).apply(str(root), str(diff), [], timeout=30)

@@ -236,6 +236,9 @@ def test_container_criu_cannot_dump(env):
     error = assert_source_untouched(env, wl, rc, report, err)
     assert "podman container checkpoint hm-mig failed" in error and "tcp-established" in error, error
     assert serve.wait(60) not in (0, None)
+    # the destination's podman had started its restore (CONTAINER_START, before
+    # the freeze): held at its conmon, it was undone (nothing of NAME there, above)
+    assert "podman's held restore told to abort" in serve.log(), serve.log()
 
 
 def test_image_missing_on_the_destination(env):

@@ -31,6 +31,7 @@ WP_ASYNC_KERNEL = (6, 7)  # UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN
 PAGE_SERVER_PIPE_SIZE = 4 << 20  # CRIU's page server sets its pipes to ~3.2 MiB, rounded up
 CRIU_FALLBACKS = ("/usr/local/sbin/criu", "/usr/sbin/criu")  # root's PATH may lack them
 MAKE_SETUP = "install CRIU >= 4.2: make setup"
+MAKE_SETUP_CRIU = "make setup builds a patched CRIU"
 LAST_UNPATCHED_CRIU = (4, 2, 1)  # the last release known to lack scripts/criu-patches' fixes
 CRIU_PATCH_STAMP = ".criu-hybridmig-patches"  # next to the criu scripts/setup.sh builds
 
@@ -424,22 +425,46 @@ def check_criu_patches() -> Check:
 
 
 @_memo
+def _criu_help() -> str:
+    """`criu --help` of the CRIU we run: the options it has."""
+    path = find_criu()
+    try:
+        return subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30).stdout if path else ""
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _criu_option(option, has, lacks) -> Check:
+    """Whether CRIU's --help lists --OPTION (one of scripts/criu-patches):
+    `has` says what it does, `lacks` what happens without it."""
+    path = find_criu()
+    if f"--{option}" in _criu_help():
+        return Check(f"criu {option}", True, f"{path}: {has}")
+    return Check(f"criu {option}", False, f"{path or 'no CRIU'} lacks --{option}: {lacks} — {MAKE_SETUP_CRIU}")
+
+
+@_memo
 def check_criu_lazy_in_place() -> Check:
     """Whether CRIU has --lazy-pages-in-place (scripts/criu-patches/0002): without
     it the switch-over's dump copies every lazy page into page pipes while the
     tree is frozen (~20 ms per GiB of blackout here)."""
-    path = find_criu()
-    try:
-        out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30).stdout if path else ""
-    except (OSError, subprocess.TimeoutExpired):
-        out = ""
-    if "--lazy-pages-in-place" in out:
-        return Check("criu lazy-pages-in-place", True, f"{path}: the dump copies no lazy page while frozen")
-    return Check(
-        "criu lazy-pages-in-place",
-        False,
-        f"{path or 'no CRIU'} lacks --lazy-pages-in-place: the switch-over copies the whole memory into page pipes "
-        "while the tree is frozen, a blackout that grows with the memory — make setup builds a patched CRIU",
+    return _criu_option(
+        "lazy-pages-in-place",
+        "the dump copies no lazy page while frozen",
+        "the switch-over copies the whole memory into page pipes while the tree is frozen, a blackout that grows "
+        "with the memory",
+    )
+
+
+@_memo
+def check_criu_early_vmas() -> Check:
+    """Whether CRIU has --early-vmas (scripts/criu-patches/0008): without it
+    the switch-over's dump reads /proc/PID/smaps with the tree frozen, and
+    the kernel walks every page for it (~7 ms per GiB here)."""
+    return _criu_option(
+        "early-vmas",
+        "the VMAs are read before the freeze",
+        "the switch-over reads the VMAs with the tree frozen, a walk of every page",
     )
 
 
@@ -511,7 +536,13 @@ def lazy_restore_path() -> Path:
     return _path(
         checks,
         "userfaultfd with {}; {}".format("/".join(LAZY_FEATURES), check_criu().detail),
-        caveats=[check_sys_resource(), check_criu_patches(), check_criu_lazy_in_place(), check_criu_hook()],
+        caveats=[
+            check_sys_resource(),
+            check_criu_patches(),
+            check_criu_lazy_in_place(),
+            check_criu_early_vmas(),
+            check_criu_hook(),
+        ],
     )
 
 
@@ -573,6 +604,7 @@ def all_checks() -> list[Check]:
         check_criu(),
         check_criu_patches(),
         check_criu_lazy_in_place(),
+        check_criu_early_vmas(),
         check_criu_hook(),
         check_criu_check(),
         check_criu_uffd(),

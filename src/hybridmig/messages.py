@@ -336,9 +336,10 @@ class Container(Body):
     before any page: what is migrated is a container of `engine`
     (ENGINES), to run under `name`, made from `image` (the destination
     checks now that it has the image and no container of that name, and
-    answers with the same body, D→S, or ERROR). The engine's files
-    (podman.PODMAN_FILES) come later as FILE frames by those names, beside
-    CRIU's images."""
+    answers with the same body, D→S, or ERROR). The container's
+    configuration comes in CONTAINER_START; the root file system's changes
+    (podman.PODMAN_FILES) as FILE frames by those names, beside CRIU's
+    images."""
 
     KIND = Msg.CONTAINER
     engine: str = field(metadata={"choices": ENGINES})
@@ -351,6 +352,20 @@ class Container(Body):
         if not CONTAINER_NAME.fullmatch(body.name):
             _fail("CONTAINER", "name", "is %r: no container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*)" % body.name[:80])
         return body
+
+
+@dataclass
+class ContainerStart(Body):
+    """CONTAINER_START (S→D), once, after CONTAINER and before RESTORE
+    (`run` sends it after pre-copy's first round, or at the latest just
+    before the freeze): podman's configuration of the container
+    (config.dump) and its OCI spec (spec.dump), as podman wrote them at its
+    checkpoint's start. The destination starts its restore with them, held
+    where podman starts conmon until RESTORE (docs/containers.md)."""
+
+    KIND = Msg.CONTAINER_START
+    config: dict[str, Any]
+    spec: dict[str, Any]
 
 
 @dataclass

@@ -18,9 +18,10 @@ MAX_NAME = 253
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
 # What podman's `checkpoint --export` archive holds besides CRIU's images
 # that `restore --import` needs, and that the source sends: the container's
-# configuration, its OCI spec, the root file system's changes.
+# configuration and its OCI spec (in CONTAINER_START, before the freeze),
+# the root file system's changes (FILE frames by these names, frozen).
 CONFIG_DUMP, SPEC_DUMP, ROOTFS_DIFF, DELETED_FILES = "config.dump", "spec.dump", "rootfs-diff.tar", "deleted.files"
-PODMAN_FILES = (CONFIG_DUMP, SPEC_DUMP, ROOTFS_DIFF, DELETED_FILES)
+PODMAN_FILES = (ROOTFS_DIFF, DELETED_FILES)
 
 
 def check_name(name):
@@ -37,6 +38,7 @@ class Podman:
         self.opts = list(opts)
         self.binary = binary or shutil.which("podman")
         self._runtime = None
+        self._conmon = None
 
     def command(self, *args):
         if not self.binary:
@@ -77,6 +79,18 @@ class Podman:
         if self._runtime is None:  # asked once (serve: at its start, not in a blackout)
             self._runtime = self.run("info", "--format", "{{.Host.OCIRuntime.Name}}", timeout=30).stdout.strip()
         return self._runtime
+
+    def conmon(self):
+        """The conmon this podman starts containers with: its --conmon
+        option, else its configured one (podman info)."""
+        for i, opt in enumerate(self.opts):  # the last one counts, as for podman
+            if opt.startswith("--conmon="):
+                self._conmon = opt.split("=", 1)[1]
+            elif opt == "--conmon" and i + 1 < len(self.opts):
+                self._conmon = self.opts[i + 1]
+        if self._conmon is None:  # asked once (serve: at its start, not in a blackout)
+            self._conmon = self.run("info", "--format", "{{.Host.Conmon.Path}}", timeout=30).stdout.strip()
+        return self._conmon
 
     def inspect(self, name):
         """`podman container inspect NAME` as a dict; None if there is no

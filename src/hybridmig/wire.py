@@ -108,7 +108,8 @@ class Msg(enum.IntEnum):
     RESUME = 30
     STREAMS = 31
     STREAM = 32
-    FAULTS = 33
+    CONTAINER_START = 33
+    FAULTS = 34
 
 
 def boot_id() -> str:

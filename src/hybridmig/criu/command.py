@@ -68,8 +68,8 @@ CRIU_LONG_OPTS = {
     "skip-file-rwx-check": NO, "no-skip-file-rwx-check": NO, "lsm-mount-context": REQUIRED, "network-lock": REQUIRED,
     "mntns-compat-mode": NO, "no-mntns-compat-mode": NO, "unprivileged": NO, "no-unprivileged": NO,
     "ghost-fiemap": NO, "no-ghost-fiemap": NO, "allow-uprobes": NO, "no-allow-uprobes": NO,
-    # scripts/criu-patches/0002
-    "lazy-pages-in-place": NO, "no-lazy-pages-in-place": NO,
+    # scripts/criu-patches/0002, 0008
+    "lazy-pages-in-place": NO, "no-lazy-pages-in-place": NO, "early-vmas": NO, "no-early-vmas": NO,
 }  # fmt: skip
 # short_opts "dSsRt:hD:o:v::x::Vr:jJ:lW:L:M:": the long option each letter is
 CRIU_SHORT_OPTS = {
@@ -88,9 +88,9 @@ ALLOWED_CRIU_OPTS = frozenset(
     {"tcp-established", "tcp-close", "skip-in-flight", "ext-unix-sk", "shell-job", "file-locks", "link-remap"}
     | {"no-tcp-established", "no-tcp-close", "no-skip-in-flight", "no-shell-job", "no-file-locks", "no-link-remap"}
     | {"verbosity"}
-    # the switch-over's dump as CRIU does it without hybridmig (in_place_opts);
-    # a restore ignores it (0002)
-    | {"no-lazy-pages-in-place"}
+    # the switch-over's dump as CRIU does it without hybridmig (in_place_opts,
+    # early_vmas_opts); a restore ignores them (0002, 0008)
+    | {"no-lazy-pages-in-place", "no-early-vmas"}
 )
 # Never allowed, whatever serve allows: the second copy they would leave on
 # the source after a commit, or what hybridmig sets itself.
@@ -98,6 +98,7 @@ _SECOND_COPY = {"leave-running", "leave-stopped"}
 _SET_BY_HYBRIDMIG = {
     "tree", "images-dir", "work-dir", "log-file", "restore-detached", "lazy-pages", "page-server", "address",
     "port", "ps-socket", "action-script", "pidfile", "track-mem", "prev-images-dir", "lazy-pages-in-place",
+    "early-vmas",
 }  # fmt: skip
 
 
@@ -229,6 +230,9 @@ def log_tail(path, errors=8, tail=6):
 DUMP_PHASE_MARKS = (
     ("Dumping processes (pid", ""),  # then the pre-dump hook: not CRIU's time
     ("irmap: Searching irmap cache", "seize"),  # the first line after it; plugins, inventory, seizing the tree
+    # --early-vmas (scripts/criu-patches/0008): the VMAs read while the tree still runs
+    ("early-vmas: Reading the tree's VMAs", "early_vmas"),
+    ("early-vmas: Read the VMAs of", "seize"),
     ("Preparing image inventory", "seize"),
     ("net: Lock network", "network_lock"),  # until the next line
     ("Dumping task (pid", "task"),  # per task: its stat, then
@@ -282,6 +286,28 @@ def dump_phases(log_path):
                 phase = name or None
                 break
     return {}
+
+
+_EARLY_VMAS = re.compile(r"\(\d+\.\d+\) early-vmas: (\d+): (used|not used|VMAs changed while read|not read)")
+
+
+def early_vmas_used(log_path):
+    """{"used": [pid], "late": [pid]} of a dump with --early-vmas, from its log
+    at -v3: whose VMAs CRIU took from its read before the seize, and whose it
+    read again after (they changed, or could not be told unchanged). Empty
+    without the option or if the log says too little."""
+    try:
+        with open(log_path, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    if "early-vmas: Reading the tree's VMAs" not in text:
+        return {}
+    used: list[int] = []
+    late: list[int] = []
+    for m in _EARLY_VMAS.finditer(text):
+        (used if m.group(2) == "used" else late).append(int(m.group(1)))
+    return {"used": used, "late": late}
 
 
 HOOK_PROGRAM = os.path.join(os.path.dirname(hook.__file__), "_hook")  # built by scripts/venv.sh
@@ -342,6 +368,15 @@ def in_place_opts():
     return ["--lazy-pages-in-place"] if doctor.check_criu_lazy_in_place().ok else []
 
 
+def early_vmas_opts():
+    """["--early-vmas"] if this CRIU has it (scripts/criu-patches/0008): the
+    dump reads the tree's VMAs (/proc/PID/smaps, a walk of every page) after
+    the pre-dump hook's go but before seizing the tree, and uses that read if
+    the kernel's count of mmap write locks says no VMA changed since.
+    `--criu-opt=--no-early-vmas` undoes it."""
+    return ["--early-vmas"] if doctor.check_criu_early_vmas().ok else []
+
+
 def _parent_of(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -385,6 +420,7 @@ class LazyDump:
             "dump.log",
             CRIU_LOG_LEVEL,
             *in_place_opts(),
+            *early_vmas_opts(),
             *criu_opts,
         ]
         # whether the dump leaves lazy pages in place (CRIU takes the last of the pair)

@@ -1,6 +1,8 @@
 """The destination's side of a podman container's migration (`serve
---podman`): from the CRIU images and podman's files the source sent, the
-archive `podman container restore --import` takes, and that restore, made
+--podman`): from the configuration the source sent during pre-copy, the
+archive `podman container restore --import` takes, and that restore,
+started then and held at its conmon (conmon_hold.py); at RESTORE the root
+file system's changes applied (rootfs.py), and the restore let go, made
 lazy by a CRIU config file of serve's own so that the session's lazy-pages
 daemon serves every page from the page store (docs/containers.md).
 
@@ -22,12 +24,14 @@ import time
 import psutil
 
 from ..criu.command import log_tail
-from ..errors import CriuError, HybridmigError
+from ..errors import CriuError, HybridmigError, ProtocolError
 from ..podman import CONFIG_DUMP, CRIU_CONFIG_ANNOTATION, DELETED_FILES, PODMAN_FILES, ROOTFS_DIFF, SPEC_DUMP, said
 from ..proctree import end_tree
+from .conmon_hold import ConmonHold
+from .rootfs import ChangesApplier, has_members
 
 log = logging.getLogger("hybridmig.destination.container")
-MAX_JSON_FILE = 16 << 20  # config.dump and spec.dump are a few KiB
+MAX_JSON_FILE = 16 << 20  # deleted.files: at most MAX_DELETED paths
 MAX_DELETED = 1 << 16
 # config.dump's host paths of the source's podman that podman would reuse
 # instead of making its own: the conmon pidfile under the source's runroot
@@ -60,6 +64,12 @@ class ContainerRestore:
         self.image = None  # its ID, checked at CONTAINER
         self.started = None  # when podman's restore started: a container of this name made since is ours
         self.proc: subprocess.Popen | None = None  # podman's restore
+        self.hold: ConmonHold | None = None  # where that restore waits, from start() to release()
+        self.applier: ChangesApplier | None = None  # applies the root's changes there
+        self.held_at = self.released_at = None  # when podman got there, when it went on (time.time())
+        self.applied_s = 0.0  # applying the root file system's changes took
+        self.changes = None  # rootfs-diff.tar, if it holds anything
+        self.deleted: list[str] = []
         self.restored_pid = None
 
     def _load_json(self, name, kind):
@@ -91,12 +101,14 @@ class ContainerRestore:
             raise HybridmigError(f"the destination's podman has a container named {self.name} already")
         self.image = image
 
-    def prepare(self, criu_opts):
-        """Everything before the restore: checks, the config file, the
-        archive. HybridmigError says what is missing here."""
-        option_lines = config_lines(criu_opts)
-        config = self._load_json(CONFIG_DUMP, dict)
-        spec = self._load_json(SPEC_DUMP, dict)
+    def start(self, config, spec):
+        """At CONTAINER_START, before the freeze: `podman container restore
+        --import` of an archive with the source's config.dump and spec.dump
+        (`config`, `spec`: rewritten for this host) and no images yet,
+        under the same name (a new container ID: the source's container,
+        frozen, still holds its own, and runc's state and cgroups are by
+        ID), held where podman starts conmon (conmon_hold.py) until
+        release()."""
         if config.get("rootfsImageID") != self.image:
             raise HybridmigError(f"config.dump of container {self.name} names another image than CONTAINER did")
         for key, what in REFUSED.items():
@@ -118,6 +130,34 @@ class ContainerRestore:
         annotations[CRIU_CONFIG_ANNOTATION] = self.config_file  # serve's file, not the source's path
         if isinstance(config.get("spec"), dict) and isinstance(config["spec"].get("annotations"), dict):
             config["spec"]["annotations"][CRIU_CONFIG_ANNOTATION] = self.config_file
+        placeholder = os.path.join(self.dir, "checkpoint")
+        os.mkdir(placeholder)
+        # podman only checks that the images have an inventory: CRIU reads
+        # the real ones from the session's images dir (the wrapper's --restore)
+        open(os.path.join(placeholder, "inventory.img"), "w").close()
+        with tarfile.open(self.archive, "w") as tar:
+            for name, value in ((CONFIG_DUMP, config), (SPEC_DUMP, spec)):
+                path = os.path.join(self.dir, name)
+                with open(path, "w") as f:
+                    json.dump(value, f)
+                tar.add(path, arcname=name)
+            tar.add(placeholder, arcname="checkpoint")
+        self.hold = ConmonHold(self.dir, self.podman.conmon(), self.images)
+        self.applier = ChangesApplier(self.dies_with_me)
+        cmd = self.dies_with_me(
+            self.podman.command(
+                "--conmon", self.hold.path, "container", "restore", "--import", self.archive, "--name", self.name
+            )
+        )
+        self.started = time.time()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def prepare(self, criu_opts):
+        """At RESTORE: CRIU's config file, the root file system's changes
+        checked. HybridmigError says what is wrong."""
+        option_lines = config_lines(criu_opts)
         # CRIU (run by runc) connects to the daemon's lazy-pages.socket in
         # its work dir, and runs serve's hook (the restored root, for the guard)
         lines = ["lazy-pages", "work-dir " + self.images, "action-script " + self.root_hook]
@@ -130,37 +170,32 @@ class ContainerRestore:
         lines.append("network-lock skip")
         with open(self.config_file, "w") as f:
             f.write("\n".join(lines) + "\n")
-        with tarfile.open(self.archive, "w") as tar:
-            for name, value in ((CONFIG_DUMP, config), (SPEC_DUMP, spec)):
-                path = os.path.join(self.dir, name)
-                with open(path, "w") as f:
-                    json.dump(value, f)
-                tar.add(path, arcname=name)
-            if os.path.exists(os.path.join(self.files, ROOTFS_DIFF)):
-                check_rootfs_diff(os.path.join(self.files, ROOTFS_DIFF))
-                tar.add(os.path.join(self.files, ROOTFS_DIFF), arcname=ROOTFS_DIFF)
-            if os.path.exists(os.path.join(self.files, DELETED_FILES)):
-                deleted = self._load_json(DELETED_FILES, list)
-                if len(deleted) > MAX_DELETED or not all(
-                    isinstance(p, str) and p.startswith("/") and "\0" not in p for p in deleted
-                ):
-                    raise HybridmigError(f"deleted.files of container {self.name} is no list of absolute paths")
-                tar.add(os.path.join(self.files, DELETED_FILES), arcname=DELETED_FILES)
-            tar.add(self.images, arcname="checkpoint", filter=_no_logs)
+        diff = os.path.join(self.files, ROOTFS_DIFF)
+        if os.path.exists(diff):
+            check_rootfs_diff(diff)
+            if has_members(diff):
+                self.changes = diff
+        if os.path.exists(os.path.join(self.files, DELETED_FILES)):
+            deleted = self._load_json(DELETED_FILES, list)
+            if len(deleted) > MAX_DELETED or not all(
+                isinstance(p, str) and p.startswith("/") and "\0" not in p for p in deleted
+            ):
+                raise HybridmigError(f"deleted.files of container {self.name} is no list of absolute paths")
+            self.deleted = deleted
 
-    def start(self):
-        """`podman container restore --import` under the same name (a new
-        container ID: the source's container, frozen, still holds its own,
-        and runc's state and cgroups are by ID), started: its CRIU connects
-        to the lazy-pages socket a few hundred ms later (podman's import,
-        the container's creation and mounts, conmon, runc)."""
-        cmd = self.dies_with_me(
-            self.podman.command("container", "restore", "--import", self.archive, "--name", self.name)
-        )
-        self.started = time.time()
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+    def release(self, timeout):
+        """The held restore goes on: once podman is at its conmon, the root
+        file system's changes applied to the container's root (podman
+        applies an archive's there), then conmon, runc and CRIU run; its
+        CRIU connects to the lazy-pages socket tens of ms later."""
+        if self.hold is None or self.applier is None:
+            raise ProtocolError(f"RESTORE of container {self.name} without CONTAINER_START")
+        root, self.held_at = self.hold.held(self.proc, timeout)
+        t = time.time()
+        self.applier.apply(root, self.changes, self.deleted, timeout)
+        self.applied_s = time.time() - t
+        self.hold.release("go")
+        self.released_at = time.time()
 
     def wait(self, timeout):
         """The restore's end: the restored init's pid; CriuError with
@@ -204,6 +239,13 @@ class ContainerRestore:
         """End and remove the restored container (not committed to): its
         tasks by pid at once, then podman's record of it, if this restore
         made it (a container of that name before ours is not touched)."""
+        if self.hold is not None and self.hold.said is None and self.proc is not None:
+            self.hold.release("abort")  # a held restore fails at once, podman's own way
+            log.info("container %s: podman's held restore told to abort", self.name)
+            try:
+                self.proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc is not None and self.proc.poll() is None:
             # a restore under way: podman first (its CRIU then fails at the
             # closed lazy-pages socket), then what CRIU may have forked
@@ -227,6 +269,10 @@ class ContainerRestore:
             log.error("could not remove the restored container %s: %s", self.name, said(proc))
 
     def cleanup(self):
+        if self.applier is not None:
+            self.applier.close()
+        if self.hold is not None:
+            self.hold.close()
         for path in (self.archive, self.config_file):
             try:
                 os.unlink(path)
@@ -253,10 +299,6 @@ def config_lines(criu_opts):
             raise HybridmigError(f"CRIU option {opt[:80]!r}: a container's options are --name or --name=VALUE")
         lines.append(opt[2:].replace("=", " ", 1))
     return lines
-
-
-def _no_logs(info):
-    return None if info.name.endswith(".log") or info.name.endswith(".socket") else info
 
 
 def check_rootfs_diff(path):

@@ -26,7 +26,18 @@ from ..cpus import data_threads
 from ..criu import images
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from ..errors import CriuError, HybridmigError, PeerClosed, PeerError, ProtocolError
-from ..messages import Container, Faults, Host, Outcome, OutcomeQuery, Restore, Result, RoundStats, Streams
+from ..messages import (
+    Container,
+    ContainerStart,
+    Faults,
+    Host,
+    Outcome,
+    OutcomeQuery,
+    Restore,
+    Result,
+    RoundStats,
+    Streams,
+)
 from ..proctree import end_tree
 from ..wire import Msg
 from .accept import Acceptor
@@ -219,6 +230,7 @@ class Session:
             Msg.RESTORE,
             Msg.ABORT,
             Msg.CONTAINER,
+            Msg.CONTAINER_START,
             Msg.STREAMS,
             Msg.FAULTS,
             Msg.ROUND_START,
@@ -329,6 +341,13 @@ class Session:
                 self._write_image(*wire.decode_file(payload))
             elif kind == Msg.CONTAINER:
                 self._container(Container.decode(payload))
+            elif kind == Msg.CONTAINER_START:
+                if self.container is None or self.container.proc is not None:
+                    raise ProtocolError("CONTAINER_START comes once, after CONTAINER")
+                # podman's restore starts now, during pre-copy, and waits at
+                # its conmon for RESTORE
+                body = ContainerStart.decode(payload)
+                self.container.start(body.config, body.spec)
             elif kind == Msg.RESTORE:
                 restore = Restore.decode(payload)
                 self.state = "restoring"
@@ -508,12 +527,12 @@ class Session:
             if self.postcopy:
                 self.remote.loop = daemon.loop
             if self.container is not None:
-                # podman's start-up takes longer than reading the images: it
-                # starts once the socket is bound (its CRIU, if quicker, waits
-                # in the socket's backlog)
+                # podman's restore waits at its conmon (CONTAINER_START): it
+                # goes on once the socket is bound (its CRIU, if quicker than
+                # the images' reading, waits in the socket's backlog)
                 daemon.bind()
-                self.container.start()
-                t_criu = time.monotonic()  # CRIU's start is podman's, overlapping daemon_ready
+                self.container.release(self.restore_timeout)
+                t_criu = time.monotonic()
                 daemon.prepare()
                 t_listening = time.monotonic()
             else:
@@ -562,8 +581,15 @@ class Session:
                     "finished_to_exit": (t_restored - finished) * 1000,
                 },
             )
-            if self.container is not None:  # podman's archive built: part of daemon_ready
-                result.restore_breakdown_ms["container_archive"] = (t_prepared - t0) * 1000
+            if self.container is not None:
+                # CRIU's config written; then podman's restore at its conmon, the
+                # root's changes applied, released (all in daemon_ready)
+                result.restore_breakdown_ms["container_prepared"] = (t_prepared - t0) * 1000
+                result.restore_breakdown_ms["container_released"] = (t_criu - t_prepared) * 1000
+                c = self.container  # podman's own start, and how long it then waited: out of the blackout
+                result.restore_breakdown_ms["podman_to_conmon"] = (c.held_at - c.started) * 1000
+                result.restore_breakdown_ms["held_at_conmon"] = (c.released_at - c.held_at) * 1000
+                result.restore_breakdown_ms["rootfs_changes"] = c.applied_s * 1000
             if self.postcopy:
                 # The source never resumes once the copy may have run: this
                 # copy, whole now, is the one, whatever happens next.
@@ -774,6 +800,7 @@ def serve(listen, base_dir, key, once=False, ready=None, tls=None, keep=False, m
     if limits.podman is not None:  # so is a podman that cannot run with serve's options
         log.info("restoring containers into podman %s %s", limits.podman.version(), " ".join(limits.podman.opts))
         limits.podman.runtime()  # asked now, not in a restore's blackout
+        limits.podman.conmon()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     lsock = socket.socket(family, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

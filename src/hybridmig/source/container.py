@@ -8,9 +8,11 @@ podman's state stays true: the file named by the container's
 and gives it hybridmig's hook; at post-dump the hook's answer decides, as
 for a process tree, whether CRIU ends the container (podman then marks it
 exited) or resumes it (podman's checkpoint fails, the container runs on).
-At post-dump `run` also sends podman's config.dump and spec.dump and the
-root file system's changes, which the destination turns into what
-`podman container restore --import` takes."""
+After pre-copy's first round `run` sends podman's config.dump and
+spec.dump, and the destination starts `podman container restore --import`
+with them, held at its conmon; at post-dump `run` sends the root file
+system's changes, which the destination applies before letting that
+restore go on."""
 
 import json
 import logging
@@ -23,9 +25,18 @@ import tarfile
 import psutil
 
 from .. import scratch
-from ..criu.command import CRIU_LONG_OPTS, NO, LazyDump, in_place_opts, log_tail, resolve_criu_opts, write_hook
+from ..criu.command import (
+    CRIU_LONG_OPTS,
+    NO,
+    LazyDump,
+    early_vmas_opts,
+    in_place_opts,
+    log_tail,
+    resolve_criu_opts,
+    write_hook,
+)
 from ..errors import HybridmigError, ProtocolError, SetupError, UsageError
-from ..messages import Container
+from ..messages import Container, ContainerStart
 from ..podman import (
     CONFIG_DUMP,
     CRIU_CONFIG_ANNOTATION,
@@ -189,7 +200,7 @@ class PodmanCheckpoint(LazyDump):
             "lazy-pages",
             "address 127.0.0.1",  # no port: CRIU binds where it can (criu/hook.py)
             "action-script " + write_hook(work, hook_sock),
-            *(o.removeprefix("--") for o in in_place_opts()),
+            *(o.removeprefix("--") for o in in_place_opts() + early_vmas_opts()),
             *config_lines(criu_opts),
         ]
         self.in_place = [o for o in lines if o.endswith("lazy-pages-in-place")][-1:] == ["lazy-pages-in-place"]
@@ -258,6 +269,7 @@ class ContainerMigration(Migration):
         self.podman = Podman(podman_opts)
         self.name = name
         self.remove = remove
+        self.container_started = False  # CONTAINER_START sent
         self.info = check_container(self.podman, name)
         super().__init__(self.info["State"]["Pid"], to, key, **kw)
         config_lines(self.criu_opts)  # refused now, not at the switch-over
@@ -292,14 +304,38 @@ class ContainerMigration(Migration):
     def _start_dump(self, work):
         return PodmanCheckpoint(self.podman, self.info, work, self.criu_opts)
 
-    def _send_extra(self):
-        """podman's config.dump and spec.dump (podman wrote them before the
-        dump, as --export was given) and the root file system's changes."""
+    def _round_done(self, rnd):
+        super()._round_done(rnd)
+        if not self.container_started:
+            self._start_destination(wait=False)
+
+    def _before_freeze(self):
+        if not self.container_started:  # (pre-copy converged at its first round)
+            self._start_destination(wait=True)
+
+    def _start_destination(self, wait):
+        """CONTAINER_START with podman's config.dump and spec.dump (podman
+        writes them before CRIU's start, as --export was given): the
+        destination's podman starts its restore now, its own start-up out
+        of the blackout and of the freeze's CPU, and waits at its conmon
+        for the images (RESTORE). Not yet if podman has not written them
+        whole (`wait`: at the pre-dump hook, it has)."""
+        dumps = []
         for name in (CONFIG_DUMP, SPEC_DUMP):
             path = os.path.join(self.dump.userdata, name)
-            if not os.path.exists(path):
-                raise HybridmigError(f"podman wrote no {name} for container {self.name} before its dump")
-            self._send_file(name, path)
+            try:
+                with open(path) as f:
+                    dumps.append(json.load(f))
+            except (OSError, ValueError) as e:  # not yet there, or still being written
+                if wait:
+                    raise HybridmigError(f"podman wrote no {name} for container {self.name}: {e}") from e
+                return
+        self.channel.send(Msg.CONTAINER_START, ContainerStart(*dumps).encode())
+        self.container_started = True
+
+    def _send_extra(self):
+        """The root file system's changes, read with the container frozen:
+        the files it wrote until the freeze are in them."""
         data = self.info["GraphDriver"]["Data"]
         lowers = [p for p in (data.get("LowerDir") or "").split(":") if p]
         out = scratch.make("hybridmig-rootfs-")

@@ -17,7 +17,7 @@ import psutil
 from .. import scratch, wire
 from ..bindings.ranges import Ranges
 from ..criu import images
-from ..criu.command import CRIU_LONG_OPTS, LazyDump, check_criu_opts, dump_phases, settle
+from ..criu.command import CRIU_LONG_OPTS, LazyDump, check_criu_opts, dump_phases, early_vmas_used, settle
 from ..criu.hook import IN_DOUBT
 from ..errors import (
     CriuError,
@@ -133,6 +133,7 @@ class Migration:
         self.final = Round(-1)
         self.remote_faults = 0
         self.criu_phases = {}
+        self.criu_early_vmas = {}
         self.result = None  # the destination's RESULT (a Result), or why there is none
         self.channel = None
         self.images_dir = None
@@ -258,6 +259,10 @@ class Migration:
         os.makedirs(images_dir, exist_ok=True)
         return LazyDump(self.pid, images_dir, work, self.criu_opts)
 
+    def _before_freeze(self):
+        """What the destination may start on before the tree is frozen (a
+        container's restore, up to its conmon)."""
+
     def _send_extra(self):
         """What the destination needs besides CRIU's images, sent before
         RESTORE while the tree is frozen (a container's configuration)."""
@@ -329,6 +334,7 @@ class Migration:
     def _switch_over(self, images_dir):
         self.dump.wait_hook("pre-dump", self.timeout)
         self.times["criu_ready"] = time.time()
+        self._before_freeze()
         # Let go of an auto-converged tree only now, as CRIU seizes it next:
         # it runs free just for CRIU's few steps before the seizing.
         if self.converge is not None:
@@ -353,6 +359,7 @@ class Migration:
                 conn.sendall(IN_DOUBT if self.in_doubt else b"0" if verdict else b"1")
         # read once the tree is no longer held on it
         self.criu_phases = dump_phases(self.dump.log)
+        self.criu_early_vmas = early_vmas_used(self.dump.log)
         if self.in_doubt:
             raise InDoubtError(
                 "%s. The source (pid %d) is left frozen by criu dump (pid %d). "
@@ -812,12 +819,15 @@ class Migration:
         then are served from the destination's RAM."""
         t = self.times
         dest = self.result  # a success: report() follows a commit
+        phases = dict(self.criu_phases)
+        # CRIU's read of the VMAs before the seize (--early-vmas): after go, but the tree still runs
+        early_vmas_ms = phases.pop("early_vmas", 0.0)
         breakdown = {
             # the part of CRIU's start-up (begun with pre-copy) still to go
             # when pre-copy converged (the tree still runs, unless
             # auto-converge holds it)
             "criu_startup_ms": (t["criu_ready"] - t["precopy_done"]) * 1000,
-            "freeze_to_dumped_ms": (t["dumped"] - t["go"]) * 1000,
+            "freeze_to_dumped_ms": (t["dumped"] - t["go"]) * 1000 - early_vmas_ms,
             "final_pages_ms": (t["final_sent"] - t["dumped"]) * 1000,
             "images_ms": (t["images_sent"] - t["final_sent"]) * 1000,
             "restore_ms": dest.restore_s * 1000,
@@ -855,12 +865,14 @@ class Migration:
             # lock, namespaces, vmas, parasite, pagemap, page_pipes, images);
             # the rest is CRIU's hooks and our answers to them
             "criu_dump_phases_ms": dict(
-                self.criu_phases,
-                hooks_and_rest=breakdown["freeze_to_dumped_ms"] - sum(self.criu_phases.values()),
+                phases,
+                hooks_and_rest=breakdown["freeze_to_dumped_ms"] - sum(phases.values()),
             )
-            if self.criu_phases
+            if phases
             else {},
             "criu_lazy_pages_in_place": self.dump.in_place,
+            # --early-vmas: the pids whose VMAs the dump took from its read before the seize, and not
+            "criu_early_vmas": dict(self.criu_early_vmas, read_ms=early_vmas_ms) if self.criu_early_vmas else {},
             "bytes_sent": self.bytes_earlier
             + self.channel.bytes_sent
             + sum(ch.bytes_sent for ch in self.stream_channels)
