@@ -145,8 +145,9 @@ def test_slow_destination_backpressure(env):
 
 
 # A client in the source's namespace that tries page streams serve must
-# refuse; prints one JSON line: what each attempt heard.
-_CLIENT = r"""
+# refuse; prints one JSON line: what each attempt heard. CLIENT_HEAD: its
+# set-up and stream() (tests/test_faults.py tries fault channels with it).
+CLIENT_HEAD = r"""
 import json, sys
 from hybridmig import wire
 from hybridmig.errors import ProtocolError
@@ -167,7 +168,10 @@ def stream(name, session, index, binding_key, key=key):
         return ch
     except ProtocolError as e:
         out[name] = "refused: %s" % e
-
+"""
+_CLIENT = (
+    CLIENT_HEAD
+    + r"""
 # a key that is not serve's: refused in the handshake, as a control channel is
 stream("wrong key", "0" * 32, 0, bytes(32), key=other)
 # a session no one opened
@@ -195,6 +199,24 @@ stream("stream 0 again", session, 0, control.binding_key)
 control.close()
 print(json.dumps(out), flush=True)
 """
+)
+
+
+def refusals(env, client):
+    """A serve for several sources, and what `client` (CLIENT_HEAD and its
+    attempts) printed, run in the source's namespace."""
+    serve = _serve_many(env).wait_listening()
+    proc = subprocess.run(
+        env.hosts.run_in(env.hosts.src)
+        + [sys.executable, "-c", client, "%s:%d" % (env.hosts.dst_addr, PORT), str(env.key), str(env.other_key())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    print(out)
+    return serve, out
 
 
 @pytest.mark.timeout(120)
@@ -203,17 +225,7 @@ def test_streams_that_are_not_a_session_are_refused(env):
     opened, beyond serve's cap of 8, with a proof not made from the control
     channel, beyond the announced count, or a second time: each refused
     with a log line naming why; serve goes on and migrates the next source."""
-    serve = _serve_many(env).wait_listening()
-    proc = subprocess.run(
-        env.hosts.run_in(env.hosts.src)
-        + [sys.executable, "-c", _CLIENT, "%s:%d" % (env.hosts.dst_addr, PORT), str(env.key), str(env.other_key())],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
-    print(out)
+    serve, out = refusals(env, _CLIENT)
     assert out["wrong key"].startswith("refused") and "authentication" in out["wrong key"], out
     assert "unknown or finished session" in out["unknown session"], out
     assert "refused 9 page streams" in out["9 streams"], out

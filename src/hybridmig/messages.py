@@ -388,3 +388,14 @@ class Stream(Body):
     session: str
     index: int
     proof: str
+
+
+@dataclass
+class Faults(Body):
+    """FAULTS (S→D on the control channel, after HOST, before any page;
+    D→S the same body or ERROR): post-copy's remote faults and their pages
+    go over a connection of their own, which joins with STREAM (index
+    wire.FAULT_LANE) as a page stream does."""
+
+    KIND = Msg.FAULTS
+    count: int = 1

@@ -57,6 +57,9 @@ _STREAM_BINDING = b"hybridmig stream\0"
 # Page streams: a page goes on stream (vaddr // STREAM_BLOCK) % N, always
 # the same one (docs/design.md, "Page streams").
 STREAM_BLOCK = 2 << 20
+# The stream index a session's fault channel joins with (STREAM): bound into
+# its proof like a page stream's index, and beyond any page stream's.
+FAULT_LANE = 0xFFFF
 
 _HEADER = struct.Struct("!BBHIQ")  # type, flags, reserved, length, sequence: handshake and plaintext frames
 _SEALED_HEADER = struct.Struct("!I")  # length of the sealed type and payload, tag included
@@ -106,6 +109,7 @@ class Msg(enum.IntEnum):
     STREAMS = 31
     STREAM = 32
     CONTAINER_START = 33
+    FAULTS = 34
 
 
 def boot_id() -> str:

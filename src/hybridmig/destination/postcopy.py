@@ -66,6 +66,8 @@ class PostCopyPages(RemotePages):
         self.latencies = []
         self._received = {}  # key -> Ranges of the pages that came since RESTORE
         self.fetches = 0
+        self.faults = None  # the session's FaultLane (destination/faults.py): FETCHes go there while it lasts
+        self.fetches_on_fault_channel = 0
         self.pages_arrived_after = 0  # pages that came after RESTORE (pushed or fetched)
         self.last_arrival = time.monotonic()
 
@@ -103,8 +105,12 @@ class PostCopyPages(RemotePages):
             self._outstanding.setdefault(owner, []).append((now, at, end, Ranges([(at, end)]), key, vaddr))
             self.fetches += 1
         self.remote_pages += npages
+        fetch = wire.encode_range(owner, at, npages)
+        if self.faults is not None and self.faults.send(Msg.FETCH, fetch):
+            self.fetches_on_fault_channel += 1
+            return
         try:
-            self.channel.send(Msg.FETCH, wire.encode_range(owner, at, npages))
+            self.channel.send(Msg.FETCH, fetch)
         except ProtocolError as e:  # the link: the faults wait, asked again once the source is back
             log.warning("cannot ask the source for pages: %s", e)
 
@@ -171,6 +177,16 @@ class PostCopyPages(RemotePages):
             if self.loop is not None:
                 self.loop.notify()
 
+    def fault_channel_lost(self):
+        """The fault channel broke: FETCHes go on the control channel, and
+        every waiting fault asks again there (what it asked may be lost)."""
+        with self._lock:
+            self.faults = None
+            self._asked.clear()
+            self._outstanding.clear()
+            if self.loop is not None:
+                self.loop.notify()
+
     def idle_s(self):
         """Seconds since the last page came."""
         return time.monotonic() - self.last_arrival
@@ -178,6 +194,7 @@ class PostCopyPages(RemotePages):
     def stats(self):
         return {
             "remote_faults": self.fetches,
+            "fetches_on_fault_channel": self.fetches_on_fault_channel,
             "remote_fault_latency_ms": percentiles_ms(self.latencies),
             "pages_arrived_after_restore": self.pages_arrived_after,
         }

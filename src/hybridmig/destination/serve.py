@@ -26,11 +26,23 @@ from ..cpus import data_threads
 from ..criu import images
 from ..criu.command import ALLOWED_CRIU_OPTS, CRIU_LOG_LEVEL, check_criu_opts, criu_binary, log_tail
 from ..errors import CriuError, HybridmigError, PeerClosed, PeerError, ProtocolError
-from ..messages import Container, ContainerStart, Host, Outcome, OutcomeQuery, Restore, Result, RoundStats, Streams
+from ..messages import (
+    Container,
+    ContainerStart,
+    Faults,
+    Host,
+    Outcome,
+    OutcomeQuery,
+    Restore,
+    Result,
+    RoundStats,
+    Streams,
+)
 from ..proctree import end_tree
 from ..wire import Msg
 from .accept import Acceptor
 from .container import ContainerRestore, is_podman_file
+from .faults import FaultLane
 from .guard import Guard
 from .inbound import Inbound
 from .lazypages import LazyPagesDaemon
@@ -220,6 +232,7 @@ class Session:
             Msg.CONTAINER,
             Msg.CONTAINER_START,
             Msg.STREAMS,
+            Msg.FAULTS,
             Msg.ROUND_START,
         },
         "restoring": {Msg.PAGES, Msg.COMMIT, Msg.ABORT},  # PAGES: answers to FETCH
@@ -231,6 +244,7 @@ class Session:
         self.channel = channel
         self.registry = registry  # streams.Registry: where this session's page streams join, if it has any
         self.streams = None  # its StreamSet, after STREAMS
+        self.faults = None  # its FaultLane, after FAULTS
         self._quota_lock = threading.Lock()  # page streams store from their own threads
         self._reserved = 0  # bytes of puts under way outside the lock, counted against the quota
         self.id = session_id or secrets.token_hex(16)
@@ -308,6 +322,8 @@ class Session:
                 self.store.forget(*wire.decode_stale(payload))
             elif kind == Msg.STREAMS:
                 self._open_streams(Streams.decode(payload))
+            elif kind == Msg.FAULTS:
+                self._open_faults(Faults.decode(payload))
             elif kind == Msg.ROUND_START:
                 if self.streams is None:
                     raise ProtocolError("ROUND_START without page streams")
@@ -340,6 +356,9 @@ class Session:
 
                     self.remote = PostCopyPages(self.channel, self.store)
                     self.postcopy = True
+                    # its FETCHes and their pages on the fault channel
+                    if self.faults is not None and self.faults.start(self._store, self.remote, self._copy_whole):
+                        self.remote.faults = self.faults
                     # a broken link: the copy waits for its source as long as the source tries
                     self.reconnect_s = min(self.restore_timeout, restore.reconnect_s)
                 self._restorer = threading.Thread(target=self._restore, args=(restore,), name="restore", daemon=True)
@@ -374,6 +393,23 @@ class Session:
         self.registry.add(self.id, self.streams)
         self.channel.send(Msg.STREAMS, body.encode())
         log.info("session %s: pages over %d streams", self.id[:8], body.count)
+
+    def _open_faults(self, body):
+        """FAULTS: post-copy's faults go over a connection of their own,
+        which joins through the registry (destination/faults.py)."""
+        if self.faults is not None or self.rounds or self.tasks or self.image_sizes:
+            raise ProtocolError("FAULTS comes once, before any page or file")
+        if self.registry is None:
+            raise HybridmigError("this serve takes no fault channel")
+        if body.count != 1:
+            raise HybridmigError(f"refused {body.count} fault channels: a session has one")
+        self.faults = FaultLane(self.id, self.channel.binding_key)
+        self.registry.add_faults(self.id, self.faults)
+        self.channel.send(Msg.FAULTS, body.encode())
+
+    def _copy_whole(self):
+        """Post-copy: the copy has every page (and is held as the one)."""
+        return self.committed
 
     def _stream_broken(self, why):
         """A page stream failed (cut, or a bad frame): the session fails
@@ -692,9 +728,12 @@ class Session:
 
     def cleanup(self, keep=False):
         """At the session's end: the copy was committed, or ended."""
-        if self.streams is not None:
+        if self.streams is not None or self.faults is not None:
             self.registry.remove(self.id)
+        if self.streams is not None:
             self.streams.close()
+        if self.faults is not None:
+            self.faults.close()
         if self.container is not None and not keep:
             self.container.cleanup()
         self._tell_guard("release")

@@ -35,6 +35,19 @@ JOIN_WAIT_S = 10.0  # ROUND_START 0 waits this long for streams still in their h
 IDLE_S = 600  # a stream silent this long in a round fails (serve's SESSION_IDLE_S)
 
 
+def check_proof(binding_key, session_id, channel, body, what):
+    """STREAM's proof, or ProtocolError: a MAC under the control channel's
+    binding key over the session, the index and this connection's own
+    handshake (wire.stream_proof)."""
+    try:
+        proof = bytes.fromhex(body.proof)
+    except ValueError:
+        proof = b""
+    expect = wire.stream_proof(binding_key, session_id, body.index, channel.transcript)
+    if not hmac.compare_digest(proof, expect):
+        raise ProtocolError(f"{what} failed its session proof")
+
+
 class Registry:
     """Sessions that take page streams, by session id: the acceptor hands
     each stream connection here (Acceptor.streams)."""
@@ -42,14 +55,22 @@ class Registry:
     def __init__(self):
         self._lock = threading.Lock()
         self._by_id = {}
+        self._faults = {}  # session id -> its FaultLane
 
     def add(self, session_id, streams):
         with self._lock:
             self._by_id[session_id] = streams
 
+    def add_faults(self, session_id, lane):
+        """The session's fault channel (destination/faults.py) joins here,
+        as a page stream of index wire.FAULT_LANE."""
+        with self._lock:
+            self._faults[session_id] = lane
+
     def remove(self, session_id):
         with self._lock:
             self._by_id.pop(session_id, None)
+            self._faults.pop(session_id, None)
 
     def attach(self, channel):
         """An authenticated stream connection (in the acceptor's handshake
@@ -61,10 +82,14 @@ class Registry:
                 raise ProtocolError(f"a page stream that starts with {kind.name}, not STREAM")
             body = Stream.decode(payload)
             with self._lock:
-                streams = self._by_id.get(body.session)
-            if streams is None:
-                raise ProtocolError("a page stream for an unknown or finished session")
-            streams.attach(channel, body)
+                by_id = self._faults if body.index == wire.FAULT_LANE else self._by_id
+                target = by_id.get(body.session)
+            if target is None:
+                raise ProtocolError(
+                    "a %s for an unknown or finished session"
+                    % ("fault channel" if body.index == wire.FAULT_LANE else "page stream")
+                )
+            target.attach(channel, body)
         except ProtocolError as e:
             log.warning("refused page stream from %s: %s", channel.peer, e)
             channel.send_error(f"page stream refused: {e}")
@@ -94,13 +119,7 @@ class StreamSet:
     def attach(self, channel, body):
         if not 0 <= body.index < self.count:
             raise ProtocolError(f"stream {body.index} beyond the {self.count} announced")
-        try:
-            proof = bytes.fromhex(body.proof)
-        except ValueError:
-            proof = b""
-        expect = wire.stream_proof(self.binding_key, self.session_id, body.index, channel.transcript)
-        if not hmac.compare_digest(proof, expect):
-            raise ProtocolError(f"stream {body.index} failed its session proof")
+        check_proof(self.binding_key, self.session_id, channel, body, f"stream {body.index}")
         with self.cond:
             if self.closed or self.error is not None:
                 raise ProtocolError("a page stream for a session whose rounds are over")

@@ -29,7 +29,7 @@ from ..errors import (
     SetupError,
     UsageError,
 )
-from ..messages import Host, Outcome, OutcomeQuery, Restore, Result, Resume, Streams
+from ..messages import Faults, Host, Outcome, OutcomeQuery, Restore, Result, Resume, Streams
 from ..proctree import all_held, end_tree
 from ..wire import Msg
 from .converge import AutoConverge
@@ -37,7 +37,7 @@ from .options import DEFAULTS, MAX_STREAMS, SWITCHOVERS, default_streams
 from .pacing import Pacer
 from .postcopy import PostCopy, SourceLost, held_part, send_stale
 from .precopy import PAGE_SIZE, PreCopy, Round, Sender, Throttle, ns_pid, track
-from .streams import StreamSender, open_streams
+from .streams import StreamSender, join_session, open_streams
 from .tracker import merge, pages_in, subtract
 
 log = logging.getLogger("hybridmig.source.migration")
@@ -99,6 +99,7 @@ class Migration:
             raise UsageError(f"--streams {streams}: 1 to {MAX_STREAMS}")
         self.streams = streams
         self.stream_channels = []  # the page streams, while pre-copy uses them
+        self.fault_channel = None  # post-copy's faults and their pages (switchover postcopy|auto)
         self.to = to
         self.key = key
         self.max_rounds = max_rounds
@@ -168,8 +169,11 @@ class Migration:
             )
         try:
             self._open_streams()
+            self._open_faults()
         except BaseException:
             self.channel.close()
+            for ch in self.stream_channels:
+                ch.close()
             raise
         self.times["start"] = time.time()
         try:
@@ -233,6 +237,8 @@ class Migration:
                 sender.close()
             for ch in self.stream_channels:
                 ch.close()
+            if self.fault_channel is not None:
+                self.fault_channel.close()
             self.channel.close()
             if not self.work_dir and not self.in_doubt:  # the waiting CRIU's images dir: left to it
                 try:
@@ -303,13 +309,27 @@ class Migration:
         if kind != Msg.STREAMS or Streams.decode(payload).count != self.streams:
             raise ProtocolError(f"{self.channel.peer} answered STREAMS with {kind.name}")
 
-        def connect():
-            return wire.connect(
-                self.to, self.key, tls=self.tls, idle_timeout=self.timeout, mode=self.wire_mode, stream=True
-            )
-
-        self.stream_channels = open_streams(self.channel, self.session, self.streams, connect)
+        self.stream_channels = open_streams(self.channel, self.session, self.streams, self._connect_stream)
         log.info("pre-copy over %d page streams", self.streams)
+
+    def _connect_stream(self):
+        """A new authenticated connection flagged as a stream of this session."""
+        return wire.connect(
+            self.to, self.key, tls=self.tls, idle_timeout=self.timeout, mode=self.wire_mode, stream=True
+        )
+
+    def _open_faults(self):
+        """Where post-copy may come (--switchover postcopy|auto): announce
+        the fault channel (FAULTS) and open it, joined to the session as a
+        page stream is (STREAM, index wire.FAULT_LANE). Before the process
+        is touched; idle until the switch-over."""
+        if self.switchover == "precopy":
+            return
+        self.channel.send(Msg.FAULTS, Faults().encode())
+        kind, _ = self.channel.recv()
+        if kind != Msg.FAULTS:
+            raise ProtocolError(f"{self.channel.peer} answered FAULTS with {kind.name}")
+        self.fault_channel = join_session(self.channel, self.session, wire.FAULT_LANE, self._connect_stream)
 
     def _switch_over(self, images_dir):
         self.dump.wait_hook("pre-dump", self.timeout)
@@ -432,7 +452,12 @@ class Migration:
                 final.pages_written += pages_in(dirty)
                 owed[pid] = Ranges(self._lacking(images_dir, key, dirty))
             postcopy = self.postcopy_run = PostCopy(
-                self.channel, self.sender, owed, final, criu_alive=lambda: alive(self.dump.criu_pid)
+                self.channel,
+                self.sender,
+                owed,
+                final,
+                criu_alive=lambda: alive(self.dump.criu_pid),
+                faults=self.fault_channel,
             )
             # From here PostCopy knows what the destination lacks. `held`,
             # full of the stale pages' holes, would move its whole array for
@@ -850,7 +875,8 @@ class Migration:
             "criu_early_vmas": dict(self.criu_early_vmas, read_ms=early_vmas_ms) if self.criu_early_vmas else {},
             "bytes_sent": self.bytes_earlier
             + self.channel.bytes_sent
-            + sum(ch.bytes_sent for ch in self.stream_channels),
+            + sum(ch.bytes_sent for ch in self.stream_channels)
+            + (self.fault_channel.bytes_sent if self.fault_channel is not None else 0),
             "remote_faults": report_postcopy["remote_faults"] if report_postcopy else self.remote_faults,
             "attach_stop_ms": t.get("attach_stop_ms"),
             "auto_converge_held_s": self.converge.held_s if self.converge else 0.0,

@@ -22,12 +22,13 @@ class RunOptions:
     auto_converge: bool | None = None
     #: precopy (rounds, then everything frozen), postcopy (after
     #: postcopy_after rounds the copy resumes and pulls the rest), auto
-    #: (pre-copy while rounds shrink, post-copy once they stop). precopy
-    #: until post-copy is shown to pause less on a quiet machine too: at
-    #: 20000 pages/s over 1 Gbit/s it paused 1.4 x pre-copy's at 1 GiB and
-    #: 1.75 x at 4 GiB at load 6-10, 0.5-0.7 x at load 2-5; over 100 Mbit/s
-    #: auto paused 506-554 ms at 450 MiB (docs/results.md, 2026-12-06)
-    switchover: str = "precopy"
+    #: (pre-copy while rounds shrink, post-copy once they stop). auto: at
+    #: 500 pages/s it is pre-copy (no remote fault, the same blackout); at
+    #: 20000 pages/s over 1 Gbit/s it pauses the process less than pre-copy
+    #: and keeps it near its pace after the resume, where pre-copy throttles
+    #: it for tens of seconds (docs/results.md, "The fault channel").
+    #: A container (run --container) migrates with precopy.
+    switchover: str = "auto"
     #: rounds before a --switchover postcopy resumes the copy (round 0
     #: included); below 1, the share of round 0 sent before it (0: none)
     postcopy_after: float = 1

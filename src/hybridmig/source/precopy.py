@@ -224,6 +224,13 @@ class Sender:
                 raise
             log.info("pid %d exited during pre-copy", pid)
 
+    def send_on(self, channel, pid, ranges, rnd):
+        """The pages of ranges of pid in frames on `channel` (post-copy's
+        fault channel), read and sent in this thread."""
+        buf = self._bufs[0]
+        for _, key, extents, ndata in self._frames(pid, ranges, rnd, lambda: buf, lambda b: None):
+            self._flush(buf, key, extents, ndata, rnd, channel=channel)
+
     def _send_ranges(self, pid, ranges, rnd):
         if self.reader_thread and _pages(ranges) >= PIPELINE_MIN_PAGES:
             self._send_pipelined(pid, ranges, rnd)

@@ -39,18 +39,28 @@ def open_streams(control, session, count, connect):
     channels = []
     try:
         for index in range(count):
-            ch = connect()
-            channels.append(ch)
-            proof = wire.stream_proof(control.binding_key, session, index, ch.transcript)
-            ch.send(Msg.STREAM, Stream(session, index, proof.hex()).encode())
-            kind, payload = ch.recv()
-            if kind != Msg.STREAM or Stream.decode(payload).index != index:
-                raise ProtocolError(f"{ch.peer} answered page stream {index} with {kind.name}")
+            channels.append(join_session(control, session, index, connect))
     except BaseException:
         for ch in channels:
             ch.close()
         raise
     return channels
+
+
+def join_session(control, session, index, connect):
+    """A new connection (connect()) joined to the control channel's session
+    as stream `index` (wire.FAULT_LANE: the fault channel), with its proof."""
+    ch = connect()
+    try:
+        proof = wire.stream_proof(control.binding_key, session, index, ch.transcript)
+        ch.send(Msg.STREAM, Stream(session, index, proof.hex()).encode())
+        kind, payload = ch.recv()
+        if kind != Msg.STREAM or Stream.decode(payload).index != index:
+            raise ProtocolError(f"{ch.peer} answered stream {index} with {kind.name}")
+    except BaseException:
+        ch.close()
+        raise
+    return ch
 
 
 class _Lane:
