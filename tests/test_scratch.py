@@ -77,3 +77,16 @@ def test_a_dead_owners_mounts_are_detached_not_emptied(tmp_path):
         assert (outside / "keep").read_text() == "the host's"
     finally:
         subprocess.run(["umount", "-l", yard], capture_output=True, timeout=10)
+
+
+def test_the_owners_start_is_in_ticks_since_boot(tmp_path):
+    """The start time in the owner file is /proc/PID/stat's, in clock ticks
+    since boot: a date (psutil's create_time, made from the boot time) moves
+    when the clock is stepped, and a sweep then took a live run's dir for a
+    dead one's."""
+    d = scratch.make("hm-", str(tmp_path))
+    pid, start, _ = open(os.path.join(d, scratch.OWNER_FILE)).read().split()
+    with open("/proc/self/stat") as f:
+        assert (pid, start) == (str(os.getpid()), f.read().rsplit(")", 1)[1].split()[19])
+    scratch.make("hm-", str(tmp_path))
+    assert os.path.isdir(d)  # its owner, this process, lives

@@ -8,8 +8,6 @@ import re
 import shutil
 import tempfile
 
-import psutil
-
 OWNER_FILE = ".hybridmig-owner"
 MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -43,10 +41,18 @@ def _pid_namespace():
     return os.stat("/proc/self/ns/pid").st_ino
 
 
-def _identity(proc):
-    # the start time tells a live owner from a later process given its pid;
-    # pids are only comparable within one pid namespace
-    return "%d %.2f %d" % (proc.pid, proc.create_time(), _pid_namespace())
+def _identity(pid):
+    """pid, start time, pid namespace. The start time tells a live owner from
+    a later process given its pid: in clock ticks since boot (/proc/PID/stat),
+    not as a date, which moves when the clock is stepped (a date made from
+    the boot time did, and a sweep removed a live run's dir). Pids are only
+    comparable within one pid namespace. Raises ProcessLookupError."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]
+    except (FileNotFoundError, ProcessLookupError):  # (ESRCH: it is being reaped)
+        raise ProcessLookupError(pid) from None
+    return "%d %s %d" % (pid, start, _pid_namespace())
 
 
 def _owner_gone(identity):
@@ -54,8 +60,8 @@ def _owner_gone(identity):
     if int(pidns) != _pid_namespace():
         return False  # another container's, sharing the dir: not ours to judge
     try:
-        return _identity(psutil.Process(int(pid))) != identity
-    except psutil.NoSuchProcess:
+        return _identity(int(pid)) != identity
+    except ProcessLookupError:
         return True
 
 
@@ -86,7 +92,7 @@ def make(prefix, parent=None):
     sweep(prefix, parent)
     path = tempfile.mkdtemp(prefix=prefix, dir=parent)
     with open(os.path.join(path, OWNER_FILE), "w") as f:
-        f.write(_identity(psutil.Process()))
+        f.write(_identity(os.getpid()))
     return path
 
 
