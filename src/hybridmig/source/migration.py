@@ -326,7 +326,13 @@ class Migration:
         if self.switchover == "precopy":
             return
         self.channel.send(Msg.FAULTS, Faults().encode())
-        kind, _ = self.channel.recv()
+        try:
+            kind, _ = self.channel.recv()
+        except PeerError as e:  # an older serve refuses it (the process is not touched yet)
+            raise PeerError(
+                f"{e} (a serve older than this run has no fault channel: upgrade it, or run with "
+                "--switchover precopy, which needs none)"
+            ) from e
         if kind != Msg.FAULTS:
             raise ProtocolError(f"{self.channel.peer} answered FAULTS with {kind.name}")
         self.fault_channel = join_session(self.channel, self.session, wire.FAULT_LANE, self._connect_stream)
