@@ -485,6 +485,14 @@ class Migration:
             if not self.result.ran:  # CRIU never let the copy run: the source may
                 self._settle(end=False)
                 return False
+            failed = self.dump.failed()
+            if failed:
+                # The destination ended its copy (its RESULT says so), and this
+                # CRIU died meanwhile, which let the source run again: one
+                # copy, the source's, and nothing left frozen to settle.
+                self.result = Result(ok=False, error=f"{self.result.error}; {failed}", ran=True)
+                self.criu_died_frozen = True
+                return False
             self.doubt = "the destination's copy ran and then failed: %s" % self.result.error
             return None
         kept = self._commit()  # after DONE the destination holds its copy as the one
