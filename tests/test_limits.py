@@ -20,7 +20,18 @@ from hybridmig import wire
 from hybridmig.criu.command import check_criu_opts
 from hybridmig.destination.serve import Limits, Session
 from hybridmig.errors import HybridmigError, ProtocolError, UsageError
-from hybridmig.messages import Container, Host, OutcomeQuery, Restore, Result, RoundStats, Stream, Streams
+from hybridmig.messages import (
+    Container,
+    ContainerStart,
+    Faults,
+    Host,
+    OutcomeQuery,
+    Restore,
+    Result,
+    RoundStats,
+    Stream,
+    Streams,
+)
 from hybridmig.source.migration import Migration
 from hybridmig.wire import Msg
 from lazy_util import HYBRIDMIG_BIN as HYBRIDMIG
@@ -398,6 +409,13 @@ def valid_bodies():
         Msg.HOST: b"{}",
         Msg.HELLO: b"",
         Msg.AUTH_OK: b"",
+        # the later ones: page streams, post-copy, containers (refused by a serve without --podman)
+        Msg.STREAMS: Streams(2).encode(),
+        Msg.ROUND_START: wire.encode_round_number(0),
+        Msg.STALE: wire.encode_stale(1, [(1 << 30, (1 << 30) + PAGE)]),
+        Msg.FAULTS: Faults().encode(),
+        Msg.CONTAINER: Container("podman", "web", IMAGE_ID).encode(),
+        Msg.CONTAINER_START: ContainerStart({"x": 1}, {"y": 2}).encode(),
     }
 
 

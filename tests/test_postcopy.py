@@ -154,23 +154,30 @@ def test_link_cut_during_postcopy_leaves_the_source_frozen_and_intact(env):
     inside its criu dump, whole, and run says how to settle it. Resuming it
     is the operator's call (the copy ran meanwhile): here it is resumed,
     and verified page by page."""
+    error = link_cut_for_good(env)
+    assert "post-copy" in error and "hybridmig settle" in error, error
+
+
+def link_cut_for_good(env, *run_args):
+    """A post-copy (run_args added) whose link goes down for good: run is
+    left in doubt, the source frozen in its criu dump, the destination's copy
+    ended; the source resumed with `settle`, verified. Returns run's error."""
     wl = env.workload(64, rate=20000)
     pids = wl.pids()
-    serve, run, restored = postcopy_running(env, wl, "--bandwidth-limit", "4M", "--timeout", "10")
+    serve, run, restored = postcopy_running(env, wl, *run_args, "--bandwidth-limit", "4M", "--timeout", "10")
     env.cleanup.kill_pid_tree(restored)
     set_link(env, "down")
     env.cleanup.add(set_link, env, "up")
     rc, rep, err = run.wait(180)
     assert rc != 0 and rep["result"] == "in doubt", (rc, rep)
-    error = rep["error"]
-    assert "post-copy" in error and "hybridmig settle" in error, error
-    criu_pid = frozen_by(env, error)
+    criu_pid = frozen_by(env, rep["error"])
     for pid in pids:
         assert state(pid) in ("t", "T"), (pid, state(pid))
     assert_copy_ended(serve, restored)
     settle(env, criu_pid, pids, "resume")
     wait_for(lambda: all(state(p) not in ("t", "T") for p in pids), 10, "the source to run again")
     assert_intact(wl.verify(), 1)
+    return rep["error"]
 
 
 def assert_copy_ended(serve, restored):

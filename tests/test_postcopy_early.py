@@ -10,15 +10,14 @@ what round 0 did not reach plus what was written after it was sent."""
 
 import pytest
 
-from migrate_util import frozen_by, settle, state, wait_for
+from migrate_util import state
 from test_migrate import assert_intact, assert_migrated
 from test_migrate import env as env  # noqa: F401 -- the fixture
 from test_postcopy import (
-    assert_copy_ended,
     cut_link,
     fork_and_churn_during_postcopy,
+    link_cut_for_good,
     postcopy_running,
-    set_link,
     source_killed_during_postcopy,
 )
 
@@ -87,23 +86,7 @@ def test_link_cut_for_good_during_postcopy_now_leaves_the_source_intact(env):
     """No round, the link down for good: the destination ends its copy
     (which held none of the memory but what it was sent), the source stays
     frozen in its criu dump, whole; resumed here and verified."""
-    wl = env.workload(64, rate=20000)
-    pids = wl.pids()
-    serve, run, restored = postcopy_running(
-        env, wl, "--postcopy-after", "0", "--bandwidth-limit", "4M", "--timeout", "10"
-    )
-    env.cleanup.kill_pid_tree(restored)
-    set_link(env, "down")
-    env.cleanup.add(set_link, env, "up")
-    rc, rep, err = run.wait(180)
-    assert rc != 0 and rep["result"] == "in doubt", (rc, rep)
-    criu_pid = frozen_by(env, rep["error"])
-    for pid in pids:
-        assert state(pid) in ("t", "T"), (pid, state(pid))
-    assert_copy_ended(serve, restored)
-    settle(env, criu_pid, pids, "resume")
-    wait_for(lambda: all(state(p) not in ("t", "T") for p in pids), 10, "the source to run again")
-    assert_intact(wl.verify(), 1)
+    link_cut_for_good(env, "--postcopy-after", "0")
 
 
 @pytest.mark.timeout(300)
