@@ -462,11 +462,15 @@ class PreCopy:
         self._finish(rnd, t0, cpu0, started)
         return rnd
 
-    def _unpace(self):
-        """Round 0 of a tree the rounds cannot converge: as fast as the link
-        and --bandwidth-limit allow (source/early.py)."""
+    def _unpace(self, why="auto: the tree writes too fast for pre-copy"):
+        """No more pacing (source/pacing.py): the rounds as fast as the link
+        and --bandwidth-limit allow. Once the tree writes faster than the
+        rounds can converge, keeping its CPU share only makes them longer
+        and what they send staler: auto's round 0 before its early
+        switch-over (source/early.py), and pre-copy once auto-converge slows
+        the tree down (pacing would give back the pace it takes away)."""
         if self.sender.throttle is not None and self.sender.throttle.pacer is not None:
-            log.info("auto: the tree writes too fast for pre-copy; round 0 no longer paced")
+            log.info("%s: no longer paced", why)
             self.sender.throttle.stop_pacing()
 
     def _may_switch_early(self):
@@ -545,6 +549,7 @@ class PreCopy:
                         last.dirty_rate_pps, last.throttle_pct / 100, rnd.dirty_rate_pps, self.converge.share
                     )
                 )
+                self._unpace("auto-converge slows the tree down")
                 # hot pages are owed unseen: only exact tracking shows
                 # the dirty set shrink as the tree slows down
                 self.tracker.drop_hot()
