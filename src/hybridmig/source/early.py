@@ -81,6 +81,7 @@ class EarlySwitch:
         self.stale = 0  # pages found written since they were sent, at the last look
         self.x = 0.0  # the write rate against round 0's pace, at the last look
         self.stopped = False  # round 0 stopped here: post-copy follows
+        self.piece = FIRST_PIECE_PAGES  # pages of the last piece
 
     def pieces(self, pid, ranges):
         """Ranges of pid in pieces to send one after the other; ends early
@@ -98,8 +99,10 @@ class EarlySwitch:
     def _piece_pages(self):
         elapsed = time.monotonic() - self.t0
         if not self.pages or elapsed <= 0:
-            return FIRST_PIECE_PAGES
-        return max(MIN_PIECE_PAGES, int(self.pages / elapsed * PIECE_S))
+            self.piece = FIRST_PIECE_PAGES
+        else:  # (at most twice the last: the socket's buffers take the first pieces at once)
+            self.piece = min(2 * self.piece, max(MIN_PIECE_PAGES, int(self.pages / elapsed * PIECE_S)))
+        return self.piece
 
     def _decide(self):
         stale = 0
