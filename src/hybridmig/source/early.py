@@ -39,7 +39,7 @@ from ..bindings import PAGE_SIZE
 PIECE_S = 0.25  # round 0's pieces: about this long at its pace so far
 FIRST_PIECE_PAGES = 1024  # 4 MiB, before a pace is known
 MIN_PIECE_PAGES = 256
-STALE_SHARE = 0.06
+STALE_SHARE = 0.04
 MIN_X = 0.25
 MIN_STALE_PAGES = 256  # fewer tell too little of the rate
 
