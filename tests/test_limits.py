@@ -263,6 +263,60 @@ def test_page_store_quota_fails_the_migration_with_a_clear_error(serve):
     ch.close()
 
 
+def peak_rss_while(proc, fn):
+    """fn()'s result and the most memory (RSS) proc held meanwhile, sampled
+    every millisecond."""
+    peak, done = [psutil.Process(proc.pid).memory_info().rss], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], psutil.Process(proc.pid).memory_info().rss)
+            time.sleep(0.001)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    try:
+        return fn(), peak[0]
+    finally:
+        done.set()
+        th.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_memory_faulted_in_ahead_stays_within_the_quota(serve):
+    """Round 0's puts take chunk buffers the store faulted in ahead (up to
+    64 MiB): a source that sends half a chunk every 2 MiB, each landing in
+    such a buffer, must not make serve hold more than its --max-memory of
+    32 MiB, pages, memory ahead and the halves without data together."""
+    srv = serve("--max-memory", "32M")
+    ch, _ = session(srv)
+    base = psutil.Process(srv.pid).memory_info().rss
+
+    def send():
+        for i in range(48):  # 48 MiB of pages: over the quota from the 33rd on
+            ch.send(Msg.PAGES, pages(1, (1 << 30) + i * (2 << 20), 256))
+        ch.send(Msg.ROUND, RoundStats(0).encode())  # where serve says why
+        return refused(ch)
+
+    why, peak = peak_rss_while(srv, send)
+    assert "max-memory of 32 MiB" in why
+    # the quota, and 16 MiB for frames in flight (without the bound: 64 MiB ahead)
+    assert peak - base <= (32 + 16) << 20, (peak - base) >> 20
+    assert srv.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_pages_that_fit_the_quota_are_not_refused_for_memory_ahead(serve):
+    """8 MiB of pages against a quota of 8 MiB, in 1 MiB frames: the store's
+    memory ahead and the half chunks it leaves give way to them."""
+    srv = serve("--max-memory", "8M")
+    ch, _ = session(srv)
+    for i in range(8):
+        ch.send(Msg.PAGES, pages(1, (1 << 30) + i * (1 << 20), 256, bytes([i + 1])))
+    assert round_acked(ch) == (0, 8 * 256)
+    ch.close()
+
+
 def test_parallel_puts_stay_within_the_quota(tmp_path):
     """Page streams put in parallel, outside the quota's lock: each put
     reserves its bytes before, so 8 frames of 6 MiB at once against a
