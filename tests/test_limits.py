@@ -283,11 +283,11 @@ def peak_rss_while(proc, fn):
 
 
 @pytest.mark.timeout(60)
-def test_memory_faulted_in_ahead_stays_within_the_quota(serve):
-    """Round 0's puts take chunk buffers the store faulted in ahead (up to
-    64 MiB): a source that sends half a chunk every 2 MiB, each landing in
-    such a buffer, must not make serve hold more than its --max-memory of
-    32 MiB, pages, memory ahead and the halves without data together."""
+def test_a_sparse_source_makes_serve_hold_no_more_than_its_quota(serve):
+    """Half a chunk every 2 MiB (each page store chunk half full, the
+    layout where any memory taken ahead of the pages, by the chunk, would
+    show): serve's memory stays within its --max-memory of 32 MiB, and the
+    page over it ends the session with the reason."""
     srv = serve("--max-memory", "32M")
     ch, _ = session(srv)
     base = psutil.Process(srv.pid).memory_info().rss
@@ -300,15 +300,14 @@ def test_memory_faulted_in_ahead_stays_within_the_quota(serve):
 
     why, peak = peak_rss_while(srv, send)
     assert "max-memory of 32 MiB" in why
-    # the quota, and 16 MiB for frames in flight (without the bound: 64 MiB ahead)
+    # the quota, and 16 MiB for frames in flight (chunks faulted in whole: 64 MiB)
     assert peak - base <= (32 + 16) << 20, (peak - base) >> 20
     assert srv.poll() is None
 
 
 @pytest.mark.timeout(60)
-def test_pages_that_fit_the_quota_are_not_refused_for_memory_ahead(serve):
-    """8 MiB of pages against a quota of 8 MiB, in 1 MiB frames: the store's
-    memory ahead and the half chunks it leaves give way to them."""
+def test_pages_that_fill_the_quota_exactly_are_taken(serve):
+    """8 MiB of pages against a quota of 8 MiB, in 1 MiB frames."""
     srv = serve("--max-memory", "8M")
     ch, _ = session(srv)
     for i in range(8):

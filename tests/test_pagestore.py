@@ -10,7 +10,6 @@ import pytest
 
 from hybridmig.bindings.pagestore import ABSENT, DATA, ZERO, PageStore
 from hybridmig.errors import StoreError
-from lazy_util import wait_for
 
 P = 4096
 CHUNK = 2 << 20
@@ -52,15 +51,7 @@ def s():
 def test_empty_store(s):
     assert s.get(1, BASE) == (ABSENT, None)
     assert s.count(1, BASE, 1000) == (0, 0)
-    assert s.stats() == {
-        "tasks": 0,
-        "chunks": 0,
-        "pages_data": 0,
-        "pages_zero": 0,
-        "bytes_mapped": 0,
-        "bytes_pool": 0,
-        "bytes_warm": 0,
-    }
+    assert s.stats() == {"tasks": 0, "chunks": 0, "pages_data": 0, "pages_zero": 0, "bytes_mapped": 0}
 
 
 def test_put_get_single_page(s):
@@ -394,15 +385,7 @@ def test_drop_task(s):
     s.put(2, BASE, page(2))
     s.drop_task(1)
     st = s.stats()
-    assert st == {
-        "tasks": 1,
-        "chunks": 1,
-        "pages_data": 1,
-        "pages_zero": 0,
-        "bytes_mapped": CHUNK,
-        "bytes_pool": 0,
-        "bytes_warm": 0,
-    }
+    assert st == {"tasks": 1, "chunks": 1, "pages_data": 1, "pages_zero": 0, "bytes_mapped": CHUNK}
     assert s.get(1, BASE) == (ABSENT, None)
     assert s.get(2, BASE) == (DATA, page(2))
     with pytest.raises(StoreError) as ei:
@@ -835,53 +818,3 @@ def test_concurrent_tasks_and_invalidate_do_not_deadlock():
         t.join(timeout=20)
     assert not t.is_alive(), "writer thread hung"
     assert not errors, errors
-
-
-def rss_anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssAnon:"))
-
-
-def test_puts_into_buffers_faulted_in_ahead():
-    """Puts of half a chunk or more take the buffers faulted in ahead; what
-    those hold without data is counted until cool() gives it back; the
-    pages are the pages put, whichever buffer they landed in."""
-    s = PageStore()
-    s.warm(8 * CHUNK)
-    wait_for(lambda: s.stats()["bytes_pool"] == 8 * CHUNK, 30, "the pool to fill")
-    half, full = pages(1, 0, CHUNK_PAGES // 2), pages(2, 0, CHUNK_PAGES)
-    s.put(1, BASE, half)  # a warm buffer, half of it without data
-    s.put(1, BASE + 2 * CHUNK, full)  # a warm buffer, all data
-    s.put(1, BASE + 4 * CHUNK, pages(3, 0, 16))  # too few pages: a buffer of its own, as before
-    s.put_zero(1, BASE + 4 * CHUNK + 16 * P, 4)
-    s.put(1, BASE + 4 * P, pages(4, 0, 2))  # overwrites within the warm chunk
-    st = s.stats()
-    assert st["pages_data"] == CHUNK_PAGES // 2 + CHUNK_PAGES + 16
-    assert st["bytes_warm"] == CHUNK // 2
-    assert st["bytes_pool"] <= 8 * CHUNK  # refilled behind the puts, never over
-    before = rss_anon()
-    s.cool()
-    st = s.stats()
-    assert (st["bytes_pool"], st["bytes_warm"]) == (0, 0)
-    assert before - rss_anon() >= 5 * CHUNK  # the pool's, and the half chunk without data
-    assert_data(s, 1, BASE, pages(1, 0, 4) + pages(4, 0, 2) + pages(1, 6, CHUNK_PAGES // 2 - 6))
-    assert kind_of(s, 1, BASE + CHUNK // 2) == ABSENT
-    assert_data(s, 1, BASE + 2 * CHUNK, full)
-    assert_data(s, 1, BASE + 4 * CHUNK, pages(3, 0, 16))
-    assert kind_of(s, 1, BASE + 4 * CHUNK + 16 * P) == ZERO
-    s.put(1, BASE + CHUNK // 2, pages(5, 0, 8))  # the half given back takes pages again
-    assert_data(s, 1, BASE + CHUNK // 2, pages(5, 0, 8))
-
-
-def test_a_lower_warm_target_unmaps_the_surplus_at_once():
-    """The quota counts on it: after warm(n) the pool holds no more than n."""
-    s = PageStore()
-    s.warm(8 * CHUNK)
-    wait_for(lambda: s.stats()["bytes_pool"] == 8 * CHUNK, 30, "the pool to fill")
-    s.warm(2 * CHUNK + CHUNK // 2)  # whole buffers only
-    assert s.stats()["bytes_pool"] <= 2 * CHUNK
-    s.warm(0)
-    assert s.stats()["bytes_pool"] == 0
-    s.put(1, BASE, pages(1, 0, CHUNK_PAGES))  # no pool: a buffer of its own
-    assert s.stats()["bytes_warm"] == 0
-    assert_data(s, 1, BASE, pages(1, 0, CHUNK_PAGES))

@@ -13,8 +13,6 @@ struct hm_store_stats {
 	uint64_t pages_data;   /* pages held with their contents */
 	uint64_t pages_zero;   /* pages known to be all zeros (held as a flag) */
 	uint64_t bytes_mapped; /* chunk buffers currently mapped */
-	uint64_t bytes_pool;   /* buffers faulted in ahead, not yet a chunk's */
-	uint64_t bytes_warm;   /* pages without data in chunks from that pool (memory all the same) */
 };
 
 #define HM_PAGE_ABSENT 0
@@ -45,11 +43,3 @@ int hm_store_drop_task(hm_store *s, uint64_t key);
  * them then never faults on the source. */
 int hm_store_populate(hm_store *s, uint64_t key);
 void hm_store_stats(hm_store *s, struct hm_store_stats *out);
-/* Keep up to `bytes` of chunk buffers faulted in ahead by a thread of the
- * store's: a put of a half chunk or more into a chunk without a buffer
- * takes one instead of faulting fresh memory in. 0: hold none (the surplus
- * is unmapped before this returns). */
-int hm_store_warm(hm_store *s, uint64_t bytes);
-/* No buffers ahead, and the pages without data of chunks that came from
- * them go back to the system (as if they had never been faulted in). */
-void hm_store_cool(hm_store *s);

@@ -10,7 +10,6 @@
 
 #include "common.h"
 #include "store_internal.h"
-#include "warmpool.h"
 
 #define BITMAP_WORDS (CHUNK_PAGES / 64)
 
@@ -20,12 +19,9 @@ struct chunk {
 	uint64_t data[BITMAP_WORDS];
 	uint64_t zero[BITMAP_WORDS];
 	uint32_t ndata, nzero;
-	/* buf came from the warm pool: all its pages hold memory, data or not */
-	int warm;
 };
 
 struct store_task {
-	hm_store *store;
 	uint64_t key;
 	pthread_mutex_t lock;
 	struct chunk **chunks; /* sorted by base */
@@ -36,7 +32,6 @@ struct store_task {
 struct hm_store {
 	pthread_mutex_t lock; /* guards the task list, not the tasks */
 	struct store_task *tasks;
-	struct warm_pool *pool;
 };
 
 static inline int bit_test(const uint64_t *bm, uint64_t i)
@@ -131,7 +126,6 @@ static void chunk_trim_into(struct store_task *t, struct chunk *c, struct store_
 		else
 			munmap(c->buf, CHUNK_SZ);
 		c->buf = NULL;
-		c->warm = 0;
 	}
 	if (c->ndata || c->nzero)
 		return;
@@ -202,7 +196,6 @@ struct store_task *store_task(hm_store *s, uint64_t key, int create)
 		t = calloc(1, sizeof(*t));
 		if (t) {
 			t->key = key;
-			t->store = s;
 			pthread_mutex_init(&t->lock, NULL);
 			t->next = s->tasks;
 			s->tasks = t;
@@ -246,15 +239,9 @@ static int check_range(uint64_t vaddr, uint64_t npages)
 int hm_store_new(hm_store **out)
 {
 	hm_store *s = calloc(1, sizeof(*s));
-	int rc;
 
 	if (!s)
 		return -ENOMEM;
-	rc = warm_pool_new(&s->pool);
-	if (rc) {
-		free(s);
-		return rc;
-	}
 	pthread_mutex_init(&s->lock, NULL);
 	*out = s;
 	return 0;
@@ -266,7 +253,6 @@ void hm_store_free(hm_store *s)
 
 	if (!s)
 		return;
-	warm_pool_free(s->pool);
 	for (t = s->tasks; t; t = next) {
 		next = t->next;
 		task_clear(t);
@@ -333,30 +319,25 @@ static int for_each_chunk(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t np
  * round: puts into fresh chunks, 0.44 -> 0.33 CPU s/GiB here). Transparent
  * huge pages were tried too: 0.2 s/GiB when free huge pages were at hand,
  * 0.5-2.6 when the kernel had to compact memory for them first (this
- * machine's defrag setting: madvise, so stalls), so not used. */
+ * machine's defrag setting: madvise, so stalls), so not used. Nor a
+ * thread that populates buffers ahead of the puts (64 MiB, within serve's
+ * quota): the putting thread's CPU halved (0.33 -> 0.16 s/GiB), the
+ * process's grew (0.36), and round 0 was no faster on 2 vCPUs, where the
+ * first touch's cost is CPU time wherever it is paid (docs/results.md). */
 #define POPULATE_MIN_PAGES 64
-/* A put of at least this many pages into a chunk without a buffer takes
- * one from the warm pool: the pages it leaves without data still hold
- * memory (counted, hm_store_stats' bytes_warm), at most half the chunk. */
-#define WARM_MIN_PAGES (CHUNK_PAGES / 2)
 
 static int put_chunk(struct store_task *t, struct chunk *c, uint64_t first, uint64_t n, uint64_t done, void *arg)
 {
 	const uint8_t *buf = arg;
-	int rc = 0;
+	int rc = chunk_buffer(c);
 
-	if (!c->buf && n >= WARM_MIN_PAGES) {
-		c->buf = warm_pool_take(t->store->pool);
-		c->warm = c->buf != NULL;
-	}
-	rc = chunk_buffer(c);
 	if (rc)
 		return rc;
 	/* the pages may be mapped read-only from a file (load_chunk) */
 	if (mprotect(c->buf + first * PAGE_SZ, n * PAGE_SZ, PROT_READ | PROT_WRITE))
 		return -errno;
 	/* a hint: on kernels without it (before 5.14) the copy faults them in */
-	if (n >= POPULATE_MIN_PAGES && !c->warm)
+	if (n >= POPULATE_MIN_PAGES)
 		madvise(c->buf + first * PAGE_SZ, n * PAGE_SZ, MADV_POPULATE_WRITE);
 	memcpy(c->buf + first * PAGE_SZ, buf + done * PAGE_SZ, n * PAGE_SZ);
 	mark(c, first, n, HM_PAGE_DATA);
@@ -763,43 +744,6 @@ void hm_store_stats(hm_store *s, struct hm_store_stats *out)
 			out->pages_data += t->chunks[i]->ndata;
 			out->pages_zero += t->chunks[i]->nzero;
 			out->bytes_mapped += t->chunks[i]->buf ? CHUNK_SZ : 0;
-			if (t->chunks[i]->warm)
-				out->bytes_warm += (CHUNK_PAGES - t->chunks[i]->ndata) * PAGE_SZ;
-		}
-		pthread_mutex_unlock(&t->lock);
-	}
-	pthread_mutex_unlock(&s->lock);
-	out->bytes_pool = warm_pool_held(s->pool) * CHUNK_SZ;
-}
-
-int hm_store_warm(hm_store *s, uint64_t bytes)
-{
-	return warm_pool_set(s->pool, bytes / CHUNK_SZ);
-}
-
-/* The pages of a warm chunk without data go back to the system, as a
- * chunk's pages never put do: the chunk then costs what it holds. */
-void hm_store_cool(hm_store *s)
-{
-	struct store_task *t;
-	uint64_t i, p, q;
-
-	warm_pool_set(s->pool, 0);
-	pthread_mutex_lock(&s->lock);
-	for (t = s->tasks; t; t = t->next) {
-		pthread_mutex_lock(&t->lock);
-		for (i = 0; i < t->n; i++) {
-			struct chunk *c = t->chunks[i];
-
-			if (!c->warm)
-				continue;
-			for (p = 0; p < CHUNK_PAGES; p = q) {
-				for (q = p + 1; q < CHUNK_PAGES && bit_test(c->data, q) == bit_test(c->data, p); q++)
-					;
-				if (!bit_test(c->data, p))
-					madvise(c->buf + p * PAGE_SZ, (q - p) * PAGE_SZ, MADV_DONTNEED);
-			}
-			c->warm = 0;
 		}
 		pthread_mutex_unlock(&t->lock);
 	}

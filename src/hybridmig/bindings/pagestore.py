@@ -102,15 +102,6 @@ class PageStore:
         so that installing it never faults on the source (see pagestore.c)."""
         _check(lib.hm_store_populate(self._s, key), "hm_store_populate")
 
-    def warm(self, nbytes: int) -> None:
-        """Keep up to nbytes of chunk buffers faulted in ahead of the puts,
-        by a thread of the store's (0: none; the surplus goes at once)."""
-        _check(lib.hm_store_warm(self._s, max(0, nbytes)), "hm_store_warm")
-
-    def cool(self) -> None:
-        """No buffers ahead; what the warm ones hold without data is freed."""
-        lib.hm_store_cool(self._s)
-
     def drop_task(self, key: int) -> None:
         _check(lib.hm_store_drop_task(self._s, key), "hm_store_drop_task")
 

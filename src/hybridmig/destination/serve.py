@@ -68,9 +68,6 @@ ONCE_LINGER_S = 150
 # image files. Pages and image bytes count against Limits.max_memory.
 MAX_TASKS = 1 << 16
 MAX_IMAGE_FILES = 1 << 16
-# Round 0's puts land in fresh memory: the store keeps this much faulted in
-# ahead of them (PageStore.warm), within what the quota leaves.
-WARM_AHEAD = 64 << 20
 # The action script of serve's criu restore: at setup-namespaces the
 # restored root exists (CRIU passes its pid) while the pidfile comes only at
 # the end of the restore. A serve killed in between takes its CRIU along
@@ -250,7 +247,6 @@ class Session:
         self.faults = None  # its FaultLane, after FAULTS
         self._quota_lock = threading.Lock()  # page streams store from their own threads
         self._reserved = 0  # bytes of puts under way outside the lock, counted against the quota
-        self._warming = True  # until round 0 ends: its pages land in fresh memory (WARM_AHEAD)
         self.id = session_id or secrets.token_hex(16)
         self.limits = limits or Limits()
         self.max_memory = self.limits.max_memory if self.limits.max_memory is not None else default_max_memory()
@@ -336,7 +332,6 @@ class Session:
                 number = RoundStats.decode(payload).number
                 if self.streams is not None:
                     pace.add_streams(self.streams.end_round(number, SESSION_IDLE_S))
-                self._cool()
                 self._check_quota()
                 self.rounds = number
                 st = self.store.stats()
@@ -425,13 +420,9 @@ class Session:
         except OSError:
             pass
 
-    def _used(self, st=None):
-        """Bytes held or being put (with the quota lock held): the store's
-        memory ahead (the warm pool and its chunks' pages without data)
-        counts."""
-        st = st or self.store.stats()
-        held = st["pages_data"] * PAGE_SIZE + st["bytes_pool"] + st["bytes_warm"]
-        return held + sum(self.image_sizes.values()) + self._reserved
+    def _used(self):
+        """Bytes held or being put (with the quota lock held)."""
+        return self.store.stats()["pages_data"] * PAGE_SIZE + sum(self.image_sizes.values()) + self._reserved
 
     def _store(self, key, extents, data):
         """A PAGES body into the store, within the quota and the task cap.
@@ -444,20 +435,12 @@ class Session:
         with self._quota_lock:
             if self.over_quota is None and key not in self.tasks and len(self.tasks) >= MAX_TASKS:
                 self.over_quota = f"more than {MAX_TASKS} processes"
-            st = self.store.stats()
-            if self.over_quota is None and self._used(st) + len(data) > self.max_memory:
-                # memory ahead gives way to pages: refused only when the pages alone do not fit
-                if st["bytes_pool"] or st["bytes_warm"]:
-                    self.store.cool()
-                    st = self.store.stats()
-            if self.over_quota is None and self._used(st) + len(data) > self.max_memory:
+            if self.over_quota is None and self._used() + len(data) > self.max_memory:
                 self.over_quota = "the page store would exceed serve's --max-memory of %d MiB" % (self.max_memory >> 20)
             if self.over_quota is not None:
                 return
             self.tasks.add(key)
             self._reserved += len(data)
-            if self._warming:
-                self.store.warm(min(WARM_AHEAD, self.max_memory - self._used(st) + st["bytes_pool"]))
         try:
             store_pages(self.store, key, extents, data)
         finally:
@@ -501,12 +484,6 @@ class Session:
         finally:
             os.close(fd)
 
-    def _cool(self):
-        """Nothing more ahead: later rounds mostly overwrite pages held."""
-        with self._quota_lock:
-            self._warming = False
-            self.store.cool()
-
     def _check_quota(self):
         if self.over_quota is not None:
             raise HybridmigError(f"migration refused: {self.over_quota}")
@@ -537,7 +514,6 @@ class Session:
         t0 = time.monotonic()
         daemon = server = None
         try:
-            self._cool()
             self._check_quota()
             criu_opts = restore.criu_opts
             check_criu_opts(criu_opts, self.limits.criu_opts)
