@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from hybridmig.source.hold import RECORDS, Hold
-from migrate_util import HYBRIDMIG, frozen_by, state, tracer, wait_for
+from migrate_util import frozen_by, settle, state, tracer, wait_for
 from test_commit_in_doubt import Proxy, running_copies, serve_for_many
 from test_migrate import assert_intact, assert_migrated
 from test_migrate import env as env  # noqa: F401 -- the fixture
@@ -49,17 +49,6 @@ def kill_criu(wl):
     assert criu.name() == "criu" and criu.cmdline()[1] == "dump", criu.cmdline()
     criu.kill()
     return criu.pid
-
-
-def settle(env, pid, decision):
-    done = subprocess.run(
-        env.hosts.run_in(env.hosts.src) + [HYBRIDMIG, "settle", str(pid), decision],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 @pytest.mark.timeout(300)
@@ -97,7 +86,7 @@ def test_run_and_criu_killed_during_postcopy_the_source_waits_to_be_settled(env)
     assert_copy_ended(serve, restored)
     kill_criu(wl)
     assert_held_stopped(pids)
-    assert "has died" in settle(env, wl.host_pid, "resume")
+    assert "has died" in settle(env, wl.host_pid, pids, "resume")
     wait_for(lambda: all(state(p) not in ("t", "T") for p in pids), 10, "the source to run again")
     assert_intact(wl.verify(), 1)
     assert not os.path.exists(os.path.join(RECORDS, "%d.json" % wl.host_pid))
@@ -123,7 +112,7 @@ def test_commit_in_doubt_then_criu_killed_the_source_stays_held(env):
     os.kill(criu_pid, signal.SIGKILL)
     assert_held_stopped(pids)
     assert running_copies(wl) == copies
-    settle(env, criu_pid, "end")
+    settle(env, criu_pid, pids, "end")
     wait_for(lambda: all(gone(p) for p in pids), 30, "the source to end")
     assert running_copies(wl) == copies
     new = env.adopt(copies[0], wl)
