@@ -130,6 +130,10 @@ def test_a_record_whose_tree_has_ended_is_not_used(tmp_path):
             json.dump({"root": proc.pid, "criu": [1, 0], "procs": [[proc.pid, 1]], "time": 0}, f)
         assert Hold.find(proc.pid) is None
         assert not os.path.exists(path)
+        with open(path, "w") as f:  # any other lookup removes it too
+            json.dump({"root": proc.pid, "criu": [1, 0], "procs": [[proc.pid, 1]], "time": 0}, f)
+        assert Hold.find(1) is None
+        assert not os.path.exists(path)
         assert proc.poll() is None and state(proc.pid) not in ("T", "t")
     finally:
         proc.kill()

@@ -64,6 +64,8 @@ class Hold:
             hold = cls(root, (criu_pid, start_ticks(criu_pid)), procs)
         except ProcessLookupError:
             return None
+        for _ in cls._records():  # (removes the records of ended trees)
+            pass
         hold._write()  # first: a hold always has its record
         hold._signal(signal.SIGSTOP)
         # CRIU alive now was alive, holding the tree, when the stops were
@@ -77,23 +79,28 @@ class Hold:
     @classmethod
     def find(cls, pid):
         """The hold of the tree rooted at `pid`, or held by the CRIU `pid`;
-        None if there is none, or its root has ended."""
+        None if there is none."""
+        return next((h for h in cls._records() if pid in (h.root, h.criu_pid)), None)
+
+    @classmethod
+    def _records(cls):
+        """The holds on record whose root still lives; those of ended trees
+        (a run killed before it let go of its record) are removed."""
         try:
             names = os.listdir(RECORDS)
         except FileNotFoundError:
-            return None
+            return
         for name in names:
             try:
                 with open(os.path.join(RECORDS, name)) as f:
                     rec = json.load(f)
                 hold = cls(rec["root"], tuple(rec["criu"]), [tuple(p) for p in rec["procs"]])
             except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if pid in (hold.root, hold.criu_pid):
-                if hold.procs and _same(*hold.procs[0]):
-                    return hold
-                hold._forget()  # its tree has ended: nothing left to hold
-        return None
+                continue  # (being written: its .tmp)
+            if hold.procs and _same(*hold.procs[0]):
+                yield hold
+            else:
+                hold._forget()
 
     def criu_alive(self):
         """Whether the CRIU that held the tree has not exited."""
