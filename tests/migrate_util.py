@@ -258,8 +258,9 @@ def frozen_by(env, error):
 
 
 def settle(env, criu_pid, pids, decision):
-    """`hybridmig settle CRIU_PID decision` on the source host, once the
-    source (pids) is seen still frozen a second later."""
+    """`hybridmig settle PID decision` (the pid run named) on the source
+    host, once the source (pids) is seen still frozen a second later; its
+    stdout."""
     time.sleep(1)
     assert all(state(pid) in ("t", "T") for pid in pids), [(pid, state(pid)) for pid in pids]
     done = subprocess.run(
@@ -269,6 +270,7 @@ def settle(env, criu_pid, pids, decision):
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def tracer(pid):

@@ -358,7 +358,8 @@ class Iteration:
     def _settle(self, hosts, wl, verdict, criu_pid):
         """The source left frozen: it must be frozen whole; then settle it as
         an operator would, by whether the destination runs a copy."""
-        out = [] if all_held(wl.pids()) else [f"in doubt, but the source is not frozen: {wl.pids()}"]
+        # frozen by its CRIU, or held stopped by run once that CRIU died (source/hold.py)
+        out = [] if all_held(wl.pids(), stop_too=True) else [f"in doubt, but the source is not frozen: {wl.pids()}"]
         copies, _ = verdict._state()
         decision = "end" if copies["dst"] else "resume"
         settle = subprocess.run(

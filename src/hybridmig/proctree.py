@@ -8,6 +8,18 @@ import signal
 import psutil
 
 
+def start_ticks(pid):
+    """When pid started, in clock ticks since boot (/proc/PID/stat): it tells
+    a process from a later one given its pid, and, unlike a date made from
+    the boot time, does not move when the clock is stepped. Raises
+    ProcessLookupError."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (FileNotFoundError, ProcessLookupError):  # (ESRCH: it is being reaped)
+        raise ProcessLookupError(pid) from None
+
+
 def end_tree(root):
     """SIGKILL the process `root` (a psutil.Process) and its descendants,
     stopped first so that none of it forks meanwhile."""
@@ -27,11 +39,13 @@ def end_tree(root):
 _HELD_STATES = frozenset("tZX")
 
 
-def all_held(pids):
+def all_held(pids, stop_too=False):
     """Whether every thread of the processes `pids` is in tracing stop (or
     has exited). Seen after reading their memory, this proves the reads a
     snapshot: a tracer that died let its tracees run, and none of them
-    enters tracing stop again without a new tracer."""
+    enters tracing stop again without a new tracer. `stop_too`: a stop
+    counts too (run's hold after CRIU died, source/hold.py)."""
+    held = _HELD_STATES | {"T"} if stop_too else _HELD_STATES
     for pid in pids:
         try:
             tids = os.listdir("/proc/%d/task" % pid)
@@ -43,6 +57,6 @@ def all_held(pids):
                     state = f.read().rsplit(")", 1)[1].split()[0]
             except (FileNotFoundError, ProcessLookupError):
                 return False  # exited meanwhile: it ran
-            if state not in _HELD_STATES:
+            if state not in held:
                 return False
     return True

@@ -8,6 +8,8 @@ import re
 import shutil
 import tempfile
 
+from .proctree import start_ticks
+
 OWNER_FILE = ".hybridmig-owner"
 MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -43,16 +45,11 @@ def _pid_namespace():
 
 def _identity(pid):
     """pid, start time, pid namespace. The start time tells a live owner from
-    a later process given its pid: in clock ticks since boot (/proc/PID/stat),
-    not as a date, which moves when the clock is stepped (a date made from
-    the boot time did, and a sweep removed a live run's dir). Pids are only
-    comparable within one pid namespace. Raises ProcessLookupError."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            start = f.read().rsplit(")", 1)[1].split()[19]
-    except (FileNotFoundError, ProcessLookupError):  # (ESRCH: it is being reaped)
-        raise ProcessLookupError(pid) from None
-    return "%d %s %d" % (pid, start, _pid_namespace())
+    a later process given its pid (proctree.start_ticks: a date made from
+    the boot time moved when the clock was stepped, and a sweep removed a
+    live run's dir). Pids are only comparable within one pid namespace.
+    Raises ProcessLookupError."""
+    return "%d %d %d" % (pid, start_ticks(pid), _pid_namespace())
 
 
 def _owner_gone(identity):

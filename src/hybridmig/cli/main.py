@@ -475,17 +475,25 @@ def run(
 
 
 @main.command()
-@click.argument("criu_pid", type=int)
+@click.argument("pid", type=int)
 @click.argument("decision", type=click.Choice(["resume", "end"]))
-def settle(criu_pid, decision):
-    """Settle a migration `run` left in doubt: resume the frozen source, or end it."""
+def settle(pid, decision):
+    """Settle a migration `run` left in doubt: resume the frozen source, or
+    end it. PID: the one run named (its criu dump's, or the source's once
+    that CRIU has died)."""
     from ..criu.command import settle as settle_dump
+    from ..source.hold import Hold
 
+    end = decision == "end"
+    hold = Hold.find(pid)
     try:
-        settle_dump(criu_pid, end=decision == "end")
+        if hold is None:  # a source frozen by a run older than the hold
+            settle_dump(pid, end=end)
+        elif not hold.settle(end, lambda: settle_dump(hold.criu_pid, end=end)):
+            click.echo("criu dump %d has died; the source was held stopped by run" % hold.criu_pid)
     except HybridmigError as e:
         fail(str(e))
-    click.echo("the source was %s" % ("ended" if decision == "end" else "resumed"))
+    click.echo("the source was %s" % ("ended" if end else "resumed"))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

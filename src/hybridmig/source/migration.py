@@ -33,6 +33,7 @@ from ..messages import Faults, Host, Outcome, OutcomeQuery, Restore, Result, Res
 from ..proctree import all_held, end_tree
 from ..wire import Msg
 from .converge import AutoConverge
+from .hold import Hold
 from .options import DEFAULTS, MAX_STREAMS, SWITCHOVERS, default_streams
 from .pacing import Pacer
 from .postcopy import PostCopy, SourceLost, held_part, send_stale
@@ -142,6 +143,7 @@ class Migration:
         self.host = None  # the destination's HOST
         self.session = None  # the destination's id of this migration (HOST): asked about after a lost DONE
         self.in_doubt = False  # the source is left frozen for the operator: nothing may resume or end it
+        self.hold = None  # the tree held stopped beside CRIU, once the copy may run (source/hold.py)
         self.criu_died_frozen = False  # CRIU died before its verdict: the source ran on meanwhile
         self.warnings = []  # after a commit: what went wrong without undoing it
         self.switchover = switchover
@@ -363,27 +365,13 @@ class Migration:
                 verdict = self._final(images_dir) and self._source_still_frozen() and self._commit()
                 self.in_doubt = verdict is None
                 conn.sendall(IN_DOUBT if self.in_doubt else b"0" if verdict else b"1")
+                if self.in_doubt:
+                    self._hold_in_doubt()
         # read once the tree is no longer held on it
         self.criu_phases = dump_phases(self.dump.log)
         self.criu_early_vmas = early_vmas_used(self.dump.log)
         if self.in_doubt:
-            raise InDoubtError(
-                "%s. The source (pid %d) is left frozen by criu dump (pid %d). "
-                "Once you know which copy to keep: `hybridmig settle %d resume` resumes the source (only if the "
-                "destination has no copy running), `hybridmig settle %d end` ends it (only if it has); run either "
-                "here, on the source host. CRIU's images and dump.log stay in %s"
-                % (
-                    self.doubt
-                    or "the destination did not answer the commit, and could not be asked what it did within %ss: "
-                    "it may run the migrated copy"
-                    % self.timeout,
-                    self.pid,
-                    self.dump.criu_pid,
-                    self.dump.criu_pid,
-                    self.dump.criu_pid,
-                    self.images_dir,
-                )
-            )
+            raise InDoubtError(self._in_doubt_message())
         if self.lost is not None:
             raise self.lost
         rc = self.dump.wait(self.timeout)
@@ -423,6 +411,45 @@ class Migration:
 
     # --- post-copy (source/postcopy.py; docs/design.md, "Post-copy") ---------------
 
+    def _in_doubt_message(self):
+        why = (
+            self.doubt
+            or "the destination did not answer the commit, and could not be asked what it did within %ss: "
+            "it may run the migrated copy"
+            % self.timeout
+        )
+        if self.hold is None:  # (CRIU died before it could be held: _hold_in_doubt)
+            return "%s. The source (pid %d) runs again: end it if the destination runs its copy" % (why, self.pid)
+        if self.hold.criu_alive():
+            held, settled_by = "frozen by criu dump (pid %d) and held stopped" % self.dump.criu_pid, self.dump.criu_pid
+        else:
+            held, settled_by = "held stopped (its criu dump, pid %d, has died)" % self.dump.criu_pid, self.pid
+        return (
+            "%s. The source (pid %d) is left %s. Once you know which copy to keep: `hybridmig settle %d resume` "
+            "resumes the source (only if the destination has no copy running), `hybridmig settle %d end` ends it "
+            "(only if it has); run either here, on the source host. CRIU's images and dump.log stay in %s"
+            % (why, self.pid, held, settled_by, settled_by, self.images_dir)
+        )
+
+    def _hold_tree(self):
+        """From here on the tree must not run again until run or the operator
+        decides, even if CRIU dies: held stopped beside CRIU's hold
+        (source/hold.py), once CRIU has been told to wait (IN_DOUBT).
+        CriuError if CRIU is gone already: the tree may have run since."""
+        pids = [self.pid] + [p for p in self.tracker.pids() if p != self.pid]
+        self.hold = Hold.take(self.pid, pids, self.dump.criu_pid)
+        if self.hold is None:
+            self.criu_died_frozen = True
+            raise CriuError(
+                "%s before the source could be held: it ran again" % (self.dump.failed() or "criu dump died")
+            )
+
+    def _hold_in_doubt(self):
+        try:
+            self._hold_tree()
+        except CriuError as e:
+            self._warn(str(e))
+
     def _postcopy(self, images_dir, conn):
         """The tree frozen: tell the destination which of its pages are
         stale, keep the tree frozen whatever happens to run (hook verdict
@@ -447,8 +474,16 @@ class Migration:
             return False
         # From here on CRIU holds the tree frozen until settled: `run`
         # killed, the link cut, the destination gone, nothing resumes it
-        # behind the back of a copy that may have run.
+        # behind the back of a copy that may have run; nor does CRIU's own
+        # death, once run holds it too. (In this order: a run killed
+        # between the two leaves a tree CRIU holds, never one stopped for
+        # good behind a CRIU that resumed it.)
         conn.sendall(IN_DOUBT)
+        try:
+            self._hold_tree()
+        except CriuError as e:  # nothing restored yet: the tree runs on, as CRIU's death left it
+            self.result = Result(ok=False, error=str(e))
+            return False
         try:
             self._send_images(images_dir, postcopy=True)
             # the destination restores meanwhile: the source's bookkeeping now
@@ -462,7 +497,7 @@ class Migration:
                 self.sender,
                 owed,
                 final,
-                criu_alive=lambda: alive(self.dump.criu_pid),
+                source_held=self.hold.holding,
                 faults=self.fault_channel,
             )
             # From here PostCopy knows what the destination lacks. `held`,
@@ -484,14 +519,6 @@ class Migration:
         if not self.result.ok:
             if not self.result.ran:  # CRIU never let the copy run: the source may
                 self._settle(end=False)
-                return False
-            failed = self.dump.failed()
-            if failed:
-                # The destination ended its copy (its RESULT says so), and this
-                # CRIU died meanwhile, which let the source run again: one
-                # copy, the source's, and nothing left frozen to settle.
-                self.result = Result(ok=False, error=f"{self.result.error}; {failed}", ran=True)
-                self.criu_died_frozen = True
                 return False
             self.doubt = "the destination's copy ran and then failed: %s" % self.result.error
             return None
@@ -576,20 +603,25 @@ class Migration:
             self.channel.send_error(str(e))
         except ProtocolError:
             pass  # the destination ends its copy with the session anyway
-        if alive(self.dump.criu_pid):
-            self._settle(end=True)  # the tree is gone: let CRIU finish
+        if self.hold.holding():
+            self._settle(end=True)  # a process of it is gone: the rest can never run whole
+        else:  # let go of it by someone else while its CRIU was gone: the one copy left, whole
+            self.hold.release()
         self.result = Result(ok=False, error=str(e), ran=True)
         self.lost = e
         return False
 
     def _settle(self, end):
-        """Decide for the CRIU left waiting by IN_DOUBT: end the tree, or resume it."""
+        """Decide for the tree left frozen by IN_DOUBT: end it, or resume it,
+        through its CRIU, or by run's hold alone once that CRIU has died."""
         try:
-            settle(self.dump.criu_pid, end=end, timeout=self.timeout)
+            if not self.hold.settle(end, lambda: settle(self.dump.criu_pid, end=end, timeout=self.timeout)):
+                self._warn(
+                    "criu dump (pid %d) died after the switch-over; the source, held stopped by run, was %s"
+                    % (self.dump.criu_pid, "ended" if end else "resumed")
+                )
         except HybridmigError as e:
             self._warn(f"could not {'end' if end else 'resume'} the frozen source through criu dump: {e}")
-            if end:
-                self._end_source()
         return end
 
     def _end_source(self):

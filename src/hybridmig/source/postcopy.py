@@ -39,7 +39,7 @@ TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 # What the socket buffers of both ends may hold (the pushes a broken link
 # may have lost on their way): pushed again after a reconnection.
 RESEND_BYTES = 32 << 20
-CRIU_CHECK_S = 0.1  # how often the serving loop looks at CRIU, which holds the tree frozen
+HELD_CHECK_S = 0.1  # how often the serving loop looks that nothing of the frozen tree runs
 # The push waits for the copy's first FETCH, this long at most: the
 # destination's restore, then the first fault after the resume (which
 # lengthens the workload's pause across the switch-over), have the link and
@@ -63,8 +63,8 @@ YIELD_MAX_S = 0.05
 
 
 class SourceLost(HybridmigError):
-    """The frozen tree (or the CRIU holding it) is gone during post-copy:
-    pages the destination lacks are lost, or the tree runs again."""
+    """The frozen tree is gone during post-copy, or runs again: pages the
+    destination lacks are lost."""
 
 
 def held_part(ranges, held):
@@ -91,14 +91,14 @@ class PostCopy:
     """Serves one destination's post-copy until its RESULT: FETCHed ranges
     at once, else the next PUSH_PAGES of the owed pages, task after task in
     address order. `owed`: host pid -> Ranges the destination lacks.
-    `criu_alive()`: False once the CRIU holding the tree frozen is gone.
+    `source_held()`: False once something of the frozen tree runs again.
 
     The push walks each task's owed Ranges with a cursor and leaves them
     whole: removing runs from the front of a native array of 55 000 moved
     the whole array each time (5 ms of memmove per pushed frame at 1 GiB).
     A FETCH removes what it sent from the part the push has yet to reach."""
 
-    def __init__(self, channel, sender, owed, rnd, criu_alive=lambda: True, faults=None):
+    def __init__(self, channel, sender, owed, rnd, source_held=lambda: True, faults=None):
         self.channel, self.sender, self.owed, self.rnd = channel, sender, owed, rnd
         # the fault channel: FETCHes come and are answered on it, never
         # behind the push; lost, they come on the control channel
@@ -109,7 +109,7 @@ class PostCopy:
         self.pages_near = 0
         self._outq = 0  # the fault channel's unacknowledged bytes at the last look
         self._acked_at = 0.0  # monotonic: when they last went down (or were none)
-        self.criu_alive = criu_alive
+        self.source_held = source_held
         self.host_of = {key: pid for pid, key in sender.keys.items()}
         self.faults: deque = deque()  # (monotonic when asked, host pid, start, end, channel)
         self.fetches = 0
@@ -320,7 +320,7 @@ class PostCopy:
             # with nothing to send, wait for the destination (its silence is
             # bounded by the socket's timeout, run's --timeout, in recv)
             yielding = push is not None and not self.faults and self._fault_in_flight()
-            timeout = 0 if self.faults else YIELD_POLL_S if yielding else CRIU_CHECK_S
+            timeout = 0 if self.faults else YIELD_POLL_S if yielding else HELD_CHECK_S
             ready, writable = self._wait(timeout, push is not None and not yielding)
             for channel in ready:
                 result = self._recv(channel)
@@ -329,12 +329,12 @@ class PostCopy:
             now = time.monotonic()
             if self.faults:  # the copy runs: the push may start (after this fault)
                 self.push_from = min(self.push_from, now)
-            if now - checked >= CRIU_CHECK_S:
+            if now - checked >= HELD_CHECK_S:
                 checked = now
-                if not self.criu_alive():
+                if not self.source_held():
                     raise SourceLost(
-                        "criu dump, which held the source frozen, is gone during post-copy: the source runs "
-                        "again, and %d pages the destination lacks can no longer be sent as they were"
+                        "the frozen source runs again during post-copy (its criu dump gone, and something "
+                        "continued it): %d pages the destination lacks can no longer be sent as they were"
                         % self.pages_owed()
                     )
             if self.faults:
