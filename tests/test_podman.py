@@ -394,6 +394,25 @@ def tmpfs_mnt_ids(dump_log):
     return found
 
 
+def checkpoint_keeping_logs(pair, tmp_path):
+    """podman's own checkpoint of NAME (--export, --keep for CRIU's log): the archive, dump.log's text."""
+    source_id = pair.src.inspect(NAME)["Id"]
+    archive = tmp_path / "checkpoint.tar"
+    pair.src.podman(
+        "container", "checkpoint", NAME, "--export", str(archive), "--compress", "none", "--keep", timeout=120
+    )
+    return archive, next(pair.src.dir.glob(f"root/overlay-containers/{source_id}/userdata/dump.log")).read_text()
+
+
+def restore_keeping_logs(pair, archive):
+    """podman's own restore of the archive as NAME (--keep): its inspect, restore.log's text."""
+    proc = pair.dst.podman("container", "restore", "--import", str(archive), "--name", NAME, "--keep", timeout=120)
+    restored_id = proc.stdout.split()[-1]
+    info = pair.dst.inspect(NAME)
+    assert info["State"]["Status"] == "running", info["State"]
+    return info, next(pair.dst.dir.glob(f"root/overlay-containers/{restored_id}/userdata/restore.log")).read_text()
+
+
 def test_empty_read_only_tmpfs_skips_tar(pair, tmp_path):
     """CRIU's patch 0006: an empty read-only tmpfs (runc's masked paths, a
     `--mount type=tmpfs,ro=true`) is dumped as the fixed empty archive
@@ -403,12 +422,7 @@ def test_empty_read_only_tmpfs_skips_tar(pair, tmp_path):
     wl = pair.src.start(NAME, pair.report_dir, annotate=False, run_opts=TMPFS_OPTS, before=f"echo k > {SCRATCH}/kept; ")
     before = pair.src.podman("exec", NAME, "sh", "-c", SHOW_TMPFS).stdout
     assert f"{RO_EMPTY} tmpfs ro," in before and "mode=750" in before and f"{SCRATCH} tmpfs rw," in before, before
-    source_id = pair.src.inspect(NAME)["Id"]
-    archive = tmp_path / "checkpoint.tar"
-    pair.src.podman(
-        "container", "checkpoint", NAME, "--export", str(archive), "--compress", "none", "--keep", timeout=120
-    )
-    dump_log = next(pair.src.dir.glob(f"root/overlay-containers/{source_id}/userdata/dump.log")).read_text()
+    archive, dump_log = checkpoint_keeping_logs(pair, tmp_path)
     mnt_ids = tmpfs_mnt_ids(dump_log)
     for path in (*MASKED, RO_EMPTY):
         assert f"tmpfs {mnt_ids[path]} is empty and read-only: no tar" in dump_log, (path, mnt_ids)
@@ -418,11 +432,7 @@ def test_empty_read_only_tmpfs_skips_tar(pair, tmp_path):
         sizes = {m.name: m.size for m in tar if m.name.startswith("checkpoint/tmpfs-dev-")}
     assert sorted(sizes.values()).count(45) == len(MASKED) + 1, sizes  # the fixed empty archive, 45 bytes each
 
-    proc = pair.dst.podman("container", "restore", "--import", str(archive), "--name", NAME, "--keep", timeout=120)
-    restored_id = proc.stdout.split()[-1]
-    info = pair.dst.inspect(NAME)
-    assert info["State"]["Status"] == "running", info["State"]
-    restore_log = next(pair.dst.dir.glob(f"root/overlay-containers/{restored_id}/userdata/restore.log")).read_text()
+    info, restore_log = restore_keeping_logs(pair, archive)
     assert restore_log.count("was dumped empty: no tar") == len(MASKED) + 1, restore_log[-3000:]
     assert pair.dst.podman("exec", NAME, "sh", "-c", SHOW_TMPFS).stdout == before
     verified(Workload(info["State"]["Pid"], pair.report_dir / "report.jsonl", 1))
@@ -442,11 +452,7 @@ def test_restore_skips_the_network_lock_when_asked(pair, tmp_path, network):
     archive = tmp_path / "checkpoint.tar"
     pair.src.podman("container", "checkpoint", NAME, "--export", str(archive), "--compress", "none", timeout=120)
     conf.write_text("network-lock skip\n")
-    proc = pair.dst.podman("container", "restore", "--import", str(archive), "--name", NAME, "--keep", timeout=120)
-    restored_id = proc.stdout.split()[-1]
-    info = pair.dst.inspect(NAME)
-    assert info["State"]["Status"] == "running", info["State"]
-    restore_log = next(pair.dst.dir.glob(f"root/overlay-containers/{restored_id}/userdata/restore.log")).read_text()
+    info, restore_log = restore_keeping_logs(pair, archive)
     assert "Network lock skipped on restore, as asked" in restore_log, restore_log[-3000:]
     for tool in ("iptables", "ip6tables"):
         rules = subprocess.run(["nsenter", "-t", str(info["State"]["Pid"]), "-n", tool, "-S"],
@@ -474,12 +480,7 @@ def test_dev_and_cgroup_tmpfs_without_tar(pair, tmp_path):
     wl = pair.src.start(NAME, pair.report_dir, annotate=False)
     before = pair.src.podman("exec", NAME, "sh", "-c", SHOW_DEV).stdout
     assert "/dev/null 21b6 0 0 1 3" in before and "/dev/ptmx" in before and "/sys/fs/cgroup 416d" in before, before
-    source_id = pair.src.inspect(NAME)["Id"]
-    archive = tmp_path / "checkpoint.tar"
-    pair.src.podman(
-        "container", "checkpoint", NAME, "--export", str(archive), "--compress", "none", "--keep", timeout=120
-    )
-    dump_log = next(pair.src.dir.glob(f"root/overlay-containers/{source_id}/userdata/dump.log")).read_text()
+    archive, dump_log = checkpoint_keeping_logs(pair, tmp_path)
     mnt_ids = tmpfs_mnt_ids(dump_log)
     for path in ("/dev", "/sys/fs/cgroup"):
         assert f"tmpfs {mnt_ids[path]} dumped without tar" in dump_log, (path, mnt_ids)
@@ -497,11 +498,7 @@ def test_dev_and_cgroup_tmpfs_without_tar(pair, tmp_path):
     assert devs[0]["./null"].ischr() and (devs[0]["./null"].devmajor, devs[0]["./null"].devminor) == (1, 3)
     assert devs[0]["./ptmx"].issym() and devs[0]["./ptmx"].linkname == "pts/ptmx"
 
-    proc = pair.dst.podman("container", "restore", "--import", str(archive), "--name", NAME, "--keep", timeout=120)
-    restored_id = proc.stdout.split()[-1]
-    info = pair.dst.inspect(NAME)
-    assert info["State"]["Status"] == "running", info["State"]
-    restore_log = next(pair.dst.dir.glob(f"root/overlay-containers/{restored_id}/userdata/restore.log")).read_text()
+    info, restore_log = restore_keeping_logs(pair, archive)
     assert restore_log.count("restored without tar") == 2, restore_log[-3000:]
     assert pair.dst.podman("exec", NAME, "sh", "-c", SHOW_DEV).stdout == before
     verified(Workload(info["State"]["Pid"], pair.report_dir / "report.jsonl", 1))
