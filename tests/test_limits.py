@@ -263,6 +263,59 @@ def test_page_store_quota_fails_the_migration_with_a_clear_error(serve):
     ch.close()
 
 
+def peak_rss_while(proc, fn):
+    """fn()'s result and the most memory (RSS) proc held meanwhile, sampled
+    every millisecond."""
+    peak, done = [psutil.Process(proc.pid).memory_info().rss], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], psutil.Process(proc.pid).memory_info().rss)
+            time.sleep(0.001)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    try:
+        return fn(), peak[0]
+    finally:
+        done.set()
+        th.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_a_sparse_source_makes_serve_hold_no_more_than_its_quota(serve):
+    """Half a chunk every 2 MiB (each page store chunk half full, the
+    layout where any memory taken ahead of the pages, by the chunk, would
+    show): serve's memory stays within its --max-memory of 32 MiB, and the
+    page over it ends the session with the reason."""
+    srv = serve("--max-memory", "32M")
+    ch, _ = session(srv)
+    base = psutil.Process(srv.pid).memory_info().rss
+
+    def send():
+        for i in range(48):  # 48 MiB of pages: over the quota from the 33rd on
+            ch.send(Msg.PAGES, pages(1, (1 << 30) + i * (2 << 20), 256))
+        ch.send(Msg.ROUND, RoundStats(0).encode())  # where serve says why
+        return refused(ch)
+
+    why, peak = peak_rss_while(srv, send)
+    assert "max-memory of 32 MiB" in why
+    # the quota, and 16 MiB for frames in flight (chunks faulted in whole: 64 MiB)
+    assert peak - base <= (32 + 16) << 20, (peak - base) >> 20
+    assert srv.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_pages_that_fill_the_quota_exactly_are_taken(serve):
+    """8 MiB of pages against a quota of 8 MiB, in 1 MiB frames."""
+    srv = serve("--max-memory", "8M")
+    ch, _ = session(srv)
+    for i in range(8):
+        ch.send(Msg.PAGES, pages(1, (1 << 30) + i * (1 << 20), 256, bytes([i + 1])))
+    assert round_acked(ch) == (0, 8 * 256)
+    ch.close()
+
+
 def test_parallel_puts_stay_within_the_quota(tmp_path):
     """Page streams put in parallel, outside the quota's lock: each put
     reserves its bytes before, so 8 frames of 6 MiB at once against a

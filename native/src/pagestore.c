@@ -319,7 +319,11 @@ static int for_each_chunk(hm_store *s, uint64_t key, uint64_t vaddr, uint64_t np
  * round: puts into fresh chunks, 0.44 -> 0.33 CPU s/GiB here). Transparent
  * huge pages were tried too: 0.2 s/GiB when free huge pages were at hand,
  * 0.5-2.6 when the kernel had to compact memory for them first (this
- * machine's defrag setting: madvise, so stalls), so not used. */
+ * machine's defrag setting: madvise, so stalls), so not used. Nor a
+ * thread that populates buffers ahead of the puts (64 MiB, within serve's
+ * quota): the putting thread's CPU halved (0.33 -> 0.16 s/GiB), the
+ * process's grew (0.36), and round 0 was no faster on 2 vCPUs, where the
+ * first touch's cost is CPU time wherever it is paid (docs/results.md). */
 #define POPULATE_MIN_PAGES 64
 
 static int put_chunk(struct store_task *t, struct chunk *c, uint64_t first, uint64_t n, uint64_t done, void *arg)
