@@ -82,13 +82,18 @@ if [ ! -f "$CRIU_SRC/Makefile" ]; then
 fi
 # Fixes of CRIU bugs that hybridmig runs into (each patch says which), applied
 # once to the source; the CRIU we install records which set it was built with.
+# A changed set goes onto a fresh tree, in order: later patches touch what
+# earlier ones did, so applying the set again onto a patched tree (patch
+# --forward) half-applies an earlier one where a later one moved its context.
 PATCHES_SUM=$(cat "$ROOT"/scripts/criu-patches/*.patch | sha256sum | cut -d' ' -f1)
 CRIU_STAMP=/usr/local/sbin/.criu-hybridmig-patches
 if [ "$(cat "$CRIU_SRC/.hybridmig-patches" 2>/dev/null)" != "$PATCHES_SUM" ]; then
+    say "applying scripts/criu-patches to a fresh $CRIU_SRC"
+    rm -rf "$CRIU_SRC"
+    tar -C "$CRIU_DIR" -xf "$CRIU_DIR/$CRIU_TARBALL"
     for p in "$ROOT"/scripts/criu-patches/*.patch; do
         patch -d "$CRIU_SRC" -p1 --forward --silent <"$p" >/dev/null || \
-            patch -d "$CRIU_SRC" -p1 --reverse --dry-run --silent <"$p" >/dev/null || \
-            { echo "setup: cannot apply $p to $CRIU_SRC" >&2; exit 1; }
+            { echo "setup: cannot apply $p to a fresh $CRIU_SRC" >&2; exit 1; }
     done
     echo "$PATCHES_SUM" >"$CRIU_SRC/.hybridmig-patches"
 fi

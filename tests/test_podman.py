@@ -112,7 +112,7 @@ def test_container_migrates_with_its_memory_and_files(env, remove):
     wl = env.pair.src.start(NAME, env.pair.report_dir, size_mb=128, before="echo moved > /tmp/before; ")
     source_id = env.pair.src.inspect(NAME)["Id"]
     verified(wl)
-    serve = env.serve()
+    serve = env.serve("--keep")  # the session's images: the dump's inventory
     rc, report, err = env.run(NAME, *(["--rm"] if remove else []))
     assert rc == 0, err
     assert report["result"] == "migrated" and report["container"] == NAME, report
@@ -134,6 +134,18 @@ def test_container_migrates_with_its_memory_and_files(env, remove):
         assert env.pair.src.status(NAME) == "exited"
     assert not (env.pair.src.dir / "criu" / f"{NAME}.conf").exists()
     assert not wl.alive()
+    # run's CRIU config: no iptables lock of the netns for the freeze
+    assert inventory(next(serve.base_dir.rglob("inventory.img")))["network_lock_method"] == NETWORK_LOCK_SKIP
+
+
+NETWORK_LOCK_SKIP = 2  # CRIU's enum NETWORK_LOCK_METHOD (cr_options.h), as inventory.img holds it
+
+
+def inventory(path):
+    import pycriu  # here, not above: make test-unit collects this module without pycriu
+
+    with open(path, "rb") as f:
+        return pycriu.images.load(f)["entries"][0]
 
 
 def test_no_such_container(env):
@@ -382,6 +394,25 @@ def tmpfs_mnt_ids(dump_log):
     return found
 
 
+def checkpoint_keeping_logs(pair, tmp_path):
+    """podman's own checkpoint of NAME (--export, --keep for CRIU's log): the archive, dump.log's text."""
+    source_id = pair.src.inspect(NAME)["Id"]
+    archive = tmp_path / "checkpoint.tar"
+    pair.src.podman(
+        "container", "checkpoint", NAME, "--export", str(archive), "--compress", "none", "--keep", timeout=120
+    )
+    return archive, next(pair.src.dir.glob(f"root/overlay-containers/{source_id}/userdata/dump.log")).read_text()
+
+
+def restore_keeping_logs(pair, archive):
+    """podman's own restore of the archive as NAME (--keep): its inspect, restore.log's text."""
+    proc = pair.dst.podman("container", "restore", "--import", str(archive), "--name", NAME, "--keep", timeout=120)
+    restored_id = proc.stdout.split()[-1]
+    info = pair.dst.inspect(NAME)
+    assert info["State"]["Status"] == "running", info["State"]
+    return info, next(pair.dst.dir.glob(f"root/overlay-containers/{restored_id}/userdata/restore.log")).read_text()
+
+
 def test_empty_read_only_tmpfs_skips_tar(pair, tmp_path):
     """CRIU's patch 0006: an empty read-only tmpfs (runc's masked paths, a
     `--mount type=tmpfs,ro=true`) is dumped as the fixed empty archive
@@ -391,12 +422,7 @@ def test_empty_read_only_tmpfs_skips_tar(pair, tmp_path):
     wl = pair.src.start(NAME, pair.report_dir, annotate=False, run_opts=TMPFS_OPTS, before=f"echo k > {SCRATCH}/kept; ")
     before = pair.src.podman("exec", NAME, "sh", "-c", SHOW_TMPFS).stdout
     assert f"{RO_EMPTY} tmpfs ro," in before and "mode=750" in before and f"{SCRATCH} tmpfs rw," in before, before
-    source_id = pair.src.inspect(NAME)["Id"]
-    archive = tmp_path / "checkpoint.tar"
-    pair.src.podman(
-        "container", "checkpoint", NAME, "--export", str(archive), "--compress", "none", "--keep", timeout=120
-    )
-    dump_log = next(pair.src.dir.glob(f"root/overlay-containers/{source_id}/userdata/dump.log")).read_text()
+    archive, dump_log = checkpoint_keeping_logs(pair, tmp_path)
     mnt_ids = tmpfs_mnt_ids(dump_log)
     for path in (*MASKED, RO_EMPTY):
         assert f"tmpfs {mnt_ids[path]} is empty and read-only: no tar" in dump_log, (path, mnt_ids)
@@ -406,11 +432,7 @@ def test_empty_read_only_tmpfs_skips_tar(pair, tmp_path):
         sizes = {m.name: m.size for m in tar if m.name.startswith("checkpoint/tmpfs-dev-")}
     assert sorted(sizes.values()).count(45) == len(MASKED) + 1, sizes  # the fixed empty archive, 45 bytes each
 
-    proc = pair.dst.podman("container", "restore", "--import", str(archive), "--name", NAME, "--keep", timeout=120)
-    restored_id = proc.stdout.split()[-1]
-    info = pair.dst.inspect(NAME)
-    assert info["State"]["Status"] == "running", info["State"]
-    restore_log = next(pair.dst.dir.glob(f"root/overlay-containers/{restored_id}/userdata/restore.log")).read_text()
+    info, restore_log = restore_keeping_logs(pair, archive)
     assert restore_log.count("was dumped empty: no tar") == len(MASKED) + 1, restore_log[-3000:]
     assert pair.dst.podman("exec", NAME, "sh", "-c", SHOW_TMPFS).stdout == before
     verified(Workload(info["State"]["Pid"], pair.report_dir / "report.jsonl", 1))
@@ -430,13 +452,54 @@ def test_restore_skips_the_network_lock_when_asked(pair, tmp_path, network):
     archive = tmp_path / "checkpoint.tar"
     pair.src.podman("container", "checkpoint", NAME, "--export", str(archive), "--compress", "none", timeout=120)
     conf.write_text("network-lock skip\n")
-    proc = pair.dst.podman("container", "restore", "--import", str(archive), "--name", NAME, "--keep", timeout=120)
-    restored_id = proc.stdout.split()[-1]
-    info = pair.dst.inspect(NAME)
-    assert info["State"]["Status"] == "running", info["State"]
-    restore_log = next(pair.dst.dir.glob(f"root/overlay-containers/{restored_id}/userdata/restore.log")).read_text()
+    info, restore_log = restore_keeping_logs(pair, archive)
     assert "Network lock skipped on restore, as asked" in restore_log, restore_log[-3000:]
     for tool in ("iptables", "ip6tables"):
         rules = subprocess.run(["nsenter", "-t", str(info["State"]["Pid"]), "-n", tool, "-S"],
                                capture_output=True, text=True, timeout=30)  # fmt: skip
         assert rules.returncode == 0 and "CRIU" not in rules.stdout, (tool, rules.stdout, rules.stderr)
+
+
+# /dev and cgroup v1's /sys/fs/cgroup: what CRIU's in-process tar (patch 0010) must keep as tar did
+SHOW_DEV = (
+    "for f in /dev /dev/* /sys/fs/cgroup /sys/fs/cgroup/*; do"
+    # a mount point's own root is the mounted file system's, a new mount after a restore
+    ' if [ $f = /dev ] || [ $f = /sys/fs/cgroup ] || ! grep -q " $f " /proc/mounts; then'
+    " stat -c '%n %f %u %g %t %T %Y %N' $f; fi;"
+    " done"
+)
+
+
+def test_dev_and_cgroup_tmpfs_without_tar(pair, tmp_path):
+    """CRIU's patches 0009 and 0010: a container's /dev (device nodes,
+    links, mount points) and /sys/fs/cgroup (mount points, links) are
+    dumped and restored without running tar, into images any tar reads as
+    tar.gz; every entry comes back with its type, mode, owner, device
+    numbers, mtime and link target. The container's netns (runc's
+    --empty-ns net) is dumped without its conntrack tables."""
+    wl = pair.src.start(NAME, pair.report_dir, annotate=False)
+    before = pair.src.podman("exec", NAME, "sh", "-c", SHOW_DEV).stdout
+    assert "/dev/null 21b6 0 0 1 3" in before and "/dev/ptmx" in before and "/sys/fs/cgroup 416d" in before, before
+    archive, dump_log = checkpoint_keeping_logs(pair, tmp_path)
+    mnt_ids = tmpfs_mnt_ids(dump_log)
+    for path in ("/dev", "/sys/fs/cgroup"):
+        assert f"tmpfs {mnt_ids[path]} dumped without tar" in dump_log, (path, mnt_ids)
+    assert "Conntrack of netns" in dump_log and "not dumped" in dump_log
+    members = {}
+    with tarfile.open(archive) as outer:
+        for m in outer:
+            if m.name.startswith("checkpoint/tmpfs-dev-") and m.size > 45:
+                f = outer.extractfile(m)
+                assert f is not None
+                with tarfile.open(fileobj=f, mode="r:gz") as inner:  # what a CRIU without 0010 runs tar on
+                    members[m.name] = {i.name: i for i in inner}
+    devs = [ms for ms in members.values() if "./null" in ms]
+    assert len(members) == 2 and len(devs) == 1, members
+    assert devs[0]["./null"].ischr() and (devs[0]["./null"].devmajor, devs[0]["./null"].devminor) == (1, 3)
+    assert devs[0]["./ptmx"].issym() and devs[0]["./ptmx"].linkname == "pts/ptmx"
+
+    info, restore_log = restore_keeping_logs(pair, archive)
+    assert restore_log.count("restored without tar") == 2, restore_log[-3000:]
+    assert pair.dst.podman("exec", NAME, "sh", "-c", SHOW_DEV).stdout == before
+    verified(Workload(info["State"]["Pid"], pair.report_dir / "report.jsonl", 1))
+    assert not wl.alive()
