@@ -219,6 +219,25 @@ def _exactness_rounds(ds, tracker, payload):
     assert page_set(result.dirty, [b]) == set()
 
 
+@pytest.mark.root
+def test_peek_counts_written_pages_and_leaves_them_to_the_scan():
+    """peek (auto's early switch-over, source/early.py) counts the pages
+    written since they were last protected, within the ranges asked, and
+    protects nothing: the next scan still finds every one of them."""
+    _need_uffd_wp()
+    with DirtySet() as ds:
+        a_id, a = ds.map(64)
+        ds.pages("touch %d %s" % (a_id, ",".join(map(str, range(64)))))
+        with trk.DirtyTracker(ds.pid) as tracker:
+            tracker.scan()
+            written = ds.pages("touch %d 1,2,3,40,63" % a_id)
+            assert tracker.peek([a]) == 5
+            assert tracker.peek([(a[0], a[0] + 32 * PAGE)]) == 3
+            assert tracker.peek([a]) == 5, "a peek protected what it looked at"
+            assert page_set(tracker.scan().dirty, [a]) == written
+            assert tracker.peek([a]) == 0
+
+
 def _minflt(pid):
     with open("/proc/%d/stat" % pid) as f:
         return int(f.read().rsplit(")", 1)[1].split()[7])

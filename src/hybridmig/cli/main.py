@@ -322,6 +322,7 @@ def serve(
     default=None,
     help="precopy: rounds, then the rest frozen; postcopy: after --postcopy-after rounds the copy resumes "
     "and pulls the rest from the frozen source; auto: pre-copy while rounds shrink, then post-copy "
+    "(during round 0 already where the tree writes too fast for any round to converge) "
     f"(default: {DEFAULTS.switchover}; precopy for --container)",
 )
 @click.option(

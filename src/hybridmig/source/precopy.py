@@ -27,6 +27,7 @@ from ..errors import ProcessGone, ProtocolError
 from ..messages import RoundStats, Stored
 from ..wire import Msg
 from .converge import slowed_down
+from .early import EarlySwitch
 from .options import DEFAULTS
 from .pacing import tree_cpu
 from .tracker import TreeTracker, read_run
@@ -388,6 +389,7 @@ class PreCopy:
         self.rounds = []
         self.pending = {}  # host pid -> dirty ranges seen but not sent (carried to the final round)
         self.bandwidth = 0.0
+        self.early = None  # an EarlySwitch that stopped round 0 (auto)
 
     def _ack(self, rnd):
         """A round marker the destination acknowledges once all before it is stored."""
@@ -442,17 +444,39 @@ class PreCopy:
         t0, cpu0, started = time.monotonic(), time.process_time(), self._started()
         self.sender.start_round(rnd)
         tree = self.tracker.vmas()
-        budget = None if share >= 1 else int(share * sum(_pages(v) for v in tree.values())) * PAGE_SIZE
+        total = sum(_pages(v) for v in tree.values())
+        budget = None if share >= 1 else int(share * total) * PAGE_SIZE
+        early = EarlySwitch(self.tracker.peek, total, self._unpace) if self._may_switch_early() else None
         for pid, vmas in tree.items():
             if not self.sender.adopt(pid):
                 continue  # forked while the tracker attached, exited since
             if budget is not None:
                 vmas, budget = _first_bytes(vmas, budget)
-            rnd.pages_scanned += _pages(vmas)
-            self.sender.send_ranges(pid, vmas, rnd)
+            for piece in early.pieces(pid, vmas) if early else [vmas]:
+                rnd.pages_scanned += _pages(piece)
+                self.sender.send_ranges(pid, piece, rnd)
+            if early and early.stopped:
+                self.early = early
+                break
         rnd.pages_written = rnd.pages_scanned
         self._finish(rnd, t0, cpu0, started)
         return rnd
+
+    def _unpace(self, why="auto: the tree writes too fast for pre-copy"):
+        """No more pacing (source/pacing.py): the rounds as fast as the link
+        and --bandwidth-limit allow. Once the tree writes faster than the
+        rounds can converge, keeping its CPU share only makes them longer
+        and what they send staler: auto's round 0 before its early
+        switch-over (source/early.py), and pre-copy once auto-converge slows
+        the tree down (pacing would give back the pace it takes away)."""
+        if self.sender.throttle is not None and self.sender.throttle.pacer is not None:
+            log.info("%s: no longer paced", why)
+            self.sender.throttle.stop_pacing()
+
+    def _may_switch_early(self):
+        """auto may stop round 0 for post-copy (source/early.py), unless
+        auto-converge is asked for instead."""
+        return self.switchover == "auto" and self.converge is None
 
     def scan(self, rnd):
         t = time.monotonic()
@@ -525,6 +549,7 @@ class PreCopy:
                         last.dirty_rate_pps, last.throttle_pct / 100, rnd.dirty_rate_pps, self.converge.share
                     )
                 )
+                self._unpace("auto-converge slows the tree down")
                 # hot pages are owed unseen: only exact tracking shows
                 # the dirty set shrink as the tree slows down
                 self.tracker.drop_hot()
@@ -566,6 +591,17 @@ class PreCopy:
                     self.postcopy_after * 100,
                     self.postcopy_after,
                 )
+        elif self.early is not None:
+            self.postcopy = True
+            self.stop_reason = (
+                "post-copy during round 0: %.0f %% of memory sent, %.1f %% of it stale"
+                " (writes at %.2f x round 0's pace: rounds would not converge)"
+                % (
+                    self.early.pages * 100 / max(1, self.early.total),
+                    self.early.stale * 100 / max(1, self.early.pages),
+                    self.early.x,
+                )
+            )
         elif self.switchover == "auto" and self.converge is None and not fits:
             not_halved = rnd.pages_owed > 0.5 * self.rounds[-1].pages_owed
             self.postcopy = not_halved or stalled or (converged and not fits)

@@ -436,6 +436,19 @@ class DirtyTracker:
         with contextlib.suppress(NativeError):
             self._native().scan(start, end, True)
 
+    def peek(self, ranges) -> int | None:
+        """How many pages of ranges (sorted) were written since they were last
+        protected, leaving them as they are (auto's early switch-over,
+        source/early.py). None where it cannot tell: not uffd-wp, or hot
+        pages kept unprotected."""
+        if not self.attached or self.method != UFFD_WP or self._hot or self._probation:
+            return None
+        written = 0
+        for start, end in clip(self._vmas, ranges):
+            with contextlib.suppress(NativeError):  # (a VMA gone or replaced: the next scan tells)
+                written += pages_in(self._native().scan(start, end, False))
+        return written
+
     def _release(self):
         if self._tracker is not None:
             self._tracker.close()
@@ -758,6 +771,11 @@ class TreeTracker:
         tracker = self.trackers.get(pid)
         if tracker is not None:
             tracker.refresh(start, end)
+
+    def peek(self, pid: int, ranges) -> int | None:
+        """DirtyTracker.peek() of process pid (0 if no longer tracked)."""
+        tracker = self.trackers.get(pid)
+        return tracker.peek(ranges) if tracker is not None else 0
 
     def drop_hot(self) -> None:
         """DirtyTracker.drop_hot() for every process, and no keep_hot for
