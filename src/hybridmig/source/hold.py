@@ -29,7 +29,7 @@ import os
 import signal
 import time
 
-from ..proctree import all_held, start_ticks
+from ..proctree import start_ticks
 
 log = logging.getLogger("hybridmig.source.hold")
 
@@ -37,6 +37,7 @@ RECORDS = "/run/hybridmig/held"
 # A thread that a dying CRIU detaches passes through running, in the
 # kernel, on its way to the stop: how long holding() lets that take.
 SETTLE_S = 0.5
+PF_EXITING = 0x4  # a task's flags (/proc/PID/stat, field 9): killed, in its exit
 
 
 class Hold:
@@ -132,10 +133,10 @@ class Hold:
 
     def holding(self):
         """Whether nothing of the tree runs: every thread in tracing stop
-        (CRIU) or stopped (this hold), or exited."""
+        (CRIU) or stopped (this hold), or exiting, or exited."""
         deadline = time.monotonic() + SETTLE_S
         while True:
-            running = [pid for pid, start in self.procs if _same(pid, start) and not all_held([pid], stop_too=True)]
+            running = [pid for pid, start in self.procs if _same(pid, start) and not _nothing_runs(pid)]
             if not running or time.monotonic() > deadline:
                 return not running
             time.sleep(0.01)
@@ -191,3 +192,22 @@ def _state(pid):
             return f.read().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError):
         return None
+
+
+def _nothing_runs(pid):
+    """Every thread of pid in tracing stop or stopped, or exiting (killed:
+    a pid-namespace init waits in its exit, asleep, for its children), or
+    exited."""
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except FileNotFoundError:
+        return True
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited
+        if fields[0] not in ("t", "T", "Z", "X") and not int(fields[6]) & PF_EXITING:
+            return False
+    return True

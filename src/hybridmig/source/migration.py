@@ -603,7 +603,7 @@ class Migration:
             self.channel.send_error(str(e))
         except ProtocolError:
             pass  # the destination ends its copy with the session anyway
-        if self.hold.holding():
+        if self.hold.criu_alive() or self.hold.holding():
             self._settle(end=True)  # a process of it is gone: the rest can never run whole
         else:  # let go of it by someone else while its CRIU was gone: the one copy left, whole
             self.hold.release()
