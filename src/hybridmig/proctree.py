@@ -39,6 +39,24 @@ def end_tree(root):
 _HELD_STATES = frozenset("tZX")
 
 
+def thread_stats(pid):
+    """(state, flags) of each thread of pid (/proc/PID/task/TID/stat), None
+    for one that exited while being read. Raises ProcessLookupError."""
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    stats: list[tuple[str, int] | None] = []
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            stats.append((fields[0], int(fields[6])))
+        except (FileNotFoundError, ProcessLookupError):
+            stats.append(None)
+    return stats
+
+
 def all_held(pids, stop_too=False):
     """Whether every thread of the processes `pids` is in tracing stop (or
     has exited). Seen after reading their memory, this proves the reads a
@@ -48,15 +66,9 @@ def all_held(pids, stop_too=False):
     held = _HELD_STATES | {"T"} if stop_too else _HELD_STATES
     for pid in pids:
         try:
-            tids = os.listdir("/proc/%d/task" % pid)
-        except FileNotFoundError:
+            stats = thread_stats(pid)
+        except ProcessLookupError:
             return False
-        for tid in tids:
-            try:
-                with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
-            except (FileNotFoundError, ProcessLookupError):
-                return False  # exited meanwhile: it ran
-            if state not in held:
-                return False
+        if any(st is None or st[0] not in held for st in stats):  # (exited meanwhile: it ran)
+            return False
     return True

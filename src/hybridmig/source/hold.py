@@ -29,7 +29,7 @@ import os
 import signal
 import time
 
-from ..proctree import start_ticks
+from ..proctree import start_ticks, thread_stats
 
 log = logging.getLogger("hybridmig.source.hold")
 
@@ -199,15 +199,7 @@ def _nothing_runs(pid):
     a pid-namespace init waits in its exit, asleep, for its children), or
     exited."""
     try:
-        tids = os.listdir("/proc/%d/task" % pid)
-    except FileNotFoundError:
+        stats = thread_stats(pid)
+    except ProcessLookupError:
         return True
-    for tid in tids:
-        try:
-            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # exited
-        if fields[0] not in ("t", "T", "Z", "X") and not int(fields[6]) & PF_EXITING:
-            return False
-    return True
+    return all(st is None or st[0] in ("t", "T", "Z", "X") or st[1] & PF_EXITING for st in stats)
