@@ -113,7 +113,12 @@ if [ "$(stat -f -c %T /run)" != tmpfs ]; then
             say "note: cannot mount a tmpfs on $CRIU_RUNDIR: CRIU will probe the kernel at every start"
     fi
 fi
-CRIU_BUILD="$PATCHES_SUM rundir=$CRIU_RUNDIR"
+# CRIU stamps its kerndat cache with SOURCE_DATE_EPOCH, else the build's
+# time: another build (a second checkout's) would find the cache stale,
+# probe again inside a restore and overwrite it for every CRIU. Stamp it
+# with what the cache holds: the code that probes, and its layout.
+KDAT_STAMP=$((16#$(cat "$CRIU_SRC"/criu/kerndat.c "$CRIU_SRC"/criu/include/kerndat.h | sha256sum | cut -c1-7)))
+CRIU_BUILD="$PATCHES_SUM rundir=$CRIU_RUNDIR kdat=$KDAT_STAMP"
 
 criu_ok() {
     local v
@@ -135,7 +140,7 @@ criu_ok() {
 if ! criu_ok; then
     say "building CRIU $CRIU_VERSION"
     rm -f "$CRIU_SRC/criu/kerndat.o"  # RUNDIR is compiled into it, and make does not track it
-    make -C "$CRIU_SRC" -j"$(nproc)" criu RUNDIR="$CRIU_RUNDIR" >"$CRIU_DIR/build.log" 2>&1 || \
+    SOURCE_DATE_EPOCH=$KDAT_STAMP make -C "$CRIU_SRC" -j"$(nproc)" criu RUNDIR="$CRIU_RUNDIR" >"$CRIU_DIR/build.log" 2>&1 || \
         { tail -20 "$CRIU_DIR/build.log"; exit 1; }
     # under a temp name, then renamed: a criu started meanwhile (another
     # checkout's tests) finds the old binary or the new one, never none
