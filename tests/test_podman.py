@@ -9,6 +9,7 @@ destination."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,6 +137,12 @@ def test_container_migrates_with_its_memory_and_files(env, remove):
     assert not wl.alive()
     # run's CRIU config: no iptables lock of the netns for the freeze
     assert inventory(next(serve.base_dir.rglob("inventory.img")))["network_lock_method"] == NETWORK_LOCK_SKIP
+    # serve's CRIU took the cgroup hierarchies from serve's yard, mounted before
+    # the freeze, and mounted none itself; the yard is gone since
+    log = next(serve.base_dir.rglob("restore.log")).read_text(errors="replace")
+    yard = re.search(r"Opening (\S*/hybridmig-cgyard-\S+) as cg yard", log)
+    assert yard and "Making controller dir" not in log, log[-3000:]
+    assert not os.path.exists(yard.group(1))
 
 
 NETWORK_LOCK_SKIP = 2  # CRIU's enum NETWORK_LOCK_METHOD (cr_options.h), as inventory.img holds it

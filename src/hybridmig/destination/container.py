@@ -23,6 +23,7 @@ import time
 
 import psutil
 
+from ..cgroup_yard import ahead
 from ..criu.command import log_tail
 from ..errors import CriuError, HybridmigError, ProtocolError
 from ..podman import CONFIG_DUMP, CRIU_CONFIG_ANNOTATION, DELETED_FILES, PODMAN_FILES, ROOTFS_DIFF, SPEC_DUMP, said
@@ -71,6 +72,7 @@ class ContainerRestore:
         self.changes = None  # rootfs-diff.tar, if it holds anything
         self.deleted: list[str] = []
         self.restored_pid = None
+        self.yard = None  # this host's cgroup hierarchies, mounted before the freeze
 
     def _load_json(self, name, kind):
         path = os.path.join(self.files, name)
@@ -142,6 +144,8 @@ class ContainerRestore:
                     json.dump(value, f)
                 tar.add(path, arcname=name)
             tar.add(placeholder, arcname="checkpoint")
+        # CRIU's restore opens them instead of mounting each, runc's container frozen
+        self.yard = ahead()
         self.hold = ConmonHold(self.dir, self.podman.conmon(), self.images)
         self.applier = ChangesApplier(self.dies_with_me)
         cmd = self.dies_with_me(
@@ -161,6 +165,8 @@ class ContainerRestore:
         # CRIU (run by runc) connects to the daemon's lazy-pages.socket in
         # its work dir, and runs serve's hook (the restored root, for the guard)
         lines = ["lazy-pages", "work-dir " + self.images, "action-script " + self.root_hook]
+        if self.yard is not None:
+            lines.append("cgroup-yard " + self.yard.path)
         lines += option_lines
         # Last, over any the source gave: the netns is new, made by this
         # podman, and CRIU restores no rule into it, so none of the dump's
@@ -206,6 +212,8 @@ class ContainerRestore:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired as e:
             raise CriuError(f"podman container restore of {self.name} did not finish within {timeout}s") from e
+        finally:
+            self._drop_yard()
         if proc.returncode != 0:
             raise CriuError(
                 "podman container restore of %s failed (exit %d): %s%s"
@@ -251,6 +259,7 @@ class ContainerRestore:
             # closed lazy-pages socket), then what CRIU may have forked
             self.proc.kill()
             self.proc.communicate(timeout=30)
+        self._drop_yard()
         for p in (pid, self.restored_pid, self._hooked_pid()):
             if p:
                 try:
@@ -268,7 +277,13 @@ class ContainerRestore:
         if proc.returncode != 0:
             log.error("could not remove the restored container %s: %s", self.name, said(proc))
 
+    def _drop_yard(self):
+        if self.yard is not None:
+            self.yard.close()
+            self.yard = None
+
     def cleanup(self):
+        self._drop_yard()
         if self.applier is not None:
             self.applier.close()
         if self.hold is not None:
