@@ -510,3 +510,23 @@ def test_dev_and_cgroup_tmpfs_without_tar(pair, tmp_path):
     assert pair.dst.podman("exec", NAME, "sh", "-c", SHOW_DEV).stdout == before
     verified(Workload(info["State"]["Pid"], pair.report_dir / "report.jsonl", 1))
     assert not wl.alive()
+
+
+def test_restore_moves_no_task_into_the_cgroups_it_is_in(pair, tmp_path):
+    """CRIU's patch 0012: runc moves CRIU into the restored container's
+    cgroups before the restore, so its root task is born in them; CRIU
+    then writes no pid to their cgroup.procs (each write waits for an RCU
+    grace period, the container frozen). The task ends in the container's
+    cgroups all the same, as podman and runc name them."""
+    wl = pair.src.start(NAME, pair.report_dir, annotate=False)
+    archive, _ = checkpoint_keeping_logs(pair, tmp_path)
+    info, restore_log = restore_keeping_logs(pair, archive)
+    moves = [line for line in restore_log.splitlines() if "cg:   `->" in line]
+    assert moves and all(line.endswith(": in it already") for line in moves), restore_log[-3000:]
+    with open(f"/proc/{info['State']['Pid']}/cgroup") as f:
+        cgroups = [line.rstrip("\n").split(":", 2) for line in f]
+    for _, controllers, path in cgroups:
+        if controllers in ("", "pids", "memory", "freezer", "devices", "blkio", "cpu", "cpuset", "cpuacct"):
+            assert path.endswith("/libpod-" + info["Id"]), (controllers, path)
+    verified(Workload(info["State"]["Pid"], pair.report_dir / "report.jsonl", 1))
+    assert not wl.alive()
