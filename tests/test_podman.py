@@ -530,3 +530,26 @@ def test_restore_moves_no_task_into_the_cgroups_it_is_in(pair, tmp_path):
             assert path.endswith("/libpod-" + info["Id"]), (controllers, path)
     verified(Workload(info["State"]["Pid"], pair.report_dir / "report.jsonl", 1))
     assert not wl.alive()
+
+
+def test_restore_held_in_criu_before_the_images(env):
+    """CRIU's patch 0013 (`--pre-restore-first`): serve lets the
+    destination's restore go on during pre-copy up to CRIU's pre-restore
+    script, which CRIU now runs before it reads any image (runc's
+    descriptors.json came ahead); the container is restored once the
+    images are there, every page verified."""
+    from hybridmig.doctor import check_criu_pre_restore_first
+
+    assert check_criu_pre_restore_first().ok, check_criu_pre_restore_first().detail
+    wl = env.pair.src.start(NAME, env.pair.report_dir)
+    serve = env.serve("--keep")
+    rc, report, err = env.run(NAME)
+    assert rc == 0 and report["result"] == "migrated", err
+    assert serve.wait(60) == 0, serve.log()
+    log = next(serve.base_dir.rglob("restore.log")).read_text(errors="replace")
+    # the pre-restore script ran before CRIU read the inventory
+    assert log.index("pre-restore scripts run before the images are read") < log.index("Reading image tree"), log[:3000]
+    info = env.pair.dst.inspect(NAME)
+    assert info["State"]["Status"] == "running" and info["State"]["Pid"] == report["restored_pid"], info["State"]
+    verified(Workload(info["State"]["Pid"], env.pair.report_dir / "report.jsonl", 1))
+    assert not wl.alive()

@@ -42,6 +42,7 @@ from ..podman import (
     CONFIG_DUMP,
     CRIU_CONFIG_ANNOTATION,
     DELETED_FILES,
+    DESCRIPTORS,
     ROOTFS_DIFF,
     SPEC_DUMP,
     Podman,
@@ -350,7 +351,13 @@ class ContainerMigration(Migration):
                 if wait:
                     raise HybridmigError(f"podman wrote no {name} for container {self.name}: {e}") from e
                 return
-        self.channel.send(Msg.CONTAINER_START, ContainerStart(*dumps).encode())
+        # runc's record of the container's stdio, written before its CRIU
+        # started: runc reads it on the destination before starting CRIU,
+        # so the restore can start now (it comes again with the images)
+        descriptors = os.path.join(self.dump.images_dir, DESCRIPTORS)
+        if os.path.exists(descriptors):
+            self._send_file(DESCRIPTORS, descriptors)
+        self.channel.send(Msg.CONTAINER_START, ContainerStart(dumps[0], dumps[1], list(self.criu_opts)).encode())
         self.container_started = True
 
     def _send_extra(self):
