@@ -227,7 +227,7 @@ def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, 
 # destination samples only inside Session.run's PAGES handling and recv.
 STEPS = [
     ("read the target's pages", ("read_run", "read_pages", "read_into", "hm_read_pages")),
-    ("lz4 probe and compress", ("lz4_compress", "worth_it", "lz4.block.compress", "compress (")),
+    ("lz4 probe and compress", ("lz4_compress", "shrinks", "lz4.block.compress", "compress (")),
     ("seal / open (AES-GCM)", ("_frame_parts", "_recv_sealed", "encrypt", "decrypt")),
     ("MAC (HMAC-SHA256)", ("_mac (", "hmac")),
     ("socket send", ("sendall", "sendmsg", "_send_parts", "_send_frame", "send (")),

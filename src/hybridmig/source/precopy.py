@@ -136,18 +136,24 @@ class Throttle:
 
 
 class Compression:
-    """lz4 where it pays: a frame is compressed only if a sample of its
-    pages shrinks (PROBE_PAGES pages spread over it, each alone: ~1 % of the
-    cost of compressing the frame). Random or already dense memory then
-    costs almost nothing, and a compressible frame is compressed whole."""
+    """lz4 where it pays, two questions. Does a frame shrink: a sample of
+    PROBE_PAGES pages spread over it, each alone (~1 % of compressing it),
+    so that random or dense memory costs almost nothing. And does shrinking
+    make the round faster: over a slow link lz4 wins by its ratio, over a
+    fast one the destination's decompression can cost more CPU than the
+    bytes it saves (on 2 vCPUs it did: docs/results.md). Time blocked in
+    send cannot tell a slow link from a slow destination, so the round
+    measures it (LinkProbe): frames that shrink go compressed or raw as the
+    probe's window says, then as it decided."""
 
     PROBE_PAGES = 4
     PROBE_RATIO = 0.9  # the sample must shrink below this share of its size
 
-    def __init__(self, enabled=True):
+    def __init__(self, enabled=True, probe=None):
         self.enabled = enabled
+        self.probe = probe if probe is not None else LinkProbe()
 
-    def worth_it(self, data):
+    def shrinks(self, data):
         n = len(data) // PAGE_SIZE
         if not self.enabled or not n:
             return False
@@ -155,6 +161,124 @@ class Compression:
         sample = [data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(step // 2, n, step)]
         packed = sum(len(wire.lz4_compress(page)) for page in sample)
         return packed < self.PROBE_RATIO * len(sample) * PAGE_SIZE
+
+
+class LinkProbe:
+    """Whether compressing the frames that shrink pays on this link and
+    these two ends, measured: windows of `window` data bytes sent in the
+    order lz4, raw, raw, lz4 (a drift of the pace cancels), the shrinking
+    frames compressed in the lz4 windows only. Each window's pace is its
+    data bytes over its wall time (reads, sends, the destination's pace
+    behind them). Raw wins only if its windows were RAW_MARGIN faster and
+    most of their bytes could have shrunk; the choice holds for HOLD_WINDOWS
+    windows' bytes, then the probe runs again. A raw window still open
+    after RAW_CUT times the lz4 window's time ends there, lz4 chosen: on a
+    slow link, where lz4 wins most, the probe costs little. Thread-safe
+    (page streams)."""
+
+    # a window: 1/WINDOWS_PER_ROUND0 of round 0 (expect()), within these
+    # bounds: large enough to outlast the socket buffers (~10 MiB) on a fast
+    # link, small enough that a probe is ~1/8 of round 0
+    MIN_WINDOW, MAX_WINDOW = 4 << 20, 64 << 20
+    WINDOWS_PER_ROUND0 = 32
+    HOLD_WINDOWS = 32
+    RAW_MARGIN = 1.05
+    RAW_CUT = 2.0
+    MIN_SHRINKING = 0.5  # share of a window's bytes in frames that shrink, for it to count
+    ORDER = (True, False, False, True)  # compressed?, per window of a probe
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.window = self.MAX_WINDOW
+        self.choice = True  # compress the frames that shrink (until a probe says otherwise)
+        self._lock = threading.Lock()
+        self.probes = []  # one dict per finished probe: paces (MB/s) and the choice (run --json)
+        self._start_probe()
+
+    def _start_probe(self):
+        self._window = 0  # index into ORDER; len(ORDER): holding the choice
+        self._t0 = None  # the open window's start (None: at its first frame)
+        self._bytes = self._shrinking = 0
+        self._done = {True: [0, 0.0], False: [0, 0.0]}  # mode -> [bytes, s]
+        self._lz4_s_per_byte = None
+        self._short = False  # the probe's windows had too few frames that shrink
+        self._held = 0
+
+    def expect(self, nbytes):
+        """Round 0 will send about nbytes: windows sized to it."""
+        with self._lock:
+            self.window = min(self.MAX_WINDOW, max(self.MIN_WINDOW, nbytes // self.WINDOWS_PER_ROUND0))
+
+    def settle(self):
+        """The rounds are over: the choice holds from now on (post-copy's
+        pages come one fault at a time: no pace to measure)."""
+        with self._lock:
+            self._window, self._held = len(self.ORDER), -(1 << 62)
+
+    def restart_window(self):
+        """Between rounds: the time in between (the scan, the ack) is no one's."""
+        with self._lock:
+            self._t0 = None
+            self._bytes = self._shrinking = 0
+
+    def compress(self):
+        """Whether to compress a frame that shrinks, now (called for every
+        frame: the open window's clock starts at its first)."""
+        with self._lock:
+            if self._t0 is None:
+                self._t0 = self.clock()
+            if self._window < len(self.ORDER):
+                return self.ORDER[self._window]
+            return self.choice
+
+    def sent(self, nbytes, shrinking):
+        """A frame of nbytes data bytes went out (shrinking: it would shrink)."""
+        with self._lock:
+            if self._window >= len(self.ORDER):
+                self._held += nbytes
+                if self._held >= self.HOLD_WINDOWS * self.window:
+                    self._start_probe()
+                return
+            self._bytes += nbytes
+            self._shrinking += nbytes if shrinking else 0
+            now = self.clock()
+            took = now - self._t0 if self._t0 is not None else 0.0
+            lz4 = self.ORDER[self._window]
+            cut = (
+                not lz4
+                and self._lz4_s_per_byte is not None
+                and took > self.RAW_CUT * self._lz4_s_per_byte * self.window
+            )
+            if self._bytes < self.window and not cut:
+                return
+            if self._shrinking < self.MIN_SHRINKING * self._bytes:
+                self._short = True
+            done = self._done[lz4]
+            done[0] += self._bytes
+            done[1] += took
+            if lz4:
+                self._lz4_s_per_byte = done[1] / done[0]
+            self._t0, self._bytes, self._shrinking = now, 0, 0
+            self._window = len(self.ORDER) if cut else self._window + 1
+            if self._window == len(self.ORDER):
+                self._decide(cut)
+
+    def _decide(self, cut):
+        pace = {mode: b / s / 1e6 if s > 0 else 0.0 for mode, (b, s) in self._done.items()}
+        faster = pace[False] > self.RAW_MARGIN * pace[True] and pace[True] > 0
+        self.choice = not (faster and not cut and not self._short)
+        self.probes.append(
+            {
+                "lz4_mb_s": round(pace[True], 1),
+                "raw_mb_s": round(pace[False], 1),
+                "raw_cut": cut,
+                "too_few_shrinking": self._short,
+                "lz4": self.choice,
+            }
+        )
+        log.info(
+            "lz4 probe: %.0f MB/s compressed, %.0f raw: %s", pace[True], pace[False], "lz4" if self.choice else "raw"
+        )
 
 
 @dataclass
@@ -195,7 +319,10 @@ class Sender:
         view = memoryview(buf)
         data = view[self._data_at : self._data_at + ndata * PAGE_SIZE]
         enc, end = wire.RAW, self._data_at + len(data)
-        if self.compression.worth_it(data):
+        probe = self.compression.probe if self.compression.enabled else None
+        lz4 = probe is not None and probe.compress()
+        shrinks = self.compression.shrinks(data)
+        if shrinks and lz4:
             packed = wire.lz4_compress(data)
             if len(packed) < len(data):
                 data[: len(packed)] = packed
@@ -214,6 +341,8 @@ class Sender:
         rnd.bytes_wire += end - start
         if self.throttle:
             self.throttle.account(end - start)
+        if probe is not None:
+            probe.sent(ndata * PAGE_SIZE, shrinks)
 
     def send_ranges(self, pid, ranges, rnd):
         """Send the pages of ranges of process pid. A process of the tree that
@@ -339,6 +468,7 @@ class Sender:
 
     def start_round(self, rnd):
         """Before a round's pages (page streams: source/streams.py)."""
+        self.compression.probe.restart_window()
 
     def end_round(self, rnd):
         """After a round's pages, before its ROUND."""
@@ -445,6 +575,7 @@ class PreCopy:
         self.sender.start_round(rnd)
         tree = self.tracker.vmas()
         total = sum(_pages(v) for v in tree.values())
+        self.sender.compression.probe.expect(total * PAGE_SIZE)
         budget = None if share >= 1 else int(share * total) * PAGE_SIZE
         early = EarlySwitch(self.tracker.peek, total, self._unpace) if self._may_switch_early() else None
         for pid, vmas in tree.items():
