@@ -206,6 +206,8 @@ def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, 
             raise RuntimeError(f"{mode} migration failed: {proc.stderr[-2000:]}")
         rep, _ = json.JSONDecoder().raw_decode(proc.stdout, proc.stdout.index("{"))  # py-spy may print after it
         r0 = dict(rep["rounds"][0], load=[round(x, 2) for x in load])
+        if "lz4_probes" in rep:  # (an older hybridmig has none)
+            r0["lz4_probes"] = rep["lz4_probes"]
         if rep.get("restored_pid"):
             kills.append(psutil.Process(rep["restored_pid"]))
             if pace and "precopy_started_at" in rep:

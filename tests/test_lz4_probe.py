@@ -50,36 +50,57 @@ def probe_of(window_frames):
     return probe, clock
 
 
+def in_order(frames, warm=True):
+    """The modes of a probe's frames, `frames` per window (warm: the mode
+    chosen so far, for the warm-up window)."""
+    return [warm if m is None else m for m in LinkProbe.ORDER for _ in range(frames)]
+
+
 def test_raw_chosen_where_it_is_faster_then_probed_again():
     """A destination for which a compressed frame costs 1.3 times a raw one:
-    lz4, raw, raw, lz4 windows, then raw for HOLD_WINDOWS windows' bytes,
-    then another probe."""
+    a warm-up window, lz4 and raw windows in ORDER, then raw for
+    HOLD_WINDOWS windows' bytes, then another probe, warming up raw."""
     probe, clock = probe_of(4)
-    modes = drive(probe, clock, 16, lambda lz4: 1.3 if lz4 else 1.0)
-    assert modes == [True] * 4 + [False] * 8 + [True] * 4
+    cost = lambda lz4: 1.3 if lz4 else 1.0  # noqa: E731
+    assert drive(probe, clock, 4 * len(probe.ORDER), cost) == in_order(4)
     assert probe.probes == [
-        {"lz4_mb_s": pytest.approx(8 * MIB / 10.4 / 1e6, abs=0.1), "raw_mb_s": pytest.approx(MIB / 1e6, abs=0.1),
+        {"lz4_mb_s": pytest.approx(4 * MIB / 5.2 / 1e6, abs=0.1), "raw_mb_s": pytest.approx(MIB / 1e6, abs=0.1),
          "raw_cut": False, "too_few_shrinking": False, "lz4": False}
     ]  # fmt: skip
-    held = drive(probe, clock, probe.HOLD_WINDOWS * 4, lambda lz4: 1.3 if lz4 else 1.0)
-    assert not any(held)
-    assert drive(probe, clock, 4, lambda lz4: 1.0) == [True] * 4  # the next probe's first window
+    assert not any(drive(probe, clock, probe.HOLD_WINDOWS * 4, cost))
+    assert drive(probe, clock, 4 * len(probe.ORDER), cost) == in_order(4, warm=False)
+    assert len(probe.probes) == 2 and probe.choice is False
 
 
 def test_lz4_kept_where_raw_is_not_clearly_faster():
     """Raw 3 % faster (under RAW_MARGIN): lz4 stays."""
     probe, clock = probe_of(4)
-    drive(probe, clock, 16, lambda lz4: 1.03 if lz4 else 1.0)
+    drive(probe, clock, 4 * len(probe.ORDER), lambda lz4: 1.03 if lz4 else 1.0)
     assert probe.probes[-1]["lz4"] is True and probe.choice is True
 
 
-def test_a_slow_raw_window_ends_early_and_lz4_is_chosen():
-    """A slow link: a raw frame takes 7 times a compressed one; the raw
-    window ends once it took RAW_CUT times the lz4 window, after 2 frames
-    of its 4, and lz4 holds from then on."""
+def test_one_slow_window_is_not_the_choice():
+    """A burst that makes one raw window 1.8 times slower (under RAW_CUT:
+    slower still ends the probe, lz4 kept) moves the median by one window:
+    raw, 1.3 times faster otherwise, is still chosen."""
     probe, clock = probe_of(4)
-    modes = drive(probe, clock, 4 + 2 + 8, lambda lz4: 1.0 if lz4 else 7.0)
-    assert modes == [True] * 4 + [False] * 2 + [True] * 8
+    frames = []
+
+    def cost(lz4):
+        frames.append(lz4)
+        return 1.3 if lz4 else (1.8 if len(frames) in range(9, 13) else 1.0)
+
+    drive(probe, clock, 4 * len(probe.ORDER), cost)
+    assert probe.probes[-1]["lz4"] is False, probe.probes
+
+
+def test_a_slow_raw_window_ends_early_and_lz4_is_chosen():
+    """A slow link: a raw frame takes 7 times a compressed one; the first
+    raw window ends once it took RAW_CUT times an lz4 window, after 2
+    frames of its 4, and lz4 holds from then on."""
+    probe, clock = probe_of(4)
+    modes = drive(probe, clock, 8 + 2 + 8, lambda lz4: 1.0 if lz4 else 7.0)
+    assert modes == [True] * 8 + [False] * 2 + [True] * 8
     assert probe.probes[-1]["raw_cut"] is True and probe.probes[-1]["lz4"] is True
 
 
@@ -87,10 +108,10 @@ def test_memory_that_does_not_shrink_decides_nothing():
     """Windows of frames that would not shrink (random memory): the probe
     counts them, cannot compare, and keeps lz4 for the frames that do."""
     probe, clock = probe_of(4)
-    drive(probe, clock, 16, lambda lz4: 1.0, shrinks=False)
+    drive(probe, clock, 4 * len(probe.ORDER), lambda lz4: 1.0, shrinks=False)
     assert probe.probes == [
-        {"lz4_mb_s": pytest.approx(MIB / 1e6, abs=0.1), "raw_mb_s": pytest.approx(MIB / 1e6, abs=0.1), "raw_cut": False,
-         "too_few_shrinking": True, "lz4": True}
+        {"lz4_mb_s": pytest.approx(MIB / 1e6, abs=0.1), "raw_mb_s": pytest.approx(MIB / 1e6, abs=0.1),
+         "raw_cut": False, "too_few_shrinking": True, "lz4": True}
     ]  # fmt: skip
 
 
@@ -98,10 +119,11 @@ def test_the_time_between_rounds_is_no_windows():
     """restart_window(): the scan and the ack between two rounds do not make
     the window open across them look slow."""
     probe, clock = probe_of(4)
-    drive(probe, clock, 4 + 2, lambda lz4: 1.3 if lz4 else 1.0)  # in the raw windows
+    cost = lambda lz4: 1.3 if lz4 else 1.0  # noqa: E731
+    assert drive(probe, clock, 8 + 2, cost) == [True] * 8 + [False] * 2  # into the first raw window
     clock.t += 1000.0  # between rounds
     probe.restart_window()
-    assert drive(probe, clock, 12, lambda lz4: 1.3 if lz4 else 1.0) == [False] * 8 + [True] * 4
+    assert drive(probe, clock, 4 * (len(probe.ORDER) - 2), cost) == in_order(4)[8:]  # it starts again
     assert probe.probes[-1]["lz4"] is False, probe.probes
 
 
@@ -128,8 +150,8 @@ def test_expect_sizes_windows_to_round_0():
 def test_frames_after_the_probe_stored_page_by_page(session, lz4_costs):  # noqa: F811
     """A Sender's frames of compressible memory into a real destination
     session, the probe's clock the frames' cost: a destination for which a
-    compressed frame costs 3 raw ones (the probe picks raw: only its lz4
-    windows' frames go compressed), or a slow link, a frame's time its
+    compressed frame costs 3 raw ones (the probe picks raw: only its
+    warm-up's and lz4 windows' frames go compressed), or a slow link, a frame's time its
     bytes on the wire (lz4: one raw frame, the cut). Windows of one frame.
     The store equals the memory."""
     store_session, channel = session
@@ -156,7 +178,7 @@ def test_frames_after_the_probe_stored_page_by_page(session, lz4_costs):  # noqa
         holder.wait(10)
     assert checked == n and rnd.frames == 32
     if lz4_costs == "more":
-        assert rnd.frames_lz4 == 2 and probe.probes[-1]["lz4"] is False, probe.probes
+        assert rnd.frames_lz4 == 5 and probe.probes[-1]["lz4"] is False, probe.probes
     else:
         assert rnd.frames_lz4 == 31 and probe.probes[-1]["raw_cut"] is True, probe.probes
 
@@ -196,11 +218,11 @@ def test_slow_link_keeps_lz4(slow_env, memory, streams, tmp_path):
 def assert_lz4_as_probed(rep):
     """Round 0 of compressible memory (the others need not shrink: no
     probe was asked) measured whether lz4 pays and sent as it chose: its
-    frames compressed but for the raw windows, or raw but for the lz4
-    windows (of 4 windows of 1/32 of round 0 each)."""
+    frames compressed but for the raw windows, or raw but for the warm-up
+    and the lz4 windows (5 of 4 MiB at 128 MiB)."""
     r0, probes = rep["rounds"][0], rep["lz4_probes"]
     assert probes, rep
     if probes[0]["lz4"]:
         assert r0["frames_lz4"] >= 0.8 * r0["frames"] and r0["bytes_wire"] < r0["bytes_raw"] / 3, (r0, probes)
     else:
-        assert 0 < r0["frames_lz4"] <= 0.2 * r0["frames"] and r0["bytes_wire"] < r0["bytes_raw"], (r0, probes)
+        assert 0 < r0["frames_lz4"] <= 0.3 * r0["frames"] and r0["bytes_wire"] < r0["bytes_raw"], (r0, probes)

@@ -13,6 +13,7 @@ slows the tree down the tracker drops them, so that rounds show it."""
 import contextlib
 import logging
 import queue
+import statistics
 import threading
 import time
 import types
@@ -165,27 +166,34 @@ class Compression:
 
 class LinkProbe:
     """Whether compressing the frames that shrink pays on this link and
-    these two ends, measured: windows of `window` data bytes sent in the
-    order lz4, raw, raw, lz4 (a drift of the pace cancels), the shrinking
-    frames compressed in the lz4 windows only. Each window's pace is its
-    data bytes over its wall time (reads, sends, the destination's pace
-    behind them). Raw wins only if its windows were RAW_MARGIN faster and
-    most of their bytes could have shrunk; the choice holds for HOLD_WINDOWS
-    windows' bytes, then the probe runs again. A raw window still open
-    after RAW_CUT times the lz4 window's time ends there, lz4 chosen: on a
-    slow link, where lz4 wins most, the probe costs little. Thread-safe
+    these two ends, measured: after a window to warm up (the round's first
+    frames wait for TCP's window to open and the destination's first
+    stores: a window there was 7-16 % slower, whatever its mode), windows
+    of `window` data bytes in the order of ORDER (each mode as often in
+    each half: a drift of the pace cancels), the shrinking frames
+    compressed in the lz4 windows only. A
+    window's pace is its data bytes over its wall time (reads, sends, the
+    destination's pace behind them); each mode's pace is the median of its
+    windows' (a burst of slow first touches on the destination, seen here
+    to halve a 50 ms window, moves one window, not the choice). Raw wins
+    only if it is RAW_MARGIN faster and most of the windows' bytes could
+    have shrunk; the choice holds for HOLD_WINDOWS windows' bytes, then the
+    probe runs again. A raw window still open after RAW_CUT times the
+    lz4 windows' median time ends the probe, lz4 chosen: on a slow link,
+    where lz4 wins most, the probe costs one short raw window. Thread-safe
     (page streams)."""
 
     # a window: 1/WINDOWS_PER_ROUND0 of round 0 (expect()), within these
     # bounds: large enough to outlast the socket buffers (~10 MiB) on a fast
-    # link, small enough that a probe is ~1/8 of round 0
-    MIN_WINDOW, MAX_WINDOW = 4 << 20, 64 << 20
-    WINDOWS_PER_ROUND0 = 32
-    HOLD_WINDOWS = 32
+    # link; a probe is 1/8 of round 0 or less
+    MIN_WINDOW, MAX_WINDOW = 4 << 20, 32 << 20
+    WINDOWS_PER_ROUND0 = 64
+    HOLD_WINDOWS = 64
     RAW_MARGIN = 1.05
     RAW_CUT = 2.0
     MIN_SHRINKING = 0.5  # share of a window's bytes in frames that shrink, for it to count
-    ORDER = (True, False, False, True)  # compressed?, per window of a probe
+    # compressed?, per window of a probe (None: warming up, as chosen, not measured)
+    ORDER = (None, True, False, False, True, False, True, True, False)
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
@@ -199,8 +207,7 @@ class LinkProbe:
         self._window = 0  # index into ORDER; len(ORDER): holding the choice
         self._t0 = None  # the open window's start (None: at its first frame)
         self._bytes = self._shrinking = 0
-        self._done = {True: [0, 0.0], False: [0, 0.0]}  # mode -> [bytes, s]
-        self._lz4_s_per_byte = None
+        self._paces: dict[bool, list[float]] = {True: [], False: []}  # mode -> its windows' paces, bytes/s
         self._short = False  # the probe's windows had too few frames that shrink
         self._held = 0
 
@@ -227,9 +234,8 @@ class LinkProbe:
         with self._lock:
             if self._t0 is None:
                 self._t0 = self.clock()
-            if self._window < len(self.ORDER):
-                return self.ORDER[self._window]
-            return self.choice
+            mode = self.ORDER[self._window] if self._window < len(self.ORDER) else None
+            return self.choice if mode is None else mode
 
     def sent(self, nbytes, shrinking):
         """A frame of nbytes data bytes went out (shrinking: it would shrink)."""
@@ -244,28 +250,21 @@ class LinkProbe:
             now = self.clock()
             took = now - self._t0 if self._t0 is not None else 0.0
             lz4 = self.ORDER[self._window]
-            cut = (
-                not lz4
-                and self._lz4_s_per_byte is not None
-                and took > self.RAW_CUT * self._lz4_s_per_byte * self.window
-            )
+            lz4_paces = self._paces[True]
+            cut = lz4 is False and lz4_paces and took * statistics.median(lz4_paces) > self.RAW_CUT * self.window
             if self._bytes < self.window and not cut:
                 return
-            if self._shrinking < self.MIN_SHRINKING * self._bytes:
-                self._short = True
-            done = self._done[lz4]
-            done[0] += self._bytes
-            done[1] += took
-            if lz4:
-                self._lz4_s_per_byte = done[1] / done[0]
+            if lz4 is not None:
+                self._short |= self._shrinking < self.MIN_SHRINKING * self._bytes
+                self._paces[lz4].append(self._bytes / max(took, 1e-9))
             self._t0, self._bytes, self._shrinking = now, 0, 0
             self._window = len(self.ORDER) if cut else self._window + 1
             if self._window == len(self.ORDER):
-                self._decide(cut)
+                self._decide(bool(cut))
 
     def _decide(self, cut):
-        pace = {mode: b / s / 1e6 if s > 0 else 0.0 for mode, (b, s) in self._done.items()}
-        faster = pace[False] > self.RAW_MARGIN * pace[True] and pace[True] > 0
+        pace = {mode: statistics.median(p) / 1e6 for mode, p in self._paces.items()}
+        faster = pace[False] > self.RAW_MARGIN * pace[True]
         self.choice = not (faster and not cut and not self._short)
         self.probes.append(
             {
