@@ -208,6 +208,7 @@ def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, 
         r0 = dict(rep["rounds"][0], load=[round(x, 2) for x in load])
         if "lz4_probes" in rep:  # (an older hybridmig has none)
             r0["lz4_probes"] = rep["lz4_probes"]
+        r0["started_at"] = rep.get("precopy_started_at")  # (epoch s: to cut a system-wide profile to round 0)
         if rep.get("restored_pid"):
             kills.append(psutil.Process(rep["restored_pid"]))
             if pace and "precopy_started_at" in rep:

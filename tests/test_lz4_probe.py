@@ -72,11 +72,13 @@ def test_raw_chosen_where_it_is_faster_then_probed_again():
     assert len(probe.probes) == 2 and probe.choice is False
 
 
-def test_lz4_kept_where_raw_is_not_clearly_faster():
-    """Raw 3 % faster (under RAW_MARGIN): lz4 stays."""
+@pytest.mark.parametrize("lz4_cost,chosen", [(0.95, False), (0.8, True)])
+def test_lz4_only_if_clearly_faster(lz4_cost, chosen):
+    """lz4 5 % faster (under LZ4_MARGIN): raw, the same pace for less CPU;
+    25 % faster (and the raw windows not cut): lz4."""
     probe, clock = probe_of(4)
-    drive(probe, clock, 4 * len(probe.ORDER), lambda lz4: 1.03 if lz4 else 1.0)
-    assert probe.probes[-1]["lz4"] is True and probe.choice is True
+    drive(probe, clock, 4 * len(probe.ORDER), lambda lz4: lz4_cost if lz4 else 1.0)
+    assert probe.probes[-1]["raw_cut"] is False and probe.probes[-1]["lz4"] is chosen and probe.choice is chosen
 
 
 def test_one_slow_window_is_not_the_choice():

@@ -175,10 +175,12 @@ class LinkProbe:
     window's pace is its data bytes over its wall time (reads, sends, the
     destination's pace behind them); each mode's pace is the median of its
     windows' (a burst of slow first touches on the destination, seen here
-    to halve a 50 ms window, moves one window, not the choice). Raw wins
-    only if it is RAW_MARGIN faster and most of the windows' bytes could
-    have shrunk; the choice holds for HOLD_WINDOWS windows' bytes, then the
-    probe runs again. A raw window still open after RAW_CUT times the
+    to halve a 50 ms window, moves one window, not the choice). lz4 must
+    earn its CPU on both ends: it is chosen if it was LZ4_MARGIN faster,
+    raw otherwise (a tie too: the same pace for less CPU), but for windows
+    most of whose bytes could not shrink (nothing to compare: lz4 for the
+    frames that do, as before the probe). The choice holds for
+    HOLD_WINDOWS windows' bytes, then the probe runs again. A raw window still open after RAW_CUT times the
     lz4 windows' median time ends the probe, lz4 chosen: on a slow link,
     where lz4 wins most, the probe costs one short raw window. Thread-safe
     (page streams)."""
@@ -189,7 +191,7 @@ class LinkProbe:
     MIN_WINDOW, MAX_WINDOW = 4 << 20, 32 << 20
     WINDOWS_PER_ROUND0 = 64
     HOLD_WINDOWS = 64
-    RAW_MARGIN = 1.05
+    LZ4_MARGIN = 1.1
     RAW_CUT = 2.0
     MIN_SHRINKING = 0.5  # share of a window's bytes in frames that shrink, for it to count
     # compressed?, per window of a probe (None: warming up, as chosen, not measured)
@@ -264,8 +266,7 @@ class LinkProbe:
 
     def _decide(self, cut):
         pace = {mode: statistics.median(p) / 1e6 for mode, p in self._paces.items()}
-        faster = pace[False] > self.RAW_MARGIN * pace[True]
-        self.choice = not (faster and not cut and not self._short)
+        self.choice = bool(cut or self._short or pace[True] > self.LZ4_MARGIN * pace[False])
         self.probes.append(
             {
                 "lz4_mb_s": round(pace[True], 1),
