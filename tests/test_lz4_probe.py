@@ -220,11 +220,12 @@ def test_slow_link_keeps_lz4(slow_env, memory, streams, tmp_path):
 def assert_lz4_as_probed(rep):
     """Round 0 of compressible memory (the others need not shrink: no
     probe was asked) measured whether lz4 pays and sent as it chose: its
-    frames compressed but for the raw windows, or raw but for the warm-up
-    and the lz4 windows (5 of 4 MiB at 128 MiB)."""
+    frames compressed but for the raw windows (4 of 4 MiB at 128 MiB) and
+    frames that do not shrink (the stacks, the libraries: ~10 %), or raw
+    but for the warm-up and the lz4 windows (5 of 4 MiB)."""
     r0, probes = rep["rounds"][0], rep["lz4_probes"]
     assert probes, rep
     if probes[0]["lz4"]:
-        assert r0["frames_lz4"] >= 0.8 * r0["frames"] and r0["bytes_wire"] < r0["bytes_raw"] / 3, (r0, probes)
+        assert r0["frames_lz4"] >= 0.7 * r0["frames"] and r0["bytes_wire"] < r0["bytes_raw"] / 2, (r0, probes)
     else:
         assert 0 < r0["frames_lz4"] <= 0.3 * r0["frames"] and r0["bytes_wire"] < r0["bytes_raw"], (r0, probes)
