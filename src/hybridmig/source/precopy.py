@@ -166,36 +166,39 @@ class Compression:
 
 class LinkProbe:
     """Whether compressing the frames that shrink pays on this link and
-    these two ends, measured: after a window to warm up (the round's first
-    frames wait for TCP's window to open and the destination's first
-    stores: a window there was 7-16 % slower, whatever its mode), windows
-    of `window` data bytes in the order of ORDER (each mode as often in
-    each half: a drift of the pace cancels), the shrinking frames
-    compressed in the lz4 windows only. A
-    window's pace is its data bytes over its wall time (reads, sends, the
-    destination's pace behind them); each mode's pace is the median of its
-    windows' (a burst of slow first touches on the destination, seen here
-    to halve a 50 ms window, moves one window, not the choice). lz4 must
-    earn its CPU on both ends: it is chosen if it was LZ4_MARGIN faster,
-    raw otherwise (a tie too: the same pace for less CPU), but for windows
-    most of whose bytes could not shrink (nothing to compare: lz4 for the
-    frames that do, as before the probe). The choice holds for
-    HOLD_WINDOWS windows' bytes, then the probe runs again. A raw window still open after RAW_CUT times the
-    lz4 windows' median time ends the probe, lz4 chosen: on a slow link,
-    where lz4 wins most, the probe costs one short raw window. Thread-safe
-    (page streams)."""
+    these two ends, measured. Windows of `window` bytes on the wire go in
+    the order of ORDER, the shrinking frames compressed in the lz4 windows
+    only; a window's pace is its data bytes over its wall time (reads,
+    sends, the destination's pace behind them). Only a window that follows
+    one of its own mode is measured: up to ~10 MiB of frames wait in the
+    two ends' socket buffers, so a window's first bytes on the wire pay
+    for the window before it (a raw window after an lz4 one waits for the
+    destination to decompress what was queued, an lz4 window after a raw
+    one gets ~7 data bytes of credit per byte drained: both seen here,
+    the choice biased to lz4 when windows were counted in data bytes and
+    all measured). The first window warms up (TCP's window opening, the
+    destination's first stores: 7-16 % slower whatever its mode) and
+    follows the choice so far. Each mode's pace is the median of its
+    measured windows'. lz4 must earn its CPU on both ends: it is chosen if
+    LZ4_MARGIN faster, raw otherwise (a tie too: the same pace for less
+    CPU), but for windows most of whose data could not shrink (nothing to
+    compare: lz4 for the frames that do, as before the probe). A measured
+    raw window whose pace so far is under 1/RAW_CUT of lz4's ends the
+    probe, lz4 chosen: on a slow link, where lz4 wins most, the probe
+    costs one raw window and a frame. The choice holds for HOLD_WINDOWS windows' data
+    bytes, then the probe runs again. Thread-safe (page streams)."""
 
-    # a window: 1/WINDOWS_PER_ROUND0 of round 0 (expect()), within these
-    # bounds: large enough to outlast the socket buffers (~10 MiB) on a fast
-    # link; a probe is 1/8 of round 0 or less
-    MIN_WINDOW, MAX_WINDOW = 4 << 20, 32 << 20
-    WINDOWS_PER_ROUND0 = 64
-    HOLD_WINDOWS = 64
+    # a window, bytes on the wire: 1/WINDOWS_PER_ROUND0 of round 0 (expect())
+    # within these bounds, over the socket buffers' ~10 MiB on a fast link
+    MIN_WINDOW, MAX_WINDOW = 2 << 20, 16 << 20
+    WINDOWS_PER_ROUND0 = 128
+    HOLD_WINDOWS = 128
     LZ4_MARGIN = 1.1
     RAW_CUT = 2.0
-    MIN_SHRINKING = 0.5  # share of a window's bytes in frames that shrink, for it to count
-    # compressed?, per window of a probe (None: warming up, as chosen, not measured)
-    ORDER = (None, True, False, False, True, False, True, True, False)
+    MIN_SHRINKING = 0.5  # share of a window's data in frames that shrink, for it to count
+    # compressed?, per window of a probe (None: warming up, as chosen); measured:
+    # the windows after one of their own mode (lz4 twice, at both ends: a drift cancels)
+    ORDER = (None, True, True, False, False, False, False, True, True)
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
@@ -208,7 +211,7 @@ class LinkProbe:
     def _start_probe(self):
         self._window = 0  # index into ORDER; len(ORDER): holding the choice
         self._t0 = None  # the open window's start (None: at its first frame)
-        self._bytes = self._shrinking = 0
+        self._wire = self._data = self._shrinking = 0
         self._paces: dict[bool, list[float]] = {True: [], False: []}  # mode -> its windows' paces, bytes/s
         self._short = False  # the probe's windows had too few frames that shrink
         self._held = 0
@@ -228,7 +231,7 @@ class LinkProbe:
         """Between rounds: the time in between (the scan, the ack) is no one's."""
         with self._lock:
             self._t0 = None
-            self._bytes = self._shrinking = 0
+            self._wire = self._data = self._shrinking = 0
 
     def compress(self):
         """Whether to compress a frame that shrinks, now (called for every
@@ -239,33 +242,35 @@ class LinkProbe:
             mode = self.ORDER[self._window] if self._window < len(self.ORDER) else None
             return self.choice if mode is None else mode
 
-    def sent(self, nbytes, shrinking):
-        """A frame of nbytes data bytes went out (shrinking: it would shrink)."""
+    def sent(self, data, wire, shrinking):
+        """A frame of `data` data bytes went out as `wire` bytes (shrinking:
+        its data would shrink)."""
         with self._lock:
             if self._window >= len(self.ORDER):
-                self._held += nbytes
+                self._held += data
                 if self._held >= self.HOLD_WINDOWS * self.window:
                     self._start_probe()
                 return
-            self._bytes += nbytes
-            self._shrinking += nbytes if shrinking else 0
+            self._wire += wire
+            self._data += data
+            self._shrinking += data if shrinking else 0
             now = self.clock()
-            took = now - self._t0 if self._t0 is not None else 0.0
+            took = max(now - self._t0 if self._t0 is not None else 0.0, 1e-9)
             lz4 = self.ORDER[self._window]
-            lz4_paces = self._paces[True]
-            cut = lz4 is False and lz4_paces and took * statistics.median(lz4_paces) > self.RAW_CUT * self.window
-            if self._bytes < self.window and not cut:
+            measured = lz4 is not None and self.ORDER[self._window - 1] == lz4
+            cut = measured and not lz4 and self._data / took * self.RAW_CUT < statistics.median(self._paces[True])
+            if self._wire < self.window and not cut:
                 return
-            if lz4 is not None:
-                self._short |= self._shrinking < self.MIN_SHRINKING * self._bytes
-                self._paces[lz4].append(self._bytes / max(took, 1e-9))
-            self._t0, self._bytes, self._shrinking = now, 0, 0
+            if measured:
+                self._short |= self._shrinking < self.MIN_SHRINKING * self._data
+                self._paces[bool(lz4)].append(self._data / took)
+            self._t0, self._wire, self._data, self._shrinking = now, 0, 0, 0
             self._window = len(self.ORDER) if cut else self._window + 1
             if self._window == len(self.ORDER):
                 self._decide(bool(cut))
 
     def _decide(self, cut):
-        pace = {mode: statistics.median(p) / 1e6 for mode, p in self._paces.items()}
+        pace = {mode: statistics.median(p) / 1e6 if p else 0.0 for mode, p in self._paces.items()}
         self.choice = bool(cut or self._short or pace[True] > self.LZ4_MARGIN * pace[False])
         self.probes.append(
             {
@@ -342,7 +347,7 @@ class Sender:
         if self.throttle:
             self.throttle.account(end - start)
         if probe is not None:
-            probe.sent(ndata * PAGE_SIZE, shrinks)
+            probe.sent(ndata * PAGE_SIZE, end - self._data_at, shrinks)
 
     def send_ranges(self, pid, ranges, rnd):
         """Send the pages of ranges of process pid. A process of the tree that
