@@ -100,10 +100,10 @@ def test_only_the_second_window_of_a_mode_is_measured():
     assert probe.probes[-1]["lz4"] is False and probe.probes[-1]["raw_mb_s"] == pytest.approx(MIB / 1e6, abs=0.1)
 
 
-@pytest.mark.parametrize("lz4_cost,chosen", [(0.95, False), (0.8, True)])
+@pytest.mark.parametrize("lz4_cost,chosen", [(0.95, False), (0.85, False), (0.7, True)])
 def test_lz4_only_if_clearly_faster(lz4_cost, chosen):
-    """lz4 5 % faster (under LZ4_MARGIN): raw, the same pace for less CPU;
-    25 % faster (and the raw windows not cut): lz4."""
+    """lz4 5 or 18 % faster (under LZ4_MARGIN): raw, the same pace for less
+    CPU; 43 % faster (and the raw windows not cut): lz4."""
     probe, clock = probe_of(4)
     drive(probe, clock, 4 * len(probe.ORDER), lambda lz4: lz4_cost if lz4 else 1.0)
     assert probe.probes[-1]["raw_cut"] is False and probe.probes[-1]["lz4"] is chosen and probe.choice is chosen

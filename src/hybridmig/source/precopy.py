@@ -188,13 +188,16 @@ class LinkProbe:
     costs one raw window and a frame. The choice holds for HOLD_WINDOWS windows' data
     bytes, then the probe runs again. Thread-safe (page streams)."""
 
+    # the margins: windows of random memory (the same frames in both modes)
+    # came out 0.7-3.4 x apart on this project's busy 2-vCPU machine, most
+    # within 1.25 x; a slow link puts raw 5-7 x behind (docs/bench-wire.md)
     # a window, bytes on the wire: 1/WINDOWS_PER_ROUND0 of round 0 (expect())
     # within these bounds, over the socket buffers' ~10 MiB on a fast link
     MIN_WINDOW, MAX_WINDOW = 2 << 20, 16 << 20
     WINDOWS_PER_ROUND0 = 128
     HOLD_WINDOWS = 128
-    LZ4_MARGIN = 1.1
-    RAW_CUT = 2.0
+    LZ4_MARGIN = 1.25
+    RAW_CUT = 3.0
     MIN_SHRINKING = 0.5  # share of a window's data in frames that shrink, for it to count
     # compressed?, per window of a probe (None: warming up, as chosen); measured:
     # the windows after one of their own mode (lz4 twice, at both ends: a drift cancels)
