@@ -189,7 +189,7 @@ class LinkProbe:
     bytes, then the probe runs again. Thread-safe (page streams)."""
 
     # the margins: windows of random memory (the same frames in both modes)
-    # came out 0.7-3.4 x apart on this project's busy 2-vCPU machine, most
+    # came out 0.70-3.37 x apart on this project's busy 2-vCPU machine, 7 of 12
     # within 1.25 x; a slow link puts raw 5-7 x behind (docs/bench-wire.md)
     # a window, bytes on the wire: 1/WINDOWS_PER_ROUND0 of round 0 (expect())
     # within these bounds, over the socket buffers' ~10 MiB on a fast link
