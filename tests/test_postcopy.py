@@ -35,6 +35,9 @@ def assert_postcopy_report(rep, size_mb):
     assert pc["post_resume_s"] > 0, pc
     # the dirty set went after the resume, pushed or fetched (the frozen step sends no page)
     assert pc["pages_pushed"] + pc["pages_fetched"] >= rep["rounds"][-1]["pages_written"] > 0, (rep["rounds"][-1], pc)
+    # no owed page twice: a FETCH's window brings only what is still owed,
+    # but for its faulted page (maybe pushed already, on its way)
+    assert pc["pages_pushed"] + pc["pages_fetched"] <= pc["pages_owed"] + pc["fetches"] + pc["pages_resent"], pc
     print("post-copy: %s" % {k: v for k, v in pc.items()})
 
 

@@ -7,8 +7,9 @@ faulted one), and the source sends those ahead of the push. Unlike
 pre-copy's RemotePages, a FETCH does not wait here: the fetcher thread goes
 on with the next fault, and the fault loop retries the waiting faults as
 pages arrive (the session's thread stores them and notifies it). Each
-FETCH is timed from its send to the arrival of its last page: the remote
-faults' latency in RESULT. docs/design.md, "Post-copy"."""
+FETCH is timed from its send to the arrival of the faulted page (its
+first; the source sends the rest of its window only where still owed):
+the remote faults' latency in RESULT. docs/design.md, "Post-copy"."""
 
 import logging
 import os
@@ -150,9 +151,9 @@ class PostCopyPages(RemotePages):
                         missing.remove(vaddr, vaddr + npages * PAGE_SIZE)
                     if (to_key, to_vaddr) != (key, at) and missing.total() < before:
                         self._forward(at, end, to_key, to_vaddr, extents, data)
-                    if not missing.total():
+                    if at not in missing:  # the faulted page came: the rest of its window may not
                         self.latencies.append(now - sent)
-                self._outstanding[key] = [w for w in waiting if w[3].total()]
+                self._outstanding[key] = [w for w in waiting if w[1] in w[3]]
             self.pages_arrived_after += sum(n for _, n, _ in extents)
             if self.loop is not None:  # (under the lock: detach_loop() before the loop is freed)
                 self.loop.notify()  # the faults waiting for these pages retry, idle installers wake

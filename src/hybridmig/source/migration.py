@@ -506,7 +506,7 @@ class Migration:
             # every pushed run that fills one (Ranges.add): it starts over,
             # the pushes appended at its end.
             self.sender.held = {}
-            log.info("post-copy: %d pages owed to the destination", postcopy.pages_owed())
+            log.info("post-copy: %d pages owed to the destination", postcopy.owed_at_start)
             self.result = self._serve_postcopy(postcopy)
         except SourceLost as e:
             final.ended(t0, cpu0)
