@@ -1,4 +1,4 @@
-"""Whether lz4 pays, measured in the rounds (source/precopy.py LinkProbe,
+"""Whether lz4 pays, measured in the rounds (source/compression.py LinkProbe,
 issue 16): windows of compressed and raw frames, lz4 kept where it is
 faster (a slow link), dropped where raw is (a destination whose
 decompression costs more than the bytes saved). The probe's logic on a
@@ -13,7 +13,8 @@ import sys
 import pytest
 
 import test_migrate
-from hybridmig.source.precopy import PAGE_SIZE, LinkProbe, Round, Sender
+from hybridmig.source.compression import LinkProbe
+from hybridmig.source.precopy import PAGE_SIZE, Round, Sender
 from hybridmig.testing.netns import TwoHosts
 from hybridmig.testing.workload import MEMWORK_SRC, build_program
 from migrate_util import Cleanup

@@ -906,7 +906,7 @@ class Migration:
             "pid": self.pid,
             "to": self.to,
             "rounds": rounds,
-            # whether lz4 paid on this link, measured in the rounds (precopy.LinkProbe)
+            # whether lz4 paid on this link, measured in the rounds (compression.LinkProbe)
             "lz4_probes": self.sender.compression.probe.probes,
             "downtime_ms": downtime,
             "breakdown": breakdown,
