@@ -139,9 +139,9 @@ def _spy(profile, name):
 
 def mode_flags(mode):
     """(serve's and run's flags, run's own) of a mode: sealed, plaintext,
-    either with -sN (N page streams), -lRATE (--bandwidth-limit RATE)
-    and/or -before."""
-    base, _, keep = mode.removesuffix("-before").partition("-k")
+    either with -sN (N page streams), -lRATE (--bandwidth-limit RATE),
+    -comp (compressible memory: no flag) and/or -before."""
+    base, _, keep = mode.removesuffix("-before").removesuffix("-comp").partition("-k")
     base, _, limit = base.partition("-l")
     base, _, streams = base.partition("-s")
     return MODES[base], (
@@ -206,6 +206,9 @@ def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, 
             raise RuntimeError(f"{mode} migration failed: {proc.stderr[-2000:]}")
         rep, _ = json.JSONDecoder().raw_decode(proc.stdout, proc.stdout.index("{"))  # py-spy may print after it
         r0 = dict(rep["rounds"][0], load=[round(x, 2) for x in load])
+        if "lz4_probes" in rep:  # (an older hybridmig has none)
+            r0["lz4_probes"] = rep["lz4_probes"]
+        r0["started_at"] = rep.get("precopy_started_at")  # (epoch s: to cut a system-wide profile to round 0)
         if rep.get("restored_pid"):
             kills.append(psutil.Process(rep["restored_pid"]))
             if pace and "precopy_started_at" in rep:
@@ -227,7 +230,7 @@ def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, 
 # destination samples only inside Session.run's PAGES handling and recv.
 STEPS = [
     ("read the target's pages", ("read_run", "read_pages", "read_into", "hm_read_pages")),
-    ("lz4 probe and compress", ("lz4_compress", "worth_it", "lz4.block.compress", "compress (")),
+    ("lz4 probe and compress", ("lz4_compress", "shrinks", "lz4.block.compress", "compress (")),
     ("seal / open (AES-GCM)", ("_frame_parts", "_recv_sealed", "encrypt", "decrypt")),
     ("MAC (HMAC-SHA256)", ("_mac (", "hmac")),
     ("socket send", ("sendall", "sendmsg", "_send_parts", "_send_frame", "send (")),
@@ -282,6 +285,7 @@ def main(argv=None):
     ap.add_argument("--limits", help="--bandwidth-limit values, e.g. 0,150M: each mode once with each")
     ap.add_argument("--compressible", action="store_true", help="memory lz4 shrinks (memwork --compressible)")
     ap.add_argument("--keeps", help="--keep-cpu values, e.g. 0,0.9: each mode once with each")
+    ap.add_argument("--memories", help="random,compressible: each mode once with each (mode-comp: compressible)")
     ap.add_argument("--pace", action="store_true", help="an unthrottled writer; its pace during round 0 (see above)")
     args = ap.parse_args(argv)
     become_subreaper()  # restored workloads are re-parented to us
@@ -298,8 +302,14 @@ def main(argv=None):
     if args.keeps:
         modes = [f"{m}-k{x}" if not m.startswith("tcp") else m for m in modes for x in args.keeps.split(",")]
         modes = list(dict.fromkeys(modes))
+    if args.memories:
+        kinds = args.memories.split(",")
+        modes = [
+            m + ("-comp" if k == "compressible" else "") if not m.startswith("tcp") else m for m in modes for k in kinds
+        ]
+        modes = list(dict.fromkeys(modes))
     if args.before:
-        modes += [m + "-before" for m in modes if m in MODES]
+        modes += [m + "-before" for m in modes if m.removesuffix("-comp") in MODES]
     results = {m: [] for m in modes}
     rounds = {m: [] for m in modes if not m.startswith("tcp")}
     ratios = collections.defaultdict(list)
@@ -318,7 +328,7 @@ def main(argv=None):
                     else:
                         r0 = migrate(
                             hosts, key, work, args.size_mb, m, args.profile, "-%d" % i, args.before, args.pace,
-                            args.compressible,
+                            args.compressible or "-comp" in m,
                         )  # fmt: skip
                         rounds[m].append(r0)
                         pair[m] = r0["bytes_raw"] / r0["duration_s"] / 1e6
@@ -328,6 +338,8 @@ def main(argv=None):
                 for a, b in (
                     [("sealed", "plaintext"), ("sealed", "tcp"), ("plaintext", "tcp")]
                     + [(m, m + "-before") for m in MODES]
+                    + [(m + "-comp" + b, m + b) for m in MODES for b in ("", "-before")]
+                    + [(m + "-comp", m + "-comp-before") for m in MODES]
                     + [(f"{m}-s{n}", f"{m}-s{streams[0]}") for m in MODES for n in streams[1:]]
                     + [(f"{m}-s{n}", "tcp") for m in MODES for n in streams]
                 ):

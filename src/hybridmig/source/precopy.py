@@ -26,6 +26,7 @@ from ..cpus import data_threads
 from ..errors import ProcessGone, ProtocolError
 from ..messages import RoundStats, Stored
 from ..wire import Msg
+from .compression import Compression
 from .converge import slowed_down
 from .early import EarlySwitch
 from .options import DEFAULTS
@@ -135,28 +136,6 @@ class Throttle:
             self.rate, self.t, self.sent = self.limit, time.monotonic(), 0
 
 
-class Compression:
-    """lz4 where it pays: a frame is compressed only if a sample of its
-    pages shrinks (PROBE_PAGES pages spread over it, each alone: ~1 % of the
-    cost of compressing the frame). Random or already dense memory then
-    costs almost nothing, and a compressible frame is compressed whole."""
-
-    PROBE_PAGES = 4
-    PROBE_RATIO = 0.9  # the sample must shrink below this share of its size
-
-    def __init__(self, enabled=True):
-        self.enabled = enabled
-
-    def worth_it(self, data):
-        n = len(data) // PAGE_SIZE
-        if not self.enabled or not n:
-            return False
-        step = max(1, n // self.PROBE_PAGES)
-        sample = [data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(step // 2, n, step)]
-        packed = sum(len(wire.lz4_compress(page)) for page in sample)
-        return packed < self.PROBE_RATIO * len(sample) * PAGE_SIZE
-
-
 @dataclass
 class Sender:
     """Reads pages of the source tasks and sends them in PAGES frames of up
@@ -195,7 +174,10 @@ class Sender:
         view = memoryview(buf)
         data = view[self._data_at : self._data_at + ndata * PAGE_SIZE]
         enc, end = wire.RAW, self._data_at + len(data)
-        if self.compression.worth_it(data):
+        probe = self.compression.probe if self.compression.enabled else None
+        lz4 = probe is not None and probe.compress()
+        shrinks = self.compression.shrinks(data)
+        if shrinks and lz4:
             packed = wire.lz4_compress(data)
             if len(packed) < len(data):
                 data[: len(packed)] = packed
@@ -214,6 +196,8 @@ class Sender:
         rnd.bytes_wire += end - start
         if self.throttle:
             self.throttle.account(end - start)
+        if probe is not None:
+            probe.sent(ndata * PAGE_SIZE, end - self._data_at, shrinks)
 
     def send_ranges(self, pid, ranges, rnd):
         """Send the pages of ranges of process pid. A process of the tree that
@@ -339,6 +323,7 @@ class Sender:
 
     def start_round(self, rnd):
         """Before a round's pages (page streams: source/streams.py)."""
+        self.compression.probe.restart_window()
 
     def end_round(self, rnd):
         """After a round's pages, before its ROUND."""
@@ -445,6 +430,7 @@ class PreCopy:
         self.sender.start_round(rnd)
         tree = self.tracker.vmas()
         total = sum(_pages(v) for v in tree.values())
+        self.sender.compression.probe.expect(total * PAGE_SIZE)
         budget = None if share >= 1 else int(share * total) * PAGE_SIZE
         early = EarlySwitch(self.tracker.peek, total, self._unpace) if self._may_switch_early() else None
         for pid, vmas in tree.items():

@@ -100,6 +100,7 @@ class StreamSender(Sender):
     def start_round(self, rnd):
         """ROUND_START on the control channel: what it sent before (the
         scan's INVALIDATEs) is applied before any stream page of the round."""
+        super().start_round(rnd)
         if not self.streaming:
             return
         self._rnd = rnd
