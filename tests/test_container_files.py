@@ -113,6 +113,7 @@ def test_restore_config_skips_the_network_lock_whatever_the_source_asks(tmp_path
         Podman(["--runtime=/usr/bin/runc"]), "c", str(tmp_path), str(images), str(files), "/hook", "/pid", list
     )
     restore.image = image
+    restore.criu_opts = ["--network-lock=iptables", "--tcp-close"]  # (CONTAINER_START's)
     restore.prepare(["--network-lock=iptables", "--tcp-close"])
     lines = (tmp_path / "criu.conf").read_text().splitlines()
     assert lines[-1] == "network-lock skip" and "network-lock iptables" in lines, lines
@@ -156,3 +157,13 @@ def test_changes_that_cannot_be_applied_are_an_error(tmp_path):
     diff = _tar(tmp_path / "rootfs-diff.tar", _member("etc/new", data=b"new"))
     with pytest.raises(HybridmigError, match="could not apply the root file system's changes"):
         ChangesApplier(list).apply(str(root), str(diff), [], timeout=30)
+
+
+def test_restore_options_must_be_those_of_container_start(tmp_path):
+    """The CRIU options RESTORE names are the ones CONTAINER_START gave (a
+    restore held in CRIU has read its config file already)."""
+    restore = ContainerRestore(
+        Podman(["--runtime=/usr/bin/runc"]), "c", str(tmp_path), str(tmp_path), str(tmp_path), "/hook", "/pid", list
+    )
+    with pytest.raises(HybridmigError, match="not CONTAINER_START's"):
+        restore.prepare(["--tcp-close"])

@@ -9,6 +9,7 @@ destination."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,6 +137,12 @@ def test_container_migrates_with_its_memory_and_files(env, remove):
     assert not wl.alive()
     # run's CRIU config: no iptables lock of the netns for the freeze
     assert inventory(next(serve.base_dir.rglob("inventory.img")))["network_lock_method"] == NETWORK_LOCK_SKIP
+    # serve's CRIU took the cgroup hierarchies from serve's yard, mounted before
+    # the freeze, and mounted none itself; the yard is gone since
+    log = next(serve.base_dir.rglob("restore.log")).read_text(errors="replace")
+    yard = re.search(r"Opening (\S*/hybridmig-cgyard-\S+) as cg yard", log)
+    assert yard and "Making controller dir" not in log, log[-3000:]
+    assert not os.path.exists(yard.group(1))
 
 
 NETWORK_LOCK_SKIP = 2  # CRIU's enum NETWORK_LOCK_METHOD (cr_options.h), as inventory.img holds it
@@ -502,4 +509,47 @@ def test_dev_and_cgroup_tmpfs_without_tar(pair, tmp_path):
     assert restore_log.count("restored without tar") == 2, restore_log[-3000:]
     assert pair.dst.podman("exec", NAME, "sh", "-c", SHOW_DEV).stdout == before
     verified(Workload(info["State"]["Pid"], pair.report_dir / "report.jsonl", 1))
+    assert not wl.alive()
+
+
+def test_restore_moves_no_task_into_the_cgroups_it_is_in(pair, tmp_path):
+    """CRIU's patch 0012: runc moves CRIU into the restored container's
+    cgroups before the restore, so its root task is born in them; CRIU
+    then writes no pid to their cgroup.procs (each write waits for an RCU
+    grace period, the container frozen). The task ends in the container's
+    cgroups all the same, as podman and runc name them."""
+    wl = pair.src.start(NAME, pair.report_dir, annotate=False)
+    archive, _ = checkpoint_keeping_logs(pair, tmp_path)
+    info, restore_log = restore_keeping_logs(pair, archive)
+    moves = [line for line in restore_log.splitlines() if "cg:   `->" in line]
+    assert moves and all(line.endswith(": in it already") for line in moves), restore_log[-3000:]
+    with open(f"/proc/{info['State']['Pid']}/cgroup") as f:
+        cgroups = [line.rstrip("\n").split(":", 2) for line in f]
+    for _, controllers, path in cgroups:
+        if controllers in ("", "pids", "memory", "freezer", "devices", "blkio", "cpu", "cpuset", "cpuacct"):
+            assert path.endswith("/libpod-" + info["Id"]), (controllers, path)
+    verified(Workload(info["State"]["Pid"], pair.report_dir / "report.jsonl", 1))
+    assert not wl.alive()
+
+
+def test_restore_held_in_criu_before_the_images(env):
+    """CRIU's patch 0013 (`--pre-restore-first`): serve lets the
+    destination's restore go on during pre-copy up to CRIU's pre-restore
+    script, which CRIU now runs before it reads any image (runc's
+    descriptors.json came ahead); the container is restored once the
+    images are there, every page verified."""
+    from hybridmig.doctor import check_criu_pre_restore_first
+
+    assert check_criu_pre_restore_first().ok, check_criu_pre_restore_first().detail
+    wl = env.pair.src.start(NAME, env.pair.report_dir)
+    serve = env.serve("--keep")
+    rc, report, err = env.run(NAME)
+    assert rc == 0 and report["result"] == "migrated", err
+    assert serve.wait(60) == 0, serve.log()
+    log = next(serve.base_dir.rglob("restore.log")).read_text(errors="replace")
+    # the pre-restore script ran before CRIU read the inventory
+    assert log.index("pre-restore scripts run before the images are read") < log.index("Reading image tree"), log[:3000]
+    info = env.pair.dst.inspect(NAME)
+    assert info["State"]["Status"] == "running" and info["State"]["Pid"] == report["restored_pid"], info["State"]
+    verified(Workload(info["State"]["Pid"], env.pair.report_dir / "report.jsonl", 1))
     assert not wl.alive()

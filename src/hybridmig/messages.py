@@ -361,11 +361,14 @@ class ContainerStart(Body):
     before the freeze): podman's configuration of the container
     (config.dump) and its OCI spec (spec.dump), as podman wrote them at its
     checkpoint's start. The destination starts its restore with them, held
-    where podman starts conmon until RESTORE (docs/containers.md)."""
+    where podman starts conmon until RESTORE (docs/containers.md), or in
+    CRIU, whose config file then takes `criu_opts` (run --criu-opt) now:
+    RESTORE must name the same."""
 
     KIND = Msg.CONTAINER_START
     config: dict[str, Any]
     spec: dict[str, Any]
+    criu_opts: list[str]
 
 
 @dataclass

@@ -22,6 +22,9 @@ CRIU_CONFIG_ANNOTATION = "org.criu.config"
 # the root file system's changes (FILE frames by these names, frozen).
 CONFIG_DUMP, SPEC_DUMP, ROOTFS_DIFF, DELETED_FILES = "config.dump", "spec.dump", "rootfs-diff.tar", "deleted.files"
 PODMAN_FILES = (ROOTFS_DIFF, DELETED_FILES)
+# runc's record of the container's stdio, in CRIU's images dir (runc reads
+# it on restore before it starts CRIU)
+DESCRIPTORS = "descriptors.json"
 
 
 def check_name(name):

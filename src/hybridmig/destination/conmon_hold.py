@@ -10,7 +10,15 @@ DIR`) waits for one word from serve: `go` execs conmon with `--restore`
 pointed at the session's images dir (which CRIU's images reach only in
 the blackout); anything else, or serve's end, exits 1, and podman's
 restore fails, leaving a container in "created" for serve to remove.
-It may wait for seconds (the rest of pre-copy)."""
+It may wait for seconds (the rest of pre-copy).
+
+With a CRIU that runs its pre-restore scripts before reading any image
+(`--pre-restore-first`, scripts/criu-patches/0013) the restore is let go
+further ahead: `go` is said to the wrapper at once, and conmon, runc (its
+CRIU version check, its cgroups, the images dir's descriptors.json, which
+the source sent ahead) and CRIU itself all start during pre-copy; CRIU
+then waits in its pre-restore script (HOOK) for the second word, said at
+RESTORE once the images and the root's changes are in place."""
 
 import json
 import os
@@ -40,6 +48,22 @@ for a; do
 done
 exec {conmon} "${{args[@]}}"
 """
+# CRIU's action script for a restore held in CRIU (and what serve's own
+# ROOT_HOOK does: the restored root's pid at setup-namespaces, for the guard)
+HOOK = """#!/bin/bash
+# hybridmig serve's CRIU hook for one container restore (destination/conmon_hold.py)
+case "$CRTOOLS_SCRIPT_ACTION" in
+pre-restore)
+  exec {{fd}}<>{fifo}
+  until read -r -t 1 -u "$fd" word; do
+    kill -0 {serve} 2>/dev/null || exit 1
+  done
+  [ "$word" = go ] || exit 1 ;;
+setup-namespaces)
+  echo "$CRTOOLS_INIT_PID" > {root}.tmp && mv {root}.tmp {root} ;;
+esac
+exit 0
+"""
 MAX_ARGS = 1 << 20
 
 
@@ -49,7 +73,7 @@ class ConmonHold:
     def __init__(self, directory, conmon, images_dir):
         self.path = os.path.join(directory, "conmon-hold")
         self.args_file = os.path.join(directory, "conmon-hold.args")
-        fifo = os.path.join(directory, "conmon-hold.fifo")
+        self.fifo = fifo = os.path.join(directory, "conmon-hold.fifo")
         os.mkfifo(fifo, 0o600)
         # open for the wrapper's whole life: the word waits in the pipe if it
         # comes before the wrapper does
@@ -61,7 +85,18 @@ class ConmonHold:
         with open(self.path, "w") as f:
             f.write(text)
         os.chmod(self.path, 0o700)
-        self.said = None  # the word sent
+        self.waiting = 1  # readers still to be told: the wrapper (and CRIU's hook, hold_in_criu())
+
+    def hold_in_criu(self, directory, root_file):
+        """The restore goes on now, up to CRIU's pre-restore script, which
+        waits for the next word: that script's path (CRIU's action-script)."""
+        path = os.path.join(directory, "criu-hold")
+        with open(path, "w") as f:
+            f.write(HOOK.format(fifo=shlex.quote(self.fifo), serve=os.getpid(), root=shlex.quote(root_file)))
+        os.chmod(path, 0o700)
+        self.waiting += 1
+        self.release("go")
+        return path
 
     def held(self, proc, timeout):
         """Until podman's restore reaches the wrapper: the container's root
@@ -87,9 +122,11 @@ class ConmonHold:
         return root, at
 
     def release(self, word):
-        """`go` (conmon, then runc's restore, run) or `abort`; once."""
-        if self.said is None and self.fd is not None:
-            self.said = word
+        """`go` or `abort`, to the next reader still waiting: the wrapper
+        (conmon, then runc's restore, run), then CRIU's hook if the
+        restore is held there (CRIU reads the images)."""
+        if self.waiting and self.fd is not None:
+            self.waiting -= 1
             os.write(self.fd, word.encode() + b"\n")
 
     def close(self):

@@ -23,9 +23,20 @@ import time
 
 import psutil
 
+from ..cgroup_yard import ahead
 from ..criu.command import log_tail
+from ..doctor import check_criu_pre_restore_first
 from ..errors import CriuError, HybridmigError, ProtocolError
-from ..podman import CONFIG_DUMP, CRIU_CONFIG_ANNOTATION, DELETED_FILES, PODMAN_FILES, ROOTFS_DIFF, SPEC_DUMP, said
+from ..podman import (
+    CONFIG_DUMP,
+    CRIU_CONFIG_ANNOTATION,
+    DELETED_FILES,
+    DESCRIPTORS,
+    PODMAN_FILES,
+    ROOTFS_DIFF,
+    SPEC_DUMP,
+    said,
+)
 from ..proctree import end_tree
 from .conmon_hold import ConmonHold
 from .rootfs import ChangesApplier, has_members
@@ -71,6 +82,9 @@ class ContainerRestore:
         self.changes = None  # rootfs-diff.tar, if it holds anything
         self.deleted: list[str] = []
         self.restored_pid = None
+        self.criu_opts: list[str] = []  # the source's, from CONTAINER_START
+        self.held_in_criu = False  # the restore waits in CRIU's pre-restore script, not at conmon
+        self.yard = None  # this host's cgroup hierarchies, mounted before the freeze
 
     def _load_json(self, name, kind):
         path = os.path.join(self.files, name)
@@ -101,14 +115,16 @@ class ContainerRestore:
             raise HybridmigError(f"the destination's podman has a container named {self.name} already")
         self.image = image
 
-    def start(self, config, spec):
+    def start(self, config, spec, criu_opts):
         """At CONTAINER_START, before the freeze: `podman container restore
         --import` of an archive with the source's config.dump and spec.dump
         (`config`, `spec`: rewritten for this host) and no images yet,
         under the same name (a new container ID: the source's container,
         frozen, still holds its own, and runc's state and cgroups are by
         ID), held where podman starts conmon (conmon_hold.py) until
-        release()."""
+        release(). With a CRIU that can (check_criu_pre_restore_first) and
+        runc's descriptors.json sent ahead, held further: in CRIU, before it
+        reads the images (conmon_hold.py)."""
         if config.get("rootfsImageID") != self.image:
             raise HybridmigError(f"config.dump of container {self.name} names another image than CONTAINER did")
         for key, what in REFUSED.items():
@@ -142,7 +158,15 @@ class ContainerRestore:
                     json.dump(value, f)
                 tar.add(path, arcname=name)
             tar.add(placeholder, arcname="checkpoint")
+        # CRIU's restore opens them instead of mounting each, runc's container frozen
+        self.yard = ahead()
         self.hold = ConmonHold(self.dir, self.podman.conmon(), self.images)
+        self.criu_opts = list(criu_opts)
+        # runc reads the images dir's descriptors.json before it starts CRIU
+        if os.path.exists(os.path.join(self.images, DESCRIPTORS)) and check_criu_pre_restore_first().ok:
+            hook = self.hold.hold_in_criu(self.dir, self.root_file)
+            self._write_config(hook, ["pre-restore-first"])
+            self.held_in_criu = True
         self.applier = ChangesApplier(self.dies_with_me)
         cmd = self.dies_with_me(
             self.podman.command(
@@ -154,13 +178,14 @@ class ContainerRestore:
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
 
-    def prepare(self, criu_opts):
-        """At RESTORE: CRIU's config file, the root file system's changes
-        checked. HybridmigError says what is wrong."""
-        option_lines = config_lines(criu_opts)
+    def _write_config(self, hook, extra=()):
+        """CRIU's config file for the restore (the annotation names it)."""
+        option_lines = config_lines(self.criu_opts)
         # CRIU (run by runc) connects to the daemon's lazy-pages.socket in
         # its work dir, and runs serve's hook (the restored root, for the guard)
-        lines = ["lazy-pages", "work-dir " + self.images, "action-script " + self.root_hook]
+        lines = ["lazy-pages", "work-dir " + self.images, "action-script " + hook, *extra]
+        if self.yard is not None:
+            lines.append("cgroup-yard " + self.yard.path)
         lines += option_lines
         # Last, over any the source gave: the netns is new, made by this
         # podman, and CRIU restores no rule into it, so none of the dump's
@@ -170,6 +195,14 @@ class ContainerRestore:
         lines.append("network-lock skip")
         with open(self.config_file, "w") as f:
             f.write("\n".join(lines) + "\n")
+
+    def prepare(self, criu_opts):
+        """At RESTORE: CRIU's config file, the root file system's changes
+        checked. HybridmigError says what is wrong."""
+        if list(criu_opts) != self.criu_opts:
+            raise HybridmigError(f"container {self.name}: RESTORE's CRIU options are not CONTAINER_START's")
+        if not self.held_in_criu:  # (else CRIU has read it already)
+            self._write_config(self.root_hook)
         diff = os.path.join(self.files, ROOTFS_DIFF)
         if os.path.exists(diff):
             check_rootfs_diff(diff)
@@ -186,8 +219,9 @@ class ContainerRestore:
     def release(self, timeout):
         """The held restore goes on: once podman is at its conmon, the root
         file system's changes applied to the container's root (podman
-        applies an archive's there), then conmon, runc and CRIU run; its
-        CRIU connects to the lazy-pages socket tens of ms later."""
+        applies an archive's there), then conmon, runc and CRIU run (or,
+        held in CRIU, CRIU reads the images); its CRIU connects to the
+        lazy-pages socket tens of ms later (or ~10)."""
         if self.hold is None or self.applier is None:
             raise ProtocolError(f"RESTORE of container {self.name} without CONTAINER_START")
         root, self.held_at = self.hold.held(self.proc, timeout)
@@ -206,6 +240,8 @@ class ContainerRestore:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired as e:
             raise CriuError(f"podman container restore of {self.name} did not finish within {timeout}s") from e
+        finally:
+            self._drop_yard()
         if proc.returncode != 0:
             raise CriuError(
                 "podman container restore of %s failed (exit %d): %s%s"
@@ -239,7 +275,7 @@ class ContainerRestore:
         """End and remove the restored container (not committed to): its
         tasks by pid at once, then podman's record of it, if this restore
         made it (a container of that name before ours is not touched)."""
-        if self.hold is not None and self.hold.said is None and self.proc is not None:
+        if self.hold is not None and self.hold.waiting and self.proc is not None:
             self.hold.release("abort")  # a held restore fails at once, podman's own way
             log.info("container %s: podman's held restore told to abort", self.name)
             try:
@@ -251,6 +287,7 @@ class ContainerRestore:
             # closed lazy-pages socket), then what CRIU may have forked
             self.proc.kill()
             self.proc.communicate(timeout=30)
+        self._drop_yard()
         for p in (pid, self.restored_pid, self._hooked_pid()):
             if p:
                 try:
@@ -268,7 +305,13 @@ class ContainerRestore:
         if proc.returncode != 0:
             log.error("could not remove the restored container %s: %s", self.name, said(proc))
 
+    def _drop_yard(self):
+        if self.yard is not None:
+            self.yard.close()
+            self.yard = None
+
     def cleanup(self):
+        self._drop_yard()
         if self.applier is not None:
             self.applier.close()
         if self.hold is not None:

@@ -347,7 +347,8 @@ class Session:
                 # podman's restore starts now, during pre-copy, and waits at
                 # its conmon for RESTORE
                 body = ContainerStart.decode(payload)
-                self.container.start(body.config, body.spec)
+                check_criu_opts(body.criu_opts, self.limits.criu_opts)
+                self.container.start(body.config, body.spec, body.criu_opts)
             elif kind == Msg.RESTORE:
                 restore = Restore.decode(payload)
                 self.state = "restoring"

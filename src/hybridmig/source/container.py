@@ -25,6 +25,7 @@ import tarfile
 import psutil
 
 from .. import scratch
+from ..cgroup_yard import ahead
 from ..criu.command import (
     CRIU_LONG_OPTS,
     NO,
@@ -41,6 +42,7 @@ from ..podman import (
     CONFIG_DUMP,
     CRIU_CONFIG_ANNOTATION,
     DELETED_FILES,
+    DESCRIPTORS,
     ROOTFS_DIFF,
     SPEC_DUMP,
     Podman,
@@ -196,6 +198,15 @@ class PodmanCheckpoint(LazyDump):
         self.export = os.path.join(work, "podman-export.tar")
         os.makedirs(work, exist_ok=True)  # (run --work-dir: made here, as LazyDump makes its images dir)
         hook_sock = self._listen()
+        self.yard = ahead(info["State"]["Pid"])
+        try:
+            self._configure(work, hook_sock, criu_opts)
+        except BaseException:
+            self.close()
+            raise
+
+    def _configure(self, work, hook_sock, criu_opts):
+        """The container's CRIU config file, then podman's checkpoint."""
         lines = [
             "lazy-pages",
             "address 127.0.0.1",  # no port: CRIU binds where it can (criu/hook.py)
@@ -206,6 +217,8 @@ class PodmanCheckpoint(LazyDump):
             # --tcp-established (2 iptables-restore runs, 4-11 ms measured,
             # the container frozen). Before the user's: a --network-lock wins.
             "network-lock skip",
+            # the hierarchies mounted now, not by CRIU with the container frozen
+            *(["cgroup-yard " + self.yard.path] if self.yard else []),
             *config_lines(criu_opts),
         ]
         self.in_place = [o for o in lines if o.endswith("lazy-pages-in-place")][-1:] == ["lazy-pages-in-place"]
@@ -215,7 +228,7 @@ class PodmanCheckpoint(LazyDump):
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
         self._own_config = True
-        cmd = podman.command("container", "checkpoint", self.name, "--export", self.export, "--compress", "none")
+        cmd = self.podman.command("container", "checkpoint", self.name, "--export", self.export, "--compress", "none")
         # podman's stdout (the container's name) is of no use; its stderr says why it failed
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -253,6 +266,9 @@ class PodmanCheckpoint(LazyDump):
 
     def close(self):
         super().close()
+        if getattr(self, "yard", None) is not None:
+            self.yard.close()
+            self.yard = None
         if getattr(self, "_own_config", False):
             try:
                 os.unlink(self.config_file)
@@ -335,7 +351,13 @@ class ContainerMigration(Migration):
                 if wait:
                     raise HybridmigError(f"podman wrote no {name} for container {self.name}: {e}") from e
                 return
-        self.channel.send(Msg.CONTAINER_START, ContainerStart(*dumps).encode())
+        # runc's record of the container's stdio, written before its CRIU
+        # started: runc reads it on the destination before starting CRIU,
+        # so the restore can start now (it comes again with the images)
+        descriptors = os.path.join(self.dump.images_dir, DESCRIPTORS)
+        if os.path.exists(descriptors):
+            self._send_file(DESCRIPTORS, descriptors)
+        self.channel.send(Msg.CONTAINER_START, ContainerStart(dumps[0], dumps[1], list(self.criu_opts)).encode())
         self.container_started = True
 
     def _send_extra(self):
