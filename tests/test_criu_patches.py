@@ -19,7 +19,7 @@ import pytest
 from criu_util import criu_binary, criu_dump
 from hybridmig import doctor
 from hybridmig.criu import images
-from hybridmig.destination import lazypages
+from hybridmig.destination import lazysocket
 from hybridmig.testing.workload import Workload, build_program
 from lazy_util import wait_for
 
@@ -192,7 +192,7 @@ def test_failed_restore_ends_a_threaded_init(tmp_path):
     imgs = tmp_path / "images"
     with Workload.start(16, threads=2) as wl:
         criu_dump(wl.host_pid, imgs)
-    sock = lazypages.listen(str(imgs))
+    sock = lazysocket.listen(str(imgs))
     gone = threading.Event()
     daemon = threading.Thread(target=_daemon_that_leaves, args=(sock, len(images.task_pids(str(imgs))), gone))
     daemon.start()

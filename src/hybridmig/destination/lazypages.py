@@ -9,7 +9,6 @@ the socket), the restore fails and CRIU kills the tasks. See docs/lazy-pages.md.
 """
 
 import array
-import contextlib
 import errno
 import logging
 import os
@@ -22,61 +21,17 @@ import time
 from ..bindings.faultloop import FaultLoop
 from ..bindings.pagestore import PageStore
 from ..criu import images
-from ..errors import HybridmigError, ProtocolError, SetupError
+from ..errors import HybridmigError, ProtocolError
+from . import lazysocket
 from .fetcher import Fetcher
+from .lazysocket import SOCKET_NAME, listen
 from .sources import LocalImages, PageSource
 
-SOCKET_NAME = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446  # "RSTF"
 _INT = struct.Struct("=i")
 _CREDS = struct.Struct("=iII")  # struct ucred
 
 log = logging.getLogger("hybridmig.lazy-pages")
-
-
-def listen(work_dir):
-    """Bind lazy-pages.socket in work_dir, refusing one a live daemon holds."""
-    path = os.path.join(os.path.abspath(work_dir), SOCKET_NAME)
-    if not os.path.isdir(work_dir):
-        raise SetupError(f"work dir {work_dir} does not exist")
-    if not os.access(work_dir, os.W_OK | os.X_OK):
-        raise SetupError(f"work dir {work_dir} is not writable")
-    # A UNIX socket path holds 107 bytes; a longer work dir is reached
-    # through a descriptor of it (CRIU itself connects with a relative name).
-    dirfd = os.open(work_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        short = "/proc/self/fd/%d/%s" % (dirfd, SOCKET_NAME)
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(short)
-                raise SetupError(f"{path} is in use: another lazy-pages daemon is listening there")
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(path)  # stale socket of a daemon that is gone
-            finally:
-                probe.close()
-        # Bound under a private name and renamed once it listens: a client
-        # that finds the name never meets a socket that refuses it (bind()
-        # creates the file, listen() comes after).
-        private = ".%s.%d" % (SOCKET_NAME, os.getpid())
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            try:
-                os.unlink(private, dir_fd=dirfd)
-            except FileNotFoundError:
-                pass
-            sock.bind("/proc/self/fd/%d/%s" % (dirfd, private))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # each uffd comes with its task's pid
-            sock.listen(1)
-            os.rename(private, SOCKET_NAME, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-        except OSError as e:
-            sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(private, dir_fd=dirfd)
-            raise SetupError(f"cannot create {path}: {e.strerror} (is the work dir writable?)") from e
-    finally:
-        os.close(dirfd)
-    return sock
 
 
 def _recv_exact(conn, n, what):
@@ -177,8 +132,9 @@ class LazyPagesDaemon:
     def bind(self):
         """The socket first: a `criu restore` started now waits in its
         backlog while prepare() reads the images (runc's users start the
-        daemon and the restore back to back)."""
-        self.sock = listen(self.work_dir)
+        daemon and the restore back to back); the one `hybridmig lazy-pages`
+        bound at its start if it is there (lazysocket.bind_early)."""
+        self.sock = lazysocket.take(self.work_dir) or listen(self.work_dir)
 
     def listen(self):
         self.bind()
