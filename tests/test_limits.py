@@ -468,7 +468,7 @@ def valid_bodies():
         Msg.STALE: wire.encode_stale(1, [(1 << 30, (1 << 30) + PAGE)]),
         Msg.FAULTS: Faults().encode(),
         Msg.CONTAINER: Container("podman", "web", IMAGE_ID).encode(),
-        Msg.CONTAINER_START: ContainerStart({"x": 1}, {"y": 2}).encode(),
+        Msg.CONTAINER_START: ContainerStart({"x": 1}, {"y": 2}, ["--tcp-close"]).encode(),
     }
 
 
