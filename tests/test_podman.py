@@ -322,6 +322,29 @@ def test_run_killed_while_the_destination_restores(env):
     verified(wl)
 
 
+def test_run_killed_at_the_switch_over(env):
+    """`run` is SIGKILLed once the source container is frozen and its last
+    pages are sent, before RESTORE or while the destination's CRIU reads
+    the images (with CRIU 0013 the restore waits in CRIU, started during
+    pre-copy; the test above kills before it is let go): CRIU, given no
+    verdict, resumes the source container; the destination, never sent
+    COMMIT, ends and removes its copy."""
+    wl = env.pair.src.start(NAME, env.pair.report_dir)
+    serve = env.serve()
+    log = env.pair.base / "run-killed.log"
+    with open(log, "w") as err:
+        run = subprocess.Popen(env.run_cmd(NAME), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    env.cleanup.kill_pid_tree(run.pid)
+    wait_for(lambda: "final round:" in log.read_text() or run.poll() is not None, 120, "run's final round")
+    assert run.poll() is None, "run ended before its final round was sent:\n" + log.read_text()[-3000:]
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait(10)
+    wait_for(lambda: env.pair.src.status(NAME) == "running", 60, "the source container to run again")
+    assert serve.wait(90) not in (0, None), serve.log()
+    wait_for(lambda: NAME not in env.pair.dst.names(), 30, "the destination's copy to be removed")
+    verified(wl)
+
+
 FETCH = """
 import sys, urllib.request
 try:
