@@ -10,7 +10,7 @@ from hybridmig import scratch
 from hybridmig.cgroup_yard import PREFIX, CgroupYard, hierarchies
 
 
-def _mounts():
+def mounts():
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4] for line in f]
 
@@ -30,14 +30,14 @@ def test_yard_holds_each_hierarchy_of_the_process():
             for _, controllers, cgroup in lines:
                 name = "unified" if controllers == "" else controllers.removeprefix("name=")
                 point = os.path.join(path, name)
-                assert point in _mounts(), point
+                assert point in mounts(), point
                 # the hierarchy's root: the process is in it at its own path
                 with open(os.path.join(point, cgroup.lstrip("/"), "cgroup.procs")) as f:
                     assert str(me.pid) in f.read().split(), (name, cgroup)
         finally:
             yard.close()
         assert not os.path.exists(path)
-        assert not [m for m in _mounts() if m.startswith(path)]
+        assert not [m for m in mounts() if m.startswith(path)]
     finally:
         me.kill()
         me.wait()
@@ -65,10 +65,10 @@ def test_a_dead_owners_yard_is_swept_mounts_and_all():
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     left = child.stdout.strip()
-    assert os.path.basename(left).startswith(PREFIX) and [m for m in _mounts() if m.startswith(left + "/")]
+    assert os.path.basename(left).startswith(PREFIX) and [m for m in mounts() if m.startswith(left + "/")]
     yard = CgroupYard()
     try:
         assert not os.path.exists(left)
-        assert not [m for m in _mounts() if m.startswith(left + "/")]
+        assert not [m for m in mounts() if m.startswith(left + "/")]
     finally:
         yard.close()

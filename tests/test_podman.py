@@ -18,12 +18,14 @@ import time
 
 import pytest
 
+from hybridmig import cgroup_yard, scratch
 from hybridmig.keys import generate_key
 from hybridmig.testing.netns import TwoHosts
 from hybridmig.testing.podman import IMAGE, ULIMITS, PodmanPair, need_podman
 from hybridmig.testing.workload import Workload
 from lazy_util import HYBRIDMIG_BIN
 from migrate_util import PORT, Cleanup, Serve, kill_by_report, wait_for
+from test_cgroup_yard import mounts
 
 pytestmark = [pytest.mark.usefixtures("criu_ready"), pytest.mark.timeout(300)]
 NAME = "hm-mig"
@@ -343,6 +345,9 @@ def test_run_killed_at_the_switch_over(env):
     assert serve.wait(90) not in (0, None), serve.log()
     wait_for(lambda: NAME not in env.pair.dst.names(), 30, "the destination's copy to be removed")
     verified(wl)
+    # the killed run's cgroup yard stays mounted until a later yard's sweep
+    scratch.sweep(cgroup_yard.PREFIX)
+    assert not [p for p in mounts() if cgroup_yard.PREFIX in p], mounts()
 
 
 FETCH = """
