@@ -44,6 +44,7 @@ from .rootfs import ChangesApplier, has_members
 log = logging.getLogger("hybridmig.destination.container")
 MAX_JSON_FILE = 16 << 20  # deleted.files: at most MAX_DELETED paths
 MAX_DELETED = 1 << 16
+FAILED_GRACE_S = 5  # a podman restore whose root went away, to end and say why
 # config.dump's host paths of the source's podman that podman would reuse
 # instead of making its own: the conmon pidfile under the source's runroot
 # fails the restore, and podman unmounts the paths of `mounts` (the
@@ -225,8 +226,17 @@ class ContainerRestore:
         if self.hold is None or self.applier is None:
             raise ProtocolError(f"RESTORE of container {self.name} without CONTAINER_START")
         root, self.held_at = self.hold.held(self.proc, timeout)
+        # Held in CRIU, podman's restore went on at CONTAINER_START: its
+        # runc or CRIU may have failed since, and podman's teardown then
+        # unmounts (and may remove) the root the changes would go to.
+        # Its words, not the missing root's, say what went wrong.
+        self._raise_if_failed(0)
         t = time.time()
-        self.applier.apply(root, self.changes, self.deleted, timeout)
+        try:
+            self.applier.apply(root, self.changes, self.deleted, timeout)
+        except HybridmigError:
+            self._raise_if_failed(FAILED_GRACE_S)  # (a teardown under way when the changes went in)
+            raise
         self.applied_s = time.time() - t
         self.hold.release("go")
         self.released_at = time.time()
@@ -243,15 +253,7 @@ class ContainerRestore:
         finally:
             self._drop_yard()
         if proc.returncode != 0:
-            raise CriuError(
-                "podman container restore of %s failed (exit %d): %s%s"
-                % (
-                    self.name,
-                    proc.returncode,
-                    said(subprocess.CompletedProcess([], proc.returncode, out, err)),
-                    log_tail(os.path.join(self.images, "restore.log")),
-                )
-            )
+            raise self._failed(out, err)
         # No `podman inspect` here: it would be one more podman in the
         # downtime. podman's restore printed the ID, and serve's hook (run
         # by CRIU) wrote the restored init's pid, the one podman records.
@@ -263,6 +265,30 @@ class ContainerRestore:
         if self.restored_pid is None:
             raise CriuError(f"podman restored {self.name}, but CRIU's hook gave no pid of its init")
         return self.restored_pid
+
+    def _raise_if_failed(self, grace):
+        """CriuError with podman's and CRIU's words if its restore has
+        ended (within grace seconds): before RESTORE, only by failing."""
+        proc = self.proc
+        assert proc is not None, "start() first"
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            return
+        out, err = proc.communicate()
+        raise self._failed(out, err)
+
+    def _failed(self, out, err):
+        code = self.proc.returncode if self.proc is not None else -1
+        return CriuError(
+            "podman container restore of %s failed (exit %d): %s%s"
+            % (
+                self.name,
+                code,
+                said(subprocess.CompletedProcess([], code, out, err)),
+                log_tail(os.path.join(self.images, "restore.log")),
+            )
+        )
 
     def _hooked_pid(self):
         try:
