@@ -169,6 +169,21 @@ def pace_ratio(verify, started_at, duration_s):
     return round(during / before, 3) if before and during is not None else None
 
 
+# The guest's free page reporting (virtio-balloon): memory freed here is
+# handed back to the host, which backs it again on its next first touch,
+# at several times the cost of a warm page (docs/bench-wire.md). KiB
+# reported so far; None where the kernel has no such counter.
+REPORTED_KIB = "/sys/module/page_reporting/parameters/reported_kib"
+
+
+def reported_kib():
+    try:
+        with open(REPORTED_KIB) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, pace=False, compressible=False):
     """One migration; round 0 of its run --json report (with `load`, and
     with --pace `pace`: the workload's). A mode ending in -before runs the
@@ -198,6 +213,7 @@ def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, 
             wl = Workload.start(size_mb, threads=1, rate=100, netns=hosts.src, timeout=120, compressible=compressible)
         kills.append(psutil.Process(wl.host_pid))
         load = os.getloadavg()
+        reported = reported_kib()
         cmd = hosts.run_in(hosts.src) + _spy(profile, f"run-{mode}{tag}.txt") + [
             exe, "run", str(wl.host_pid), "--to", listen, "--key-file", key, "--json", *flags, *run_flags,
         ]  # fmt: skip
@@ -206,6 +222,8 @@ def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, 
             raise RuntimeError(f"{mode} migration failed: {proc.stderr[-2000:]}")
         rep, _ = json.JSONDecoder().raw_decode(proc.stdout, proc.stdout.index("{"))  # py-spy may print after it
         r0 = dict(rep["rounds"][0], load=[round(x, 2) for x in load])
+        if reported is not None:  # (over the whole run: round 0 is most of it)
+            r0["host_reported_mib"] = round((reported_kib() - reported) / 1024)
         if "lz4_probes" in rep:  # (an older hybridmig has none)
             r0["lz4_probes"] = rep["lz4_probes"]
         r0["started_at"] = rep.get("precopy_started_at")  # (epoch s: to cut a system-wide profile to round 0)
@@ -271,6 +289,19 @@ def per_gib(r0s):
         if vals:
             out[k] = round(statistics.median(vals), 3)
     return out
+
+
+def describe(mode, rate, r0s):
+    """A pair's line for one mode: its round 0's rate, and for a migration
+    what the host took back meanwhile (REPORTED_KIB) and the probe's choice."""
+    text = "%s %.0f MB/s" % (mode, rate)
+    r0 = r0s[-1] if r0s else {}
+    extra = []
+    if "host_reported_mib" in r0:
+        extra.append("host took %d MiB" % r0["host_reported_mib"])
+    if r0.get("lz4_probes"):
+        extra.append("lz4" if r0["lz4_probes"][0]["lz4"] else "raw")
+    return text + (" (%s)" % ", ".join(extra) if extra else "")
 
 
 def main(argv=None):
@@ -352,7 +383,7 @@ def main(argv=None):
                             first = m.removesuffix(f"-{flag}{x}") + f"-{flag}{values[0]}"
                             if m.endswith(f"-{flag}{x}") and first in pair:
                                 ratios[f"{m}/{first}"].append(pair[m] / pair[first])
-                print("pair %d: " % i + ", ".join("%s %.0f MB/s" % (m, pair[m]) for m in order), flush=True)
+                print("pair %d: " % i + ", ".join(describe(m, pair[m], rounds.get(m)) for m in order), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = {

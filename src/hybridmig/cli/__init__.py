@@ -12,6 +12,9 @@ def main():
         from ..destination import lazysocket
 
         lazysocket.bind_early(sys.argv[2:])
+    from ..heap import keep_freed_memory
+
+    keep_freed_memory()  # (before any frame: heap.py says why)
     from .main import main as group
 
     return group()
