@@ -83,6 +83,25 @@ def test_an_idle_tree_is_never_paced():
         _end(sleeper)
 
 
+def test_a_tree_that_goes_idle_is_released():
+    """Starved first (two busy loops on one CPU), then stopped (it asks for
+    no CPU): the limit goes, not kept to the round's end."""
+    import signal
+
+    cpu = min(os.sched_getaffinity(0))
+    tree, rival = _busy(cpu), _busy(cpu)
+    try:
+        pacer = Pacer(lambda: [tree.pid], keep=0.85)
+        _windows(pacer, 2, sent=200 << 20)
+        assert pacer.limit > 0, pacer.starved
+        os.kill(tree.pid, signal.SIGSTOP)
+        _windows(pacer, 2)
+        assert pacer.limit == 0
+    finally:
+        _end(tree)
+        _end(rival)
+
+
 def test_gone_processes_count_as_nothing():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait(10)

@@ -86,9 +86,13 @@ class Pacer:
         self._t, self._cpu, self._sent = now, (run, wait), 0
         self.run_s += d_run
         self.wait_s += d_wait
-        if d_run + d_wait < MIN_ASKED_S:
-            return
-        if d_run / (d_run + d_wait) < self.keep:
+        # A window in which the tree asked for too little CPU to tell
+        # counts as one it got all it asked for: a tree that went idle
+        # after a starved window (a busy moment, or the host slow) must not
+        # keep round 0 at that window's limit to its end (49 MB/s once
+        # here, for 40 s of a 2 GiB round).
+        asked = d_run + d_wait
+        if asked >= MIN_ASKED_S and d_run / asked < self.keep:
             self.starved += 1
             self.limit = max(FLOOR, int(DOWN * min(rate, self.limit or rate)))
             log.debug("tree at %.2f of its CPU: pre-copy at %.0f MB/s", d_run / (d_run + d_wait), self.limit / 1e6)
