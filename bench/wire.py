@@ -36,7 +36,8 @@ copy). `--limits 0,150M`: each mode also once per `--bandwidth-limit`
 (modes ...-l0, ...-l150M); `--keeps 0,0.9` the same per `--keep-cpu`
 (modes ...-k0, ...-k0.9). `--compressible`: memwork's pages are
 compressible instead of random. Each migration records the load average
-(`uptime`) at its start."""
+(`uptime`) at its start, and what the guest reported back to its host
+meanwhile (REPORTED_KIB)."""
 
 import argparse
 import collections
