@@ -223,8 +223,9 @@ def migrate(hosts, key, work, size_mb, mode, profile=None, tag="", before=None, 
             raise RuntimeError(f"{mode} migration failed: {proc.stderr[-2000:]}")
         rep, _ = json.JSONDecoder().raw_decode(proc.stdout, proc.stdout.index("{"))  # py-spy may print after it
         r0 = dict(rep["rounds"][0], load=[round(x, 2) for x in load])
-        if reported is not None:  # (over the whole run: round 0 is most of it)
-            r0["host_reported_mib"] = round((reported_kib() - reported) / 1024)
+        after = reported_kib()
+        if reported is not None and after is not None:  # (over the whole of run, its end included)
+            r0["host_reported_mib"] = round((after - reported) / 1024)
         if "lz4_probes" in rep:  # (an older hybridmig has none)
             r0["lz4_probes"] = rep["lz4_probes"]
         r0["started_at"] = rep.get("precopy_started_at")  # (epoch s: to cut a system-wide profile to round 0)

@@ -85,7 +85,8 @@ def test_an_idle_tree_is_never_paced():
 
 def test_a_tree_that_goes_idle_is_released():
     """Starved first (two busy loops on one CPU), then stopped (it asks for
-    no CPU): the limit goes, not kept to the round's end."""
+    no CPU): the limit goes at the first idle window, not kept to the
+    round's end nor raised 15 % a window."""
     import signal
 
     cpu = min(os.sched_getaffinity(0))
@@ -95,7 +96,8 @@ def test_a_tree_that_goes_idle_is_released():
         _windows(pacer, 2, sent=200 << 20)
         assert pacer.limit > 0, pacer.starved
         os.kill(tree.pid, signal.SIGSTOP)
-        _windows(pacer, 2)
+        # sending at the limit, as round 0 does: one idle window drops it
+        _windows(pacer, 1, sent=int(pacer.limit * WINDOW_S))
         assert pacer.limit == 0
     finally:
         _end(tree)

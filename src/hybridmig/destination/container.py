@@ -235,7 +235,11 @@ class ContainerRestore:
         try:
             self.applier.apply(root, self.changes, self.deleted, timeout)
         except HybridmigError:
-            self._raise_if_failed(FAILED_GRACE_S)  # (a teardown under way when the changes went in)
+            # a teardown under way when the changes went in: held in CRIU
+            # only (at conmon podman cannot end), and only if the root is
+            # gone (else the failure is the changes' own)
+            if self.held_in_criu and not os.path.ismount(root):
+                self._raise_if_failed(FAILED_GRACE_S)
             raise
         self.applied_s = time.time() - t
         self.hold.release("go")
@@ -275,7 +279,14 @@ class ContainerRestore:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
             return
-        out, err = proc.communicate()
+        # podman's conmon (the hold's wrapper, while it waits for a word)
+        # has podman's stdout and stderr: told to abort, it lets them go
+        assert self.hold is not None
+        self.hold.release("abort")
+        try:
+            out, err = proc.communicate(timeout=FAILED_GRACE_S)
+        except subprocess.TimeoutExpired:
+            out, err = "", "(its output still held by its conmon)"
         raise self._failed(out, err)
 
     def _failed(self, out, err):

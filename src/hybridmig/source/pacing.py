@@ -13,7 +13,8 @@ that share, running / (running + waiting), over windows of WINDOW_S, and
 when the tree gets less than `keep` of the CPU it asks for, it lowers its
 own rate (a limit at DOWN of what it sent in that window, never below
 FLOOR); while the tree gets what it asks for, the limit rises by UP per
-window and is dropped once it is well above what is sent. A tree that
+window and is dropped once it is well above what is sent, or at once
+when the tree asks for almost no CPU in a window (idle). A tree that
 waits for other reasons (another process, the host) slows pre-copy too:
 the choice is the tree's pace over the round's. An idle tree asks for
 nothing and pre-copy runs at full speed."""
@@ -86,16 +87,19 @@ class Pacer:
         self._t, self._cpu, self._sent = now, (run, wait), 0
         self.run_s += d_run
         self.wait_s += d_wait
-        # A window in which the tree asked for too little CPU to tell
-        # counts as one it got all it asked for: a tree that went idle
-        # after a starved window (a busy moment, or the host slow) must not
-        # keep round 0 at that window's limit to its end (49 MB/s once
-        # here, for 40 s of a 2 GiB round).
+        # A window in which the tree asked for too little CPU to tell is
+        # an idle tree's: it wants nothing pre-copy could give back, so the
+        # limit goes. (Before, such a window returned with the limit
+        # unchanged, and one starved window held a tree that then went
+        # idle at 0.7 x that window's rate to the round's end: 49 MB/s for
+        # 40 s of a 2 GiB round 0, seen here.)
         asked = d_run + d_wait
-        if asked >= MIN_ASKED_S and d_run / asked < self.keep:
+        if asked < MIN_ASKED_S:
+            self.limit = 0
+        elif d_run / asked < self.keep:
             self.starved += 1
             self.limit = max(FLOOR, int(DOWN * min(rate, self.limit or rate)))
-            log.debug("tree at %.2f of its CPU: pre-copy at %.0f MB/s", d_run / (d_run + d_wait), self.limit / 1e6)
+            log.debug("tree at %.2f of its CPU: pre-copy at %.0f MB/s", d_run / asked, self.limit / 1e6)
         elif self.limit:
             self.limit = int(self.limit * UP)
             if self.limit > 4 * rate:  # far above what is sent: no limit
