@@ -215,11 +215,7 @@ class Migration:
             )
             self.times["precopy_start"] = time.time()
             self.rounds = precopy.run()
-            self.sender.compression.probe.settle()
-            if self.sender.throttle is not None:  # the tree is frozen next: it asks for no CPU
-                self.sender.throttle.stop_pacing()
-            if isinstance(self.sender, StreamSender):  # the rounds are over: the rest goes on the control channel
-                self.sender.end_streams()
+            self.sender.rounds_over()  # (page streams: the rest goes on the control channel)
             self.pending = precopy.pending
             self.postcopy, self.stop_reason = precopy.postcopy, precopy.stop_reason
             self.times["precopy_done"] = time.time()
@@ -907,7 +903,7 @@ class Migration:
             "to": self.to,
             "rounds": rounds,
             # whether lz4 paid on this link, measured in the rounds (compression.LinkProbe)
-            "lz4_probes": self.sender.compression.probe.probes,
+            "lz4_probes": self.sender.lz4_probes,
             "downtime_ms": downtime,
             "breakdown": breakdown,
             # freeze_to_dumped_ms as CRIU's own log splits it (seize, network

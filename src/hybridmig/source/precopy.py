@@ -321,9 +321,25 @@ class Sender:
             th.join()
             rnd.read_ahead_s += clock.read_s
 
+    def expect(self, nbytes):
+        """Round 0 will send about nbytes (the lz4 probe sizes its windows)."""
+        self.compression.probe.expect(nbytes)
+
     def start_round(self, rnd):
         """Before a round's pages (page streams: source/streams.py)."""
         self.compression.probe.restart_window()
+
+    def rounds_over(self):
+        """The rounds are over: the lz4 choice holds from now on, and the
+        tree, frozen next (or served in post-copy), is paced no more."""
+        self.compression.probe.settle()
+        if self.throttle is not None:
+            self.throttle.stop_pacing()
+
+    @property
+    def lz4_probes(self):
+        """Whether lz4 paid on this link, as each probe of the rounds found (run --json)."""
+        return self.compression.probe.probes
 
     def end_round(self, rnd):
         """After a round's pages, before its ROUND."""
@@ -430,7 +446,7 @@ class PreCopy:
         self.sender.start_round(rnd)
         tree = self.tracker.vmas()
         total = sum(_pages(v) for v in tree.values())
-        self.sender.compression.probe.expect(total * PAGE_SIZE)
+        self.sender.expect(total * PAGE_SIZE)
         budget = None if share >= 1 else int(share * total) * PAGE_SIZE
         early = EarlySwitch(self.tracker.peek, total, self._unpace) if self._may_switch_early() else None
         for pid, vmas in tree.items():

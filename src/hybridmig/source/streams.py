@@ -74,7 +74,7 @@ class _Lane:
 
 class StreamSender(Sender):
     """A Sender whose rounds go over page streams (use_streams()); after
-    end_streams() it sends on the control channel as a Sender does (the
+    rounds_over() it sends on the control channel as a Sender does (the
     final round, post-copy)."""
 
     def use_streams(self, channels):
@@ -121,6 +121,10 @@ class StreamSender(Sender):
         self._raise_failed()
         with self._lock:  # the last frames on their way: the streams' pace
             rnd.send_s += time.perf_counter() - t
+
+    def rounds_over(self):
+        super().rounds_over()
+        self.end_streams()
 
     def end_streams(self):
         """The rounds are over: the streams close; pages go on the control
