@@ -16,6 +16,7 @@ import sys
 import tarfile
 import time
 
+import psutil
 import pytest
 
 from hybridmig import cgroup_yard, scratch
@@ -322,6 +323,56 @@ def test_run_killed_while_the_destination_restores(env):
     assert serve.wait(90) not in (0, None), serve.log()
     wait_for(lambda: NAME not in env.pair.dst.names(), 30, "the destination's copy to be removed")
     verified(wl)
+
+
+def _restore_process(serve, match):
+    """A process of serve's restore (podman under serve; its conmon, runc
+    and CRIU, daemonized by conmon, anywhere) whose command line `match`
+    accepts, or None."""
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if match(cmd) and (any(str(serve.base_dir) in a for a in cmd) or p.ppid() == serve.proc.pid):
+            return p
+    return None
+
+
+def _podman(cmd):
+    return bool(cmd) and os.path.basename(cmd[0]) == "podman" and "restore" in cmd
+
+
+def _held(cmd):
+    """CRIU's pre-restore script, waiting (CRIU 0013: `make setup`'s)."""
+    return any(os.path.basename(a) == "criu-hold" for a in cmd)
+
+
+def test_destination_podman_killed_during_pre_copy(env):
+    """The destination's podman is SIGKILLed during pre-copy, its restore
+    held in CRIU's pre-restore script (CRIU 0013):
+    at RESTORE serve says podman's restore failed, without waiting on the
+    conmon that holds podman's output, and tells the held CRIU to abort; the
+    source container runs on, every page verified, and no process of the
+    restore is left on the destination."""
+    wl = env.pair.src.start(NAME, env.pair.report_dir, rate=100)  # (1.6 MB/s: below the limit)
+    serve = env.serve()
+    cmd = env.run_cmd(NAME, "--bandwidth-limit", "8M")  # 64 MiB: round 0 takes ~8 s
+    run = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env.cleanup.kill_pid_tree(run.pid)
+    wait_for(lambda: _restore_process(serve, _held) is not None or run.poll() is not None, 60, "the held restore")
+    podman = _restore_process(serve, _podman)
+    assert podman is not None and run.poll() is None, "run ended before the destination's restore was held: " + (
+        run.stderr.read()[-3000:] if run.poll() is not None else "podman is gone"
+    )
+    podman.kill()
+    out, err = run.communicate(timeout=120)
+    print(err[-6000:])
+    error = assert_source_untouched(env, wl, run.returncode, json.loads(out) if out.strip() else None, err)
+    assert "podman container restore of hm-mig failed" in error, error
+    assert serve.wait(90) not in (0, None), serve.log()
+    # CRIU, its podman gone, was told to abort, not let go: it never
+    # began to restore (before the fix it went on, 30 s, to no one)
+    assert "Running pre-restore scripts" in serve.log() and "setup-namespaces" not in serve.log(), serve.log()
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(serve.base_dir) in " ".join(p.info["cmdline"] or ())]
+    assert not left, left
 
 
 def test_run_killed_at_the_switch_over(env):
