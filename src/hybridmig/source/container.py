@@ -21,6 +21,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import time
 
 import psutil
 
@@ -55,6 +56,19 @@ from .migration import Migration
 log = logging.getLogger("hybridmig.source.container")
 # Files podman writes into a container's root itself, on either host: not
 # part of the container's changes (podman diff leaves them out too).
+DESCRIPTORS_WAIT_S = 0.5
+
+
+def _appears(path, timeout):
+    """Whether path exists, or comes to within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 PODMAN_MANAGED = {"etc/hosts", "etc/hostname", "etc/resolv.conf", "etc/mtab", "run/.containerenv"}
 # overlayfs marks a directory that hides the lower layers' content so
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -340,7 +354,8 @@ class ContainerMigration(Migration):
         destination's podman starts its restore now, its own start-up out
         of the blackout and of the freeze's CPU, and waits at its conmon
         for the images (RESTORE). Not yet if podman has not written them
-        whole (`wait`: at the pre-dump hook, it has)."""
+        whole, or runc its descriptors.json (`wait`: at the pre-dump hook,
+        both have)."""
         dumps = []
         for name in (CONFIG_DUMP, SPEC_DUMP):
             path = os.path.join(self.dump.userdata, name)
@@ -353,8 +368,16 @@ class ContainerMigration(Migration):
                 return
         # runc's record of the container's stdio, written before its CRIU
         # started: runc reads it on the destination before starting CRIU,
-        # so the restore can start now (it comes again with the images)
+        # so the restore can start now (it comes again with the images).
+        # Without it the destination cannot hold its restore in CRIU, only
+        # at conmon; podman's checkpoint may not have reached runc by the
+        # end of a short first round (seen: 64 MiB), so a round's end
+        # waits for it a little, then leaves CONTAINER_START to the next
+        # (at the freeze, the pre-dump hook, runc has written it).
         descriptors = os.path.join(self.dump.images_dir, DESCRIPTORS)
+        if not wait and not _appears(descriptors, DESCRIPTORS_WAIT_S):
+            log.info("container %s: runc has not started its CRIU yet: CONTAINER_START later", self.name)
+            return
         if os.path.exists(descriptors):
             self._send_file(DESCRIPTORS, descriptors)
         self.channel.send(Msg.CONTAINER_START, ContainerStart(dumps[0], dumps[1], list(self.criu_opts)).encode())
