@@ -102,6 +102,13 @@ class LinkProbe:
         with self._lock:
             self.window = min(self.MAX_WINDOW, max(self.MIN_WINDOW, nbytes // self.WINDOWS_PER_ROUND0))
 
+    @property
+    def probing(self):
+        """Whether a probe is under way: only then does sent() count the
+        frames that shrink. (Read without the lock: a stale answer falls
+        in a probe's first window, the warm-up, which is not measured.)"""
+        return self._window < len(self.ORDER)
+
     def settle(self):
         """The rounds are over: the choice holds from now on (post-copy's
         pages come one fault at a time: no pace to measure)."""

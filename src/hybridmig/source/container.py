@@ -54,9 +54,12 @@ from ..wire import Msg
 from .migration import Migration
 
 log = logging.getLogger("hybridmig.source.container")
+DESCRIPTORS_WAIT_S = 0.5  # at a round's end, for runc's descriptors.json (_start_destination)
 # Files podman writes into a container's root itself, on either host: not
 # part of the container's changes (podman diff leaves them out too).
-DESCRIPTORS_WAIT_S = 0.5
+PODMAN_MANAGED = {"etc/hosts", "etc/hostname", "etc/resolv.conf", "etc/mtab", "run/.containerenv"}
+# overlayfs marks a directory that hides the lower layers' content so
+OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
 def _appears(path, timeout):
@@ -67,11 +70,6 @@ def _appears(path, timeout):
             return False
         time.sleep(0.01)
     return True
-
-
-PODMAN_MANAGED = {"etc/hosts", "etc/hostname", "etc/resolv.conf", "etc/mtab", "run/.containerenv"}
-# overlayfs marks a directory that hides the lower layers' content so
-OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
 def how_to_create(name, path):
